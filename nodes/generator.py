@@ -27,7 +27,7 @@ from .model_files import (
     model_choices,
     read_embedded_card,
 )
-from .sockets import CATEGORY, Generator, SamplerOptions, Tokenizer, Tokens
+from .sockets import CATEGORY, Control, Generator, Guide, KVPolicy, SamplerOptions, Tokenizer, Tokens
 from .validation import check_combos
 
 MAX_BATCH = 64
@@ -209,6 +209,24 @@ class NextScaleSampler(io.ComfyNode):
                     "'circle, star, 3'; overrides class_name. Each gets batch_size images.",
                 ),
                 SamplerOptions.Input("options", optional=True, tooltip="From NextScale Sampler Options."),
+                Guide.Input(
+                    "guide",
+                    optional=True,
+                    tooltip="From NextScale Inpaint Guide or NextScale Image to Image Guide: which tokens of a "
+                    "reference image to keep at each scale (inpaint, outpaint, class edit, image to image).",
+                ),
+                Control.Input(
+                    "control",
+                    optional=True,
+                    tooltip="From a NextScale control node: a control image injected into the generator at every "
+                    "scale (CAR weights or a trained adapter).",
+                ),
+                KVPolicy.Input(
+                    "kv_policy",
+                    optional=True,
+                    tooltip="From a NextScale KV Policy node: what the KV cache keeps across scales (default: "
+                    "everything, VAR's exact cache).",
+                ),
             ],
             outputs=[Tokens.Output("tokens", display_name="tokens")],
             hidden=[io.Hidden.unique_id],
@@ -232,6 +250,9 @@ class NextScaleSampler(io.ComfyNode):
         batch_size: int,
         class_list: str = "",
         options: dict | None = None,
+        guide=None,
+        control=None,
+        kv_policy=None,
     ) -> io.NodeOutput:
         var: VAR = generator.ready()
         vae: MultiScaleVQVAE = tokenizer.ready()
@@ -259,8 +280,15 @@ class NextScaleSampler(io.ComfyNode):
             image = preview_image(vae, f_hat, var.patch_nums[si]) if preview else None
             pbar.update_absolute(si + 1, num_scales, image)
 
+        B, device = len(labels_B), generator.device
+        hooks = SamplerHooks(
+            callback=on_scale,
+            guide=None if guide is None else guide.bind(vae, var.patch_nums, B, device),
+            control=None if control is None else control.bind(var, vae, B, device),
+            kv_policy=None if kv_policy is None else kv_policy.bind(var, B, device),
+        )
         tokens: NextScaleTokens = sample(
-            var, vae, labels_B, seed=seed, options=sampling, hooks=SamplerHooks(callback=on_scale), device=generator.device
+            var, vae, labels_B, seed=seed, options=sampling, hooks=hooks, device=device
         )
         return io.NodeOutput(tokens.to("cpu"))
 

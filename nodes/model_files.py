@@ -57,6 +57,11 @@ def register_model_folder() -> None:
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | EXTENSIONS)
 
 
+# Registered on import as well as from the extension's get_node_list, so that the nodes work when they are
+# called directly (scripts, tests) before ComfyUI has asked the extension for its node list.
+register_model_folder()
+
+
 def model_choices(kind: str) -> list[str]:
     """Combo options: the embedded model (when shipped) first, then the files in the folder."""
     files = folder_paths.get_filename_list(FOLDER)

@@ -6,5 +6,11 @@ Tokenizer = io.Custom("NEXTSCALE_TOKENIZER")
 Generator = io.Custom("NEXTSCALE_GENERATOR")
 Tokens = io.Custom("NEXTSCALE_TOKENS")
 SamplerOptions = io.Custom("NEXTSCALE_SAMPLER_OPTIONS")
+# An edit guide (models.editing.EditSpec): anything with bind(tokenizer, patch_nums, batch_size, device) -> Guide.
+Guide = io.Custom("NEXTSCALE_GUIDE")
+# A control (CAR, adapters): anything with bind(generator, tokenizer, batch_size, device) -> models.sampler.Control.
+Control = io.Custom("NEXTSCALE_CONTROL")
+# A KV-cache policy: anything with bind(generator, batch_size, device) -> models.kv_cache.KVPolicy.
+KVPolicy = io.Custom("NEXTSCALE_KV_POLICY")
 
 CATEGORY = "NextScale"

@@ -13,6 +13,7 @@ from ..models.schedule import parse_schedule
 from ..models.tokenizer import MultiScaleVQVAE
 from ..models.tokens import NextScaleTokens
 from ..models.imageops import RESIZE_MODES, fit_square, image_to_model, model_to_image
+from ..models.editing import composite
 from .model_files import DTYPES, LoadedModel, check_kind, load_model, model_choices
 from .sockets import CATEGORY, Tokenizer, Tokens
 from .validation import check_combos
@@ -135,12 +136,34 @@ class NextScaleDecode(io.ComfyNode):
                     max=64,
                     tooltip="Decode only the first k scales (0 = all scales).",
                 ),
+                io.Image.Input(
+                    "composite_image",
+                    optional=True,
+                    tooltip="Optional original image for an inpaint/outpaint composite: where composite_mask is 0 "
+                    "the output is exactly this image. It must already have the decoded size (the model's "
+                    "resolution), fitted the way NextScale Encode's resize fitted it.",
+                ),
+                io.Mask.Input(
+                    "composite_mask",
+                    optional=True,
+                    tooltip="Mask of the composite, same size: 1 = the decoded image (the regenerated area), "
+                    "0 = composite_image unchanged, in between = a blend (feathered edges).",
+                ),
             ],
             outputs=[io.Image.Output("image", display_name="image")],
         )
 
     @classmethod
-    def execute(cls, tokenizer: LoadedModel, tokens: NextScaleTokens, scales: int) -> io.NodeOutput:
+    def execute(
+        cls,
+        tokenizer: LoadedModel,
+        tokens: NextScaleTokens,
+        scales: int,
+        composite_image: torch.Tensor | None = None,
+        composite_mask: torch.Tensor | None = None,
+    ) -> io.NodeOutput:
+        if (composite_image is None) != (composite_mask is None):
+            raise NextScaleError("a composite needs both composite_image and composite_mask (or neither)")
         vae: MultiScaleVQVAE = tokenizer.ready()
         vocab = vae.config.vocab_size
         if max(int(i.max()) for i in tokens.indices) >= vocab:
@@ -162,7 +185,10 @@ class NextScaleDecode(io.ComfyNode):
                 else:
                     f_hat = vae.indices_to_fhat(part.flat(), patch_nums=tokens.patch_nums, upto=upto)
                 images.append(model_to_image(vae.fhat_to_img(f_hat)).to(mm.intermediate_device()))
-        return io.NodeOutput(torch.cat(images))
+        decoded = torch.cat(images)
+        if composite_image is not None:
+            decoded = composite(decoded, composite_image, composite_mask)
+        return io.NodeOutput(decoded)
 
 
 NODES = [NextScaleLoadTokenizer, NextScaleEncode, NextScaleDecode]

@@ -1,0 +1,314 @@
+"""Training-free editing by teacher forcing: inpaint, outpaint, class edit, image-to-image (control-kv.md 7a-7c).
+
+The sampler draws every scale as usual; an :class:`EditGuide` then puts the reference image's tokens back where
+they are to be kept, so the transformer sees the reference there and continues it elsewhere.
+
+Conventions:
+- Masks follow ComfyUI: ``regenerate`` ``(B, H, W)`` in 0..1, **1 = regenerate** (inpaint this area, the area that
+  "Pad Image for Outpainting" adds), 0 = keep the reference. ``keep = 1 - regenerate``.
+- Per-scale masks (:func:`keep_masks`): the area average of ``keep`` over each cell of the ``pn x pn`` grid; a token
+  is kept when it is above ``threshold`` (0.5, the rule of VAR's edit demo). Scales with at most ``small_tokens``
+  (3) tokens are kept whole, as in the demo, except for an image whose mask keeps nothing on the latent grid: that
+  one is sampled freely at every scale, so an all-regenerate mask equals unguided sampling.
+- Scale range: the guide acts on scales ``start_scale <= si < end_scale`` (counted from 0, the 1x1 scale;
+  ``end_scale`` None = through the last scale). Outside it every token is sampled.
+- Modes: "tokens" (the demo): the drawn indices are replaced by the reference's where kept, and ``f_hat``
+  accumulates as usual. "latent blend" (CoDe's variant): the same replacement, and after every scale in range the
+  accumulated latent is reset to the reference's cumulative latent of that scale wherever the latent-grid mask
+  keeps (everywhere at the small scales), so the kept region of ``f_hat`` is exactly the reference's at every
+  scale. The sampler then returns that ``f_hat``, which decoders prefer to the indices.
+- Image-to-image (:func:`image_to_image`): strength ``k`` keeps every token of the first ``k`` scales (layout and
+  colours come from the reference, details are sampled); 0 is unguided sampling, all scales the reference itself.
+- Class editing is inpainting with another class label on the sampler.
+- Batches: the reference holds 1 image (used for every sampled image) or as many as the sampler makes; so does
+  the mask.
+- The reference's indices are used (never its soft ``f_hat``): teacher forcing needs tokens.
+
+:class:`EditSpec` is what flows on the NEXTSCALE_GUIDE socket: device-free and never modified. A sampler run calls
+``spec.bind(tokenizer, patch_nums, batch_size, device)`` for the :class:`~.sampler.Guide` it uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import NextScaleError
+from .imageops import RESIZE_MODES, fit_square
+from .sampler import Guide
+from .tokens import NextScaleTokens
+
+EDIT_MODES = ("tokens", "latent blend")
+KEEP_THRESHOLD = 0.5
+SMALL_SCALE_TOKENS = 3
+
+
+def _as_mask_batch(mask: torch.Tensor, what: str) -> torch.Tensor:
+    """``(B, H, W)`` float32 on the CPU in 0..1 from a ``(H, W)`` or ``(B, H, W)`` mask."""
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() != 3 or mask.shape[0] == 0 or min(mask.shape[1:]) == 0:
+        raise NextScaleError(f"{what} must have shape [batch, height, width], got {list(mask.shape)}")
+    return mask.detach().to(device="cpu", dtype=torch.float32).clamp(0, 1)
+
+
+def _check_batch(what: str, size: int, batch_size: int) -> None:
+    if size not in (1, batch_size):
+        raise NextScaleError(
+            f"the {what} holds {size} images but the sampler makes {batch_size}: give 1 (used for every image) "
+            f"or exactly {batch_size}"
+        )
+
+
+def fit_mask(mask_BHW: torch.Tensor, side: int, resize: str) -> torch.Tensor:
+    """``(B, side, side)``: a mask fitted to the model's square the way :func:`~.imageops.fit_square` fits the image
+    with the same ``resize`` mode (the same crop, stretch or letterbox); letterbox bands are 0."""
+    img_B3HW = mask_BHW.float()[:, None].expand(-1, 3, -1, -1).mul(2).sub(1)
+    return fit_square(img_B3HW, side, resize)[:, 0].add(1).mul(0.5).clamp(0, 1)
+
+
+def keep_masks(
+    keep_BHW: torch.Tensor,
+    patch_nums: Sequence[int],
+    threshold: float = KEEP_THRESHOLD,
+    small_tokens: int = SMALL_SCALE_TOKENS,
+) -> list[torch.Tensor]:
+    """Bool ``(B, pn, pn)`` per scale, True where the reference's token is kept (see the module docstring).
+
+    ``keep_BHW`` is a square mask in 0..1, 1 = keep, at any resolution.
+    """
+    keep_B1HW = keep_BHW.float()[:, None]
+    side = patch_nums[-1]
+    keeps_any_B = (F.interpolate(keep_B1HW, size=(side, side), mode="area") > threshold).flatten(1).any(dim=1)
+    masks = []
+    for pn in patch_nums:
+        if pn * pn <= small_tokens:
+            masks.append(keeps_any_B.view(-1, 1, 1).expand(-1, pn, pn).clone())
+        else:
+            masks.append(F.interpolate(keep_B1HW, size=(pn, pn), mode="area")[:, 0] > threshold)
+    return masks
+
+
+@dataclass(frozen=True, eq=False)
+class EditSpec:
+    """What an edit keeps of a reference (see the module docstring); build it with :func:`inpaint` or
+    :func:`image_to_image`.
+
+    Attributes:
+        reference: the tokens to keep (NextScale Encode's output, or any sampled tokens).
+        regenerate: ``(B, H, W)`` mask in 0..1, 1 = regenerate; None keeps everything (in the scale range).
+        mode: "tokens" or "latent blend".
+        start_scale, end_scale: the guide acts on scales ``start_scale <= si < end_scale`` (None: to the end).
+        threshold: a token is kept when its cell's average keep value is above this.
+        small_tokens: scales with at most this many tokens are kept whole (for images that keep anything).
+        resize: how the image was fitted to the model's square (NextScale Encode's mode), used to fit a mask that
+            is not square; None: a mask must be square.
+    """
+
+    reference: NextScaleTokens
+    regenerate: torch.Tensor | None = None
+    mode: str = "tokens"
+    start_scale: int = 0
+    end_scale: int | None = None
+    threshold: float = KEEP_THRESHOLD
+    small_tokens: int = SMALL_SCALE_TOKENS
+    resize: str | None = None
+
+    def __post_init__(self):
+        K = self.reference.num_scales
+        if self.mode not in EDIT_MODES:
+            raise NextScaleError(f"edit mode '{self.mode}' is not one of {', '.join(EDIT_MODES)}")
+        end = K if self.end_scale is None else self.end_scale
+        if not 0 <= self.start_scale <= end <= K:
+            raise NextScaleError(
+                f"scale range {self.start_scale}..{end} does not fit the reference's {K} scales: "
+                f"need 0 <= start_scale <= end_scale <= {K}"
+            )
+        if not 0.0 <= self.threshold < 1.0:
+            raise NextScaleError(f"the keep threshold must lie in [0, 1), got {self.threshold}")
+        if self.resize is not None and self.resize not in RESIZE_MODES:
+            raise NextScaleError(f"resize mode '{self.resize}' is not one of {', '.join(RESIZE_MODES)}")
+        if self.regenerate is None:
+            return
+        mask = _as_mask_batch(self.regenerate, "the mask")
+        object.__setattr__(self, "regenerate", mask)
+        Bm, H, W = mask.shape
+        if H != W and self.resize is None:
+            raise NextScaleError(
+                f"the mask is {W}x{H} px but the tokens are a square grid, and how the image was fitted to a square "
+                f"is unknown: crop or scale the mask to a square exactly as the encoded image was (or use square "
+                f"images)"
+            )
+        Br = self.reference.batch_size
+        if Bm > 1 and Br > 1 and Bm != Br:
+            raise NextScaleError(
+                f"the mask holds {Bm} masks but the reference tokens hold {Br} images: give 1 mask (used for every "
+                f"image) or exactly {Br}"
+            )
+
+    @property
+    def scales(self) -> range:
+        """The scales the guide acts on."""
+        return range(self.start_scale, self.reference.num_scales if self.end_scale is None else self.end_scale)
+
+    def __repr__(self) -> str:  # shown in ComfyUI debug output; keep it short
+        mask = "keep all" if self.regenerate is None else f"mask {tuple(self.regenerate.shape)}"
+        return (
+            f"EditSpec({self.mode!r}, scales {self.scales.start}..{self.scales.stop - 1}, {mask}, "
+            f"reference B={self.reference.batch_size})"
+        )
+
+    def keep_masks(self, patch_nums: Sequence[int], pixel_side: int) -> list[torch.Tensor]:
+        """Bool ``(Bm, pn, pn)`` per scale of the whole schedule (the scale range is not applied);
+        ``pixel_side`` is the model's image side, used only to fit a non-square mask."""
+        if self.regenerate is None:
+            return [torch.ones(1, pn, pn, dtype=torch.bool) for pn in patch_nums]
+        regenerate = self.regenerate
+        if regenerate.shape[1] != regenerate.shape[2]:
+            regenerate = fit_mask(regenerate, pixel_side, self.resize)
+        return keep_masks(1 - regenerate, patch_nums, self.threshold, self.small_tokens)
+
+    def bind(
+        self, tokenizer, patch_nums: Sequence[int], batch_size: int, device: str | torch.device | None = None
+    ) -> EditGuide:
+        """The :class:`EditGuide` for one sampler run of ``batch_size`` images with ``tokenizer`` (a
+        ``MultiScaleVQVAE``) on the schedule ``patch_nums``; token tensors go to ``device`` (default: the
+        tokenizer's), latents stay on the tokenizer's device."""
+        patch_nums = tuple(int(p) for p in patch_nums)
+        ref = self.reference
+        if patch_nums != ref.patch_nums:
+            raise NextScaleError(
+                f"the reference tokens have the schedule {ref.patch_nums} but the generator samples {patch_nums}: "
+                f"encode the image with the generator's schedule"
+            )
+        _check_batch("reference tokens", ref.batch_size, batch_size)
+        if self.regenerate is not None:
+            _check_batch("mask", self.regenerate.shape[0], batch_size)
+        quant = tokenizer.quantize
+        top = max(int(i.max()) for i in ref.indices)
+        if top >= quant.vocab_size:
+            raise NextScaleError(
+                f"the reference tokens use codes up to {top}, but the tokenizer has {quant.vocab_size} codes: "
+                f"encode the image with the tokenizer the generator uses"
+            )
+        latent_device = quant.embedding.weight.device
+        device = torch.device(device) if device is not None else latent_device
+        in_range = set(self.scales)
+        masks = self.keep_masks(patch_nums, patch_nums[-1] * tokenizer.downsample)
+        keep = [
+            m.flatten(1).expand(batch_size, -1).contiguous().to(device) if si in in_range and bool(m.any()) else None
+            for si, m in enumerate(masks)
+        ]
+        ref_Bl = [idx.flatten(1).expand(batch_size, -1).contiguous().to(device) for idx in ref.indices]
+        blend, ref_fhat = {}, {}
+        if self.mode == "latent blend" and any(k is not None for k in keep):
+            latent_B1hw = masks[-1][:, None]  # the last scale's grid is the latent grid
+            f_hat = torch.zeros(
+                ref.batch_size, quant.channels, patch_nums[-1], patch_nums[-1], dtype=torch.float32,
+                device=latent_device,
+            )  # fmt: skip
+            for si, pn in enumerate(patch_nums[: max(in_range) + 1]):
+                f_hat.add_(quant.contribution(si, patch_nums, quant.embed(ref.indices[si].to(latent_device), pn)))
+                if keep[si] is None:
+                    continue
+                whole_B111 = masks[si].flatten(1).all(dim=1).view(-1, 1, 1, 1)  # a small-scale (whole) mask
+                where_B1hw = latent_B1hw | whole_B111 if pn * pn <= self.small_tokens else latent_B1hw
+                if bool(where_B1hw.any()):
+                    blend[si], ref_fhat[si] = where_B1hw.to(latent_device), f_hat.clone()
+        return EditGuide(keep, ref_Bl, patch_nums, batch_size, blend, ref_fhat)
+
+
+class EditGuide(Guide):
+    """The sampler hook of one run (made by :meth:`EditSpec.bind`): per scale, the kept positions ``(B, pn*pn)``
+    (None: nothing kept) and the reference's indices; in latent-blend mode, the latent mask and the reference's
+    cumulative ``f_hat`` of each scale that blends."""
+
+    def __init__(
+        self,
+        keep: list[torch.Tensor | None],
+        reference_Bl: list[torch.Tensor],
+        patch_nums: tuple[int, ...],
+        batch_size: int,
+        blend: dict[int, torch.Tensor] | None = None,
+        reference_fhat: dict[int, torch.Tensor] | None = None,
+    ):
+        self.keep, self.reference_Bl = keep, reference_Bl
+        self.patch_nums, self.batch_size = patch_nums, batch_size
+        self.blend, self.reference_fhat = blend or {}, reference_fhat or {}
+
+    def apply(self, si: int, idx_Bl: torch.Tensor) -> torch.Tensor:
+        keep_Bl = self.keep[si]
+        if keep_Bl is None:
+            return idx_Bl
+        return torch.where(keep_Bl.to(idx_Bl.device), self.reference_Bl[si].to(idx_Bl.device), idx_Bl)
+
+    def forced(self, si: int) -> torch.Tensor:
+        keep_Bl = self.keep[si]
+        if keep_Bl is None:
+            return torch.zeros(self.batch_size, self.patch_nums[si] ** 2, dtype=torch.bool)
+        return keep_Bl
+
+    def override_fhat(self, si: int, f_hat: torch.Tensor) -> torch.Tensor | None:
+        if si not in self.blend:
+            return None
+        return torch.where(self.blend[si], self.reference_fhat[si], f_hat)
+
+
+def inpaint(
+    reference: NextScaleTokens,
+    mask: torch.Tensor,
+    *,
+    invert: bool = False,
+    mode: str = "tokens",
+    start_scale: int = 0,
+    end_scale: int | None = None,
+    resize: str | None = None,
+) -> EditSpec:
+    """Inpaint / outpaint / class edit: regenerate where ``mask`` is 1 (ComfyUI's convention), or where it is 0
+    with ``invert``; keep the reference's tokens elsewhere."""
+    regenerate = _as_mask_batch(mask, "the mask")
+    return EditSpec(
+        reference,
+        1 - regenerate if invert else regenerate,
+        mode=mode,
+        start_scale=start_scale,
+        end_scale=end_scale,
+        resize=resize,
+    )
+
+
+def image_to_image(reference: NextScaleTokens, strength: int) -> EditSpec:
+    """Keep every token of the first ``strength`` scales of the reference and sample the rest."""
+    K = reference.num_scales
+    if not 0 <= strength <= K:
+        raise NextScaleError(f"strength {strength} must lie in 0..{K} (the number of scales kept of {K})")
+    return EditSpec(reference, None, start_scale=0, end_scale=strength)
+
+
+def composite(decoded_BHWC: torch.Tensor, image_BHWC: torch.Tensor, mask_BHW: torch.Tensor) -> torch.Tensor:
+    """``lerp(image, decoded, mask)`` in ComfyUI's IMAGE layout: exactly ``image`` where the mask is 0 and exactly
+    ``decoded`` where it is 1. ``image`` and ``mask`` must have the decoded size; each holds 1 item or as many as
+    ``decoded``."""
+    B, H, W, _ = decoded_BHWC.shape
+    if image_BHWC.dim() != 4 or image_BHWC.shape[-1] not in (1, 3, 4):
+        raise NextScaleError(
+            f"composite_image must be an IMAGE [batch, height, width, 1/3/4 channels], got {list(image_BHWC.shape)}"
+        )
+    mask_BHW = _as_mask_batch(mask_BHW, "composite_mask")
+    for what, (h, w) in (("composite_image", image_BHWC.shape[1:3]), ("composite_mask", mask_BHW.shape[1:])):
+        if (h, w) != (H, W):
+            raise NextScaleError(
+                f"{what} is {w}x{h} px but the decoded images are {W}x{H} px: give the image (and its mask) at the "
+                f"model's resolution, fitted the way NextScale Encode's resize fitted the encoded image (e.g. "
+                f"upscale/crop it to {W}x{H} first)"
+            )
+    for what, n in (("composite_image", image_BHWC.shape[0]), ("composite_mask", mask_BHW.shape[0])):
+        if n not in (1, B):
+            raise NextScaleError(f"{what} holds {n} items but {B} images were decoded: give 1 or exactly {B}")
+    image = image_BHWC[..., :3] if image_BHWC.shape[-1] == 4 else image_BHWC.expand(-1, -1, -1, 3)
+    image = image.to(device=decoded_BHWC.device, dtype=decoded_BHWC.dtype).expand(B, -1, -1, -1)
+    weight = mask_BHW.to(device=decoded_BHWC.device, dtype=decoded_BHWC.dtype)[..., None].expand(B, -1, -1, 3)
+    return torch.lerp(image, decoded_BHWC, weight)
