@@ -10,9 +10,12 @@ mask of :func:`block_causal_mask` (teacher forcing) or ``None`` (cached inferenc
 every cached token).
 
 Backends: ``"torch"`` is the plain reference and the specification (fp32 arithmetic, result cast back);
-``"sdpa"`` is ``F.scaled_dot_product_attention(scale=1.0)``. ``backend=None`` uses the environment variable
-``NEXTSCALE_ATTENTION_BACKEND`` when set (tests, benchmarks), else SDPA. A Triton backend registers itself in
-``_BACKENDS`` under ``"triton"`` and must match the reference within the tolerances of ``tests/test_attention.py``.
+``"sdpa"`` is ``F.scaled_dot_product_attention(scale=1.0)``; ``"triton"`` (listed only when Triton imports) is
+:mod:`.triton_attention` (forward only; no mask, or a mask allowing one interval of keys per query such as the
+block-causal one, whose fully masked tiles it skips). ``backend=None`` uses the environment variable
+``NEXTSCALE_ATTENTION_BACKEND`` when set (tests, benchmarks), else ``"auto"``: Triton for CUDA inputs it
+supports, SDPA otherwise. Every backend must match the reference within the tolerances of
+``tests/test_attention.py`` (Triton: ``tests/test_triton_kernels.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .triton_support import triton_status
 
 ENV_BACKEND = "NEXTSCALE_ATTENTION_BACKEND"
 
@@ -43,16 +48,33 @@ def attention_sdpa(q_BHLc, k_BHSc, v_BHSc, attn_mask=None) -> torch.Tensor:
     return F.scaled_dot_product_attention(q_BHLc, k_BHSc, v_BHSc, attn_mask=attn_mask, scale=1.0)
 
 
-_BACKENDS: dict[str, AttentionFn] = {"torch": attention_torch, "sdpa": attention_sdpa}
+def attention_triton(q_BHLc, k_BHSc, v_BHSc, attn_mask=None) -> torch.Tensor:
+    """The Triton kernels (imported on first use; see :mod:`.triton_attention`)."""
+    from .triton_attention import attention_triton as triton_fn
+
+    return triton_fn(q_BHLc, k_BHSc, v_BHSc, attn_mask)
+
+
+_BACKENDS: dict[str, AttentionFn] = {"torch": attention_torch, "sdpa": attention_sdpa, "triton": attention_triton}
 
 
 def available_backends() -> list[str]:
-    """Names accepted by ``attention(..., backend=name)`` and by ``NEXTSCALE_ATTENTION_BACKEND``."""
-    return list(_BACKENDS)
+    """Names accepted by ``attention(..., backend=name)`` and by ``NEXTSCALE_ATTENTION_BACKEND`` (also ``"auto"``)."""
+    return [name for name in _BACKENDS if name != "triton" or triton_status()[0]]
 
 
 def default_backend() -> str:
-    return os.environ.get(ENV_BACKEND, "").strip().lower() or "sdpa"
+    return os.environ.get(ENV_BACKEND, "").strip().lower() or "auto"
+
+
+def _auto_backend(q_BHLc, k_BHSc, v_BHSc, attn_mask) -> str:
+    """Triton for CUDA inputs its kernels support (dtype, head dim, no gradient, mask shape), else SDPA."""
+    if q_BHLc.is_cuda and triton_status()[0]:
+        from .triton_attention import supports
+
+        if supports(q_BHLc, k_BHSc, v_BHSc, attn_mask) is None:
+            return "triton"
+    return "sdpa"
 
 
 def attention(
@@ -64,9 +86,11 @@ def attention(
 ) -> torch.Tensor:
     """``out_BHLc`` of cos-attention with softmax scale 1 (see the module docstring for the conventions)."""
     name = backend or default_backend()
+    if name == "auto":
+        name = _auto_backend(q_BHLc, k_BHSc, v_BHSc, attn_mask)
     fn = _BACKENDS.get(name)
-    if fn is None:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(_BACKENDS)}")
+    if fn is None or (name == "triton" and not triton_status()[0]):
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(available_backends())}")
     return fn(q_BHLc, k_BHSc, v_BHSc, attn_mask)
 
 

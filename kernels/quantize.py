@@ -4,7 +4,8 @@
 closest of the ``V`` code vectors in L2 (VAR uses no z-normalisation). The distance is evaluated in
 VAR's form ``||z||^2 + ||e||^2 - 2 z.e`` in fp32, so that ties and near-ties resolve as upstream.
 
-Backends register in ``_BACKENDS``; ``backend=None`` picks the best one available for the inputs.
+Backends register in ``_BACKENDS``; ``backend=None`` picks the best one available for the inputs: the fused
+Triton kernel (:mod:`.triton_quantize`, listed only when Triton imports) for CUDA inputs it supports, else torch.
 The torch reference below is the specification every faster backend must match.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from .triton_support import triton_status
 
 # Distance entries (N_chunk x V) evaluated at once by the torch reference: 2**24 fp32 = 64 MiB.
 MAX_CHUNK_ELEMENTS = 1 << 24
@@ -33,16 +36,31 @@ def nearest_code_torch(z_NC: torch.Tensor, codebook_VC: torch.Tensor, chunk_rows
     return idx_N
 
 
-_BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"torch": nearest_code_torch}
+def nearest_code_triton(z_NC: torch.Tensor, codebook_VC: torch.Tensor) -> torch.Tensor:
+    """Distance and argmin fused in one Triton kernel (imported on first use; see :mod:`.triton_quantize`)."""
+    from .triton_quantize import nearest_code_triton as triton_fn
+
+    return triton_fn(z_NC, codebook_VC)
+
+
+_BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "torch": nearest_code_torch,
+    "triton": nearest_code_triton,
+}
 
 
 def available_backends() -> list[str]:
     """Names accepted by ``nearest_code(..., backend=name)``."""
-    return list(_BACKENDS)
+    return [name for name in _BACKENDS if name != "triton" or triton_status()[0]]
 
 
-def _default_backend(z_NC: torch.Tensor) -> str:
-    # A fused GPU kernel, once registered, is preferred here for CUDA inputs.
+def _default_backend(z_NC: torch.Tensor, codebook_VC: torch.Tensor) -> str:
+    # The fused kernel is preferred for CUDA inputs it supports.
+    if z_NC.is_cuda and triton_status()[0]:
+        from .triton_quantize import supports
+
+        if supports(z_NC, codebook_VC) is None:
+            return "triton"
     return "torch"
 
 
@@ -52,7 +70,7 @@ def nearest_code(z_NC: torch.Tensor, codebook_VC: torch.Tensor, backend: str | N
         raise ValueError(
             f"nearest_code expects z (N, C) and codebook (V, C), got {tuple(z_NC.shape)} and {tuple(codebook_VC.shape)}"
         )
-    name = backend or _default_backend(z_NC)
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown nearest-code backend {name!r}; available: {', '.join(_BACKENDS)}")
+    name = backend or _default_backend(z_NC, codebook_VC)
+    if name not in _BACKENDS or (name == "triton" and not triton_status()[0]):
+        raise ValueError(f"unknown nearest-code backend {name!r}; available: {', '.join(available_backends())}")
     return _BACKENDS[name](z_NC, codebook_VC)
