@@ -98,7 +98,16 @@ def _read_safetensors(path: str, what: str) -> dict[str, torch.Tensor]:
 
 def _read_pickle(path: str, what: str):
     try:
+        if zipfile.is_zipfile(path):  # torch's own reader skips the CRC32s: damaged tensor bytes would load silently
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                raise NextScaleError(
+                    f"{what} file {_describe(path)} is damaged: its part '{bad}' fails its checksum; download it again"
+                )
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except NextScaleError:
+        raise
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "global" in msg.lower():  # the restricted unpickler met a reference to Python code (any torch version)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from .errors import NextScaleError
+
 KINDS = {
     "var-tokenizer": "a VAR tokenizer (multi-scale VQ-VAE), loaded by 'NextScale Load Tokenizer'",
     "var-generator": "a VAR generator (transformer), loaded by 'NextScale Load Generator'",
@@ -39,3 +41,11 @@ def identify(state_dict: Mapping[str, object]) -> str:
 
 def describe(kind: str) -> str:
     return KINDS.get(kind, KINDS["unknown"])
+
+
+def expect_kind(state_dict: Mapping[str, object], path: str, expected: str, what: str) -> None:
+    """Raise a clear :class:`NextScaleError` when ``state_dict`` is recognisably another kind of checkpoint than
+    ``expected`` (an unrecognised one is left to the strict key check, whose message lists the keys)."""
+    found = identify(state_dict)
+    if found != expected and found != "unknown":
+        raise NextScaleError(f"{what} file '{path}' is {describe(found)}; expected {describe(expected)}")

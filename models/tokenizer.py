@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint import check_state_dict, read_safetensors_metadata, read_state_dict, save_safetensors
 from .errors import NextScaleError
+from .identify import expect_kind
 from .quantizer import MultiScaleQuantizer
 from .schedule import SCHEDULE_256, validate_schedule
 
@@ -407,7 +408,9 @@ class MultiScaleVQVAE(nn.Module):
     def from_file(cls, path: str, patch_nums: Sequence[int] | None = None) -> MultiScaleVQVAE:
         """Load a ``.safetensors`` or ``.pth`` tokenizer; a config in the file's metadata takes precedence over
         inference (:meth:`config_from_file`)."""
-        return cls.from_state_dict(read_state_dict(path, WHAT), path, patch_nums, cls.config_from_file(path))
+        state_dict = read_state_dict(path, WHAT)
+        expect_kind(state_dict, path, "var-tokenizer", WHAT)
+        return cls.from_state_dict(state_dict, path, patch_nums, cls.config_from_file(path))
 
     def save(self, path: str) -> None:
         """Save as safetensors with the config in the metadata (reloadable by :meth:`from_file`)."""

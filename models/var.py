@@ -30,6 +30,7 @@ from ..kernels.attention import block_causal_mask
 from .blocks import AdaLNBeforeHead, AdaLNSelfAttn
 from .checkpoint import check_state_dict, read_safetensors_metadata, read_state_dict, save_safetensors
 from .errors import NextScaleError
+from .identify import expect_kind
 from .kv_cache import KVCache
 from .schedule import (
     SCHEDULE_256,
@@ -360,6 +361,12 @@ class VAR(nn.Module):
         """A frozen fp32 model in eval mode holding ``state_dict``, checked strictly against ``config`` (inferred
         when not given). Built on the meta device and taking the tensors over: loading never holds two copies."""
         cfg = config or cls.infer_config(state_dict, path)
+        blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+        if config is not None and blocks and len(blocks) != cfg.depth:
+            raise NextScaleError(
+                f"{WHAT} file '{path}' holds a depth-{len(blocks)} transformer ({len(blocks)} blocks), but its "
+                f"config expects depth {cfg.depth}: the file and its config do not belong together"
+            )
         anchor = state_dict.get("class_emb.weight")
         rebuilt = cls.rebuilt_buffers(cfg, device=None if anchor is None else anchor.device)
         check_state_dict(state_dict, cls.expected_shapes(cfg), path, WHAT, optional=rebuilt)
@@ -384,7 +391,9 @@ class VAR(nn.Module):
     @classmethod
     def from_file(cls, path: str) -> VAR:
         """Load a ``.safetensors`` or ``.pth`` generator (official or saved by :meth:`save`)."""
-        return cls.from_state_dict(read_state_dict(path, WHAT), path, cls.config_from_file(path))
+        state_dict = read_state_dict(path, WHAT)
+        expect_kind(state_dict, path, "var-generator", WHAT)
+        return cls.from_state_dict(state_dict, path, cls.config_from_file(path))
 
     def save(self, path: str) -> None:
         """Save as safetensors with the config (and class names) in the metadata."""
