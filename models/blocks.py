@@ -57,7 +57,7 @@ class SelfAttention(nn.Module):
             out_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, attn_mask)
         else:
             k_BHSc, v_BHSc = kv.extend(k_BHLc, v_BHLc)
-            out_BHLc = attention(q_BHLc, k_BHSc, v_BHSc, attn_mask)
+            out_BHLc = attention(q_BHLc, k_BHSc, v_BHSc, kv.key_mask(attn_mask))  # hides padded slots, if any
             kv.after_attention(q_BHLc)
         return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
 

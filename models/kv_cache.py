@@ -15,9 +15,17 @@ per-layer budgets, HACK's per-head budgets, ...) subclasses it and overrides
   (the current scale is always attended in full); it may call :meth:`LayerKV.keep` to compact the cache
   carried to the next scale.
 
-``keep`` takes one index per (row, head), so heads may keep different tokens, but every head of a layer keeps
-the same number. Different counts per head (HACK) need a padded layout with a key mask, or heads permuted
-into groups of equal budget; that extension belongs here and in ``kernels/attention.py``.
+``keep`` takes one index per (row, head), so heads may keep different tokens. Different counts per head (HACK)
+use a padded layout with a key mask: ``keep(index_BHs, lengths_BH)`` keeps ``lengths_BH[b, h]`` tokens of each head
+in the first ``s`` slots (the rest of the ``s`` slots is padding), later scales are appended after the ``s``
+slots, and :meth:`LayerKV.key_mask` gives the additive ``(rows, H, 1, length)`` mask that hides the padding from
+the attention (``None`` while there is none, so the full cache's path is unchanged).
+
+Budget-sized buffers: a policy with ``transient = True`` may allocate only its budget (what it carries from one
+scale to the next). When a scale does not fit, :meth:`LayerKV.extend` returns a temporary working copy (the kept
+tokens plus the new scale, one layer at a time) that the policy must compact back into the buffer with
+:meth:`LayerKV.keep` in its ``after_attention``; the peak memory is then the budget of every layer plus one
+layer's working copy.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ class KVPolicy:
     """Keeps every token (VAR's cache). Subclass to compress; see the module docstring."""
 
     name = "full"
+    transient = False  # True: capacity() may be below budget + one scale (see the module docstring)
 
     def capacity(self, layer: int, num_tokens: int) -> int:
         """Tokens to allocate for ``layer`` when the whole sequence has ``num_tokens``."""
@@ -49,14 +58,44 @@ class LayerKV:
         self.cache = cache
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
+        self._work_k: torch.Tensor | None = None  # transient working copy (kept + current scale), see extend
+        self._work_v: torch.Tensor | None = None
+        self._kept_BH: torch.Tensor | None = None  # per-head valid counts of the first _pad_end slots (padded layout)
+        self._pad_end = 0
 
     @property
     def k_BHSc(self) -> torch.Tensor:
-        return self._k[:, :, : self.length]
+        return self._work_k if self._work_k is not None else self._k[:, :, : self.length]
 
     @property
     def v_BHSc(self) -> torch.Tensor:
-        return self._v[:, :, : self.length]
+        return self._work_v if self._work_v is not None else self._v[:, :, : self.length]
+
+    def valid_BHS(self) -> torch.Tensor | None:
+        """Bool ``(rows, H, length)``: which cached positions hold a token (``None``: all of them)."""
+        if self._kept_BH is None:
+            return None
+        pos_S = torch.arange(self.length, device=self._kept_BH.device)
+        return (pos_S < self._kept_BH[..., None]) | (pos_S >= self._pad_end)
+
+    def valid_counts(self) -> torch.Tensor | None:
+        """``(rows, H)`` tokens held per head (``None`` before the first write)."""
+        if self._k is None and self._work_k is None:
+            return None
+        B, H = self.k_BHSc.shape[:2]
+        if self._kept_BH is None:
+            return torch.full((B, H), self.length, dtype=torch.long)
+        return self._kept_BH.cpu() + (self.length - self._pad_end)
+
+    def key_mask(self, attn_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``attn_mask`` plus the additive mask hiding padded slots; ``attn_mask`` itself when nothing is padded."""
+        valid_BHS = self.valid_BHS()
+        if valid_BHS is None:
+            return attn_mask
+        dtype = torch.float32 if attn_mask is None else attn_mask.dtype
+        mask_BH1S = torch.zeros(valid_BHS.shape, dtype=dtype, device=valid_BHS.device)
+        mask_BH1S = mask_BH1S.masked_fill_(~valid_BHS, float("-inf"))[:, :, None]
+        return mask_BH1S if attn_mask is None else attn_mask + mask_BH1S
 
     def extend(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append one scale's keys and values; return every cached key and value, the new ones included."""
@@ -65,6 +104,11 @@ class LayerKV:
             self._k = k_BHlc.new_empty(B, H, self.capacity, c)
             self._v = v_BHlc.new_empty(B, H, self.capacity, v_BHlc.shape[-1])
         end = self.length + l
+        if end > self.capacity and self.cache.policy.transient:
+            self._work_k = torch.cat((self._k[:, :, : self.length], k_BHlc), dim=2)
+            self._work_v = torch.cat((self._v[:, :, : self.length], v_BHlc), dim=2)
+            self.length = end
+            return self._work_k, self._work_v
         if end > self.capacity:
             raise NextScaleError(
                 f"KV cache of layer {self.layer} holds {self.capacity} tokens but needs {end} at this scale: "
@@ -77,19 +121,40 @@ class LayerKV:
 
     def after_attention(self, q_BHlc: torch.Tensor) -> None:
         self.cache.policy.after_attention(self, self.cache.scale, q_BHlc)
+        if self._work_k is not None:
+            raise NextScaleError(
+                f"the '{self.cache.policy.name}' KV policy left layer {self.layer} holding {self.length} tokens in a "
+                f"buffer of {self.capacity}: its after_attention must keep at most {self.capacity}"
+            )
 
-    def keep(self, index_BHs: torch.Tensor) -> None:
+    def keep(self, index_BHs: torch.Tensor, lengths_BH: torch.Tensor | None = None) -> None:
         """Compact the cache to the tokens ``index_BHs`` (positions in ``[0, length)``, one list per row and
-        head, all of the same length ``s``), in the given order; they become positions ``[0, s)``."""
+        head, all of the same length ``s``), in the given order; they become positions ``[0, s)``. With
+        ``lengths_BH`` (per row and head, at most ``s``) only the first ``lengths_BH[b, h]`` of a head's ``s``
+        entries are kept tokens and the rest is padding, hidden by :meth:`key_mask`."""
         B, H, s = index_BHs.shape
-        gather = index_BHs[..., None].expand(B, H, s, self._k.shape[-1])
-        self._k[:, :, :s] = self.k_BHSc.gather(2, gather)
-        self._v[:, :, :s] = self.v_BHSc.gather(2, gather)
+        if s > self.capacity:
+            raise NextScaleError(
+                f"the '{self.cache.policy.name}' KV policy keeps {s} tokens in layer {self.layer}, whose buffer holds "
+                f"{self.capacity}: its capacity() must cover what it keeps"
+            )
+        src_k, src_v = self.k_BHSc, self.v_BHSc
+        if self._k is None:
+            self._k = src_k.new_empty(B, H, self.capacity, src_k.shape[-1])
+            self._v = src_v.new_empty(B, H, self.capacity, src_v.shape[-1])
+        gather = index_BHs[..., None].expand(B, H, s, src_k.shape[-1])
+        self._k[:, :, :s] = src_k.gather(2, gather)
+        self._v[:, :, :s] = src_v.gather(2, gather.expand(B, H, s, src_v.shape[-1]))
+        self._work_k = self._work_v = None
         self.length = s
+        if lengths_BH is None or bool((lengths_BH == s).all()):
+            self._kept_BH, self._pad_end = None, 0
+        else:
+            self._kept_BH, self._pad_end = lengths_BH.to(device=index_BHs.device, dtype=torch.long), s
 
     def free(self) -> None:
-        self._k = self._v = None
-        self.length = 0
+        self._k = self._v = self._work_k = self._work_v = self._kept_BH = None
+        self.length = self._pad_end = 0
 
 
 class KVCache:
@@ -110,8 +175,23 @@ class KVCache:
         self.scale = si
 
     def nbytes(self) -> int:
-        """Bytes held by the allocated buffers."""
-        return sum(t.numel() * t.element_size() for kv in self.layers for t in (kv._k, kv._v) if t is not None)
+        """Bytes held by the allocated buffers (and any transient working copy)."""
+        return sum(
+            t.numel() * t.element_size()
+            for kv in self.layers
+            for t in (kv._k, kv._v, kv._work_k, kv._work_v)
+            if t is not None
+        )
+
+    def valid_nbytes(self) -> int:
+        """Bytes of the tokens held (padding excluded): what a packed ragged layout would need."""
+        total = 0
+        for kv in self.layers:
+            counts = kv.valid_counts()
+            if counts is not None:
+                k, v = kv.k_BHSc, kv.v_BHSc
+                total += int(counts.sum()) * (k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size())
+        return total
 
     def free(self) -> None:
         for kv in self.layers:

@@ -1,0 +1,113 @@
+"""Memory and fidelity of a KV policy against the full cache, on the same labels and seed.
+
+Memory is measured from the cache during the run (:class:`~.kv_policies.KVStats`): the peak of the allocated
+buffers (a compressing policy's working copy included), the most bytes held between two scales, and the same for
+the full cache. Fidelity: per scale, the fraction of tokens equal to the full-cache run's (once a token differs
+the later scales follow another path, so agreement falls with the scale), and the MSE / PSNR of the decoded images
+in 0..1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .kv_policies import KVPolicySpec
+from .sampler import SamplerHooks, SamplingOptions, sample
+
+
+@dataclass
+class KVReport:
+    policy: str
+    budget: float
+    full_peak_bytes: int
+    peak_bytes: int
+    full_carried_bytes: int
+    carried_bytes: int
+    token_agreement: list[float]  # per scale
+    mse: float
+    psnr: float  # dB; inf when the images are equal
+    full_images: torch.Tensor  # (B, H, W, 3) in 0..1
+    images: torch.Tensor
+
+    @property
+    def peak_ratio(self) -> float:
+        return self.peak_bytes / max(1, self.full_peak_bytes)
+
+    @property
+    def carried_ratio(self) -> float:
+        return self.carried_bytes / max(1, self.full_carried_bytes)
+
+    def text(self) -> str:
+        agree = ", ".join(f"{a:.2f}" for a in self.token_agreement)
+        psnr = "identical" if math.isinf(self.psnr) else f"{self.psnr:.2f} dB"
+        return (
+            f"KV policy: {self.policy}\n"
+            f"peak KV bytes: {self.peak_bytes:,} of {self.full_peak_bytes:,} with the full cache "
+            f"({self.peak_ratio:.1%})\n"
+            f"KV bytes carried between scales: {self.carried_bytes:,} of {self.full_carried_bytes:,} "
+            f"({self.carried_ratio:.1%})\n"
+            f"token agreement with the full cache per scale: {agree}\n"
+            f"image vs full cache: MSE {self.mse:.5f}, PSNR {psnr}"
+        )
+
+
+def psnr_mse(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """MSE and PSNR (peak 1) of two image batches in 0..1."""
+    mse = float((a.float() - b.float()).pow(2).mean())
+    return mse, (math.inf if mse == 0 else 10 * math.log10(1.0 / mse))
+
+
+def decode(tokenizer, tokens) -> torch.Tensor:
+    """ComfyUI IMAGE ``(B, H, W, 3)`` in 0..1 of sampled tokens."""
+    f_hat = tokens.f_hat if tokens.f_hat is not None else tokenizer.indices_to_fhat(tokens.flat(), tokens.patch_nums)
+    with torch.no_grad():
+        img = tokenizer.fhat_to_img(f_hat)
+    return img.float().add(1).mul(0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def run_with(var, tokenizer, labels_B, seed, spec: KVPolicySpec, options=None, device=None):
+    """``(tokens, policy)`` of one sampling run under ``spec`` (the policy holds the measured stats)."""
+    policy = spec.bind(var, len(labels_B), device)
+    tokens = sample(
+        var, tokenizer, torch.as_tensor(labels_B), seed=seed, options=options,
+        hooks=SamplerHooks(kv_policy=policy), device=device,
+    )  # fmt: skip
+    return tokens, policy
+
+
+def kv_report(
+    var,
+    tokenizer,
+    labels_B,
+    seed: int,
+    spec: KVPolicySpec,
+    options: SamplingOptions | None = None,
+    device=None,
+    full=None,
+) -> KVReport:
+    """Sample with the full cache and with ``spec`` (same labels, seed and options) and compare.
+    ``full`` may pass a previous ``(tokens, policy, images)`` full-cache run to reuse."""
+    if full is None:
+        full_tokens, full_policy = run_with(var, tokenizer, labels_B, seed, KVPolicySpec("full"), options, device)
+        full = (full_tokens, full_policy, decode(tokenizer, full_tokens))
+    full_tokens, full_policy, full_images = full
+    tokens, policy = run_with(var, tokenizer, labels_B, seed, spec, options, device)
+    images = decode(tokenizer, tokens)
+    agreement = [float((a == b).float().mean()) for a, b in zip(full_tokens.indices, tokens.indices)]
+    mse, psnr = psnr_mse(full_images, images)
+    return KVReport(
+        policy=spec.describe(),
+        budget=spec.budget if spec.policy != "full" else 1.0,
+        full_peak_bytes=full_policy.stats.peak_bytes,
+        peak_bytes=policy.stats.peak_bytes,
+        full_carried_bytes=full_policy.stats.carried_valid_bytes(),
+        carried_bytes=policy.stats.carried_valid_bytes(),
+        token_agreement=agreement,
+        mse=mse,
+        psnr=psnr,
+        full_images=full_images,
+        images=images,
+    )

@@ -1,0 +1,241 @@
+"""KV-cache policies: exactness of the full cache, budgets counted in bytes, baselines, padded per-head layout,
+profiles, fidelity, and the nodes inside ComfyUI's python.
+
+Tiny random models (test_sampler's generator and tokenizer) on the CPU; the fidelity test uses the embedded trained
+model when ``weights/`` has it.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from harness.testbed import REPO_ROOT, find_testbed
+from test_sampler import CVAE, PN, VOCAB, make_var
+
+from nextscale.kernels.ragged import pack_kv, ragged_attention_torch
+from nextscale.models.errors import NextScaleError
+from nextscale.models.kv_cache import KVCache
+from nextscale.models.kv_policies import (
+    POLICIES,
+    HACKPolicy,
+    KVPolicySpec,
+    RecentPolicy,
+    ScaleKVPolicy,
+    StridedPolicy,
+    even_queries,
+    grid_queries,
+    scalekv_budgets,
+    token_budget,
+)
+from nextscale.models.kv_profile import KVProfile, calibrate
+from nextscale.models.kv_report import kv_report, run_with
+from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample
+from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from nextscale.models.var import VAR, VARConfig
+
+PN6 = (1, 2, 3, 4, 5, 6)  # 91 tokens: room for budgets between the scales
+WEIGHTS = os.path.join(REPO_ROOT, "weights")
+GEN_FILE = os.path.join(WEIGHTS, "nextscale_generator.safetensors")
+TOK_FILE = os.path.join(WEIGHTS, "nextscale_tokenizer.safetensors")
+
+
+def make_pair(patch_nums=PN6, depth=3, heads=4, seed=0):
+    from test_sampler import randomize_
+
+    cfg = VARConfig(depth=depth, embed_dim=16 * heads, num_heads=heads, num_classes=10, vocab_size=VOCAB, cvae=CVAE,
+                    patch_nums=patch_nums)  # fmt: skip
+    torch.manual_seed(seed)
+    tcfg = TokenizerConfig(vocab_size=VOCAB, z_channels=CVAE, ch=32, ch_mult=(1, 1), num_res_blocks=1,
+                           patch_nums=patch_nums)  # fmt: skip
+    return randomize_(VAR(cfg), seed), MultiScaleVQVAE(tcfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair()
+
+
+@pytest.fixture(scope="module")
+def profile(pair):
+    var, vae = pair
+    return calibrate(var, vae, [1, 2], seed=0)
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.indices, b.indices))
+
+
+def test_full_policy_and_budget_one_equal_no_policy_exactly(pair, profile):
+    var, vae = pair
+    labels = torch.tensor([1, 4])
+    plain = sample(var, vae, labels, seed=7)
+    for policy in POLICIES:
+        tokens, bound = run_with(var, vae, labels, 7, KVPolicySpec(policy, 1.0, profile))
+        assert same(plain, tokens), policy
+        assert bound.stats.peak_bytes == bound.stats.scale_bytes[len(PN6) - 1], policy
+    full = KVPolicySpec("full").bind(var, 2)
+    assert KVCache(var.depth, var.num_tokens, full)[0].capacity == var.num_tokens
+
+
+@pytest.mark.parametrize("policy", ["recent", "strided", "scalekv", "hack"])
+@pytest.mark.parametrize("budget", [0.1, 0.3])
+def test_every_policy_keeps_exactly_its_budget(pair, profile, policy, budget):
+    var, vae = pair
+    spec = KVPolicySpec(policy, budget, profile)
+    tokens, bound = run_with(var, vae, torch.tensor([1, 4]), 3, spec)
+    rows, c = 4, var.config.embed_dim // var.config.num_heads
+    per_token = 2 * c * 4  # k and v, fp32
+    for si in range(len(PN6)):
+        held = 0
+        for layer in range(var.depth):
+            before, budget_H, after = bound.stats.kept[(si, layer)]
+            assert torch.equal(after, torch.minimum(before, budget_H.expand(rows, -1))), (si, layer)
+            assert budget_H.tolist() == bound.head_budgets(layer, si)
+            held += int(after.sum())
+        assert bound.stats.scale_valid_bytes[si] == held * per_token
+    # the budgets average the uniform budget over layers (ScaleKV) and heads (HACK) once the cache exceeds it
+    b = token_budget(budget, var.num_tokens)
+    last = len(PN6) - 2
+    carried = sum(sum(bound.head_budgets(layer, last)) for layer in range(var.depth))
+    assert carried <= var.depth * var.config.num_heads * b
+    assert carried >= var.depth * var.config.num_heads * b * (0.9 if policy == "hack" else 1.0)
+    assert bound.stats.carried_valid_bytes() == carried * rows * per_token
+    full_bytes = var.depth * var.config.num_heads * var.num_tokens * rows * per_token
+    assert bound.stats.peak_bytes < full_bytes
+    # scales that fit the budget are sampled exactly as with the full cache
+    plain = sample(var, vae, torch.tensor([1, 4]), seed=3)
+    fits = [si for si in range(len(PN6)) if sum(p * p for p in PN6[: si + 1]) <= min(
+        min(bound.head_budgets(layer, si)) for layer in range(var.depth))]  # fmt: skip
+    assert all(torch.equal(tokens.indices[si], plain.indices[si]) for si in fits)
+
+
+def layer_with_slots(policy, S_prev: int, si: int, rows=2):
+    """A one-layer cache holding ``S_prev`` earlier tokens whose keys encode their slot, after scale ``si``'s
+    attention; returns the kv."""
+    H, c, pn = policy.num_heads, 8, policy.patch_nums[si]
+    cache = KVCache(1, policy.num_tokens, policy)
+    cache.begin_scale(si)
+    kv = cache[0]
+    g = torch.Generator().manual_seed(0)
+    total = S_prev + pn * pn
+    k = torch.nn.functional.normalize(torch.randn(rows, H, total, c, generator=g), dim=-1)
+    v = torch.arange(total, dtype=torch.float32).view(1, 1, total, 1).expand(rows, H, total, c).contiguous()
+    policy._pos[0] = torch.arange(S_prev).expand(rows, H, S_prev)  # S_prev = where scale si starts
+    kv.extend(k, v)  # earlier and current tokens at once (a working copy when over the capacity)
+    q = torch.randn(rows, H, pn * pn, c, generator=g) * 4
+    kv.after_attention(q)
+    return kv
+
+
+def test_baselines_are_what_they_say():
+    pns = (1, 2, 3, 4, 5, 6)
+    recent = RecentPolicy(1, 2, pns, budget=10)
+    kv = layer_with_slots(recent, 30, 4)  # 30 earlier + 25 current = 55 slots
+    assert kv.length == 10 and kv.v_BHSc[..., 0].eq(torch.arange(45, 55.0)).all()
+    strided = StridedPolicy(1, 2, pns, budget=10)
+    kv = layer_with_slots(strided, 30, 4)
+    assert kv.v_BHSc[0, 0, :, 0].tolist() == [float(i) for i in even_queries(55, 10)]
+    assert even_queries(55, 10)[0] == 0 and even_queries(55, 10)[-1] == 54
+
+
+def test_scalekv_keeps_window_and_top_attention():
+    pns = (1, 2, 3, 4, 5, 6)
+    policy = ScaleKVPolicy(1, 2, pns, 24, [[24] * len(pns)])
+    kv = layer_with_slots(policy, 30, 4)
+    kept = kv.v_BHSc[..., 0].long()
+    assert kv.length == 24
+    window = {30 + i for i in grid_queries(5)}
+    assert len(window) == 16 and all(window <= set(kept[b, h].tolist()) for b in range(2) for h in range(2))
+    assert grid_queries(3) == list(range(9)) and len(grid_queries(16)) == 16
+    b = scalekv_budgets([[False, True], [False, False], [False, False]], budget=4, patch_nums=(2, 3), decay=0.5)
+    assert [sum(col) for col in zip(*b)] == [12, 12] and b[0][1] > b[1][1] == b[2][1]
+    assert all(x <= 4 for x in (b[0][0], b[1][0], b[2][0]))  # scale 0 holds 4 tokens: capped
+
+
+def test_hack_per_head_budgets_use_padded_layout_that_matches_ragged_attention():
+    pns = (1, 2, 3, 4, 5, 6)
+    contextual = [[True, False, True, False]]
+    policy = HACKPolicy(1, 4, pns, 12, contextual, [[5, 20, 5, 20]])
+    kv = layer_with_slots(policy, 30, 4)
+    assert kv.valid_counts().tolist() == [[5, 20, 5, 20]] * 2 and kv.length == 20
+    structural = kv.v_BHSc[0, 1, :20, 0].long().tolist()
+    assert {0, 1, 2, 3, 4} <= set(structural)  # the first two scales (5 tokens)
+    # next scale: the key mask hides the padding; attention equals the ragged reference on the held tokens
+    g = torch.Generator().manual_seed(1)
+    k_new, v_new = torch.randn(2, 4, 36, 8, generator=g), torch.randn(2, 4, 36, 8, generator=g)
+    kv.cache.begin_scale(5)
+    k_all, v_all = kv.extend(k_new, v_new)
+    q = torch.randn(2, 4, 36, 8, generator=g)
+    from nextscale.kernels.attention import attention_torch
+
+    padded = attention_torch(q, k_all, v_all, kv.key_mask(None))
+    packed = ragged_attention_torch(q, *pack_kv(k_all, v_all, kv.valid_BHS()))
+    assert torch.allclose(padded, packed, atol=1e-5)
+    assert kv.valid_counts().tolist() == [[41, 56, 41, 56]] * 2
+
+
+def test_profile_round_trip_and_clear_errors(tmp_path, pair, profile):
+    var, _ = pair
+    path = profile.save(str(tmp_path / "p.json"))
+    back = KVProfile.load(path)
+    assert back == profile and back.samples == 2
+    assert len(back.zscore) == var.depth and len(back.head_variance[0]) == var.config.num_heads
+    assert sum(map(sum, back.contextual_heads(0.5))) == 6 and sum(map(sum, back.drafters(1))) == len(PN6)
+    d = json.load(open(path))
+    cases = [
+        ("{not json", "not valid JSON"),
+        (json.dumps({**d, "schema": "x"}), "not a 'nextscale-kv-profile' file"),
+        (json.dumps({**d, "version": 99}), "schema version 99"),
+        (json.dumps({**d, "hack": {"head_variance": [[0.1]]}}), "'head_variance' must be 3 rows of 4 numbers"),
+        (json.dumps({**d, "scalekv": {"asi": d["scalekv"]["asi"]}}), "missing or malformed field"),
+    ]
+    for text, message in cases:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(NextScaleError, match=message):
+            KVProfile.load(str(tmp_path / "bad.json"))
+    with pytest.raises(NextScaleError, match="does not exist"):
+        KVProfile.load(str(tmp_path / "missing.json"))
+    other, _ = make_pair(depth=2)
+    with pytest.raises(NextScaleError, match="calibrated on a generator with 3 layers.*has 2 layers"):
+        KVPolicySpec("hack", 0.2, back).bind(other)
+    with pytest.raises(NextScaleError, match="not one of full, recent"):
+        KVPolicySpec("snapkv")
+
+
+def fidelity_models():
+    """The embedded trained model when present, else a random-weight 256 px-schedule model (d4 x 4 heads)."""
+    if os.path.isfile(GEN_FILE) and os.path.isfile(TOK_FILE):
+        return VAR.from_file(GEN_FILE).eval(), MultiScaleVQVAE.from_file(TOK_FILE).eval(), True
+    var, vae = make_pair(patch_nums=(1, 2, 3, 4, 5, 6, 8), depth=4, heads=4, seed=1)
+    return var, vae, False
+
+
+def test_fidelity_ordering():
+    """Trained model: at 25 % ScaleKV and HACK are at least as faithful as the recent window (mean PSNR over four
+    classes and seeds). Random weights (no attention structure): budget 1 is exact, every policy's first scales
+    (which fit the budget) agree, and more budget is at least as faithful on average over the policies."""
+    var, vae, trained = fidelity_models()
+    labels = list(range(min(4, var.num_classes)))
+    profile = calibrate(var, vae, labels[:2], seed=100)
+    options = SamplingOptions(cfg=2.0)
+    psnr = {}
+    for policy in ("recent", "strided", "scalekv", "hack"):
+        for budget in (0.25, 0.5, 1.0):
+            values = []
+            for i, label in enumerate(labels):
+                r = kv_report(var, vae, [label], i, KVPolicySpec(policy, budget, profile), options)
+                values.append(min(r.psnr, 60.0))
+                assert r.token_agreement[0] == 1.0 and r.peak_bytes <= r.full_peak_bytes
+            psnr[policy, budget] = sum(values) / len(values)
+    assert all(psnr[p, 1.0] == 60.0 for p in ("recent", "strided", "scalekv", "hack"))
+    mean = lambda b: sum(psnr[p, b] for p in ("recent", "strided", "scalekv", "hack")) / 4  # noqa: E731
+    assert mean(0.5) >= mean(0.25) - 1.0, psnr
+    if trained:
+        assert psnr["scalekv", 0.25] >= psnr["recent", 0.25], psnr
+        assert psnr["hack", 0.25] >= psnr["recent", 0.25], psnr
+    assert all(math.isfinite(v) for v in psnr.values())
