@@ -12,6 +12,9 @@ Per scale ``si`` of ``K`` (reference: var.md 3):
    codes over the filtered logits (drawn after the multinomial, from the same generator). ``h`` goes through
    ``tokenizer.quantize.next_input``, which accumulates ``f_hat`` and returns the next scale's input.
 
+Steps 2-4 (everything after the transformer) are :meth:`ScaleSampler.step`, which holds the run's state; the
+collaborative sampler (:mod:`.collaborative`) switches transformers mid-run around the same object.
+
 Randomness and batches: batch item ``i`` of a run with seed ``s`` draws from its own ``torch.Generator`` on the
 sampling device, seeded with ``(s + i) mod 2**64``: per scale one multinomial over its ``pn**2`` rows, then (with
 ``more_smooth``) its Gumbel noise. So item ``i`` of a batch makes exactly the draws of a batch-of-1 run with seed
@@ -190,6 +193,84 @@ def _check_inputs(var, tokenizer, labels_B: torch.Tensor) -> None:
         )
 
 
+class ScaleSampler:
+    """One run's sampling state, model-independent: the CFG rows, the per-item generators, ``f_hat`` and the
+    indices drawn so far. :meth:`step` is everything a scale does after the transformer (guidance, control
+    logits, temperature, filters, draws, guide, code map, ``f_hat`` update, callback), so that one run may switch
+    models between scales (:mod:`.collaborative`) and still draw exactly what :func:`sample` draws."""
+
+    def __init__(self, tokenizer, labels_B, patch_nums, num_classes, *, seed, options, hooks, device):
+        self.quant, self.patch_nums, self.K, self.B = tokenizer.quantize, patch_nums, len(patch_nums), labels_B.shape[0]
+        self.labels_B, self.seed, self.options, self.hooks, self.device = labels_B, seed, options, hooks, device
+        self.control = hooks.control  # whose logits hook step() calls: the model's now sampling (collaborative)
+        self.guided = options.cfg != 0
+        self.rows_R = torch.cat((labels_B, torch.full_like(labels_B, num_classes))) if self.guided else labels_B
+        self.temperatures = [options.temperature_at(si, self.K) for si in range(self.K)]
+        self.generators = [torch.Generator(device).manual_seed((seed + i) % 2**64) for i in range(self.B)]
+        codebook_VC = self.quant.embedding.weight
+        side = patch_nums[-1]
+        self.f_hat = torch.zeros(self.B, codebook_VC.shape[1], side, side, device=codebook_VC.device)
+        self.indices: list[torch.Tensor] = []
+        self.fhat_from_indices = not options.more_smooth
+
+    def rows(self, x_BlC: torch.Tensor) -> torch.Tensor:
+        """The transformer's rows of a scale input: ``[cond; null]`` with guidance, else the ``B`` rows."""
+        return x_BlC.repeat(2, 1, 1) if self.guided else x_BlC
+
+    def step(self, si: int, logits_RlV: torch.Tensor) -> torch.Tensor | None:
+        """Sample scale ``si`` from the transformer's fp32 logits (all rows); return the next scale's input
+        ``(B, pn_{si+1}**2, Cvae)`` on the sampling device (None after the last scale)."""
+        options, guide, control, device = self.options, self.hooks.guide, self.control, self.device
+        B, K, pn, quant, generators = self.B, self.K, self.patch_nums[si], self.quant, self.generators
+        logits_BlV = _guided(logits_RlV, B, options.guidance(si, K) if self.guided else 0.0)
+        if control is not None:
+            logits_BlV = control.logits(si, logits_BlV)
+        logits_BlV = filter_top_k_top_p_(logits_BlV / self.temperatures[si], options.top_k, options.top_p)
+        idx_Bl = _multinomial(logits_BlV.softmax(dim=-1), generators)
+        soft_BlV = _gumbel_mixture(logits_BlV, si / (K - 1), generators) if options.more_smooth else None
+        forced_Bl = None
+        if guide is not None:
+            drawn_Bl, idx_Bl = idx_Bl, guide.apply(si, idx_Bl).to(device=device, dtype=torch.long)
+            forced_Bl = guide.forced(si)
+            forced_Bl = idx_Bl != drawn_Bl if forced_Bl is None else forced_Bl.to(device=device, dtype=torch.bool)
+        self.indices.append(idx_Bl.view(B, pn, pn))
+
+        h_BChw = _code_map(quant, idx_Bl, pn, soft_BlV, forced_Bl)
+        f_hat, next_BChw = quant.next_input(si, self.patch_nums, self.f_hat, h_BChw)
+        self.f_hat = f_hat
+        if guide is not None and (replaced := guide.override_fhat(si, f_hat)) is not None:
+            f_hat.copy_(replaced)  # into the accumulator: the guide's tensor is never updated in place
+            self.fhat_from_indices = False
+            if si < K - 1:  # the next input as the tokenizer makes it: area-downsampled f_hat
+                next_BChw = F.interpolate(f_hat, size=(self.patch_nums[si + 1],) * 2, mode="area")
+        if self.hooks.callback is not None:
+            self.hooks.callback(si, K, f_hat)
+        if si < K - 1:
+            return next_BChw.flatten(2).transpose(1, 2).to(device)
+        return None
+
+    def result(self, **extra) -> NextScaleTokens:
+        options = self.options
+        return NextScaleTokens(
+            indices=self.indices,
+            patch_nums=self.patch_nums,
+            f_hat=None if self.fhat_from_indices else self.f_hat,
+            labels=self.labels_B,
+            source="sampled",
+            extra={
+                "seed": self.seed,
+                "cfg": options.cfg,
+                "cfg_schedule": options.cfg_schedule,
+                "top_k": options.top_k,
+                "top_p": options.top_p,
+                "more_smooth": options.more_smooth,
+                "temperature": options.temperature,
+                "kv_policy": (self.hooks.kv_policy or KVPolicy()).name,
+                **extra,
+            },
+        )
+
+
 @torch.no_grad()
 def sample(
     var,
@@ -213,64 +294,18 @@ def sample(
     device = torch.device(device) if device is not None else var.pos_1LC.device
     labels_B = torch.as_tensor(labels_B, device=device)
     _check_inputs(var, tokenizer, labels_B)
-    patch_nums, K, B = var.patch_nums, len(var.patch_nums), labels_B.shape[0]
-    quant = tokenizer.quantize
-    guided = options.cfg != 0
-    rows_R = torch.cat((labels_B, torch.full_like(labels_B, var.num_classes))) if guided else labels_B
-    temperatures = [options.temperature_at(si, K) for si in range(K)]
-    generators = [torch.Generator(device).manual_seed((seed + i) % 2**64) for i in range(B)]
-    guide, control = hooks.guide, hooks.control
+    run = ScaleSampler(
+        tokenizer, labels_B, var.patch_nums, var.num_classes, seed=seed, options=options, hooks=hooks, device=device
+    )
 
     cache = KVCache(var.depth, var.num_tokens, hooks.kv_policy)
     try:
-        cond = var.condition(rows_R)
+        cond = var.condition(run.rows_R)
         x_RlC = var.first_token_map(cond)
-        f_hat = torch.zeros(B, var.config.cvae, patch_nums[-1], patch_nums[-1], device=quant.embedding.weight.device)
-        indices, fhat_from_indices = [], not options.more_smooth
-        for si, pn in enumerate(patch_nums):
-            logits_RlV = var.forward_scale(si, x_RlC, cond, cache, control)
-            logits_BlV = _guided(logits_RlV, B, options.guidance(si, K) if guided else 0.0)
-            if control is not None:
-                logits_BlV = control.logits(si, logits_BlV)
-            logits_BlV = filter_top_k_top_p_(logits_BlV / temperatures[si], options.top_k, options.top_p)
-            idx_Bl = _multinomial(logits_BlV.softmax(dim=-1), generators)
-            soft_BlV = _gumbel_mixture(logits_BlV, si / (K - 1), generators) if options.more_smooth else None
-            forced_Bl = None
-            if guide is not None:
-                drawn_Bl, idx_Bl = idx_Bl, guide.apply(si, idx_Bl).to(device=device, dtype=torch.long)
-                forced_Bl = guide.forced(si)
-                forced_Bl = idx_Bl != drawn_Bl if forced_Bl is None else forced_Bl.to(device=device, dtype=torch.bool)
-            indices.append(idx_Bl.view(B, pn, pn))
-
-            h_BChw = _code_map(quant, idx_Bl, pn, soft_BlV, forced_Bl)
-            f_hat, next_BChw = quant.next_input(si, patch_nums, f_hat, h_BChw)
-            if guide is not None and (replaced := guide.override_fhat(si, f_hat)) is not None:
-                f_hat.copy_(replaced)  # into the accumulator: the guide's tensor is never updated in place
-                fhat_from_indices = False
-                if si < K - 1:  # the next input as the tokenizer makes it: area-downsampled f_hat
-                    next_BChw = F.interpolate(f_hat, size=(patch_nums[si + 1],) * 2, mode="area")
-            if hooks.callback is not None:
-                hooks.callback(si, K, f_hat)
-            if si < K - 1:
-                x_BlC = var.scale_input(si + 1, next_BChw.flatten(2).transpose(1, 2).to(device), cond)
-                x_RlC = x_BlC.repeat(2, 1, 1) if guided else x_BlC
+        for si in range(run.K):
+            next_BlCv = run.step(si, var.forward_scale(si, x_RlC, cond, cache, hooks.control))
+            if next_BlCv is not None:
+                x_RlC = run.rows(var.scale_input(si + 1, next_BlCv, cond))
     finally:
         cache.free()
-
-    return NextScaleTokens(
-        indices=indices,
-        patch_nums=patch_nums,
-        f_hat=None if fhat_from_indices else f_hat,
-        labels=labels_B,
-        source="sampled",
-        extra={
-            "seed": seed,
-            "cfg": options.cfg,
-            "cfg_schedule": options.cfg_schedule,
-            "top_k": options.top_k,
-            "top_p": options.top_p,
-            "more_smooth": options.more_smooth,
-            "temperature": options.temperature,
-            "kv_policy": (hooks.kv_policy or KVPolicy()).name,
-        },
-    )
+    return run.result()

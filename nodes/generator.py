@@ -257,29 +257,10 @@ class NextScaleSampler(io.ComfyNode):
         var: VAR = generator.ready()
         vae: MultiScaleVQVAE = tokenizer.ready()
         check_pair(var, vae, generator, tokenizer)
-        names = generator_class_names(var)
-        classes = parse_class_list(class_list, names) or [class_index(class_name, names)]
-        if len(classes) * batch_size > MAX_BATCH:
-            raise NextScaleError(
-                f"{len(classes)} classes x batch size {batch_size} = {len(classes) * batch_size} images; "
-                f"at most {MAX_BATCH} per sampler node"
-            )
-        labels_B = torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
-        extras = dict(options or {})
-        preview = extras.pop("preview", True)
-        sampling = dataclasses.replace(
-            SamplingOptions(), cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, **extras
+        labels_B, sampling, preview = sampling_inputs(
+            var, class_name, class_list, batch_size, cfg, top_k, top_p, more_smooth, options
         )
-        K = len(var.patch_nums)
-        if isinstance(sampling.temperature, list) and len(sampling.temperature) not in (1, K):
-            raise NextScaleError(f"scale_temperatures has {len(sampling.temperature)} values; this generator has {K} scales")
-        pbar = comfy.utils.ProgressBar(K, node_id=cls.hidden.unique_id)
-
-        def on_scale(si: int, num_scales: int, f_hat: torch.Tensor) -> None:
-            mm.throw_exception_if_processing_interrupted()
-            image = preview_image(vae, f_hat, var.patch_nums[si]) if preview else None
-            pbar.update_absolute(si + 1, num_scales, image)
-
+        on_scale = scale_callback(cls.hidden.unique_id, vae, var.patch_nums, preview)
         B, device = len(labels_B), generator.device
         hooks = SamplerHooks(
             callback=on_scale,
@@ -291,6 +272,44 @@ class NextScaleSampler(io.ComfyNode):
             var, vae, labels_B, seed=seed, options=sampling, hooks=hooks, device=device
         )
         return io.NodeOutput(tokens.to("cpu"))
+
+
+def sampling_inputs(
+    var: VAR, class_name: str, class_list: str, batch_size: int, cfg: float, top_k: int, top_p: float,
+    more_smooth: bool, options: dict | None,
+) -> tuple[torch.Tensor, SamplingOptions, bool]:
+    """The sampler node's inputs as ``(labels_B, SamplingOptions, preview)``, checked against the generator."""
+    names = generator_class_names(var)
+    classes = parse_class_list(class_list, names) or [class_index(class_name, names)]
+    if len(classes) * batch_size > MAX_BATCH:
+        raise NextScaleError(
+            f"{len(classes)} classes x batch size {batch_size} = {len(classes) * batch_size} images; "
+            f"at most {MAX_BATCH} per sampler node"
+        )
+    labels_B = torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
+    extras = dict(options or {})
+    preview = extras.pop("preview", True)
+    sampling = dataclasses.replace(
+        SamplingOptions(), cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, **extras
+    )
+    K = len(var.patch_nums)
+    if isinstance(sampling.temperature, list) and len(sampling.temperature) not in (1, K):
+        raise NextScaleError(
+            f"scale_temperatures has {len(sampling.temperature)} values; this generator has {K} scales"
+        )
+    return labels_B, sampling, preview
+
+
+def scale_callback(node_id, vae: MultiScaleVQVAE, patch_nums, preview: bool):
+    """The sampler's per-scale callback: an interrupt check, one progress tick and (optionally) a preview."""
+    pbar = comfy.utils.ProgressBar(len(patch_nums), node_id=node_id)
+
+    def on_scale(si: int, num_scales: int, f_hat: torch.Tensor) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        image = preview_image(vae, f_hat, patch_nums[si]) if preview else None
+        pbar.update_absolute(si + 1, num_scales, image)
+
+    return on_scale
 
 
 def preview_image(vae: MultiScaleVQVAE, f_hat_BChw: torch.Tensor, pn: int):
