@@ -42,12 +42,12 @@ def _sniff(path: str) -> str:
         return "html"
     if head.startswith(_ZIP_MAGIC):
         return "zip-pickle"
-    if head[:1] == b"\x80":
-        return "pickle"
-    if len(head) >= 9:
+    if len(head) >= 9:  # before the pickle check: a header length of 128 + 256 k also starts with 0x80
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= 100 * 1024 * 1024 and head[8:9] == b"{":
             return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
     return "unknown"
 
 
@@ -193,6 +193,19 @@ def check_state_dict(
     if misshaped:
         parts.append(f"{len(misshaped)} key(s) with the wrong shape: {_first(misshaped, 3)}")
     raise NextScaleError(f"{what} file {_describe(path)} does not match the expected layout: " + "; ".join(parts))
+
+
+def check_tensors(state_dict: Mapping[str, torch.Tensor], path: str, what: str, integer_keys: Iterable[str] = ()) -> None:
+    """Every tensor holds floating-point values (``integer_keys`` integers) and is not empty: what a damaged or
+    hand-edited file would otherwise turn into a torch error deep inside the loader."""
+    integer_keys = set(integer_keys)
+    for k, v in state_dict.items():
+        if v.numel() == 0:
+            raise NextScaleError(f"{what} file {_describe(path)}: key '{k}' is empty (shape {list(v.shape)}); expected weights")
+        want_int = k in integer_keys
+        if (v.is_floating_point() == want_int) or v.is_complex():
+            kind = "integers" if want_int else "floating-point weights"
+            raise NextScaleError(f"{what} file {_describe(path)}: key '{k}' holds {v.dtype} values; expected {kind}")
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, object] | None = None) -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import check_state_dict, read_safetensors_metadata, read_state_dict, save_safetensors
+from .checkpoint import check_state_dict, check_tensors, read_safetensors_metadata, read_state_dict, save_safetensors
 from .errors import NextScaleError
 from .identify import expect_kind
 from .quantizer import MultiScaleQuantizer
@@ -376,6 +376,7 @@ class MultiScaleVQVAE(nn.Module):
         inferred when not given). ``quantize.ema_vocab_hit_SV`` is optional and, when its K differs from the
         schedule's, replaced by the module's own (as upstream). The module is built on the meta device and
         takes the tensors over, so loading never holds two copies."""
+        check_tensors(state_dict, path, WHAT)
         cfg = config or cls.infer_config(state_dict, path)
         if patch_nums is not None:
             cfg = replace(cfg, patch_nums=_schedule(patch_nums, cfg.patch_nums))

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..kernels.attention import block_causal_mask
 from .blocks import AdaLNBeforeHead, AdaLNSelfAttn
-from .checkpoint import check_state_dict, read_safetensors_metadata, read_state_dict, save_safetensors
+from .checkpoint import check_state_dict, check_tensors, read_safetensors_metadata, read_state_dict, save_safetensors
 from .errors import NextScaleError
 from .identify import expect_kind
 from .kv_cache import KVCache
@@ -360,6 +360,7 @@ class VAR(nn.Module):
     ) -> VAR:
         """A frozen fp32 model in eval mode holding ``state_dict``, checked strictly against ``config`` (inferred
         when not given). Built on the meta device and taking the tensors over: loading never holds two copies."""
+        check_tensors(state_dict, path, WHAT, integer_keys=["lvl_1L"])
         cfg = config or cls.infer_config(state_dict, path)
         blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
         if config is not None and blocks and len(blocks) != cfg.depth:

@@ -276,3 +276,34 @@ def test_node_loaders_inside_comfyui(bad_files, tmp_path):
         except AssertionError as e:
             problems.append(f"{case.name}: {e}")
     assert not problems, "\n".join(problems)
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_loads(tmp_path):
+    """A header length of 128 + 256 k starts the file with byte 0x80, like a pickle: it must still load."""
+    var = make_var()
+    path = tmp_path / "gen.safetensors"
+    for pad in range(256):
+        save_safetensors(var.state_dict(), str(path), {"nextscale_config": var.config.to_dict(), "pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    loaded = VAR.from_file(str(path))
+    assert torch.equal(loaded.state_dict()["head.weight"], var.state_dict()["head.weight"])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda sd: sd.__setitem__("head.weight", sd["head.weight"].long()), r"'head.weight' holds torch.int64 values; expected floating"),
+        (lambda sd: sd.__setitem__("head.bias", torch.zeros(0)), r"'head.bias' is empty \(shape \[0\]\)"),
+        (lambda sd: sd.__setitem__("lvl_1L", sd["lvl_1L"].float()), r"'lvl_1L' holds torch.float32 values; expected integers"),
+    ],
+    ids=["int-weights", "empty-tensor", "float-levels"],
+)
+def test_retyped_and_empty_tensors(tmp_path, edit, message):
+    sd = dict(make_var().state_dict())
+    edit(sd)
+    path = str(tmp_path / "edited.pth")
+    torch.save(sd, path)
+    with pytest.raises(NextScaleError, match=rf"edited.pth': key {message}"):
+        VAR.from_file(path)
