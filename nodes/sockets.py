@@ -12,5 +12,9 @@ Guide = io.Custom("NEXTSCALE_GUIDE")
 Control = io.Custom("NEXTSCALE_CONTROL")
 # A KV-cache policy: anything with bind(generator, batch_size, device) -> models.kv_cache.KVPolicy.
 KVPolicy = io.Custom("NEXTSCALE_KV_POLICY")
+# A KV calibration profile (models.kv_profile.KVProfile) from NextScale KV Calibrate to NextScale KV Policy.
+KVProfile = io.Custom("NEXTSCALE_KV_PROFILE")
+# A loaded control model (CAR branch or NextScale adapter) from NextScale Load Control.
+ControlModel = io.Custom("NEXTSCALE_CONTROL_MODEL")
 
 CATEGORY = "NextScale"

@@ -1,0 +1,264 @@
+"""Control nodes: load CAR or a NextScale adapter, apply it with a control image, and torch preprocessors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import folder_paths
+
+from ..models.control import ControlStack, load_control
+from ..models.control_maps import canny_edges, map_to_image, soft_silhouette
+from ..models.errors import NextScaleError
+from ..models.imageops import image_to_model
+from .model_files import DTYPES, FOLDER, WEIGHTS_DIR, LoadedModel, resolve, resolve_dtype
+from .sockets import CATEGORY, Control, ControlModel
+from .validation import check_combos
+
+MAX_SCALES = 64
+EMBEDDED_CONTROL = "nextscale-embedded-edges"
+EMBEDDED_CONTROL_FILE = os.path.join(WEIGHTS_DIR, "nextscale_control_edges.safetensors")
+
+
+def control_choices() -> list[str]:
+    """The embedded edge adapter (when shipped) first, then every file in the model folder."""
+    embedded = [EMBEDDED_CONTROL] if os.path.isfile(EMBEDDED_CONTROL_FILE) else []
+    return embedded + [f for f in folder_paths.get_filename_list(FOLDER) if f != EMBEDDED_CONTROL]
+
+
+def load_control_model(name: str, dtype_choice: str = "auto") -> LoadedModel:
+    path = EMBEDDED_CONTROL_FILE if name == EMBEDDED_CONTROL else resolve(name, "control")
+    if not os.path.isfile(path):
+        raise NextScaleError(f"the embedded control adapter is missing from the pack: expected {path}")
+    device = mm.get_torch_device()
+    dtype = resolve_dtype(dtype_choice, device, "control")
+    module = load_control(path).to(dtype=dtype).eval().requires_grad_(False)
+    patcher = comfy.model_patcher.ModelPatcher(module, load_device=device, offload_device=mm.unet_offload_device())
+    return LoadedModel(module=module, name=name, path=path, dtype=dtype, patcher=patcher)
+
+
+@dataclass
+class ControlSpec:
+    """What a NEXTSCALE_CONTROL socket carries: device-free settings, bound per sampler run."""
+
+    model: LoadedModel
+    image_BHWC: torch.Tensor
+    strength: float
+    start_scale: int
+    end_scale: int
+    late_temperature: float
+    previous: ControlSpec | None = None
+
+    def bind(self, var, vae, batch_size: int, device):
+        module = self.model.ready()
+        control_B3HW = image_to_model(self.image_BHWC).to(next(module.parameters()).device)
+        bound = module.bind(
+            var,
+            control_B3HW,
+            batch_size=batch_size,
+            strength=self.strength,
+            start_scale=self.start_scale,
+            end_scale=self.end_scale,
+            late_temperature=self.late_temperature,
+        )
+        if self.previous is None:
+            return bound
+        before = self.previous.bind(var, vae, batch_size, device)
+        return ControlStack([*getattr(before, "controls", [before]), bound])
+
+
+class NextScaleLoadControl(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleLoadControl",
+            display_name="NextScale Load Control",
+            category=CATEGORY,
+            description="Loads a control model from models/nextscale: a CAR file (car_canny_d16.pth, car_hed_d16.pth, "
+            "car_depth_d16.pth, car_normal_d16.pth, car_sketch_d16.pth from Hugging Face MiracleDance/CAR; for "
+            "var_d16.pth only) or a NextScale control adapter trained with training/train_control.py.",
+            inputs=[
+                io.Combo.Input(
+                    "control_name",
+                    options=control_choices(),
+                    tooltip="File in ComfyUI/models/nextscale. CAR files work only with the official var_d16.pth; "
+                    "an adapter only with the generator it was trained on.",
+                ),
+                io.Combo.Input(
+                    "dtype",
+                    options=DTYPES,
+                    default="auto",
+                    tooltip="Weight precision; auto: float32 on CPU, bfloat16 (or float16) on GPU. Pick the "
+                    "generator's precision.",
+                ),
+            ],
+            outputs=[ControlModel.Output("control_model", display_name="control_model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, control_name: str, dtype: str = "auto") -> bool | str:
+        return check_combos(control_name=(control_name, control_choices()), dtype=(dtype, DTYPES))
+
+    @classmethod
+    def execute(cls, control_name: str, dtype: str = "auto") -> io.NodeOutput:
+        return io.NodeOutput(load_control_model(control_name, dtype))
+
+
+class NextScaleApplyControl(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleApplyControl",
+            display_name="NextScale Apply Control",
+            category=CATEGORY,
+            description="Pairs a control model with a control image (an edge map, HED, depth, ... from any "
+            "preprocessor) for NextScale Sampler's 'control' input. Chain several: connect one Apply Control's "
+            "output to the next one's 'control'.",
+            inputs=[
+                ControlModel.Input("control_model", tooltip="From NextScale Load Control."),
+                io.Image.Input(
+                    "image",
+                    tooltip="The control image (any size; resized per scale). One image, or one per sampled "
+                    "image. CAR expects the map its file was trained on (canny, HED, depth, normal, sketch).",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=0.0,
+                    max=2.0,
+                    step=0.05,
+                    tooltip="0 = no control (exactly the uncontrolled image), 1 = as trained. CAR: blends the "
+                    "generator's hidden state towards CAR's fused one; adapters: scales the added control.",
+                ),
+                io.Int.Input(
+                    "start_scale",
+                    default=0,
+                    min=0,
+                    max=MAX_SCALES,
+                    tooltip="First scale the control acts on, from 0 (1x1). Early scales fix the layout.",
+                ),
+                io.Int.Input(
+                    "end_scale",
+                    default=0,
+                    min=0,
+                    max=MAX_SCALES,
+                    tooltip="The control stops before this scale (0 = through the last). Stopping early leaves "
+                    "fine detail to the generator.",
+                ),
+                io.Float.Input(
+                    "late_temperature",
+                    default=1.0,
+                    min=0.05,
+                    max=2.0,
+                    step=0.05,
+                    tooltip="ECM's temperature schedule: temperature applied on the last third of the scales "
+                    "(1 = off; ECM uses 0.8). Multiplies the sampler's own temperature.",
+                ),
+                Control.Input("control", optional=True, tooltip="An earlier control to apply first (chaining)."),
+            ],
+            outputs=[Control.Output("control_out", display_name="control")],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        control_model: LoadedModel,
+        image: torch.Tensor,
+        strength: float,
+        start_scale: int,
+        end_scale: int,
+        late_temperature: float,
+        control: ControlSpec | None = None,
+    ) -> io.NodeOutput:
+        if end_scale and start_scale >= end_scale:
+            raise NextScaleError(
+                f"start_scale = {start_scale} must be below end_scale = {end_scale} (0 = through the last scale)"
+            )
+        spec = ControlSpec(control_model, image.detach().cpu().float(), float(strength), int(start_scale),
+                           int(end_scale), float(late_temperature), control)  # fmt: skip
+        return io.NodeOutput(spec)
+
+
+class NextScaleEdgePreprocessor(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleEdgePreprocessor",
+            display_name="NextScale Edge Preprocessor",
+            category=CATEGORY,
+            description="Canny-like edge map in PyTorch (no OpenCV): blur, Sobel gradients, thinning, double "
+            "threshold and hysteresis. White edges on black, for NextScale Apply Control (CAR canny, the edge "
+            "adapter).",
+            inputs=[
+                io.Image.Input("image", tooltip="Any image; the edge map has its size."),
+                io.Float.Input(
+                    "low_threshold",
+                    default=0.1,
+                    min=0.0,
+                    max=2.0,
+                    step=0.01,
+                    tooltip="Weak-edge threshold: gradient where a black-to-white step is 1 (OpenCV's 100 on "
+                    "8-bit images is about 0.1). Weak edges are kept only when connected to strong ones.",
+                ),
+                io.Float.Input(
+                    "high_threshold",
+                    default=0.2,
+                    min=0.0,
+                    max=2.0,
+                    step=0.01,
+                    tooltip="Strong-edge threshold (OpenCV's 200 is about 0.2). Higher: fewer edges.",
+                ),
+                io.Float.Input(
+                    "blur", default=1.0, min=0.0, max=8.0, step=0.1, tooltip="Gaussian blur sigma in pixels first."
+                ),
+            ],
+            outputs=[io.Image.Output("edges", display_name="edges")],
+        )
+
+    @classmethod
+    def execute(cls, image: torch.Tensor, low_threshold: float, high_threshold: float, blur: float) -> io.NodeOutput:
+        img = image_to_model(image).add(1).mul(0.5)
+        return io.NodeOutput(map_to_image(canny_edges(img, low_threshold, high_threshold, blur)).to(image.device))
+
+
+class NextScaleSilhouettePreprocessor(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleSilhouettePreprocessor",
+            display_name="NextScale Silhouette Preprocessor",
+            category=CATEGORY,
+            description="Soft silhouette of an object on a plain background: distance of each pixel's colour from "
+            "the border's median colour, softened and blurred. White object on black (IMAGE) and the same as a "
+            "MASK. For cluttered photos use a segmentation pack's mask instead.",
+            inputs=[
+                io.Image.Input("image", tooltip="An object on a fairly uniform background."),
+                io.Float.Input(
+                    "threshold",
+                    default=0.15,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Colour distance (RMS over RGB, 0..1) at which a pixel counts as half foreground.",
+                ),
+                io.Float.Input(
+                    "softness", default=0.05, min=0.001, max=1.0, step=0.005, tooltip="Width of the soft edge in colour distance."
+                ),
+                io.Float.Input("blur", default=1.0, min=0.0, max=16.0, step=0.1, tooltip="Gaussian blur sigma in pixels."),
+            ],
+            outputs=[io.Image.Output("silhouette", display_name="silhouette"), io.Mask.Output("mask", display_name="mask")],
+        )
+
+    @classmethod
+    def execute(cls, image: torch.Tensor, threshold: float, softness: float, blur: float) -> io.NodeOutput:
+        img = image_to_model(image).add(1).mul(0.5)
+        mask_B1HW = soft_silhouette(img, threshold, softness, blur)
+        return io.NodeOutput(map_to_image(mask_B1HW).to(image.device), mask_B1HW[:, 0].to(image.device))
+
+
+NODES = [NextScaleLoadControl, NextScaleApplyControl, NextScaleEdgePreprocessor, NextScaleSilhouettePreprocessor]
