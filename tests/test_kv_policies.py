@@ -239,3 +239,83 @@ def test_fidelity_ordering():
         assert psnr["scalekv", 0.25] >= psnr["recent", 0.25], psnr
         assert psnr["hack", 0.25] >= psnr["recent", 0.25], psnr
     assert all(math.isfinite(v) for v in psnr.values())
+
+
+NODE_CHECK = textwrap.dedent(
+    """
+    import os, sys
+    comfy_dir, root, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    sys.argv = [sys.argv[0], "--cpu"]
+    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    from packbootstrap import register_pack
+    register_pack(root)
+    import torch
+    import folder_paths
+    from comfy_api.latest import io
+    from nextscale.models.errors import NextScaleError
+    from nextscale.models.kv_policies import KVPolicySpec
+    from nextscale.models.kv_profile import KVProfile
+    from nextscale.nodes import FAMILIES
+    from nextscale.nodes.generator import NextScaleSampler
+    from nextscale.nodes.kv import NextScaleKVCalibrate, NextScaleKVPolicy, NextScaleKVReport
+    from test_kv_policies import make_pair
+
+    folder_paths.set_output_directory(out)
+    assert all(any(n in f.NODES for f in FAMILIES) for n in (NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport))
+    for node in (NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport):
+        schema = node.define_schema()
+        assert schema.node_id.startswith("NextScale") and schema.category == "NextScale/kv" and schema.description
+        assert all(i.tooltip for i in schema.inputs), node
+    assert NextScaleKVPolicy.define_schema().outputs[0].io_type == "NEXTSCALE_KV_POLICY"
+    assert NextScaleKVCalibrate.define_schema().outputs[0].io_type == "NEXTSCALE_KV_PROFILE"
+    assert NextScaleKVPolicy.validate_inputs("hack") is True
+    assert "not one of the choices" in NextScaleKVPolicy.validate_inputs("h2o")
+
+    class Stub:  # what a NEXTSCALE_TOKENIZER / NEXTSCALE_GENERATOR socket carries
+        def __init__(self, module):
+            self.module, self.name, self.dtype = module, "stub", torch.float32
+        def ready(self):
+            return self.module
+        @property
+        def device(self):
+            return next(self.module.parameters()).device
+
+    var, vae = make_pair()
+    profile, path = NextScaleKVCalibrate.execute(Stub(var), Stub(vae), 2, 0, 2.0, "", "my profile").result
+    assert isinstance(profile, KVProfile) and path == os.path.join(out, "nextscale_kv", "my_profile.json"), path
+    assert KVProfile.load(path) == profile
+    spec = NextScaleKVPolicy.execute("hack", 0.25, None, "nextscale_kv/my_profile.json").result[0]
+    assert isinstance(spec, KVPolicySpec) and spec.profile == profile
+    try:
+        NextScaleKVPolicy.execute("scalekv", 0.25, None, "nextscale_kv/missing.json")
+        raise AssertionError("no error")
+    except NextScaleError as e:
+        assert "does not exist" in str(e)
+    text, images = NextScaleKVReport.execute(Stub(var), Stub(vae), spec, "3", 5, 2.0, 2).result
+    assert "peak KV bytes" in text and "PSNR" in text and images.shape == (2, 12, 24, 3), (text, images.shape)
+
+    NextScaleSampler.hidden = io.HiddenHolder.from_dict({})
+    run = lambda kv: NextScaleSampler.execute(Stub(var), Stub(vae), "3", 5, 2.0, 0, 0.0, False, 2, "",
+                                              {"preview": False}, kv_policy=kv).result[0]
+    plain = run(None)
+    exact = run(NextScaleKVPolicy.execute("scalekv", 1.0, profile).result[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain.indices, exact.indices))
+    small = run(NextScaleKVPolicy.execute("scalekv", 0.1, profile).result[0])
+    assert small.extra["kv_policy"] == "scalekv"
+    print("nodes ok")
+    """
+)
+
+
+def test_nodes_in_comfyui(tmp_path):
+    """The KV nodes and the sampler's kv_policy input, called in ComfyUI's python."""
+    tb, why = find_testbed()
+    if tb is None:
+        pytest.skip(why)
+    result = subprocess.run(
+        [str(tb.python), "-c", NODE_CHECK, str(tb.comfy_dir), str(REPO_ROOT), str(tmp_path)],
+        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0 and "nodes ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

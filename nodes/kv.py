@@ -1,0 +1,178 @@
+"""KV-cache nodes: a policy for NextScale Sampler's ``kv_policy`` input, calibration, and a memory/fidelity report."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from comfy_api.latest import io
+
+import folder_paths
+
+from ..models.classes import class_index, parse_class_list
+from ..models.errors import NextScaleError
+from ..models.kv_policies import POLICIES, KVPolicySpec
+from ..models.kv_profile import KVProfile, calibrate
+from ..models.kv_report import kv_report
+from ..models.sampler import SamplingOptions
+from .generator import check_pair, generator_class_names
+from .sockets import CATEGORY, Generator, KVPolicy, Tokenizer
+from .sockets import KVProfile as KVProfileSocket
+from .validation import check_combos
+
+KV_CATEGORY = f"{CATEGORY}/kv"
+PROFILE_DIR = "nextscale_kv"
+
+
+def profile_path(name: str) -> str:
+    """A profile file named relative to ComfyUI's output folder (or absolute)."""
+    return name if os.path.isabs(name) else os.path.join(folder_paths.get_output_directory(), name)
+
+
+class NextScaleKVPolicy(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleKVPolicy",
+            display_name="NextScale KV Policy",
+            category=KV_CATEGORY,
+            description="What the sampler's KV cache keeps from one scale to the next. 'full' keeps everything "
+            "(exact). The others keep 'budget' of the sequence per layer and head: 'recent' the latest tokens and "
+            "'strided' evenly spaced ones (naive baselines); 'scalekv' moves budget to the drafter layers and keeps "
+            "the tokens the current scale attends to most; 'hack' gives structural heads a large budget (first "
+            "scales, current scale, best middle tokens) and contextual heads a small one. ScaleKV and HACK need a "
+            "profile from NextScale KV Calibrate (without one they use uniform budgets). Connect to NextScale "
+            "Sampler's 'kv_policy'.",
+            inputs=[
+                io.Combo.Input("policy", options=list(POLICIES), default="scalekv",
+                               tooltip="full: exact cache. recent / strided: baselines. scalekv / hack: "
+                               "calibrated compression (connect a profile)."),
+                io.Float.Input("budget", default=0.25, min=0.01, max=1.0, step=0.01,
+                               tooltip="Fraction of the whole token sequence each layer and head carries between "
+                               "scales (on average). 1 = exact full cache. Memory falls in proportion."),
+                KVProfileSocket.Input("profile", optional=True,
+                                      tooltip="From NextScale KV Calibrate, for scalekv and hack."),
+                io.String.Input("profile_file", default="", optional=True,
+                                tooltip="Instead of the socket: a profile JSON saved by NextScale KV Calibrate, "
+                                "relative to ComfyUI's output folder (e.g. nextscale_kv/profile.json) or absolute."),
+                io.Int.Input("drafters", default=1, min=0, max=64, optional=True,
+                             tooltip="ScaleKV: drafter layers per scale (lowest attention selectivity); they get the "
+                             "budget the refiners give up."),
+                io.Float.Input("decay", default=0.4, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="ScaleKV: refiner budget decay; at the last scale refiners keep (1 - decay) "
+                               "of the budget."),
+                io.Float.Input("contextual_fraction", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="HACK: fraction of heads treated as contextual (lowest attention variance)."),
+                io.Float.Input("contextual_ratio", default=0.25, min=0.01, max=1.0, step=0.01, optional=True,
+                               tooltip="HACK: a contextual head's budget relative to a structural head's."),
+            ],
+            outputs=[KVPolicy.Output("kv_policy", display_name="kv_policy")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, policy: str) -> bool | str:
+        return check_combos(policy=(policy, POLICIES))
+
+    @classmethod
+    def execute(
+        cls,
+        policy: str,
+        budget: float,
+        profile: KVProfile | None = None,
+        profile_file: str = "",
+        drafters: int = 1,
+        decay: float = 0.4,
+        contextual_fraction: float = 0.5,
+        contextual_ratio: float = 0.25,
+    ) -> io.NodeOutput:
+        if profile is None and profile_file.strip():
+            profile = KVProfile.load(profile_path(profile_file.strip()))
+        spec = KVPolicySpec(policy, budget, profile, drafters, decay, contextual_fraction, contextual_ratio)
+        return io.NodeOutput(spec)
+
+
+class NextScaleKVCalibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleKVCalibrate",
+            display_name="NextScale KV Calibrate",
+            category=KV_CATEGORY,
+            description="Samples a few images with the full cache and records the attention statistics ScaleKV "
+            "(drafter layers) and HACK (head types) need. Saves the profile as JSON under ComfyUI's output folder "
+            "(nextscale_kv/) and returns it for NextScale KV Policy. A few samples are enough.",
+            inputs=[
+                Generator.Input("generator", tooltip="From NextScale Load Generator."),
+                Tokenizer.Input("tokenizer", tooltip="The generator's tokenizer."),
+                io.Int.Input("samples", default=4, min=1, max=64,
+                             tooltip="Images to sample (classes 0, 1, ... unless class_list is set)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the first image."),
+                io.Float.Input("cfg", default=4.0, min=0.0, max=30.0, step=0.1, tooltip="Guidance while sampling."),
+                io.String.Input("class_list", default="", optional=True,
+                                tooltip="Optional comma-separated classes (names or indices), cycled to 'samples'."),
+                io.String.Input("filename", default="nextscale_kv_profile", optional=True,
+                                tooltip="Name of the JSON file written to output/nextscale_kv/ (empty: do not save)."),
+            ],
+            outputs=[
+                KVProfileSocket.Output("profile", display_name="profile"),
+                io.String.Output("path", display_name="path"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, generator, tokenizer, samples: int, seed: int, cfg: float, class_list: str = "",
+                filename: str = "nextscale_kv_profile") -> io.NodeOutput:  # fmt: skip
+        var, vae = generator.ready(), tokenizer.ready()
+        check_pair(var, vae, generator, tokenizer)
+        names = generator_class_names(var)
+        classes = parse_class_list(class_list, names) or list(range(min(samples, len(names))))
+        labels = [classes[i % len(classes)] for i in range(samples)]
+        profile = calibrate(var, vae, labels, seed, SamplingOptions(cfg=cfg), generator.device)
+        profile.meta["generator"] = getattr(generator, "name", "")
+        path = ""
+        if filename.strip():
+            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", filename.strip()).removesuffix(".json")
+            path = profile.save(os.path.join(folder_paths.get_output_directory(), PROFILE_DIR, stem + ".json"))
+        return io.NodeOutput(profile, path)
+
+
+class NextScaleKVReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleKVReport",
+            display_name="NextScale KV Report",
+            category=KV_CATEGORY,
+            description="Samples the same class and seed with the full cache and with a KV policy, and reports the "
+            "KV memory measured from the cache (peak and carried between scales), the token agreement per scale and "
+            "the PSNR of the decoded images. The image output shows full cache | policy side by side.",
+            inputs=[
+                Generator.Input("generator", tooltip="From NextScale Load Generator."),
+                Tokenizer.Input("tokenizer", tooltip="The generator's tokenizer."),
+                KVPolicy.Input("kv_policy", tooltip="From NextScale KV Policy."),
+                io.String.Input("class_name", default="0",
+                                tooltip="Class to sample: a name of the generator's classes or an index."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of both runs."),
+                io.Float.Input("cfg", default=4.0, min=0.0, max=30.0, step=0.1, tooltip="Guidance of both runs."),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="Images per run (seeds seed, seed + 1, ...); memory grows with it."),
+            ],
+            outputs=[io.String.Output("report", display_name="report"), io.Image.Output("images", display_name="images")],
+        )
+
+    @classmethod
+    def execute(cls, generator, tokenizer, kv_policy: KVPolicySpec, class_name: str, seed: int, cfg: float,
+                batch_size: int = 1) -> io.NodeOutput:  # fmt: skip
+        if not isinstance(kv_policy, KVPolicySpec):
+            raise NextScaleError("kv_policy must come from NextScale KV Policy")
+        var, vae = generator.ready(), tokenizer.ready()
+        check_pair(var, vae, generator, tokenizer)
+        label = class_index(class_name, generator_class_names(var))
+        labels = torch.full((batch_size,), label, dtype=torch.long)
+        report = kv_report(var, vae, labels, seed, kv_policy, SamplingOptions(cfg=cfg), generator.device)
+        images = torch.cat((report.full_images, report.images), dim=2)
+        return io.NodeOutput(report.text(), images)
+
+
+NODES = [NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport]
