@@ -1,11 +1,12 @@
 """Collaborative decoding (CoDe) against the plain sampler: time and peak memory, random weights of official sizes.
 
     python bench/bench_code.py                       # d30 drafter + d16 refiner, N = 6 7 8 9, batch 1, CPU
-    python bench/bench_code.py --draft 6 8 --batch 1 16 --runs 3 --device cuda --dtype bfloat16
+    python bench/bench_code.py --draft 6 8 --batch 16 --runs 3 --device cuda --dtype bfloat16
 
 Both generators are built once (meta device, then O(1)-scale random weights, var.md 3.7) with the official
 tokenizer's quantizer (vocabulary 4096, 32 channels, 256-px schedule). For each configuration: ``--warmup``
-untimed runs (default 1), then the median of ``--runs`` runs of sampling (transformer, guidance, top-k/top-p, next-scale inputs; no decode).
+untimed runs (default 1), then the median of ``--runs`` runs of sampling (transformer, guidance, top-k/top-p,
+next-scale inputs; no decode).
 Peak memory: on CPU the largest RSS seen by a 2 ms sampler thread during the runs minus the RSS before them
 (activations and KV caches; the weights are listed apart), on GPU the allocator peak minus the memory before.
 Not a test: numbers go to bench/RESULTS.md with the device, command and date.
