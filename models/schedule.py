@@ -85,7 +85,15 @@ def parse_schedule(text: str | Sequence[int]) -> tuple[int, ...]:
     else:
         values = tuple(int(v) for v in text)
     validate_schedule(values)
+    if values[-1] > MAX_TYPED_SIDE:  # a typo like '1,2,4096' would otherwise allocate tens of GB
+        raise NextScaleError(
+            f"schedule {text!r} ends at a {values[-1]}x{values[-1]} grid; at most {MAX_TYPED_SIDE} "
+            f"({MAX_TYPED_SIDE * 16} px with VAR's 16 px cells) is supported"
+        )
     return values
+
+
+MAX_TYPED_SIDE = 128
 
 
 def validate_schedule(patch_nums: Sequence[int], latent_side: int | None = None) -> None:

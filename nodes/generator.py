@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from comfy_api.latest import io
@@ -254,6 +255,8 @@ class NextScaleSampler(io.ComfyNode):
         control=None,
         kv_policy=None,
     ) -> io.NodeOutput:
+        if not (math.isfinite(cfg) and math.isfinite(top_p)):  # NaN passes ComfyUI's min/max check
+            raise NextScaleError(f"cfg = {cfg} and top_p = {top_p} must be finite numbers")
         var: VAR = generator.ready()
         vae: MultiScaleVQVAE = tokenizer.ready()
         check_pair(var, vae, generator, tokenizer)

@@ -307,3 +307,11 @@ def test_retyped_and_empty_tensors(tmp_path, edit, message):
     torch.save(sd, path)
     with pytest.raises(NextScaleError, match=rf"edited.pth': key {message}"):
         VAR.from_file(path)
+
+
+def test_typed_schedule_with_a_huge_last_side_is_refused():
+    from nextscale.models.schedule import parse_schedule
+
+    with pytest.raises(NextScaleError, match=r"ends at a 4096x4096 grid; at most 128"):
+        parse_schedule("1,2,4096")
+    assert parse_schedule("1,2,3,128")[-1] == 128
