@@ -6,7 +6,7 @@ import os
 import re
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 import folder_paths
 
@@ -159,6 +159,7 @@ class NextScaleKVReport(io.ComfyNode):
                              tooltip="Images per run (seeds seed, seed + 1, ...); memory grows with it."),
             ],
             outputs=[io.String.Output("report", display_name="report"), io.Image.Output("images", display_name="images")],
+            is_output_node=True,
         )
 
     @classmethod
@@ -172,7 +173,8 @@ class NextScaleKVReport(io.ComfyNode):
         labels = torch.full((batch_size,), label, dtype=torch.long)
         report = kv_report(var, vae, labels, seed, kv_policy, SamplingOptions(cfg=cfg), generator.device)
         images = torch.cat((report.full_images, report.images), dim=2)
-        return io.NodeOutput(report.text(), images)
+        text = report.text()
+        return io.NodeOutput(text, images, ui=ui.PreviewText(text))
 
 
 NODES = [NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport]
