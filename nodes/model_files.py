@@ -30,7 +30,11 @@ log = logging.getLogger("NextScale")
 FOLDER = "nextscale"
 EXTENSIONS = {".safetensors", ".pth", ".pt", ".ckpt", ".bin"}
 EMBEDDED = "nextscale-embedded"
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
+# NEXTSCALE_EMBEDDED_DIR points the embedded model at another folder holding the same three files (for
+# developing a retrained embedded model without touching the pack's weights/).
+WEIGHTS_DIR = os.environ.get("NEXTSCALE_EMBEDDED_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights"
+)
 EMBEDDED_FILES = {
     "tokenizer": os.path.join(WEIGHTS_DIR, "nextscale_tokenizer.safetensors"),
     "generator": os.path.join(WEIGHTS_DIR, "nextscale_generator.safetensors"),

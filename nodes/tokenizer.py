@@ -117,6 +117,33 @@ class NextScaleEncode(io.ComfyNode):
         return io.NodeOutput(tokens)
 
 
+def check_vocab(vae: MultiScaleVQVAE, tokens: NextScaleTokens) -> None:
+    vocab = vae.config.vocab_size
+    top = max(int(i.max()) for i in tokens.indices)
+    if top >= vocab:
+        raise NextScaleError(
+            f"these tokens use codes up to {top}, but the tokenizer's vocabulary has {vocab} codes: decode with the "
+            "tokenizer they were made with"
+        )
+
+
+def decode_tokens(tokenizer: LoadedModel, tokens: NextScaleTokens, upto: int | None) -> torch.Tensor:
+    """ComfyUI IMAGE of the tokens' first ``upto`` scales (None: all, using the tokens' own f_hat when kept)."""
+    vae: MultiScaleVQVAE = tokenizer.ready()
+    device, dtype = tokenizer.device, tokenizer.dtype
+    images = []
+    with torch.inference_mode():
+        for b in range(0, tokens.batch_size, 8):
+            mm.throw_exception_if_processing_interrupted()
+            part = tokens.select(list(range(b, min(b + 8, tokens.batch_size)))).to(device)
+            if upto is None and part.f_hat is not None:
+                f_hat = part.f_hat.to(dtype)
+            else:
+                f_hat = vae.indices_to_fhat(part.flat(), patch_nums=tokens.patch_nums, upto=upto)
+            images.append(model_to_image(vae.fhat_to_img(f_hat)).to(mm.intermediate_device()))
+    return torch.cat(images)
+
+
 class NextScaleDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -164,31 +191,46 @@ class NextScaleDecode(io.ComfyNode):
     ) -> io.NodeOutput:
         if (composite_image is None) != (composite_mask is None):
             raise NextScaleError("a composite needs both composite_image and composite_mask (or neither)")
-        vae: MultiScaleVQVAE = tokenizer.ready()
-        vocab = vae.config.vocab_size
-        if max(int(i.max()) for i in tokens.indices) >= vocab:
-            raise NextScaleError(
-                f"these tokens use codes up to {max(int(i.max()) for i in tokens.indices)}, but the tokenizer's "
-                f"vocabulary has {vocab} codes: decode with the tokenizer they were made with"
-            )
+        check_vocab(tokenizer.ready(), tokens)
         if scales > tokens.num_scales:
             raise NextScaleError(f"scales = {scales}, but these tokens have only {tokens.num_scales} scales (0 = all)")
         upto = scales if 0 < scales < tokens.num_scales else None
-        device, dtype = tokenizer.device, tokenizer.dtype
-        images = []
-        with torch.inference_mode():
-            for b in range(0, tokens.batch_size, 8):
-                mm.throw_exception_if_processing_interrupted()
-                part = tokens.select(list(range(b, min(b + 8, tokens.batch_size)))).to(device)
-                if upto is None and part.f_hat is not None:
-                    f_hat = part.f_hat.to(dtype)
-                else:
-                    f_hat = vae.indices_to_fhat(part.flat(), patch_nums=tokens.patch_nums, upto=upto)
-                images.append(model_to_image(vae.fhat_to_img(f_hat)).to(mm.intermediate_device()))
-        decoded = torch.cat(images)
+        decoded = decode_tokens(tokenizer, tokens, upto)
         if composite_image is not None:
             decoded = composite(decoded, composite_image, composite_mask)
         return io.NodeOutput(decoded)
 
 
-NODES = [NextScaleLoadTokenizer, NextScaleEncode, NextScaleDecode]
+class NextScaleDecodeScales(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleDecodeScales",
+            display_name="NextScale Decode Scales",
+            category=CATEGORY,
+            description="Decodes every prefix of the scales: for each image, the picture after scale 1, 2, ... "
+            "up to the last, to see how it forms coarse to fine. Feed NextScale Image Grid with columns = the "
+            "number of scales for one row per image.",
+            inputs=[
+                Tokenizer.Input("tokenizer", tooltip="The tokenizer the tokens were made with."),
+                Tokens.Input("tokens", tooltip="From NextScale Sampler or NextScale Encode."),
+            ],
+            outputs=[
+                io.Image.Output(
+                    "images", display_name="images",
+                    tooltip="batch x scales images, image by image: image 1 after scale 1..K, then image 2 ...",
+                ),
+                io.Int.Output("scales", display_name="scales", tooltip="The number of scales K."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, tokenizer: LoadedModel, tokens: NextScaleTokens) -> io.NodeOutput:
+        check_vocab(tokenizer.ready(), tokens)
+        K = tokens.num_scales
+        stages = [decode_tokens(tokenizer, tokens, k if k < K else None) for k in range(1, K + 1)]
+        images = torch.stack(stages, dim=1).flatten(0, 1)  # (B, K, H, W, C) -> image-major
+        return io.NodeOutput(images, K)
+
+
+NODES = [NextScaleLoadTokenizer, NextScaleEncode, NextScaleDecode, NextScaleDecodeScales]

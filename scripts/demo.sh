@@ -4,7 +4,7 @@
 #
 #   bash scripts/demo.sh [WORKFLOW] [--out DIR]
 #
-# WORKFLOW: a file in workflows/ (default: $NEXTSCALE_DEMO_WORKFLOW, else nextscale_schedule.json).
+# WORKFLOW: a file in workflows/ (default: $NEXTSCALE_DEMO_WORKFLOW, else nextscale_generate.json).
 # Outputs are copied to .testbed/demo-output/ (git-ignored) unless --out says otherwise.
 set -euo pipefail
 

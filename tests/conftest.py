@@ -12,6 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 # The end-to-end harness (tests/harness: real ComfyUI server, websocket, frontend) is imported as ``harness``.
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+# training/ (the embedded model's trainers and its measuring-stick classifier) is imported as ``training``.
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
 
 from packbootstrap import register_pack  # noqa: E402
 

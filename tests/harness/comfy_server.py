@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -70,6 +71,11 @@ def prepare_base(base_dir: Path, pack_dir: Path = REPO_ROOT, pack_name: str = PA
         settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
     for sub in ("input", "output", "temp", "models"):
         (base_dir / sub).mkdir(exist_ok=True)
+    # Images the example workflows load (LoadImage) ship in workflows/input/.
+    for image in sorted((Path(pack_dir) / "workflows" / "input").glob("*")):
+        target = base_dir / "input" / image.name
+        if image.is_file() and not target.exists():
+            shutil.copyfile(image, target)
     return base_dir
 
 

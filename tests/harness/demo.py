@@ -3,7 +3,7 @@
     python tests/harness/demo.py [WORKFLOW] [--out DIR]       (scripts/demo.sh sets up the test bed and calls this)
 
 WORKFLOW is a file in workflows/ (with or without .json) or a path; default: $NEXTSCALE_DEMO_WORKFLOW, else
-nextscale_schedule.json. The server (CPU, headless, a free loopback port, base directory .testbed/base) is started,
+nextscale_generate.json. The server (CPU, headless, a free loopback port, base directory .testbed/base) is started,
 the UI-format workflow is converted to API format with /object_info and queued, and the server is stopped.
 Images are copied to DIR (default .testbed/demo-output) and their absolute paths printed, the PNG last; text shown by
 nodes is printed and saved next to them.
@@ -26,7 +26,7 @@ from harness.comfy_server import ComfyServer, PromptRejected, ServerError
 from harness.testbed import TESTBED_DIR, WORKFLOWS_DIR, find_testbed, load_json
 from harness.workflow_api import WorkflowConversionError, ui_to_api
 
-DEFAULT_WORKFLOW = "nextscale_schedule.json"
+DEFAULT_WORKFLOW = "nextscale_generate.json"
 
 
 def resolve_workflow(name: str) -> Path:

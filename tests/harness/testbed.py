@@ -52,9 +52,13 @@ def find_testbed_python() -> str | None:
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 
 
-def example_workflows() -> list[Path]:
-    """The pack's example workflows (UI format): ``workflows/*.json``."""
-    return sorted(WORKFLOWS_DIR.glob("*.json"))
+def example_workflows(runnable_only: bool = True) -> list[Path]:
+    """The pack's example workflows (UI format): ``workflows/*.json``. ``runnable_only`` leaves out those that need
+    files a user brings (``extra.nextscale.needs_user_files``, e.g. a Stable Diffusion checkpoint)."""
+    paths = sorted(WORKFLOWS_DIR.glob("*.json"))
+    if runnable_only:
+        paths = [p for p in paths if not load_json(p).get("extra", {}).get("nextscale", {}).get("needs_user_files")]
+    return paths
 
 
 def load_json(path: Path) -> dict:

@@ -1,0 +1,349 @@
+"""The example workflows of ``workflows/``: their definitions, and the script that builds the shipped files.
+
+Each example is defined here as an API-format prompt. ``build`` turns it into the UI-format workflow the real frontend
+saves (``tests/harness/build_workflow.py``), records the pack version and a description in the workflow's
+``extra.nextscale``, runs it on a real ComfyUI and writes the template thumbnail ``workflows/<name>.jpg`` (what
+ComfyUI's template browser shows for a custom-node pack) from its first output image.
+
+    .testbed/venv/bin/python tests/harness/examples.py                 # build every example
+    .testbed/venv/bin/python tests/harness/examples.py nextscale_inpaint
+
+``tests/e2e/test_examples.py`` checks that the shipped files still convert to exactly these prompts with the current
+node schemas (so they never drift), carry the current pack version and have a thumbnail; ``tests/e2e/test_frontend.py``
+and ``tests/e2e/test_server_api.py`` run every one of them.
+
+Inputs a workflow loads from ComfyUI's ``input`` folder ship in ``workflows/input/``; the test bed copies them there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.testbed import REPO_ROOT, WORKFLOWS_DIR
+
+EMBEDDED = "nextscale-embedded"
+CLASSES = "circle, square, triangle, star, heart, cross, crescent, arrow, letter A, digit 7"
+EXAMPLE_IMAGE = "nextscale_example.png"
+INPUT_DIR = WORKFLOWS_DIR / "input"
+SD_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+
+
+def pack_version() -> str:
+    import tomllib
+
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+@dataclass
+class Example:
+    name: str
+    title: str
+    description: str
+    prompt: dict
+    # Node types whose inputs need files the user brings (e.g. a Stable Diffusion checkpoint): the workflow is
+    # validated up to those choices instead of run.
+    needs_user_files: list[str] = field(default_factory=list)
+
+
+class Graph:
+    """A tiny builder of API-format prompts: ``g.add(type, **inputs)`` returns the node id; ``g.out(id, i)`` a link."""
+
+    def __init__(self):
+        self.prompt: dict[str, dict] = {}
+
+    def add(self, class_type: str, **inputs) -> str:
+        node_id = str(len(self.prompt) + 1)
+        self.prompt[node_id] = {"class_type": class_type, "inputs": inputs}
+        return node_id
+
+    @staticmethod
+    def out(node_id: str, index: int = 0) -> list:
+        return [node_id, index]
+
+
+def _models(g: Graph) -> tuple[list, list]:
+    tok = g.add("NextScaleLoadTokenizer", tokenizer_name=EMBEDDED, dtype="auto")
+    gen = g.add("NextScaleLoadGenerator", generator_name=EMBEDDED, dtype="auto")
+    return g.out(tok), g.out(gen)
+
+
+def _sampler(g: Graph, tok, gen, class_name: str, seed: int, batch_size: int = 1, class_list: str = "", **extra):
+    return g.out(
+        g.add(
+            "NextScaleSampler", generator=gen, tokenizer=tok, class_name=class_name, seed=seed, cfg=4.0, top_k=900,
+            top_p=0.95, more_smooth=False, batch_size=batch_size, class_list=class_list, **extra,
+        )  # fmt: skip
+    )
+
+
+def _save(g: Graph, image, prefix: str, scale: float = 4.0) -> None:
+    """Save ``image`` nearest-upscaled (64 px samples are small on screen)."""
+    big = g.add("ImageScaleBy", image=image, upscale_method="nearest-exact", scale_by=scale)
+    g.add("SaveImage", images=g.out(big), filename_prefix=f"NextScale/{prefix}")
+
+
+def _side_by_side(g: Graph, *images) -> list:
+    """Images of one size as a row: a core Image Batch chain into NextScale Image Grid."""
+    batch = images[0]
+    for image in images[1:]:
+        batch = g.out(g.add("ImageBatch", image1=batch, image2=image))
+    return g.out(g.add("NextScaleImageGrid", images=batch, columns=0, padding=2, pad_value=1.0))
+
+
+def _rect_mask(g: Graph, x: int, y: int, w: int, h: int, size: int = 64) -> list:
+    """A MASK that is 1 inside the rectangle: core Solid Mask + Mask Composite."""
+    canvas = g.add("SolidMask", value=0.0, width=size, height=size)
+    box = g.add("SolidMask", value=1.0, width=w, height=h)
+    return g.out(g.add("MaskComposite", destination=g.out(canvas), source=g.out(box), x=x, y=y, operation="add"))
+
+
+def generate() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    tokens = _sampler(g, tok, gen, "circle", seed=0, batch_size=4, class_list=CLASSES)
+    image = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0))
+    sheet = g.out(g.add("NextScaleImageGrid", images=image, columns=4, padding=2, pad_value=1.0))
+    _save(g, sheet, "generate", scale=2.0)
+    return Example(
+        "nextscale_generate", "NextScale: class-conditional generation",
+        "Four samples of each of the embedded model's ten classes (one row per class), as one sheet.", g.prompt,
+    )
+
+
+def per_scale() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    tokens = _sampler(g, tok, gen, "star", seed=3, batch_size=2)
+    stages = g.add("NextScaleDecodeScales", tokenizer=tok, tokens=tokens)
+    grid = g.add("NextScaleImageGrid", images=g.out(stages, 0), columns=g.out(stages, 1), padding=2, pad_value=1.0)
+    _save(g, g.out(grid), "per_scale")
+    return Example(
+        "nextscale_per_scale", "NextScale: per-scale inspection",
+        "How two images form coarse to fine: each row shows one image after scale 1, 2, ... to the last.", g.prompt,
+    )
+
+
+def inpaint() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    source_tokens = _sampler(g, tok, gen, "heart", seed=5)
+    source = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=source_tokens, scales=0))
+    mask = _rect_mask(g, 32, 0, 32, 64)
+    guide = g.add("NextScaleInpaintGuide", tokens=source_tokens, mask=mask, invert=False, mode="tokens",
+                  start_scale=0, end_scale=0)  # fmt: skip
+    tokens = _sampler(g, tok, gen, "heart", seed=6, batch_size=3, guide=g.out(guide))
+    result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=source,
+                         composite_mask=mask))  # fmt: skip
+    _save(g, _side_by_side(g, source, result), "inpaint")
+    return Example(
+        "nextscale_inpaint", "NextScale: inpaint",
+        "Regenerates the right half of a heart three times; the left half is kept (token forcing at every scale, "
+        "pixel composite on decode). First image: the source.", g.prompt,
+    )
+
+
+def outpaint() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    source_tokens = _sampler(g, tok, gen, "arrow", seed=2)
+    source = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=source_tokens, scales=0))
+    shrunk = g.out(g.add("ImageScale", image=source, upscale_method="area", width=32, height=32, crop="disabled"))
+    # the frontend rounds these widgets to multiples of 8
+    padded = g.add("ImagePadForOutpaint", image=shrunk, left=16, top=16, right=16, bottom=16, feathering=0)
+    encoded = g.add("NextScaleEncode", tokenizer=tok, image=g.out(padded, 0), resize="stretch", schedule="")
+    guide = g.add("NextScaleInpaintGuide", tokens=g.out(encoded), mask=g.out(padded, 1), invert=False,
+                  mode="tokens", start_scale=0, end_scale=0)  # fmt: skip
+    tokens = _sampler(g, tok, gen, "arrow", seed=9, batch_size=3, guide=g.out(guide))
+    result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=g.out(padded, 0),
+                         composite_mask=g.out(padded, 1)))  # fmt: skip
+    _save(g, _side_by_side(g, g.out(padded, 0), result), "outpaint")
+    return Example(
+        "nextscale_outpaint", "NextScale: outpaint",
+        "Shrinks an image, pads it with core Pad Image for Outpainting and lets the model fill the border "
+        "(three seeds). First image: the padded input.", g.prompt,
+    )
+
+
+def class_edit() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    source_tokens = _sampler(g, tok, gen, "square", seed=4)
+    source = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=source_tokens, scales=0))
+    mask = _rect_mask(g, 8, 8, 48, 48)
+    guide = g.add("NextScaleInpaintGuide", tokens=source_tokens, mask=mask, invert=False, mode="tokens",
+                  start_scale=0, end_scale=0)  # fmt: skip
+    tokens = _sampler(g, tok, gen, "square", seed=7, batch_size=1, class_list="circle, star, heart",
+                      guide=g.out(guide))  # fmt: skip
+    result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=source,
+                         composite_mask=mask))  # fmt: skip
+    _save(g, _side_by_side(g, source, result), "class_edit")
+    return Example(
+        "nextscale_class_edit", "NextScale: class edit",
+        "Keeps the border of a square's image and regenerates its middle as a circle, a star and a heart "
+        "(inpainting with another class label). First image: the source.", g.prompt,
+    )
+
+
+def img2img() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    source_tokens = _sampler(g, tok, gen, "crescent", seed=8)
+    source = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=source_tokens, scales=0))
+    guide = g.add("NextScaleImageToImageGuide", tokens=source_tokens, strength=3)
+    tokens = _sampler(g, tok, gen, "crescent", seed=20, batch_size=3, guide=g.out(guide))
+    result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0))
+    _save(g, _side_by_side(g, source, result), "img2img")
+    return Example(
+        "nextscale_img2img", "NextScale: image to image",
+        "Variations that keep the first three scales (layout and colours) of a source image and sample the rest. "
+        "First image: the source.", g.prompt,
+    )
+
+
+def image_inpaint() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    loaded = g.add("LoadImage", image=EXAMPLE_IMAGE)
+    encoded = g.add("NextScaleEncode", tokenizer=tok, image=g.out(loaded, 0), resize="center crop", schedule="")
+    guide = g.add("NextScaleInpaintGuide", tokens=g.out(encoded), mask=g.out(loaded, 1), invert=False,
+                  mode="tokens", start_scale=0, end_scale=0)  # fmt: skip
+    tokens = _sampler(g, tok, gen, "star", seed=11, batch_size=3, guide=g.out(guide))
+    result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=g.out(loaded, 0),
+                         composite_mask=g.out(loaded, 1)))  # fmt: skip
+    _save(g, _side_by_side(g, g.out(loaded, 0), result), "image_inpaint")
+    return Example(
+        "nextscale_image_inpaint", "NextScale: inpaint an image from any source",
+        f"Loads an image whose transparent area is the mask (here {EXAMPLE_IMAGE} from workflows/input; any image "
+        "works, e.g. one from a diffusion workflow, with a mask painted in the mask editor) and inpaints it.",
+        g.prompt,
+    )
+
+
+def sd_refine() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    tokens = _sampler(g, tok, gen, "heart", seed=1)
+    image = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0))
+    up = g.add("ImageScale", image=image, upscale_method="bicubic", width=512, height=512, crop="disabled")
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD_CHECKPOINT)
+    pos = g.add("CLIPTextEncode", text="a glossy red heart sticker, studio light, detailed", clip=g.out(ckpt, 1))
+    neg = g.add("CLIPTextEncode", text="blurry, low quality", clip=g.out(ckpt, 1))
+    latent = g.add("VAEEncode", pixels=g.out(up), vae=g.out(ckpt, 2))
+    refined = g.add(
+        "KSampler", model=g.out(ckpt, 0), seed=0, steps=20, cfg=6.0, sampler_name="euler", scheduler="normal",
+        positive=g.out(pos), negative=g.out(neg), latent_image=g.out(latent), denoise=0.3,
+    )  # fmt: skip
+    decoded = g.add("VAEDecode", samples=g.out(refined), vae=g.out(ckpt, 2))
+    g.add("SaveImage", images=g.out(decoded), filename_prefix="NextScale/sd_refine")
+    return Example(
+        "nextscale_sd_refine", "NextScale: refine with Stable Diffusion",
+        f"A NextScale image upscaled to 512 px and refined by a diffusion model at low denoise (0.3). Needs your own "
+        f"SD 1.5 checkpoint in models/checkpoints (the workflow names {SD_CHECKPOINT}).",
+        g.prompt, needs_user_files=["CheckpointLoaderSimple"],
+    )
+
+
+EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), class_edit(), img2img(),
+                                 image_inpaint(), sd_refine())}  # fmt: skip
+
+
+def example_image_bytes() -> bytes:
+    """``workflows/input/nextscale_example.png``: a held-out image of the embedded model's data (a star) whose
+    right third is transparent (LoadImage's MASK = 1 there)."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from training import data
+
+    index = next(i for i in range(100) if data.render(0, "heldout", i)[1] == data.CLASS_NAMES.index("star"))
+    rgb, _ = data.render(0, "heldout", index)
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[:, 40:] = 0
+    buf = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def thumbnail_bytes(png: Path, side: int = 256) -> bytes:
+    from PIL import Image
+
+    with Image.open(png) as im:
+        im = im.convert("RGB")
+        im.thumbnail((side, side), Image.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=88)
+    return buf.getvalue()
+
+
+def annotate(workflow: dict, example: Example) -> dict:
+    meta = {"pack": "comfyui-nextscale", "version": pack_version(), "title": example.title,
+            "description": example.description}  # fmt: skip
+    if example.needs_user_files:
+        meta["needs_user_files"] = example.needs_user_files
+    workflow.setdefault("extra", {})["nextscale"] = meta
+    return workflow
+
+
+def build(names: list[str]) -> int:
+    from harness.build_workflow import build as build_ui
+    from harness.comfy_server import ComfyServer
+    from harness.testbed import find_testbed
+    from harness.workflow_api import ui_to_api
+
+    testbed, why = find_testbed()
+    if testbed is None:
+        raise SystemExit(why)
+    INPUT_DIR.mkdir(parents=True, exist_ok=True)
+    (INPUT_DIR / EXAMPLE_IMAGE).write_bytes(example_image_bytes())
+    with tempfile.TemporaryDirectory() as base:
+        server = ComfyServer(testbed, Path(base))
+        server.start()
+        try:
+            for name in names:
+                example = EXAMPLES[name]
+                workflow = annotate(build_ui(example.prompt, server), example)
+                path = WORKFLOWS_DIR / f"{name}.json"
+                path.write_text(json.dumps(workflow, indent=1) + "\n")
+                print(f"[examples] wrote {path}")
+                if example.needs_user_files:
+                    continue
+                entry = server.run_prompt(ui_to_api(workflow, server.object_info()), timeout=900)
+                if server.status_of(entry) != "success":
+                    raise SystemExit(f"{name} failed: {json.dumps(server.error_messages(entry), indent=1)}")
+                image = server.output_images(entry)[0]
+                (WORKFLOWS_DIR / f"{name}.jpg").write_bytes(thumbnail_bytes(image))
+                print(f"[examples] ran {name}; thumbnail {name}.jpg")
+            sheet = WORKFLOWS_DIR / "nextscale_generate.jpg"
+            for name in names:  # workflows that cannot run here show the class-conditional sheet
+                if EXAMPLES[name].needs_user_files:
+                    (WORKFLOWS_DIR / f"{name}.jpg").write_bytes(sheet.read_bytes())
+        finally:
+            server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help=f"examples to build (default: all): {', '.join(EXAMPLES)}")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in EXAMPLES]
+    if unknown:
+        raise SystemExit(f"unknown example(s) {unknown}; known: {', '.join(EXAMPLES)}")
+    names = args.names or list(EXAMPLES)
+    if any(EXAMPLES[n].needs_user_files for n in names) and not (WORKFLOWS_DIR / "nextscale_generate.jpg").is_file():
+        names = ["nextscale_generate", *names]  # its thumbnail is the one of the workflows that cannot run here
+    return build(names)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
