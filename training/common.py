@@ -1,0 +1,302 @@
+"""Utilities shared by every trainer: device, batches, LR schedule, EMA, checkpoints, logging, progress.
+
+Checkpoints (``<run>/last.pt``) hold plain state dicts, numbers and strings only, so they load with
+``torch.load(weights_only=True)``. Batches are a pure function of ``(seed, step)`` (one permutation
+per epoch), so a resumed run sees exactly the batches an uninterrupted run would have seen.
+Exported weights are safetensors whose metadata key ``nextscale_config`` holds the model's JSON config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+
+CONFIG_KEY = "nextscale_config"
+
+
+def repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def import_pack():
+    """Register the repository as the package ``nextscale`` (see scripts/packbootstrap.py) and return it."""
+    scripts = os.path.join(repo_root(), "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    from packbootstrap import register_pack
+
+    return register_pack()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else MPS, else CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def set_threads(n: int) -> None:
+    if n and n > 0:
+        torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+
+class StepBatches:
+    """Deterministic batches over an in-memory dataset: batch ``step`` is a pure function of (seed, step).
+
+    ``tensors`` are indexed together along dim 0 (e.g. images and labels). Epoch ``e`` visits the items in
+    ``randperm(N, seed + e)`` order; a batch may straddle two epochs.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int = 0):
+        self.tensors = tensors
+        self.n = int(tensors[0].shape[0])
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self._perm_epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm
+
+    def indices(self, step: int) -> torch.Tensor:
+        start = step * self.batch_size
+        out = []
+        while len(out) < self.batch_size:
+            epoch, pos = divmod(start + len(out), self.n)
+            take = min(self.batch_size - len(out), self.n - pos)
+            out.extend(self._order(epoch)[pos:pos + take].tolist())
+        return torch.tensor(out, dtype=torch.long)
+
+    def batch(self, step: int, device=None) -> tuple[torch.Tensor, ...]:
+        idx = self.indices(step)
+        return tuple(t[idx].to(device) if device is not None else t[idx] for t in self.tensors)
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.batch_size / self.n
+
+
+# ---------------------------------------------------------------------------------------------
+# optimisation
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 0, min_ratio: float = 0.1) -> float:
+    """Linear warm-up to ``base`` over ``warmup`` steps, then cosine down to ``base * min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.05, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases, norms, embeddings of size < 2-D and gains."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith("bias") or "scale_mul" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: Optional[int] = None) -> None:
+        d = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.decay = float(state["decay"])
+        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        sd = model.state_dict()
+        sd.update({k: v.to(sd[k].dtype) for k, v in self.shadow.items()})
+        model.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints and exports
+
+
+def save_checkpoint(path: str, state: Mapping[str, Any]) -> None:
+    """Atomic ``torch.save`` (write to a temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(dict(state), tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def resume_path(run_dir: str, resume: str | None) -> Optional[str]:
+    """``--resume auto``: ``<run>/last.pt`` when it exists; a path: that file; ``none``/None: no resume."""
+    if not resume or resume == "none":
+        return None
+    if resume == "auto":
+        p = os.path.join(run_dir, "last.pt")
+        return p if os.path.exists(p) else None
+    if not os.path.exists(resume):
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    return resume
+
+
+def export_safetensors(path: str, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                       dtype: Optional[torch.dtype] = None) -> int:
+    """Write ``state_dict`` as safetensors with ``config`` as JSON under metadata ``nextscale_config``.
+
+    Returns the file size in bytes. ``dtype`` casts floating-point tensors (e.g. fp16 to halve the size).
+    """
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for k, v in state_dict.items():
+        v = v.detach().cpu()
+        if dtype is not None and v.dtype.is_floating_point:
+            v = v.to(dtype)
+        tensors[k] = v.contiguous()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(tensors, path, metadata={CONFIG_KEY: json.dumps(dict(config), sort_keys=True)})
+    return os.path.getsize(path)
+
+
+def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(state_dict, config)`` of a file written by :func:`export_safetensors`."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    return sd, json.loads(meta.get(CONFIG_KEY, "{}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# logging and progress
+
+
+class RunLog:
+    """Prints one line per record and appends it as JSON to ``<run>/log.jsonl``."""
+
+    def __init__(self, run_dir: str, quiet: bool = False):
+        self.run_dir = run_dir
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "log.jsonl")
+        self.quiet = quiet
+        self.t0 = time.time()
+
+    def log(self, kind: str, **fields) -> None:
+        rec = {"kind": kind, "time": round(time.time() - self.t0, 2), **fields}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if not self.quiet:
+            shown = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+            Progress.clear_line()
+            print(f"[{kind}] {shown}", flush=True)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class Progress:
+    """Minimal progress bar (no dependency): ``step/total``, rate, ETA and a few figures, on stderr.
+
+    On a terminal it redraws one line; otherwise it prints a line every ``every`` percent.
+    """
+
+    _active_tty = False
+
+    def __init__(self, total: int, start: int = 0, desc: str = "", every: float = 5.0, enabled: bool = True):
+        self.total, self.n, self.desc = int(total), int(start), desc
+        self.start_n, self.t0 = int(start), time.time()
+        self.tty = sys.stderr.isatty()
+        self.every, self.last_pct = every, -1e9
+        self.enabled = enabled
+        self.fields: dict = {}
+
+    @classmethod
+    def clear_line(cls):
+        if cls._active_tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def update(self, n: int = 1, **fields) -> None:
+        self.n += n
+        self.fields.update(fields)
+        if not self.enabled:
+            return
+        pct = 100.0 * self.n / max(1, self.total)
+        if not self.tty and pct - self.last_pct < self.every and self.n < self.total:
+            return
+        self.last_pct = pct
+        el = time.time() - self.t0
+        rate = (self.n - self.start_n) / max(el, 1e-9)
+        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+        width = 24
+        fill = int(width * self.n / max(1, self.total))
+        bar = "#" * fill + "-" * (width - fill)
+        extra = " ".join(f"{k}={_fmt(v)}" for k, v in self.fields.items())
+        line = (f"{self.desc} [{bar}] {self.n}/{self.total} {rate:.2f}it/s "
+                f"elapsed {_hms(el)} eta {_hms(eta)} {extra}")
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+            Progress._active_tty = True
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+        Progress._active_tty = False
+
+
+def _hms(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:d}:{s % 60:02d}"
+
+
+def timer_iter(it, total: int) -> Iterator:
+    """Wrap an iterable with a :class:`Progress` bar."""
+    bar = Progress(total)
+    for x in it:
+        yield x
+        bar.update()
+    bar.close()

@@ -1,0 +1,302 @@
+"""Train a class-conditional VAR generator on the token pyramids of a trained tokenizer.
+
+Teacher forcing: the images are encoded once into per-scale indices (cached in the run folder); each step
+builds the transformer input with ``quantize.teacher_forcing_input`` and minimises the cross-entropy of
+all ``L`` tokens. Labels are replaced by the null class (``num_classes``) with probability
+``--label-drop`` so that classifier-free guidance works. AdamW with linear warm-up and cosine decay; an
+EMA of the weights is kept and exported.
+
+Examples (from the repository root)::
+
+    python3 -m training.train_generator --tokenizer weights/nextscale_tokenizer.safetensors \\
+        --run-dir runs/generator --steps 4000 --out weights/nextscale_generator.safetensors
+    python3 -m training.train_generator --tokenizer my_tok.safetensors --data path/to/folders --run-dir runs/my_gen
+
+Resuming is automatic (``--resume auto`` reads ``<run-dir>/last.pt``); passing a larger ``--steps`` continues
+a finished run (the cosine schedule is stretched to the new total).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a file
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+
+from training import common, data
+
+common.import_pack()
+from nextscale.models.schedule import scale_slices  # noqa: E402
+from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
+from nextscale.models.var import VAR, VARConfig  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Train NextScale's class-conditional VAR generator")
+    ap.add_argument("--tokenizer", required=True, help="trained tokenizer (.safetensors)")
+    ap.add_argument("--data", default="synthetic", help="'synthetic' or a folder of class subfolders")
+    ap.add_argument("--resolution", type=int, default=data.DEFAULT_RESOLUTION)
+    ap.add_argument("--train-count", type=int, default=20000)
+    ap.add_argument("--heldout-count", type=int, default=2000)
+    ap.add_argument("--use-count", type=int, default=0,
+                    help="train on the first N images only (0: all); encoding the set once costs time on a CPU")
+    ap.add_argument("--cache-dir", default=os.path.join(common.repo_root(), "data"))
+    # architecture
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--embed-dim", type=int, default=256)
+    ap.add_argument("--num-heads", type=int, default=4)
+    ap.add_argument("--mlp-ratio", type=float, default=4.0)
+    # optimisation
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.05)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--label-drop", type=float, default=0.1, help="probability of the null class (for CFG)")
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--ema", type=float, default=0.998, help="EMA decay of the exported weights (0: off)")
+    ap.add_argument("--seed", type=int, default=0)
+    # bookkeeping
+    ap.add_argument("--run-dir", default=os.path.join(common.repo_root(), "runs", "generator"))
+    ap.add_argument("--resume", default="auto", help="'auto' (<run-dir>/last.pt), a checkpoint path, or 'none'")
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-count", type=int, default=500, help="held-out images for the teacher-forced loss")
+    ap.add_argument("--out", default=None, help="export the final (EMA) model here (safetensors)")
+    ap.add_argument("--export-dtype", default="float16", choices=("float32", "float16"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--stop-after", type=int, default=0, help="stop (as if interrupted) after this step; for tests")
+    return ap
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+@torch.no_grad()
+def encode_indices(tokenizer: MultiScaleVQVAE, images_uint8, batch_size: int = 100, device="cpu",
+                   desc: str = "encode", progress: bool = True) -> torch.Tensor:
+    """All images' per-scale indices concatenated: int16/int64 ``(N, L)`` (scale by scale, row-major)."""
+    out = []
+    bar = common.Progress(len(images_uint8), desc=desc, enabled=progress)
+    for i in range(0, len(images_uint8), batch_size):
+        x = data.to_tensor(images_uint8[i:i + batch_size]).to(device)
+        idx = tokenizer.img_to_indices(x)
+        out.append(torch.cat(idx, dim=1).cpu())
+        bar.update(len(x))
+    bar.close()
+    dtype = torch.int16 if tokenizer.config.vocab_size <= 32767 else torch.int64
+    return torch.cat(out).to(dtype)
+
+
+def cached_indices(tokenizer, tokenizer_path, images_uint8, run_dir, tag, device, progress=True) -> torch.Tensor:
+    """:func:`encode_indices`, cached as ``<run>/tokens_<tag>_<tokenizer digest>_<N>.pt``."""
+    path = os.path.join(run_dir, f"tokens_{tag}_{file_digest(tokenizer_path)}_{len(images_uint8)}.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    idx = encode_indices(tokenizer, images_uint8, device=device, desc=f"encode {tag}", progress=progress)
+    common.save_checkpoint(path, {"indices": idx})
+    return idx
+
+
+def _load_indices(obj):
+    return obj["indices"] if isinstance(obj, dict) else obj
+
+
+def split_scales(idx_BL: torch.Tensor, patch_nums) -> list[torch.Tensor]:
+    return [idx_BL[:, s].long() for s in scale_slices(patch_nums)]
+
+
+def teacher_forced_loss(var: VAR, tokenizer: MultiScaleVQVAE, idx_BL: torch.Tensor, labels_B: torch.Tensor,
+                        label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean cross-entropy over all L tokens, logits)`` for ground-truth indices ``(B, L)``."""
+    pn = var.patch_nums
+    with torch.no_grad():
+        x_BLCv = tokenizer.quantize.teacher_forcing_input(split_scales(idx_BL, pn), pn)
+    logits_BLV = var.forward_teacher(labels_B, x_BLCv)
+    loss = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), idx_BL.reshape(-1).long(),
+                           label_smoothing=label_smoothing)
+    return loss, logits_BLV
+
+
+@torch.no_grad()
+def evaluate_teacher(var: VAR, tokenizer, idx_NL: torch.Tensor, labels_N: torch.Tensor, batch_size: int = 100,
+                     device="cpu") -> dict:
+    """Held-out teacher-forced cross-entropy and top-1 token accuracy, overall and per scale."""
+    was = var.training
+    var.eval()
+    K = len(var.patch_nums)
+    slices = scale_slices(var.patch_nums)
+    ce_sum = torch.zeros(K, dtype=torch.float64)
+    acc_sum = torch.zeros(K, dtype=torch.float64)
+    n = 0
+    for i in range(0, len(idx_NL), batch_size):
+        idx = idx_NL[i:i + batch_size].to(device).long()
+        lab = labels_N[i:i + batch_size].to(device)
+        _, logits = teacher_forced_loss(var, tokenizer, idx, lab)
+        ce = F.cross_entropy(logits.transpose(1, 2), idx, reduction="none")  # (B, L)
+        hit = (logits.argmax(-1) == idx).double()
+        for si, s in enumerate(slices):
+            ce_sum[si] += ce[:, s].double().mean(1).sum().cpu()
+            acc_sum[si] += hit[:, s].mean(1).sum().cpu()
+        n += len(idx)
+    var.train(was)
+    L = idx_NL.shape[1]
+    weights = torch.tensor([s.stop - s.start for s in slices], dtype=torch.float64) / L
+    return {
+        "heldout_ce": float((ce_sum / n * weights).sum()),
+        "heldout_token_acc": float((acc_sum / n * weights).sum()),
+        "ce_per_scale": [round(float(v), 3) for v in ce_sum / n],
+        "acc_per_scale": [round(float(v), 3) for v in acc_sum / n],
+    }
+
+
+def train(args) -> dict:
+    common.set_threads(args.threads)
+    device = common.pick_device(args.device)
+    log = common.RunLog(args.run_dir)
+    torch.manual_seed(args.seed)
+    tokenizer = MultiScaleVQVAE.from_file(args.tokenizer).to(device)
+    tcfg = tokenizer.config
+    if tcfg.image_size != args.resolution:
+        raise SystemExit(f"the tokenizer works on {tcfg.image_size} px images but --resolution is {args.resolution}")
+    train_ds, held_ds = data.load_datasets(args.data, args.resolution, args.seed, args.train_count,
+                                           args.heldout_count, args.cache_dir)
+    if args.use_count and args.use_count < len(train_ds):
+        train_ds = data.ArrayDataset(train_ds.images[: args.use_count], train_ds.labels[: args.use_count],
+                                     train_ds.class_names)
+    cfg = VARConfig(depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads,
+                    num_classes=len(train_ds.class_names), vocab_size=tcfg.vocab_size, cvae=tcfg.z_channels,
+                    patch_nums=tcfg.patch_nums, mlp_ratio=args.mlp_ratio, class_names=tuple(train_ds.class_names))
+    var = VAR(cfg).to(device).train().requires_grad_(True)
+    opt = common.adamw(var, args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    ema = common.EMA(var, args.ema) if args.ema > 0 else None
+    gen = torch.Generator().manual_seed(args.seed + 11)
+    step = 0
+    ckpt_path = common.resume_path(args.run_dir, args.resume)
+    if ckpt_path:
+        ck = common.load_checkpoint(ckpt_path)
+        if ck["config"] != cfg.to_dict():
+            raise SystemExit(f"{ckpt_path} was trained with another architecture ({ck['config']}); "
+                             f"use the same arguments or another --run-dir")
+        var.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        step = int(ck["step"])
+        gen.set_state(ck["gen_state"])
+        log.log("resume", path=ckpt_path, step=step)
+    n_params = sum(p.numel() for p in var.parameters())
+    log.log("start", device=str(device), params=n_params, config=cfg.to_dict(), args=vars(args),
+            train=len(train_ds), heldout=len(held_ds), tokens=cfg.num_tokens)
+
+    os.makedirs(args.run_dir, exist_ok=True)
+    progress = not args.no_progress
+    idx_train = _load_indices(cached_indices(tokenizer, args.tokenizer, train_ds.images, args.run_dir, "train",
+                                             device, progress))
+    held_imgs = held_ds.images[: args.eval_count]
+    idx_held = _load_indices(cached_indices(tokenizer, args.tokenizer, held_imgs, args.run_dir, "heldout", device,
+                                            progress))
+    lab_train = torch.from_numpy(train_ds.labels)
+    lab_held = torch.from_numpy(held_ds.labels[: args.eval_count])
+    batches = common.StepBatches((idx_train, lab_train), args.batch_size, args.seed)
+
+    def save(path):
+        common.save_checkpoint(path, {"model": var.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                      "config": cfg.to_dict(), "ema": ema.state_dict() if ema else None,
+                                      "gen_state": gen.get_state(), "tokenizer": os.path.abspath(args.tokenizer),
+                                      "args": json.dumps(vars(args))})
+
+    bar = common.Progress(args.steps, start=step, desc="generator", enabled=progress)
+    t0 = time.time()
+    metrics = {}
+    while step < args.steps:
+        if args.stop_after and step >= args.stop_after:
+            save(os.path.join(args.run_dir, "last.pt"))
+            return {"step": step, "stopped": True}
+        common.set_lr(opt, common.lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_ratio))
+        idx, lab = batches.batch(step, device)
+        drop = torch.rand(lab.shape, generator=gen).to(device) < args.label_drop
+        lab = torch.where(drop, torch.full_like(lab, cfg.num_classes), lab)
+        loss, logits = teacher_forced_loss(var, tokenizer, idx, lab, args.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
+        opt.step()
+        if ema is not None:
+            ema.update(var, step)
+        step += 1
+        bar.update(loss=loss.item())
+        if step % 50 == 0 or step == args.steps or step == 1:
+            acc = float((logits.detach().argmax(-1) == idx.long()).float().mean())
+            log.log("train", step=step, loss=loss.item(), token_acc=acc, grad_norm=float(gnorm),
+                    lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics = evaluate_teacher(ema_model(var, ema, cfg, device) if ema else var, tokenizer, idx_held,
+                                       lab_held, device=device)
+            log.log("eval", step=step, **metrics)
+            save(os.path.join(args.run_dir, "last.pt"))
+        elif step % args.save_every == 0:
+            save(os.path.join(args.run_dir, "last.pt"))
+    bar.close()
+    save(os.path.join(args.run_dir, "last.pt"))
+    if args.out:
+        export(ema_model(var, ema, cfg, device) if ema else var, args.out, args.export_dtype)
+        log.log("export", out=args.out, bytes=os.path.getsize(args.out))
+    return {"step": step, **metrics}
+
+
+def ema_model(var: VAR, ema: common.EMA, cfg: VARConfig, device) -> VAR:
+    """A copy of ``var`` holding the EMA weights (eval mode)."""
+    m = VAR(cfg).to(device)
+    m.load_state_dict(var.state_dict())
+    ema.copy_to(m)
+    return m.eval()
+
+
+def export(var: VAR, path: str, dtype: str = "float16") -> None:
+    """Safetensors with the VAR config (class names included) under ``nextscale_config``; the rebuilt buffers
+    (``lvl_1L``, the mask, ``zero_k_bias``) are left out, the loader rebuilds them."""
+    skip = set(VAR.rebuilt_buffers(var.config))
+    sd = {k: v for k, v in var.state_dict().items() if k not in skip}
+    if dtype == "float16":
+        sd = {k: (v.half() if v.dtype.is_floating_point else v) for k, v in sd.items()}
+    common.export_safetensors(path, sd, var.config.to_dict())
+
+
+def load_run_model(run_dir: str, use_ema: bool = True) -> VAR:
+    """The (EMA) model of ``<run_dir>/last.pt``, for evaluation of a run in progress."""
+    ck = common.load_checkpoint(os.path.join(run_dir, "last.pt"))
+    cfg = VARConfig.from_dict(ck["config"])
+    var = VAR(cfg)
+    var.load_state_dict(ck["model"])
+    if use_ema and ck.get("ema"):
+        ema = common.EMA(var)
+        ema.load_state_dict(ck["ema"])
+        ema.copy_to(var)
+    return var.eval().requires_grad_(False)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    out = train(args)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
