@@ -163,6 +163,12 @@ class BudgetPolicy(KVPolicy):
         """Tokens each head of ``layer`` may carry after scale ``si``."""
         return [self.budget] * self.num_heads
 
+    def budgets_after(self, layer: int, si: int) -> list[int]:
+        """What each head keeps after scale ``si``: its budget, except after the last scale, whose cache is never
+        carried anywhere (the previous scale's budget, so that the last scale sets no buffer size)."""
+        last = len(self.patch_nums) - 1
+        return self.head_budgets(layer, si - 1 if si == last and si > 0 else si)
+
     def priority(self, kv: LayerKV, si: int, q_BHlc: torch.Tensor, pos_BHS: torch.Tensor) -> torch.Tensor:
         """``(rows, H, S)`` scores; each head keeps its highest (invalid slots are masked out by the caller)."""
         raise NotImplementedError
@@ -172,7 +178,7 @@ class BudgetPolicy(KVPolicy):
         kept = [0] * self.num_heads
         cap = 1
         for si, pn in enumerate(self.patch_nums):
-            kept = [min(k + pn * pn, b) for k, b in zip(kept, self.head_budgets(layer, si))]
+            kept = [min(k + pn * pn, b) for k, b in zip(kept, self.budgets_after(layer, si))]
             cap = max(cap, max(kept))
         largest = max(pn * pn for pn in self.patch_nums)
         if self.num_layers * cap + cap + largest >= self.num_layers * num_tokens:
@@ -186,7 +192,7 @@ class BudgetPolicy(KVPolicy):
         old = self._pos.get(kv.layer) if si > 0 else None
         pos_BHS = new_pos_BHl if old is None else torch.cat((old, new_pos_BHl), dim=2)
         before_BH = kv.valid_counts()
-        budget_H = torch.tensor(self.head_budgets(kv.layer, si), dtype=torch.long)
+        budget_H = torch.tensor(self.budgets_after(kv.layer, si), dtype=torch.long)
         keep_BH = torch.minimum(before_BH, budget_H)
         self.observe(kv, si, q_BHlc, pos_BHS)
         if kv._work_k is None and bool((before_BH <= budget_H).all()):

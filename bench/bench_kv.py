@@ -1,0 +1,150 @@
+"""KV-cache policies: memory kept and fidelity against the full cache, per policy and budget.
+
+Two parts:
+
+1. ``--part memory``: the KV cache of d16/d30/d36-size configs (256 px / 512 px schedules, fp16 keys and values,
+   CFG rows) driven by synthetic keys and queries through the real :class:`~nextscale.models.kv_cache.KVCache` and
+   the policies' ``after_attention`` (the transformer itself is skipped; the cache does not depend on it). Peak
+   bytes (buffers plus working copy) and the bytes carried between scales, measured from the cache. ScaleKV and HACK
+   use a random profile of the right shape (memory depends on the budgets only).
+2. ``--part fidelity``: a d16-size generator with random weights (and a small random 256 px tokenizer) sampled
+   with the full cache and with each policy on the same labels and seeds: token agreement per scale and PSNR of
+   the decoded images, after a 2-sample calibration. Random weights have no trained attention structure: this
+   measures the machinery, not the methods' quality (the trained embedded model is the real test).
+
+    OMP_NUM_THREADS=1 nice -n 15 .testbed/venv/bin/python bench/bench_kv.py --part memory
+    OMP_NUM_THREADS=1 nice -n 15 .testbed/venv/bin/python bench/bench_kv.py --part fidelity
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from packbootstrap import register_pack  # noqa: E402
+
+register_pack(ROOT)
+
+from nextscale.models.kv_cache import KVCache  # noqa: E402
+from nextscale.models.kv_policies import POLICIES, KVPolicySpec  # noqa: E402
+from nextscale.models.kv_profile import KVProfile, calibrate  # noqa: E402
+from nextscale.models.kv_report import decode, kv_report, run_with  # noqa: E402
+from nextscale.models.sampler import SamplingOptions  # noqa: E402
+from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
+from nextscale.models.var import VAR, VARConfig  # noqa: E402
+
+BUDGETS = (0.5, 0.25, 0.1)
+
+
+class Shape:
+    """What ``KVPolicySpec.bind`` reads from a generator."""
+
+    def __init__(self, config: VARConfig):
+        self.config, self.depth, self.patch_nums, self.num_tokens = config, config.depth, config.patch_nums, config.num_tokens
+
+
+def random_profile(cfg: VARConfig, seed: int = 0) -> KVProfile:
+    g = torch.Generator().manual_seed(seed)
+    K, L, H = len(cfg.patch_nums), cfg.depth, cfg.num_heads
+    return KVProfile(L, H, cfg.patch_nums, torch.rand(L, K, generator=g).tolist(),
+                     torch.randn(L, K, generator=g).tolist(), torch.rand(L, H, generator=g).tolist())  # fmt: skip
+
+
+@torch.no_grad()
+def drive_cache(cfg: VARConfig, policy, rows: int, dtype=torch.float16) -> None:
+    """Run the scale loop's cache traffic: per scale and layer, extend with random keys/values, attend nothing,
+    call after_attention with random queries."""
+    cache = KVCache(cfg.depth, cfg.num_tokens, policy)
+    H, c = cfg.num_heads, cfg.embed_dim // cfg.num_heads
+    g = torch.Generator().manual_seed(0)
+    try:
+        for si, pn in enumerate(cfg.patch_nums):
+            cache.begin_scale(si)
+            for layer in range(cfg.depth):
+                kv = cache[layer]
+                k = torch.nn.functional.normalize(torch.randn(rows, H, pn * pn, c, generator=g), dim=-1).to(dtype)
+                kv.extend(k, k)
+                kv.after_attention((torch.randn(rows, H, pn * pn, c, generator=g) * 4).to(dtype))
+    finally:
+        cache.free()
+
+
+def part_memory(batches=(1, 16), max_gb: float = 1.5) -> None:
+    print("| config | batch | policy | budget | peak KV MB | of full | carried MB | of full |")
+    print("|---|---|---|---|---|---|---|---|")
+    for depth in (16, 30, 36):
+        cfg = VARConfig.official(depth)
+        shape, profile = Shape(cfg), random_profile(cfg)
+        for batch in batches:
+            rows = 2 * batch
+            full_bytes = 2 * cfg.depth * cfg.num_tokens * cfg.embed_dim * 2 * rows
+            if full_bytes > max_gb * 1e9:
+                print(f"| d{depth} | {batch} | (skipped: the full cache is {full_bytes / 1e9:.1f} GB, over "
+                      f"--max-gb {max_gb:g}; the cache is linear in the batch) |")  # fmt: skip
+                continue
+            full = KVPolicySpec("full").bind(shape, batch)
+            drive_cache(cfg, full, rows)
+            fp, fc = full.stats.peak_bytes, full.stats.carried_valid_bytes()
+            print(f"| d{depth} | {batch} | full | 1 | {fp / 1e6:.1f} | 100% | {fc / 1e6:.1f} | 100% |")
+            for policy in POLICIES[1:]:
+                for budget in BUDGETS:
+                    bound = KVPolicySpec(policy, budget, profile).bind(shape, batch)
+                    drive_cache(cfg, bound, rows)
+                    p, cb = bound.stats.peak_bytes, bound.stats.carried_valid_bytes()
+                    print(f"| d{depth} | {batch} | {policy} | {budget:.0%} | {p / 1e6:.1f} | {p / fp:.1%} | "
+                          f"{cb / 1e6:.1f} | {cb / fc:.1%} |", flush=True)  # fmt: skip
+
+
+def part_fidelity(classes=(1, 2), seeds=(0,)) -> None:
+    torch.manual_seed(0)
+    cfg = VARConfig(depth=16, embed_dim=1024, num_heads=16, num_classes=1000)
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from test_sampler import randomize_  # O(1)-scale random weights: every block and head active
+
+    var = randomize_(VAR(cfg), seed=0).requires_grad_(False)
+    tcfg = TokenizerConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, using_sa=False, using_mid_sa=False)
+    vae = MultiScaleVQVAE(tcfg).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # O(1) weights: decoded images vary with the tokens
+        for p in vae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    options = SamplingOptions(cfg=4.0, top_k=900, top_p=0.95)
+    t0 = time.time()
+    profile = calibrate(var, vae, [3, 4], seed=100, options=options)
+    print(f"calibration (2 samples): {time.time() - t0:.1f} s", flush=True)
+    print("| policy | budget | peak KV of full | carried of full | token agreement (last 4 scales) | PSNR dB |")
+    print("|---|---|---|---|---|---|")
+    fulls = {}
+    for label in classes:
+        for seed in seeds:
+            tokens, policy = run_with(var, vae, [label], seed, KVPolicySpec("full"), options)
+            fulls[(label, seed)] = (tokens, policy, decode(vae, tokens))
+    print(f"full-cache runs done: {time.time() - t0:.1f} s", flush=True)
+    for policy in POLICIES[1:]:
+        for budget in BUDGETS:
+            rows = []
+            for label in classes:
+                for seed in seeds:
+                    r = kv_report(var, vae, [label], seed, KVPolicySpec(policy, budget, profile), options,
+                                  full=fulls[(label, seed)])  # fmt: skip
+                    rows.append(r)
+            n = len(rows)
+            agree = [sum(r.token_agreement[i] for r in rows) / n for i in range(-4, 0)]
+            psnr = sum(min(r.psnr, 99.0) for r in rows) / n
+            print(f"| {policy} | {budget:.0%} | {rows[0].peak_ratio:.1%} | {rows[0].carried_ratio:.1%} | "
+                  f"{', '.join(f'{a:.2f}' for a in agree)} | {psnr:.2f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("memory", "fidelity"), required=True)
+    parser.add_argument("--max-gb", type=float, default=1.5, help="skip memory configs whose full cache is larger")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    part_memory(max_gb=args.max_gb) if args.part == "memory" else part_fidelity()
