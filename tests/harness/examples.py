@@ -252,8 +252,47 @@ def sd_refine() -> Example:
     )
 
 
+def kv_policy() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    calib = g.add("NextScaleKVCalibrate", generator=gen, tokenizer=tok, samples=4, seed=0, cfg=4.0, class_list="",
+                  filename="nextscale_kv_profile")  # fmt: skip
+    policy = g.add("NextScaleKVPolicy", policy="scalekv", budget=0.25, profile=g.out(calib, 0), profile_file="",
+                   drafters=1, decay=0.4, contextual_fraction=0.5, contextual_ratio=0.25)  # fmt: skip
+    g.add("NextScaleKVReport", generator=gen, tokenizer=tok, kv_policy=g.out(policy), class_name="star", seed=12,
+          cfg=4.0, batch_size=1)  # fmt: skip
+    tokens = _sampler(g, tok, gen, "star", seed=12, batch_size=4, kv_policy=g.out(policy))
+    image = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0))
+    _save(g, g.out(g.add("NextScaleImageGrid", images=image, columns=4, padding=2, pad_value=1.0)), "kv_policy")
+    return Example(
+        "nextscale_kv_policy", "NextScale: KV-cache compression with its report",
+        "Calibrates a ScaleKV profile on four samples, samples with a quarter of the KV cache, and reports the memory "
+        "kept and the fidelity against the full cache (text, and full | compressed side by side).", g.prompt,
+    )
+
+
+def collaborative() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    tokens = g.out(
+        g.add(
+            "NextScaleCollaborativeSampler", drafter=gen, refiner=gen, tokenizer=tok, draft_scales=4,
+            class_name="heart", seed=0, cfg=4.0, top_k=900, top_p=0.95, more_smooth=False, batch_size=4,
+            class_list="heart, cross",
+        )  # fmt: skip
+    )
+    image = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0))
+    _save(g, g.out(g.add("NextScaleImageGrid", images=image, columns=4, padding=2, pad_value=1.0)), "collaborative")
+    return Example(
+        "nextscale_collaborative", "NextScale: collaborative decoding (CoDe)",
+        "A drafter generates the first scales, a refiner the rest. Wired here with the embedded generator in both "
+        "places (which gives exactly the plain sampler's images); load var_d30.pth as drafter and var_d16.pth as "
+        "refiner (draft_scales 8) for CoDe's speed-up.", g.prompt,
+    )
+
+
 EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), class_edit(), img2img(),
-                                 image_inpaint(), sd_refine())}  # fmt: skip
+                                 image_inpaint(), kv_policy(), collaborative(), sd_refine())}  # fmt: skip
 
 
 def example_image_bytes() -> bytes:
