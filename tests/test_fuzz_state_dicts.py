@@ -72,7 +72,11 @@ def mutated(draw, base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             sd[new] = sd.pop(key)
         elif op == "reshape":
             if t.dim() == 0 or draw(st.booleans()):
-                sd[key] = t.reshape(-1)[: max(1, t.numel() - draw(st.integers(1, 3)))].clone() if t.numel() > 1 else t.reshape(1, 1)
+                sd[key] = (
+                    t.reshape(-1)[: max(1, t.numel() - draw(st.integers(1, 3)))].clone()
+                    if t.numel() > 1
+                    else t.reshape(1, 1) if t.numel() == 1 else torch.zeros(1, 1, dtype=t.dtype)  # an emptied tensor
+                )
             else:
                 dim = draw(st.integers(0, t.dim() - 1))
                 shape = list(t.shape)
