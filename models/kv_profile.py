@@ -168,16 +168,23 @@ class ProfileRecorder(KVPolicy):
         )
 
 
-def calibrate(var, tokenizer, labels: list[int], seed: int = 0, options=None, device=None) -> KVProfile:
-    """Sample one image per label (seed, seed + 1, ...) with the full cache and return the profile."""
+def calibrate(var, tokenizer, labels: list[int], seed: int = 0, options=None, device=None, callback=None) -> KVProfile:
+    """Sample one image per label (seed, seed + 1, ...) with the full cache and return the profile.
+
+    ``callback(done, total)`` is called after every scale of every sample (``total`` = samples x scales); an
+    exception it raises (an interrupt) ends calibration, and every KV cache is freed by the sampler."""
     from .sampler import SamplerHooks, sample
 
     if not labels:
         raise NextScaleError("KV calibration needs at least one class to sample")
     recorder = ProfileRecorder(var.depth, var.config.num_heads, var.patch_nums)
+    K = len(var.patch_nums)
     for i, label in enumerate(labels):
+        on_scale = None
+        if callback is not None:
+            on_scale = lambda si, _k, _f, i=i: callback(i * K + si + 1, len(labels) * K)  # noqa: E731
         sample(
             var, tokenizer, torch.tensor([label]), seed=seed + i, options=options,
-            hooks=SamplerHooks(kv_policy=recorder), device=device,
+            hooks=SamplerHooks(kv_policy=recorder, callback=on_scale), device=device,
         )  # fmt: skip
     return recorder.profile(len(labels), {"labels": list(labels), "seed": seed})

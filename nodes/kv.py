@@ -8,6 +8,8 @@ import re
 import torch
 from comfy_api.latest import io, ui
 
+import comfy.model_management as mm
+import comfy.utils
 import folder_paths
 
 from ..models.classes import class_index, parse_class_list
@@ -118,6 +120,7 @@ class NextScaleKVCalibrate(io.ComfyNode):
                 KVProfileSocket.Output("profile", display_name="profile"),
                 io.String.Output("path", display_name="path"),
             ],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -128,7 +131,13 @@ class NextScaleKVCalibrate(io.ComfyNode):
         names = generator_class_names(var)
         classes = parse_class_list(class_list, names) or list(range(min(samples, len(names))))
         labels = [classes[i % len(classes)] for i in range(samples)]
-        profile = calibrate(var, vae, labels, seed, SamplingOptions(cfg=cfg), generator.device)
+        pbar = comfy.utils.ProgressBar(len(labels) * len(var.patch_nums), node_id=cls.hidden.unique_id)
+
+        def on_scale(done: int, total: int) -> None:
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(done, total)
+
+        profile = calibrate(var, vae, labels, seed, SamplingOptions(cfg=cfg), generator.device, callback=on_scale)
         profile.meta["generator"] = getattr(generator, "name", "")
         path = ""
         if filename.strip():

@@ -288,6 +288,7 @@ NODE_CHECK = textwrap.dedent(
             return next(self.module.parameters()).device
 
     var, vae = make_pair()
+    NextScaleKVCalibrate.hidden = io.HiddenHolder.from_dict({})
     profile, path = NextScaleKVCalibrate.execute(Stub(var), Stub(vae), 2, 0, 2.0, "", "my profile").result
     assert isinstance(profile, KVProfile) and path == os.path.join(out, "nextscale_kv", "my_profile.json"), path
     assert KVProfile.load(path) == profile

@@ -238,6 +238,36 @@ def test_interrupt_mid_sampling_returns_memory(server, events):
     assert after - before < max(64.0, 0.5 * (max(peaks) - before)), (before, peaks, after)
 
 
+def test_interrupt_mid_calibration(server, events):
+    """KV Calibrate reports progress per scale and stops within one scale on /interrupt; the next prompt runs."""
+    prompt = {
+        "1": {"class_type": "NextScaleLoadTokenizer", "inputs": {"tokenizer_name": TOK, "dtype": "auto"}},
+        "2": {"class_type": "NextScaleLoadGenerator", "inputs": {"generator_name": SLOW, "dtype": "auto"}},
+        "3": {"class_type": "NextScaleKVCalibrate", "inputs": {
+            "generator": ["2", 0], "tokenizer": ["1", 0], "samples": 64, "seed": 0, "cfg": 3.0, "class_list": "",
+            "filename": ""}},
+        "4": {"class_type": "NextScaleKVPolicy", "inputs": {"policy": "hack", "budget": 0.5, "profile": ["3", 0]}},
+        "5": {"class_type": "NextScaleKVReport", "inputs": {
+            "generator": ["2", 0], "tokenizer": ["1", 0], "kv_policy": ["4", 0], "class_name": "alpha", "seed": 0,
+            "cfg": 3.0, "batch_size": 1}},
+    }  # fmt: skip
+    entry = server.run_prompt(base_prompt(generator=SLOW, batch_size=1, seed=4), timeout=180)  # loads the models
+    assert server.status_of(entry) == "success", server.error_messages(entry)
+    before = _rss_mb(server)
+    prompt_id = server.post_prompt(prompt, client_id=events.client_id)
+    events.wait_for(lambda e: e["type"] == "progress" and e["data"].get("prompt_id") == prompt_id
+                    and e["data"].get("node") == "3" and e["data"].get("value", 0) >= 5, timeout=180)  # fmt: skip
+    server.interrupt()
+    final = events.wait_finished(prompt_id, timeout=120)
+    assert final["type"] == "execution_interrupted", final
+    time.sleep(1.0)
+    after = _rss_mb(server)
+    entry = server.run_prompt(base_prompt(seed=13), timeout=120)
+    assert server.status_of(entry) == "success", server.error_messages(entry)
+    _report(calibration_interrupt_rss_before_mb=round(before), calibration_interrupt_rss_after_mb=round(after))
+    assert after - before < 64.0, (before, after)
+
+
 @pytest.mark.slow
 def test_soak_rss_growth_is_bounded(server):
     n = int(os.environ.get("NEXTSCALE_SOAK_PROMPTS", "8"))
