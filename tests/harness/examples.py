@@ -252,6 +252,25 @@ def sd_refine() -> Example:
     )
 
 
+def control() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    source_tokens = _sampler(g, tok, gen, "star", seed=30)
+    source = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=source_tokens, scales=0))
+    edges = g.out(g.add("NextScaleEdgePreprocessor", image=source, low_threshold=0.1, high_threshold=0.2, blur=1.0))
+    model = g.add("NextScaleLoadControl", control_name="nextscale-embedded-edges", dtype="auto")
+    applied = g.add("NextScaleApplyControl", control_model=g.out(model), image=edges, strength=1.0, start_scale=0,
+                    end_scale=0, late_temperature=1.0)  # fmt: skip
+    tokens = _sampler(g, tok, gen, "star", seed=31, batch_size=3, control=g.out(applied))
+    result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0))
+    _save(g, _side_by_side(g, source, edges, result), "control")
+    return Example(
+        "nextscale_control", "NextScale: control with an edge map",
+        "Edges of a source image (NextScale Edge Preprocessor; any edge image works) steer three new samples through "
+        "the embedded edge adapter. First the source, then its edges.", g.prompt,
+    )
+
+
 def kv_policy() -> Example:
     g = Graph()
     tok, gen = _models(g)
@@ -292,7 +311,7 @@ def collaborative() -> Example:
 
 
 EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), class_edit(), img2img(),
-                                 image_inpaint(), kv_policy(), collaborative(), sd_refine())}  # fmt: skip
+                                 image_inpaint(), control(), kv_policy(), collaborative(), sd_refine())}  # fmt: skip
 
 
 def example_image_bytes() -> bytes:
