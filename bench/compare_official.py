@@ -1,0 +1,152 @@
+"""Side by side with the official VAR implementation: same weights, greedy sampling, time and peak memory.
+
+    python bench/compare_official.py --official /path/to/FoundationVision/VAR [--depth 16] [--batch 1] [--runs 3]
+
+The official code is imported from the folder given (a checkout of github.com/FoundationVision/VAR; it is never
+vendored here; it needs ``huggingface_hub``, which ComfyUI already installs). Its ``build_vae_var`` builds a VQVAE
+and a VAR with its own random initialisation; their state dicts are loaded into NextScale's classes key for key
+(the same path that loads the official checkpoints), so both sides hold identical weights.
+
+Both sample the same labels greedily (top-k = 1, so no random draw decides a token) with cfg 4 and VAR's ramp;
+the official ``autoregressive_infer_cfg`` returns images, NextScale's sampler returns tokens that are decoded. The
+script reports the largest pixel difference (0 up to float rounding means the same tokens), the median time per
+image of each after a warm-up, their ratio, and the peak RSS above the baseline during each call (sampled every
+5 ms), all from one run of this script. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from packbootstrap import register_pack  # noqa: E402
+
+register_pack()
+
+from nextscale.models.sampler import SamplingOptions, sample  # noqa: E402
+from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
+from nextscale.models.var import VAR  # noqa: E402
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure(fn):
+    """``(result, seconds, peak RSS above the start in MB)`` of ``fn()``."""
+    start, peak, done = rss_mb(), [0.0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        out = fn()
+    finally:
+        seconds = time.perf_counter() - t0
+        done.set()
+        thread.join()
+    return out, seconds, max(0.0, max(peak[0], rss_mb()) - start)
+
+
+def init_tokenizer_(vae) -> None:
+    """``build_vae_var`` switches torch's initialisers off and leaves the tokenizer's weights uninitialised (it expects
+    a checkpoint): fan-in normal weights, unit norm gains, zero biases, a unit-variance codebook."""
+    g = torch.Generator().manual_seed(1)
+    for name, p in vae.named_parameters():
+        if p.dim() > 1:
+            p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+        elif "norm" in name and name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.zero_()
+
+
+def load_official(path: str):
+    root = Path(path).resolve()
+    if not (root / "models" / "var.py").is_file():
+        raise SystemExit(f"{root} is not a checkout of FoundationVision/VAR (models/var.py is missing)")
+    sys.path.insert(0, str(root))
+    import models as official  # the official package (imports `dist` from its root)
+
+    if not hasattr(official, "build_vae_var"):
+        raise SystemExit(f"'models' imported from {official.__file__}, not from {root}: run from another folder")
+    return official
+
+
+@torch.no_grad()
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--official", required=True, help="folder of a FoundationVision/VAR checkout")
+    ap.add_argument("--depth", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.chdir(Path(__file__).resolve().parents[1])
+    official = load_official(args.official)
+    torch.manual_seed(0)
+    vae_o, var_o = official.build_vae_var(device="cpu", depth=args.depth, flash_if_available=False,
+                                          fused_if_available=False)  # fmt: skip
+    vae_o.eval(), var_o.eval()
+    init_tokenizer_(vae_o)
+    tokenizer = MultiScaleVQVAE.from_state_dict(vae_o.state_dict()).eval()
+    var = VAR.from_state_dict(var_o.state_dict()).eval()
+    labels = torch.arange(args.batch) * 97 % 1000
+    options = SamplingOptions(cfg=args.cfg, top_k=1, top_p=0.0)
+
+    def ours():
+        toks = sample(var, tokenizer, labels, seed=0, options=options)
+        return tokenizer.fhat_to_img(tokenizer.indices_to_fhat(toks.flat(), toks.patch_nums)).add(1).mul(0.5)
+
+    def theirs():
+        return var_o.autoregressive_infer_cfg(B=args.batch, label_B=labels, g_seed=0, cfg=args.cfg, top_k=1, top_p=0.0)
+
+    results = {}
+    for name, fn in (("nextscale", ours), ("official", theirs)):
+        image, _, _ = measure(fn)  # warm-up
+        times, peaks = [], []
+        for _ in range(args.runs):
+            image, seconds, peak = measure(fn)
+            times.append(seconds)
+            peaks.append(peak)
+        results[name] = (image.float().clamp(0, 1), statistics.median(times) / args.batch, max(peaks))
+    for name, (image, _, _) in results.items():
+        if not torch.isfinite(image).all():
+            print(f"warning: the {name} image has {int((~torch.isfinite(image)).sum())} non-finite values")
+    a, b = results["nextscale"][0], results["official"][0]
+    diff = (a - b).abs().max().item()
+    print(f"# VAR-d{args.depth}, batch {args.batch}, cfg {args.cfg}, greedy, cpu fp32, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, median of {args.runs} after a warm-up")  # fmt: skip
+    print("| implementation | s / image | peak RSS above start (MB) |")
+    print("|---|---|---|")
+    for name in ("official", "nextscale"):
+        print(f"| {name} | {results[name][1]:.3f} | {results[name][2]:.0f} |")
+    ratio = results["official"][1] / results["nextscale"][1]
+    mem = results["official"][2] / max(results["nextscale"][2], 1e-9)
+    print(f"time ratio official / nextscale = {ratio:.2f}; peak-memory ratio official / nextscale = {mem:.2f}")
+    print(f"largest pixel difference of the greedy samples: {diff:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
