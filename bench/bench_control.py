@@ -6,7 +6,8 @@ For ``count`` held-out images of the shapes dataset: the edge map of the image (
 preprocessor) is the control; the same class and seed are sampled with the adapter at strength 1 and without
 control. The edges of each generated image are compared with the control edges: F1 with a 1-pixel tolerance
 (precision: generated edge pixels within 1 px of a control edge; recall: control edge pixels within 1 px of a
-generated edge). Not a test: figures go to bench/RESULTS.md.
+generated edge), and the class accuracy of the samples by the measuring-stick classifier. Not a test: figures go
+to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from nextscale.models.control_maps import canny_edges  # noqa: E402
 from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample  # noqa: E402
 from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
 from nextscale.models.var import VAR  # noqa: E402
+from training.classifier import load_classifier, predict  # noqa: E402
 
 
 def edge_f1(pred_B1HW: torch.Tensor, ref_B1HW: torch.Tensor) -> torch.Tensor:
@@ -54,9 +56,10 @@ def main() -> None:
     img01 = (x + 1) / 2
     ref = canny_edges(img01)
     options = SamplingOptions(cfg=args.cfg)
+    classifier, _ = load_classifier(str(ROOT / "weights" / "classifier.safetensors"))
     scores = {}
     for name, strength in (("without control", 0.0), ("adapter, strength 1", 1.0)):
-        f1s = []
+        f1s, correct = [], 0
         for i in range(0, args.count, 25):
             lab, ctrl = labels[i : i + 25], img01[i : i + 25]
             control = canny_edges(ctrl).expand(-1, 3, -1, -1) * 2 - 1  # [-1, 1], as NextScale Apply Control passes it
@@ -64,8 +67,10 @@ def main() -> None:
             toks = sample(var, vae, lab, seed=1000 + i, options=options, hooks=hooks)
             gen01 = (vae.indices_to_img(toks.flat()).clamp(-1, 1) + 1) / 2
             f1s.append(edge_f1(canny_edges(gen01), ref[i : i + 25]))
+            correct += int((predict(classifier, gen01 * 2 - 1)[0] == lab).sum())
         scores[name] = torch.cat(f1s).mean().item()
-        print(f"{name}: edge F1 vs the control edges (1 px tolerance) = {scores[name]:.3f}")
+        print(f"{name}: edge F1 vs the control edges (1 px tolerance) = {scores[name]:.3f}, "
+              f"class accuracy {correct / args.count:.3f}")
 
 
 if __name__ == "__main__":
