@@ -15,7 +15,6 @@ import pickle
 import re
 import shutil
 import struct
-import subprocess
 import tempfile
 import textwrap
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness.testbed import REPO_ROOT, find_testbed
+from harness.testbed import run_in_comfyui_python
 from test_sampler import CVAE, PN, VOCAB, make_var
 
 from nextscale.models.checkpoint import save_safetensors
@@ -251,16 +250,10 @@ NODE_LOADERS = textwrap.dedent(
 
 def test_node_loaders_inside_comfyui(bad_files, tmp_path):
     """The loaders the nodes call (read_state_dict -> check_kind -> strict check), inside ComfyUI's python."""
-    tb, why = find_testbed()
-    if tb is None:
-        pytest.skip(why)
     folder, cases, canary = bad_files
     spec = tmp_path / "cases.json"
     spec.write_text(json.dumps([[c.name, str(folder / c.file), c.loader] for c in cases]))
-    proc = subprocess.run(
-        [str(tb.python), "-c", NODE_LOADERS, str(tb.comfy_dir), str(REPO_ROOT), str(spec)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""},
-    )  # fmt: skip
+    proc = run_in_comfyui_python(NODE_LOADERS, str(spec), cwd=tmp_path)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(line[len("RESULT ") :])

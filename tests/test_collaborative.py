@@ -1,13 +1,12 @@
 """Collaborative decoding: same model twice == the plain sampler, the prefill against teacher forcing, KV policies,
 mismatch errors, released drafter/refiner files, and the node inside ComfyUI's python."""
 
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from harness.testbed import REPO_ROOT, find_testbed
+from harness.testbed import run_in_comfyui_python
 from test_editing import hole, random_reference
 from test_sampler import CVAE, NUM_CLASSES, PN, VOCAB, RecordLogits, make_var, randomize_, teacher_logits
 
@@ -291,11 +290,5 @@ NODE_CHECK = textwrap.dedent(
 
 def test_nodes_in_comfyui(tmp_path):
     """The collaborative sampler node, called in ComfyUI's python, against NextScale Sampler."""
-    tb, why = find_testbed()
-    if tb is None:
-        pytest.skip(why)
-    result = subprocess.run(
-        [str(tb.python), "-c", NODE_CHECK, str(tb.comfy_dir), str(REPO_ROOT)],
-        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run_in_comfyui_python(NODE_CHECK, cwd=tmp_path)
     assert result.returncode == 0 and "nodes ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

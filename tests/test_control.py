@@ -2,12 +2,11 @@
 scale range, files), ECM's late temperature, preprocessors, and the nodes inside ComfyUI's python."""
 
 import math
-import subprocess
 import textwrap
 
 import pytest
 import torch
-from harness.testbed import REPO_ROOT, find_testbed
+from harness.testbed import REPO_ROOT, run_in_comfyui_python
 from test_sampler import CVAE, NUM_CLASSES, PN, VOCAB, RecordLogits, randomize_
 
 from nextscale.models.checkpoint import save_safetensors
@@ -378,13 +377,7 @@ NODE_CHECK = textwrap.dedent(
 
 
 def test_nodes_in_comfyui(tmp_path):
-    tb, why = find_testbed()
-    if tb is None:
-        pytest.skip(why)
-    result = subprocess.run(
-        [str(tb.python), "-c", NODE_CHECK, str(tb.comfy_dir), str(REPO_ROOT), str(tmp_path)],
-        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run_in_comfyui_python(NODE_CHECK, str(tmp_path), cwd=tmp_path)
     assert result.returncode == 0 and "nodes ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
 
 

@@ -3,13 +3,12 @@
 Tiny random models (test_sampler's generator, a randomised 8 px tokenizer with the schedule 1, 2, 3, 4) on the CPU.
 """
 
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from harness.testbed import REPO_ROOT, find_testbed
+from harness.testbed import run_in_comfyui_python
 from test_sampler import CVAE, PN, VOCAB, make_var
 
 from nextscale.models.editing import EditSpec, composite, fit_mask, image_to_image, inpaint, keep_masks
@@ -355,11 +354,5 @@ NODE_CHECK = textwrap.dedent(
 
 def test_nodes_in_comfyui(tmp_path):
     """The guide nodes, the sampler's guide input and the decoder's composite, called in ComfyUI's python."""
-    tb, why = find_testbed()
-    if tb is None:
-        pytest.skip(why)
-    result = subprocess.run(
-        [str(tb.python), "-c", NODE_CHECK, str(tb.comfy_dir), str(REPO_ROOT)],
-        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run_in_comfyui_python(NODE_CHECK, cwd=tmp_path)
     assert result.returncode == 0 and "nodes ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

@@ -8,13 +8,12 @@ model when ``weights/`` has it.
 import json
 import math
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from harness.testbed import REPO_ROOT, find_testbed
+from harness.testbed import REPO_ROOT, run_in_comfyui_python
 from test_sampler import CVAE, PN, VOCAB, make_var
 
 from nextscale.kernels.ragged import pack_kv, ragged_attention_torch
@@ -317,11 +316,5 @@ NODE_CHECK = textwrap.dedent(
 
 def test_nodes_in_comfyui(tmp_path):
     """The KV nodes and the sampler's kv_policy input, called in ComfyUI's python."""
-    tb, why = find_testbed()
-    if tb is None:
-        pytest.skip(why)
-    result = subprocess.run(
-        [str(tb.python), "-c", NODE_CHECK, str(tb.comfy_dir), str(REPO_ROOT), str(tmp_path)],
-        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    result = run_in_comfyui_python(NODE_CHECK, str(tmp_path), cwd=tmp_path, timeout=900)
     assert result.returncode == 0 and "nodes ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

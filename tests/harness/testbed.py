@@ -65,3 +65,23 @@ def load_json(path: Path) -> dict:
     import json
 
     return json.loads(Path(path).read_text())
+
+
+def run_in_comfyui_python(script: str, *args: str, cwd: Path, timeout: float = 300.0):
+    """Run ``python -c script comfy_dir repo_root *args`` with the test bed's interpreter (node code that needs
+    ComfyUI's modules, called directly); the ``CompletedProcess``, output captured. Without a test bed the calling
+    test is skipped, or fails when NEXTSCALE_REQUIRE_E2E is set (``scripts/test.sh``, CI)."""
+    import subprocess
+
+    import pytest
+
+    tb, why = find_testbed()
+    if tb is None:
+        if e2e_required():
+            pytest.fail(f"{why} (NEXTSCALE_REQUIRE_E2E is set)", pytrace=False)
+        pytest.skip(why)
+    return subprocess.run(
+        [str(tb.python), "-c", script, str(tb.comfy_dir), str(REPO_ROOT), *args],
+        check=False, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": ""},
+    )  # fmt: skip
