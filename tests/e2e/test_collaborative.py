@@ -9,6 +9,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from harness.random_weights import randomise as _randomise
 from PIL import Image
 
 from nextscale.models.collaborative import sample_collaborative
@@ -21,14 +22,6 @@ pytestmark = pytest.mark.e2e
 
 SCHEDULE = (1, 2, 3, 4)
 CLASSES = ["alpha", "beta", "gamma"]
-
-
-def _randomise(module: torch.nn.Module, seed: int, gain: float = 0.3) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * gain)
-    return module.eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import uuid
 
 import numpy as np
 import pytest
-import torch
+from harness.random_weights import randomise as _randomise
 from PIL import Image
 
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
@@ -19,14 +19,6 @@ pytestmark = pytest.mark.e2e
 
 PN = (1, 2, 3, 4, 5, 6)
 TOK, GEN = "kv_tiny_tokenizer.safetensors", "kv_tiny_generator.safetensors"
-
-
-def _randomise(module: torch.nn.Module, seed: int, gain: float) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * gain)
-    return module.eval()
 
 
 @pytest.fixture(scope="module")

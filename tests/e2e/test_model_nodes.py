@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from harness.comfy_server import PromptRejected
+from harness.random_weights import randomise as _randomise
 from PIL import Image
 
 from nextscale.models.imageops import model_to_image
@@ -25,15 +26,6 @@ pytestmark = pytest.mark.e2e
 
 SMALL = (1, 2, 3, 4)
 CLASSES = ["alpha", "beta", "gamma"]
-
-
-def _randomise(module: torch.nn.Module, seed: int, gain: float = 0.3) -> torch.nn.Module:
-    """O(1)-scale random weights, so that outputs are far from uniform (and images far from flat)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * gain)
-    return module.eval()
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ import uuid
 
 import numpy as np
 import pytest
-import torch
 from harness.comfy_server import PromptRejected
+from harness.random_weights import randomise as _randomise
 from PIL import Image
 
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
@@ -34,14 +34,6 @@ pytestmark = pytest.mark.e2e
 SMALL = (1, 2, 3, 4)
 CLASSES = ["alpha", "beta", "gamma"]
 TOK, GEN, SLOW = "rel_tokenizer.safetensors", "rel_generator.safetensors", "rel_slow_generator.safetensors"
-
-
-def _randomise(module, seed, gain=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * gain)
-    return module.eval()
 
 
 def write_models(folder) -> None:
