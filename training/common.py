@@ -34,6 +34,18 @@ def import_pack():
     return register_pack()
 
 
+def add_run_args(ap, run_name: str) -> None:
+    """The bookkeeping options every trainer shares: run folder and resuming, checkpoint period, device, threads,
+    progress bar and the test-only early stop."""
+    ap.add_argument("--run-dir", default=os.path.join(repo_root(), "runs", run_name))
+    ap.add_argument("--resume", default="auto", help="'auto' (<run-dir>/last.pt), a checkpoint path, or 'none'")
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--stop-after", type=int, default=0, help="stop (as if interrupted) after this step; for tests")
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """``auto``: CUDA when available, else MPS, else CPU."""
     if name != "auto":

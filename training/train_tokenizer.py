@@ -76,17 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--init", default=None, help="start from this tokenizer file (.safetensors) instead of scratch")
     ap.add_argument("--seed", type=int, default=0)
     # bookkeeping
-    ap.add_argument("--run-dir", default=os.path.join(common.repo_root(), "runs", "tokenizer"))
-    ap.add_argument("--resume", default="auto", help="'auto' (<run-dir>/last.pt), a checkpoint path, or 'none'")
-    ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-count", type=int, default=500, help="held-out images for the periodic PSNR")
     ap.add_argument("--out", default=None, help="export the final model here (safetensors)")
     ap.add_argument("--export-dtype", default="float32", choices=("float32", "float16"))
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--stop-after", type=int, default=0, help="stop (as if interrupted) after this step; for tests")
+    common.add_run_args(ap, "tokenizer")
     return ap
 
 
