@@ -34,6 +34,7 @@ def identify(state_dict: Mapping[str, object]) -> str:
         return "var-tokenizer"
     if any(k.startswith("decoder.") for k in keys) and (
         any(k.startswith("quantizer.") or k.startswith("quantize.") for k in keys)
+        or "decoder.conv_in.conv.weight" in keys  # the BSQ tokenizer's own layout (its mask buffer is optional)
     ):
         return "infinity-tokenizer"
     return "unknown"
