@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.attention import attention
+from .infinity_schedule import apply_rope
 from .kv_cache import LayerKV
 
 MAX_LOG_SCALE = math.log(100.0)  # cap of the learned per-head log scale
@@ -39,10 +40,16 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
 
     def forward(
-        self, x_BLC: torch.Tensor, attn_mask: torch.Tensor | None = None, kv: LayerKV | None = None
+        self,
+        x_BLC: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv: LayerKV | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attend ``x``'s tokens to themselves (``kv=None``, optionally masked) or, with a cache, to every
-        cached token plus themselves (the new keys and values are appended to ``kv`` first)."""
+        cached token plus themselves (the new keys and values are appended to ``kv`` first). ``rope``, the
+        ``(cos, sin)`` of each token's angles ``(L, c / 2)`` (Infinity), rotates ``q`` and ``k`` after the
+        normalisation; cached keys are stored rotated."""
         B, L, C = x_BLC.shape
         bias_3C = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv_3BHLc = (
@@ -53,6 +60,8 @@ class SelfAttention(nn.Module):
         q_BHLc, k_BHLc, v_BHLc = qkv_3BHLc.unbind(0)
         q_BHLc = F.normalize(q_BHLc, dim=-1).mul(self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE).exp())
         k_BHLc = F.normalize(k_BHLc, dim=-1)
+        if rope is not None:
+            q_BHLc, k_BHLc = apply_rope(q_BHLc, *rope), apply_rope(k_BHLc, *rope)
         if kv is None:
             out_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, attn_mask)
         else:

@@ -84,6 +84,41 @@ def read_state_dict(path: str, what: str = "model") -> dict[str, torch.Tensor]:
     return _flatten(obj, path, what)
 
 
+WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
+
+def shard_files(folder: str) -> list[str]:
+    """The weight files of a sharded checkpoint folder: those its ``*.index.json`` maps keys to (Hugging Face
+    layout), else every weight file in it; sorted. Empty when the folder holds none."""
+    names = sorted(os.listdir(folder))
+    for index in (n for n in names if n.endswith(".index.json")):
+        try:
+            with open(os.path.join(folder, index), encoding="utf-8") as f:
+                mapped = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise NextScaleError(f"shard index '{os.path.join(folder, index)}' is damaged; download it again") from None
+        return [os.path.join(folder, n) for n in mapped]
+    return [os.path.join(folder, n) for n in names if n.endswith(WEIGHT_EXTENSIONS)]
+
+
+def read_sharded_state_dict(folder: str, what: str = "model") -> dict[str, torch.Tensor]:
+    """One state dict from every shard of ``folder`` (each read as :func:`read_state_dict` reads a file); a key
+    found in two shards, or a shard named by the index but absent, is an error."""
+    files = shard_files(folder)
+    if not files:
+        raise NextScaleError(f"{what} folder {_describe(folder)} holds no weight files ({', '.join(WEIGHT_EXTENSIONS)})")
+    out: dict[str, torch.Tensor] = {}
+    for path in files:
+        if not os.path.isfile(path):
+            raise NextScaleError(f"{what} shard {_describe(path)} named by the folder's index is missing; download it")
+        part = read_state_dict(path, what)
+        twice = sorted(set(part) & set(out))
+        if twice:
+            raise NextScaleError(f"{what} shard {_describe(path)} repeats keys of another shard: {_first(twice)}")
+        out.update(part)
+    return out
+
+
 def _read_safetensors(path: str, what: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
