@@ -55,20 +55,33 @@ def token_budget(fraction: float, num_tokens: int) -> int:
     return max(1, min(num_tokens, round(fraction * num_tokens)))
 
 
+def grid_shape(pn: int | tuple[int, int]) -> tuple[int, int]:
+    """``(h, w)`` of a scale given as a square side (VAR) or a grid (Infinity)."""
+    return (pn, pn) if isinstance(pn, int) else (int(pn[0]), int(pn[1]))
+
+
+def scale_area(pn: int | tuple[int, int]) -> int:
+    h, w = grid_shape(pn)
+    return h * w
+
+
 def scale_starts(patch_nums) -> list[int]:
     """First position of each scale, plus the total at the end."""
     starts = [0]
     for pn in patch_nums:
-        starts.append(starts[-1] + pn * pn)
+        starts.append(starts[-1] + scale_area(pn))
     return starts
 
 
-def grid_queries(pn: int, side: int = 4) -> list[int]:
-    """ScaleKV's observation window: the centre of each cell of a ``side x side`` grid (all tokens when smaller)."""
-    if pn <= side:
-        return list(range(pn * pn))
-    centres = [min(pn - 1, int((i + 0.5) * pn / side)) for i in range(side)]
-    return [r * pn + c for r in centres for c in centres]
+def grid_queries(pn: int | tuple[int, int], side: int = 4) -> list[int]:
+    """ScaleKV's observation window: the centre of each cell of a ``side x side`` grid over the scale's rows and
+    columns (every row or column when there are fewer)."""
+    h, w = grid_shape(pn)
+
+    def centres(n: int) -> list[int]:
+        return list(range(n)) if n <= side else [min(n - 1, int((i + 0.5) * n / side)) for i in range(side)]
+
+    return [r * w + c for r in centres(h) for c in centres(w)]
 
 
 def even_queries(count: int, n: int) -> list[int]:
@@ -178,9 +191,9 @@ class BudgetPolicy(KVPolicy):
         kept = [0] * self.num_heads
         cap = 1
         for si, pn in enumerate(self.patch_nums):
-            kept = [min(k + pn * pn, b) for k, b in zip(kept, self.budgets_after(layer, si))]
+            kept = [min(k + scale_area(pn), b) for k, b in zip(kept, self.budgets_after(layer, si))]
             cap = max(cap, max(kept))
-        largest = max(pn * pn for pn in self.patch_nums)
+        largest = max(scale_area(pn) for pn in self.patch_nums)
         if self.num_layers * cap + cap + largest >= self.num_layers * num_tokens:
             return num_tokens  # budget buffers plus a working copy would not beat the full cache: no working copy
         return min(cap, num_tokens)
@@ -399,12 +412,19 @@ class KVPolicySpec:
         return f"{self.policy} at {self.budget:.0%} of the sequence{note}"
 
     def bind(self, var, batch_size: int = 1, device=None) -> KVPolicy:
-        L, H, pns = var.depth, var.config.num_heads, tuple(var.patch_nums)
-        if self.policy == "full":
-            return MeasuredFull(L)
-        budget = token_budget(self.budget, var.num_tokens)
+        """The policy object for one run of the VAR generator ``var``."""
         if self.profile is not None:
             self.profile.check_model(var)
+        return self.bind_scales(var.depth, var.config.num_heads, tuple(var.patch_nums))
+
+    def bind_scales(self, num_layers: int, num_heads: int, scales) -> KVPolicy:
+        """The policy object for a run over ``scales`` (square sides or ``(h, w)`` grids) of a transformer with
+        ``num_layers`` x ``num_heads`` (Infinity; a profile must already have been checked against the model)."""
+        L, H, pns = num_layers, num_heads, tuple(scales)
+        num_tokens = scale_starts(pns)[-1]
+        if self.policy == "full":
+            return MeasuredFull(L)
+        budget = token_budget(self.budget, num_tokens)
         if self.policy == "recent":
             return RecentPolicy(L, H, pns, budget)
         if self.policy == "strided":
@@ -416,5 +436,5 @@ class KVPolicySpec:
         contextual = (
             self.profile.contextual_heads(self.contextual_fraction) if self.profile is not None else [[False] * H] * L
         )
-        return HACKPolicy(L, H, pns, budget, contextual, hack_budgets(contextual, budget, var.num_tokens,
+        return HACKPolicy(L, H, pns, budget, contextual, hack_budgets(contextual, budget, num_tokens,
                                                                       self.contextual_ratio))

@@ -75,3 +75,63 @@ class NextScaleTokens:
 
     def __repr__(self) -> str:  # shown in ComfyUI debug output; keep it short
         return f"NextScaleTokens(B={self.batch_size}, patch_nums={self.patch_nums}, source={self.source!r})"
+
+
+@dataclass
+class NextScaleBitTokens:
+    """Bitwise token maps (Infinity): one ``(B, h, w, d)`` bool tensor per scale and the grids they belong to.
+
+    Attributes:
+        bits: one ``(B, h, w, d)`` bool tensor per scale, coarse to fine, on the tokenizer's latent grid
+            (for a patchifying model, after un-patchifying: ``2h x 2w`` cells of ``d / 4`` bits).
+        scales: the latent ``(h, w)`` of each scale.
+        summed_codes: optional ``(B, d, H, W)`` sum of every scale's upsampled codes (decoders prefer it).
+        source: "sampled" or "encoded".
+        extra: free-form metadata (seed, cfg, prompt lengths, ...) for reports; never required.
+    """
+
+    bits: list[torch.Tensor]
+    scales: tuple[tuple[int, int], ...]
+    summed_codes: Optional[torch.Tensor] = None
+    source: str = "sampled"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.scales = tuple((int(h), int(w)) for h, w in self.scales)
+        if len(self.bits) != len(self.scales):
+            raise NextScaleError(f"bit maps for {len(self.bits)} scales do not match a schedule of {len(self.scales)} scales")
+        for si, (b, (h, w)) in enumerate(zip(self.bits, self.scales)):
+            if b.dim() != 4 or tuple(b.shape[1:3]) != (h, w):
+                raise NextScaleError(f"bit map of scale {si} has shape {tuple(b.shape)}, expected (B, {h}, {w}, d)")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.bits[0].shape[0])
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.scales)
+
+    @property
+    def codebook_dim(self) -> int:
+        return int(self.bits[0].shape[-1])
+
+    def select(self, items: list[int]) -> "NextScaleBitTokens":
+        sel = torch.as_tensor(items, dtype=torch.long)
+        return replace(
+            self,
+            bits=[b[sel] for b in self.bits],
+            summed_codes=None if self.summed_codes is None else self.summed_codes[sel],
+            extra=dict(self.extra),
+        )
+
+    def to(self, device) -> "NextScaleBitTokens":
+        return replace(
+            self,
+            bits=[b.to(device) for b in self.bits],
+            summed_codes=None if self.summed_codes is None else self.summed_codes.to(device),
+            extra=dict(self.extra),
+        )
+
+    def __repr__(self) -> str:
+        return f"NextScaleBitTokens(B={self.batch_size}, scales={self.scales}, source={self.source!r})"
