@@ -54,6 +54,11 @@ def generator_class_names(var: VAR) -> tuple[str, ...]:
 
 def check_pair(var: VAR, vae: MultiScaleVQVAE, generator: LoadedModel, tokenizer: LoadedModel) -> None:
     """A generator and a tokenizer work together only with the same vocabulary and latent channels."""
+    if not isinstance(vae, MultiScaleVQVAE) or not isinstance(var, VAR):
+        raise NextScaleError(
+            f"'{generator.name}' and '{tokenizer.name}' are not a VAR generator and tokenizer: Infinity models and "
+            f"their tokenizers go to NextScale Sampler (Text)"
+        )
     problems = []
     if var.config.vocab_size != vae.config.vocab_size:
         problems.append(f"vocabulary {var.config.vocab_size} vs {vae.config.vocab_size}")

@@ -134,9 +134,12 @@ _cache_lock = threading.Lock()
 _CACHE_SIZE = 4
 
 
-def load_model(name: str, kind: str, dtype_choice: str, build: Callable[[str], torch.nn.Module]) -> LoadedModel:
-    """Load (or reuse) a model file. ``build(path)`` returns the module on the CPU in fp32."""
-    path = resolve(name, kind)
+def load_model(
+    name: str, kind: str, dtype_choice: str, build: Callable[[str], torch.nn.Module], path: str | None = None
+) -> LoadedModel:
+    """Load (or reuse) a model file (or a folder of shards, given as ``path``). ``build(path)`` returns the module
+    on the CPU in fp32. ``path`` defaults to the combo choice ``name`` resolved in the NextScale folder."""
+    path = path or resolve(name, kind)
     stat = os.stat(path)
     load_device = mm.get_torch_device()
     dtype = resolve_dtype(dtype_choice, load_device, kind)

@@ -4,6 +4,8 @@ from comfy_api.latest import io
 
 Tokenizer = io.Custom("NEXTSCALE_TOKENIZER")
 Generator = io.Custom("NEXTSCALE_GENERATOR")
+# An Infinity text-to-image transformer (models.infinity.Infinity in a model_files.LoadedModel).
+InfinityModel = io.Custom("NEXTSCALE_INFINITY")
 Tokens = io.Custom("NEXTSCALE_TOKENS")
 SamplerOptions = io.Custom("NEXTSCALE_SAMPLER_OPTIONS")
 # An edit guide (models.editing.EditSpec): anything with bind(tokenizer, patch_nums, batch_size, device) -> Guide.

@@ -11,7 +11,8 @@ from ..models.checkpoint import read_state_dict
 from ..models.errors import NextScaleError
 from ..models.schedule import parse_schedule
 from ..models.tokenizer import MultiScaleVQVAE
-from ..models.tokens import NextScaleTokens
+from ..models.bsq import BSQTokenizer
+from ..models.tokens import NextScaleBitTokens, NextScaleTokens
 from ..models.imageops import RESIZE_MODES, fit_square, image_to_model, model_to_image
 from ..models.editing import composite
 from .model_files import DTYPES, LoadedModel, check_kind, load_model, model_choices
@@ -101,6 +102,11 @@ class NextScaleEncode(io.ComfyNode):
     @classmethod
     def execute(cls, tokenizer: LoadedModel, image: torch.Tensor, resize: str, schedule: str = "") -> io.NodeOutput:
         vae: MultiScaleVQVAE = tokenizer.ready()
+        if isinstance(vae, BSQTokenizer):
+            raise NextScaleError(
+                "this is an Infinity tokenizer: Infinity encodes images inside NextScale Sampler (Text) (connect the "
+                "image there and set keep_scales)"
+            )
         patch_nums = _schedule_for(vae, schedule)
         side = patch_nums[-1] * vae.downsample
         device = tokenizer.device
@@ -118,6 +124,8 @@ class NextScaleEncode(io.ComfyNode):
 
 
 def check_vocab(vae: MultiScaleVQVAE, tokens: NextScaleTokens) -> None:
+    if isinstance(tokens, NextScaleBitTokens) or isinstance(vae, BSQTokenizer):
+        return  # bitwise tokens have no vocabulary; decode_tokens checks the pairing and the bit count
     vocab = vae.config.vocab_size
     top = max(int(i.max()) for i in tokens.indices)
     if top >= vocab:
@@ -127,9 +135,19 @@ def check_vocab(vae: MultiScaleVQVAE, tokens: NextScaleTokens) -> None:
         )
 
 
-def decode_tokens(tokenizer: LoadedModel, tokens: NextScaleTokens, upto: int | None) -> torch.Tensor:
-    """ComfyUI IMAGE of the tokens' first ``upto`` scales (None: all, using the tokens' own f_hat when kept)."""
-    vae: MultiScaleVQVAE = tokenizer.ready()
+def decode_tokens(tokenizer: LoadedModel, tokens: NextScaleTokens | NextScaleBitTokens, upto: int | None) -> torch.Tensor:
+    """ComfyUI IMAGE of the tokens' first ``upto`` scales (None: all, using the tokens' own f_hat when kept).
+    Bitwise tokens (Infinity) go through their BSQ tokenizer."""
+    vae = tokenizer.ready()
+    if isinstance(tokens, NextScaleBitTokens) or isinstance(vae, BSQTokenizer):
+        if not (isinstance(tokens, NextScaleBitTokens) and isinstance(vae, BSQTokenizer)):
+            raise NextScaleError(
+                "Infinity (bitwise) tokens decode with the Infinity tokenizer of NextScale Load Infinity, and VAR "
+                "tokens with a VAR tokenizer: connect the tokenizer the tokens were made with"
+            )
+        from .infinity import decode_bits
+
+        return decode_bits(tokenizer, tokens, upto)
     device, dtype = tokenizer.device, tokenizer.dtype
     images = []
     with torch.inference_mode():

@@ -76,3 +76,11 @@ def test_workflow_needing_user_files_validates_up_to_them(comfy_server, object_i
         comfy_server.post_prompt(prompt)
     errors = info.value.body.get("node_errors", {})
     assert errors and set(errors) == missing, json.dumps(info.value.body, indent=1)[:3000]
+    if name == "nextscale_infinity_t2i":  # the pack's own loaders say what is missing and where it goes
+        for nid in missing:
+            text = json.dumps(errors[nid])
+            assert "model not found" in text and "models" in text, text
+        loader = json.dumps(errors[next(n for n in missing if prompt[n]["class_type"] == "NextScaleLoadInfinity")])
+        assert "infinity_2b_reg.pth" in loader and "FoundationVision/Infinity" in loader, loader
+        encoder = json.dumps(errors[next(n for n in missing if prompt[n]["class_type"] == "NextScaleTextEncodeT5")])
+        assert "text_encoders" in encoder and "google/flan-t5-xl" in encoder, encoder

@@ -35,6 +35,7 @@ CLASSES = "circle, square, triangle, star, heart, cross, crescent, arrow, letter
 EXAMPLE_IMAGE = "nextscale_example.png"
 INPUT_DIR = WORKFLOWS_DIR / "input"
 SD_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+INFINITY_MODEL, INFINITY_TOKENIZER, FLAN_T5 = "infinity_2b_reg.pth", "infinity_vae_d32reg.pth", "flan-t5-xl"
 
 
 def pack_version() -> str:
@@ -252,6 +253,27 @@ def sd_refine() -> Example:
     )
 
 
+def infinity_t2i() -> Example:
+    g = Graph()
+    loader = g.add("NextScaleLoadInfinity", model_name=INFINITY_MODEL, tokenizer_name=INFINITY_TOKENIZER, dtype="auto")
+    prompt = g.add("NextScaleTextEncodeT5", text_encoder=FLAN_T5, text="a watercolor painting of a lighthouse on a "
+                   "cliff at dawn, soft light")  # fmt: skip
+    tokens = g.add(
+        "NextScaleTextSampler", model=g.out(loader, 0), tokenizer=g.out(loader, 1), positive=g.out(prompt), seed=0,
+        cfg=3.0, tau=0.5, top_k=900, top_p=0.97, aspect_ratio="1:1", resolution="1M", batch_size=1, keep_scales=0,
+    )  # fmt: skip
+    image = g.add("NextScaleDecode", tokenizer=g.out(loader, 1), tokens=g.out(tokens), scales=0)
+    g.add("SaveImage", images=g.out(image), filename_prefix="NextScale/infinity")
+    return Example(
+        "nextscale_infinity_t2i", "NextScale: Infinity text to image",
+        f"Infinity-2B from a text prompt at 1024 px (13 scales). Needs your own files: {INFINITY_MODEL} and "
+        f"{INFINITY_TOKENIZER} in models/nextscale and flan-t5-xl in models/text_encoders (Hugging Face "
+        "FoundationVision/Infinity and google/flan-t5-xl). Connect a second NextScale Text Encode (T5) to 'negative' "
+        "for a negative prompt.",
+        g.prompt, needs_user_files=["NextScaleLoadInfinity", "NextScaleTextEncodeT5"],
+    )
+
+
 def control() -> Example:
     g = Graph()
     tok, gen = _models(g)
@@ -311,7 +333,8 @@ def collaborative() -> Example:
 
 
 EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), class_edit(), img2img(),
-                                 image_inpaint(), control(), kv_policy(), collaborative(), sd_refine())}  # fmt: skip
+                                 image_inpaint(), control(), kv_policy(), collaborative(), sd_refine(),
+                                 infinity_t2i())}  # fmt: skip
 
 
 def example_image_bytes() -> bytes:

@@ -30,7 +30,11 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 PROBE_FILE = "__nextscale_schema_probe__.safetensors"
 # Combos whose options depend on files but not through the folder's file list (class names read from the embedded
 # model card and from generator files' metadata).
-ALSO_DYNAMIC = {("NextScaleSampler", "class_name"), ("NextScaleCollaborativeSampler", "class_name")}
+ALSO_DYNAMIC = {
+    ("NextScaleSampler", "class_name"),
+    ("NextScaleCollaborativeSampler", "class_name"),
+    ("NextScaleTextEncodeT5", "text_encoder"),  # files in models/text_encoders
+}
 
 
 def _node_infos(file_list: list[str]) -> dict[str, dict]:

@@ -1,0 +1,377 @@
+"""Infinity nodes: load the text-to-image transformer and its BSQ tokenizer, and the text sampler.
+
+Text comes from NextScale Text Encode (T5) (or ComfyUI's CLIP Text Encode with the same encoder) as standard
+CONDITIONING; the tokens go to the usual NextScale Decode.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+from ..models.bsq import BSQTokenizer
+from ..models.checkpoint import read_sharded_state_dict, read_state_dict, shard_files
+from ..models.errors import NextScaleError
+from ..models.imageops import image_to_model, model_to_image
+from ..models.infinity import Infinity
+from ..models.infinity_sampler import InfinityOptions, KeepScales, sample_infinity
+from ..models.infinity_schedule import RESOLUTIONS, InfinitySchedule
+from ..models.sampler import SamplerHooks
+from .model_files import DTYPES, FOLDER, LoadedModel, check_kind, load_model
+from .sockets import CATEGORY, InfinityModel, KVPolicy, Tokenizer, Tokens
+from .text_encoder import check_text_width
+from .validation import check_combos
+
+INFINITY_CATEGORY = f"{CATEGORY}/infinity"
+MAX_BATCH = 16
+PREVIEW_SIDE = 16  # previews decode at most a 16x16 latent
+INFINITY_HINT = (
+    "Infinity's files are published in the Hugging Face repository FoundationVision/Infinity: put "
+    "infinity_2b_reg.pth and infinity_vae_d32reg.pth (or the 8B's infinity_8b_weights folder and "
+    "infinity_vae_d56_f8_14_patchify.pth) into {folders}, and flan-t5-xl (google/flan-t5-xl) into "
+    "ComfyUI/models/text_encoders"
+)
+
+# Aspect ratios offered, as width:height, with the template (h / w) each picks (var.md 5.5).
+ASPECTS = {
+    "1:1": 1.0,
+    "4:5 portrait": 1.25,
+    "3:4 portrait": 1.333,
+    "2:3 portrait": 1.5,
+    "4:7 portrait": 1.75,
+    "1:2 portrait": 2.0,
+    "2:5 portrait": 2.5,
+    "1:3 portrait": 3.0,
+    "5:4 landscape": 0.8,
+    "4:3 landscape": 0.75,
+    "3:2 landscape": 0.666,
+    "7:4 landscape": 0.571,
+    "2:1 landscape": 0.5,
+    "5:2 landscape": 0.4,
+    "3:1 landscape": 0.333,
+}
+RESOLUTION_CHOICES = list(RESOLUTIONS)
+
+
+def _folders() -> str:
+    return ", ".join(folder_paths.get_folder_paths(FOLDER))
+
+
+def model_choices() -> list[str]:
+    """Weight files in the NextScale folder, and its sub-folders of shards (the 8B)."""
+    files = list(folder_paths.get_filename_list(FOLDER))
+    folders = []
+    for base in folder_paths.get_folder_paths(FOLDER):
+        if os.path.isdir(base):
+            folders += [n for n in sorted(os.listdir(base)) if os.path.isdir(os.path.join(base, n))
+                        and shard_files(os.path.join(base, n))]  # fmt: skip
+    return files + [f for f in folders if f not in files]
+
+
+def tokenizer_choices() -> list[str]:
+    return list(folder_paths.get_filename_list(FOLDER))
+
+
+def _resolve(name: str, what: str) -> str:
+    for base in folder_paths.get_folder_paths(FOLDER):
+        path = os.path.join(base, name)
+        if os.path.isfile(path) or (os.path.isdir(path) and shard_files(path)):
+            return path
+    raise NextScaleError(
+        f"model not found: {what} '{name}' is not in the NextScale model folder ({_folders()}). "
+        + INFINITY_HINT.format(folders=_folders())
+    )
+
+
+def _missing(value: str, options: list[str], what: str) -> str | None:
+    if value in options:
+        return None
+    return (
+        f"model not found: {what} '{value}' is not in the NextScale model folder ({_folders()}). "
+        + INFINITY_HINT.format(folders=_folders())
+    )
+
+
+def build_infinity(path: str) -> Infinity:
+    if os.path.isdir(path):
+        state_dict = read_sharded_state_dict(path, "Infinity transformer")
+    else:
+        state_dict = read_state_dict(path, "Infinity transformer")
+    check_kind(state_dict, path, "infinity-generator")
+    return Infinity.from_state_dict(state_dict, path=path, config=Infinity.config_from_file(path) if os.path.isfile(path) else None)
+
+
+def build_bsq(path: str) -> BSQTokenizer:
+    state_dict = read_state_dict(path, "Infinity tokenizer")
+    check_kind(state_dict, path, "infinity-tokenizer")
+    return BSQTokenizer.from_state_dict(state_dict, path=path, config=BSQTokenizer.config_from_file(path))
+
+
+class NextScaleLoadInfinity(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleLoadInfinity",
+            display_name="NextScale Load Infinity",
+            category=INFINITY_CATEGORY,
+            description="Loads an Infinity text-to-image transformer (infinity_2b_reg.pth, or the 8B's folder of "
+            "shards) and its BSQ tokenizer (infinity_vae_d32reg.pth; the 8B's infinity_vae_d56_f8_14_patchify.pth) "
+            "from models/nextscale. Sizes are read from the files; loading is strict.",
+            inputs=[
+                io.Combo.Input(
+                    "model_name",
+                    options=model_choices(),
+                    tooltip="Transformer file (.pth or .safetensors) or folder of shards in ComfyUI/models/nextscale, "
+                    "from the Hugging Face repository FoundationVision/Infinity.",
+                ),
+                io.Combo.Input(
+                    "tokenizer_name",
+                    options=tokenizer_choices(),
+                    tooltip="The BSQ tokenizer that goes with the transformer (2B: infinity_vae_d32reg.pth).",
+                ),
+                io.Combo.Input(
+                    "dtype",
+                    options=DTYPES,
+                    default="auto",
+                    tooltip="Transformer precision. auto: float32 on CPU, bfloat16 (or float16) on GPU. The "
+                    "tokenizer stays float32 and logits are always float32.",
+                ),
+            ],
+            outputs=[
+                InfinityModel.Output("model", display_name="model"),
+                Tokenizer.Output("tokenizer", display_name="tokenizer"),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name: str, tokenizer_name: str, dtype: str) -> bool | str:
+        return (
+            _missing(model_name, model_choices(), "Infinity transformer")
+            or _missing(tokenizer_name, tokenizer_choices(), "Infinity tokenizer")
+            or check_combos(dtype=(dtype, DTYPES))
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, tokenizer_name: str, dtype: str) -> io.NodeOutput:
+        model_path = _resolve(model_name, "Infinity transformer")
+        tokenizer_path = _resolve(tokenizer_name, "Infinity tokenizer")
+        model = load_model(model_name, "infinity", dtype, build_infinity, path=model_path)
+        tokenizer = load_model(tokenizer_name, "tokenizer", "auto", build_bsq, path=tokenizer_path)
+        return io.NodeOutput(model, tokenizer)
+
+
+def text_from_conditioning(conditioning, batch_size: int, text_dim: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(text_BTC, mask_BT)`` from ComfyUI CONDITIONING: its first entry (a ``(b, T, C)`` tensor, with an
+    ``attention_mask`` when the encoder padded), repeated to ``batch_size`` rows when it holds one prompt."""
+    if not conditioning:
+        raise NextScaleError(f"the {what} conditioning is empty: connect NextScale Text Encode (T5)")
+    cond = conditioning[0][0]
+    extra = conditioning[0][1] if len(conditioning[0]) > 1 else {}
+    if not isinstance(cond, torch.Tensor) or cond.dim() != 3:
+        raise NextScaleError(f"the {what} conditioning is not a (batch, tokens, channels) text encoding")
+    check_text_width(cond.shape[-1], text_dim)
+    mask = extra.get("attention_mask") if isinstance(extra, dict) else None
+    mask = torch.ones(cond.shape[:2], dtype=torch.bool) if mask is None else mask.reshape(cond.shape[:2]).bool()
+    if cond.shape[0] == 1:
+        cond, mask = cond.expand(batch_size, -1, -1), mask.expand(batch_size, -1)
+    elif cond.shape[0] != batch_size:
+        raise NextScaleError(
+            f"the {what} conditioning holds {cond.shape[0]} prompts; use one prompt, or batch_size = {cond.shape[0]}"
+        )
+    return cond.float(), mask
+
+
+def infinity_callback(node_id, tokenizer: BSQTokenizer, num_scales: int):
+    pbar = comfy.utils.ProgressBar(num_scales, node_id=node_id)
+
+    def on_scale(si: int, K: int, summed_BdHW: torch.Tensor) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(si + 1, K, preview(tokenizer, summed_BdHW))
+
+    return on_scale
+
+
+def preview(tokenizer: BSQTokenizer, summed_BdHW: torch.Tensor):
+    from comfy.cli_args import args
+    from PIL import Image
+
+    H, W = summed_BdHW.shape[-2:]
+    scale = min(1.0, PREVIEW_SIDE / max(H, W))
+    size = (max(1, round(H * scale)), max(1, round(W * scale)))
+    latent = torch.nn.functional.interpolate(summed_BdHW[:1].float(), size=size, mode="area")
+    with torch.inference_mode():
+        img = model_to_image(tokenizer.decode(latent.to(next(tokenizer.parameters()).dtype)))[0]
+    return ("JPEG", Image.fromarray((img.cpu().numpy() * 255).round().astype("uint8")), args.preview_size)
+
+
+class NextScaleTextSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleTextSampler",
+            display_name="NextScale Sampler (Text)",
+            category=INFINITY_CATEGORY,
+            description="Generates bitwise token maps coarse to fine with an Infinity model from a text prompt: "
+            "constant classifier-free guidance on the logits, temperature tau, top-k/top-p per bit, one progress "
+            "step and preview per scale. Optionally keeps the first scales of an input image (image to image). "
+            "Batch item i uses seed + i.",
+            inputs=[
+                InfinityModel.Input("model", tooltip="From NextScale Load Infinity."),
+                Tokenizer.Input("tokenizer", tooltip="The BSQ tokenizer from NextScale Load Infinity."),
+                io.Conditioning.Input(
+                    "positive", tooltip="The prompt, from NextScale Text Encode (T5) (flan-t5-xl). ComfyUI's "
+                    "weighting syntax (word:1.2) works there."
+                ),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                    tooltip="Random seed. Batch item i uses seed + i.",
+                ),
+                io.Float.Input(
+                    "cfg", default=3.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                    tooltip="Guidance: cfg * cond + (1 - cfg) * uncond on every scale (Infinity's default 3; "
+                    "1 = no guidance).",
+                ),
+                io.Float.Input(
+                    "tau", default=0.5, min=0.01, max=5.0, step=0.01,
+                    tooltip="Temperature of the bit logits (Infinity-2B's default 0.5; the 8B uses 1.0).",
+                ),
+                io.Int.Input("top_k", default=900, min=0, max=100000, tooltip="Top-k per bit pair (>= 2 changes "
+                             "nothing; kept for parity with upstream's settings; 0 = off)."),
+                io.Float.Input(
+                    "top_p", default=0.97, min=0.0, max=1.0, step=0.01,
+                    tooltip="Top-p per bit: 0.97 makes every bit whose minority probability is at most 0.03 "
+                    "deterministic (0 = off).",
+                ),
+                io.Combo.Input(
+                    "aspect_ratio", options=list(ASPECTS), default="1:1",
+                    tooltip="Width:height; each picks one of Infinity's 15 scale templates.",
+                ),
+                io.Combo.Input(
+                    "resolution", options=RESOLUTION_CHOICES, default="1M",
+                    tooltip="Pixel count: 0.06M = 7 scales (256 px square), 0.25M = 10 (512 px), 0.60M = 12 "
+                    "(768 px), 1M = 13 (1024 px, what the 2B was trained for).",
+                ),
+                io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH, tooltip="Images per prompt."),
+                io.Conditioning.Input(
+                    "negative", optional=True,
+                    tooltip="Optional negative prompt for the unconditional rows. Without it, Infinity's learned "
+                    "empty-prompt embedding is used (upstream's default).",
+                ),
+                KVPolicy.Input(
+                    "kv_policy", optional=True,
+                    tooltip="From NextScale KV Policy (uncalibrated policies; calibration profiles are for VAR "
+                    "generators): what the KV cache keeps across scales.",
+                ),
+                io.Image.Input(
+                    "image", optional=True,
+                    tooltip="Optional image for image to image: it is resized to the output size, encoded, and its "
+                    "first keep_scales scales are kept.",
+                ),
+                io.Int.Input(
+                    "keep_scales", default=0, min=0, max=13, optional=True,
+                    tooltip="With an image: how many coarse scales to keep from it (0 = none; more keeps more of "
+                    "its layout and colours).",
+                ),
+            ],
+            outputs=[Tokens.Output("tokens", display_name="tokens")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, aspect_ratio: str, resolution: str) -> bool | str:
+        return check_combos(aspect_ratio=(aspect_ratio, list(ASPECTS)), resolution=(resolution, RESOLUTION_CHOICES))
+
+    @classmethod
+    def execute(
+        cls,
+        model: LoadedModel,
+        tokenizer: LoadedModel,
+        positive,
+        seed: int,
+        cfg: float,
+        tau: float,
+        top_k: int,
+        top_p: float,
+        aspect_ratio: str,
+        resolution: str,
+        batch_size: int,
+        negative=None,
+        kv_policy=None,
+        image: torch.Tensor | None = None,
+        keep_scales: int = 0,
+    ) -> io.NodeOutput:
+        if not (math.isfinite(cfg) and math.isfinite(tau) and math.isfinite(top_p)):
+            raise NextScaleError(f"cfg = {cfg}, tau = {tau} and top_p = {top_p} must be finite numbers")
+        infinity: Infinity = model.ready()
+        bsq: BSQTokenizer = tokenizer.ready()
+        if not isinstance(infinity, Infinity) or not isinstance(bsq, BSQTokenizer):
+            raise NextScaleError("NextScale Sampler (Text) needs the model and tokenizer of NextScale Load Infinity")
+        schedule = InfinitySchedule.from_template(ASPECTS[aspect_ratio], resolution)
+        text_dim = infinity.config.text_dim
+        text, mask = text_from_conditioning(positive, batch_size, text_dim, "positive")
+        neg = None if negative is None else text_from_conditioning(negative, 1, text_dim, "negative")
+        device = model.device
+        guide = None
+        if image is not None and keep_scales > 0:
+            guide = KeepScales(encode_for_schedule(bsq, tokenizer, image, schedule, infinity), keep_scales)
+            if keep_scales > schedule.num_scales:
+                raise NextScaleError(f"keep_scales = {keep_scales}, but this resolution has {schedule.num_scales} scales")
+        policy = None
+        if kv_policy is not None:
+            if getattr(kv_policy, "profile", None) is not None:
+                raise NextScaleError(
+                    "this KV policy carries a calibration profile of a VAR generator; for Infinity use the policy "
+                    "without a profile (uniform budgets)"
+                )
+            policy = kv_policy.bind_scales(infinity.depth, infinity.num_heads, schedule.scales)
+        hooks = SamplerHooks(callback=infinity_callback(cls.hidden.unique_id, bsq, schedule.num_scales), kv_policy=policy)
+        options = InfinityOptions(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
+        tokens = sample_infinity(
+            infinity, bsq, text, mask, schedule=schedule, seed=seed, options=options, negative=neg, hooks=hooks,
+            guide=guide, device=device,
+        )  # fmt: skip
+        return io.NodeOutput(tokens.to("cpu"))
+
+
+def encode_for_schedule(bsq: BSQTokenizer, tokenizer: LoadedModel, image: torch.Tensor, schedule, infinity) -> list:
+    """The bits of ``image`` (its first item), resized to the schedule's output size, per latent scale."""
+    from ..models.infinity_sampler import patch_factor
+
+    p = patch_factor(infinity, bsq)
+    latent = [(h * p, w * p) for h, w in schedule.scales]
+    H, W = latent[-1][0] * bsq.downsample, latent[-1][1] * bsq.downsample
+    img = image_to_model(image[:1]).to(device=tokenizer.device, dtype=tokenizer.dtype)
+    img = torch.nn.functional.interpolate(img, size=(H, W), mode="bicubic", align_corners=False).clamp(-1, 1)
+    with torch.inference_mode():
+        return [b.cpu() for b in bsq.encode_bits(img, latent)]
+
+
+def decode_bits(tokenizer: LoadedModel, tokens, upto: int | None) -> torch.Tensor:
+    """ComfyUI IMAGE of bitwise tokens (their first ``upto`` scales; None: all)."""
+    bsq: BSQTokenizer = tokenizer.ready()
+    if tokens.codebook_dim != bsq.codebook_dim:
+        raise NextScaleError(
+            f"these tokens have {tokens.codebook_dim} bits per cell but the tokenizer codes {bsq.codebook_dim}: decode "
+            f"with the tokenizer they were made with"
+        )
+    images = []
+    with torch.inference_mode():
+        for b in range(0, tokens.batch_size, 4):
+            mm.throw_exception_if_processing_interrupted()
+            part = tokens.select(list(range(b, min(b + 4, tokens.batch_size)))).to(tokenizer.device)
+            if upto is None and part.summed_codes is not None:
+                summed = part.summed_codes
+            else:
+                summed = bsq.bits_to_summed_codes(part.bits[: upto or part.num_scales], part.scales[-1])
+            images.append(model_to_image(bsq.decode(summed.to(tokenizer.dtype))).to(mm.intermediate_device()))
+    return torch.cat(images)
+
+
+NODES = [NextScaleLoadInfinity, NextScaleTextSampler]

@@ -1,0 +1,88 @@
+"""Infinity's nodes inside ComfyUI's python: load a tiny random Infinity + BSQ tokenizer from models/nextscale and a
+tiny T5 from models/text_encoders, encode a prompt, sample (with a KV policy and image to image), decode."""
+
+from __future__ import annotations
+
+import textwrap
+
+from harness.testbed import run_in_comfyui_python
+from test_text_encoder import PREAMBLE
+
+NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
+    """
+    from comfy_api.latest import io
+    from nextscale.models.bsq import BSQConfig, BSQTokenizer
+    from nextscale.models.infinity import Infinity, InfinityConfig
+    from nextscale.models.kv_policies import KVPolicySpec
+    from nextscale.models.tokens import NextScaleBitTokens
+    from nextscale.nodes import FAMILIES, infinity as inf
+    from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleDecodeScales, NextScaleEncode
+    from nextscale.nodes.generator import NextScaleSampler
+
+    assert any(inf.NextScaleTextSampler in f.NODES for f in FAMILIES)
+    assert any(te.NextScaleTextEncodeT5 in f.NODES for f in FAMILIES)
+    tmp = tempfile.mkdtemp()
+    models, encoders = os.path.join(tmp, "nextscale"), os.path.join(tmp, "text_encoders")
+    os.makedirs(models), os.makedirs(encoders)
+    folder_paths.add_model_folder_path("nextscale", models, is_default=True)
+    folder_paths.add_model_folder_path("text_encoders", encoders, is_default=True)
+
+    # files absent: the loader's validation says what to put where
+    msg = inf.NextScaleLoadInfinity.validate_inputs("infinity_2b_reg.pth", "infinity_vae_d32reg.pth", "auto")
+    assert "model not found" in msg and models in msg and "infinity_2b_reg.pth" in msg and "flan-t5-xl" in msg, msg
+
+    torch.manual_seed(0)
+    cfg = InfinityConfig(depth=2, embed_dim=64, num_heads=4, hidden_dim=128, token_dim=4, text_dim=64, text_maxlen=32,
+                         block_chunks=2, pool_heads=2)
+    model = Infinity(cfg)
+    model.save(os.path.join(models, "infinity_tiny.safetensors"))
+    tok = BSQTokenizer(BSQConfig(codebook_dim=4, base_ch=32, ch_mult=(1, 2), num_res_blocks=1))
+    tok.save(os.path.join(models, "bsq_tiny.safetensors"))
+    _, _, encoder = tiny_t5()
+    save_file(encoder, os.path.join(encoders, "flan_tiny.safetensors"))
+
+    assert inf.NextScaleLoadInfinity.validate_inputs("infinity_tiny.safetensors", "bsq_tiny.safetensors", "auto") is True
+    loaded_model, loaded_tok = inf.NextScaleLoadInfinity.execute("infinity_tiny.safetensors", "bsq_tiny.safetensors", "auto").result
+    raises(lambda: inf.NextScaleLoadInfinity.execute("bsq_tiny.safetensors", "bsq_tiny.safetensors", "auto"),
+           "Infinity BSQ tokenizer", "expects an Infinity transformer")
+    positive = te.NextScaleTextEncodeT5.execute("flan_tiny.safetensors", "a red (circle:1.2)").result[0]
+    negative = te.NextScaleTextEncodeT5.execute("flan_tiny.safetensors", "blurry").result[0]
+
+    inf.NextScaleTextSampler.hidden = io.HiddenHolder.from_dict({})
+    def sample(**kw):
+        args = dict(model=loaded_model, tokenizer=loaded_tok, positive=positive, seed=5, cfg=3.0, tau=0.5, top_k=900,
+                    top_p=0.97, aspect_ratio="2:1 landscape", resolution="0.06M", batch_size=2)
+        args.update(kw)
+        return inf.NextScaleTextSampler.execute(**args).result[0]
+
+    tokens = sample()
+    assert isinstance(tokens, NextScaleBitTokens) and tokens.batch_size == 2 and tokens.scales[-1] == (11, 22)
+    image = NextScaleDecode.execute(loaded_tok, tokens, 0).result[0]
+    assert tuple(image.shape) == (2, 22, 44, 3) and 0 <= float(image.min()) and float(image.max()) <= 1
+    stages, K = NextScaleDecodeScales.execute(loaded_tok, tokens).result
+    assert K == 7 and tuple(stages.shape) == (14, 22, 44, 3) and torch.allclose(stages[6], image[0], atol=1e-5)
+    with_neg = sample(negative=negative)
+    assert not all(torch.equal(a, b) for a, b in zip(tokens.bits, with_neg.bits))
+    policy = KVPolicySpec("scalekv", budget=0.3)
+    assert len(sample(kv_policy=policy).bits) == 7
+    kept = sample(image=image[:1], keep_scales=3)
+    encoded = inf.encode_for_schedule(loaded_tok.ready(), loaded_tok, image[:1], inf.InfinitySchedule.from_template(0.5, "0.06M"), loaded_model.ready())
+    assert all(torch.equal(kept.bits[si][0], encoded[si][0]) for si in range(3))
+
+    # mis-wiring and bad input give clear errors
+    raises(lambda: NextScaleEncode.execute(loaded_tok, image, "center crop"), "NextScale Sampler (Text)")
+    raises(lambda: NextScaleSampler.execute(loaded_model, loaded_tok, "3", 0, 4.0, 900, 0.95, False, 1),
+           "NextScale Sampler (Text)")
+    wide = [[torch.zeros(1, 4, 4096), {"pooled_output": None}]]
+    raises(lambda: sample(positive=wide), "4096-wide", "expects 64-wide", "Text Encode (T5)")
+    raises(lambda: sample(positive=[]), "conditioning is empty")
+    raises(lambda: sample(cfg=float("nan")), "finite")
+    assert "not one of the choices" in inf.NextScaleTextSampler.validate_inputs("16:9", "1M")
+    print("infinity nodes ok")
+    """
+)
+
+
+def test_infinity_nodes_in_comfyui(tmp_path):
+    result = run_in_comfyui_python(NODE_CHECK, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0 and "infinity nodes ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
