@@ -121,6 +121,26 @@ def test_d32_loads_in_both_layouts_on_meta():
     assert BSQTokenizer.from_state_dict(sd, PATH).quantizer.lfq.mask.shape == (32,)
 
 
+def test_d32_with_random_values_loads_from_a_nested_pth_and_decodes(tmp_path):
+    """The published d32 key set in the flat layout with random values (110 M parameters, fp16 on disk like a
+    download), nested under ['vae'] with the mask buffer: strict load, then 16x16 summed codes decode to 256 px."""
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, s in BSQTokenizer.expected_shapes(D32).items():
+        if k.endswith("lfq.mask"):
+            sd[k] = 2 ** torch.arange(31, -1, -1)
+        else:
+            sd[flat(k)] = (torch.randn(s, generator=g) * 0.02).half()
+    path = tmp_path / "infinity_vae_d32reg.pth"
+    torch.save({"vae": sd}, path)
+    model = BSQTokenizer.from_file(str(path))
+    assert model.config == D32 and model.downsample == 16
+    bits = [torch.rand(1, n, n, 32, generator=g) > 0.5 for n in (1, 2, 4, 8, 16)]
+    image = model.decode(model.bits_to_summed_codes(bits))
+    assert image.shape == (1, 3, 256, 256) and torch.isfinite(image).all()
+
+
+
 @pytest.mark.parametrize(
     "config",
     [
