@@ -21,7 +21,6 @@ Conventions:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -31,12 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import check_state_dict, check_tensors, read_safetensors_metadata, read_state_dict, save_safetensors
+from .checkpoint import (
+    CONFIG_METADATA_KEY,
+    check_state_dict,
+    check_tensors,
+    config_from_metadata,
+    load_on_meta,
+    read_state_dict,
+    save_safetensors,
+    shapes_on_meta,
+)
 from .errors import NextScaleError
 from .identify import expect_kind
 
 WHAT = "Infinity BSQ tokenizer"
-CONFIG_METADATA_KEY = "nextscale_config"  # safetensors metadata: JSON BSQConfig, written by BSQTokenizer.save
 MASK_KEY = "quantizer.lfq.mask"
 # Upstream's AutoEncoder registers its quantiser twice (``quantizer`` and ``quantize``), so a full upstream
 # state_dict() holds the mask under both names. The second copy is checked like the first and dropped.
@@ -380,9 +387,7 @@ class BSQTokenizer(nn.Module):
     @staticmethod
     def expected_shapes(config: BSQConfig) -> dict[str, tuple[int, ...]]:
         """Every native state-dict key of a model with ``config`` and its shape (built on the meta device)."""
-        with torch.device("meta"):
-            model = BSQTokenizer(config)
-        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return shapes_on_meta(lambda: BSQTokenizer(config))
 
     @staticmethod
     def infer_config(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> BSQConfig:
@@ -469,24 +474,13 @@ class BSQTokenizer(nn.Module):
         sd = _to_native(state_dict, cls.expected_shapes(cfg), path)
         _check_mask(state_dict, cfg.codebook_dim, path)
         sd[MASK_KEY] = bit_mask(cfg.codebook_dim, device=sd["encoder.conv_in.conv.weight"].device)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.float().eval().requires_grad_(False)
+        return load_on_meta(lambda: cls(cfg), sd)
 
     @staticmethod
     def config_from_file(path: str) -> BSQConfig | None:
         """The config stored under the safetensors metadata key ``nextscale_config`` (written by :meth:`save`), or
         None when there is none (official files: infer it from the keys)."""
-        meta = read_safetensors_metadata(path).get(CONFIG_METADATA_KEY)
-        if meta is None:
-            return None
-        try:
-            return BSQConfig.from_dict(json.loads(meta))
-        except (ValueError, TypeError) as e:  # NextScaleError is a ValueError
-            raise NextScaleError(
-                f"{WHAT} file '{path}' has an invalid '{CONFIG_METADATA_KEY}' metadata entry: {e}"
-            ) from None
+        return config_from_metadata(path, BSQConfig.from_dict, WHAT)
 
     @classmethod
     def from_file(cls, path: str) -> BSQTokenizer:

@@ -263,3 +263,34 @@ def read_safetensors_metadata(path: str) -> dict[str, str]:
             return dict(f.metadata() or {})
     except Exception:  # metadata is advisory; read_state_dict reports real damage
         return {}
+
+
+CONFIG_METADATA_KEY = "nextscale_config"
+
+
+def config_from_metadata(path: str, from_dict, what: str):
+    """The config stored as JSON under the safetensors metadata key ``nextscale_config`` (written by the models'
+    ``save``), parsed by ``from_dict``; None when there is none (official files: the config is inferred)."""
+    meta = read_safetensors_metadata(path).get(CONFIG_METADATA_KEY)
+    if meta is None:
+        return None
+    try:
+        return from_dict(json.loads(meta))
+    except (ValueError, TypeError) as e:  # NextScaleError is a ValueError
+        raise NextScaleError(f"{what} file '{path}' has an invalid '{CONFIG_METADATA_KEY}' metadata entry: {e}") from None
+
+
+def shapes_on_meta(build) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of the module ``build()`` makes, with its shape; built on the meta device (no memory)."""
+    with torch.device("meta"):
+        module = build()
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def load_on_meta(build, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """``build()`` on the meta device, then ``state_dict`` assigned strictly (the module takes the tensors over, so
+    loading never holds two copies): a frozen fp32 module in eval mode. Check the keys and shapes first."""
+    with torch.device("meta"):
+        module = build()
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    return module.float().eval().requires_grad_(False)

@@ -25,7 +25,6 @@ Conventions (reference: var.md 5.2, 5.6):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -37,12 +36,15 @@ from torch import nn
 
 from .blocks import FFN, AdaLNBeforeHead, SelfAttention
 from .checkpoint import (
+    CONFIG_METADATA_KEY,
     check_state_dict,
     check_tensors,
-    read_safetensors_metadata,
+    config_from_metadata,
+    load_on_meta,
     read_sharded_state_dict,
     read_state_dict,
     save_safetensors,
+    shapes_on_meta,
 )
 from .errors import NextScaleError
 from .identify import expect_kind
@@ -50,7 +52,6 @@ from .infinity_schedule import InfinitySchedule, rope_angles
 from .kv_cache import KVCache
 
 WHAT = "Infinity transformer"
-CONFIG_METADATA_KEY = "nextscale_config"
 IGNORED_BUFFERS = ("attn_bias_for_masking", "lvl_1L", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
 
 
@@ -445,9 +446,7 @@ class Infinity(nn.Module):
     @staticmethod
     def expected_shapes(config: InfinityConfig) -> dict[str, tuple[int, ...]]:
         """Every state-dict key of a model with ``config`` and its shape (meta device, no memory)."""
-        with torch.device("meta"):
-            model = Infinity(config)
-        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return shapes_on_meta(lambda: Infinity(config))
 
     @staticmethod
     def infer_config(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> InfinityConfig:
@@ -516,20 +515,11 @@ class Infinity(nn.Module):
         anchor = state_dict.get("pos_start")
         rebuilt = cls.rebuilt_buffers(cfg, device=None if anchor is None else anchor.device)
         check_state_dict(state_dict, cls.expected_shapes(cfg), path, WHAT, optional=rebuilt)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.load_state_dict({**state_dict, **rebuilt}, strict=True, assign=True)
-        return model.float().eval().requires_grad_(False)
+        return load_on_meta(lambda: cls(cfg), {**state_dict, **rebuilt})
 
     @staticmethod
     def config_from_file(path: str) -> InfinityConfig | None:
-        meta = read_safetensors_metadata(path).get(CONFIG_METADATA_KEY)
-        if meta is None:
-            return None
-        try:
-            return InfinityConfig.from_dict(json.loads(meta))
-        except (ValueError, TypeError) as e:
-            raise NextScaleError(f"{WHAT} file '{path}' has an invalid '{CONFIG_METADATA_KEY}' metadata entry: {e}") from None
+        return config_from_metadata(path, InfinityConfig.from_dict, WHAT)
 
     @classmethod
     def from_file(cls, path: str) -> Infinity:

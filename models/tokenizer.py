@@ -11,7 +11,6 @@ Conventions (reference: var.md sections 1 and 4.5):
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -20,14 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import check_state_dict, check_tensors, read_safetensors_metadata, read_state_dict, save_safetensors
+from .checkpoint import (
+    CONFIG_METADATA_KEY,
+    check_state_dict,
+    check_tensors,
+    config_from_metadata,
+    load_on_meta,
+    read_state_dict,
+    save_safetensors,
+    shapes_on_meta,
+)
 from .errors import NextScaleError
 from .identify import expect_kind
 from .quantizer import MultiScaleQuantizer
 from .schedule import SCHEDULE_256, validate_schedule
 
 WHAT = "VAR tokenizer"
-CONFIG_METADATA_KEY = "nextscale_config"  # safetensors metadata: JSON TokenizerConfig of non-official models
 _EMA_KEY = "quantize.ema_vocab_hit_SV"
 
 
@@ -295,9 +302,7 @@ class MultiScaleVQVAE(nn.Module):
     @staticmethod
     def expected_shapes(config: TokenizerConfig) -> dict[str, tuple[int, ...]]:
         """Every state-dict key of a model with ``config`` and its shape (built on the meta device)."""
-        with torch.device("meta"):
-            model = MultiScaleVQVAE(config)
-        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return shapes_on_meta(lambda: MultiScaleVQVAE(config))
 
     @staticmethod
     def infer_config(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> TokenizerConfig:
@@ -386,24 +391,13 @@ class MultiScaleVQVAE(nn.Module):
         if ema is None or (ema.dim() == 2 and ema.shape[1] == ema_shape[1] and tuple(ema.shape) != ema_shape):
             sd[_EMA_KEY] = torch.zeros(ema_shape, device=getattr(sd.get("quantize.embedding.weight"), "device", "cpu"))
         check_state_dict(sd, expected, path, WHAT, optional=[_EMA_KEY])
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.float().eval().requires_grad_(False)
+        return load_on_meta(lambda: cls(cfg), sd)
 
     @staticmethod
     def config_from_file(path: str) -> TokenizerConfig | None:
         """The config stored under the safetensors metadata key ``nextscale_config`` (written by :meth:`save`
         for non-official models), or None when there is none (official files: infer it from the keys)."""
-        meta = read_safetensors_metadata(path).get(CONFIG_METADATA_KEY)
-        if meta is None:
-            return None
-        try:
-            return TokenizerConfig.from_dict(json.loads(meta))
-        except (ValueError, TypeError) as e:  # NextScaleError is a ValueError
-            raise NextScaleError(
-                f"{WHAT} file '{path}' has an invalid '{CONFIG_METADATA_KEY}' metadata entry: {e}"
-            ) from None
+        return config_from_metadata(path, TokenizerConfig.from_dict, WHAT)
 
     @classmethod
     def from_file(cls, path: str, patch_nums: Sequence[int] | None = None) -> MultiScaleVQVAE:

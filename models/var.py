@@ -17,7 +17,6 @@ Conventions (reference: var.md 2 and 4.6-4.8):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -28,7 +27,16 @@ from torch import nn
 
 from ..kernels.attention import block_causal_mask
 from .blocks import AdaLNBeforeHead, AdaLNSelfAttn
-from .checkpoint import check_state_dict, check_tensors, read_safetensors_metadata, read_state_dict, save_safetensors
+from .checkpoint import (
+    CONFIG_METADATA_KEY,
+    check_state_dict,
+    check_tensors,
+    config_from_metadata,
+    load_on_meta,
+    read_state_dict,
+    save_safetensors,
+    shapes_on_meta,
+)
 from .errors import NextScaleError
 from .identify import expect_kind
 from .kv_cache import KVCache
@@ -42,7 +50,6 @@ from .schedule import (
 )
 
 WHAT = "VAR generator"
-CONFIG_METADATA_KEY = "nextscale_config"
 
 
 @dataclass(frozen=True)
@@ -296,9 +303,7 @@ class VAR(nn.Module):
     @staticmethod
     def expected_shapes(config: VARConfig) -> dict[str, tuple[int, ...]]:
         """Every state-dict key of a model with ``config`` and its shape, in state-dict order (meta device)."""
-        with torch.device("meta"):
-            model = VAR(config)
-        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return shapes_on_meta(lambda: VAR(config))
 
     @staticmethod
     def infer_config(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> VARConfig:
@@ -371,23 +376,12 @@ class VAR(nn.Module):
         anchor = state_dict.get("class_emb.weight")
         rebuilt = cls.rebuilt_buffers(cfg, device=None if anchor is None else anchor.device)
         check_state_dict(state_dict, cls.expected_shapes(cfg), path, WHAT, optional=rebuilt)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.load_state_dict({**state_dict, **rebuilt}, strict=True, assign=True)
-        return model.float().eval().requires_grad_(False)
+        return load_on_meta(lambda: cls(cfg), {**state_dict, **rebuilt})
 
     @staticmethod
     def config_from_file(path: str) -> VARConfig | None:
         """The config stored under the safetensors metadata key ``nextscale_config``, or None."""
-        meta = read_safetensors_metadata(path).get(CONFIG_METADATA_KEY)
-        if meta is None:
-            return None
-        try:
-            return VARConfig.from_dict(json.loads(meta))
-        except (ValueError, TypeError) as e:  # NextScaleError is a ValueError
-            raise NextScaleError(
-                f"{WHAT} file '{path}' has an invalid '{CONFIG_METADATA_KEY}' metadata entry: {e}"
-            ) from None
+        return config_from_metadata(path, VARConfig.from_dict, WHAT)
 
     @classmethod
     def from_file(cls, path: str) -> VAR:
