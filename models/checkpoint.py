@@ -119,6 +119,11 @@ def read_sharded_state_dict(folder: str, what: str = "model") -> dict[str, torch
     return out
 
 
+def read_weights(path: str, what: str = "model") -> dict[str, torch.Tensor]:
+    """:func:`read_sharded_state_dict` for a folder, :func:`read_state_dict` for a file."""
+    return read_sharded_state_dict(path, what) if os.path.isdir(path) else read_state_dict(path, what)
+
+
 def _read_safetensors(path: str, what: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -25,7 +25,6 @@ Conventions (reference: var.md 5.2, 5.6):
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -41,8 +40,7 @@ from .checkpoint import (
     check_tensors,
     config_from_metadata,
     load_on_meta,
-    read_sharded_state_dict,
-    read_state_dict,
+    read_weights,
     save_safetensors,
     shapes_on_meta,
 )
@@ -525,7 +523,7 @@ class Infinity(nn.Module):
     def from_file(cls, path: str) -> Infinity:
         """Load ``infinity_2b_reg.pth``-style files (``.pth`` read with ``weights_only=True``), safetensors, or a
         folder of shards (``infinity_8b_weights/``)."""
-        state_dict = read_sharded_state_dict(path, WHAT) if os.path.isdir(path) else read_state_dict(path, WHAT)
+        state_dict = read_weights(path, WHAT)
         expect_kind(state_dict, path, "infinity-generator", WHAT)
         return cls.from_state_dict(state_dict, path, cls.config_from_file(path))
 

@@ -106,6 +106,12 @@ def patch_factor(model: Infinity, tokenizer) -> int:
     )
 
 
+def latent_scales(model: Infinity, tokenizer, schedule: InfinitySchedule) -> list[tuple[int, int]]:
+    """The tokenizer's latent ``(h, w)`` of each scale: the schedule's grids, twice as fine when patchified."""
+    p = patch_factor(model, tokenizer)
+    return [(h * p, w * p) for h, w in schedule.scales]
+
+
 def unpatchify(bits_Bhwd: torch.Tensor, p: int) -> torch.Tensor:
     """``(B, h, w, p*p*d)`` token bits to ``(B, p*h, p*w, d)`` latent-cell bits (upstream's ``pixel_shuffle``)."""
     if p == 1:
@@ -146,7 +152,7 @@ def sample_infinity(
     cfgs, taus = _per_scale(options.cfg, K, "cfg"), _per_scale(options.tau, K, "tau")
     guided = any(c != 1 for c in cfgs)
     p = patch_factor(model, tokenizer)
-    latent = [(h * p, w * p) for h, w in schedule.scales]
+    latent = latent_scales(model, tokenizer, schedule)
     d = tokenizer.codebook_dim
     generators = [torch.Generator(device).manual_seed((seed + i) % 2**64) for i in range(B)]
 

@@ -17,11 +17,11 @@ import comfy.utils
 import folder_paths
 
 from ..models.bsq import BSQTokenizer
-from ..models.checkpoint import read_sharded_state_dict, read_state_dict, shard_files
+from ..models.checkpoint import read_state_dict, read_weights, shard_files
 from ..models.errors import NextScaleError
 from ..models.imageops import image_to_model, model_to_image
 from ..models.infinity import Infinity
-from ..models.infinity_sampler import InfinityOptions, KeepScales, sample_infinity
+from ..models.infinity_sampler import InfinityOptions, KeepScales, latent_scales, sample_infinity
 from ..models.infinity_schedule import RESOLUTIONS, InfinitySchedule
 from ..models.sampler import SamplerHooks
 from .model_files import DTYPES, FOLDER, LoadedModel, check_kind, load_model
@@ -79,33 +79,30 @@ def tokenizer_choices() -> list[str]:
     return list(folder_paths.get_filename_list(FOLDER))
 
 
+def _not_found(name: str, what: str) -> str:
+    folders = _folders()
+    return (
+        f"model not found: {what} '{name}' is not in the NextScale model folder ({folders}). "
+        + INFINITY_HINT.format(folders=folders)
+    )
+
+
 def _resolve(name: str, what: str) -> str:
     for base in folder_paths.get_folder_paths(FOLDER):
         path = os.path.join(base, name)
         if os.path.isfile(path) or (os.path.isdir(path) and shard_files(path)):
             return path
-    raise NextScaleError(
-        f"model not found: {what} '{name}' is not in the NextScale model folder ({_folders()}). "
-        + INFINITY_HINT.format(folders=_folders())
-    )
+    raise NextScaleError(_not_found(name, what))
 
 
 def _missing(value: str, options: list[str], what: str) -> str | None:
-    if value in options:
-        return None
-    return (
-        f"model not found: {what} '{value}' is not in the NextScale model folder ({_folders()}). "
-        + INFINITY_HINT.format(folders=_folders())
-    )
+    return None if value in options else _not_found(value, what)
 
 
 def build_infinity(path: str) -> Infinity:
-    if os.path.isdir(path):
-        state_dict = read_sharded_state_dict(path, "Infinity transformer")
-    else:
-        state_dict = read_state_dict(path, "Infinity transformer")
+    state_dict = read_weights(path, "Infinity transformer")
     check_kind(state_dict, path, "infinity-generator")
-    return Infinity.from_state_dict(state_dict, path=path, config=Infinity.config_from_file(path) if os.path.isfile(path) else None)
+    return Infinity.from_state_dict(state_dict, path=path, config=Infinity.config_from_file(path))
 
 
 def build_bsq(path: str) -> BSQTokenizer:
@@ -342,10 +339,7 @@ class NextScaleTextSampler(io.ComfyNode):
 
 def encode_for_schedule(bsq: BSQTokenizer, tokenizer: LoadedModel, image: torch.Tensor, schedule, infinity) -> list:
     """The bits of ``image`` (its first item), resized to the schedule's output size, per latent scale."""
-    from ..models.infinity_sampler import patch_factor
-
-    p = patch_factor(infinity, bsq)
-    latent = [(h * p, w * p) for h, w in schedule.scales]
+    latent = latent_scales(infinity, bsq, schedule)
     H, W = latent[-1][0] * bsq.downsample, latent[-1][1] * bsq.downsample
     img = image_to_model(image[:1]).to(device=tokenizer.device, dtype=tokenizer.dtype)
     img = torch.nn.functional.interpolate(img, size=(H, W), mode="bicubic", align_corners=False).clamp(-1, 1)

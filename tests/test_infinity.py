@@ -3,6 +3,7 @@ checked against an independent re-implementation of upstream's formulas (per-pro
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -234,6 +235,19 @@ def test_state_dict_round_trip_and_inference(tmp_path):
     pth = tmp_path / "infinity_tiny.pth"
     torch.save({**sd, "attn_bias_for_masking": torch.zeros(1, 1, 4, 4), "lvl_1L": torch.zeros(1, 4, dtype=torch.long)}, pth)
     assert Infinity.from_file(str(pth)).config == TINY
+    # a folder of shards with a Hugging Face index (the 8B's layout)
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "infinity_tiny_weights"
+    folder.mkdir()
+    keys = sorted(sd)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in halves.items():
+        save_file({k: sd[k].contiguous() for k in part}, str(folder / name))
+    index = {"weight_map": {k: name for name, part in halves.items() for k in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    sharded = Infinity.from_file(str(folder))
+    assert sharded.config == TINY and torch.equal(sharded.head.weight, model.head.weight)
 
 
 def test_official_2b_and_8b_layouts_load_strictly():
