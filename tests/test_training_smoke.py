@@ -125,6 +125,27 @@ def test_generator_loss_decreases_and_exports(tokenizer_file, workdir):
     assert img.shape == (2, 3, RES, RES)
 
 
+def test_bf16_autocast_training(tokenizer_file, workdir):
+    """``--precision bf16``: the tokenizer and the generator still learn, and the weights they save stay fp32."""
+    from training import train_generator, train_tokenizer
+
+    tok, _ = tokenizer_file
+    cache = str(workdir / "cache")
+    run_tok, run_gen = str(workdir / "tok_bf16"), str(workdir / "gen_bf16")
+    train_tokenizer.main(_tok_args(run_tok, cache, 24, ["--edge-weight", "0", "--precision", "bf16"]))
+    recs = _losses(run_tok)
+    assert recs[-1]["mse"] < 0.7 * recs[0]["mse"], recs
+    train_generator.main(_gen_args(tok, run_gen, cache, 40, ["--label-drop", "0", "--min-lr-ratio", "0.5",
+                                                              "--precision", "bf16"]))  # fmt: skip
+    recs = _losses(run_gen)
+    assert recs[0]["loss"] > recs[-1]["loss"] + 0.3, [r["loss"] for r in recs]
+    for run in (run_tok, run_gen):
+        weights = common.load_checkpoint(os.path.join(run, "last.pt"))["model"]
+        assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}, run
+    with pytest.raises(ValueError, match="--precision"):
+        common.autocast(torch.device("cpu"), "int8")
+
+
 def test_generator_resume_is_exact(tokenizer_file, workdir):
     from training import train_generator
 

@@ -44,6 +44,9 @@ def add_run_args(ap, run_name: str) -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--stop-after", type=int, default=0, help="stop (as if interrupted) after this step; for tests")
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                    help="forward/backward under autocast in this dtype (weights and optimiser stay fp32); bf16 is "
+                         "2x faster on CPUs with AMX/AVX512-BF16 and on recent GPUs")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -55,6 +58,20 @@ def pick_device(name: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """Mixed-precision context for a training step: ``fp32`` is a no-op; ``bf16``/``fp16`` run matmuls and
+    convolutions under ``torch.autocast`` on ``device`` while parameters, gradients and the optimiser stay fp32
+    (losses are computed on ``.float()`` outputs). fp16 is meant for CUDA, where it also needs loss scaling:
+    prefer bf16 there too."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose one of {PRECISIONS}")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def set_threads(n: int) -> None:

@@ -102,7 +102,7 @@ def control_loss(var, adapter, tokenizer, idx_BL, labels_B, ctrl_B3HW, strength_
         x_BLCv = tokenizer.quantize.teacher_forcing_input(split_scales(idx_BL, pn), pn)
     strength = 1.0 if strength_B is None else strength_B.view(-1, 1, 1).to(x_BLCv.dtype)
     logits = teacher_logits(var, adapter, labels_B, x_BLCv, ctrl_B3HW.float(), strength)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx_BL.reshape(-1).long())
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), idx_BL.reshape(-1).long())
     return loss, logits
 
 
@@ -185,7 +185,8 @@ def train(args) -> dict:
         drop = torch.rand(lab.shape, generator=gen).to(device) < args.label_drop
         lab = torch.where(drop, torch.full_like(lab, var.num_classes), lab)
         keep = (torch.rand(lab.shape, generator=gen) >= args.control_drop).float().to(device)
-        loss, logits = control_loss(var, adapter, tokenizer, idx, lab, ctrl, keep)
+        with common.autocast(device, args.precision):
+            loss, logits = control_loss(var, adapter, tokenizer, idx, lab, ctrl, keep)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), 2.0)

@@ -123,7 +123,7 @@ def teacher_forced_loss(var: VAR, tokenizer: MultiScaleVQVAE, idx_BL: torch.Tens
     with torch.no_grad():
         x_BLCv = tokenizer.quantize.teacher_forcing_input(split_scales(idx_BL, pn), pn)
     logits_BLV = var.forward_teacher(labels_B, x_BLCv)
-    loss = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), idx_BL.reshape(-1).long(),
+    loss = F.cross_entropy(logits_BLV.float().reshape(-1, logits_BLV.shape[-1]), idx_BL.reshape(-1).long(),
                            label_smoothing=label_smoothing)
     return loss, logits_BLV
 
@@ -227,7 +227,8 @@ def train(args) -> dict:
         idx, lab = batches.batch(step, device)
         drop = torch.rand(lab.shape, generator=gen).to(device) < args.label_drop
         lab = torch.where(drop, torch.full_like(lab, cfg.num_classes), lab)
-        loss, logits = teacher_forced_loss(var, tokenizer, idx, lab, args.label_smoothing)
+        with common.autocast(device, args.precision):
+            loss, logits = teacher_forced_loss(var, tokenizer, idx, lab, args.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)

@@ -124,7 +124,9 @@ def reconstruction_loss(y: torch.Tensor, x: torch.Tensor, edge_weight: float) ->
 def forward_train(model: MultiScaleVQVAE, x: torch.Tensor, beta: float):
     """``(reconstruction (unclamped), vq_loss, indices, f)`` with the straight-through estimator."""
     f = model.encode_latent(x)
-    f_hat, vq_loss, idx_list = model.quantize(f, model.patch_nums, beta=beta)
+    with torch.autocast(x.device.type, enabled=False):  # code lookup in fp32 under --precision bf16 as well
+        f = f.float()
+        f_hat, vq_loss, idx_list = model.quantize(f, model.patch_nums, beta=beta)
     y = model.decoder(model.post_quant_conv(f_hat))
     return y, vq_loss, idx_list, f
 
@@ -271,10 +273,13 @@ def train(args) -> dict:
         if args.decoder_only:
             with torch.no_grad():
                 idx_list, f_hat = model.quantize.f_to_indices_and_fhat(model.encode_latent(x), model.patch_nums)
-            y = model.decoder(model.post_quant_conv(f_hat))
+            with common.autocast(device, args.precision):
+                y = model.decoder(model.post_quant_conv(f_hat))
             vq_loss, f = torch.zeros(()), None
         else:
-            y, vq_loss, idx_list, f = forward_train(model, x, args.beta)
+            with common.autocast(device, args.precision):
+                y, vq_loss, idx_list, f = forward_train(model, x, args.beta)
+        y, vq_loss = y.float(), vq_loss.float()
         rec, parts = reconstruction_loss(y, x, args.edge_weight)
         loss = rec + args.vq_weight * vq_loss
         opt.zero_grad(set_to_none=True)
