@@ -51,24 +51,29 @@ class SelfAttention(nn.Module):
         ``(cos, sin)`` of each token's angles ``(L, c / 2)`` (Infinity), rotates ``q`` and ``k`` after the
         normalisation; cached keys are stored rotated."""
         B, L, C = x_BLC.shape
+        weight = self.mat_qkv.weight
         bias_3C = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv_3BHLc = (
-            F.linear(x_BLC, self.mat_qkv.weight, bias_3C)
+            F.linear(x_BLC.to(weight.dtype), weight, bias_3C)
             .view(B, L, 3, self.num_heads, self.head_dim)
             .permute(2, 0, 3, 1, 4)
         )
         q_BHLc, k_BHLc, v_BHLc = qkv_3BHLc.unbind(0)
-        q_BHLc = F.normalize(q_BHLc, dim=-1).mul(self.scale_mul_1H11.clamp_max(MAX_LOG_SCALE).exp())
-        k_BHLc = F.normalize(k_BHLc, dim=-1)
+        # The normalisation in fp32 (q is scaled up to 100x after it). The attention in fp32 on CPU, where half
+        # precision gains nothing there and costs accuracy, else in the weights' dtype (the half-precision kernels).
+        attn_dtype = torch.float32 if x_BLC.device.type == "cpu" else weight.dtype
+        q_BHLc = F.normalize(q_BHLc.float(), dim=-1).mul(self.scale_mul_1H11.float().clamp_max(MAX_LOG_SCALE).exp())
+        k_BHLc = F.normalize(k_BHLc.float(), dim=-1)
         if rope is not None:
             q_BHLc, k_BHLc = apply_rope(q_BHLc, *rope), apply_rope(k_BHLc, *rope)
+        q_BHLc, k_BHLc, v_BHLc = q_BHLc.to(attn_dtype), k_BHLc.to(attn_dtype), v_BHLc.to(attn_dtype)
         if kv is None:
             out_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, attn_mask)
         else:
             k_BHSc, v_BHSc = kv.extend(k_BHLc, v_BHLc)
             out_BHLc = attention(q_BHLc, k_BHSc, v_BHSc, kv.key_mask(attn_mask))  # hides padded slots, if any
             kv.after_attention(q_BHLc)
-        return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
+        return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C).to(weight.dtype))
 
 
 class FFN(nn.Module):
@@ -114,9 +119,16 @@ class AdaLNSelfAttn(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv: LayerKV | None = None,
     ) -> torch.Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.unbind(2)  # each (B, 1, C)
-        x_BLC = x_BLC + self.attn(self._ln(x_BLC) * (scale1 + 1) + shift1, attn_mask, kv) * gamma1
-        return x_BLC + self.ffn(self._ln(x_BLC) * (scale2 + 1) + shift2) * gamma2
+        """fp32 ``x_BLC`` after the block. Mixed precision whatever the weights' dtype: the residual stream, the
+        LayerNorms and the modulation stay in fp32 (as under upstream's autocast); the matmuls run in the weights'
+        dtype (bf16 weights use a CPU's AMX/AVX512-BF16 units)."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.float().unbind(2)  # each (B, 1, C)
+        dtype = self.ffn.fc1.weight.dtype
+        x_BLC = x_BLC.float()
+        h_BLC = self._ln(x_BLC) * (scale1 + 1) + shift1
+        x_BLC = x_BLC + self.attn(h_BLC.to(dtype), attn_mask, kv).float() * gamma1
+        h_BLC = self._ln(x_BLC) * (scale2 + 1) + shift2
+        return x_BLC + self.ffn(h_BLC.to(dtype)).float() * gamma2
 
 
 class AdaLNBeforeHead(nn.Module):

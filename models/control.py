@@ -429,9 +429,10 @@ class ControlAdapter(nn.Module):
                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` plus this layer's control contribution times ``strength``."""
         module = self.adapter_inject[self.slot[layer]]
-        tok_BlF = tok_BlF.to(x_BlC.dtype)
-        delta = module(tok_BlF) if self.config.kind == "add" else module(x_BlC, tok_BlF, attn_mask)
-        return x_BlC + strength * delta
+        dtype = self.adapter_scale_embed.weight.dtype  # the adapter's own; x is the generator's fp32 stream
+        tok_BlF = tok_BlF.to(dtype)
+        delta = module(tok_BlF) if self.config.kind == "add" else module(x_BlC.to(dtype), tok_BlF, attn_mask)
+        return x_BlC + strength * delta.to(x_BlC.dtype)
 
     def check_base(self, var) -> None:
         c, v = self.config, var.config

@@ -93,8 +93,9 @@ class NextScaleLoadGenerator(io.ComfyNode):
                     "dtype",
                     options=DTYPES,
                     default="auto",
-                    tooltip="Weight precision. auto: float32 on CPU, bfloat16 (or float16) on GPU. Logits are "
-                    "always computed in float32.",
+                    tooltip="Weight precision. auto: float32 on CPU, bfloat16 (or float16) on GPU. The residual "
+                    "stream and the logits stay float32 whatever you pick. On a CPU with AMX or AVX512-BF16 (recent "
+                    "Xeons) bfloat16 samples several times faster, with slightly different images.",
                 ),
             ],
             outputs=[Generator.Output("generator", display_name="generator")],

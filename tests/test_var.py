@@ -252,3 +252,22 @@ def test_bfloat16_weights_give_fp32_logits():
     var = VAR(TINY).to(torch.bfloat16)
     logits = var.forward_teacher(torch.tensor([1]), torch.randn(1, TINY.num_tokens - 1, TINY.cvae))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_bfloat16_weights_run_in_mixed_precision():
+    """bf16 weights: the blocks hand on an fp32 residual stream, and the logits stay within bf16 rounding of the
+    fp32 model's (about what rounding the weights alone costs)."""
+    from test_sampler import randomize_
+
+    cfg = VARConfig(depth=4, embed_dim=64, num_heads=4, num_classes=5, vocab_size=48, cvae=8, patch_nums=(1, 2, 3, 4))
+    full = randomize_(VAR(cfg), seed=3)
+    half = randomize_(VAR(cfg), seed=3).to(torch.bfloat16)
+    labels, x = torch.tensor([1, 4]), torch.randn(2, cfg.num_tokens - 1, cfg.cvae, generator=torch.Generator().manual_seed(0))
+    block_out = half.blocks[0](torch.randn(2, 3, 64), half.condition(labels).ada_B16C[0])
+    assert block_out.dtype == torch.float32
+    ref, got = full.forward_teacher(labels, x), half.forward_teacher(labels, x)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 0.01, rel
+    # the same weights, rounded to bf16 but computed in fp32, give what the bf16 model gives up to matmul rounding:
+    rounded = randomize_(VAR(cfg), seed=3).to(torch.bfloat16).float()
+    assert ((got - rounded.forward_teacher(labels, x)).norm() / ref.norm()).item() < rel
