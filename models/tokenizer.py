@@ -444,9 +444,15 @@ class MultiScaleVQVAE(nn.Module):
         return self.quantize.indices_to_fhat(indices, _schedule(patch_nums, self.patch_nums), upto=upto)
 
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (clamped) from ``f_hat``: ``post_quant_conv`` then the decoder."""
+        """Images in [-1, 1] (clamped) from ``f_hat``: ``post_quant_conv`` then the decoder.
+
+        On CPU the decoder runs channels-last (oneDNN's fast layout; the convolutions follow their input): about
+        1.1x faster in fp32 and 1.9x in bf16 at 256 px (bench/RESULTS.md), equal up to float rounding."""
         w = self.post_quant_conv.weight
-        return self.decoder(self.post_quant_conv(f_hat.to(device=w.device, dtype=w.dtype))).clamp(-1, 1)
+        f_hat = f_hat.to(device=w.device, dtype=w.dtype)
+        if f_hat.device.type == "cpu":
+            f_hat = f_hat.contiguous(memory_format=torch.channels_last)
+        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1).contiguous()
 
     def indices_to_img(
         self, indices: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None, upto: int | None = None

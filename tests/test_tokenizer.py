@@ -294,6 +294,27 @@ def test_any_multiple_of_the_downsampling_works():
         model.img_to_indices(images(1, 32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_runs_channels_last(dtype):
+    """On CPU ``fhat_to_img`` feeds the decoder a channels-last input (oneDNN's fast layout) and returns a
+    contiguous image equal to the plain contiguous decode up to float rounding."""
+    model = small_model().to(dtype)
+    f_hat = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+    seen = []
+    hook = model.post_quant_conv.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        got = model.fhat_to_img(f_hat)
+        hook.remove()
+        plain = model.decoder(model.post_quant_conv(f_hat.contiguous())).clamp(-1, 1)
+    assert seen == [True] and got.is_contiguous() and got.dtype == dtype
+    diff = (got.float() - plain.float()).abs()
+    if dtype == torch.float32:
+        assert diff.max() < 1e-5, diff.max()
+    else:  # a few bf16 steps (1/128 near 1) at most, far less on average
+        assert diff.max() < 0.07 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
 def test_attention_is_single_head_over_q_k_v_channel_blocks():
     torch.manual_seed(0)
     attn = AttnBlock(64).eval()
