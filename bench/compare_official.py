@@ -9,9 +9,15 @@ and a VAR with its own random initialisation; their state dicts are loaded into 
 
 Both sample the same labels greedily (top-k = 1, so no random draw decides a token) with cfg 4 and VAR's ramp;
 the official ``autoregressive_infer_cfg`` returns images, NextScale's sampler returns tokens that are decoded. The
-script reports the largest pixel difference (0 up to float rounding means the same tokens), the median time per
-image of each after a warm-up, their ratio, and the peak RSS above the baseline during each call (sampled every
-5 ms), all from one run of this script. Not a test.
+official tokens are recorded on the way (its ``sample_with_top_k_top_p_`` is wrapped, nothing else changes). The
+script reports the token agreement, the largest pixel difference and the PSNR between the two images (identical
+tokens and a difference of 0 up to float rounding in fp32), the median time per image of each after a warm-up,
+their ratio, and the peak RSS above the baseline during each call (sampled every 5 ms), all from one run of this
+script. Not a test.
+
+``--dtype bfloat16`` runs NextScale as its loaders' ``dtype`` option does (bf16 weights, fp32 residual stream,
+LayerNorms and attention on CPU; see docs/performance.md); the official code stays in fp32, which is how it runs
+on a CPU, or under ``torch.autocast("cpu", bfloat16)`` with ``--official-autocast``.
 """
 
 from __future__ import annotations
@@ -99,6 +105,10 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="NextScale's generator and tokenizer weights (the loaders' dtype option)")
+    ap.add_argument("--official-autocast", action="store_true",
+                    help="run the official code under torch.autocast('cpu', bfloat16) (its weights stay fp32)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,17 +119,28 @@ def main() -> int:
                                           fused_if_available=False)  # fmt: skip
     vae_o.eval(), var_o.eval()
     init_tokenizer_(vae_o)
-    tokenizer = MultiScaleVQVAE.from_state_dict(vae_o.state_dict()).eval()
-    var = VAR.from_state_dict(var_o.state_dict()).eval()
+    dtype = getattr(torch, args.dtype)
+    tokenizer = MultiScaleVQVAE.from_state_dict(vae_o.state_dict()).to(dtype).eval()
+    var = VAR.from_state_dict(var_o.state_dict()).to(dtype).eval()
     labels = torch.arange(args.batch) * 97 % 1000
     options = SamplingOptions(cfg=args.cfg, top_k=1, top_p=0.0)
+    recorded: list[torch.Tensor] = []
+    record_official_tokens_(recorded)
+    tokens: dict[str, list[torch.Tensor]] = {}
 
     def ours():
         toks = sample(var, tokenizer, labels, seed=0, options=options)
-        return tokenizer.fhat_to_img(tokenizer.indices_to_fhat(toks.flat(), toks.patch_nums)).add(1).mul(0.5)
+        tokens["nextscale"] = [t.flatten(1) for t in toks.indices]
+        f_hat = tokenizer.indices_to_fhat(toks.flat(), toks.patch_nums)
+        return tokenizer.fhat_to_img(f_hat.to(dtype)).add(1).mul(0.5)
 
     def theirs():
-        return var_o.autoregressive_infer_cfg(B=args.batch, label_B=labels, g_seed=0, cfg=args.cfg, top_k=1, top_p=0.0)
+        recorded.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.official_autocast):
+            image = var_o.autoregressive_infer_cfg(B=args.batch, label_B=labels, g_seed=0, cfg=args.cfg, top_k=1,
+                                                   top_p=0.0)  # fmt: skip
+        tokens["official"] = [t.flatten(1) for t in recorded]
+        return image
 
     results = {}
     for name, fn in (("nextscale", ours), ("official", theirs)):
@@ -135,8 +156,14 @@ def main() -> int:
             print(f"warning: the {name} image has {int((~torch.isfinite(image)).sum())} non-finite values")
     a, b = results["nextscale"][0], results["official"][0]
     diff = (a - b).abs().max().item()
-    print(f"# VAR-d{args.depth}, batch {args.batch}, cfg {args.cfg}, greedy, cpu fp32, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, median of {args.runs} after a warm-up")  # fmt: skip
+    psnr = 10 * torch.log10(1 / (a - b).pow(2).mean().clamp_min(1e-20)).item()
+    ours_L, theirs_L = torch.cat(tokens["nextscale"], 1), torch.cat(tokens["official"], 1)
+    agreement = (ours_L == theirs_L).float().mean().item()
+    first_diff = next((si for si, (x, y) in enumerate(zip(tokens["nextscale"], tokens["official"])) if not torch.equal(x, y)), None)
+    official_mode = "bf16 autocast" if args.official_autocast else "fp32"
+    print(f"# VAR-d{args.depth}, batch {args.batch}, cfg {args.cfg}, greedy, cpu, NextScale {args.dtype}, official "
+          f"{official_mode}, {torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.runs} "
+          f"after a warm-up")  # fmt: skip
     print("| implementation | s / image | peak RSS above start (MB) |")
     print("|---|---|---|")
     for name in ("official", "nextscale"):
@@ -144,8 +171,22 @@ def main() -> int:
     ratio = results["official"][1] / results["nextscale"][1]
     mem = results["official"][2] / max(results["nextscale"][2], 1e-9)
     print(f"time ratio official / nextscale = {ratio:.2f}; peak-memory ratio official / nextscale = {mem:.2f}")
-    print(f"largest pixel difference of the greedy samples: {diff:.2e}")
+    print(f"greedy tokens: {agreement:.4f} agree (first scale that differs: {first_diff}); images: largest pixel "
+          f"difference {diff:.2e}, PSNR {psnr:.1f} dB")  # fmt: skip
     return 0
+
+
+def record_official_tokens_(out: list) -> None:
+    """Wrap the official sampler's draw so that each scale's indices are appended to ``out``."""
+    official_var = sys.modules["models.var"]
+    draw = official_var.sample_with_top_k_top_p_
+
+    def recording(*args, **kwargs):
+        idx = draw(*args, **kwargs)
+        out.append(idx[..., 0].clone())
+        return idx
+
+    official_var.sample_with_top_k_top_p_ = recording
 
 
 if __name__ == "__main__":

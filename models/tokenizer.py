@@ -446,8 +446,9 @@ class MultiScaleVQVAE(nn.Module):
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (clamped) from ``f_hat``: ``post_quant_conv`` then the decoder.
 
-        On CPU the decoder runs channels-last (oneDNN's fast layout; the convolutions follow their input): about
-        1.1x faster in fp32 and 1.9x in bf16 at 256 px (bench/RESULTS.md), equal up to float rounding."""
+        On CPU the decoder runs channels-last (oneDNN's fast layout; the convolutions follow their input): at
+        256 px 1.1-1.3x faster in fp32 and 1.5-1.8x in bf16 (batch 1-8, bench/RESULTS.md), equal up to float
+        rounding."""
         w = self.post_quant_conv.weight
         f_hat = f_hat.to(device=w.device, dtype=w.dtype)
         if f_hat.device.type == "cpu":
