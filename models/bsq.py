@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autoencoder import BlockKit, Decoder, Encoder
 from .checkpoint import (
     CONFIG_METADATA_KEY,
     check_state_dict,
@@ -111,7 +112,7 @@ class BSQConfig:
         return cls(**d)
 
 
-# -- building blocks (flux VQGAN, 2-D, no attention) --------------------------------------------------
+# -- building blocks (models/autoencoder.py, flux VQGAN layout, no attention) ------------------------
 # The wrappers exist only for the key layout: upstream nests each nn.Conv2d / nn.GroupNorm one level deeper.
 
 
@@ -142,128 +143,7 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
-def _conv3(c_in: int, c_out: int) -> Conv:
-    return Conv(c_in, c_out, kernel_size=3, padding=1)
-
-
-class ResnetBlock(nn.Module):
-    """``shortcut(x) + conv2(swish(norm2(conv1(swish(norm1(x))))))``; a 1x1 ``nin_shortcut`` only when widths differ."""
-
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.norm1, self.conv1 = Norm(c_in), _conv3(c_in, c_out)
-        self.norm2, self.conv2 = Norm(c_out), _conv3(c_out, c_out)
-        self.nin_shortcut = Conv(c_in, c_out, kernel_size=1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(swish(self.norm1(x_BChw)))
-        h = self.conv2(swish(self.norm2(h)))
-        return self.nin_shortcut(x_BChw) + h
-
-
-class Downsample(nn.Module):
-    """Zero-pad right and bottom by one, then a 3x3 stride-2 conv without padding."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv(channels, channels, kernel_size=3, stride=2)
-
-    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x_BChw, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest x2, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = _conv3(channels, channels)
-
-    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x_BChw, scale_factor=2.0, mode="nearest"))
-
-
-class Level(nn.Module):
-    """ResnetBlocks ``block.{j}`` of one resolution; the owner adds ``downsample`` / ``upsample`` where it has one."""
-
-    def __init__(self, c_in: int, c_out: int, num_blocks: int):
-        super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(num_blocks))
-
-    def forward(self, h_BChw: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            h_BChw = block(h_BChw)
-        return h_BChw
-
-
-class Mid(nn.Module):
-    """``block_1 -> block_2`` at the lowest resolution (no attention in any released file)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.block_2 = ResnetBlock(channels, channels)
-
-    def forward(self, h_BChw: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.block_1(h_BChw))
-
-
-class Encoder(nn.Module):
-    """``(B, 3, H, W) -> (B, d, H/ds, W/ds)``; levels ``down.0`` (full size) to ``down.{n-1}``, each but the last
-    ending with a downsample."""
-
-    def __init__(self, cfg: BSQConfig):
-        super().__init__()
-        widths = [cfg.base_ch * m for m in cfg.ch_mult]
-        self.conv_in = _conv3(3, cfg.base_ch)
-        self.down = nn.ModuleList()
-        c = cfg.base_ch
-        for i, c_out in enumerate(widths):
-            level = Level(c, c_out, cfg.num_res_blocks)
-            if i < len(widths) - 1:
-                level.downsample = Downsample(c_out)
-            self.down.append(level)
-            c = c_out
-        self.mid = Mid(c)
-        self.norm_out = Norm(c)
-        self.conv_out = _conv3(c, cfg.codebook_dim)
-
-    def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(img_B3HW)
-        for i, level in enumerate(self.down):
-            h = level(h)
-            if i < len(self.down) - 1:
-                h = level.downsample(h)
-        return self.conv_out(swish(self.norm_out(self.mid(h))))
-
-
-class Decoder(nn.Module):
-    """``(B, d, h, w) -> (B, 3, h*ds, w*ds)``, unclamped (``BSQTokenizer.decode`` clamps). Runs ``up.{n-1}`` (lowest)
-    down to ``up.0``, each with ``num_res_blocks + 1`` ResnetBlocks; all but ``up.0`` end with an upsample."""
-
-    def __init__(self, cfg: BSQConfig):
-        super().__init__()
-        widths = [cfg.base_ch * m for m in cfg.ch_mult]
-        c = widths[-1]
-        self.conv_in = _conv3(cfg.codebook_dim, c)
-        self.mid = Mid(c)
-        self.up = nn.ModuleList()
-        for i in reversed(range(len(widths))):
-            level = Level(c, widths[i], cfg.num_res_blocks + 1)
-            if i > 0:
-                level.upsample = Upsample(widths[i])
-            self.up.insert(0, level)
-            c = widths[i]
-        self.norm_out = Norm(c)
-        self.conv_out = _conv3(c, 3)
-
-    def forward(self, z_BdHW: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z_BdHW))
-        for i in reversed(range(len(self.up))):
-            h = self.up[i](h)
-            if i > 0:
-                h = self.up[i].upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+KIT = BlockKit(conv=Conv, norm=Norm, act=swish)  # convs and norms one key level deeper, upstream's activation
 
 
 class BitQuantizer(nn.Module):
@@ -370,8 +250,9 @@ class BSQTokenizer(nn.Module):
     def __init__(self, config: BSQConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        shape = {"ch": config.base_ch, "ch_mult": config.ch_mult, "num_res_blocks": config.num_res_blocks}
+        self.encoder = Encoder(KIT, in_channels=3, z_channels=config.codebook_dim, **shape)
+        self.decoder = Decoder(KIT, z_channels=config.codebook_dim, out_channels=3, **shape)
         self.quantizer = MultiScaleQuantizer(config.codebook_dim)
 
     @property

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autoencoder import BlockKit, Decoder, Encoder
 from .checkpoint import (
     CONFIG_METADATA_KEY,
     check_state_dict,
@@ -101,160 +102,18 @@ class TokenizerConfig:
         return cls(**d)
 
 
-# -- building blocks (taming / LDM "vq-f16") ---------------------------------------------------------
+# -- building blocks (models/autoencoder.py) --------------------------------------------------------
 
 
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
-def _conv3(c_in: int, c_out: int) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1)
+def _conv(c_in: int, c_out: int, kernel_size: int, stride: int, padding: int) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel_size=kernel_size, stride=stride, padding=padding)
 
 
-class ResnetBlock(nn.Module):
-    """``shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))``; 1x1 ``nin_shortcut`` only when widths differ."""
-
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.norm1, self.conv1 = _norm(c_in), _conv3(c_in, c_out)
-        self.norm2, self.conv2 = _norm(c_out), _conv3(c_out, c_out)
-        self.nin_shortcut = nn.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x_BChw)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x_BChw) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head spatial self-attention, ``x + proj_out(softmax(q^T k / sqrt(C)) v)``.
-
-    One 1x1 conv ``qkv`` gives ``3C`` channels laid out as ``[q | k | v]``, each ``C`` wide.
-    """
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = _norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
-        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
-
-    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x_BChw.shape
-        q_BlC, k_BlC, v_BlC = self.qkv(self.norm(x_BChw)).view(B, 3, C, H * W).transpose(2, 3).unbind(1)
-        o_BlC = F.scaled_dot_product_attention(q_BlC[:, None], k_BlC[:, None], v_BlC[:, None], scale=C**-0.5)[:, 0]
-        return x_BChw + self.proj_out(o_BlC.transpose(1, 2).reshape(B, C, H, W))
-
-
-class Downsample(nn.Module):
-    """Zero-pad right and bottom by one, then a 3x3 stride-2 conv without padding."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
-
-    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x_BChw, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest x2, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = _conv3(channels, channels)
-
-    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x_BChw, scale_factor=2.0, mode="nearest"))
-
-
-class Level(nn.Module):
-    """One resolution level: ResnetBlocks ``block.{j}``, each followed by ``attn.{j}`` when the level attends.
-    The owner adds the level's ``downsample`` (encoder) or ``upsample`` (decoder) and applies it."""
-
-    def __init__(self, c_in: int, c_out: int, num_blocks: int, with_attn: bool):
-        super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(num_blocks))
-        self.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(num_blocks if with_attn else 0))
-
-    def forward(self, h_BChw: torch.Tensor) -> torch.Tensor:
-        for j, block in enumerate(self.block):
-            h_BChw = block(h_BChw)
-            if len(self.attn):
-                h_BChw = self.attn[j](h_BChw)
-        return h_BChw
-
-
-class Mid(nn.Module):
-    """``block_1 -> attn_1 -> block_2`` at the lowest resolution."""
-
-    def __init__(self, channels: int, with_attn: bool):
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels) if with_attn else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels)
-
-    def forward(self, h_BChw: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(h_BChw)))
-
-
-class Encoder(nn.Module):
-    """``(B, in_channels, H, W) -> (B, z_channels, H/ds, W/ds)``; levels ``down.0`` (full size) to ``down.{n-1}``."""
-
-    def __init__(self, cfg: TokenizerConfig):
-        super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = _conv3(cfg.in_channels, cfg.ch)
-        self.down = nn.ModuleList()
-        c = cfg.ch
-        for i, c_out in enumerate(widths):
-            lowest = i == len(widths) - 1
-            level = Level(c, c_out, cfg.num_res_blocks, with_attn=lowest and cfg.using_sa)
-            if not lowest:
-                level.downsample = Downsample(c_out)
-            self.down.append(level)
-            c = c_out
-        self.mid = Mid(c, cfg.using_mid_sa)
-        self.norm_out = _norm(c)
-        self.conv_out = _conv3(c, cfg.z_channels)
-
-    def forward(self, img_BChw: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(img_BChw)
-        for i, level in enumerate(self.down):
-            h = level(h)
-            if i < len(self.down) - 1:
-                h = level.downsample(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
-
-
-class Decoder(nn.Module):
-    """``(B, z_channels, h, w) -> (B, in_channels, h*ds, w*ds)``, unclamped (``fhat_to_img`` clamps).
-    Runs ``up.{n-1}`` (lowest) down to ``up.0``, each with ``num_res_blocks + 1`` ResnetBlocks; all but ``up.0``
-    end with an upsample."""
-
-    def __init__(self, cfg: TokenizerConfig):
-        super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
-        c = widths[-1]
-        self.conv_in = _conv3(cfg.z_channels, c)
-        self.mid = Mid(c, cfg.using_mid_sa)
-        self.up = nn.ModuleList()
-        for i in reversed(range(len(widths))):
-            level = Level(c, widths[i], cfg.num_res_blocks + 1, with_attn=i == len(widths) - 1 and cfg.using_sa)
-            if i > 0:
-                level.upsample = Upsample(widths[i])
-            self.up.insert(0, level)
-            c = widths[i]
-        self.norm_out = _norm(c)
-        self.conv_out = _conv3(c, cfg.in_channels)
-
-    def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z_BChw))
-        for i in reversed(range(len(self.up))):
-            h = self.up[i](h)
-            if i > 0:
-                h = self.up[i].upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+KIT = BlockKit(conv=_conv, norm=_norm, act=F.silu)  # plain nn.Conv2d / GroupNorm(32) keys, SiLU
 
 
 # -- the tokenizer -----------------------------------------------------------------------------------
@@ -276,8 +135,10 @@ class MultiScaleVQVAE(nn.Module):
     def __init__(self, config: TokenizerConfig | None = None):
         super().__init__()
         self.config = cfg = config or TokenizerConfig()
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        shape = {"ch": cfg.ch, "ch_mult": cfg.ch_mult, "num_res_blocks": cfg.num_res_blocks,
+                 "attn": cfg.using_sa, "mid_attn": cfg.using_mid_sa}  # fmt: skip
+        self.encoder = Encoder(KIT, in_channels=cfg.in_channels, z_channels=cfg.z_channels, **shape)
+        self.decoder = Decoder(KIT, z_channels=cfg.z_channels, out_channels=cfg.in_channels, **shape)
         self.quantize = MultiScaleQuantizer(
             cfg.vocab_size,
             cfg.z_channels,
@@ -286,8 +147,8 @@ class MultiScaleVQVAE(nn.Module):
             cfg.share_quant_resi,
             cfg.default_qresi_counts,
         )
-        self.quant_conv = _conv3(cfg.z_channels, cfg.z_channels)
-        self.post_quant_conv = _conv3(cfg.z_channels, cfg.z_channels)
+        self.quant_conv = KIT.conv3(cfg.z_channels, cfg.z_channels)
+        self.post_quant_conv = KIT.conv3(cfg.z_channels, cfg.z_channels)
 
     @property
     def downsample(self) -> int:

@@ -5,10 +5,11 @@ from collections import Counter
 
 import pytest
 import torch
+from nextscale.models.autoencoder import AttnBlock
 from nextscale.models.checkpoint import save_safetensors
 from nextscale.models.errors import NextScaleError
 from nextscale.models.schedule import SCHEDULE_256, SCHEDULE_512
-from nextscale.models.tokenizer import AttnBlock, MultiScaleVQVAE, TokenizerConfig
+from nextscale.models.tokenizer import KIT, MultiScaleVQVAE, TokenizerConfig
 
 # A sample of var.md 4.5, written out by hand (vae_ch160v4096z32).
 OFFICIAL_SAMPLE = {
@@ -317,7 +318,7 @@ def test_cpu_decode_runs_channels_last(dtype):
 
 def test_attention_is_single_head_over_q_k_v_channel_blocks():
     torch.manual_seed(0)
-    attn = AttnBlock(64).eval()
+    attn = AttnBlock(KIT, 64).eval()
     x = torch.randn(2, 64, 5, 3)
     with torch.no_grad():
         qkv = attn.qkv(attn.norm(x)).flatten(2)  # (B, 3C, HW)
