@@ -145,25 +145,33 @@ def main() -> None:
         "bf16 weights (mixed precision)": lambda: scale_loop(var_bf16, labels, inputs),
         "bf16, pure (bf16 residual stream)": lambda: pure(var_bf16, labels, inputs),
     }
+    print(f"# VAR-d{args.depth} scale loop (transformer only), batch {B}, cfg rows, {device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.runs} after a warm-up")
+    print_table(time_interleaved(variants, args.runs, device), "as shipped (fp32)")
+    decode_table(cfg, B, args.runs, device)
+
+
+def time_interleaved(variants: dict, runs: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each variant over ``runs`` rounds after a warm-up round; the variants take turns within
+    a round, so that drifts of the machine hit all of them."""
     times = {name: [] for name in variants}
     with torch.inference_mode():
-        for run in range(args.runs + 1):
-            for name, fn in variants.items():  # interleaved, so that drifts of the machine hit every variant
+        for run in range(runs + 1):
+            for name, fn in variants.items():
                 sync(device)
                 t0 = time.perf_counter()
                 fn()
                 sync(device)
                 if run:
                     times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["as shipped (fp32)"])
-    print(f"# VAR-d{args.depth} scale loop (transformer only), batch {B}, cfg rows, {device}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.runs} after a warm-up")
-    print("| variant | s / batch | time / as shipped |")
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def print_table(medians: dict[str, float], base: str) -> None:
+    print(f"| variant | s / batch | time / {base} |")
     print("|---|---|---|")
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        print(f"| {name} | {t:.3f} | {t / base:.2f} |")
-    decode_table(cfg, B, args.runs, device)
+    for name, t in medians.items():
+        print(f"| {name} | {t:.3f} | {t / medians[base]:.2f} |")
 
 
 def decode_table(cfg: VARConfig, batch: int, runs: int, device: torch.device) -> None:
@@ -181,23 +189,8 @@ def decode_table(cfg: VARConfig, batch: int, runs: int, device: torch.device) ->
         variants[f"{name}, contiguous"] = lambda m=model, f=f: m.decoder(m.post_quant_conv(f))
         variants[f"{name}, channels-last input"] = lambda m=model, f=f: m.decoder(
             m.post_quant_conv(f.contiguous(memory_format=torch.channels_last)))
-    times = {name: [] for name in variants}
-    with torch.inference_mode():
-        for run in range(runs + 1):
-            for name, fn in variants.items():
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                if run:
-                    times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["float32, contiguous"])
     print(f"\n# tokenizer decode ({cfg.patch_nums[-1] * 16} px), batch {batch}, {device}, median of {runs}")
-    print("| variant | s / batch | time / fp32 contiguous |")
-    print("|---|---|---|")
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        print(f"| {name} | {t:.3f} | {t / base:.2f} |")
+    print_table(time_interleaved(variants, runs, device), "float32, contiguous")
 
 
 def with_backend(name: str, fn, *args) -> None:

@@ -106,11 +106,11 @@ def bytes_per_image(var: VAR, batch: int, guided: bool = True) -> float:
 
 
 class PeakMemory:
-    """Peak memory during a block, weights included: the allocator's peak on CUDA, the process RSS sampled every
-    5 ms on CPU."""
+    """Peak memory during a block, weights included (``peak_mb``; ``start_mb`` is the figure at its start): the
+    allocator's on CUDA, the process RSS sampled every 5 ms on CPU."""
 
     def __init__(self, device: torch.device):
-        self.device, self.peak_mb = device, 0.0
+        self.device, self.start_mb, self.peak_mb = device, 0.0, 0.0
 
     @staticmethod
     def rss_mb() -> float:
@@ -123,8 +123,10 @@ class PeakMemory:
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_mb = torch.cuda.memory_allocated(self.device) / 2**20
             return self
-        self.top, self.done = self.rss_mb(), threading.Event()
+        self.start_mb = self.top = self.rss_mb()
+        self.done = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
         return self

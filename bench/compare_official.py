@@ -26,49 +26,30 @@ import argparse
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from packbootstrap import register_pack  # noqa: E402
 
 register_pack()
 
+from bench_sampler import PeakMemory  # noqa: E402
 from nextscale.models.sampler import SamplingOptions, sample  # noqa: E402
 from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
 from nextscale.models.var import VAR  # noqa: E402
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def measure(fn):
     """``(result, seconds, peak RSS above the start in MB)`` of ``fn()``."""
-    start, peak, done = rss_mb(), [0.0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mb())
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    try:
+    with PeakMemory(torch.device("cpu")) as memory:
+        t0 = time.perf_counter()
         out = fn()
-    finally:
         seconds = time.perf_counter() - t0
-        done.set()
-        thread.join()
-    return out, seconds, max(0.0, max(peak[0], rss_mb()) - start)
+    return out, seconds, max(0.0, memory.peak_mb - memory.start_mb)
 
 
 def init_tokenizer_(vae) -> None:
