@@ -66,7 +66,7 @@ def time_sampling(var, tokenizer, options: SamplingOptions, n_images: int = 4, r
 def evaluate(tokenizer_path: str, generator_path: str | None, classifier_path: str, per_class: int = 50,
              options: SamplingOptions | None = None, seed: int = 0, data_seed: int = 0, heldout_count: int = 2000,
              cache_dir: str | None = None, grid: str | None = None, timing: bool = True,
-             tokenizer_count: int = 1000) -> dict:
+             tokenizer_count: int = 1000, generator_dtype: str = "float32") -> dict:
     from training.train_tokenizer import evaluate_tokenizer
 
     tokenizer = MultiScaleVQVAE.from_file(tokenizer_path)
@@ -88,7 +88,7 @@ def evaluate(tokenizer_path: str, generator_path: str | None, classifier_path: s
     out["tokenizer"]["frechet_floor_real_vs_real"] = clf.frechet_distance(feat_a, feat_b)
     if generator_path is None:
         return out
-    var = VAR.from_file(generator_path)
+    var = VAR.from_file(generator_path).to(getattr(torch, generator_dtype))  # as the loader's dtype option does
     options = options or SamplingOptions()
     K = var.num_classes
     labels = torch.arange(per_class * K) % K
@@ -160,11 +160,13 @@ def main(argv=None):
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the metrics as JSON here")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="the generator's weights (NextScale Load Generator's dtype)")
     args = ap.parse_args(argv)
     common.set_threads(args.threads)
     opts = SamplingOptions(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
     res = evaluate(args.tokenizer, args.generator, args.classifier, args.per_class, opts, args.seed, args.data_seed,
-                   args.heldout_count, args.cache_dir, args.grid, not args.no_timing)
+                   args.heldout_count, args.cache_dir, args.grid, not args.no_timing, generator_dtype=args.dtype)
     text = json.dumps(res, indent=1)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
