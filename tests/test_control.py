@@ -234,6 +234,28 @@ def test_zero_init_adapter_is_no_control(var4, vae, kind):
 
 
 @pytest.mark.parametrize("kind", ["add", "reference"])
+def test_fp32_adapter_drives_a_bf16_generator(vae, kind):
+    """Mixed dtypes, as the loaders allow: a bf16 generator (fp32 residual stream) with an fp32 adapter. The
+    adapter injects in its own dtype, the sampled logits equal its teacher forcing up to bf16 rounding, and
+    strength 0 is still exactly no control."""
+    var16 = make_var4().to(torch.bfloat16)
+    adapter, img = adapter_for(var16, kind, randomize=True), control_image()
+    assert next(adapter.parameters()).dtype == torch.float32
+    plain, _ = run(var16, vae)
+    zero, _ = run(var16, vae, adapter.bind(var16, img, batch_size=2, strength=0.0))
+    assert all(torch.equal(a, b) for a, b in zip(plain.indices, zero.indices))
+    tokens, seen = run(var16, vae, adapter.bind(var16, img, batch_size=2), cfg=0.0, record=True)
+    x_BLCv = vae.quantize.teacher_forcing_input(tokens.flat(), PN)
+    with torch.no_grad():
+        teacher = teacher_logits(var16, adapter, torch.tensor([1, 4]), x_BLCv, img)
+    assert teacher.dtype == torch.float32
+    begin = 0
+    for si, pn in enumerate(PN):
+        torch.testing.assert_close(seen[si], teacher[:, begin : begin + pn * pn], rtol=0.02, atol=0.1)
+        begin += pn * pn
+
+
+@pytest.mark.parametrize("kind", ["add", "reference"])
 def test_trained_adapter_changes_output_and_matches_teacher(var4, vae, kind):
     adapter, img = adapter_for(var4, kind, randomize=True), control_image()
     plain, _ = run(var4, vae)
