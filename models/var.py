@@ -373,9 +373,10 @@ class VAR(nn.Module):
                 f"{WHAT} file '{path}' holds a depth-{len(blocks)} transformer ({len(blocks)} blocks), but its "
                 f"config expects depth {cfg.depth}: the file and its config do not belong together"
             )
+        rebuildable = cls.rebuilt_buffers(cfg, device="meta").keys()  # names only: nothing allocated before the check
+        check_state_dict(state_dict, cls.expected_shapes(cfg), path, WHAT, optional=rebuildable)
         anchor = state_dict.get("class_emb.weight")
         rebuilt = cls.rebuilt_buffers(cfg, device=None if anchor is None else anchor.device)
-        check_state_dict(state_dict, cls.expected_shapes(cfg), path, WHAT, optional=rebuilt)
         return load_on_meta(lambda: cls(cfg), {**state_dict, **rebuilt})
 
     @staticmethod
