@@ -36,6 +36,7 @@ from .checkpoint import (
     check_state_dict,
     check_tensors,
     config_from_metadata,
+    key_shape,
     load_on_meta,
     read_state_dict,
     save_safetensors,
@@ -278,24 +279,16 @@ class BSQTokenizer(nn.Module):
         ``num_res_blocks`` = number of ``encoder.down.0.block.{j}``. Attention blocks and a downsampling pattern
         other than "every level but the last" are refused."""
 
+        hint = ""
+        if "quantize.embedding.weight" in state_dict:
+            hint = " It looks like a VAR tokenizer: load it with 'NextScale Load Tokenizer'."
+        elif any(k.startswith("block_chunks.") for k in state_dict):
+            hint = " It looks like an Infinity transformer, not its tokenizer."
+
         def shape(native_key: str, ndim: int) -> tuple[int, ...]:
             found = _lookup(state_dict, native_key)
-            if found is None:
-                hint = ""
-                if "quantize.embedding.weight" in state_dict:
-                    hint = " It looks like a VAR tokenizer: load it with 'NextScale Load Tokenizer'."
-                elif any(k.startswith("block_chunks.") for k in state_dict):
-                    hint = " It looks like an Infinity transformer, not its tokenizer."
-                raise NextScaleError(
-                    f"{WHAT} file '{path}' has no key '{native_key}' (nor its flat form '{flat_key(native_key)}'): "
-                    f"it is not an Infinity BSQ tokenizer.{hint}"
-                )
-            key, tensor = found
-            if tensor.dim() != ndim:
-                raise NextScaleError(
-                    f"{WHAT} file '{path}': key '{key}' has shape {list(tensor.shape)}, expected {ndim} dimensions"
-                )
-            return tuple(tensor.shape)
+            missing = f" (nor its flat form '{flat_key(native_key)}'): it is not an Infinity BSQ tokenizer.{hint}"
+            return key_shape(state_dict, native_key if found is None else found[0], ndim, path, WHAT, missing)
 
         def indices(pattern: str) -> list[int]:
             return sorted({int(m.group(1)) for k in state_dict if (m := re.fullmatch(pattern, k))})

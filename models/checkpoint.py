@@ -235,6 +235,20 @@ def check_state_dict(
     raise NextScaleError(f"{what} file {_describe(path)} does not match the expected layout: " + "; ".join(parts))
 
 
+def key_shape(
+    state_dict: Mapping[str, torch.Tensor], key: str, ndim: int, path: str, what: str, if_missing: str
+) -> tuple[int, ...]:
+    """The shape of ``state_dict[key]``, for a loader's ``infer_config``. A missing key raises "<what> file
+    '<path>' has no key '<key>'" followed by ``if_missing`` (what the file is not, and a hint), a tensor with
+    another number of dimensions raises with its shape."""
+    if key not in state_dict:
+        raise NextScaleError(f"{what} file '{path}' has no key '{key}'{if_missing}")
+    shape = tuple(state_dict[key].shape)
+    if len(shape) != ndim:
+        raise NextScaleError(f"{what} file '{path}': key '{key}' has shape {list(shape)}, expected {ndim} dimensions")
+    return shape
+
+
 def check_tensors(state_dict: Mapping[str, torch.Tensor], path: str, what: str, integer_keys: Iterable[str] = ()) -> None:
     """Every tensor holds floating-point values (``integer_keys`` integers) and is not empty: what a damaged or
     hand-edited file would otherwise turn into a torch error deep inside the loader."""

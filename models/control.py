@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import AdaLNSelfAttn
-from .checkpoint import check_state_dict, read_safetensors_metadata, read_state_dict, save_safetensors
+from .checkpoint import check_state_dict, key_shape, read_safetensors_metadata, read_state_dict, save_safetensors
 from .errors import NextScaleError
 from .kv_cache import KVCache
 from .sampler import Control
@@ -156,12 +156,7 @@ class CARControlNet(nn.Module):
     @staticmethod
     def infer_config(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> CARConfig:
         def shape(key: str, ndim: int) -> tuple[int, ...]:
-            if key not in state_dict:
-                raise NextScaleError(f"{CAR_WHAT} file '{path}' has no key '{key}': it is not a CAR control file. {CAR_HINT}")
-            s = tuple(state_dict[key].shape)
-            if len(s) != ndim:
-                raise NextScaleError(f"{CAR_WHAT} file '{path}': key '{key}' has shape {list(s)}, expected {ndim} dimensions")
-            return s
+            return key_shape(state_dict, key, ndim, path, CAR_WHAT, f": it is not a CAR control file. {CAR_HINT}")
 
         C = shape("car_var_conv.weight", 4)[0]
         blocks = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"car_blocks\.(\d+)\.", k))})

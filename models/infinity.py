@@ -39,6 +39,7 @@ from .checkpoint import (
     check_state_dict,
     check_tensors,
     config_from_metadata,
+    key_shape,
     load_on_meta,
     read_weights,
     save_safetensors,
@@ -451,12 +452,7 @@ class Infinity(nn.Module):
         """The config implied by the keys and shapes of ``state_dict``."""
 
         def shape(key: str, ndim: int) -> tuple[int, ...]:
-            if key not in state_dict:
-                raise NextScaleError(f"{WHAT} file '{path}' has no key '{key}': it is not an Infinity transformer")
-            s = tuple(state_dict[key].shape)
-            if len(s) != ndim:
-                raise NextScaleError(f"{WHAT} file '{path}': key '{key}' has shape {list(s)}, expected {ndim} dimensions")
-            return s
+            return key_shape(state_dict, key, ndim, path, WHAT, ": it is not an Infinity transformer")
 
         chunked = sorted({(int(m[1]), int(m[2])) for k in state_dict if (m := re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.", k))})
         flat = sorted({int(m[1]) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})

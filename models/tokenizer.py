@@ -25,6 +25,7 @@ from .checkpoint import (
     check_state_dict,
     check_tensors,
     config_from_metadata,
+    key_shape,
     load_on_meta,
     read_state_dict,
     save_safetensors,
@@ -170,22 +171,10 @@ class MultiScaleVQVAE(nn.Module):
         """The config implied by the keys and shapes of ``state_dict``. The Phi ratio is not stored in a
         checkpoint: 0.5 (VAR's) is assumed when Phi convs exist. The schedule is the 256-px default."""
 
+        hint = " It looks like a VAR transformer: load it as the generator." if "class_emb.weight" in state_dict else ""
+
         def shape(key: str, ndim: int) -> tuple[int, ...]:
-            if key not in state_dict:
-                hint = (
-                    " It looks like a VAR transformer: load it as the generator."
-                    if "class_emb.weight" in state_dict
-                    else ""
-                )
-                raise NextScaleError(
-                    f"{WHAT} file '{path}' has no key '{key}': it is not a VAR multi-scale VQ-VAE.{hint}"
-                )
-            s = tuple(state_dict[key].shape)
-            if len(s) != ndim:
-                raise NextScaleError(
-                    f"{WHAT} file '{path}': key '{key}' has shape {list(s)}, expected {ndim} dimensions"
-                )
-            return s
+            return key_shape(state_dict, key, ndim, path, WHAT, f": it is not a VAR multi-scale VQ-VAE.{hint}")
 
         def indices(pattern: str) -> list[int]:
             return sorted({int(m.group(1)) for k in state_dict if (m := re.fullmatch(pattern, k))})

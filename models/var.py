@@ -32,6 +32,7 @@ from .checkpoint import (
     check_state_dict,
     check_tensors,
     config_from_metadata,
+    key_shape,
     load_on_meta,
     read_state_dict,
     save_safetensors,
@@ -310,20 +311,11 @@ class VAR(nn.Module):
         """The config implied by the keys and shapes of ``state_dict`` (var.md 4.8). The schedule comes from
         ``lvl_1L`` when present (and readable), else from ``(L, K)`` among the known schedules."""
 
+        is_tokenizer = "quantize.embedding.weight" in state_dict
+        hint = " It looks like a VAR tokenizer; load it as the tokenizer." if is_tokenizer else ""
+
         def shape(key: str, ndim: int) -> tuple[int, ...]:
-            if key not in state_dict:
-                hint = (
-                    " It looks like a VAR tokenizer; load it as the tokenizer."
-                    if "quantize.embedding.weight" in state_dict
-                    else ""
-                )
-                raise NextScaleError(f"{WHAT} file '{path}' has no key '{key}': it is not a VAR transformer.{hint}")
-            s = tuple(state_dict[key].shape)
-            if len(s) != ndim:
-                raise NextScaleError(
-                    f"{WHAT} file '{path}': key '{key}' has shape {list(s)}, expected {ndim} dimensions"
-                )
-            return s
+            return key_shape(state_dict, key, ndim, path, WHAT, f": it is not a VAR transformer.{hint}")
 
         rows, C = shape("class_emb.weight", 2)
         blocks = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
