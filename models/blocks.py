@@ -25,6 +25,12 @@ from .kv_cache import LayerKV
 MAX_LOG_SCALE = math.log(100.0)  # cap of the learned per-head log scale
 
 
+def stream_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the residual stream, norms and q/k normalisation for weights of ``weight_dtype``: fp32 for
+    half-precision weights (mixed precision, as under upstream's autocast), else the weights' own (fp32, fp64)."""
+    return torch.promote_types(weight_dtype, torch.float32)
+
+
 class SelfAttention(nn.Module):
     """Keys ``scale_mul_1H11 (1, H, 1, 1)``, ``q_bias``/``v_bias (C)``, buffer ``zero_k_bias (C)``,
     ``mat_qkv.weight (3C, C)`` (no bias key), ``proj.weight/.bias``."""
@@ -59,11 +65,13 @@ class SelfAttention(nn.Module):
             .permute(2, 0, 3, 1, 4)
         )
         q_BHLc, k_BHLc, v_BHLc = qkv_3BHLc.unbind(0)
-        # The normalisation in fp32 (q is scaled up to 100x after it). The attention in fp32 on CPU, where half
-        # precision gains nothing there and costs accuracy, else in the weights' dtype (the half-precision kernels).
-        attn_dtype = torch.float32 if x_BLC.device.type == "cpu" else weight.dtype
-        q_BHLc = F.normalize(q_BHLc.float(), dim=-1).mul(self.scale_mul_1H11.float().clamp_max(MAX_LOG_SCALE).exp())
-        k_BHLc = F.normalize(k_BHLc.float(), dim=-1)
+        # The normalisation in the stream dtype (q is scaled up to 100x after it). The attention in it too on CPU,
+        # where half precision gains nothing and costs accuracy, else in the weights' dtype (half-precision kernels).
+        stream = stream_dtype(weight.dtype)
+        attn_dtype = stream if x_BLC.device.type == "cpu" else weight.dtype
+        log_scale_1H11 = self.scale_mul_1H11.to(stream).clamp_max(MAX_LOG_SCALE)
+        q_BHLc = F.normalize(q_BHLc.to(stream), dim=-1).mul(log_scale_1H11.exp())
+        k_BHLc = F.normalize(k_BHLc.to(stream), dim=-1)
         if rope is not None:
             q_BHLc, k_BHLc = apply_rope(q_BHLc, *rope), apply_rope(k_BHLc, *rope)
         q_BHLc, k_BHLc, v_BHLc = q_BHLc.to(attn_dtype), k_BHLc.to(attn_dtype), v_BHLc.to(attn_dtype)
@@ -88,7 +96,31 @@ class FFN(nn.Module):
         return self.fc2(F.gelu(self.fc1(x_BLC), approximate="tanh"))
 
 
-class AdaLNSelfAttn(nn.Module):
+class AdaLNBlock(nn.Module):
+    """What VAR's and Infinity's blocks share: branches fed ``LN(x)(1 + scale) + shift`` (``LN`` without affine
+    parameters) and added back as ``branch * gamma``, in mixed precision whatever the weights' dtype. The residual
+    stream, the LayerNorms and the modulation stay in :func:`stream_dtype` (fp32 for bf16/fp16 weights, as under
+    upstream's autocast); the branches' matmuls run in the weights' dtype (bf16 weights use a CPU's AMX/AVX512-BF16
+    units). Subclasses own ``ffn`` (its ``fc1`` gives the weights' dtype)."""
+
+    embed_dim: int
+    norm_eps: float
+    ffn: FFN
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.ffn.fc1.weight.dtype
+
+    def _ln(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x_BLC, (self.embed_dim,), eps=self.norm_eps)
+
+    def _residual(self, x_BLC, branch, scale_B1C, shift_B1C, gamma_B1C) -> torch.Tensor:
+        """``x + branch(LN(x)(1 + scale) + shift) * gamma``, the branch's input cast to the weights' dtype."""
+        h_BLC = self._ln(x_BLC) * (scale_B1C + 1) + shift_B1C
+        return x_BLC + branch(h_BLC.to(self.weight_dtype)).to(x_BLC.dtype) * gamma_B1C
+
+
+class AdaLNSelfAttn(AdaLNBlock):
     """One VAR block. Its own ``ada_lin = SiLU -> Linear(C, 6C)`` (keys ``ada_lin.1.*``), or with
     ``shared_aln`` (VAR-d36) a parameter ``ada_gss (1, 1, 6, C)`` added to the model's shared modulation."""
 
@@ -109,9 +141,6 @@ class AdaLNSelfAttn(nn.Module):
             return self.ada_gss + cond
         return self.ada_lin(cond).view(-1, 1, 6, self.embed_dim)
 
-    def _ln(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x_BLC, (self.embed_dim,), eps=self.norm_eps)
-
     def forward(
         self,
         x_BLC: torch.Tensor,
@@ -119,16 +148,11 @@ class AdaLNSelfAttn(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv: LayerKV | None = None,
     ) -> torch.Tensor:
-        """fp32 ``x_BLC`` after the block. Mixed precision whatever the weights' dtype: the residual stream, the
-        LayerNorms and the modulation stay in fp32 (as under upstream's autocast); the matmuls run in the weights'
-        dtype (bf16 weights use a CPU's AMX/AVX512-BF16 units)."""
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.float().unbind(2)  # each (B, 1, C)
-        dtype = self.ffn.fc1.weight.dtype
-        x_BLC = x_BLC.float()
-        h_BLC = self._ln(x_BLC) * (scale1 + 1) + shift1
-        x_BLC = x_BLC + self.attn(h_BLC.to(dtype), attn_mask, kv).float() * gamma1
-        h_BLC = self._ln(x_BLC) * (scale2 + 1) + shift2
-        return x_BLC + self.ffn(h_BLC.to(dtype)).float() * gamma2
+        """``x_BLC`` after the block, in the stream dtype (fp32 for bf16 weights; see :class:`AdaLNBlock`)."""
+        stream = stream_dtype(self.weight_dtype)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.to(stream).unbind(2)  # each (B, 1, C)
+        x_BLC = self._residual(x_BLC.to(stream), lambda h: self.attn(h, attn_mask, kv), scale1, shift1, gamma1)
+        return self._residual(x_BLC, self.ffn, scale2, shift2, gamma2)
 
 
 class AdaLNBeforeHead(nn.Module):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import FFN, AdaLNBeforeHead, SelfAttention
+from .blocks import FFN, AdaLNBeforeHead, AdaLNBlock, SelfAttention, stream_dtype
 from .checkpoint import (
     CONFIG_METADATA_KEY,
     check_state_dict,
@@ -172,7 +172,7 @@ class AttentivePool(nn.Module):
         return self.ca(None, self.ca.text_kv(text_BTC), key_mask_B11T)[:, 0]
 
 
-class CrossAttnBlock(nn.Module):
+class CrossAttnBlock(AdaLNBlock):
     """One Infinity block: keys ``sa.*`` (VAR's cos-attention), ``ca.*``, ``ca_norm.*`` (LayerNorm with affine),
     ``ffn.*``, ``ada_gss (1, 1, 6, C)``."""
 
@@ -185,9 +185,6 @@ class CrossAttnBlock(nn.Module):
         self.ca_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, embed_dim))
 
-    def _ln(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x_BLC, (self.embed_dim,), eps=self.norm_eps)
-
     def forward(
         self,
         x_BLC: torch.Tensor,
@@ -198,10 +195,14 @@ class CrossAttnBlock(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv=None,
     ) -> torch.Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.unbind(2)
-        x_BLC = x_BLC + self.sa(self._ln(x_BLC) * (scale1 + 1) + shift1, attn_mask, kv, rope) * gamma1
-        x_BLC = x_BLC + self.ca(self.ca_norm(x_BLC), text_kv, key_mask_B11T)
-        return x_BLC + self.ffn(self._ln(x_BLC) * (scale2 + 1) + shift2) * gamma2
+        """``x_BLC`` after the block, in the stream dtype (mixed precision as VAR's, see :class:`AdaLNBlock`)."""
+        stream = stream_dtype(self.weight_dtype)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.to(stream).unbind(2)
+        x_BLC = self._residual(x_BLC.to(stream), lambda h: self.sa(h, attn_mask, kv, rope), scale1, shift1, gamma1)
+        norm = self.ca_norm  # affine LayerNorm, computed in the stream dtype like the others
+        h_BLC = F.layer_norm(x_BLC, norm.normalized_shape, norm.weight.to(stream), norm.bias.to(stream), norm.eps)
+        x_BLC = x_BLC + self.ca(h_BLC.to(self.weight_dtype), text_kv, key_mask_B11T).to(stream)
+        return self._residual(x_BLC, self.ffn, scale2, shift2, gamma2)
 
 
 class BlockChunk(nn.Module):
