@@ -1,0 +1,97 @@
+"""training/embedded.py, the one-command recipe of the shipped embedded model: every step's options parse with its
+trainer, the steps are wired to each other's outputs, the shipped files match what the recipe builds, and
+``--install`` copies the results under the names the loaders look for."""
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from training import common, embedded  # noqa: E402
+
+common.import_pack()
+from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
+from nextscale.models.var import VAR  # noqa: E402
+
+WEIGHTS = os.path.join(ROOT, "weights")
+
+
+def _parsed(run_dir):
+    import importlib
+
+    return {name: importlib.import_module(module).build_parser().parse_args(argv)
+            for name, module, argv in embedded.commands(run_dir)}
+
+
+def test_recipe_steps_parse_and_chain(tmp_path):
+    args = _parsed(str(tmp_path))
+    out = embedded.outputs(str(tmp_path))
+    assert args["tokenizer"].out == out["tokenizer"]
+    assert args["generator"].tokenizer == out["tokenizer"] and args["generator"].out == out["generator"]
+    assert args["control"].generator == out["generator"] and args["control"].tokenizer == out["tokenizer"]
+    assert args["control"].out == out["control"]
+    run_dirs = {a.run_dir for a in args.values()}
+    assert len(run_dirs) == 3 and all(d.startswith(str(tmp_path)) for d in run_dirs)
+    # the shipped files are small: both models exported in float16
+    assert args["tokenizer"].export_dtype == "float16" and args["generator"].export_dtype == "float16"
+
+
+def test_shipped_weights_are_what_the_recipe_builds():
+    from training.train_tokenizer import config_from_args
+
+    args = _parsed("runs/embedded")
+    tok = MultiScaleVQVAE.from_file(os.path.join(WEIGHTS, embedded.SHIPPED["tokenizer"]))
+    assert tok.config.to_dict() == config_from_args(args["tokenizer"]).to_dict()
+    var = VAR.from_file(os.path.join(WEIGHTS, embedded.SHIPPED["generator"]))
+    g = args["generator"]
+    assert (var.config.depth, var.config.embed_dim, var.config.num_heads) == (g.depth, g.embed_dim, g.num_heads)
+    assert tuple(var.patch_nums) == tuple(tok.config.patch_nums)
+    with open(os.path.join(WEIGHTS, embedded.SHIPPED["card"]), encoding="utf-8") as f:
+        card = json.load(f)
+    # the card records the recipe that made the files, and names the shipped files
+    assert card["training_commands"][1:] == embedded.shell_lines(os.path.join(ROOT, "runs", "embedded"))
+    for key in ("tokenizer", "generator", "control"):
+        assert card["files"][key] == embedded.SHIPPED[key]
+        assert os.path.isfile(os.path.join(WEIGHTS, card["files"][key]))
+    assert card["metrics"]["evaluated_images"] == 500
+
+
+def test_install_copies_under_the_shipped_names(tmp_path):
+    run, weights = tmp_path / "run", tmp_path / "weights"
+    run.mkdir()
+    weights.mkdir()
+    out = embedded.outputs(str(run))
+    with pytest.raises(SystemExit, match="tokenizer.safetensors is missing"):
+        embedded.install(str(run), str(weights))
+    for key in ("tokenizer", "generator", "control"):
+        with open(out[key], "wb") as f:
+            f.write(key.encode())
+    with open(out["card"], "w", encoding="utf-8") as f:
+        json.dump({"files": {"tokenizer": "tokenizer.safetensors", "generator": "generator.safetensors"}}, f)
+    written = embedded.install(str(run), str(weights))
+    assert sorted(os.path.basename(p) for p in written) == sorted(v for v in embedded.SHIPPED.values() if v)
+    with open(weights / embedded.SHIPPED["generator"], "rb") as f:
+        assert f.read() == b"generator"
+    with open(weights / embedded.SHIPPED["card"], encoding="utf-8") as f:
+        assert json.load(f)["files"] == {k: embedded.SHIPPED[k] for k in ("tokenizer", "generator", "control")}
+
+
+def test_unknown_step_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="--only 'decoder'.*tokenizer.*generator.*evaluate.*control"):
+        embedded.run(str(tmp_path), only="decoder")
+
+
+def test_card_metrics_flatten_the_evaluation():
+    res = {"tokenizer": {"psnr": 28.123, "psnr_of_mean_mse": 27.5, "classifier_accuracy_on_round_trips": 1.0,
+                         "frechet_round_trips_vs_real": 0.5, "frechet_floor_real_vs_real": 0.15},
+           "generator": {"class_accuracy": 0.95, "per_class_accuracy": [0.9, 1.0], "frechet_distance": 1.2,
+                         "frechet_floor_real_vs_real": 0.3, "frechet_ratio": 4.0, "diversity_ratio_mean": 1.1,
+                         "diversity_generated": [2.0, 3.0], "diversity_real": [2.0, 2.5], "num_generated": 20},
+           "timing_4_images": {"median_s": 0.2}}
+    m = embedded.card_metrics(res)
+    assert m["tokenizer_psnr_db"] == 28.12 and m["frechet_ratio"] == 4.0
+    assert m["diversity_ratio_min"] == 1.0 and m["evaluated_images"] == 20

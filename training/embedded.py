@@ -1,0 +1,200 @@
+"""The embedded model's recipe: one command retrains ``nextscale-embedded`` from scratch and writes its card.
+
+    python -m training.embedded                  # everything into runs/embedded/
+    python -m training.embedded --install        # ... then copy the five files into weights/
+
+The steps are those that produced the shipped files (:data:`RECIPE`):
+
+1. ``tokenizer``: the multi-scale VQ-VAE (training/train_tokenizer.py);
+2. ``generator``: the VAR transformer on that tokenizer's codes (training/train_generator.py);
+3. ``evaluate``: the measurements of training/evaluate.py, written into the card ``nextscale_embedded.json``;
+4. ``control``: the edge-control adapter on the frozen generator (training/train_control.py).
+
+Every step resumes from its run folder (``runs/embedded/<step>/last.pt``) and is skipped once its output exists, so
+an interrupted run continues where it stopped. Batches are a pure function of (seed, step), so a rerun reproduces
+the metrics within the noise of floating-point reductions. ``--only STEP`` runs one step (its inputs must exist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a file
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from training import common
+
+# (step, trainer module, its options); the run folder, the inputs and --out are added by :func:`commands`.
+RECIPE: list[tuple[str, str, list[str]]] = [
+    ("tokenizer", "training.train_tokenizer",
+     ["--ch-mult", "1,1,2,4", "--patch-nums", "1,2,3,4,5,6,8", "--steps", "6000", "--lr", "6e-4",
+      "--precision", "bf16", "--export-dtype", "float16"]),
+    ("generator", "training.train_generator",
+     ["--depth", "6", "--embed-dim", "256", "--num-heads", "4", "--steps", "3000", "--precision", "bf16",
+      "--export-dtype", "float16"]),
+    ("control", "training.train_control",
+     ["--control", "edges", "--kind", "add", "--layers", "0,1,2,3,4,5", "--steps", "1500", "--precision", "bf16"]),
+]
+EVALUATE = ["--per-class", "50", "--threads", "1"]
+
+# the names under weights/ (nodes/model_files.py and nodes/control.py look for these)
+SHIPPED = {"tokenizer": "nextscale_tokenizer.safetensors", "generator": "nextscale_generator.safetensors",
+           "control": "nextscale_control_edges.safetensors", "card": "nextscale_embedded.json",
+           "samples": None}
+
+
+def outputs(run_dir: str) -> dict[str, str]:
+    return {"tokenizer": os.path.join(run_dir, "tokenizer.safetensors"),
+            "generator": os.path.join(run_dir, "generator.safetensors"),
+            "control": os.path.join(run_dir, "control_edges.safetensors"),
+            "eval": os.path.join(run_dir, "eval.json"),
+            "card": os.path.join(run_dir, "nextscale_embedded.json"),
+            "samples": os.path.join(run_dir, "samples.png")}
+
+
+def commands(run_dir: str) -> list[tuple[str, str, list[str]]]:
+    """``(step, module, argv)`` of the three trainers, wired to each other's outputs under ``run_dir``."""
+    out = outputs(run_dir)
+    inputs = {"tokenizer": [],
+              "generator": ["--tokenizer", out["tokenizer"]],
+              "control": ["--generator", out["generator"], "--tokenizer", out["tokenizer"]]}
+    return [(name, module, inputs[name] + opts + ["--run-dir", os.path.join(run_dir, name), "--out", out[name]])
+            for name, module, opts in RECIPE]
+
+
+def shell_lines(run_dir: str) -> list[str]:
+    """The recipe as shell commands (from the repository root), for the card and the README."""
+    rel = os.path.relpath(run_dir, common.repo_root())
+    lines = [f"python -m {module} " + " ".join(argv) for _, module, argv in commands(rel)]
+    o = outputs(rel)
+    lines.insert(2, f"python -m training.evaluate --tokenizer {o['tokenizer']} --generator {o['generator']} "
+                    + " ".join(EVALUATE) + f" --out {o['eval']} --grid {o['samples']}")
+    return lines
+
+
+def card_metrics(res: dict) -> dict:
+    """The flat metrics of the card from :func:`training.evaluate.evaluate`'s nested result."""
+    tok, gen = res["tokenizer"], res["generator"]
+    r = lambda v, n=3: round(float(v), n)  # noqa: E731
+    return {
+        "tokenizer_psnr_db": r(tok["psnr"], 2),
+        "tokenizer_psnr_of_mean_mse_db": r(tok["psnr_of_mean_mse"], 2),
+        "classifier_accuracy_on_round_trips": r(tok["classifier_accuracy_on_round_trips"]),
+        "frechet_round_trips_vs_real": r(tok["frechet_round_trips_vs_real"]),
+        "frechet_floor_round_trips": r(tok["frechet_floor_real_vs_real"]),
+        "class_accuracy": r(gen["class_accuracy"]),
+        "per_class_accuracy": [r(v, 2) for v in gen["per_class_accuracy"]],
+        "frechet_distance": r(gen["frechet_distance"]),
+        "frechet_floor_real_vs_real": r(gen["frechet_floor_real_vs_real"]),
+        "frechet_ratio": r(gen["frechet_ratio"], 2),
+        "diversity_ratio_mean": r(gen["diversity_ratio_mean"], 2),
+        "diversity_ratio_min": r(min(g / max(x, 1e-9) for g, x in zip(gen["diversity_generated"],
+                                                                       gen["diversity_real"])), 2),
+        "sampling_4_images_s_1_thread": r(res["timing_4_images"]["median_s"]),
+        "evaluated_images": gen["num_generated"],
+        "measured_on": f"{_machine()}, {time.strftime('%Y-%m-%d')}",
+    }
+
+
+def _machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{os.cpu_count()}-core CPU, no GPU"
+
+
+def _run_trainer(module: str, argv: list[str]) -> None:
+    import importlib
+
+    print(f"[embedded] python -m {module} {' '.join(argv)}", flush=True)
+    importlib.import_module(module).main(argv)
+
+
+def _evaluate(run_dir: str) -> None:
+    from training import evaluate as ev
+
+    o = outputs(run_dir)
+    print(f"[embedded] python -m training.evaluate ... --out {o['eval']}", flush=True)
+    ev.main(["--tokenizer", o["tokenizer"], "--generator", o["generator"], *EVALUATE,
+             "--out", o["eval"], "--grid", o["samples"]])
+    with open(o["eval"], encoding="utf-8") as f:
+        res = json.load(f)
+    opts = ev.SamplingOptions(**{k: v for k, v in res["generator"]["options"].items() if k != "more_smooth"})
+    ev.write_card(o["card"], o["tokenizer"], o["generator"], card_metrics(res), opts,
+                  ["python -m training.embedded  # runs the lines below in order, resumable"]
+                  + shell_lines(run_dir))
+
+
+def run(run_dir: str, only: str | None = None) -> dict[str, str]:
+    """Runs the recipe's missing steps into ``run_dir``; returns :func:`outputs`."""
+    out = outputs(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    steps = commands(run_dir)
+    order = [s[0] for s in steps[:2]] + ["evaluate", steps[2][0]]
+    if only is not None and only not in order:
+        raise SystemExit(f"--only {only!r}: choose one of {order}")
+    by_name = {name: (module, argv) for name, module, argv in steps}
+    import torch
+
+    threads = torch.get_num_threads()  # evaluate times sampling on one thread; the trainers use them all
+    for name in order:
+        if only is not None and name != only:
+            continue
+        target = out["card" if name == "evaluate" else name]
+        if os.path.isfile(target) and only is None:
+            print(f"[embedded] {name}: {target} exists, skipped", flush=True)
+            continue
+        torch.set_num_threads(threads)
+        if name == "evaluate":
+            _evaluate(run_dir)
+        else:
+            _run_trainer(*by_name[name])
+    return out
+
+
+def install(run_dir: str, weights_dir: str | None = None) -> list[str]:
+    """Copies the recipe's outputs over the shipped files in ``weights/``; returns the paths written."""
+    weights_dir = weights_dir or os.path.join(common.repo_root(), "weights")
+    out, written = outputs(run_dir), []
+    for key, name in SHIPPED.items():
+        if name is None:
+            continue
+        if not os.path.isfile(out[key]):
+            raise SystemExit(f"--install: {out[key]} is missing; run `python -m training.embedded` to the end first")
+        dst = os.path.join(weights_dir, name)
+        shutil.copyfile(out[key], dst)
+        written.append(dst)
+    # the card names the shipped files, not the run's
+    with open(os.path.join(weights_dir, SHIPPED["card"]), encoding="utf-8") as f:
+        card = json.load(f)
+    card["files"].update(tokenizer=SHIPPED["tokenizer"], generator=SHIPPED["generator"], control=SHIPPED["control"])
+    with open(os.path.join(weights_dir, SHIPPED["card"]), "w", encoding="utf-8") as f:
+        json.dump(card, f, indent=1)
+        f.write("\n")
+    return written
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Retrain the embedded model (nextscale-embedded) from scratch")
+    ap.add_argument("--run-dir", default=os.path.join(common.repo_root(), "runs", "embedded"))
+    ap.add_argument("--only", default=None, help="run this step only: tokenizer, generator, evaluate or control")
+    ap.add_argument("--install", action="store_true", help="copy the results into weights/ at the end")
+    ap.add_argument("--print", action="store_true", help="print the recipe's commands and exit")
+    args = ap.parse_args(argv)
+    if args.print:
+        print("\n".join(shell_lines(args.run_dir)))
+        return
+    run(args.run_dir, args.only)
+    if args.install:
+        for path in install(args.run_dir):
+            print(f"[embedded] installed {path}")
+
+
+if __name__ == "__main__":
+    main()
