@@ -11,9 +11,14 @@ Two parts:
    with the full cache and with each policy on the same labels and seeds: token agreement per scale and PSNR of
    the decoded images, after a 2-sample calibration. Random weights have no trained attention structure: this
    measures the machinery, not the methods' quality (the trained embedded model is the real test).
+3. ``--part embedded``: that real test, on the embedded trained model of ``weights/``: mean PSNR of the decoded
+   image against the full-cache image and token agreement (mean over scales / last scale), four classes (seeds
+   0..3), cfg 2, profile calibrated on 2 samples (what ``tests/test_kv_policies.py::test_fidelity_ordering``
+   computes at 25 % and 50 %).
 
     OMP_NUM_THREADS=1 nice -n 15 .testbed/venv/bin/python bench/bench_kv.py --part memory
     OMP_NUM_THREADS=1 nice -n 15 .testbed/venv/bin/python bench/bench_kv.py --part fidelity
+    .testbed/venv/bin/python bench/bench_kv.py --part embedded
 """
 
 from __future__ import annotations
@@ -141,10 +146,36 @@ def part_fidelity(classes=(1, 2), seeds=(0,)) -> None:
                   f"{', '.join(f'{a:.2f}' for a in agree)} | {psnr:.2f} |", flush=True)  # fmt: skip
 
 
+def part_embedded(budgets=(0.1, 0.25, 0.5), policies=("recent", "strided", "scalekv", "hack")) -> None:
+    weights = os.path.join(ROOT, "weights")
+    var = VAR.from_file(os.path.join(weights, "nextscale_generator.safetensors")).eval()
+    vae = MultiScaleVQVAE.from_file(os.path.join(weights, "nextscale_tokenizer.safetensors")).eval()
+    labels = list(range(4))
+    options = SamplingOptions(cfg=2.0)
+    profile = calibrate(var, vae, labels[:2], seed=100)
+    fulls = {label: run_with(var, vae, [label], i, KVPolicySpec("full"), options) for i, label in enumerate(labels)}
+    fulls = {label: (t, p, decode(vae, t)) for label, (t, p) in fulls.items()}
+    psnr, agree = {}, {}
+    for policy in policies:
+        for budget in budgets:
+            rows = [kv_report(var, vae, [label], i, KVPolicySpec(policy, budget, profile), options, full=fulls[label])
+                    for i, label in enumerate(labels)]  # fmt: skip
+            psnr[policy, budget] = sum(min(r.psnr, 60.0) for r in rows) / len(rows)
+            agree[policy, budget] = (sum(sum(r.token_agreement) / len(r.token_agreement) for r in rows) / len(rows),
+                                     sum(r.token_agreement[-1] for r in rows) / len(rows))  # fmt: skip
+    head = " | ".join(f"{b:.0%}" for b in budgets)
+    print(f"| policy | {head} |\n|---|" + "---|" * len(budgets))
+    for policy in policies:
+        print(f"| {policy} | " + " | ".join(f"{psnr[policy, b]:.2f}" for b in budgets) + " |")
+    print(f"\n| policy | {head} |\n|---|" + "---|" * len(budgets))
+    for policy in policies:
+        print(f"| {policy} | " + " | ".join("{:.3f} / {:.3f}".format(*agree[policy, b]) for b in budgets) + " |")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("memory", "fidelity"), required=True)
+    parser.add_argument("--part", choices=("memory", "fidelity", "embedded"), required=True)
     parser.add_argument("--max-gb", type=float, default=1.5, help="skip memory configs whose full cache is larger")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    part_memory(max_gb=args.max_gb) if args.part == "memory" else part_fidelity()
+    {"memory": lambda: part_memory(max_gb=args.max_gb), "fidelity": part_fidelity, "embedded": part_embedded}[args.part]()
