@@ -24,7 +24,7 @@ def _parsed(run_dir):
     import importlib
 
     return {name: importlib.import_module(module).build_parser().parse_args(argv)
-            for name, module, argv in embedded.commands(run_dir)}
+            for name, module, argv in embedded.commands(run_dir) if name != "evaluate"}
 
 
 def test_recipe_steps_parse_and_chain(tmp_path):
@@ -34,6 +34,10 @@ def test_recipe_steps_parse_and_chain(tmp_path):
     assert args["generator"].tokenizer == out["tokenizer"] and args["generator"].out == out["generator"]
     assert args["control"].generator == out["generator"] and args["control"].tokenizer == out["tokenizer"]
     assert args["control"].out == out["control"]
+    evaluate = {name: argv for name, _, argv in embedded.commands(str(tmp_path))}["evaluate"]
+    assert evaluate[evaluate.index("--tokenizer") + 1] == out["tokenizer"]
+    assert evaluate[evaluate.index("--generator") + 1] == out["generator"]
+    assert evaluate[evaluate.index("--out") + 1] == out["eval"]
     run_dirs = {a.run_dir for a in args.values()}
     assert len(run_dirs) == 3 and all(d.startswith(str(tmp_path)) for d in run_dirs)
     # the shipped files are small: both models exported in float16
@@ -73,7 +77,7 @@ def test_install_copies_under_the_shipped_names(tmp_path):
     with open(out["card"], "w", encoding="utf-8") as f:
         json.dump({"files": {"tokenizer": "tokenizer.safetensors", "generator": "generator.safetensors"}}, f)
     written = embedded.install(str(run), str(weights))
-    assert sorted(os.path.basename(p) for p in written) == sorted(v for v in embedded.SHIPPED.values() if v)
+    assert sorted(os.path.basename(p) for p in written) == sorted(embedded.SHIPPED.values())
     with open(weights / embedded.SHIPPED["generator"], "rb") as f:
         assert f.read() == b"generator"
     with open(weights / embedded.SHIPPED["card"], encoding="utf-8") as f:

@@ -1,7 +1,7 @@
 """The embedded model's recipe: one command retrains ``nextscale-embedded`` from scratch and writes its card.
 
     python -m training.embedded                  # everything into runs/embedded/
-    python -m training.embedded --install        # ... then copy the five files into weights/
+    python -m training.embedded --install        # ... then copy the four files into weights/
 
 The steps are those that produced the shipped files (:data:`RECIPE`):
 
@@ -37,15 +37,15 @@ RECIPE: list[tuple[str, str, list[str]]] = [
     ("generator", "training.train_generator",
      ["--depth", "6", "--embed-dim", "256", "--num-heads", "4", "--steps", "3000", "--precision", "bf16",
       "--export-dtype", "float16"]),
+    ("evaluate", "training.evaluate", ["--per-class", "50", "--threads", "1"]),
     ("control", "training.train_control",
      ["--control", "edges", "--kind", "add", "--layers", "0,1,2,3,4,5", "--steps", "1500", "--precision", "bf16"]),
 ]
-EVALUATE = ["--per-class", "50", "--threads", "1"]
+STEPS = tuple(name for name, _, _ in RECIPE)
 
 # the names under weights/ (nodes/model_files.py and nodes/control.py look for these)
 SHIPPED = {"tokenizer": "nextscale_tokenizer.safetensors", "generator": "nextscale_generator.safetensors",
-           "control": "nextscale_control_edges.safetensors", "card": "nextscale_embedded.json",
-           "samples": None}
+           "control": "nextscale_control_edges.safetensors", "card": "nextscale_embedded.json"}
 
 
 def outputs(run_dir: str) -> dict[str, str]:
@@ -58,23 +58,20 @@ def outputs(run_dir: str) -> dict[str, str]:
 
 
 def commands(run_dir: str) -> list[tuple[str, str, list[str]]]:
-    """``(step, module, argv)`` of the three trainers, wired to each other's outputs under ``run_dir``."""
+    """``(step, module, argv)`` of every step in order, wired to each other's outputs under ``run_dir``."""
     out = outputs(run_dir)
-    inputs = {"tokenizer": [],
-              "generator": ["--tokenizer", out["tokenizer"]],
-              "control": ["--generator", out["generator"], "--tokenizer", out["tokenizer"]]}
-    return [(name, module, inputs[name] + opts + ["--run-dir", os.path.join(run_dir, name), "--out", out[name]])
-            for name, module, opts in RECIPE]
+    tok, gen = ["--tokenizer", out["tokenizer"]], ["--generator", out["generator"]]
+    inputs = {"tokenizer": [], "generator": tok, "evaluate": tok + gen, "control": gen + tok}
+    results = {name: ["--run-dir", os.path.join(run_dir, name), "--out", out[name]]
+               for name in ("tokenizer", "generator", "control")}
+    results["evaluate"] = ["--out", out["eval"], "--grid", out["samples"]]
+    return [(name, module, inputs[name] + opts + results[name]) for name, module, opts in RECIPE]
 
 
 def shell_lines(run_dir: str) -> list[str]:
     """The recipe as shell commands (from the repository root), for the card and the README."""
     rel = os.path.relpath(run_dir, common.repo_root())
-    lines = [f"python -m {module} " + " ".join(argv) for _, module, argv in commands(rel)]
-    o = outputs(rel)
-    lines.insert(2, f"python -m training.evaluate --tokenizer {o['tokenizer']} --generator {o['generator']} "
-                    + " ".join(EVALUATE) + f" --out {o['eval']} --grid {o['samples']}")
-    return lines
+    return [f"python -m {module} " + " ".join(argv) for _, module, argv in commands(rel)]
 
 
 def card_metrics(res: dict) -> dict:
@@ -109,41 +106,29 @@ def _machine() -> str:
     return f"{os.cpu_count()}-core CPU, no GPU"
 
 
-def _run_trainer(module: str, argv: list[str]) -> None:
-    import importlib
-
-    print(f"[embedded] python -m {module} {' '.join(argv)}", flush=True)
-    importlib.import_module(module).main(argv)
-
-
-def _evaluate(run_dir: str) -> None:
+def _write_card(run_dir: str) -> None:
     from training import evaluate as ev
 
     o = outputs(run_dir)
-    print(f"[embedded] python -m training.evaluate ... --out {o['eval']}", flush=True)
-    ev.main(["--tokenizer", o["tokenizer"], "--generator", o["generator"], *EVALUATE,
-             "--out", o["eval"], "--grid", o["samples"]])
     with open(o["eval"], encoding="utf-8") as f:
         res = json.load(f)
-    opts = ev.SamplingOptions(**{k: v for k, v in res["generator"]["options"].items() if k != "more_smooth"})
-    ev.write_card(o["card"], o["tokenizer"], o["generator"], card_metrics(res), opts,
-                  ["python -m training.embedded  # runs the lines below in order, resumable"]
-                  + shell_lines(run_dir))
+    ev.write_card(o["card"], o["tokenizer"], o["generator"], card_metrics(res),
+                  ev.SamplingOptions(**res["generator"]["options"]),
+                  ["python -m training.embedded  # runs the lines below in order, resumable"] + shell_lines(run_dir))
 
 
 def run(run_dir: str, only: str | None = None) -> dict[str, str]:
-    """Runs the recipe's missing steps into ``run_dir``; returns :func:`outputs`."""
-    out = outputs(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    steps = commands(run_dir)
-    order = [s[0] for s in steps[:2]] + ["evaluate", steps[2][0]]
-    if only is not None and only not in order:
-        raise SystemExit(f"--only {only!r}: choose one of {order}")
-    by_name = {name: (module, argv) for name, module, argv in steps}
+    """Runs the recipe's missing steps into ``run_dir`` (``only``: that step alone); returns :func:`outputs`."""
+    import importlib
+
     import torch
 
+    if only is not None and only not in STEPS:
+        raise SystemExit(f"--only {only!r}: choose one of {list(STEPS)}")
+    out = outputs(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
     threads = torch.get_num_threads()  # evaluate times sampling on one thread; the trainers use them all
-    for name in order:
+    for name, module, argv in commands(run_dir):
         if only is not None and name != only:
             continue
         target = out["card" if name == "evaluate" else name]
@@ -151,10 +136,10 @@ def run(run_dir: str, only: str | None = None) -> dict[str, str]:
             print(f"[embedded] {name}: {target} exists, skipped", flush=True)
             continue
         torch.set_num_threads(threads)
+        print(f"[embedded] python -m {module} {' '.join(argv)}", flush=True)
+        importlib.import_module(module).main(argv)
         if name == "evaluate":
-            _evaluate(run_dir)
-        else:
-            _run_trainer(*by_name[name])
+            _write_card(run_dir)
     return out
 
 
@@ -163,8 +148,6 @@ def install(run_dir: str, weights_dir: str | None = None) -> list[str]:
     weights_dir = weights_dir or os.path.join(common.repo_root(), "weights")
     out, written = outputs(run_dir), []
     for key, name in SHIPPED.items():
-        if name is None:
-            continue
         if not os.path.isfile(out[key]):
             raise SystemExit(f"--install: {out[key]} is missing; run `python -m training.embedded` to the end first")
         dst = os.path.join(weights_dir, name)
@@ -173,7 +156,7 @@ def install(run_dir: str, weights_dir: str | None = None) -> list[str]:
     # the card names the shipped files, not the run's
     with open(os.path.join(weights_dir, SHIPPED["card"]), encoding="utf-8") as f:
         card = json.load(f)
-    card["files"].update(tokenizer=SHIPPED["tokenizer"], generator=SHIPPED["generator"], control=SHIPPED["control"])
+    card["files"].update({key: SHIPPED[key] for key in ("tokenizer", "generator", "control")})
     with open(os.path.join(weights_dir, SHIPPED["card"]), "w", encoding="utf-8") as f:
         json.dump(card, f, indent=1)
         f.write("\n")
