@@ -1,7 +1,6 @@
 """Collaborative decoding: same model twice == the plain sampler, the prefill against teacher forcing, KV policies,
 mismatch errors, released drafter/refiner files, and the node inside ComfyUI's python."""
 
-import sys
 import textwrap
 
 import pytest

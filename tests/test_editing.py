@@ -3,7 +3,6 @@
 Tiny random models (test_sampler's generator, a randomised 8 px tokenizer with the schedule 1, 2, 3, 4) on the CPU.
 """
 
-import sys
 import textwrap
 
 import pytest

@@ -8,13 +8,12 @@ model when ``weights/`` has it.
 import json
 import math
 import os
-import sys
 import textwrap
 
 import pytest
 import torch
 from harness.testbed import REPO_ROOT, run_in_comfyui_python
-from test_sampler import CVAE, PN, VOCAB, make_var
+from test_sampler import CVAE, VOCAB
 
 from nextscale.kernels.ragged import pack_kv, ragged_attention_torch
 from nextscale.models.errors import NextScaleError
@@ -33,7 +32,7 @@ from nextscale.models.kv_policies import (
 )
 from nextscale.models.kv_profile import KVProfile, calibrate
 from nextscale.models.kv_report import kv_report, run_with
-from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample
+from nextscale.models.sampler import SamplingOptions, sample
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.models.var import VAR, VARConfig
 
