@@ -30,15 +30,17 @@ if __package__ in (None, ""):  # run as a file
 from training import common
 
 # (step, trainer module, its options); the run folder, the inputs and --out are added by :func:`commands`.
-# The shipped generator ran as --steps 8000 and was then continued to 15000 from its last.pt (train_generator
-# stretches the cosine to the new total, so the learning rate rose again from 5e-5 to 4.8e-4 at step 8000); a
-# run from scratch follows one cosine to 15000, and its figures will differ a little (bench/RESULTS.md).
+# The shipped generator was trained in three legs, each resumed from the last.pt of the one before: --steps 8000
+# and then 15000 on --train-count 60000, then 23000 on --train-count 120000 (its first 60000 images are the same
+# ones: an image is a function of its index). train_generator stretches the cosine to each new total, so the
+# learning rate rose again at steps 8000 (5e-5 -> 4.8e-4) and 15000 (5e-5 -> 3.1e-4). A run from scratch follows
+# one cosine to 23000, and its figures will differ a little (bench/RESULTS.md).
 RECIPE: list[tuple[str, str, list[str]]] = [
     ("tokenizer", "training.train_tokenizer",
      ["--ch-mult", "1,1,2,4", "--patch-nums", "1,2,3,4,5,6,8", "--steps", "6000", "--lr", "6e-4",
       "--precision", "bf16", "--export-dtype", "float16"]),
     ("generator", "training.train_generator",
-     ["--depth", "6", "--embed-dim", "256", "--num-heads", "4", "--train-count", "60000", "--steps", "15000",
+     ["--depth", "6", "--embed-dim", "256", "--num-heads", "4", "--train-count", "120000", "--steps", "23000",
       "--precision", "bf16", "--export-dtype", "float16"]),
     ("evaluate", "training.evaluate", ["--per-class", "50", "--threads", "1"]),
     ("control", "training.train_control",
