@@ -146,6 +146,34 @@ def test_bf16_autocast_training(tokenizer_file, workdir):
         common.autocast(torch.device("cpu"), "int8")
 
 
+def test_generator_init_fine_tunes_from_a_file(tokenizer_file, workdir):
+    """``--init``: a new run starts at the file's weights (its first loss is the trained one, and with lr 0 it exports
+    them unchanged); a file of another architecture is refused with the options to fix."""
+    from training import train_generator
+
+    tok, _ = tokenizer_file
+    cache = str(workdir / "cache")
+    base, base_out = str(workdir / "gen_base"), str(workdir / "gen_base.safetensors")
+    quiet = ["--label-drop", "0", "--min-lr-ratio", "0.5", "--export-dtype", "float32"]
+    train_generator.main(_gen_args(tok, base, cache, 40, ["--out", base_out, *quiet]))
+    first_scratch = _losses(base)[0]["loss"]
+    tuned, tuned_out = str(workdir / "gen_tuned"), str(workdir / "gen_tuned.safetensors")
+    train_generator.main(_gen_args(tok, tuned, cache, 3, ["--init", base_out, "--out", tuned_out, *quiet,
+                                                          "--lr", "0"]))  # fmt: skip
+    assert _losses(tuned, "init")[0]["path"] == os.path.abspath(base_out)
+    assert _losses(tuned)[0]["loss"] < first_scratch - 0.3
+    common.import_pack()
+    from nextscale.models.var import VAR
+
+    a, b = VAR.from_file(base_out).state_dict(), VAR.from_file(tuned_out).state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(SystemExit, match=r"--init .*depth: file 2 vs run 3.*--depth"):
+        train_generator.main(_gen_args(tok, str(workdir / "gen_wrong"), cache, 1, ["--init", base_out, "--depth", "3"]))
+    with pytest.raises(SystemExit, match="no such file"):
+        train_generator.main(_gen_args(tok, str(workdir / "gen_none"), cache, 1, ["--init", base_out + ".x"]))
+
+
 def test_generator_resume_is_exact(tokenizer_file, workdir):
     from training import train_generator
 
@@ -183,6 +211,27 @@ def test_classifier_and_metrics():
     assert len(div) == 10 and all(v > 0 for v in div)
     m = classifier.compare(model, xh, yh, xh[:20], yh[:20], xh[20:], len(data.CLASS_NAMES))
     assert set(m) >= {"class_accuracy", "frechet_distance", "frechet_floor_real_vs_real", "diversity_ratio_mean"}
+    assert "frechet_share_per_class" not in m
+    m = classifier.compare(model, xh, yh, xh[:20], yh[:20], xh[20:], len(data.CLASS_NAMES), real_b_labels=yh[20:])
+    assert len(m["frechet_share_per_class"]) == len(data.CLASS_NAMES)
+
+
+def test_frechet_share_names_the_class_that_leaves_the_gap():
+    g = torch.Generator().manual_seed(0)
+    K, per, D = 4, 60, 8
+    labels = torch.arange(K * per) % K
+    centres = 3 * torch.randn(K, D, generator=g)
+    draw = lambda: centres[labels] + torch.randn(K * per, D, generator=g)  # noqa: E731
+    real, other, gen = draw(), draw(), draw()
+    gen[labels == 2] += 4.0  # class 2 generated off-target; the other classes as real as the real sets
+    share = classifier.frechet_share_per_class(real, gen, labels, other, labels, K)
+    fd = classifier.frechet_distance(real, gen)
+    assert max(range(K), key=lambda c: share[c]) == 2
+    assert share[2] > 0.5 * fd  # fixing class 2 takes most of the distance away
+    assert all(abs(share[c]) < 0.25 * share[2] for c in (0, 1, 3))
+    # a class the other set lacks cannot be swapped: nan, not a crash
+    assert torch.isnan(torch.tensor(classifier.frechet_share_per_class(real, gen, labels, other[labels != 1],
+                                                                       labels[labels != 1], K)[1]))
 
 
 def test_classifier_export_round_trip(tmp_path):

@@ -124,9 +124,37 @@ def diversity(features: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
     return out
 
 
+def frechet_share_per_class(feat_real: torch.Tensor, feat_gen: torch.Tensor, gen_labels: torch.Tensor,
+                            feat_other: torch.Tensor, other_labels: torch.Tensor, num_classes: int) -> list[float]:
+    """How much of ``frechet_distance(feat_real, feat_gen)`` each class accounts for.
+
+    Entry ``c`` is that distance minus the one after the generated features of class ``c`` are replaced by real
+    ones of class ``c`` from another set (``feat_other``; as many as it has, up to the generated count): what
+    generating class ``c`` perfectly would gain. The entries need not add up to the distance (the classes share
+    the mean and the covariance), but they rank the classes by the gap they leave.
+    """
+    fd = frechet_distance(feat_real, feat_gen)
+    out = []
+    for c in range(num_classes):
+        slots = torch.nonzero(gen_labels == c).flatten()
+        real_c = feat_other[other_labels == c]
+        k = min(len(slots), len(real_c))
+        if k == 0:
+            out.append(float("nan"))
+            continue
+        swapped = feat_gen.clone()
+        swapped[slots[:k]] = real_c[:k].to(swapped.dtype)
+        out.append(fd - frechet_distance(feat_real, swapped))
+    return out
+
+
 def compare(model: ShapeClassifier, gen_images: torch.Tensor, gen_labels: torch.Tensor, real_a: torch.Tensor,
-            real_a_labels: torch.Tensor, real_b: torch.Tensor, num_classes: int) -> dict:
-    """Every metric of generated images against real set ``a``, with ``a`` vs ``b`` (same size) as the floor."""
+            real_a_labels: torch.Tensor, real_b: torch.Tensor, num_classes: int,
+            real_b_labels: torch.Tensor | None = None) -> dict:
+    """Every metric of generated images against real set ``a``, with ``a`` vs ``b`` (same size) as the floor.
+
+    With ``real_b_labels``, also :func:`frechet_share_per_class` (real ``b`` standing in for each class in turn).
+    """
     pred_g, feat_g = predict(model, gen_images)
     _, feat_a = predict(model, real_a)
     _, feat_b = predict(model, real_b)
@@ -134,6 +162,10 @@ def compare(model: ShapeClassifier, gen_images: torch.Tensor, gen_labels: torch.
     div_r = diversity(feat_a, real_a_labels, num_classes)
     fd = frechet_distance(feat_a, feat_g)
     floor = frechet_distance(feat_a, feat_b)
+    extra = {}
+    if real_b_labels is not None:
+        extra["frechet_share_per_class"] = frechet_share_per_class(feat_a, feat_g, gen_labels, feat_b,
+                                                                   real_b_labels, num_classes)
     return {
         "class_accuracy": accuracy(pred_g, gen_labels),
         "per_class_accuracy": per_class_accuracy(pred_g, gen_labels, num_classes),
@@ -145,6 +177,7 @@ def compare(model: ShapeClassifier, gen_images: torch.Tensor, gen_labels: torch.
         "diversity_ratio_mean": float(np.nanmean(np.asarray(div_g) / np.asarray(div_r))),
         "num_generated": int(len(gen_images)),
         "num_real_per_set": int(len(real_a)),
+        **extra,
     }
 
 

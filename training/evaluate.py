@@ -3,7 +3,8 @@
 - tokenizer: held-out reconstruction PSNR (image -> indices -> image) and code usage;
 - generator: class accuracy of generated images (classifier's prediction == requested class), Frechet
   distance in the classifier's feature space against held-out real images, with the real-vs-real floor
-  (two disjoint held-out sets of the same size), per-class diversity (generated / real);
+  (two disjoint held-out sets of the same size), per-class diversity (generated / real), and each class's share
+  of the distance (what replacing that class's samples with real images would take off it);
 - speed: wall time of sampling 4 images (one batch, default options, decode included) on this machine.
 
 Example (from the repository root)::
@@ -99,7 +100,7 @@ def evaluate(tokenizer_path: str, generator_path: str | None, classifier_path: s
     if 2 * n > len(held):
         raise SystemExit(f"need {2 * n} held-out images for the real-vs-real floor, have {len(held)}")
     xh, yh = held.tensors()
-    m = clf.compare(model, gen, labels, xh[:n], yh[:n], xh[n:2 * n], K)
+    m = clf.compare(model, gen, labels, xh[:n], yh[:n], xh[n:2 * n], K, real_b_labels=yh[n:2 * n])
     m["class_names"] = list(var.class_names or range(K))
     m["options"] = {"cfg": options.cfg, "top_k": options.top_k, "top_p": options.top_p,
                     "temperature": options.temperature, "more_smooth": options.more_smooth}

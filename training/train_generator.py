@@ -13,7 +13,9 @@ Examples (from the repository root)::
     python3 -m training.train_generator --tokenizer my_tok.safetensors --data path/to/folders --run-dir runs/my_gen
 
 Resuming is automatic (``--resume auto`` reads ``<run-dir>/last.pt``); passing a larger ``--steps`` continues
-a finished run (the cosine schedule is stretched to the new total).
+a finished run (the cosine schedule is stretched to the new total). ``--init FILE`` starts a new run from a
+trained generator's weights instead (fine-tuning, e.g. the embedded model on your own images of as many classes):
+fresh optimizer, its own warm-up and cosine, the EMA starting at those weights.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-heads", type=int, default=4)
     ap.add_argument("--mlp-ratio", type=float, default=4.0)
     # optimisation
+    ap.add_argument("--init", default=None,
+                    help="start from this generator's weights (.safetensors, e.g. an --out of an earlier run) "
+                         "instead of random ones: a new run with its own warm-up and cosine (fine-tuning); the "
+                         "architecture options must match it. Ignored when the run folder resumes")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -178,11 +184,13 @@ def train(args) -> dict:
                     num_classes=len(train_ds.class_names), vocab_size=tcfg.vocab_size, cvae=tcfg.z_channels,
                     patch_nums=tcfg.patch_nums, mlp_ratio=args.mlp_ratio, class_names=tuple(train_ds.class_names))
     var = VAR(cfg).to(device).train().requires_grad_(True)
+    ckpt_path = common.resume_path(args.run_dir, args.resume)
+    if args.init and not ckpt_path:
+        init_weights(var, args.init)
     opt = common.adamw(var, args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     ema = common.EMA(var, args.ema) if args.ema > 0 else None
     gen = torch.Generator().manual_seed(args.seed + 11)
     step = 0
-    ckpt_path = common.resume_path(args.run_dir, args.resume)
     if ckpt_path:
         ck = common.load_checkpoint(ckpt_path)
         if ck["config"] != cfg.to_dict():
@@ -196,6 +204,8 @@ def train(args) -> dict:
         gen.set_state(ck["gen_state"])
         log.log("resume", path=ckpt_path, step=step)
     n_params = sum(p.numel() for p in var.parameters())
+    if args.init and not ckpt_path:
+        log.log("init", path=os.path.abspath(args.init))
     log.log("start", device=str(device), params=n_params, config=cfg.to_dict(), args=vars(args),
             train=len(train_ds), heldout=len(held_ds), tokens=cfg.num_tokens)
 
@@ -254,6 +264,21 @@ def train(args) -> dict:
         export(ema_model(var, ema, cfg, device) if ema else var, args.out, args.export_dtype)
         log.log("export", out=args.out, bytes=os.path.getsize(args.out))
     return {"step": step, **metrics}
+
+
+def init_weights(var: VAR, path: str) -> None:
+    """Copy the weights of the generator file ``path`` into ``var`` (fp32), after checking they fit."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--init {path}: no such file (give a generator .safetensors, e.g. "
+                         f"weights/nextscale_generator.safetensors)")
+    src = VAR.from_file(path)
+    arch = ("depth", "embed_dim", "num_heads", "num_classes", "vocab_size", "cvae", "patch_nums", "mlp_ratio")
+    have, want = src.config.to_dict(), var.config.to_dict()
+    differ = [f"{k}: file {have.get(k)} vs run {want.get(k)}" for k in arch if have.get(k) != want.get(k)]
+    if differ:
+        raise SystemExit(f"--init {path} does not fit this run's architecture ({'; '.join(differ)}); pass the "
+                         f"file's --depth/--embed-dim/--num-heads/--mlp-ratio, the same tokenizer and as many classes")
+    var.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
 
 
 def ema_model(var: VAR, ema: common.EMA, cfg: VARConfig, device) -> VAR:
