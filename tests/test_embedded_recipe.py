@@ -31,7 +31,12 @@ def test_recipe_steps_parse_and_chain(tmp_path):
     args = _parsed(str(tmp_path))
     out = embedded.outputs(str(tmp_path))
     assert args["tokenizer"].out == out["tokenizer"]
-    assert args["generator"].tokenizer == out["tokenizer"] and args["generator"].out == out["generator"]
+    assert args["generator"].tokenizer == out["tokenizer"] and args["generator"].out == out["generator_base"]
+    # refine starts a new run from the first run's export and writes the generator that is evaluated and shipped
+    assert args["refine"].init == out["generator_base"] and args["generator"].init is None
+    assert args["refine"].tokenizer == out["tokenizer"] and args["refine"].out == out["generator"]
+    arch = ("depth", "embed_dim", "num_heads", "mlp_ratio", "train_count", "resolution", "seed")
+    assert [getattr(args["refine"], k) for k in arch] == [getattr(args["generator"], k) for k in arch]
     assert args["control"].generator == out["generator"] and args["control"].tokenizer == out["tokenizer"]
     assert args["control"].out == out["control"]
     evaluate = {name: argv for name, _, argv in embedded.commands(str(tmp_path))}["evaluate"]
@@ -39,9 +44,9 @@ def test_recipe_steps_parse_and_chain(tmp_path):
     assert evaluate[evaluate.index("--generator") + 1] == out["generator"]
     assert evaluate[evaluate.index("--out") + 1] == out["eval"]
     run_dirs = {a.run_dir for a in args.values()}
-    assert len(run_dirs) == 3 and all(d.startswith(str(tmp_path)) for d in run_dirs)
+    assert len(run_dirs) == 4 and all(d.startswith(str(tmp_path)) for d in run_dirs)
     # the shipped files are small: both models exported in float16
-    assert args["tokenizer"].export_dtype == "float16" and args["generator"].export_dtype == "float16"
+    assert {args[k].export_dtype for k in ("tokenizer", "generator", "refine")} == {"float16"}
 
 
 def test_shipped_weights_are_what_the_recipe_builds():
@@ -51,7 +56,7 @@ def test_shipped_weights_are_what_the_recipe_builds():
     tok = MultiScaleVQVAE.from_file(os.path.join(WEIGHTS, embedded.SHIPPED["tokenizer"]))
     assert tok.config.to_dict() == config_from_args(args["tokenizer"]).to_dict()
     var = VAR.from_file(os.path.join(WEIGHTS, embedded.SHIPPED["generator"]))
-    g = args["generator"]
+    g = args["refine"]
     assert (var.config.depth, var.config.embed_dim, var.config.num_heads) == (g.depth, g.embed_dim, g.num_heads)
     assert tuple(var.patch_nums) == tuple(tok.config.patch_nums)
     with open(os.path.join(WEIGHTS, embedded.SHIPPED["card"]), encoding="utf-8") as f:
@@ -85,7 +90,7 @@ def test_install_copies_under_the_shipped_names(tmp_path):
 
 
 def test_unknown_step_is_named(tmp_path):
-    with pytest.raises(SystemExit, match="--only 'decoder'.*tokenizer.*generator.*evaluate.*control"):
+    with pytest.raises(SystemExit, match="--only 'decoder'.*tokenizer.*generator.*refine.*evaluate.*control"):
         embedded.run(str(tmp_path), only="decoder")
 
 
@@ -94,8 +99,10 @@ def test_card_metrics_flatten_the_evaluation():
                          "frechet_round_trips_vs_real": 0.5, "frechet_floor_real_vs_real": 0.15},
            "generator": {"class_accuracy": 0.95, "per_class_accuracy": [0.9, 1.0], "frechet_distance": 1.2,
                          "frechet_floor_real_vs_real": 0.3, "frechet_ratio": 4.0, "diversity_ratio_mean": 1.1,
+                         "frechet_share_per_class": [0.0123, 0.6789],
                          "diversity_generated": [2.0, 3.0], "diversity_real": [2.0, 2.5], "num_generated": 20},
            "timing_4_images": {"median_s": 0.2}}
     m = embedded.card_metrics(res)
     assert m["tokenizer_psnr_db"] == 28.12 and m["frechet_ratio"] == 4.0
     assert m["diversity_ratio_min"] == 1.0 and m["evaluated_images"] == 20
+    assert m["frechet_share_per_class"] == [0.01, 0.68]

@@ -7,8 +7,10 @@ The steps are those that produced the shipped files (:data:`RECIPE`):
 
 1. ``tokenizer``: the multi-scale VQ-VAE (training/train_tokenizer.py);
 2. ``generator``: the VAR transformer on that tokenizer's codes (training/train_generator.py);
-3. ``evaluate``: the measurements of training/evaluate.py, written into the card ``nextscale_embedded.json``;
-4. ``control``: the edge-control adapter on the frozen generator (training/train_control.py).
+3. ``refine``: a second run of the same trainer from the generator's exported (EMA) weights, with a new warm-up
+   and a lower cosine (``--init``); its output is the shipped generator;
+4. ``evaluate``: the measurements of training/evaluate.py, written into the card ``nextscale_embedded.json``;
+5. ``control``: the edge-control adapter on the frozen generator (training/train_control.py).
 
 Every step resumes from its run folder (``runs/embedded/<step>/last.pt``) and is skipped once its output exists, so
 an interrupted run continues where it stopped. Batches are a pure function of (seed, step), so a rerun reproduces
@@ -34,7 +36,9 @@ from training import common
 # and then 15000 on --train-count 60000, then 23000 on --train-count 120000 (its first 60000 images are the same
 # ones: an image is a function of its index). train_generator stretches the cosine to each new total, so the
 # learning rate rose again at steps 8000 (5e-5 -> 4.8e-4) and 15000 (5e-5 -> 3.1e-4). A run from scratch follows
-# one cosine to 23000, and its figures will differ a little (bench/RESULTS.md).
+# one cosine to 23000, and its figures will differ a little (bench/RESULTS.md). Those run folders were lost
+# afterwards (a fresh checkout), so the next leg became its own step, ``refine``: it starts from the exported
+# EMA weights with a fresh optimizer, which a run from scratch repeats exactly.
 RECIPE: list[tuple[str, str, list[str]]] = [
     ("tokenizer", "training.train_tokenizer",
      ["--ch-mult", "1,1,2,4", "--patch-nums", "1,2,3,4,5,6,8", "--steps", "6000", "--lr", "6e-4",
@@ -42,11 +46,17 @@ RECIPE: list[tuple[str, str, list[str]]] = [
     ("generator", "training.train_generator",
      ["--depth", "6", "--embed-dim", "256", "--num-heads", "4", "--train-count", "120000", "--steps", "23000",
       "--precision", "bf16", "--export-dtype", "float16"]),
+    ("refine", "training.train_generator",
+     ["--depth", "6", "--embed-dim", "256", "--num-heads", "4", "--train-count", "120000", "--steps", "4500",
+      "--lr", "3e-4", "--precision", "bf16", "--export-dtype", "float16"]),
     ("evaluate", "training.evaluate", ["--per-class", "50", "--threads", "1"]),
     ("control", "training.train_control",
      ["--control", "edges", "--kind", "add", "--layers", "0,1,2,3,4,5", "--steps", "1500", "--precision", "bf16"]),
 ]
 STEPS = tuple(name for name, _, _ in RECIPE)
+# the output of each step (a key of :func:`outputs`); a step is skipped once it exists
+TARGET = {"tokenizer": "tokenizer", "generator": "generator_base", "refine": "generator", "evaluate": "card",
+          "control": "control"}
 
 # the names under weights/ (nodes/model_files.py and nodes/control.py look for these)
 SHIPPED = {"tokenizer": "nextscale_tokenizer.safetensors", "generator": "nextscale_generator.safetensors",
@@ -55,6 +65,7 @@ SHIPPED = {"tokenizer": "nextscale_tokenizer.safetensors", "generator": "nextsca
 
 def outputs(run_dir: str) -> dict[str, str]:
     return {"tokenizer": os.path.join(run_dir, "tokenizer.safetensors"),
+            "generator_base": os.path.join(run_dir, "generator_base.safetensors"),
             "generator": os.path.join(run_dir, "generator.safetensors"),
             "control": os.path.join(run_dir, "control_edges.safetensors"),
             "eval": os.path.join(run_dir, "eval.json"),
@@ -66,9 +77,10 @@ def commands(run_dir: str) -> list[tuple[str, str, list[str]]]:
     """``(step, module, argv)`` of every step in order, wired to each other's outputs under ``run_dir``."""
     out = outputs(run_dir)
     tok, gen = ["--tokenizer", out["tokenizer"]], ["--generator", out["generator"]]
-    inputs = {"tokenizer": [], "generator": tok, "evaluate": tok + gen, "control": gen + tok}
-    results = {name: ["--run-dir", os.path.join(run_dir, name), "--out", out[name]]
-               for name in ("tokenizer", "generator", "control")}
+    inputs = {"tokenizer": [], "generator": tok, "refine": tok + ["--init", out["generator_base"]],
+              "evaluate": tok + gen, "control": gen + tok}
+    results = {name: ["--run-dir", os.path.join(run_dir, name), "--out", out[TARGET[name]]]
+               for name in ("tokenizer", "generator", "refine", "control")}
     results["evaluate"] = ["--out", out["eval"], "--grid", out["samples"]]
     return [(name, module, inputs[name] + opts + results[name]) for name, module, opts in RECIPE]
 
@@ -94,6 +106,7 @@ def card_metrics(res: dict) -> dict:
         "frechet_distance": r(gen["frechet_distance"]),
         "frechet_floor_real_vs_real": r(gen["frechet_floor_real_vs_real"]),
         "frechet_ratio": r(gen["frechet_ratio"], 2),
+        "frechet_share_per_class": [r(v, 2) for v in gen.get("frechet_share_per_class", [])],
         "diversity_ratio_mean": r(gen["diversity_ratio_mean"], 2),
         "diversity_ratio_min": r(min(g / max(x, 1e-9) for g, x in zip(gen["diversity_generated"],
                                                                        gen["diversity_real"])), 2),
@@ -136,7 +149,7 @@ def run(run_dir: str, only: str | None = None) -> dict[str, str]:
     for name, module, argv in commands(run_dir):
         if only is not None and name != only:
             continue
-        target = out["card" if name == "evaluate" else name]
+        target = out[TARGET[name]]
         if os.path.isfile(target) and only is None:
             print(f"[embedded] {name}: {target} exists, skipped", flush=True)
             continue
@@ -171,7 +184,7 @@ def install(run_dir: str, weights_dir: str | None = None) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Retrain the embedded model (nextscale-embedded) from scratch")
     ap.add_argument("--run-dir", default=os.path.join(common.repo_root(), "runs", "embedded"))
-    ap.add_argument("--only", default=None, help="run this step only: tokenizer, generator, evaluate or control")
+    ap.add_argument("--only", default=None, help=f"run this step only: one of {', '.join(STEPS)}")
     ap.add_argument("--install", action="store_true", help="copy the results into weights/ at the end")
     ap.add_argument("--print", action="store_true", help="print the recipe's commands and exit")
     args = ap.parse_args(argv)
