@@ -19,3 +19,27 @@ if ROOT not in sys.path:
 from packbootstrap import register_pack  # noqa: E402
 
 register_pack(ROOT)
+
+
+def _import_installed_kernels() -> None:
+    """Import the installed ``kernels`` distribution (Hugging Face's, a dependency of transformers >= 5) under its
+    own name before a test imports transformers: pytest runs from the repository root, whose ``kernels/`` folder
+    (the pack's, ``nextscale.kernels``) would otherwise shadow it, and transformers' ``from kernels import ...``
+    fails. Inside ComfyUI the pack's folder is not on ``sys.path``, so only the tests need this."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
+    try:
+        import kernels  # noqa: F401  (cached in sys.modules under its name)
+    except ImportError:
+        pass  # a broken install fails where transformers imports it, with its own message
+    finally:
+        sys.path[:] = saved
+
+
+_import_installed_kernels()

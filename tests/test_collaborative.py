@@ -65,7 +65,9 @@ def test_same_model_twice_equals_the_plain_sampler(var, vae, options, N):
     twin = make_var()  # same weights, another object: no shortcut for drafter is refiner
     for refiner in (var, twin):
         out = sample_collaborative(var, refiner, vae, labels, draft_scales=N, seed=11, options=opts)
-        assert_same(out, plain, atol=1e-4)  # more_smooth's soft latent: rounding of the prefill only
+        # more_smooth's soft latent differs by the rounding of the prefill only: up to 1.4e-4 on an AMD EPYC
+        # (AVX-512), under 1e-4 on the Intel CPUs before it; a wrong token would move f_hat by a codebook vector
+        assert_same(out, plain, atol=1e-3)
         assert out.extra == {**plain.extra, "draft_scales": N}
 
 
