@@ -89,6 +89,21 @@ def test_install_copies_under_the_shipped_names(tmp_path):
         assert json.load(f)["files"] == {k: embedded.SHIPPED[k] for k in ("tokenizer", "generator", "control")}
 
 
+def test_a_run_folder_from_before_the_refine_step_is_named(tmp_path):
+    """Its generator.safetensors is the unrefined generator: refine must not be skipped as done."""
+    out = embedded.outputs(str(tmp_path))
+    for key in ("tokenizer", "generator"):
+        with open(out[key], "wb") as f:
+            f.write(key.encode())
+    with pytest.raises(SystemExit, match="predates the refine step.*Rename it to generator_base.safetensors"):
+        embedded.run(str(tmp_path))
+    os.rename(out["generator"], out["generator_base"])
+    for key in ("generator", "card", "control"):  # the new layout, every step done: all skipped, no error
+        with open(out[key], "wb") as f:
+            f.write(key.encode())
+    assert embedded.run(str(tmp_path)) == out
+
+
 def test_unknown_step_is_named(tmp_path):
     with pytest.raises(SystemExit, match="--only 'decoder'.*tokenizer.*generator.*refine.*evaluate.*control"):
         embedded.run(str(tmp_path), only="decoder")

@@ -144,6 +144,12 @@ def run(run_dir: str, only: str | None = None) -> dict[str, str]:
     if only is not None and only not in STEPS:
         raise SystemExit(f"--only {only!r}: choose one of {list(STEPS)}")
     out = outputs(run_dir)
+    if (os.path.isfile(out["generator"]) and not os.path.isfile(out["generator_base"])
+            and not os.path.isdir(os.path.join(run_dir, "refine"))):
+        raise SystemExit(f"{out['generator']} exists but {out['generator_base']} does not: this run folder predates "
+                         f"the refine step, and the file is the generator step's output. Rename it to "
+                         f"{os.path.basename(out['generator_base'])} so that refine starts from it, or use another "
+                         f"--run-dir")
     os.makedirs(run_dir, exist_ok=True)
     threads = torch.get_num_threads()  # evaluate times sampling on one thread; the trainers use them all
     for name, module, argv in commands(run_dir):
