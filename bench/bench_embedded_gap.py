@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from training import classifier as clf  # noqa: E402
 from training import common, data  # noqa: E402
+from training.evaluate import generate  # noqa: E402
 
 common.import_pack()
-from nextscale.models.sampler import Guide, SamplerHooks, SamplingOptions, sample  # noqa: E402
+from nextscale.models.sampler import Guide, SamplerHooks, SamplingOptions  # noqa: E402
 from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
 from nextscale.models.var import VAR  # noqa: E402
 
@@ -43,12 +44,6 @@ class ForceFirstScales(Guide):
 
     def apply(self, si: int, idx_Bl: torch.Tensor) -> torch.Tensor:
         return self.tokens[si].reshape(idx_Bl.shape).to(idx_Bl) if si < self.upto else idx_Bl
-
-
-def images(var, tokenizer, labels, seed, options, guide=None) -> torch.Tensor:
-    toks = sample(var, tokenizer, labels, seed=seed, options=options, hooks=SamplerHooks(guide=guide))
-    f_hat = toks.f_hat if toks.f_hat is not None else tokenizer.indices_to_fhat(toks.flat(), toks.patch_nums)
-    return tokenizer.fhat_to_img(f_hat)
 
 
 def main(argv=None):
@@ -76,7 +71,7 @@ def main(argv=None):
     xa, ya, xb, yb = x[:n], y[:n], x[n:2 * n], y[n:2 * n]
     options = SamplingOptions()
     labels = torch.arange(n) % K
-    gen = torch.cat([images(var, tokenizer, labels[j:j + 50], args.seed + j, options) for j in range(0, n, 50)])
+    gen = generate(var, tokenizer, labels, args.seed, options)
     _, fg = clf.predict(model, gen)
     _, fa = clf.predict(model, xa)
     _, fb = clf.predict(model, xb)
@@ -102,7 +97,8 @@ def main(argv=None):
         ref = fa[ya == c]
         row = []
         for upto in range(len(var.patch_nums) + 1):
-            imgs = images(var, tokenizer, lab, args.seed, options, ForceFirstScales(tokens, upto))
+            guide = SamplerHooks(guide=ForceFirstScales(tokens, upto))  # its tokens: one row per image, one batch
+            imgs = generate(var, tokenizer, lab, args.seed, options, batch_size=len(lab), hooks=guide)
             pred, f = clf.predict(model, imgs)
             row.append((upto, clf.frechet_distance(ref, f), float((pred == c).float().mean())))
         print(f"\n{name}: first s scales from real tokens ({len(real_c)} images; s = {len(var.patch_nums)} is "

@@ -32,19 +32,19 @@ from training import classifier as clf
 from training import common, data
 
 common.import_pack()
-from nextscale.models.sampler import SamplingOptions, sample  # noqa: E402
+from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample  # noqa: E402
 from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
 from nextscale.models.var import VAR  # noqa: E402
 
 
 @torch.no_grad()
 def generate(var: VAR, tokenizer: MultiScaleVQVAE, labels: torch.Tensor, seed: int, options: SamplingOptions,
-             batch_size: int = 50) -> torch.Tensor:
+             batch_size: int = 50, hooks: SamplerHooks | None = None) -> torch.Tensor:
     """Images (N, 3, H, W) in [-1, 1] for ``labels``; batch ``j`` uses seed ``seed + j * batch_size``
-    (so image ``i`` uses seed ``seed + i``, the sampler's per-item rule)."""
+    (so image ``i`` uses seed ``seed + i``, the sampler's per-item rule). ``hooks`` go to every batch."""
     out = []
     for j in range(0, len(labels), batch_size):
-        toks = sample(var, tokenizer, labels[j:j + batch_size], seed=seed + j, options=options)
+        toks = sample(var, tokenizer, labels[j:j + batch_size], seed=seed + j, options=options, hooks=hooks)
         f_hat = toks.f_hat if toks.f_hat is not None else tokenizer.indices_to_fhat(toks.flat(), toks.patch_nums)
         out.append(tokenizer.fhat_to_img(f_hat).cpu())
     return torch.cat(out)

@@ -187,6 +187,7 @@ def train(args) -> dict:
     ckpt_path = common.resume_path(args.run_dir, args.resume)
     if args.init and not ckpt_path:
         init_weights(var, args.init)
+        log.log("init", path=os.path.abspath(args.init))
     opt = common.adamw(var, args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     ema = common.EMA(var, args.ema) if args.ema > 0 else None
     gen = torch.Generator().manual_seed(args.seed + 11)
@@ -204,8 +205,6 @@ def train(args) -> dict:
         gen.set_state(ck["gen_state"])
         log.log("resume", path=ckpt_path, step=step)
     n_params = sum(p.numel() for p in var.parameters())
-    if args.init and not ckpt_path:
-        log.log("init", path=os.path.abspath(args.init))
     log.log("start", device=str(device), params=n_params, config=cfg.to_dict(), args=vars(args),
             train=len(train_ds), heldout=len(held_ds), tokens=cfg.num_tokens)
 
