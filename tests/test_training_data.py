@@ -104,6 +104,32 @@ def test_step_batches_are_a_function_of_the_step():
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
 
 
+def test_weighted_step_batches_follow_the_class_weights():
+    labels = torch.tensor([0] * 50 + [1] * 50)
+    w = common.class_item_weights(labels, ("a", "b"), ["b=4"])
+    assert w[:50].eq(1).all() and w[50:].eq(4).all()
+    a = common.StepBatches((torch.arange(100), labels), 64, seed=3, weights=w)
+    b = common.StepBatches((torch.arange(100), labels), 64, seed=3, weights=w)
+    assert torch.equal(a.batch(7)[0], b.batch(7)[0]) and not torch.equal(a.batch(7)[0], a.batch(8)[0])
+    share_b = torch.cat([a.batch(s)[1] for s in range(100)]).float().mean()
+    assert abs(float(share_b) - 0.8) < 0.03  # 4 : 1
+    assert common.class_item_weights(labels, ("a", "b"), []) is None
+    # the null class keeps the data's 50/50 mix and the overall 10 % drop rate: a 0.2 x 0.25, b 0.8 x 0.0625
+    q = common.label_drop_per_class(0.1, labels, w, 2)
+    assert torch.allclose(q, torch.tensor([0.25, 0.0625]))
+    assert torch.equal(common.label_drop_per_class(0.1, labels, None, 3), torch.full((3,), 0.1))
+    lab = torch.cat([a.batch(s)[1] for s in range(400)])
+    drop = torch.rand(lab.shape, generator=torch.Generator().manual_seed(0)) < q[lab]
+    assert abs(float(drop.float().mean()) - 0.1) < 0.01
+    assert abs(float(lab[drop].float().mean()) - 0.5) < 0.05
+    with pytest.raises(SystemExit, match="one of a, b"):
+        common.class_item_weights(labels, ("a", "b"), ["c=2"])
+    with pytest.raises(SystemExit, match="number >= 0"):
+        common.class_item_weights(labels, ("a", "b"), ["a=-1"])
+    with pytest.raises(SystemExit, match="weight 0"):
+        common.class_item_weights(labels, ("a", "b"), ["a=0", "b=0"])
+
+
 @pytest.mark.parametrize("step,total", [(0, 100), (5, 100), (50, 100), (99, 100)])
 def test_lr_schedule_bounds(step, total):
     lr = common.lr_at(step, total, 1.0, warmup=10, min_ratio=0.1)

@@ -172,17 +172,22 @@ def test_generator_init_fine_tunes_from_a_file(tokenizer_file, workdir):
         train_generator.main(_gen_args(tok, str(workdir / "gen_wrong"), cache, 1, ["--init", base_out, "--depth", "3"]))
     with pytest.raises(SystemExit, match="no such file"):
         train_generator.main(_gen_args(tok, str(workdir / "gen_none"), cache, 1, ["--init", base_out + ".x"]))
+    with pytest.raises(SystemExit, match="--class-weight 'dragon=2'.*circle, square"):
+        train_generator.main(_gen_args(tok, str(workdir / "gen_cw"), cache, 1, ["--class-weight", "dragon=2"]))
 
 
-def test_generator_resume_is_exact(tokenizer_file, workdir):
+@pytest.mark.parametrize("weights", [[], ["--class-weight", "star=3", "--class-weight", "circle=0"]],
+                         ids=["epochs", "class-weighted"])
+def test_generator_resume_is_exact(tokenizer_file, workdir, weights):
     from training import train_generator
 
     tok, _ = tokenizer_file
     cache = str(workdir / "cache")
-    straight, broken = str(workdir / "gen_straight"), str(workdir / "gen_broken")
-    train_generator.main(_gen_args(tok, straight, cache, 6))
-    train_generator.main(_gen_args(tok, broken, cache, 6, ["--stop-after", "3"]))
-    train_generator.main(_gen_args(tok, broken, cache, 6))
+    tag = "w" if weights else ""
+    straight, broken = str(workdir / f"gen_straight{tag}"), str(workdir / f"gen_broken{tag}")
+    train_generator.main(_gen_args(tok, straight, cache, 6, weights))
+    train_generator.main(_gen_args(tok, broken, cache, 6, ["--stop-after", "3", *weights]))
+    train_generator.main(_gen_args(tok, broken, cache, 6, weights))
     a = common.load_checkpoint(os.path.join(straight, "last.pt"))
     b = common.load_checkpoint(os.path.join(broken, "last.pt"))
     for k in a["model"]:

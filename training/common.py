@@ -87,14 +87,22 @@ class StepBatches:
     """Deterministic batches over an in-memory dataset: batch ``step`` is a pure function of (seed, step).
 
     ``tensors`` are indexed together along dim 0 (e.g. images and labels). Epoch ``e`` visits the items in
-    ``randperm(N, seed + e)`` order; a batch may straddle two epochs.
+    ``randperm(N, seed + e)`` order; a batch may straddle two epochs. With ``weights`` (one non-negative number per
+    item) each batch is instead drawn with replacement in proportion to them, from a generator seeded by
+    (seed, step): e.g. a class seen more often than its share of the data (:func:`class_item_weights`).
     """
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int = 0):
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int = 0,
+                 weights: torch.Tensor | None = None):
         self.tensors = tensors
         self.n = int(tensors[0].shape[0])
         self.batch_size, self.seed = int(batch_size), int(seed)
         self._perm_epoch, self._perm = -1, None
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64).flatten()
+            if weights.numel() != self.n or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+                raise ValueError(f"weights must be {self.n} non-negative numbers, not all zero")
+        self.weights = weights
 
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:
@@ -103,6 +111,9 @@ class StepBatches:
         return self._perm
 
     def indices(self, step: int) -> torch.Tensor:
+        if self.weights is not None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 * step + 1)
+            return torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g)
         start = step * self.batch_size
         out = []
         while len(out) < self.batch_size:
@@ -117,6 +128,51 @@ class StepBatches:
 
     def epoch_of(self, step: int) -> float:
         return step * self.batch_size / self.n
+
+
+def class_item_weights(labels: torch.Tensor, class_names, specs) -> torch.Tensor | None:
+    """Per-item sampling weights from ``NAME=W`` strings (``--class-weight``): items of class ``NAME`` are drawn
+    ``W`` times as often as the others (weight 1). ``None`` when ``specs`` is empty (plain epochs)."""
+    if not specs:
+        return None
+    names = list(class_names)
+    per_class = torch.ones(len(names), dtype=torch.float64)
+    for spec in specs:
+        name, sep, value = str(spec).partition("=")
+        name = name.strip()
+        if not sep or name not in names:
+            raise SystemExit(f"--class-weight {spec!r}: expected NAME=WEIGHT with NAME one of {', '.join(names)}")
+        try:
+            w = float(value)
+        except ValueError:
+            w = -1.0
+        if not w >= 0:
+            raise SystemExit(f"--class-weight {spec!r}: the weight must be a number >= 0 (1 is the data's own share)")
+        per_class[names.index(name)] = w
+    weights = per_class[labels.long()]
+    if float(weights.sum()) <= 0:
+        raise SystemExit("--class-weight: every class present in the data has weight 0")
+    return weights
+
+
+def label_drop_per_class(label_drop: float, labels: torch.Tensor, item_weights: torch.Tensor | None,
+                         num_classes: int) -> torch.Tensor:
+    """Probability that an item of each class has its label replaced by the null class (classifier-free guidance).
+
+    Plain epochs: ``label_drop`` for every class. With class weights, a class drawn ``w`` times as often is dropped
+    ``1 / w`` times as often (scaled so that ``label_drop`` stays the overall rate): the null class keeps seeing the
+    data's own class mix, so the unconditional branch of guidance is not skewed towards the weighted classes
+    (a class whose probability would exceed 1 is clamped there).
+    """
+    if item_weights is None:
+        return torch.full((num_classes,), float(label_drop))
+    labels = labels.long()
+    count = torch.bincount(labels, minlength=num_classes).double()
+    w_sum = torch.bincount(labels, weights=item_weights.double(), minlength=num_classes)
+    w_class = torch.where(count > 0, w_sum / count.clamp(min=1), torch.ones_like(count))
+    scale = float(label_drop) * float(item_weights.double().mean())
+    q = torch.where(w_class > 0, scale / w_class.clamp(min=1e-12), torch.zeros_like(w_class))
+    return q.clamp(max=1.0).float()
 
 
 # ---------------------------------------------------------------------------------------------

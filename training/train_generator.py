@@ -13,7 +13,9 @@ Examples (from the repository root)::
     python3 -m training.train_generator --tokenizer my_tok.safetensors --data path/to/folders --run-dir runs/my_gen
 
 Resuming is automatic (``--resume auto`` reads ``<run-dir>/last.pt``); passing a larger ``--steps`` continues
-a finished run (the cosine schedule is stretched to the new total). ``--init FILE`` starts a new run from a
+a finished run (the cosine schedule is stretched to the new total). ``--class-weight star=3`` draws a class more
+often than its share of the data (batches sampled with replacement; the label drop is rescaled per class so that the
+null class keeps the data's class mix). ``--init FILE`` starts a new run from a
 trained generator's weights instead (fine-tuning, e.g. the embedded model on your own images of as many classes):
 fresh optimizer, its own warm-up and cosine, the EMA starting at those weights.
 """
@@ -69,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--label-drop", type=float, default=0.1, help="probability of the null class (for CFG)")
     ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--class-weight", action="append", default=[], metavar="NAME=W",
+                    help="draw the images of class NAME W times as often as the others (repeatable); batches are "
+                         "then sampled with replacement, and the label drop is rescaled per class so that the null "
+                         "class keeps the data's class mix")
     ap.add_argument("--ema", type=float, default=0.998, help="EMA decay of the exported weights (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     # bookkeeping
@@ -180,6 +186,9 @@ def train(args) -> dict:
     if args.use_count and args.use_count < len(train_ds):
         train_ds = data.ArrayDataset(train_ds.images[: args.use_count], train_ds.labels[: args.use_count],
                                      train_ds.class_names)
+    # checked before the (slow) token encoding
+    item_weights = common.class_item_weights(torch.from_numpy(train_ds.labels), train_ds.class_names,
+                                             args.class_weight)
     cfg = VARConfig(depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads,
                     num_classes=len(train_ds.class_names), vocab_size=tcfg.vocab_size, cvae=tcfg.z_channels,
                     patch_nums=tcfg.patch_nums, mlp_ratio=args.mlp_ratio, class_names=tuple(train_ds.class_names))
@@ -217,7 +226,8 @@ def train(args) -> dict:
                                             progress))
     lab_train = torch.from_numpy(train_ds.labels)
     lab_held = torch.from_numpy(held_ds.labels[: args.eval_count])
-    batches = common.StepBatches((idx_train, lab_train), args.batch_size, args.seed)
+    batches = common.StepBatches((idx_train, lab_train), args.batch_size, args.seed, weights=item_weights)
+    drop_p = common.label_drop_per_class(args.label_drop, lab_train, item_weights, cfg.num_classes).to(device)
 
     def save(path):
         common.save_checkpoint(path, {"model": var.state_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -234,7 +244,7 @@ def train(args) -> dict:
             return {"step": step, "stopped": True}
         common.set_lr(opt, common.lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_ratio))
         idx, lab = batches.batch(step, device)
-        drop = torch.rand(lab.shape, generator=gen).to(device) < args.label_drop
+        drop = torch.rand(lab.shape, generator=gen).to(device) < drop_p[lab]
         lab = torch.where(drop, torch.full_like(lab, cfg.num_classes), lab)
         with common.autocast(device, args.precision):
             loss, logits = teacher_forced_loss(var, tokenizer, idx, lab, args.label_smoothing)
