@@ -121,3 +121,9 @@ def test_card_metrics_flatten_the_evaluation():
     assert m["tokenizer_psnr_db"] == 28.12 and m["frechet_ratio"] == 4.0
     assert m["diversity_ratio_min"] == 1.0 and m["evaluated_images"] == 20
     assert m["frechet_share_per_class"] == [0.01, 0.68]
+    assert "frechet_ratio_mean_of_draws" not in m
+    res["generator"]["repeats"] = {"seeds": [0, 100000], "class_accuracy": [0.95, 0.9], "frechet_ratio": [4.0, 3.0],
+                                   "frechet_ratio_mean": 3.5, "frechet_ratio_sd": 0.7071}
+    m = embedded.card_metrics(res)
+    assert m["frechet_ratio_mean_of_draws"] == 3.5 and m["frechet_ratio_draws"] == [4.0, 3.0]
+    assert m["class_accuracy_draws"] == [0.95, 0.9] and m["frechet_ratio"] == 4.0

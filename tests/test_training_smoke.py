@@ -248,3 +248,28 @@ def test_classifier_export_round_trip(tmp_path):
     model.eval()
     assert torch.allclose(loaded(x), model(x), atol=1e-5)
     assert cfg["class_names"] == list(data.CLASS_NAMES)
+
+
+def test_evaluate_repeats_draw_disjoint_sets(tokenizer_file, workdir):
+    """``evaluate(..., repeats=2)``: the first draw is the plain evaluation's, the second another generated set
+    (seeds ``REPEAT_SEED_STRIDE`` apart) against the same real sets, and the mean is theirs."""
+    from training import evaluate, train_generator
+
+    tok, _ = tokenizer_file
+    cache = str(workdir / "cache")
+    gen_out = str(workdir / "gen_eval.safetensors")
+    train_generator.main(_gen_args(tok, str(workdir / "gen_eval"), cache, 3, ["--out", gen_out]))
+    clf_path = str(workdir / "clf.safetensors")
+    model = classifier.ShapeClassifier()
+    common.export_safetensors(clf_path, model.state_dict(), {**model.config(), "class_names": list(data.CLASS_NAMES)})
+    kw = dict(per_class=2, heldout_count=40, cache_dir=cache, timing=False, tokenizer_count=20)
+    one = evaluate.evaluate(tok, gen_out, clf_path, **kw)["generator"]
+    two = evaluate.evaluate(tok, gen_out, clf_path, repeats=2, **kw)["generator"]
+    assert "repeats" not in one
+    rep = two["repeats"]
+    assert rep["seeds"] == [0, evaluate.REPEAT_SEED_STRIDE]
+    assert rep["frechet_ratio"][0] == pytest.approx(one["frechet_ratio"]) == pytest.approx(two["frechet_ratio"])
+    assert rep["frechet_ratio"][1] != pytest.approx(rep["frechet_ratio"][0])
+    assert rep["frechet_ratio_mean"] == pytest.approx(sum(rep["frechet_ratio"]) / 2)
+    with pytest.raises(SystemExit, match="--repeats 0"):
+        evaluate.main(["--tokenizer", tok, "--repeats", "0"])

@@ -49,7 +49,7 @@ RECIPE: list[tuple[str, str, list[str]]] = [
     ("refine", "training.train_generator",
      ["--depth", "6", "--embed-dim", "256", "--num-heads", "4", "--train-count", "120000", "--steps", "4500",
       "--lr", "3e-4", "--precision", "bf16", "--export-dtype", "float16"]),
-    ("evaluate", "training.evaluate", ["--per-class", "50", "--threads", "1"]),
+    ("evaluate", "training.evaluate", ["--per-class", "50", "--repeats", "4", "--threads", "1"]),
     ("control", "training.train_control",
      ["--control", "edges", "--kind", "add", "--layers", "0,1,2,3,4,5", "--steps", "1500", "--precision", "bf16"]),
 ]
@@ -107,6 +107,9 @@ def card_metrics(res: dict) -> dict:
         "frechet_floor_real_vs_real": r(gen["frechet_floor_real_vs_real"]),
         "frechet_ratio": r(gen["frechet_ratio"], 2),
         "frechet_share_per_class": [r(v, 2) for v in gen.get("frechet_share_per_class", [])],
+        **({"frechet_ratio_mean_of_draws": r(gen["repeats"]["frechet_ratio_mean"], 2),
+            "frechet_ratio_draws": [r(v, 2) for v in gen["repeats"]["frechet_ratio"]],
+            "class_accuracy_draws": [r(v) for v in gen["repeats"]["class_accuracy"]]} if "repeats" in gen else {}),
         "diversity_ratio_mean": r(gen["diversity_ratio_mean"], 2),
         "diversity_ratio_min": r(min(g / max(x, 1e-9) for g, x in zip(gen["diversity_generated"],
                                                                        gen["diversity_real"])), 2),

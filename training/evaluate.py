@@ -5,6 +5,8 @@
   distance in the classifier's feature space against held-out real images, with the real-vs-real floor
   (two disjoint held-out sets of the same size), per-class diversity (generated / real), and each class's share
   of the distance (what replacing that class's samples with real images would take off it);
+- ``--repeats N``: the generated set drawn N times (disjoint seeds), each draw's ratio and their mean; one draw of
+  500 images moves the ratio by a few tenths;
 - speed: wall time of sampling 4 images (one batch, default options, decode included) on this machine.
 
 Example (from the repository root)::
@@ -35,6 +37,9 @@ common.import_pack()
 from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample  # noqa: E402
 from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
 from nextscale.models.var import VAR  # noqa: E402
+
+# image i of repeat r uses seed ``seed + r * REPEAT_SEED_STRIDE + i``: no two draws share a per-image seed
+REPEAT_SEED_STRIDE = 100_000
 
 
 @torch.no_grad()
@@ -67,7 +72,11 @@ def time_sampling(var, tokenizer, options: SamplingOptions, n_images: int = 4, r
 def evaluate(tokenizer_path: str, generator_path: str | None, classifier_path: str, per_class: int = 50,
              options: SamplingOptions | None = None, seed: int = 0, data_seed: int = 0, heldout_count: int = 2000,
              cache_dir: str | None = None, grid: str | None = None, timing: bool = True,
-             tokenizer_count: int = 1000, generator_dtype: str = "float32") -> dict:
+             tokenizer_count: int = 1000, generator_dtype: str = "float32", repeats: int = 1) -> dict:
+    """Every metric of the module docstring. ``repeats`` > 1 draws the generated set again with seeds
+    ``seed + r * REPEAT_SEED_STRIDE`` (disjoint from the first set's per-image seeds) and adds, under
+    ``generator.repeats``, each draw's class accuracy and Frechet ratio with their mean: a 500-image ratio moves
+    by a few tenths from one draw to the next, so the mean is the figure to compare models by."""
     from training.train_tokenizer import evaluate_tokenizer
 
     tokenizer = MultiScaleVQVAE.from_file(tokenizer_path)
@@ -79,7 +88,7 @@ def evaluate(tokenizer_path: str, generator_path: str | None, classifier_path: s
     xr, yr = held.tensors()
     n_rt = min(tokenizer_count, len(held) // 2)
     with torch.no_grad():
-        rt = torch.cat([tokenizer.indices_to_img(tokenizer.img_to_indices(xr[i:i + 100]))
+        rt = torch.cat([tokenizer.indices_to_img(tokenizer.img_to_indices(xr[i:min(i + 100, n_rt)]))
                         for i in range(0, n_rt, 100)])
     pred_rt, feat_rt = clf.predict(model, rt)
     _, feat_a = clf.predict(model, xr[:n_rt])
@@ -101,6 +110,14 @@ def evaluate(tokenizer_path: str, generator_path: str | None, classifier_path: s
         raise SystemExit(f"need {2 * n} held-out images for the real-vs-real floor, have {len(held)}")
     xh, yh = held.tensors()
     m = clf.compare(model, gen, labels, xh[:n], yh[:n], xh[n:2 * n], K, real_b_labels=yh[n:2 * n])
+    if repeats > 1:
+        seeds = [seed + r * REPEAT_SEED_STRIDE for r in range(repeats)]
+        draws = [m] + [clf.compare(model, generate(var, tokenizer, labels, s, options), labels, xh[:n], yh[:n],
+                                   xh[n:2 * n], K) for s in seeds[1:]]
+        ratios = [d["frechet_ratio"] for d in draws]
+        m["repeats"] = {"seeds": seeds, "class_accuracy": [d["class_accuracy"] for d in draws],
+                        "frechet_ratio": ratios, "frechet_ratio_mean": statistics.fmean(ratios),
+                        "frechet_ratio_sd": statistics.stdev(ratios)}
     m["class_names"] = list(var.class_names or range(K))
     m["options"] = {"cfg": options.cfg, "top_k": options.top_k, "top_p": options.top_p,
                     "temperature": options.temperature, "more_smooth": options.more_smooth}
@@ -154,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="draw the generated set this many times (other seeds) and report each ratio and their mean")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--heldout-count", type=int, default=2000)
     ap.add_argument("--cache-dir", default=os.path.join(common.repo_root(), "data"))
@@ -164,10 +183,13 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="the generator's weights (NextScale Load Generator's dtype)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats {args.repeats}: give 1 (one generated set) or more")
     common.set_threads(args.threads)
     opts = SamplingOptions(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
     res = evaluate(args.tokenizer, args.generator, args.classifier, args.per_class, opts, args.seed, args.data_seed,
-                   args.heldout_count, args.cache_dir, args.grid, not args.no_timing, generator_dtype=args.dtype)
+                   args.heldout_count, args.cache_dir, args.grid, not args.no_timing, generator_dtype=args.dtype,
+                   repeats=args.repeats)
     text = json.dumps(res, indent=1)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
