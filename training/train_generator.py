@@ -186,9 +186,9 @@ def train(args) -> dict:
     if args.use_count and args.use_count < len(train_ds):
         train_ds = data.ArrayDataset(train_ds.images[: args.use_count], train_ds.labels[: args.use_count],
                                      train_ds.class_names)
+    lab_train = torch.from_numpy(train_ds.labels)
     # checked before the (slow) token encoding
-    item_weights = common.class_item_weights(torch.from_numpy(train_ds.labels), train_ds.class_names,
-                                             args.class_weight)
+    item_weights = common.class_item_weights(lab_train, train_ds.class_names, args.class_weight)
     cfg = VARConfig(depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads,
                     num_classes=len(train_ds.class_names), vocab_size=tcfg.vocab_size, cvae=tcfg.z_channels,
                     patch_nums=tcfg.patch_nums, mlp_ratio=args.mlp_ratio, class_names=tuple(train_ds.class_names))
@@ -224,7 +224,6 @@ def train(args) -> dict:
     held_imgs = held_ds.images[: args.eval_count]
     idx_held = _load_indices(cached_indices(tokenizer, args.tokenizer, held_imgs, args.run_dir, "heldout", device,
                                             progress))
-    lab_train = torch.from_numpy(train_ds.labels)
     lab_held = torch.from_numpy(held_ds.labels[: args.eval_count])
     batches = common.StepBatches((idx_train, lab_train), args.batch_size, args.seed, weights=item_weights)
     drop_p = common.label_drop_per_class(args.label_drop, lab_train, item_weights, cfg.num_classes).to(device)
