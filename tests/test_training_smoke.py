@@ -146,6 +146,25 @@ def test_bf16_autocast_training(tokenizer_file, workdir):
         common.autocast(torch.device("cpu"), "int8")
 
 
+def test_generator_shared_aln_trains_and_exports(tokenizer_file, workdir):
+    """``--shared-aln``: one modulation linear for all blocks (the d36 layout) is what gets trained and exported."""
+    from training import train_generator
+
+    tok, _ = tokenizer_file
+    run, out = str(workdir / "gen_shared_aln"), str(workdir / "gen_shared_aln.safetensors")
+    train_generator.main(_gen_args(tok, run, str(workdir / "cache"), 40,
+                                   ["--shared-aln", "--out", out, "--label-drop", "0", "--min-lr-ratio", "0.5"]))
+    recs = _losses(run)
+    assert recs[0]["loss"] > recs[-1]["loss"] + 0.3, [r["loss"] for r in recs]
+    common.import_pack()
+    from nextscale.models.var import VAR
+
+    var = VAR.from_file(out)
+    keys = set(var.state_dict())
+    assert var.config.shared_aln and "shared_ada_lin.1.weight" in keys and "blocks.0.ada_gss" in keys
+    assert not any(k.startswith("blocks.") and ".ada_lin." in k for k in keys)
+
+
 def test_generator_init_fine_tunes_from_a_file(tokenizer_file, workdir):
     """``--init``: a new run starts at the file's weights (its first loss is the trained one, and with lr 0 it exports
     them unchanged); a file of another architecture is refused with the options to fix."""
@@ -170,6 +189,8 @@ def test_generator_init_fine_tunes_from_a_file(tokenizer_file, workdir):
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(SystemExit, match=r"--init .*depth: file 2 vs run 3.*--depth"):
         train_generator.main(_gen_args(tok, str(workdir / "gen_wrong"), cache, 1, ["--init", base_out, "--depth", "3"]))
+    with pytest.raises(SystemExit, match=r"--init .*shared_aln: file False vs run True.*--shared-aln"):
+        train_generator.main(_gen_args(tok, str(workdir / "gen_shared"), cache, 1, ["--init", base_out, "--shared-aln"]))
     with pytest.raises(SystemExit, match="no such file"):
         train_generator.main(_gen_args(tok, str(workdir / "gen_none"), cache, 1, ["--init", base_out + ".x"]))
     with pytest.raises(SystemExit, match="--class-weight 'dragon=2'.*circle, square"):

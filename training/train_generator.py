@@ -15,7 +15,8 @@ Examples (from the repository root)::
 Resuming is automatic (``--resume auto`` reads ``<run-dir>/last.pt``); passing a larger ``--steps`` continues
 a finished run (the cosine schedule is stretched to the new total). ``--class-weight star=3`` draws a class more
 often than its share of the data (batches sampled with replacement; the label drop is rescaled per class so that the
-null class keeps the data's class mix). ``--init FILE`` starts a new run from a
+null class keeps the data's class mix). ``--shared-aln`` trains VAR-d36's layout (one ``shared_ada_lin`` for all
+blocks). ``--init FILE`` starts a new run from a
 trained generator's weights instead (fine-tuning, e.g. the embedded model on your own images of as many classes):
 fresh optimizer, its own warm-up and cosine, the EMA starting at those weights.
 """
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--embed-dim", type=int, default=256)
     ap.add_argument("--num-heads", type=int, default=4)
     ap.add_argument("--mlp-ratio", type=float, default=4.0)
+    ap.add_argument("--shared-aln", action="store_true",
+                    help="one AdaLN modulation for all blocks (VAR-d36's shared_ada_lin; each block adds its own "
+                         "ada_gss) instead of one linear per block: frees a third of a small model's weights")
     # optimisation
     ap.add_argument("--init", default=None,
                     help="start from this generator's weights (.safetensors, e.g. an --out of an earlier run) "
@@ -191,7 +195,8 @@ def train(args) -> dict:
     item_weights = common.class_item_weights(lab_train, train_ds.class_names, args.class_weight)
     cfg = VARConfig(depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads,
                     num_classes=len(train_ds.class_names), vocab_size=tcfg.vocab_size, cvae=tcfg.z_channels,
-                    patch_nums=tcfg.patch_nums, mlp_ratio=args.mlp_ratio, class_names=tuple(train_ds.class_names))
+                    patch_nums=tcfg.patch_nums, mlp_ratio=args.mlp_ratio, shared_aln=args.shared_aln,
+                    class_names=tuple(train_ds.class_names))
     var = VAR(cfg).to(device).train().requires_grad_(True)
     ckpt_path = common.resume_path(args.run_dir, args.resume)
     if args.init and not ckpt_path:
@@ -280,12 +285,13 @@ def init_weights(var: VAR, path: str) -> None:
         raise SystemExit(f"--init {path}: no such file (give a generator .safetensors, e.g. "
                          f"weights/nextscale_generator.safetensors)")
     src = VAR.from_file(path)
-    arch = ("depth", "embed_dim", "num_heads", "num_classes", "vocab_size", "cvae", "patch_nums", "mlp_ratio")
+    arch = ("depth", "embed_dim", "num_heads", "num_classes", "vocab_size", "cvae", "patch_nums", "mlp_ratio",
+            "shared_aln")
     have, want = src.config.to_dict(), var.config.to_dict()
     differ = [f"{k}: file {have.get(k)} vs run {want.get(k)}" for k in arch if have.get(k) != want.get(k)]
     if differ:
         raise SystemExit(f"--init {path} does not fit this run's architecture ({'; '.join(differ)}); pass the "
-                         f"file's --depth/--embed-dim/--num-heads/--mlp-ratio, the same tokenizer and as many classes")
+                         f"file's --depth/--embed-dim/--num-heads/--mlp-ratio/--shared-aln, the same tokenizer and as many classes")
     var.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
 
 
