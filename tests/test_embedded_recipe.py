@@ -35,7 +35,7 @@ def test_recipe_steps_parse_and_chain(tmp_path):
     # refine starts a new run from the first run's export and writes the generator that is evaluated and shipped
     assert args["refine"].init == out["generator_base"] and args["generator"].init is None
     assert args["refine"].tokenizer == out["tokenizer"] and args["refine"].out == out["generator"]
-    arch = ("depth", "embed_dim", "num_heads", "mlp_ratio", "train_count", "resolution", "seed")
+    arch = ("depth", "embed_dim", "num_heads", "mlp_ratio", "shared_aln", "train_count", "resolution", "seed")
     assert [getattr(args["refine"], k) for k in arch] == [getattr(args["generator"], k) for k in arch]
     assert args["control"].generator == out["generator"] and args["control"].tokenizer == out["tokenizer"]
     assert args["control"].out == out["control"]
