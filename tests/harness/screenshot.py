@@ -18,11 +18,42 @@ from harness.comfy_server import ComfyServer
 from harness.testbed import WORKFLOWS_DIR, find_testbed, load_json
 
 
+# Frame every node in the part of the canvas that the frontend's bars leave free (the side bar on the left, the tabs
+# the run toolbar and its queue notice on top, the zoom controls at the bottom). LiteGraph draws graph point p at (p + offset) * scale.
+FIT_JS = """() => {
+    const el = app.canvas.canvas, title = LiteGraph.NODE_TITLE_HEIGHT;
+    const free = {left: 80, top: 150, right: 24, bottom: 64};
+    let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+    for (const n of app.graph._nodes) {
+        x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - title);
+        x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
+    }
+    const w = el.clientWidth - free.left - free.right, h = el.clientHeight - free.top - free.bottom;
+    const scale = Math.min(w / (x1 - x0), h / (y1 - y0), 1);
+    app.canvas.low_quality_zoom_threshold = 0;  // draw the widgets at any zoom
+    app.canvas.ds.scale = scale;
+    app.canvas.ds.offset = [free.left / scale - x0, free.top / scale - y0];
+    app.graph.setDirtyCanvas(true, true);
+}"""
+
+
+def _tidy(page) -> None:
+    """Close what the frontend lays over the canvas (the release banner, the minimap), where it is present."""
+    banner = page.get_by_text("Introducing Nodes 2.0")
+    if banner.count():
+        page.evaluate("() => { for (const b of document.querySelectorAll('button')) {"
+                      " const bar = b.closest('div'); if (bar && bar.textContent.includes('Introducing Nodes 2.0')"
+                      " && !b.textContent.includes('Try')) { b.click(); return; } } }")
+    page.evaluate("async () => { try { await app.extensionManager.setting.set('Comfy.Minimap.Visible', false); }"
+                  " catch (e) {} }")
+    page.wait_for_timeout(300)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workflow", help="a workflow name in workflows/")
     parser.add_argument("out", type=Path, help="PNG to write")
-    parser.add_argument("--size", default="1600x900", help="viewport WIDTHxHEIGHT")
+    parser.add_argument("--size", default="2400x900", help="viewport WIDTHxHEIGHT")
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -45,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                     if server.status_of(entry) != "success":
                         raise SystemExit(f"{args.workflow} failed: {server.error_messages(entry)}")
                     page.wait_for_timeout(1500)  # let the image previews render
-                    app.evaluate("() => { app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [20, 10]; "
-                                 "app.graph.setDirtyCanvas(true, true); }")
+                    _tidy(page)
+                    app.evaluate(FIT_JS)
                     page.wait_for_timeout(500)
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     page.screenshot(path=str(args.out))
