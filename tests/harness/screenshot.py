@@ -17,9 +17,9 @@ from harness.browser import AppPage, launch
 from harness.comfy_server import ComfyServer
 from harness.testbed import WORKFLOWS_DIR, find_testbed, load_json
 
-
-# Frame every node in the part of the canvas that the frontend's bars leave free (the side bar on the left, the tabs
-# the run toolbar and its queue notice on top, the zoom controls at the bottom). LiteGraph draws graph point p at (p + offset) * scale.
+# Frame every node in the part of the canvas that the frontend's bars leave free: the side bar on the left; the tabs,
+# the run toolbar and its queue notice on top; the zoom controls at the bottom. LiteGraph draws graph point p at
+# (p + offset) * scale.
 FIT_JS = """() => {
     const el = app.canvas.canvas, title = LiteGraph.NODE_TITLE_HEIGHT;
     const free = {left: 80, top: 150, right: 24, bottom: 64};
