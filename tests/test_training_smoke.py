@@ -190,7 +190,8 @@ def test_generator_init_fine_tunes_from_a_file(tokenizer_file, workdir):
     with pytest.raises(SystemExit, match=r"--init .*depth: file 2 vs run 3.*--depth"):
         train_generator.main(_gen_args(tok, str(workdir / "gen_wrong"), cache, 1, ["--init", base_out, "--depth", "3"]))
     with pytest.raises(SystemExit, match=r"--init .*shared_aln: file False vs run True.*--shared-aln"):
-        train_generator.main(_gen_args(tok, str(workdir / "gen_shared"), cache, 1, ["--init", base_out, "--shared-aln"]))
+        train_generator.main(_gen_args(tok, str(workdir / "gen_shared"), cache, 1,
+                                       ["--init", base_out, "--shared-aln"]))
     with pytest.raises(SystemExit, match="no such file"):
         train_generator.main(_gen_args(tok, str(workdir / "gen_none"), cache, 1, ["--init", base_out + ".x"]))
     with pytest.raises(SystemExit, match="--class-weight 'dragon=2'.*circle, square"):

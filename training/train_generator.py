@@ -291,7 +291,8 @@ def init_weights(var: VAR, path: str) -> None:
     differ = [f"{k}: file {have.get(k)} vs run {want.get(k)}" for k in arch if have.get(k) != want.get(k)]
     if differ:
         raise SystemExit(f"--init {path} does not fit this run's architecture ({'; '.join(differ)}); pass the "
-                         f"file's --depth/--embed-dim/--num-heads/--mlp-ratio/--shared-aln, the same tokenizer and as many classes")
+                         f"file's --depth/--embed-dim/--num-heads/--mlp-ratio/--shared-aln, the same tokenizer and "
+                         f"as many classes")
     var.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
 
 
