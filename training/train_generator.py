@@ -24,6 +24,7 @@ fresh optimizer, its own warm-up and cosine, the EMA starting at those weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -285,8 +286,8 @@ def init_weights(var: VAR, path: str) -> None:
         raise SystemExit(f"--init {path}: no such file (give a generator .safetensors, e.g. "
                          f"weights/nextscale_generator.safetensors)")
     src = VAR.from_file(path)
-    arch = ("depth", "embed_dim", "num_heads", "num_classes", "vocab_size", "cvae", "patch_nums", "mlp_ratio",
-            "shared_aln")
+    # every field that shapes the weights (the class names and the norm epsilon do not)
+    arch = [f.name for f in dataclasses.fields(VARConfig) if f.name not in ("class_names", "norm_eps")]
     have, want = src.config.to_dict(), var.config.to_dict()
     differ = [f"{k}: file {have.get(k)} vs run {want.get(k)}" for k in arch if have.get(k) != want.get(k)]
     if differ:
