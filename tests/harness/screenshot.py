@@ -39,11 +39,9 @@ FIT_JS = """() => {
 
 def _tidy(page) -> None:
     """Close what the frontend lays over the canvas (the release banner, the minimap), where it is present."""
-    banner = page.get_by_text("Introducing Nodes 2.0")
-    if banner.count():
-        page.evaluate("() => { for (const b of document.querySelectorAll('button')) {"
-                      " const bar = b.closest('div'); if (bar && bar.textContent.includes('Introducing Nodes 2.0')"
-                      " && !b.textContent.includes('Try')) { b.click(); return; } } }")
+    page.evaluate("() => { for (const b of document.querySelectorAll('button')) {"
+                  " const bar = b.closest('div'); if (bar && bar.textContent.includes('Introducing Nodes 2.0')"
+                  " && !b.textContent.includes('Try')) { b.click(); return; } } }")
     page.evaluate("async () => { try { await app.extensionManager.setting.set('Comfy.Minimap.Visible', false); }"
                   " catch (e) {} }")
     page.wait_for_timeout(300)
