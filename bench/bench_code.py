@@ -27,12 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from packbootstrap import register_pack  # noqa: E402
+from packbootstrap import register_pack
 
 register_pack()
 
 from bench_sampler import randomise_  # noqa: E402
-
 from nextscale.models.collaborative import sample_collaborative  # noqa: E402
 from nextscale.models.sampler import SamplingOptions, sample  # noqa: E402
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
@@ -118,10 +117,10 @@ def main() -> None:
     refiner = build(args.refiner, device, dtype, seed=1)
     vae = MultiScaleVQVAE(TokenizerConfig(patch_nums=drafter.patch_nums)).to(device).eval().requires_grad_(False)
     weights = {d: sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20 for d, m in
-               ((args.drafter, drafter), (args.refiner, refiner))}  # fmt: skip
+               ((args.drafter, drafter), (args.refiner, refiner))}
     print(f"# built d{args.drafter} + d{args.refiner} in {time.perf_counter() - t0:.0f} s; weights MiB: {weights}")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{args.device} {args.dtype}, batch {args.batch}, cfg {args.cfg}, runs {args.runs}")  # fmt: skip
+          f"{args.device} {args.dtype}, batch {args.batch}, cfg {args.cfg}, runs {args.runs}")
 
     labels = torch.arange(args.batch, device=device) % 1000
     opts = SamplingOptions(cfg=args.cfg, top_k=600, top_p=0.95, temperature=[1.1] * 7 + [1.0] * 3)

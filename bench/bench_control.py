@@ -29,6 +29,7 @@ from nextscale.models.control_maps import canny_edges  # noqa: E402
 from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample  # noqa: E402
 from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
 from nextscale.models.var import VAR  # noqa: E402
+
 from training.classifier import load_classifier, predict  # noqa: E402
 
 

@@ -58,7 +58,7 @@ def random_profile(cfg: VARConfig, seed: int = 0) -> KVProfile:
     g = torch.Generator().manual_seed(seed)
     K, L, H = len(cfg.patch_nums), cfg.depth, cfg.num_heads
     return KVProfile(L, H, cfg.patch_nums, torch.rand(L, K, generator=g).tolist(),
-                     torch.randn(L, K, generator=g).tolist(), torch.rand(L, H, generator=g).tolist())  # fmt: skip
+                     torch.randn(L, K, generator=g).tolist(), torch.rand(L, H, generator=g).tolist())
 
 
 @torch.no_grad()
@@ -91,7 +91,7 @@ def part_memory(batches=(1, 16), max_gb: float = 1.5) -> None:
             full_bytes = 2 * cfg.depth * cfg.num_tokens * cfg.embed_dim * 2 * rows
             if full_bytes > max_gb * 1e9:
                 print(f"| d{depth} | {batch} | (skipped: the full cache is {full_bytes / 1e9:.1f} GB, over "
-                      f"--max-gb {max_gb:g}; the cache is linear in the batch) |")  # fmt: skip
+                      f"--max-gb {max_gb:g}; the cache is linear in the batch) |")
                 continue
             full = KVPolicySpec("full").bind(shape, batch)
             drive_cache(cfg, full, rows)
@@ -103,7 +103,7 @@ def part_memory(batches=(1, 16), max_gb: float = 1.5) -> None:
                     drive_cache(cfg, bound, rows)
                     p, cb = bound.stats.peak_bytes, bound.stats.carried_valid_bytes()
                     print(f"| d{depth} | {batch} | {policy} | {budget:.0%} | {p / 1e6:.1f} | {p / fp:.1%} | "
-                          f"{cb / 1e6:.1f} | {cb / fc:.1%} |", flush=True)  # fmt: skip
+                          f"{cb / 1e6:.1f} | {cb / fc:.1%} |", flush=True)
 
 
 def part_fidelity(classes=(1, 2), seeds=(0,)) -> None:
@@ -137,13 +137,13 @@ def part_fidelity(classes=(1, 2), seeds=(0,)) -> None:
             for label in classes:
                 for seed in seeds:
                     r = kv_report(var, vae, [label], seed, KVPolicySpec(policy, budget, profile), options,
-                                  full=fulls[(label, seed)])  # fmt: skip
+                                  full=fulls[(label, seed)])
                     rows.append(r)
             n = len(rows)
             agree = [sum(r.token_agreement[i] for r in rows) / n for i in range(-4, 0)]
             psnr = sum(min(r.psnr, 99.0) for r in rows) / n
             print(f"| {policy} | {budget:.0%} | {rows[0].peak_ratio:.1%} | {rows[0].carried_ratio:.1%} | "
-                  f"{', '.join(f'{a:.2f}' for a in agree)} | {psnr:.2f} |", flush=True)  # fmt: skip
+                  f"{', '.join(f'{a:.2f}' for a in agree)} | {psnr:.2f} |", flush=True)
 
 
 def part_embedded(budgets=(0.1, 0.25, 0.5), policies=("recent", "strided", "scalekv", "hack")) -> None:
@@ -159,10 +159,10 @@ def part_embedded(budgets=(0.1, 0.25, 0.5), policies=("recent", "strided", "scal
     for policy in policies:
         for budget in budgets:
             rows = [kv_report(var, vae, [label], i, KVPolicySpec(policy, budget, profile), options, full=fulls[label])
-                    for i, label in enumerate(labels)]  # fmt: skip
+                    for i, label in enumerate(labels)]
             psnr[policy, budget] = sum(min(r.psnr, 60.0) for r in rows) / len(rows)
             agree[policy, budget] = (sum(sum(r.token_agreement) / len(r.token_agreement) for r in rows) / len(rows),
-                                     sum(r.token_agreement[-1] for r in rows) / len(rows))  # fmt: skip
+                                     sum(r.token_agreement[-1] for r in rows) / len(rows))
     head = " | ".join(f"{b:.0%}" for b in budgets)
     print(f"| policy | {head} |\n|---|" + "---|" * len(budgets))
     for policy in policies:

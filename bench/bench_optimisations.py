@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from packbootstrap import register_pack  # noqa: E402
+from packbootstrap import register_pack
 
 register_pack()
 

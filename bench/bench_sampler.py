@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from packbootstrap import register_pack  # noqa: E402
+from packbootstrap import register_pack
 
 register_pack()
 
@@ -173,7 +173,8 @@ def bench(depth: int, batch: int, runs: int, device: torch.device, dtype: torch.
     for run in range(runs + 1):
         marks: list[float] = []
         spent = [0.0]
-        hooks = SamplerHooks(callback=lambda si, K, f_hat: (sync(device), marks.append(time.perf_counter())))
+        hooks = SamplerHooks(callback=lambda si, K, f_hat, marks=marks: (sync(device),
+                                                                       marks.append(time.perf_counter())))
         with PeakMemory(device) as memory:
             sync(device)
             t0 = time.perf_counter()
@@ -191,7 +192,7 @@ def bench(depth: int, batch: int, runs: int, device: torch.device, dtype: torch.
         sample_s.append(t1 - t0)
         decode_s.append(t2 - t1)
         transformer_s.append(spent[0])
-        per_scale.append([b - a for a, b in zip([t0] + marks[:-1], marks)])
+        per_scale.append([b - a for a, b in zip([t0, *marks[:-1]], marks)])
         peaks.append(memory.peak_mb)
     med = statistics.median
     return {

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from packbootstrap import register_pack  # noqa: E402
+from packbootstrap import register_pack
 
 register_pack()
 
@@ -97,7 +97,7 @@ def main() -> int:
     official = load_official(args.official)
     torch.manual_seed(0)
     vae_o, var_o = official.build_vae_var(device="cpu", depth=args.depth, flash_if_available=False,
-                                          fused_if_available=False)  # fmt: skip
+                                          fused_if_available=False)
     vae_o.eval(), var_o.eval()
     init_tokenizer_(vae_o)
     dtype = getattr(torch, args.dtype)
@@ -119,7 +119,7 @@ def main() -> int:
         recorded.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.official_autocast):
             image = var_o.autoregressive_infer_cfg(B=args.batch, label_B=labels, g_seed=0, cfg=args.cfg, top_k=1,
-                                                   top_p=0.0)  # fmt: skip
+                                                   top_p=0.0)
         tokens["official"] = [t.flatten(1) for t in recorded]
         return image
 
@@ -144,7 +144,7 @@ def main() -> int:
     official_mode = "bf16 autocast" if args.official_autocast else "fp32"
     print(f"# VAR-d{args.depth}, batch {args.batch}, cfg {args.cfg}, greedy, cpu, NextScale {args.dtype}, official "
           f"{official_mode}, {torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.runs} "
-          f"after a warm-up")  # fmt: skip
+          f"after a warm-up")
     print("| implementation | s / image | peak RSS above start (MB) |")
     print("|---|---|---|")
     for name in ("official", "nextscale"):
@@ -153,7 +153,7 @@ def main() -> int:
     mem = results["official"][2] / max(results["nextscale"][2], 1e-9)
     print(f"time ratio official / nextscale = {ratio:.2f}; peak-memory ratio official / nextscale = {mem:.2f}")
     print(f"greedy tokens: {agreement:.4f} agree (first scale that differs: {first_diff}); images: largest pixel "
-          f"difference {diff:.2e}, PSNR {psnr:.1f} dB")  # fmt: skip
+          f"difference {diff:.2e}, PSNR {psnr:.1f} dB")
     return 0
 
 

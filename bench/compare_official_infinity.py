@@ -67,7 +67,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from packbootstrap import register_pack  # noqa: E402
+from packbootstrap import register_pack
 
 register_pack()
 
@@ -129,13 +129,13 @@ def install_stubs() -> list[str]:
     """Register the stand-ins in ``sys.modules``; returns the names registered."""
     stubs = {"flash_attn": _module(
         "flash_attn", flash_attn_func=_flash_attn_func, flash_attn_varlen_kvpacked_func=_flash_attn_varlen_kvpacked_func
-    )}  # fmt: skip
+    )}
     if importlib.util.find_spec("timm") is None:
         layers = _module("timm.models.layers", DropPath=_DropPath, drop_path=lambda x, *a, **k: x)
         models = _module("timm.models", register_model=lambda fn: fn, layers=layers)
         loss = _module("timm.loss", SoftTargetCrossEntropy=_SoftTargetCrossEntropy)
         stubs.update({"timm": _module("timm", models=models, loss=loss), "timm.models": models,
-                      "timm.models.layers": layers, "timm.loss": loss})  # fmt: skip
+                      "timm.models.layers": layers, "timm.loss": loss})
     if importlib.util.find_spec("pytz") is None:
         stubs["pytz"] = _module("pytz", timezone=lambda name: None)
     if importlib.util.find_spec("imageio") is None:
@@ -206,7 +206,7 @@ def build_official(off, args, fused_norm: bool = True, vae=None):
         off.vae.AutoEncoder = tiny
         try:
             vae = off.vae.vae_model(None, "dynamic", codebook_dim=args.bits, codebook_size=2**args.bits,
-                                    patch_size=2, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2])  # fmt: skip
+                                    patch_size=2, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2])
         finally:
             off.vae.AutoEncoder = real
     model = off.infinity.Infinity(
@@ -217,7 +217,7 @@ def build_official(off, args, fused_norm: bool = True, vae=None):
         inference_mode=True, train_h_div_w_list=[1.0],
         depth=args.depth, embed_dim=args.width, num_heads=args.heads, mlp_ratio=4, drop_path_rate=0.0,
         block_chunks=args.block_chunks, cond_drop_rate=0.0,
-    )  # fmt: skip
+    )
     return vae.eval().requires_grad_(False), model.eval().requires_grad_(False)
 
 
@@ -284,7 +284,7 @@ def sample_official(off, model, vae, text, negative, schedule, dtype, seed, cfg,
                 g_seed=seed, cfg_list=[cfg] * schedule.num_scales, tau_list=[tau] * schedule.num_scales,
                 top_k=top_k, top_p=top_p,
                 returns_vemb=1, cfg_insertion_layer=[0], vae_type=vae.codebook_dim, ret_img=True, inference_mode=True,
-            )  # fmt: skip
+            )
     finally:
         off.infinity.sample_with_top_k_top_p_also_inplace_modifying_logits_ = logits.fn
         del vae.quantizer.lfq.indices_to_codes, vae.decode  # back to the class's methods
@@ -297,7 +297,7 @@ def sample_nextscale(model, tok, text, negative, schedule, seed, options):
     nxs_sampler.filter_top_k_top_p_ = logits
     try:
         toks = sample_infinity(model, tok, *padded(*text), schedule=schedule, seed=seed, options=options,
-                               negative=None if negative is None else padded(*negative))  # fmt: skip
+                               negative=None if negative is None else padded(*negative))
     finally:
         nxs_sampler.filter_top_k_top_p_ = logits.fn
     return toks.bits, logits.seen, toks.summed_codes, tok.decode(toks.summed_codes)
@@ -339,7 +339,7 @@ def main() -> int:
     ap.add_argument("--bits", type=int, default=4, help="the tokenizer's d")
     ap.add_argument("--vae-ch", type=int, default=32)
     ap.add_argument("--attn-scale-max", type=float, default=100.0,
-                    help="cos-attention scales drawn in [4, this]; 4 keeps upstream's initialisation")  # fmt: skip
+                    help="cos-attention scales drawn in [4, this]; 4 keeps upstream's initialisation")
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--tau", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -396,7 +396,7 @@ def main() -> int:
     seeded = {"cfg": args.cfg, "tau": 0.5, "top_k": 900, "top_p": 0.97}  # the 2B's defaults, a batch of one
     cases = (("greedy, learned unconditional", text, None, greedy),
              ("greedy, negative prompts", text, neg, greedy),
-             ("seeded, 1 prompt, tau 0.5, top-p 0.97", (text[0][:1], lens[:1]), None, seeded))  # fmt: skip
+             ("seeded, 1 prompt, tau 0.5, top-p 0.97", (text[0][:1], lens[:1]), None, seeded))
     for name, prompts, negative, opts in cases:
         theirs = sample_official(off, inf_o, vae_o, prompts, negative, sched, dtype, args.seed, **opts)
         ours = sample_nextscale(inf_n, tok_n, prompts, negative, sched, args.seed, InfinityOptions(**opts))
@@ -416,10 +416,10 @@ def main() -> int:
           f"{args.heads} heads, text {args.text_channels} ch (maxlen {args.text_maxlen}), d = {d}, tokenizer f2 "
           f"base {args.vae_ch}; cos-attention scales in [4, {args.attn_scale_max:g}]; 1:1 0.06M "
           f"({sched.num_scales} scales, {L} tokens); prompts of {lens} tokens, negatives of {neg_lens}; "
-          f"cfg {args.cfg}, tau {args.tau}; {time.perf_counter() - t0:.1f} s")  # fmt: skip
+          f"cfg {args.cfg}, tau {args.tau}; {time.perf_counter() - t0:.1f} s")
     print(f"stand-ins: {', '.join(off.stubs)}; fused_ada_layer_norm uncompiled")
     print(f"state dicts: {len(sd)} transformer keys loaded strictly (not taken: {', '.join(not_taken) or 'none'}); "
-          f"{len(vae_o.state_dict())} tokenizer keys")  # fmt: skip
+          f"{len(vae_o.state_dict())} tokenizer keys")
     print("| compared | result | max abs diff | relative |")
     print("|---|---|---|---|")
     for name, result, a, r in rows:

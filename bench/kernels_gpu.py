@@ -43,24 +43,24 @@ elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from packbootstrap import register_pack
+from packbootstrap import register_pack  # noqa: E402
 
 register_pack(ROOT)
 
-import torch
-import torch.nn.functional as F
-import triton
-import triton.testing
-from nextscale.kernels import attention as attention_mod
-from nextscale.kernels import ragged
-from nextscale.kernels.attention import attention_sdpa, attention_torch, block_causal_mask
-from nextscale.kernels.quantize import nearest_code_torch
-from nextscale.kernels.triton_attention import (
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+from nextscale.kernels import attention as attention_mod  # noqa: E402
+from nextscale.kernels import ragged  # noqa: E402
+from nextscale.kernels.attention import attention_sdpa, attention_torch, block_causal_mask  # noqa: E402
+from nextscale.kernels.quantize import nearest_code_torch  # noqa: E402
+from nextscale.kernels.triton_attention import (  # noqa: E402
     block_causal_attention,
     ragged_attention_triton,
     scale_step_attention,
 )
-from nextscale.kernels.triton_quantize import nearest_code_triton
+from nextscale.kernels.triton_quantize import nearest_code_triton  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # as tests/test_triton_kernels.py
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -252,21 +252,21 @@ def _attn_fwd_kernel(
         n_full_hi = tl.maximum(n_full_lo, (common_hi // BLOCK_N) * BLOCK_N)
         acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     offs_n, offs_d, n_first, n_full_lo, S, row_lo, row_hi,
-                                    D, BLOCK_N, EVEN_D, 2, PRECISION, UPCAST)  # fmt: skip
+                                    D, BLOCK_N, EVEN_D, 2, PRECISION, UPCAST)
         acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     offs_n, offs_d, n_full_lo, n_full_hi, S, row_lo, row_hi,
-                                    D, BLOCK_N, EVEN_D, 0, PRECISION, UPCAST)  # fmt: skip
+                                    D, BLOCK_N, EVEN_D, 0, PRECISION, UPCAST)
         acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     offs_n, offs_d, n_full_hi, hi, S, row_lo, row_hi,
-                                    D, BLOCK_N, EVEN_D, 2, PRECISION, UPCAST)  # fmt: skip
+                                    D, BLOCK_N, EVEN_D, 2, PRECISION, UPCAST)
     else:
         n_full = (S // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     offs_n, offs_d, 0, n_full, S, offs_m, offs_m,
-                                    D, BLOCK_N, EVEN_D, 0, PRECISION, UPCAST)  # fmt: skip
+                                    D, BLOCK_N, EVEN_D, 0, PRECISION, UPCAST)
         acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     offs_n, offs_d, n_full, S, S, offs_m, offs_m,
-                                    D, BLOCK_N, EVEN_D, 1, PRECISION, UPCAST)  # fmt: skip
+                                    D, BLOCK_N, EVEN_D, 1, PRECISION, UPCAST)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no allowed key: acc = 0 -> zeros
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
@@ -333,10 +333,10 @@ def _ragged_attn_fwd_kernel(
     n_full = (n_keys // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                                 offs_n, offs_d, 0, n_full, n_keys, offs_m, offs_m,
-                                D, BLOCK_N, EVEN_D, 0, PRECISION, UPCAST)  # fmt: skip
+                                D, BLOCK_N, EVEN_D, 0, PRECISION, UPCAST)
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                                 offs_n, offs_d, n_full, n_keys, n_keys, offs_m, offs_m,
-                                D, BLOCK_N, EVEN_D, 1, PRECISION, UPCAST)  # fmt: skip
+                                D, BLOCK_N, EVEN_D, 1, PRECISION, UPCAST)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty head: zeros
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
@@ -428,7 +428,7 @@ def _launch_dense(q, k, v, out, kv_start_L, kv_end_L, blocks):
         kv_start_L if has_bounds else dummy, kv_end_L if has_bounds else dummy,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, L, S, _bucket(L), _bucket(S),
-    )  # fmt: skip
+    )
     meta = {
         "D": c,
         "BLOCK_D": max(16, triton.next_power_of_2(c)),
@@ -567,7 +567,7 @@ def ragged_attention_triton(
         q_BHLc, k_packed_Tc, v_packed_Tc, out, offsets,
         *q_BHLc.stride(), *k_packed_Tc.stride(), *v_packed_Tc.stride(), *out.stride(),
         H, L, _bucket(L), _bucket(k_packed_Tc.shape[0] // max(B * H, 1)),
-    )  # fmt: skip
+    )
     meta = {
         "D": c,
         "BLOCK_D": max(16, triton.next_power_of_2(c)),

@@ -138,7 +138,7 @@ class Encoder(nn.Module):
     each but the last ending with a downsample; ``attn`` adds attention to the lowest level."""
 
     def __init__(self, kit: BlockKit, *, in_channels: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 z_channels: int, attn: bool = False, mid_attn: bool = False):  # fmt: skip
+                 z_channels: int, attn: bool = False, mid_attn: bool = False):
         super().__init__()
         self.act = kit.act
         widths = [ch * m for m in ch_mult]
@@ -170,7 +170,7 @@ class Decoder(nn.Module):
     ``up.0``, each with ``num_res_blocks + 1`` ResnetBlocks; all but ``up.0`` end with an upsample."""
 
     def __init__(self, kit: BlockKit, *, z_channels: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 out_channels: int, attn: bool = False, mid_attn: bool = False):  # fmt: skip
+                 out_channels: int, attn: bool = False, mid_attn: bool = False):
         super().__init__()
         self.act = kit.act
         widths = [ch * m for m in ch_mult]

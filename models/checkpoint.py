@@ -18,7 +18,7 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 

@@ -37,6 +37,7 @@ Adapters (NextScale's own, trained by ``training/train_control.py`` on a frozen 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -98,7 +99,7 @@ class ConvEncoder(nn.Module):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.blocks = nn.ModuleList()
-        for c_in, c_out in zip(channels[:-1], channels[1:]):
+        for c_in, c_out in itertools.pairwise(channels):
             self.blocks.append(nn.Conv2d(c_in, c_in, 3, padding=1))
             self.blocks.append(nn.Conv2d(c_in, c_out, 3, padding=1, stride=2))
         self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)

@@ -71,7 +71,7 @@ def canny_edges(img_B3HW: torch.Tensor, low: float = 0.1, high: float = 0.2, sig
 
     # image rows grow downwards, so a gradient at +45 deg (gy > 0, gx > 0) points to (dy, dx) = (1, 1)
     neighbours = [(shifted(0, 1), shifted(0, -1)), (shifted(1, 1), shifted(-1, -1)),
-                  (shifted(1, 0), shifted(-1, 0)), (shifted(1, -1), shifted(-1, 1))]  # fmt: skip
+                  (shifted(1, 0), shifted(-1, 0)), (shifted(1, -1), shifted(-1, 1))]
     keep = torch.zeros_like(mag, dtype=torch.bool)
     for b, (n1, n2) in enumerate(neighbours):
         keep |= (bins == b) & (mag > n1) & (mag >= n2)  # ties (a step between two pixels) keep one side

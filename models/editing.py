@@ -209,7 +209,7 @@ class EditSpec:
             f_hat = torch.zeros(
                 ref.batch_size, quant.channels, patch_nums[-1], patch_nums[-1], dtype=torch.float32,
                 device=latent_device,
-            )  # fmt: skip
+            )
             for si, pn in enumerate(patch_nums[: max(in_range) + 1]):
                 f_hat.add_(quant.contribution(si, patch_nums, quant.embed(ref.indices[si].to(latent_device), pn)))
                 if keep[si] is None:

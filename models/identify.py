@@ -7,7 +7,7 @@ loads it, instead of a list of 300 missing keys.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from .errors import NextScaleError
 

@@ -13,6 +13,7 @@ Reference: var.md 5.5 (upstream ``infinity/utils/dynamic_resolution.py``).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ _TEMPLATES_TALL = {
     2.000: ((1, 1), (2, 2), (4, 2), (6, 3), (10, 5), (16, 8), (22, 11), (30, 15), (38, 19), (46, 23), (60, 30), (74, 37), (90, 45)),
     2.500: ((1, 1), (2, 2), (5, 2), (10, 4), (15, 6), (20, 8), (25, 10), (30, 12), (40, 16), (50, 20), (65, 26), (80, 32), (100, 40)),
     3.000: ((1, 1), (2, 2), (6, 2), (9, 3), (15, 5), (21, 7), (27, 9), (36, 12), (45, 15), (54, 18), (72, 24), (90, 30), (111, 37)),
-}  # fmt: skip
+}
 
 
 def _all_templates() -> dict[float, tuple[tuple[int, int], ...]]:
@@ -71,7 +72,7 @@ class InfinitySchedule:
         object.__setattr__(self, "rope_grid", (int(self.rope_grid[0]), int(self.rope_grid[1])))
         if not scales or any(h < 1 or w < 1 for h, w in scales):
             raise NextScaleError(f"an Infinity schedule needs at least one (h, w) grid of positive sides, got {scales}")
-        if any(h2 < h1 or w2 < w1 for (h1, w1), (h2, w2) in zip(scales, scales[1:])):
+        if any(h2 < h1 or w2 < w1 for (h1, w1), (h2, w2) in itertools.pairwise(scales)):
             raise NextScaleError(f"Infinity schedule grids must not shrink from one scale to the next: {scales}")
 
     @classmethod

@@ -104,8 +104,7 @@ def observed_attention(kv: LayerKV, q_BHlc: torch.Tensor, query_idx: list[int]) 
 def select(priority_BHS: torch.Tensor, keep_BH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(index_BHs, lengths_BH)`` for :meth:`LayerKV.keep`: the ``keep_BH[b, h]`` highest priorities of each head
     in position order, padded to the longest head (``lengths_BH`` is None when every head keeps the same count)."""
-    B, H, S = priority_BHS.shape
-    s = int(keep_BH.max())
+    S, s = priority_BHS.shape[-1], int(keep_BH.max())
     top_BHs = priority_BHS.topk(s, dim=-1).indices
     pad_BHs = torch.arange(s, device=top_BHs.device) >= keep_BH.to(top_BHs.device)[..., None]
     index_BHs = top_BHs.masked_fill(pad_BHs, S).sort(dim=-1).values.masked_fill_(pad_BHs, 0)
@@ -283,7 +282,7 @@ def scalekv_budgets(
             weight = sum(want[i] for i in free) or len(free)
             for i in free:
                 alloc[i] = min(float(cap), alloc[i] + excess * (want[i] or 1.0) / weight)
-        ints = [max(1, int(math.floor(a))) for a in alloc]
+        ints = [max(1, math.floor(a)) for a in alloc]
         rest = min(total, cap * L) - sum(ints)
         for i in sorted(range(L), key=lambda i: alloc[i] - ints[i], reverse=True):
             if rest <= 0:

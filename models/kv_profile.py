@@ -186,5 +186,5 @@ def calibrate(var, tokenizer, labels: list[int], seed: int = 0, options=None, de
         sample(
             var, tokenizer, torch.tensor([label]), seed=seed + i, options=options,
             hooks=SamplerHooks(kv_policy=recorder, callback=on_scale), device=device,
-        )  # fmt: skip
+        )
     return recorder.profile(len(labels), {"labels": list(labels), "seed": seed})

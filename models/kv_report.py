@@ -74,7 +74,7 @@ def run_with(var, tokenizer, labels_B, seed, spec: KVPolicySpec, options=None, d
     tokens = sample(
         var, tokenizer, torch.as_tensor(labels_B), seed=seed, options=options,
         hooks=SamplerHooks(kv_policy=policy), device=device,
-    )  # fmt: skip
+    )
     return tokens, policy
 
 

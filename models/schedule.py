@@ -7,7 +7,8 @@ tokenizer's latent grid (image side / downsampling factor). ``K = len(patch_nums
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -103,7 +104,7 @@ def validate_schedule(patch_nums: Sequence[int], latent_side: int | None = None)
         raise NextScaleError(f"a schedule needs at least 2 scales, got {pn}")
     if pn[0] != 1:
         raise NextScaleError(f"a schedule starts with a 1x1 scale, got {pn}")
-    if any(b <= a for a, b in zip(pn, pn[1:])):
+    if any(b <= a for a, b in itertools.pairwise(pn)):
         raise NextScaleError(f"scale sides must increase strictly, got {pn}")
     if latent_side is not None and pn[-1] != latent_side:
         raise NextScaleError(
@@ -119,7 +120,7 @@ def schedule_from_levels(levels: Sequence[int]) -> tuple[int, ...]:
         counts[int(lv)] = counts.get(int(lv), 0) + 1
     out = []
     for k in range(len(counts)):
-        side = int(round(counts.get(k, 0) ** 0.5))
+        side = round(counts.get(k, 0) ** 0.5)
         if k not in counts or side * side != counts[k]:
             raise NextScaleError(f"level buffer has {counts.get(k, 0)} tokens at scale {k}, which is not a square grid")
         out.append(side)

@@ -137,7 +137,7 @@ class MultiScaleVQVAE(nn.Module):
         super().__init__()
         self.config = cfg = config or TokenizerConfig()
         shape = {"ch": cfg.ch, "ch_mult": cfg.ch_mult, "num_res_blocks": cfg.num_res_blocks,
-                 "attn": cfg.using_sa, "mid_attn": cfg.using_mid_sa}  # fmt: skip
+                 "attn": cfg.using_sa, "mid_attn": cfg.using_mid_sa}
         self.encoder = Encoder(KIT, in_channels=cfg.in_channels, z_channels=cfg.z_channels, **shape)
         self.decoder = Decoder(KIT, z_channels=cfg.z_channels, out_channels=cfg.in_channels, **shape)
         self.quantize = MultiScaleQuantizer(

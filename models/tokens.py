@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
 
 import torch
 
@@ -26,8 +25,8 @@ class NextScaleTokens:
 
     indices: list[torch.Tensor]
     patch_nums: tuple[int, ...]
-    f_hat: Optional[torch.Tensor] = None
-    labels: Optional[torch.Tensor] = None
+    f_hat: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
     source: str = "sampled"
     extra: dict = field(default_factory=dict)
 
@@ -53,7 +52,7 @@ class NextScaleTokens:
         """Indices as ``(B, pn*pn)`` per scale (the layout the transformer and quantizer use)."""
         return [idx.reshape(idx.shape[0], -1) for idx in self.indices]
 
-    def select(self, items: list[int]) -> "NextScaleTokens":
+    def select(self, items: list[int]) -> NextScaleTokens:
         """A new batch made of the given batch items."""
         sel = torch.as_tensor(items, dtype=torch.long)
         return replace(
@@ -64,7 +63,7 @@ class NextScaleTokens:
             extra=dict(self.extra),
         )
 
-    def to(self, device) -> "NextScaleTokens":
+    def to(self, device) -> NextScaleTokens:
         return replace(
             self,
             indices=[idx.to(device) for idx in self.indices],
@@ -92,7 +91,7 @@ class NextScaleBitTokens:
 
     bits: list[torch.Tensor]
     scales: tuple[tuple[int, int], ...]
-    summed_codes: Optional[torch.Tensor] = None
+    summed_codes: torch.Tensor | None = None
     source: str = "sampled"
     extra: dict = field(default_factory=dict)
 
@@ -116,7 +115,7 @@ class NextScaleBitTokens:
     def codebook_dim(self) -> int:
         return int(self.bits[0].shape[-1])
 
-    def select(self, items: list[int]) -> "NextScaleBitTokens":
+    def select(self, items: list[int]) -> NextScaleBitTokens:
         sel = torch.as_tensor(items, dtype=torch.long)
         return replace(
             self,
@@ -125,7 +124,7 @@ class NextScaleBitTokens:
             extra=dict(self.extra),
         )
 
-    def to(self, device) -> "NextScaleBitTokens":
+    def to(self, device) -> NextScaleBitTokens:
         return replace(
             self,
             bits=[b.to(device) for b in self.bits],

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 import comfy.model_management as mm
+from comfy_api.latest import io
 
 from ..models.collaborative import check_collaborators, sample_collaborative
 from ..models.sampler import SamplerHooks
@@ -20,7 +19,7 @@ MAX_SCALES = 64
 # The sampling inputs taken over from NextScale Sampler, same ids, widgets and tooltips.
 SHARED_INPUTS = (
     "class_name", "seed", "cfg", "top_k", "top_p", "more_smooth", "batch_size", "class_list", "options", "guide",
-)  # fmt: skip
+)
 
 
 def _ready(drafter: LoadedModel, refiner: LoadedModel) -> tuple[VAR, VAR]:
@@ -125,7 +124,7 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
         tokens: NextScaleTokens = sample_collaborative(
             draft_var, refine_var, vae, labels_B, draft_scales=draft_scales, seed=seed, options=sampling,
             hooks=hooks, drafter_control=drafter_control, drafter_kv_policy=drafter_kv_policy, device=device,
-        )  # fmt: skip
+        )
         return io.NodeOutput(tokens.to("cpu"))
 
 

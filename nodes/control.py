@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
-from comfy_api.latest import io
-
 import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
+import torch
+from comfy_api.latest import io
 
 from ..models.control import ControlStack, load_control
 from ..models.control_maps import canny_edges, map_to_image, soft_silhouette
@@ -180,7 +179,7 @@ class NextScaleApplyControl(io.ComfyNode):
                 f"start_scale = {start_scale} must be below end_scale = {end_scale} (0 = through the last scale)"
             )
         spec = ControlSpec(control_model, image.detach().cpu().float(), float(strength), int(start_scale),
-                           int(end_scale), float(late_temperature), control)  # fmt: skip
+                           int(end_scale), float(late_temperature), control)
         return io.NodeOutput(spec)
 
 

@@ -5,20 +5,19 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
-from comfy_api.latest import io
-
 import comfy.model_management as mm
 import comfy.utils
+import torch
+from comfy_api.latest import io
 
 from ..models.checkpoint import read_state_dict
 from ..models.classes import class_index, default_class_names, imagenet_class_names, parse_class_list
 from ..models.errors import NextScaleError
+from ..models.imageops import model_to_image
 from ..models.sampler import CFG_SCHEDULES, SamplerHooks, SamplingOptions, sample
 from ..models.tokenizer import MultiScaleVQVAE
 from ..models.tokens import NextScaleTokens
 from ..models.var import VAR
-from ..models.imageops import model_to_image
 from .model_files import (
     DTYPES,
     LoadedModel,

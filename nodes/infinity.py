@@ -9,12 +9,11 @@ from __future__ import annotations
 import math
 import os
 
-import torch
-from comfy_api.latest import io
-
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
+import torch
+from comfy_api.latest import io
 
 from ..models.bsq import BSQTokenizer
 from ..models.checkpoint import read_state_dict, read_weights, shard_files
@@ -71,7 +70,7 @@ def model_choices() -> list[str]:
     for base in folder_paths.get_folder_paths(FOLDER):
         if os.path.isdir(base):
             folders += [n for n in sorted(os.listdir(base)) if os.path.isdir(os.path.join(base, n))
-                        and shard_files(os.path.join(base, n))]  # fmt: skip
+                        and shard_files(os.path.join(base, n))]
     return files + [f for f in folders if f not in files]
 
 
@@ -333,7 +332,7 @@ class NextScaleTextSampler(io.ComfyNode):
         tokens = sample_infinity(
             infinity, bsq, text, mask, schedule=schedule, seed=seed, options=options, negative=neg, hooks=hooks,
             guide=guide, device=device,
-        )  # fmt: skip
+        )
         return io.NodeOutput(tokens.to("cpu"))
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import re
 
-import torch
-from comfy_api.latest import io, ui
-
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
+import torch
+from comfy_api.latest import io, ui
 
 from ..models.classes import class_index, parse_class_list
 from ..models.errors import NextScaleError
@@ -125,7 +124,7 @@ class NextScaleKVCalibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, generator, tokenizer, samples: int, seed: int, cfg: float, class_list: str = "",
-                filename: str = "nextscale_kv_profile") -> io.NodeOutput:  # fmt: skip
+                filename: str = "nextscale_kv_profile") -> io.NodeOutput:
         var, vae = generator.ready(), tokenizer.ready()
         check_pair(var, vae, generator, tokenizer)
         names = generator_class_names(var)
@@ -173,7 +172,7 @@ class NextScaleKVReport(io.ComfyNode):
 
     @classmethod
     def execute(cls, generator, tokenizer, kv_policy: KVPolicySpec, class_name: str, seed: int, cfg: float,
-                batch_size: int = 1) -> io.NodeOutput:  # fmt: skip
+                batch_size: int = 1) -> io.NodeOutput:
         if not isinstance(kv_policy, KVPolicySpec):
             raise NextScaleError("kv_policy must come from NextScale KV Policy")
         var, vae = generator.ready(), tokenizer.ready()

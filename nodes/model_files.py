@@ -12,14 +12,13 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
 
 import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
+import torch
 
 from ..models.checkpoint import read_safetensors_metadata
 from ..models.errors import NextScaleError
@@ -129,7 +128,7 @@ class LoadedModel:
         return f"LoadedModel({self.name!r}, {type(self.module).__name__}, {self.dtype})"
 
 
-_cache: "OrderedDict[tuple, LoadedModel]" = OrderedDict()
+_cache: OrderedDict[tuple, LoadedModel] = OrderedDict()
 _cache_lock = threading.Lock()
 _CACHE_SIZE = 4
 

@@ -178,7 +178,7 @@ def hf_weight_files(folder: str) -> list[str]:
             needed = sorted({
                 str(v) for k, v in weight_map.items()
                 if not str(k).startswith(SKIPPED) and not (tied and k == "encoder.embed_tokens.weight")
-            })  # fmt: skip
+            })
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise NextScaleError(
                 f"'{index}' is damaged (not a Hugging Face weight index with a 'weight_map'); download it again"
@@ -229,7 +229,7 @@ def looks_like(keys: list[str]) -> str:
         (("encoder.down", "decoder.up", "first_stage_model.", "quant_conv."), "a VAE"),
         (("embeddings.word_embeddings.", "encoder.layer.0.attention."), "a BERT-style encoder"),
         (("decoder.block.",), "the decoder half of a T5 model without its encoder"),
-    )  # fmt: skip
+    )
     for starts, what in signs:
         if any(k.startswith(starts) or any(f".{s}" in k for s in starts) for k in keys):
             return what
@@ -426,7 +426,7 @@ class FlanT5XLTokenizer(sd1_clip.SDTokenizer):
         tokens = [t for batch in batches for t in batch]
         if len(tokens) > MAX_TOKENS:  # upstream: truncation=True, max_length=512, '</s>' last
             end = (self.end_token, 1.0, 0) if return_word_ids else (self.end_token, 1.0)
-            tokens = tokens[: MAX_TOKENS - 1] + [end]
+            tokens = [*tokens[:MAX_TOKENS - 1], end]
         return [tokens]
 
 
@@ -435,7 +435,7 @@ class FlanT5XLTokenizers(sd1_clip.SD1Tokenizer):
         super().__init__(
             embedding_directory=embedding_directory, tokenizer_data=tokenizer_data or {}, name=NAME,
             tokenizer=FlanT5XLTokenizer,
-        )  # fmt: skip
+        )
 
 
 def build_clip(state_dict: dict[str, torch.Tensor], config: dict, dtype: torch.dtype | None = None) -> comfy.sd.CLIP:
@@ -490,7 +490,7 @@ def load_flan_t5(path_or_folder: str, dtype: torch.dtype | None = None) -> comfy
     log.info(
         "NextScale: loaded text encoder '%s' (T5, %d layers, %d wide)",
         os.path.basename(real), config["num_layers"], config["d_model"],
-    )  # fmt: skip
+    )
     return clip
 
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-import comfy.model_management as mm
-
+from ..models.bsq import BSQTokenizer
 from ..models.checkpoint import read_state_dict
+from ..models.editing import composite
 from ..models.errors import NextScaleError
+from ..models.imageops import RESIZE_MODES, fit_square, image_to_model, model_to_image
 from ..models.schedule import parse_schedule
 from ..models.tokenizer import MultiScaleVQVAE
-from ..models.bsq import BSQTokenizer
 from ..models.tokens import NextScaleBitTokens, NextScaleTokens
-from ..models.imageops import RESIZE_MODES, fit_square, image_to_model, model_to_image
-from ..models.editing import composite
 from .model_files import DTYPES, LoadedModel, check_kind, load_model, model_choices
 from .sockets import CATEGORY, Tokenizer, Tokens
 from .validation import check_combos

@@ -23,12 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 from harness.testbed import run_in_comfyui_python
-from test_sampler import CVAE, PN, VOCAB, make_var
-
 from nextscale.models.checkpoint import save_safetensors
 from nextscale.models.errors import NextScaleError
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.models.var import VAR, VARConfig
+from test_sampler import CVAE, PN, VOCAB, make_var
 
 GEN, TOK = "generator", "tokenizer"
 
@@ -116,19 +115,19 @@ def make_bad_files(folder: Path) -> tuple[list[Case], Path]:
     (n,) = struct.unpack("<Q", good[:8])
     damaged = r"damaged safetensors file|neither safetensors nor a PyTorch checkpoint"
     for label, cut in (("8-bytes", 8), ("mid-header", 8 + n // 2), ("header-only", 8 + n), ("mid-data", len(good) // 2),
-                       ("last-byte", len(good) - 1)):  # fmt: skip
+                       ("last-byte", len(good) - 1)):
         add(f"safetensors-truncated-{label}", f"cut-{label}.safetensors", GEN, damaged, good[:cut])
     first = next(k for k in json.loads(good[8 : 8 + n]) if k != "__metadata__")
     add("safetensors-header-garbage", "garbage-header.safetensors", GEN, damaged,
-        good[:8] + b"{" + b"\x00\xff" * ((n - 1) // 2) + b"}" * ((n - 1) % 2) + good[8 + n :])  # fmt: skip
+        good[:8] + b"{" + b"\x00\xff" * ((n - 1) // 2) + b"}" * ((n - 1) % 2) + good[8 + n :])
     add("safetensors-header-too-long", "long-header.safetensors", GEN, damaged,
-        struct.pack("<Q", len(good) * 4) + good[8:])  # fmt: skip
+        struct.pack("<Q", len(good) * 4) + good[8:])
     add("safetensors-offsets-out-of-range", "offsets.safetensors", GEN, damaged,
-        _with_header(good, lambda h: h[first].__setitem__("data_offsets", [0, len(good) * 8])))  # fmt: skip
+        _with_header(good, lambda h: h[first].__setitem__("data_offsets", [0, len(good) * 8])))
     add("safetensors-bad-dtype", "dtype.safetensors", GEN, damaged,
-        _with_header(good, lambda h: h[first].__setitem__("dtype", "Q7")))  # fmt: skip
+        _with_header(good, lambda h: h[first].__setitem__("dtype", "Q7")))
     add("safetensors-shape-vs-bytes", "shape.safetensors", GEN, damaged,
-        _with_header(good, lambda h: h[first].__setitem__("shape", [3, 3, 3, 3, 3])))  # fmt: skip
+        _with_header(good, lambda h: h[first].__setitem__("shape", [3, 3, 3, 3, 3])))
 
     # truncated and corrupt .pth
     torch.save(gen_sd, folder / "tmp.pth")

@@ -6,9 +6,6 @@ import textwrap
 import pytest
 import torch
 from harness.testbed import run_in_comfyui_python
-from test_editing import hole, random_reference
-from test_sampler import CVAE, NUM_CLASSES, PN, VOCAB, RecordLogits, make_var, randomize_, teacher_logits
-
 from nextscale.models.checkpoint import read_state_dict
 from nextscale.models.collaborative import sample_collaborative
 from nextscale.models.editing import inpaint
@@ -19,6 +16,8 @@ from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample
 from nextscale.models.schedule import SCHEDULE_256, scale_slices
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.models.var import VAR, VARConfig
+from test_editing import hole, random_reference
+from test_sampler import CVAE, NUM_CLASSES, PN, VOCAB, RecordLogits, make_var, randomize_, teacher_logits
 
 K = len(PN)
 LABELS = (1, 4, NUM_CLASSES)
@@ -80,7 +79,7 @@ def test_same_model_twice_with_a_guide(var, vae, N, mode):
     out = sample_collaborative(
         var, make_var(), vae, labels, draft_scales=N, seed=4, options=opts,
         hooks=SamplerHooks(guide=spec.bind(vae, PN, 2)),
-    )  # fmt: skip
+    )
     assert_same(out, plain)
 
 
@@ -165,7 +164,9 @@ def test_mismatched_pairs_fail_before_sampling(var, vae, changes, message):
 
 
 def test_other_errors(var, vae):
-    named = lambda names: small_refiner(class_names=names)
+    def named(names):
+        return small_refiner(class_names=names)
+
     names = tuple(f"c{i}" for i in range(NUM_CLASSES))
     with pytest.raises(NextScaleError, match="class names differ"):
         sample_collaborative(named(names), named(names[::-1]), vae, torch.tensor([1]), draft_scales=1, seed=0)
@@ -174,12 +175,12 @@ def test_other_errors(var, vae):
         with pytest.raises(NextScaleError, match=f"draft_scales must lie in 0..{K}"):
             sample_collaborative(var, var, vae, torch.tensor([1]), draft_scales=N, seed=0)
     wrong_vae = MultiScaleVQVAE(TokenizerConfig(vocab_size=VOCAB * 2, z_channels=CVAE, ch=32, ch_mult=(1, 1),
-                                                num_res_blocks=1, patch_nums=PN))  # fmt: skip
+                                                num_res_blocks=1, patch_nums=PN))
     with pytest.raises(NextScaleError, match="use the tokenizer the generator was trained with"):
         sample_collaborative(var, var, wrong_vae, torch.tensor([1]), draft_scales=2, seed=0)
     with pytest.raises(NextScaleError, match="temperatures given for 4 scales"):
         sample_collaborative(var, var, vae, torch.tensor([1]), draft_scales=4, seed=0,
-                             options=SamplingOptions(temperature=[1.0, 1.0]))  # fmt: skip
+                             options=SamplingOptions(temperature=[1.0, 1.0]))
 
 
 def upstream_state_dict(depth: int, seed: int) -> dict:

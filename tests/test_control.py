@@ -7,8 +7,6 @@ import textwrap
 import pytest
 import torch
 from harness.testbed import REPO_ROOT, run_in_comfyui_python
-from test_sampler import CVAE, NUM_CLASSES, PN, VOCAB, RecordLogits, randomize_
-
 from nextscale.models.checkpoint import save_safetensors
 from nextscale.models.control import (
     AdapterConfig,
@@ -25,6 +23,7 @@ from nextscale.models.errors import NextScaleError
 from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.models.var import VAR, VARConfig
+from test_sampler import CVAE, NUM_CLASSES, PN, VOCAB, RecordLogits, randomize_
 
 K = len(PN)
 TINY_CAR = dict(embed_dim=64, num_heads=4, depth=2, hidden_dim=256, encoder_channels=(8, 16))
@@ -99,7 +98,7 @@ def test_car_d16_layout_loads_strictly():
     car.check_base(d16)
     with pytest.raises(NextScaleError, match="VAR-d16"):
         car.check_base(d20)
-    merged = {**sd, **{k: v for k, v in d16.state_dict().items()}}  # CAR keys inside a full checkpoint
+    merged = {**sd, **d16.state_dict()}  # CAR keys inside a full checkpoint
     assert CARControlNet.from_state_dict(merged).config == car.config
 
 
@@ -124,7 +123,7 @@ def test_load_control_files(tmp_path, var4):
     save_safetensors(car.state_dict(), str(p))
     assert isinstance(load_control(str(p)), CARControlNet)
     pth = tmp_path / "car.pth"
-    torch.save({k: v for k, v in car.state_dict().items()}, pth)
+    torch.save(dict(car.state_dict()), pth)
     assert load_control(str(pth)).config == car.config
     gen = tmp_path / "gen.safetensors"
     save_safetensors(var4.state_dict(), str(gen))
@@ -422,7 +421,7 @@ def test_train_control_smoke(tmp_path):
     torch.manual_seed(0)
     MultiScaleVQVAE(tok_cfg).save(str(tmp_path / "tok.safetensors"))
     var_cfg = VARConfig(depth=2, embed_dim=32, num_heads=2, num_classes=len(train_ds.class_names), vocab_size=32,
-                        cvae=8, patch_nums=(1, 2, 4, 8))  # fmt: skip
+                        cvae=8, patch_nums=(1, 2, 4, 8))
     randomize_(VAR(var_cfg), 0).save(str(tmp_path / "gen.safetensors"))
     run_dir, out = str(tmp_path / "run"), str(tmp_path / "adapter.safetensors")
     train_control.main([
@@ -431,7 +430,7 @@ def test_train_control_smoke(tmp_path):
         "--channels", "8,16", "--feat-dim", "16", "--steps", "30", "--batch-size", "16", "--lr", "3e-3",
         "--warmup", "2", "--eval-every", "1000", "--eval-count", "16", "--run-dir", run_dir, "--no-progress",
         "--threads", "1", "--out", out,
-    ])  # fmt: skip
+    ])
     with open(f"{run_dir}/log.jsonl") as f:
         recs = [json.loads(line) for line in f]
     train = [r for r in recs if r["kind"] == "train"]

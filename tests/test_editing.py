@@ -8,13 +8,12 @@ import textwrap
 import pytest
 import torch
 from harness.testbed import run_in_comfyui_python
-from test_sampler import CVAE, PN, VOCAB, make_var
-
 from nextscale.models.editing import EditSpec, composite, fit_mask, image_to_image, inpaint, keep_masks
 from nextscale.models.errors import NextScaleError
 from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.models.tokens import NextScaleTokens
+from test_sampler import CVAE, PN, VOCAB, make_var
 
 K, PX = len(PN), 8  # 8 px images: a 4x4 latent of 2 px cells
 
@@ -160,7 +159,7 @@ def test_latent_blend_keeps_the_kept_region_of_f_hat(var, vae):
     for mode in ("tokens", "latent blend"):
         spec = inpaint(ref, hole(), mode=mode)
         seen[mode] = []
-        hooks = SamplerHooks(guide=spec.bind(vae, PN, 2), callback=lambda si, K_, f: seen[mode].append(f.clone()))
+        hooks = SamplerHooks(guide=spec.bind(vae, PN, 2), callback=lambda si, K_, f, mode=mode: seen[mode].append(f.clone()))
         out = sample(var, vae, torch.tensor([1, 2]), seed=9, options=SamplingOptions(), hooks=hooks)
         if mode == "latent blend":
             assert out.f_hat is not None and torch.equal(out.f_hat, seen[mode][-1])

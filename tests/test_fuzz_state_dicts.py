@@ -13,13 +13,12 @@ import struct
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_sampler import CVAE, PN, VOCAB, make_var
-
 from nextscale.models.checkpoint import save_safetensors
 from nextscale.models.errors import NextScaleError
 from nextscale.models.identify import identify
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.models.var import VAR
+from test_sampler import CVAE, PN, VOCAB, make_var
 
 FUZZ = settings(
     max_examples=100,
@@ -67,7 +66,7 @@ def mutated(draw, base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             del sd[key]
         elif op == "rename":
             new = draw(st.sampled_from([key + "_x", key.replace(".", "_", 1), key.replace("0", "7"), "blocks.99.attn.q_bias",
-                                        key.split(".")[-1], "car_" + key, "block_chunks.0." + key]))  # fmt: skip
+                                        key.split(".")[-1], "car_" + key, "block_chunks.0." + key]))
             sd[new] = sd.pop(key)
         elif op == "reshape":
             if t.dim() == 0 or draw(st.booleans()):
@@ -88,7 +87,7 @@ def mutated(draw, base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
         elif op == "scalar":
             sd[key] = torch.tensor(draw(st.integers(-3, 3)))
         elif op == "empty":
-            sd[key] = torch.zeros((0,) + tuple(t.shape[1:]), dtype=t.dtype)
+            sd[key] = torch.zeros((0, *t.shape[1:]), dtype=t.dtype)
         elif op == "swap":
             other = draw(st.sampled_from(keys))
             if other in sd:
@@ -127,7 +126,7 @@ def _good_files() -> dict:
     with tempfile.TemporaryDirectory() as d:
         var = make_var()
         var.save(str(Path(d) / "gen.safetensors"))
-        small = {k: v for k, v in list(TOK_SD.items())[:6]}
+        small = dict(list(TOK_SD.items())[:6])
         save_safetensors(small, str(Path(d) / "small.safetensors"), {"note": "x"})
         return {
             "gen": (Path(d) / "gen.safetensors").read_bytes(),
@@ -152,7 +151,7 @@ def join(header: dict, body: bytes) -> bytes:
 JSON_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.text(max_size=6),
     st.lists(st.integers(-5, 2**33), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
-)  # fmt: skip
+)
 
 
 @FUZZ
@@ -203,13 +202,13 @@ def test_mutated_config_metadata(tmp_path, data):
     """The ``nextscale_config`` metadata a generator carries: wrong types, out-of-range sizes, other schedules."""
     config = dict(GOOD["config"])
     for _ in range(data.draw(st.integers(1, 3))):
-        field = data.draw(st.sampled_from(sorted(config) + ["unknown_field"]))
+        field = data.draw(st.sampled_from([*sorted(config), "unknown_field"]))
         config[field] = data.draw(
             st.one_of(
                 JSON_VALUES,
                 st.sampled_from([0, -1, 3, 2, 4, 96, 97, 1e-9, 1e30, [1, 2, 3], [1, 2, 3, 4, 5], [1, 2, 4], [1, 4096],
                                  [2, 3], [], "1,2,3,4", ["a"] * 10, None]),
-            )  # fmt: skip
+            )
         )
     header, body = split(GOOD["gen"])
     header["__metadata__"] = {"nextscale_config": json.dumps(config) if data.draw(st.booleans()) else str(config)}

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from nextscale.models.errors import NextScaleError
 from nextscale.models.grid import image_grid
 

@@ -51,7 +51,7 @@ def run_check(tmp_path, shadow: str = "", all_submodules: bool = True) -> subpro
     return subprocess.run(
         [python, "-I", "-c", CHECK, str(REPO_ROOT), shadow, "1" if all_submodules else "0"],
         check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    )
 
 
 def test_models_and_kernels_import_without_comfyui(tmp_path):

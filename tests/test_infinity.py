@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from nextscale.models.errors import NextScaleError
 from nextscale.models.infinity import Infinity, InfinityConfig, parameter_count
 from nextscale.models.infinity_schedule import (
@@ -25,7 +24,7 @@ from nextscale.models.kv_cache import KVCache
 TINY = InfinityConfig(
     depth=4, embed_dim=64, num_heads=4, hidden_dim=128, token_dim=4, text_dim=32, text_maxlen=16, block_chunks=2,
     pool_heads=2,
-)  # fmt: skip
+)
 SCHEDULE = InfinitySchedule.custom([(1, 1), (2, 2), (2, 3), (4, 6)])
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_infinity import SCHEDULE, TINY, prompts, tiny_model
-
 from nextscale.models.bsq import BSQConfig, BSQTokenizer
 from nextscale.models.errors import NextScaleError
 from nextscale.models.infinity import InfinityConfig
@@ -15,6 +13,7 @@ from nextscale.models.infinity_schedule import InfinitySchedule
 from nextscale.models.kv_cache import KVCache
 from nextscale.models.kv_policies import KVPolicySpec
 from nextscale.models.sampler import SamplerHooks
+from test_infinity import SCHEDULE, TINY, prompts, tiny_model
 
 D = TINY.token_dim  # 4 bits per latent cell
 

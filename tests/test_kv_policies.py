@@ -13,8 +13,6 @@ import textwrap
 import pytest
 import torch
 from harness.testbed import REPO_ROOT, run_in_comfyui_python
-from test_sampler import CVAE, VOCAB
-
 from nextscale.kernels.ragged import pack_kv, ragged_attention_torch
 from nextscale.models.errors import NextScaleError
 from nextscale.models.kv_cache import KVCache
@@ -35,6 +33,7 @@ from nextscale.models.kv_report import kv_report, run_with
 from nextscale.models.sampler import SamplingOptions, sample
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.models.var import VAR, VARConfig
+from test_sampler import CVAE, VOCAB
 
 PN6 = (1, 2, 3, 4, 5, 6)  # 91 tokens: room for budgets between the scales
 WEIGHTS = os.path.join(REPO_ROOT, "weights")
@@ -46,10 +45,10 @@ def make_pair(patch_nums=PN6, depth=3, heads=4, seed=0):
     from test_sampler import randomize_
 
     cfg = VARConfig(depth=depth, embed_dim=16 * heads, num_heads=heads, num_classes=10, vocab_size=VOCAB, cvae=CVAE,
-                    patch_nums=patch_nums)  # fmt: skip
+                    patch_nums=patch_nums)
     torch.manual_seed(seed)
     tcfg = TokenizerConfig(vocab_size=VOCAB, z_channels=CVAE, ch=32, ch_mult=(1, 1), num_res_blocks=1,
-                           patch_nums=patch_nums)  # fmt: skip
+                           patch_nums=patch_nums)
     return randomize_(VAR(cfg), seed), MultiScaleVQVAE(tcfg).eval().requires_grad_(False)
 
 
@@ -109,7 +108,7 @@ def test_every_policy_keeps_exactly_its_budget(pair, profile, policy, budget):
     # scales that fit the budget are sampled exactly as with the full cache
     plain = sample(var, vae, torch.tensor([1, 4]), seed=3)
     fits = [si for si in range(len(PN6)) if sum(p * p for p in PN6[: si + 1]) <= min(
-        min(bound.head_budgets(layer, si)) for layer in range(var.depth))]  # fmt: skip
+        min(bound.head_budgets(layer, si)) for layer in range(var.depth))]
     assert all(torch.equal(tokens.indices[si], plain.indices[si]) for si in fits)
 
 
@@ -185,7 +184,8 @@ def test_profile_round_trip_and_clear_errors(tmp_path, pair, profile):
     assert back == profile and back.samples == 2
     assert len(back.zscore) == var.depth and len(back.head_variance[0]) == var.config.num_heads
     assert sum(map(sum, back.contextual_heads(0.5))) == 6 and sum(map(sum, back.drafters(1))) == len(PN6)
-    d = json.load(open(path))
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
     cases = [
         ("{not json", "not valid JSON"),
         (json.dumps({**d, "schema": "x"}), "not a 'nextscale-kv-profile' file"),

@@ -1,6 +1,7 @@
+import itertools
+
 import numpy as np
 import pytest
-
 from nextscale.models.errors import NextScaleError
 from nextscale.models.schedule import (
     SCHEDULE_256,
@@ -29,7 +30,7 @@ def test_official_token_counts():
 def test_scale_slices_tile_the_sequence():
     slices = scale_slices(SCHEDULE_256)
     assert slices[0] == slice(0, 1) and slices[-1] == slice(424, 680)
-    assert all(a.stop == b.start for a, b in zip(slices, slices[1:]))
+    assert all(a.stop == b.start for a, b in itertools.pairwise(slices))
 
 
 @pytest.mark.parametrize("K", [10, 14])

@@ -25,7 +25,7 @@ BASE = {
             {"name": "seed", "type": "INT", "optional": False, "widget": True, "default": 0, "min": 0, "max": 99,
              "control_after_generate": True},
             {"name": "strength", "type": "FLOAT", "optional": True, "widget": True, "default": 1.0, "min": 0.0, "max": 2.0},
-        ],  # fmt: skip
+        ],
         "outputs": [{"name": "tokens", "type": "NEXTSCALE_TOKENS"}],
         "deprecated": False,
     }
@@ -109,7 +109,7 @@ def test_reduce_info_marks_file_combos_dynamic():
                   "optional": {"model": ["NEXTSCALE_GENERATOR", {}]}},
         "input_order": {"required": ["file_name", "mode", "n"], "optional": ["model"]},
         "output": ["NEXTSCALE_TOKENS"], "output_name": ["tokens"],
-    }  # fmt: skip
+    }
     probe = copy.deepcopy(info)
     probe["input"]["required"]["file_name"] = [["a.safetensors", "probe.safetensors"], {}]
     schema = reduce_info(info, probe)
@@ -129,7 +129,7 @@ def test_current_nodes_keep_saved_workflows_working():
     proc = subprocess.run(
         [str(tb.python), str(REPO_ROOT / "tests" / "harness" / "schema_snapshot.py"), "--print"],
         capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": ""},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     current = json.loads(proc.stdout)
     snapshot = json.loads(SNAPSHOT.read_text())

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from nextscale.models.classes import class_index, default_class_names, imagenet_class_names, parse_class_list
 from nextscale.models.errors import NextScaleError
 from nextscale.models.identify import identify

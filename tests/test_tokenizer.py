@@ -180,7 +180,7 @@ def test_layout_errors_name_the_file_and_key(official_shapes, change, message):
     change(sd)
     with pytest.raises(NextScaleError) as e:
         MultiScaleVQVAE.from_state_dict(sd, PATH)
-    for part in [PATH] + message:
+    for part in [PATH, *message]:
         assert part in str(e.value)
 
 

@@ -10,6 +10,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+
 from training import common, data  # noqa: E402
 
 
@@ -100,7 +101,7 @@ def test_step_batches_are_a_function_of_the_step():
     seq = [a.batch(s)[0].tolist() for s in range(5)]
     assert [b.batch(s)[0].tolist() for s in reversed(range(5))] == list(reversed(seq))
     # every epoch visits every item once
-    flat = sum(seq, [])
+    flat = [i for batch in seq for i in batch]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
 
 

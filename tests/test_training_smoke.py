@@ -136,7 +136,7 @@ def test_bf16_autocast_training(tokenizer_file, workdir):
     recs = _losses(run_tok)
     assert recs[-1]["mse"] < 0.7 * recs[0]["mse"], recs
     train_generator.main(_gen_args(tok, run_gen, cache, 40, ["--label-drop", "0", "--min-lr-ratio", "0.5",
-                                                              "--precision", "bf16"]))  # fmt: skip
+                                                              "--precision", "bf16"]))
     recs = _losses(run_gen)
     assert recs[0]["loss"] > recs[-1]["loss"] + 0.3, [r["loss"] for r in recs]
     for run in (run_tok, run_gen):
@@ -178,7 +178,7 @@ def test_generator_init_fine_tunes_from_a_file(tokenizer_file, workdir):
     first_scratch = _losses(base)[0]["loss"]
     tuned, tuned_out = str(workdir / "gen_tuned"), str(workdir / "gen_tuned.safetensors")
     train_generator.main(_gen_args(tok, tuned, cache, 3, ["--init", base_out, "--out", tuned_out, *quiet,
-                                                          "--lr", "0"]))  # fmt: skip
+                                                          "--lr", "0"]))
     assert _losses(tuned, "init")[0]["path"] == os.path.abspath(base_out)
     assert _losses(tuned)[0]["loss"] < first_scratch - 0.3
     common.import_pack()
@@ -226,7 +226,7 @@ def test_classifier_and_metrics():
     model, acc = classifier.train_classifier(train, heldout, steps=30, batch_size=32, lr=3e-3, progress=False)
     assert 0.0 <= acc <= 1.0
     xh, yh = heldout.tensors()
-    pred, feat = classifier.predict(model, xh)
+    _, feat = classifier.predict(model, xh)
     assert feat.shape == (40, classifier.FEATURE_DIM)
     # Frechet distance: zero for identical sets, positive and symmetric otherwise
     assert abs(classifier.frechet_distance(feat, feat)) < 1e-4  # rank-deficient covariances: round-off only

@@ -371,7 +371,7 @@ def tiny_models():
     tok_cfg = TokenizerConfig(vocab_size=VOCAB, z_channels=CVAE, ch=32, ch_mult=(1, 1), num_res_blocks=1, patch_nums=PN)
     vae = MultiScaleVQVAE(tok_cfg).eval().requires_grad_(False)
     var = VAR(VARConfig(depth=2, embed_dim=128, num_heads=2, num_classes=NUM_CLASSES, vocab_size=VOCAB, cvae=CVAE,
-                        patch_nums=PN))  # fmt: skip
+                        patch_nums=PN))
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():  # O(1)-scale random weights (var.md 3.7): peaked logits, every block active
         for name, p in var.named_parameters():

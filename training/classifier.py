@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -175,8 +175,8 @@ def compare(model: ShapeClassifier, gen_images: torch.Tensor, gen_labels: torch.
         "diversity_generated": div_g,
         "diversity_real": div_r,
         "diversity_ratio_mean": float(np.nanmean(np.asarray(div_g) / np.asarray(div_r))),
-        "num_generated": int(len(gen_images)),
-        "num_real_per_set": int(len(real_a)),
+        "num_generated": len(gen_images),
+        "num_real_per_set": len(real_a),
         **extra,
     }
 

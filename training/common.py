@@ -13,7 +13,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterator, Mapping, Optional
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -211,7 +212,7 @@ class EMA:
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: Optional[int] = None) -> None:
+    def update(self, model: torch.nn.Module, step: int | None = None) -> None:
         d = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
             if k in self.shadow:
@@ -246,7 +247,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def resume_path(run_dir: str, resume: str | None) -> Optional[str]:
+def resume_path(run_dir: str, resume: str | None) -> str | None:
     """``--resume auto``: ``<run>/last.pt`` when it exists; a path: that file; ``none``/None: no resume."""
     if not resume or resume == "none":
         return None
@@ -259,7 +260,7 @@ def resume_path(run_dir: str, resume: str | None) -> Optional[str]:
 
 
 def export_safetensors(path: str, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-                       dtype: Optional[torch.dtype] = None) -> int:
+                       dtype: torch.dtype | None = None) -> int:
     """Write ``state_dict`` as safetensors with ``config`` as JSON under metadata ``nextscale_config``.
 
     Returns the file size in bytes. ``dtype`` casts floating-point tensors (e.g. fp16 to halve the size).
@@ -283,7 +284,7 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+        sd = {k: f.get_tensor(k) for k in f}
     return sd, json.loads(meta.get(CONFIG_KEY, "{}"))
 
 

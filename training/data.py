@@ -24,7 +24,7 @@ import functools
 import math
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -109,7 +109,7 @@ def _glyph_mask(char: str, font_name: str) -> Image.Image:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def canonical_mask(label: int, variant: int = 0) -> Image.Image:
     """The class drawn centred on a _CANVAS canvas ('L' image). ``variant`` picks the font of glyphs."""
     name = CLASS_NAMES[label]
@@ -358,7 +358,7 @@ def split_dataset(ds: ArrayDataset, heldout_fraction: float = 0.1, seed: int = 0
     for c in np.unique(ds.labels):
         idx = np.flatnonzero(ds.labels == c)
         rng.shuffle(idx)
-        n_held = int(round(len(idx) * heldout_fraction)) if len(idx) > 1 else 0
+        n_held = round(len(idx) * heldout_fraction) if len(idx) > 1 else 0
         held_idx.extend(idx[:n_held])
         train_idx.extend(idx[n_held:])
     tr, he = np.sort(np.asarray(train_idx, int)), np.sort(np.asarray(held_idx, int))

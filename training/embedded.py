@@ -77,7 +77,7 @@ def commands(run_dir: str) -> list[tuple[str, str, list[str]]]:
     """``(step, module, argv)`` of every step in order, wired to each other's outputs under ``run_dir``."""
     out = outputs(run_dir)
     tok, gen = ["--tokenizer", out["tokenizer"]], ["--generator", out["generator"]]
-    inputs = {"tokenizer": [], "generator": tok, "refine": tok + ["--init", out["generator_base"]],
+    inputs = {"tokenizer": [], "generator": tok, "refine": [*tok, "--init", out["generator_base"]],
               "evaluate": tok + gen, "control": gen + tok}
     results = {name: ["--run-dir", os.path.join(run_dir, name), "--out", out[TARGET[name]]]
                for name in ("tokenizer", "generator", "refine", "control")}
@@ -135,7 +135,7 @@ def _write_card(run_dir: str) -> None:
         res = json.load(f)
     ev.write_card(o["card"], o["tokenizer"], o["generator"], card_metrics(res),
                   ev.SamplingOptions(**res["generator"]["options"]),
-                  ["python -m training.embedded  # runs the lines below in order, resumable"] + shell_lines(run_dir))
+                  ["python -m training.embedded  # runs the lines below in order, resumable", *shell_lines(run_dir)])
 
 
 def run(run_dir: str, only: str | None = None) -> dict[str, str]:

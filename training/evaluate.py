@@ -83,7 +83,7 @@ def evaluate(tokenizer_path: str, generator_path: str | None, classifier_path: s
     res = tokenizer.config.image_size
     held = data.synthetic_dataset(data_seed, "heldout", heldout_count, res, cache_dir)
     out: dict = {"tokenizer": evaluate_tokenizer(tokenizer, held.images[:tokenizer_count])}
-    model, ccfg = clf.load_classifier(classifier_path)
+    model, _ = clf.load_classifier(classifier_path)
     # the ceiling of the generator: what the classifier makes of tokenizer round trips of real images
     xr, yr = held.tensors()
     n_rt = min(tokenizer_count, len(held) // 2)

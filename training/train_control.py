@@ -135,7 +135,7 @@ def train(args) -> dict:
     cfg = AdapterConfig.for_generator(
         var.config, layers=_ints(args.layers) or None, kind=args.kind, channels=_ints(args.channels),
         feat_dim=args.feat_dim, image_size=args.image_size or args.resolution, control_type=args.control,
-    )  # fmt: skip
+    )
     adapter = ControlAdapter(cfg).to(device).train()
     opt = common.adamw(adapter, args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed + 17)
@@ -152,7 +152,7 @@ def train(args) -> dict:
         log.log("resume", path=ckpt_path, step=step)
 
     train_ds, held_ds = data.load_datasets(args.data, args.resolution, args.seed, args.train_count, args.heldout_count,
-                                           args.cache_dir)  # fmt: skip
+                                           args.cache_dir)
     if args.use_count and args.use_count < len(train_ds):
         train_ds = data.ArrayDataset(train_ds.images[: args.use_count], train_ds.labels[: args.use_count], train_ds.class_names)
     if len(train_ds.class_names) != var.num_classes:
@@ -172,7 +172,7 @@ def train(args) -> dict:
     def save(path):
         common.save_checkpoint(path, {"model": adapter.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                       "config": cfg.to_dict(), "gen_state": gen.get_state(),
-                                      "generator": os.path.abspath(args.generator), "args": json.dumps(vars(args))})  # fmt: skip
+                                      "generator": os.path.abspath(args.generator), "args": json.dumps(vars(args))})
 
     bar = common.Progress(args.steps, start=step, desc="control", enabled=progress)
     t0, metrics = time.time(), {}
@@ -196,7 +196,7 @@ def train(args) -> dict:
         if step % 50 == 0 or step == args.steps or step == 1:
             acc = float((logits.detach().argmax(-1) == idx.long()).float().mean())
             log.log("train", step=step, loss=loss.item(), token_acc=acc, grad_norm=float(gnorm),
-                    lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))  # fmt: skip
+                    lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
         if step % args.eval_every == 0 or step == args.steps:
             metrics = evaluate(var, adapter, tokenizer, idx_held, lab_held, ctrl_held, device)
             log.log("eval", step=step, **metrics)

@@ -165,7 +165,7 @@ def restart_dead_codes(model: MultiScaleVQVAE, f: torch.Tensor, idx_list, thresh
     noise = torch.randn(len(dead), cands.shape[1], generator=gen) * 0.01
     q.embedding.weight.data[dead.to(q.embedding.weight.device)] = (cands[pick].cpu() + noise).to(q.embedding.weight)
     q.ema_vocab_hit_SV[:, dead] = threshold * 2 / K  # grace period before they may be judged again
-    return int(len(dead))
+    return len(dead)
 
 
 def psnr(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 from harness.random_weights import randomise as _randomise
-from PIL import Image
-
 from nextscale.models.collaborative import sample_collaborative
 from nextscale.models.imageops import model_to_image
 from nextscale.models.sampler import SamplingOptions
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.models.var import VAR, VARConfig
+from PIL import Image
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +52,7 @@ def prompt(draft_scales: int, seed: int, prefix: str) -> dict:
         },
         "5": {"class_type": "NextScaleDecode", "inputs": {"tokenizer": ["1", 0], "tokens": ["4", 0], "scales": 0}},
         "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": prefix}},
-    }  # fmt: skip
+    }
 
 
 def test_collaborative_sampler_end_to_end(comfy_server, code_files, events):
@@ -67,7 +66,7 @@ def test_collaborative_sampler_end_to_end(comfy_server, code_files, events):
     vae = MultiScaleVQVAE.from_file(str(code_files["tokenizer"]))
     drafter, refiner = (VAR.from_file(str(code_files[name])) for name in ("drafter", "refiner"))
     tokens = sample_collaborative(drafter, refiner, vae, torch.tensor([1, 1, 2, 2]), draft_scales=2, seed=21,
-                                  options=SamplingOptions(cfg=3.0, top_k=0, top_p=0.0))  # fmt: skip
+                                  options=SamplingOptions(cfg=3.0, top_k=0, top_p=0.0))
     with torch.inference_mode():
         expected = model_to_image(vae.indices_to_img(tokens.flat())).numpy()
     for path, want in zip(images, expected):

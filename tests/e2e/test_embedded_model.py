@@ -43,7 +43,7 @@ def test_sampler_node_samples_are_recognised_by_the_classifier(comfy_server):
             "top_k": 900, "top_p": 0.95, "more_smooth": False, "batch_size": PER_CLASS, "class_list": ", ".join(names)}},
         "4": {"class_type": "NextScaleDecode", "inputs": {"tokenizer": ["1", 0], "tokens": ["3", 0], "scales": 0}},
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "embedded_check"}},
-    }  # fmt: skip
+    }
     entry = comfy_server.run_prompt(prompt, timeout=300)
     assert comfy_server.status_of(entry) == "success", comfy_server.error_messages(entry)
     paths = comfy_server.output_images(entry)

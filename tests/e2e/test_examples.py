@@ -11,7 +11,7 @@ import json
 
 import pytest
 from harness.comfy_server import PromptRejected
-from harness.examples import EXAMPLES, EXAMPLE_IMAGE, INPUT_DIR, pack_version
+from harness.examples import EXAMPLE_IMAGE, EXAMPLES, INPUT_DIR, pack_version
 from harness.testbed import WORKFLOWS_DIR, example_workflows, load_json
 from harness.workflow_api import ui_to_api
 

@@ -10,10 +10,9 @@ import uuid
 import numpy as np
 import pytest
 from harness.random_weights import randomise as _randomise
-from PIL import Image
-
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.models.var import VAR, VARConfig
+from PIL import Image
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +27,7 @@ def kv_models(comfy_server):
     tok_cfg = TokenizerConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), patch_nums=PN)
     _randomise(MultiScaleVQVAE(tok_cfg), 1, 0.1).save(str(folder / TOK))
     var_cfg = VARConfig(depth=3, embed_dim=64, num_heads=4, num_classes=3, vocab_size=64, cvae=8, patch_nums=PN,
-                        class_names=("alpha", "beta", "gamma"))  # fmt: skip
+                        class_names=("alpha", "beta", "gamma"))
     _randomise(VAR(var_cfg), 2, 0.3).save(str(folder / GEN))
     return folder
 
@@ -48,7 +47,7 @@ def prompt(policy: str, budget: float, prefix: str) -> dict:
         "8": {"class_type": "NextScaleKVReport", "inputs": {"generator": ["2", 0], "tokenizer": ["1", 0],
               "kv_policy": ["4", 0], "class_name": "beta", "seed": 3, "cfg": 2.0, "batch_size": 1}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 1], "filename_prefix": prefix + "-report"}},
-    }  # fmt: skip
+    }
 
 
 def test_kv_policy_workflow_runs_and_budget_one_is_exact(comfy_server, kv_models):

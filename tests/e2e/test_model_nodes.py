@@ -15,12 +15,11 @@ import pytest
 import torch
 from harness.comfy_server import PromptRejected
 from harness.random_weights import randomise as _randomise
-from PIL import Image
-
 from nextscale.models.imageops import model_to_image
 from nextscale.models.sampler import SamplingOptions, sample
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.models.var import VAR, VARConfig
+from PIL import Image
 
 pytestmark = pytest.mark.e2e
 
@@ -36,11 +35,11 @@ def model_files(comfy_server):
     tokenizer = _randomise(MultiScaleVQVAE(tok_cfg), 1, gain=0.1)
     tokenizer.save(str(folder / "tiny_tokenizer.safetensors"))
     var_cfg = VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=3, vocab_size=64, cvae=8,
-                        patch_nums=SMALL, class_names=tuple(CLASSES))  # fmt: skip
+                        patch_nums=SMALL, class_names=tuple(CLASSES))
     generator = _randomise(VAR(var_cfg), 2)
     generator.save(str(folder / "tiny_generator.safetensors"))
     big_cfg = VARConfig(depth=8, embed_dim=256, num_heads=4, num_classes=3, vocab_size=64, cvae=8,
-                        patch_nums=(1, 2, 3, 4, 6, 8, 12, 16), class_names=tuple(CLASSES))  # fmt: skip
+                        patch_nums=(1, 2, 3, 4, 6, 8, 12, 16), class_names=tuple(CLASSES))
     _randomise(VAR(big_cfg), 3, gain=0.05).save(str(folder / "slow_generator.safetensors"))
     return {
         "tokenizer": MultiScaleVQVAE.from_file(str(folder / "tiny_tokenizer.safetensors")),
@@ -61,7 +60,7 @@ def sampler_prompt(generator="tiny_generator.safetensors", seed=7, batch_size=2,
         },
         "4": {"class_type": "NextScaleDecode", "inputs": {"tokenizer": ["1", 0], "tokens": ["3", 0], "scales": 0}},
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": prefix or f"ns-{uuid.uuid4().hex[:6]}"}},
-    }  # fmt: skip
+    }
 
 
 def read_png(path) -> np.ndarray:
@@ -81,7 +80,7 @@ def test_encode_decode_round_trip(comfy_server, model_files):
         "5": {"class_type": "NextScaleDecode", "inputs": {"tokenizer": ["1", 0], "tokens": ["3", 0], "scales": 1}},
         "6": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "ns-roundtrip"}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "ns-first-scale"}},
-    }  # fmt: skip
+    }
     entry = comfy_server.run_prompt(prompt, timeout=120)
     assert comfy_server.status_of(entry) == "success", comfy_server.error_messages(entry)
     full = read_png(comfy_server.output_images({"outputs": {"6": entry["outputs"]["6"]}})[0])
@@ -162,7 +161,7 @@ def test_wrong_file_kind_is_a_clear_execution_error(comfy_server, model_files):
             "top_k": 0, "top_p": 0.0, "more_smooth": False, "batch_size": 1}},
         "4": {"class_type": "NextScaleDecode", "inputs": {"tokenizer": ["1", 0], "tokens": ["3", 0], "scales": 0}},
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
-    }  # fmt: skip
+    }
     entry = comfy_server.run_prompt(prompt, timeout=120)
     assert comfy_server.status_of(entry) == "error"
     text = str(comfy_server.error_messages(entry))

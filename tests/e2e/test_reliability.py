@@ -24,10 +24,9 @@ import numpy as np
 import pytest
 from harness.comfy_server import PromptRejected
 from harness.random_weights import randomise as _randomise
-from PIL import Image
-
 from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.models.var import VAR, VARConfig
+from PIL import Image
 
 pytestmark = pytest.mark.e2e
 
@@ -41,10 +40,10 @@ def write_models(folder) -> None:
     tok_cfg = TokenizerConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), patch_nums=SMALL)
     _randomise(MultiScaleVQVAE(tok_cfg), 1, gain=0.1).save(str(folder / TOK))
     cfg = VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=3, vocab_size=64, cvae=8, patch_nums=SMALL,
-                    class_names=tuple(CLASSES))  # fmt: skip
+                    class_names=tuple(CLASSES))
     _randomise(VAR(cfg), 2).save(str(folder / GEN))
     slow = VARConfig(depth=8, embed_dim=256, num_heads=4, num_classes=3, vocab_size=64, cvae=8,
-                     patch_nums=(1, 2, 3, 4, 6, 8, 12, 16), class_names=tuple(CLASSES))  # fmt: skip
+                     patch_nums=(1, 2, 3, 4, 6, 8, 12, 16), class_names=tuple(CLASSES))
     _randomise(VAR(slow), 3, gain=0.05).save(str(folder / SLOW))
 
 
@@ -63,7 +62,7 @@ def base_prompt(seed=7, batch_size=1, class_list="", generator=GEN, prefix=None)
             "top_k": 0, "top_p": 0.0, "more_smooth": False, "batch_size": batch_size, "class_list": class_list}},
         "4": {"class_type": "NextScaleDecode", "inputs": {"tokenizer": ["1", 0], "tokens": ["3", 0], "scales": 0}},
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": prefix or f"rel-{uuid.uuid4().hex[:6]}"}},
-    }  # fmt: skip
+    }
 
 
 def edit_prompt() -> dict:
@@ -75,7 +74,7 @@ def edit_prompt() -> dict:
         "12": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 16, "height": 16}},
         "13": {"class_type": "NextScaleInpaintGuide", "inputs": {"tokens": ["11", 0], "mask": ["12", 0], "invert": False,
                                                                    "mode": "tokens", "start_scale": 0, "end_scale": 0}},
-    })  # fmt: skip
+    })
     p["3"]["inputs"]["guide"] = ["13", 0]
     p["4"]["inputs"].update(composite_image=["10", 0], composite_mask=["12", 0])
     return p
@@ -100,7 +99,7 @@ def _cases() -> list[tuple[str, str, object]]:
              "top_k": [-1, 10**7, "many"], "top_p": [-0.1, 2.0, "p"], "more_smooth": ["yes", 3],
              "batch_size": [0, -3, 65, 10**6, "8"], "class_name": ["nope", "", 3, None],
              "class_list": ["nope", ",,,", "alpha,,beta", "999", "-1", "alpha; beta", "\x00", "alpha, " * 200, 5,
-                            "alpha, beta, gamma, alpha, beta, gamma, alpha, beta, gamma, alpha, beta, gamma, alpha"]}  # fmt: skip
+                            "alpha, beta, gamma, alpha, beta, gamma, alpha, beta, gamma, alpha, beta, gamma, alpha"]}
     for name, values in wrong.items():
         for v in values:
             cases.append((f"sampler.{name}={v!r:.24}", "base", _set("3", name, v)))
@@ -117,7 +116,7 @@ def _cases() -> list[tuple[str, str, object]]:
              "sampler.generator->bad-output-index": _set("3", "generator", ["2", 5]),
              "sampler.generator-missing": _drop("3", "generator"),
              "sampler.seed-missing": _drop("3", "seed"),
-             "decode.tokens->image": _set("4", "tokens", ["10", 0])}  # fmt: skip
+             "decode.tokens->image": _set("4", "tokens", ["10", 0])}
     for k, e in links.items():
         cases.append((k, "edit", e))
     edits = {
@@ -139,7 +138,7 @@ def _cases() -> list[tuple[str, str, object]]:
         "encode.schedule-decreasing": _set("11", "schedule", "1,4,2"),
         "encode.schedule-other": _set("11", "schedule", "1,2,3,4,5"),
         "encode.schedule-huge": _set("11", "schedule", "1,2,4096"),
-    }  # fmt: skip
+    }
     for k, e in edits.items():
         cases.append((k, "edit", e))
     return cases
@@ -200,7 +199,7 @@ def test_fuzzed_inputs_are_rejected_or_clear_errors(server):
     entry = server.run_prompt(base_prompt(seed=101), timeout=120)
     assert server.status_of(entry) == "success", server.error_messages(entry)
     _report(fuzz_cases=len(CASES), rejected=len(outcomes["rejected"]), execution_errors=len(outcomes["error"]),
-            succeeded=len(outcomes["success"]))  # fmt: skip
+            succeeded=len(outcomes["success"]))
     print("RELIABILITY succeeded_cases=" + ",".join(outcomes["success"]))
     assert not problems, f"{len(problems)} of {len(CASES)} fuzzed inputs gave unclear errors:\n" + "\n".join(problems)
 
@@ -214,8 +213,8 @@ def test_interrupt_mid_sampling_returns_memory(server, events):
     for attempt in range(2):
         slow["3"]["inputs"]["seed"] = 50 + attempt
         prompt_id = server.post_prompt(slow, client_id=events.client_id)
-        events.wait_for(lambda e: e["type"] == "progress" and e["data"].get("prompt_id") == prompt_id
-                        and e["data"].get("value", 0) >= 3, timeout=180)  # fmt: skip
+        events.wait_for(lambda e, prompt_id=prompt_id: e["type"] == "progress" and e["data"].get("prompt_id") == prompt_id
+                        and e["data"].get("value", 0) >= 3, timeout=180)
         peaks.append(_rss_mb(server))
         server.interrupt()
         final = events.wait_finished(prompt_id, timeout=120)
@@ -225,7 +224,7 @@ def test_interrupt_mid_sampling_returns_memory(server, events):
     entry = server.run_prompt(base_prompt(seed=12), timeout=120)
     assert server.status_of(entry) == "success", server.error_messages(entry)
     _report(interrupt_rss_before_mb=round(before), interrupt_rss_mid_mb=round(max(peaks)),
-            interrupt_rss_after_mb=round(after))  # fmt: skip
+            interrupt_rss_after_mb=round(after))
     # KV caches and activations of the interrupted batch are freed; allocator slack stays small
     assert after - before < max(64.0, 0.5 * (max(peaks) - before)), (before, peaks, after)
 
@@ -242,13 +241,13 @@ def test_interrupt_mid_calibration(server, events):
         "5": {"class_type": "NextScaleKVReport", "inputs": {
             "generator": ["2", 0], "tokenizer": ["1", 0], "kv_policy": ["4", 0], "class_name": "alpha", "seed": 0,
             "cfg": 3.0, "batch_size": 1}},
-    }  # fmt: skip
+    }
     entry = server.run_prompt(base_prompt(generator=SLOW, batch_size=1, seed=4), timeout=180)  # loads the models
     assert server.status_of(entry) == "success", server.error_messages(entry)
     before = _rss_mb(server)
     prompt_id = server.post_prompt(prompt, client_id=events.client_id)
-    events.wait_for(lambda e: e["type"] == "progress" and e["data"].get("prompt_id") == prompt_id
-                    and e["data"].get("node") == "3" and e["data"].get("value", 0) >= 5, timeout=180)  # fmt: skip
+    events.wait_for(lambda e, prompt_id=prompt_id: e["type"] == "progress" and e["data"].get("prompt_id") == prompt_id
+                    and e["data"].get("node") == "3" and e["data"].get("value", 0) >= 5, timeout=180)
     server.interrupt()
     final = events.wait_finished(prompt_id, timeout=120)
     assert final["type"] == "execution_interrupted", final
@@ -272,7 +271,7 @@ def test_soak_rss_growth_is_bounded(server):
     growth = rss[-1] - rss[min(1, n - 1)]
     loads = server.log_text().count(f"loaded generator '{GEN}'") - loads_before
     _report(soak_prompts=n, soak_rss_first_mb=round(rss[0]), soak_rss_last_mb=round(rss[-1]),
-            soak_rss_growth_mb=round(growth, 1), soak_generator_loads=loads)  # fmt: skip
+            soak_rss_growth_mb=round(growth, 1), soak_generator_loads=loads)
     assert loads <= 1, f"the generator was loaded {loads} times in {n} prompts (not cached)"
     assert growth < 30 + 0.5 * n, rss
 

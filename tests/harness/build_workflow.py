@@ -42,6 +42,11 @@ def build(prompt: dict, server: ComfyServer) -> dict:
     return workflow
 
 
+def _nodes(prompt: dict) -> dict:
+    """What a prompt computes: each node's class and inputs (no titles or other metadata)."""
+    return {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("prompt", type=Path, help="API-format prompt (JSON)")
@@ -55,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         workflow = build(prompt, server)
         # The saved workflow must convert back to the same prompt.
         back = ui_to_api(workflow, server.object_info())
-        strip = lambda p: {k: (v["class_type"], v["inputs"]) for k, v in p.items()}
-        if strip(back) != strip(prompt):
+        if _nodes(back) != _nodes(prompt):
             print(f"warning: the workflow converts back to a different prompt:\n{json.dumps(back, indent=1)}")
     args.out.write_text(json.dumps(workflow, indent=2) + "\n")
     print(args.out.resolve())

@@ -115,7 +115,7 @@ class ComfyServer:
             "--database-url", "sqlite:///:memory:",
             "--disable-auto-launch",
             *self.extra_args,
-        ]  # fmt: skip
+        ]
 
     def start(self, timeout: float = 240.0) -> Self:
         prepare_base(self.base_dir, self.pack_dir, self.pack_name)
@@ -132,7 +132,7 @@ class ComfyServer:
                 self.proc = subprocess.Popen(
                     self.command(), cwd=self.testbed.comfy_dir, env=env,
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                )  # fmt: skip
+                )
             atexit.register(self.stop)  # never leave a server behind, even if the caller forgets
             try:
                 self._wait_ready(timeout)

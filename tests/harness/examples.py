@@ -82,7 +82,7 @@ def _sampler(g: Graph, tok, gen, class_name: str, seed: int, batch_size: int = 1
         g.add(
             "NextScaleSampler", generator=gen, tokenizer=tok, class_name=class_name, seed=seed, cfg=4.0, top_k=900,
             top_p=0.95, more_smooth=False, batch_size=batch_size, class_list=class_list, **extra,
-        )  # fmt: skip
+        )
     )
 
 
@@ -140,10 +140,10 @@ def inpaint() -> Example:
     source = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=source_tokens, scales=0))
     mask = _rect_mask(g, 32, 0, 32, 64)
     guide = g.add("NextScaleInpaintGuide", tokens=source_tokens, mask=mask, invert=False, mode="tokens",
-                  start_scale=0, end_scale=0)  # fmt: skip
+                  start_scale=0, end_scale=0)
     tokens = _sampler(g, tok, gen, "heart", seed=6, batch_size=3, guide=g.out(guide))
     result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=source,
-                         composite_mask=mask))  # fmt: skip
+                         composite_mask=mask))
     _save(g, _side_by_side(g, source, result), "inpaint")
     return Example(
         "nextscale_inpaint", "NextScale: inpaint",
@@ -162,10 +162,10 @@ def outpaint() -> Example:
     padded = g.add("ImagePadForOutpaint", image=shrunk, left=16, top=16, right=16, bottom=16, feathering=0)
     encoded = g.add("NextScaleEncode", tokenizer=tok, image=g.out(padded, 0), resize="stretch", schedule="")
     guide = g.add("NextScaleInpaintGuide", tokens=g.out(encoded), mask=g.out(padded, 1), invert=False,
-                  mode="tokens", start_scale=0, end_scale=0)  # fmt: skip
+                  mode="tokens", start_scale=0, end_scale=0)
     tokens = _sampler(g, tok, gen, "arrow", seed=9, batch_size=3, guide=g.out(guide))
     result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=g.out(padded, 0),
-                         composite_mask=g.out(padded, 1)))  # fmt: skip
+                         composite_mask=g.out(padded, 1)))
     _save(g, _side_by_side(g, g.out(padded, 0), result), "outpaint")
     return Example(
         "nextscale_outpaint", "NextScale: outpaint",
@@ -181,11 +181,11 @@ def class_edit() -> Example:
     source = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=source_tokens, scales=0))
     mask = _rect_mask(g, 8, 8, 48, 48)
     guide = g.add("NextScaleInpaintGuide", tokens=source_tokens, mask=mask, invert=False, mode="tokens",
-                  start_scale=0, end_scale=0)  # fmt: skip
+                  start_scale=0, end_scale=0)
     tokens = _sampler(g, tok, gen, "square", seed=7, batch_size=1, class_list="circle, star, heart",
-                      guide=g.out(guide))  # fmt: skip
+                      guide=g.out(guide))
     result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=source,
-                         composite_mask=mask))  # fmt: skip
+                         composite_mask=mask))
     _save(g, _side_by_side(g, source, result), "class_edit")
     return Example(
         "nextscale_class_edit", "NextScale: class edit",
@@ -216,10 +216,10 @@ def image_inpaint() -> Example:
     loaded = g.add("LoadImage", image=EXAMPLE_IMAGE)
     encoded = g.add("NextScaleEncode", tokenizer=tok, image=g.out(loaded, 0), resize="center crop", schedule="")
     guide = g.add("NextScaleInpaintGuide", tokens=g.out(encoded), mask=g.out(loaded, 1), invert=False,
-                  mode="tokens", start_scale=0, end_scale=0)  # fmt: skip
+                  mode="tokens", start_scale=0, end_scale=0)
     tokens = _sampler(g, tok, gen, "star", seed=11, batch_size=3, guide=g.out(guide))
     result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=g.out(loaded, 0),
-                         composite_mask=g.out(loaded, 1)))  # fmt: skip
+                         composite_mask=g.out(loaded, 1)))
     _save(g, _side_by_side(g, g.out(loaded, 0), result), "image_inpaint")
     return Example(
         "nextscale_image_inpaint", "NextScale: inpaint an image from any source",
@@ -242,7 +242,7 @@ def sd_refine() -> Example:
     refined = g.add(
         "KSampler", model=g.out(ckpt, 0), seed=0, steps=20, cfg=6.0, sampler_name="euler", scheduler="normal",
         positive=g.out(pos), negative=g.out(neg), latent_image=g.out(latent), denoise=0.3,
-    )  # fmt: skip
+    )
     decoded = g.add("VAEDecode", samples=g.out(refined), vae=g.out(ckpt, 2))
     g.add("SaveImage", images=g.out(decoded), filename_prefix="NextScale/sd_refine")
     return Example(
@@ -257,11 +257,11 @@ def infinity_t2i() -> Example:
     g = Graph()
     loader = g.add("NextScaleLoadInfinity", model_name=INFINITY_MODEL, tokenizer_name=INFINITY_TOKENIZER, dtype="auto")
     prompt = g.add("NextScaleTextEncodeT5", text_encoder=FLAN_T5, text="a watercolor painting of a lighthouse on a "
-                   "cliff at dawn, soft light")  # fmt: skip
+                   "cliff at dawn, soft light")
     tokens = g.add(
         "NextScaleTextSampler", model=g.out(loader, 0), tokenizer=g.out(loader, 1), positive=g.out(prompt), seed=0,
         cfg=3.0, tau=0.5, top_k=900, top_p=0.97, aspect_ratio="1:1", resolution="1M", batch_size=1, keep_scales=0,
-    )  # fmt: skip
+    )
     image = g.add("NextScaleDecode", tokenizer=g.out(loader, 1), tokens=g.out(tokens), scales=0)
     g.add("SaveImage", images=g.out(image), filename_prefix="NextScale/infinity")
     return Example(
@@ -282,7 +282,7 @@ def control() -> Example:
     edges = g.out(g.add("NextScaleEdgePreprocessor", image=source, low_threshold=0.1, high_threshold=0.2, blur=1.0))
     model = g.add("NextScaleLoadControl", control_name="nextscale-embedded-edges", dtype="auto")
     applied = g.add("NextScaleApplyControl", control_model=g.out(model), image=edges, strength=1.0, start_scale=0,
-                    end_scale=0, late_temperature=1.0)  # fmt: skip
+                    end_scale=0, late_temperature=1.0)
     tokens = _sampler(g, tok, gen, "star", seed=31, batch_size=3, control=g.out(applied))
     result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0))
     _save(g, _side_by_side(g, source, edges, result), "control")
@@ -297,11 +297,11 @@ def kv_policy() -> Example:
     g = Graph()
     tok, gen = _models(g)
     calib = g.add("NextScaleKVCalibrate", generator=gen, tokenizer=tok, samples=4, seed=0, cfg=4.0, class_list="",
-                  filename="nextscale_kv_profile")  # fmt: skip
+                  filename="nextscale_kv_profile")
     policy = g.add("NextScaleKVPolicy", policy="scalekv", budget=0.25, profile=g.out(calib, 0), profile_file="",
-                   drafters=1, decay=0.4, contextual_fraction=0.5, contextual_ratio=0.25)  # fmt: skip
+                   drafters=1, decay=0.4, contextual_fraction=0.5, contextual_ratio=0.25)
     g.add("NextScaleKVReport", generator=gen, tokenizer=tok, kv_policy=g.out(policy), class_name="star", seed=12,
-          cfg=4.0, batch_size=1)  # fmt: skip
+          cfg=4.0, batch_size=1)
     tokens = _sampler(g, tok, gen, "star", seed=12, batch_size=4, kv_policy=g.out(policy))
     image = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0))
     _save(g, g.out(g.add("NextScaleImageGrid", images=image, columns=4, padding=2, pad_value=1.0)), "kv_policy")
@@ -320,7 +320,7 @@ def collaborative() -> Example:
             "NextScaleCollaborativeSampler", drafter=gen, refiner=gen, tokenizer=tok, draft_scales=4,
             class_name="heart", seed=0, cfg=4.0, top_k=900, top_p=0.95, more_smooth=False, batch_size=4,
             class_list="heart, cross",
-        )  # fmt: skip
+        )
     )
     image = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0))
     _save(g, g.out(g.add("NextScaleImageGrid", images=image, columns=4, padding=2, pad_value=1.0)), "collaborative")
@@ -334,7 +334,7 @@ def collaborative() -> Example:
 
 EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), class_edit(), img2img(),
                                  image_inpaint(), control(), kv_policy(), collaborative(), sd_refine(),
-                                 infinity_t2i())}  # fmt: skip
+                                 infinity_t2i())}
 
 
 def example_image_bytes() -> bytes:
@@ -368,7 +368,7 @@ def thumbnail_bytes(png: Path, side: int = 256) -> bytes:
 
 def annotate(workflow: dict, example: Example) -> dict:
     meta = {"pack": "comfyui-nextscale", "version": pack_version(), "title": example.title,
-            "description": example.description}  # fmt: skip
+            "description": example.description}
     if example.needs_user_files:
         meta["needs_user_files"] = example.needs_user_files
     workflow.setdefault("extra", {})["nextscale"] = meta

@@ -39,7 +39,6 @@ ALSO_DYNAMIC = {
 
 def _node_infos(file_list: list[str]) -> dict[str, dict]:
     import folder_paths
-
     from nextscale.nodes import FAMILIES
 
     original = folder_paths.get_filename_list
