@@ -119,8 +119,9 @@ def main() -> None:
     weights = {d: sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20 for d, m in
                ((args.drafter, drafter), (args.refiner, refiner))}
     print(f"# built d{args.drafter} + d{args.refiner} in {time.perf_counter() - t0:.0f} s; weights MiB: {weights}")
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{args.device} {args.dtype}, batch {args.batch}, cfg {args.cfg}, runs {args.runs}")
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, {args.device} {args.dtype}, batch {args.batch}, cfg {args.cfg}, "
+          f"runs {args.runs}")
 
     labels = torch.arange(args.batch, device=device) % 1000
     opts = SamplingOptions(cfg=args.cfg, top_k=600, top_p=0.95, temperature=[1.1] * 7 + [1.0] * 3)

@@ -51,7 +51,8 @@ class Shape:
     """What ``KVPolicySpec.bind`` reads from a generator."""
 
     def __init__(self, config: VARConfig):
-        self.config, self.depth, self.patch_nums, self.num_tokens = config, config.depth, config.patch_nums, config.num_tokens
+        self.config, self.depth, self.patch_nums, self.num_tokens = (config, config.depth, config.patch_nums,
+                                                                     config.num_tokens)
 
 
 def random_profile(cfg: VARConfig, seed: int = 0) -> KVProfile:
@@ -178,4 +179,5 @@ if __name__ == "__main__":
     parser.add_argument("--max-gb", type=float, default=1.5, help="skip memory configs whose full cache is larger")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"memory": lambda: part_memory(max_gb=args.max_gb), "fidelity": part_fidelity, "embedded": part_embedded}[args.part]()
+    {"memory": lambda: part_memory(max_gb=args.max_gb), "fidelity": part_fidelity,
+     "embedded": part_embedded}[args.part]()

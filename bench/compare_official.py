@@ -140,7 +140,8 @@ def main() -> int:
     psnr = 10 * torch.log10(1 / (a - b).pow(2).mean().clamp_min(1e-20)).item()
     ours_L, theirs_L = torch.cat(tokens["nextscale"], 1), torch.cat(tokens["official"], 1)
     agreement = (ours_L == theirs_L).float().mean().item()
-    first_diff = next((si for si, (x, y) in enumerate(zip(tokens["nextscale"], tokens["official"])) if not torch.equal(x, y)), None)
+    first_diff = next((si for si, (x, y) in enumerate(zip(tokens["nextscale"], tokens["official"]))
+                       if not torch.equal(x, y)), None)
     official_mode = "bf16 autocast" if args.official_autocast else "fp32"
     print(f"# VAR-d{args.depth}, batch {args.batch}, cfg {args.cfg}, greedy, cpu, NextScale {args.dtype}, official "
           f"{official_mode}, {torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.runs} "

@@ -526,7 +526,8 @@ def _check_ragged(q_BHLc, k_packed_Tc, v_packed_Tc, offsets) -> None:
         raise ValueError(f"k_packed {tuple(k_packed_Tc.shape)}, v_packed {tuple(v_packed_Tc.shape)}: need (total, {c})")
     if offsets.shape != (B * H + 1,) or offsets.dtype not in (torch.int32, torch.int64) or offsets.stride(0) != 1:
         raise ValueError(
-            f"offsets must be a contiguous int32/int64 ({B * H + 1},) tensor, got {tuple(offsets.shape)} {offsets.dtype}"
+            f"offsets must be a contiguous int32/int64 ({B * H + 1},) tensor, "
+            f"got {tuple(offsets.shape)} {offsets.dtype}"
         )
     if offsets.device != q_BHLc.device:
         raise ValueError("offsets must be on q's device")

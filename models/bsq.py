@@ -140,7 +140,8 @@ class Norm(nn.Module):
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
-    """``x * sigmoid(x)`` written out as upstream: ``F.silu`` differs in the last bit, and latents then drift by ~1e-6."""
+    """``x * sigmoid(x)`` written out as upstream: ``F.silu`` differs in the last bit, and latents then drift by
+    ~1e-6."""
     return x * torch.sigmoid(x)
 
 
@@ -305,7 +306,8 @@ class BSQTokenizer(nn.Module):
         blocks = indices(r"encoder\.down\.0\.block\.(\d+)\..*")
         if not levels or levels != list(range(len(levels))) or not blocks or blocks != list(range(len(blocks))):
             raise NextScaleError(
-                f"{WHAT} file '{path}' has an inconsistent encoder layout (levels {levels}, blocks in level 0 {blocks}); "
+                f"{WHAT} file '{path}' has an inconsistent encoder layout "
+                f"(levels {levels}, blocks in level 0 {blocks}); "
                 f"expected encoder.down.0 ... encoder.down.n-1, each with block.0 ... block.m-1"
             )
         ch_mult = []
@@ -365,7 +367,8 @@ class BSQTokenizer(nn.Module):
         return cls.from_state_dict(state_dict, path, cls.config_from_file(path))
 
     def save(self, path: str) -> None:
-        """Save as safetensors in the native layout with the config in the metadata (reloadable by :meth:`from_file`)."""
+        """Save as safetensors in the native layout with the config in the metadata (reloadable by
+        :meth:`from_file`)."""
         save_safetensors(self.state_dict(), path, {CONFIG_METADATA_KEY: self.config.to_dict()})
 
     # -- image <-> latent ----------------------------------------------------------------------------

@@ -106,7 +106,9 @@ def read_sharded_state_dict(folder: str, what: str = "model") -> dict[str, torch
     found in two shards, or a shard named by the index but absent, is an error."""
     files = shard_files(folder)
     if not files:
-        raise NextScaleError(f"{what} folder {_describe(folder)} holds no weight files ({', '.join(WEIGHT_EXTENSIONS)})")
+        raise NextScaleError(
+            f"{what} folder {_describe(folder)} holds no weight files ({', '.join(WEIGHT_EXTENSIONS)})"
+        )
     out: dict[str, torch.Tensor] = {}
     for path in files:
         if not os.path.isfile(path):
@@ -161,7 +163,8 @@ def _read_pickle(path: str, what: str):
             f"{what} file {_describe(path)} is not a plain PyTorch state dict or is damaged ({detail[:200]}); "
             f"download it again"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error, AttributeError, KeyError, IndexError, TypeError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error, AttributeError, KeyError,
+            IndexError, TypeError) as e:
         raise NextScaleError(
             f"{what} file {_describe(path)} could not be read as a PyTorch checkpoint "
             f"({type(e).__name__}: {str(e)[:200]}); it is probably truncated or damaged: download it again"
@@ -249,20 +252,26 @@ def key_shape(
     return shape
 
 
-def check_tensors(state_dict: Mapping[str, torch.Tensor], path: str, what: str, integer_keys: Iterable[str] = ()) -> None:
+def check_tensors(
+    state_dict: Mapping[str, torch.Tensor], path: str, what: str, integer_keys: Iterable[str] = ()
+) -> None:
     """Every tensor holds floating-point values (``integer_keys`` integers) and is not empty: what a damaged or
     hand-edited file would otherwise turn into a torch error deep inside the loader."""
     integer_keys = set(integer_keys)
     for k, v in state_dict.items():
         if v.numel() == 0:
-            raise NextScaleError(f"{what} file {_describe(path)}: key '{k}' is empty (shape {list(v.shape)}); expected weights")
+            raise NextScaleError(
+                f"{what} file {_describe(path)}: key '{k}' is empty (shape {list(v.shape)}); expected weights"
+            )
         want_int = k in integer_keys
         if (v.is_floating_point() == want_int) or v.is_complex():
             kind = "integers" if want_int else "floating-point weights"
             raise NextScaleError(f"{what} file {_describe(path)}: key '{k}' holds {v.dtype} values; expected {kind}")
 
 
-def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, object] | None = None) -> None:
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, object] | None = None
+) -> None:
     """Save contiguous copies of ``state_dict``; ``metadata`` values are JSON-encoded strings."""
     from safetensors.torch import save_file
 
@@ -296,7 +305,9 @@ def config_from_metadata(path: str, from_dict, what: str):
     try:
         return from_dict(json.loads(meta))
     except (ValueError, TypeError) as e:  # NextScaleError is a ValueError
-        raise NextScaleError(f"{what} file '{path}' has an invalid '{CONFIG_METADATA_KEY}' metadata entry: {e}") from None
+        raise NextScaleError(
+            f"{what} file '{path}' has an invalid '{CONFIG_METADATA_KEY}' metadata entry: {e}"
+        ) from None
 
 
 def shapes_on_meta(build) -> dict[str, tuple[int, ...]]:

@@ -59,7 +59,8 @@ ADAPTER_WHAT = "NextScale control adapter"
 ADAPTER_PREFIX = "adapter_"
 CONFIG_METADATA_KEY = "nextscale_config"
 ADAPTER_KINDS = ("add", "reference")
-CAR_HINT = "CAR files (car_canny_d16.pth, car_hed_d16.pth, ...) are published in the Hugging Face repository MiracleDance/CAR"
+CAR_HINT = ("CAR files (car_canny_d16.pth, car_hed_d16.pth, ...) are published in the Hugging Face repository "
+            "MiracleDance/CAR")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,7 +82,10 @@ class CARConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "encoder_channels", tuple(int(c) for c in self.encoder_channels))
-        if min(self.embed_dim, self.num_heads, self.depth, self.hidden_dim, self.in_channels) < 1 or not self.encoder_channels:
+        if (
+            min(self.embed_dim, self.num_heads, self.depth, self.hidden_dim, self.in_channels) < 1
+            or not self.encoder_channels
+        ):
             raise NextScaleError(f"CAR config has a non-positive size: {self}")
         if self.embed_dim % self.num_heads:
             raise NextScaleError(f"CAR config: width {self.embed_dim} is not divisible by {self.num_heads} heads")
@@ -152,7 +156,8 @@ class CARControlNet(nn.Module):
 
     @staticmethod
     def rebuilt_buffers(config: CARConfig, device=None) -> dict[str, torch.Tensor]:
-        return {f"car_blocks.{i}.attn.zero_k_bias": torch.zeros(config.embed_dim, device=device) for i in range(config.depth)}
+        return {f"car_blocks.{i}.attn.zero_k_bias": torch.zeros(config.embed_dim, device=device)
+                for i in range(config.depth)}
 
     @staticmethod
     def infer_config(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> CARConfig:
@@ -162,12 +167,18 @@ class CARControlNet(nn.Module):
         C = shape("car_var_conv.weight", 4)[0]
         blocks = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"car_blocks\.(\d+)\.", k))})
         if not blocks or blocks != list(range(len(blocks))):
-            raise NextScaleError(f"{CAR_WHAT} file '{path}' has control blocks {blocks[:8]}; expected car_blocks.0 ... car_blocks.<n-1>")
-        convs = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"car_control_convs\.blocks\.(\d+)\.", k))})
+            raise NextScaleError(
+                f"{CAR_WHAT} file '{path}' has control blocks {blocks[:8]}; expected car_blocks.0 ... car_blocks.<n-1>"
+            )
+        convs = sorted({int(m.group(1)) for k in state_dict
+                        if (m := re.match(r"car_control_convs\.blocks\.(\d+)\.", k))})
         if len(convs) % 2 or convs != list(range(len(convs))):
-            raise NextScaleError(f"{CAR_WHAT} file '{path}' has encoder convs {convs}; expected an even count 0 ... 2k-1")
+            raise NextScaleError(
+                f"{CAR_WHAT} file '{path}' has encoder convs {convs}; expected an even count 0 ... 2k-1"
+            )
         c_in, in_channels = shape("car_control_convs.conv_in.weight", 4)[:2]
-        channels = [c_in] + [shape(f"car_control_convs.blocks.{2 * i + 1}.weight", 4)[0] for i in range(len(convs) // 2)]
+        channels = [c_in] + [shape(f"car_control_convs.blocks.{2 * i + 1}.weight", 4)[0]
+                             for i in range(len(convs) // 2)]
         return CARConfig(
             embed_dim=C,
             num_heads=shape("car_blocks.0.attn.scale_mul_1H11", 4)[1],
@@ -338,7 +349,11 @@ class AdapterConfig:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if self.kind not in ADAPTER_KINDS:
             raise NextScaleError(f"adapter kind '{self.kind}' is not one of {', '.join(ADAPTER_KINDS)}")
-        if not self.layers or len(set(self.layers)) != len(self.layers) or not all(0 <= i < self.base_depth for i in self.layers):
+        if (
+            not self.layers
+            or len(set(self.layers)) != len(self.layers)
+            or not all(0 <= i < self.base_depth for i in self.layers)
+        ):
             raise NextScaleError(f"adapter layers {self.layers} must be distinct blocks in 0..{self.base_depth - 1}")
         if min(self.embed_dim, self.num_scales, self.feat_dim, self.image_size, self.num_heads, *self.channels) < 1:
             raise NextScaleError(f"adapter config has a non-positive size: {self}")
@@ -350,7 +365,8 @@ class AdapterConfig:
         """ControlAR's placement by default: blocks ``0, depth // 3, 2 depth // 3``."""
         d = var_config.depth
         layers = sorted({0, d // 3, (2 * d) // 3}) if layers is None else layers
-        return cls(embed_dim=var_config.embed_dim, base_depth=d, num_scales=len(var_config.patch_nums), layers=tuple(layers), **kw)
+        return cls(embed_dim=var_config.embed_dim, base_depth=d, num_scales=len(var_config.patch_nums),
+                   layers=tuple(layers), **kw)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -380,7 +396,8 @@ class ReferenceAttention(nn.Module):
         self.out = nn.Linear(feat_dim, embed_dim)
         self.gate = nn.Parameter(torch.zeros(embed_dim))
 
-    def forward(self, x_BlC: torch.Tensor, tok_BlF: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_BlC: torch.Tensor, tok_BlF: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, l, _ = x_BlC.shape
         H = self.num_heads
         q = self.q(F.layer_norm(x_BlC, x_BlC.shape[-1:])).view(B, l, H, -1).transpose(1, 2)
@@ -451,7 +468,8 @@ class ControlAdapter(nn.Module):
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], config: AdapterConfig, path: str = "<state dict>") -> ControlAdapter:
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], config: AdapterConfig,
+                        path: str = "<state dict>") -> ControlAdapter:
         check_state_dict(state_dict, cls.expected_shapes(config), path, ADAPTER_WHAT)
         with torch.device("meta"):
             model = cls(config)
@@ -473,7 +491,8 @@ class ControlAdapter(nn.Module):
         return cls.from_state_dict(read_state_dict(path, ADAPTER_WHAT), config, path)
 
     def save(self, path: str, dtype: torch.dtype | None = None) -> None:
-        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in self.state_dict().items()}
+        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+              for k, v in self.state_dict().items()}
         save_safetensors(sd, path, {CONFIG_METADATA_KEY: self.config.to_dict()})
 
 
@@ -510,7 +529,8 @@ def teacher_logits(var, adapter: ControlAdapter, label_B: torch.Tensor, x_BLCv: 
     l = x_BLCv.shape[1] + 1
     cond = var.condition(label_B)
     sos_B1C = cond.cond_BD[:, None] + var.pos_start
-    x_BLC = torch.cat((sos_B1C, var.word_embed(x_BLCv.to(var.word_embed.weight.dtype))), dim=1) + cond.lvl_pos_1LC[:, :l]
+    x_BLC = (torch.cat((sos_B1C, var.word_embed(x_BLCv.to(var.word_embed.weight.dtype))), dim=1)
+             + cond.lvl_pos_1LC[:, :l])
     tok_BLF = _rows(torch.cat(adapter.control_tokens(control_B3HW, pn), dim=1)[:, :l], label_B.shape[0])
     lvl_L = var.lvl_1L[0, :l]
     same_scale = None

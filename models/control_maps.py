@@ -89,7 +89,8 @@ def canny_edges(img_B3HW: torch.Tensor, low: float = 0.1, high: float = 0.2, sig
     return edges
 
 
-def soft_silhouette(img_B3HW: torch.Tensor, threshold: float = 0.15, softness: float = 0.05, blur: float = 1.0) -> torch.Tensor:
+def soft_silhouette(img_B3HW: torch.Tensor, threshold: float = 0.15, softness: float = 0.05,
+                    blur: float = 1.0) -> torch.Tensor:
     """Soft foreground mask ``(B, 1, H, W)`` in 0..1 against the border's median colour; see the module docstring."""
     if softness <= 0:
         raise NextScaleError(f"silhouette softness must be positive, got {softness}")

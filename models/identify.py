@@ -26,7 +26,11 @@ def identify(state_dict: Mapping[str, object]) -> str:
     keys = set(state_dict)
     if any(k.startswith("car_") for k in keys):
         return "car-control"
-    if any(k.startswith("block_chunks.") for k in keys) or "cfg_uncond" in keys or any(k.startswith("text_norm") for k in keys):
+    if (
+        any(k.startswith("block_chunks.") for k in keys)
+        or "cfg_uncond" in keys
+        or any(k.startswith("text_norm") for k in keys)
+    ):
         return "infinity-generator"
     if "class_emb.weight" in keys and any(k.startswith("blocks.") for k in keys):
         return "var-generator"

@@ -13,7 +13,9 @@ RESIZE_MODES = ["center crop", "stretch", "pad"]
 def image_to_model(image_BHWC: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE ``[B, H, W, C]`` in 0..1 -> ``[B, 3, H, W]`` in -1..1 (alpha dropped, grey expanded)."""
     if image_BHWC.dim() != 4:
-        raise NextScaleError(f"expected an IMAGE of shape [batch, height, width, channels], got {list(image_BHWC.shape)}")
+        raise NextScaleError(
+            f"expected an IMAGE of shape [batch, height, width, channels], got {list(image_BHWC.shape)}"
+        )
     c = image_BHWC.shape[-1]
     if c == 1:
         image_BHWC = image_BHWC.expand(-1, -1, -1, 3)

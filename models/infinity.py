@@ -393,7 +393,9 @@ class Infinity(nn.Module):
                 f"got {tuple(x_BLCv.shape)}"
             )
         level_L = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(x_BLCv.device)
-        x_BLC = torch.cat((ctx.cond_BD[:, None] + self.pos_start, self.word_embed(x_BLCv.to(self.word_embed.weight.dtype))), 1)
+        x_BLC = torch.cat(
+            (ctx.cond_BD[:, None] + self.pos_start, self.word_embed(x_BLCv.to(self.word_embed.weight.dtype))), 1
+        )
         x_BLC = x_BLC + self.lvl_embed(level_L)
         rope = self.rope(schedule, x_BLC.device)
         mask_LL = block_causal(counts, device=x_BLC.device)
@@ -455,21 +457,29 @@ class Infinity(nn.Module):
         def shape(key: str, ndim: int) -> tuple[int, ...]:
             return key_shape(state_dict, key, ndim, path, WHAT, ": it is not an Infinity transformer")
 
-        chunked = sorted({(int(m[1]), int(m[2])) for k in state_dict if (m := re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.", k))})
+        chunked = sorted(
+            {(int(m[1]), int(m[2])) for k in state_dict if (m := re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.", k))}
+        )
         flat = sorted({int(m[1]) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
         if chunked and flat:
             raise NextScaleError(f"{WHAT} file '{path}' mixes 'block_chunks.*' and 'blocks.*' keys")
         if chunked:
             chunks = sorted({c for c, _ in chunked})
             per = sorted({j for _, j in chunked})
-            if chunks != list(range(len(chunks))) or per != list(range(len(per))) or len(chunked) != len(chunks) * len(per):
+            if (
+                chunks != list(range(len(chunks)))
+                or per != list(range(len(per)))
+                or len(chunked) != len(chunks) * len(per)
+            ):
                 raise NextScaleError(
                     f"{WHAT} file '{path}': its blocks are not a full grid block_chunks.0..C-1.module.0..N-1"
                 )
             depth, block_chunks, first = len(chunks) * len(per), len(chunks), "block_chunks.0.module.0."
         elif flat:
             if flat != list(range(len(flat))):
-                raise NextScaleError(f"{WHAT} file '{path}' has blocks {flat[:8]}...; expected blocks.0 ... blocks.<depth-1>")
+                raise NextScaleError(
+                    f"{WHAT} file '{path}' has blocks {flat[:8]}...; expected blocks.0 ... blocks.<depth-1>"
+                )
             depth, block_chunks, first = len(flat), 1, "blocks.0."
         else:
             raise NextScaleError(f"{WHAT} file '{path}' has no transformer blocks ('block_chunks.*' or 'blocks.*')")

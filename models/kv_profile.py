@@ -98,7 +98,9 @@ class KVProfile:
         except FileNotFoundError:
             raise NextScaleError(f"KV profile {path} does not exist; run NextScale KV Calibrate to make one") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise NextScaleError(f"KV profile {path} is not valid JSON ({e}); run NextScale KV Calibrate again") from None
+            raise NextScaleError(
+                f"KV profile {path} is not valid JSON ({e}); run NextScale KV Calibrate again"
+            ) from None
         return cls.from_dict(d, path)
 
     def check_model(self, var) -> None:

@@ -98,7 +98,9 @@ class NextScaleBitTokens:
     def __post_init__(self):
         self.scales = tuple((int(h), int(w)) for h, w in self.scales)
         if len(self.bits) != len(self.scales):
-            raise NextScaleError(f"bit maps for {len(self.bits)} scales do not match a schedule of {len(self.scales)} scales")
+            raise NextScaleError(
+                f"bit maps for {len(self.bits)} scales do not match a schedule of {len(self.scales)} scales"
+            )
         for si, (b, (h, w)) in enumerate(zip(self.bits, self.scales)):
             if b.dim() != 4 or tuple(b.shape[1:3]) != (h, w):
                 raise NextScaleError(f"bit map of scale {si} has shape {tuple(b.shape)}, expected (B, {h}, {w}, d)")

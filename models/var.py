@@ -87,7 +87,8 @@ class VARConfig:
 
     @classmethod
     def official(cls, depth: int) -> VARConfig:
-        """Upstream ``build_vae_var(depth=d)``: ``d`` heads of 64 channels; d36 has ``shared_aln`` and the 512-px schedule."""
+        """Upstream ``build_vae_var(depth=d)``: ``d`` heads of 64 channels; d36 has ``shared_aln`` and the 512-px
+        schedule."""
         return cls(
             depth=depth,
             embed_dim=64 * depth,
@@ -234,8 +235,8 @@ class VAR(nn.Module):
         shape_ok = x_BLCv.dim() == 3 and x_BLCv.shape[1] < self.num_tokens and x_BLCv.shape[2] == self.config.cvae
         if not shape_ok or tuple(label_B.shape) != (x_BLCv.shape[0],):
             raise NextScaleError(
-                f"teacher forcing needs labels (B,) and inputs (B, l - 1, {self.config.cvae}) with l <= {self.num_tokens}, "
-                f"got {tuple(label_B.shape)} and {tuple(x_BLCv.shape)}"
+                f"teacher forcing needs labels (B,) and inputs (B, l - 1, {self.config.cvae}) "
+                f"with l <= {self.num_tokens}, got {tuple(label_B.shape)} and {tuple(x_BLCv.shape)}"
             )
         l = x_BLCv.shape[1] + 1
         cond = self.condition(label_B)
@@ -389,4 +390,5 @@ class VAR(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"depth={c.depth}, width={c.embed_dim}, heads={c.num_heads}, patch_nums={c.patch_nums}, shared_aln={c.shared_aln}"
+        return (f"depth={c.depth}, width={c.embed_dim}, heads={c.num_heads}, patch_nums={c.patch_nums}, "
+                f"shared_aln={c.shared_aln}")

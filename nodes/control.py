@@ -246,11 +246,17 @@ class NextScaleSilhouettePreprocessor(io.ComfyNode):
                     tooltip="Colour distance (RMS over RGB, 0..1) at which a pixel counts as half foreground.",
                 ),
                 io.Float.Input(
-                    "softness", default=0.05, min=0.001, max=1.0, step=0.005, tooltip="Width of the soft edge in colour distance."
+                    "softness", default=0.05, min=0.001, max=1.0, step=0.005,
+                    tooltip="Width of the soft edge in colour distance.",
                 ),
-                io.Float.Input("blur", default=1.0, min=0.0, max=16.0, step=0.1, tooltip="Gaussian blur sigma in pixels."),
+                io.Float.Input(
+                    "blur", default=1.0, min=0.0, max=16.0, step=0.1, tooltip="Gaussian blur sigma in pixels."
+                ),
             ],
-            outputs=[io.Image.Output("silhouette", display_name="silhouette"), io.Mask.Output("mask", display_name="mask")],
+            outputs=[
+                io.Image.Output("silhouette", display_name="silhouette"),
+                io.Mask.Output("mask", display_name="mask"),
+            ],
         )
 
     @classmethod

@@ -107,7 +107,9 @@ class NextScaleImageToImageGuide(io.ComfyNode):
             "scales (coarse layout and colours) and generates the finer scales. Connect to NextScale Sampler's "
             "'guide'.",
             inputs=[
-                Tokens.Input("tokens", tooltip="The reference image, from NextScale Encode (batch 1, or one per image)."),
+                Tokens.Input(
+                    "tokens", tooltip="The reference image, from NextScale Encode (batch 1, or one per image)."
+                ),
                 io.Int.Input(
                     "strength",
                     default=4,

@@ -120,7 +120,8 @@ class NextScaleSamplerOptions(io.ComfyNode):
             "the CFG schedule across scales, and per-scale previews.",
             inputs=[
                 io.Float.Input(
-                    "temperature", default=1.0, min=0.01, max=5.0, step=0.01, tooltip="Softmax temperature of every scale."
+                    "temperature", default=1.0, min=0.01, max=5.0, step=0.01,
+                    tooltip="Softmax temperature of every scale.",
                 ),
                 io.String.Input(
                     "scale_temperatures",
@@ -193,7 +194,9 @@ class NextScaleSampler(io.ComfyNode):
                     "cfg", default=4.0, min=0.0, max=30.0, step=0.1, round=0.01,
                     tooltip="Classifier-free guidance strength (VAR's demo uses 4; FID runs use 1.5).",
                 ),
-                io.Int.Input("top_k", default=900, min=0, max=100000, tooltip="Keep the k most likely codes (0 = off)."),
+                io.Int.Input(
+                    "top_k", default=900, min=0, max=100000, tooltip="Keep the k most likely codes (0 = off)."
+                ),
                 io.Float.Input(
                     "top_p", default=0.95, min=0.0, max=1.0, step=0.01,
                     tooltip="Keep the smallest set of codes whose probability reaches p (0 = off).",

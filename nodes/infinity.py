@@ -163,7 +163,9 @@ class NextScaleLoadInfinity(io.ComfyNode):
         return io.NodeOutput(model, tokenizer)
 
 
-def text_from_conditioning(conditioning, batch_size: int, text_dim: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def text_from_conditioning(
+    conditioning, batch_size: int, text_dim: int, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(text_BTC, mask_BT)`` from ComfyUI CONDITIONING: its first entry (a ``(b, T, C)`` tensor, with an
     ``attention_mask`` when the encoder padded), repeated to ``batch_size`` rows when it holds one prompt."""
     if not conditioning:
@@ -318,7 +320,9 @@ class NextScaleTextSampler(io.ComfyNode):
         if image is not None and keep_scales > 0:
             guide = KeepScales(encode_for_schedule(bsq, tokenizer, image, schedule, infinity), keep_scales)
             if keep_scales > schedule.num_scales:
-                raise NextScaleError(f"keep_scales = {keep_scales}, but this resolution has {schedule.num_scales} scales")
+                raise NextScaleError(
+                    f"keep_scales = {keep_scales}, but this resolution has {schedule.num_scales} scales"
+                )
         policy = None
         if kv_policy is not None:
             if getattr(kv_policy, "profile", None) is not None:
@@ -327,7 +331,9 @@ class NextScaleTextSampler(io.ComfyNode):
                     "without a profile (uniform budgets)"
                 )
             policy = kv_policy.bind_scales(infinity.depth, infinity.num_heads, schedule.scales)
-        hooks = SamplerHooks(callback=infinity_callback(cls.hidden.unique_id, bsq, schedule.num_scales), kv_policy=policy)
+        hooks = SamplerHooks(
+            callback=infinity_callback(cls.hidden.unique_id, bsq, schedule.num_scales), kv_policy=policy
+        )
         options = InfinityOptions(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
         tokens = sample_infinity(
             infinity, bsq, text, mask, schedule=schedule, seed=seed, options=options, negative=neg, hooks=hooks,

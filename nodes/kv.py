@@ -166,7 +166,10 @@ class NextScaleKVReport(io.ComfyNode):
                 io.Int.Input("batch_size", default=1, min=1, max=64,
                              tooltip="Images per run (seeds seed, seed + 1, ...); memory grows with it."),
             ],
-            outputs=[io.String.Output("report", display_name="report"), io.Image.Output("images", display_name="images")],
+            outputs=[
+                io.String.Output("report", display_name="report"),
+                io.Image.Output("images", display_name="images"),
+            ],
             is_output_node=True,
         )
 

@@ -52,7 +52,9 @@ class NextScaleSchedule(io.ComfyNode):
                     default="1,2,3,4,6,8",
                     tooltip="Comma-separated grid sides, increasing, starting at 1 (used when preset is 'custom').",
                 ),
-                io.Int.Input("depth", default=16, min=1, max=64, tooltip="VAR depth for the KV-cache estimate (d16..d36)."),
+                io.Int.Input(
+                    "depth", default=16, min=1, max=64, tooltip="VAR depth for the KV-cache estimate (d16..d36)."
+                ),
             ],
             outputs=[
                 io.String.Output("report", display_name="report", tooltip="The schedule as a text table."),

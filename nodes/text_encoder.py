@@ -440,7 +440,8 @@ class FlanT5XLTokenizers(sd1_clip.SD1Tokenizer):
 
 def build_clip(state_dict: dict[str, torch.Tensor], config: dict, dtype: torch.dtype | None = None) -> comfy.sd.CLIP:
     """A ``comfy.sd.CLIP`` holding ``state_dict``. ``dtype`` None: ComfyUI's text-encoder dtype (its --fp16-text-enc
-    style flags; fp16 by default). ComfyUI computes in float32 from the float32 token embeddings whatever the storage."""
+    style flags; fp16 by default). ComfyUI computes in float32 from the float32 token embeddings whatever the
+    storage."""
     model_options: dict = {f"{NAME}_model_config": {k: config[k] for k in SHAPE_FIELDS}}
     if dtype is not None:
         model_options["dtype"] = dtype

@@ -134,7 +134,9 @@ def check_vocab(vae: MultiScaleVQVAE, tokens: NextScaleTokens) -> None:
         )
 
 
-def decode_tokens(tokenizer: LoadedModel, tokens: NextScaleTokens | NextScaleBitTokens, upto: int | None) -> torch.Tensor:
+def decode_tokens(
+    tokenizer: LoadedModel, tokens: NextScaleTokens | NextScaleBitTokens, upto: int | None
+) -> torch.Tensor:
     """ComfyUI IMAGE of the tokens' first ``upto`` scales (None: all, using the tokens' own f_hat when kept).
     Bitwise tokens (Infinity) go through their BSQ tokenizer."""
     vae = tokenizer.ready()

@@ -60,7 +60,7 @@ def test_environment_variable_selects_backend(monkeypatch):
     monkeypatch.setenv(ENV_BACKEND, "torch")
     assert torch.equal(attention(q, k, v), attention(q, k, v, backend="torch"))
     monkeypatch.setenv(ENV_BACKEND, "no-such-backend")
-    with pytest.raises(ValueError, match="unknown attention backend 'no-such-backend'.*torch"):
+    with pytest.raises(ValueError, match=r"unknown attention backend 'no-such-backend'.*torch"):
         attention(q, k, v)
     assert torch.equal(attention(q, k, v, backend="sdpa"), attention(q, k, v, backend="sdpa"))  # explicit wins
 

@@ -138,7 +138,8 @@ def make_bad_files(folder: Path) -> tuple[list[Case], Path]:
         cut = len(pth) - 1 if keep is None else int(len(pth) * keep)
         add(f"pth-truncated-{label}", f"cut-{label}.pth", GEN, unreadable, pth[:cut])
     mid = len(pth) // 3
-    add("pth-corrupt-middle", "corrupt.pth", GEN, unreadable, pth[:mid] + bytes(b ^ 0xA5 for b in pth[mid : mid + 4096]) + pth[mid + 4096 :])
+    add("pth-corrupt-middle", "corrupt.pth", GEN, unreadable,
+        pth[:mid] + bytes(b ^ 0xA5 for b in pth[mid : mid + 4096]) + pth[mid + 4096 :])
     torch.save(gen_sd, folder / "tmp.pth", _use_new_zipfile_serialization=False)
     legacy = (folder / "tmp.pth").read_bytes()
     (folder / "tmp.pth").unlink()
@@ -175,7 +176,8 @@ def make_bad_files(folder: Path) -> tuple[list[Case], Path]:
     save_safetensors(infinity, str(folder / "infinity-like.safetensors"))
     add("infinity-as-generator", "infinity-like.safetensors", GEN, r"is an Infinity transformer")
     add("infinity-as-tokenizer", "infinity-like.safetensors", TOK, r"is an Infinity transformer")
-    car = {**gen_sd, "car_blocks.0.ffn.fc1.weight": torch.zeros(8, 4), "car_control_convs.0.weight": torch.zeros(4, 3, 3, 3)}
+    car = {**gen_sd, "car_blocks.0.ffn.fc1.weight": torch.zeros(8, 4),
+           "car_control_convs.0.weight": torch.zeros(4, 3, 3, 3)}
     torch.save(car, folder / "car-like.pth")
     add("car-as-generator", "car-like.pth", GEN, r"is a CAR control adapter")
     return cases, canary
@@ -286,9 +288,11 @@ def test_safetensors_whose_header_length_starts_with_0x80_loads(tmp_path):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda sd: sd.__setitem__("head.weight", sd["head.weight"].long()), r"'head.weight' holds torch.int64 values; expected floating"),
+        (lambda sd: sd.__setitem__("head.weight", sd["head.weight"].long()),
+         r"'head.weight' holds torch.int64 values; expected floating"),
         (lambda sd: sd.__setitem__("head.bias", torch.zeros(0)), r"'head.bias' is empty \(shape \[0\]\)"),
-        (lambda sd: sd.__setitem__("lvl_1L", sd["lvl_1L"].float()), r"'lvl_1L' holds torch.float32 values; expected integers"),
+        (lambda sd: sd.__setitem__("lvl_1L", sd["lvl_1L"].float()),
+         r"'lvl_1L' holds torch.float32 values; expected integers"),
     ],
     ids=["int-weights", "empty-tensor", "float-levels"],
 )

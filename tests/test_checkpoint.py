@@ -34,7 +34,7 @@ def test_code_in_a_pickle_is_refused_without_running(tmp_path, writer):
         path.write_bytes(pickle.dumps(payload, protocol=2))
     else:
         torch.save(payload, path, _use_new_zipfile_serialization=writer == "torch-zip")
-    with pytest.raises(NextScaleError, match="evil.pth") as e:
+    with pytest.raises(NextScaleError, match=r"evil.pth") as e:
         read_state_dict(str(path), "VAR tokenizer")
     assert not canary.exists()
     if writer != "plain-pickle":
@@ -105,7 +105,7 @@ def test_missing_path_directory_and_no_tensors(tmp_path):
         read_state_dict(str(tmp_path))
     for obj in ({}, {"epoch": 3, "args": {"lr": 0.1}}, {"model": {}}, torch.zeros(3)):
         torch.save(obj, tmp_path / "x.pth")
-        with pytest.raises(NextScaleError, match="x.pth"):
+        with pytest.raises(NextScaleError, match=r"x.pth"):
             read_state_dict(str(tmp_path / "x.pth"))
 
 

@@ -30,7 +30,8 @@ TINY_CAR = dict(embed_dim=64, num_heads=4, depth=2, hidden_dim=256, encoder_chan
 
 
 def make_var4(seed: int = 0) -> VAR:
-    cfg = VARConfig(depth=4, embed_dim=64, num_heads=4, num_classes=NUM_CLASSES, vocab_size=VOCAB, cvae=CVAE, patch_nums=PN)
+    cfg = VARConfig(depth=4, embed_dim=64, num_heads=4, num_classes=NUM_CLASSES, vocab_size=VOCAB, cvae=CVAE,
+                    patch_nums=PN)
     return randomize_(VAR(cfg), seed)
 
 
@@ -85,8 +86,10 @@ def official_car_d16_meta() -> dict:
 
 def test_car_d16_layout_loads_strictly():
     sd = official_car_d16_meta()
-    assert "car_control_convs.blocks.7.weight" in sd and tuple(sd["car_control_convs.blocks.7.weight"].shape) == (1024, 512, 3, 3)
-    assert tuple(sd["car_skip_linear.7.weight"].shape) == (1024, 2048) and tuple(sd["car_skip_norm.0.weight"].shape) == (2048,)
+    assert ("car_control_convs.blocks.7.weight" in sd
+            and tuple(sd["car_control_convs.blocks.7.weight"].shape) == (1024, 512, 3, 3))
+    assert (tuple(sd["car_skip_linear.7.weight"].shape) == (1024, 2048)
+            and tuple(sd["car_skip_norm.0.weight"].shape) == (2048,))
     assert tuple(sd["car_blocks.7.attn.scale_mul_1H11"].shape) == (1, 16, 1, 1)
     assert tuple(sd["car_control_convs.conv_out.weight"].shape) == (1024, 1024, 3, 3)
     car = CARControlNet.from_state_dict(sd)
@@ -113,7 +116,7 @@ def test_car_errors_name_the_keys():
     bad = {**sd, "car_skip_norm.2.weight": torch.empty(1000, device="meta")}
     with pytest.raises(NextScaleError, match=r"car_skip_norm.2.weight is \[1000\], expected \[2048\]"):
         CARControlNet.from_state_dict(bad)
-    with pytest.raises(NextScaleError, match="has no key 'car_var_conv.weight'"):
+    with pytest.raises(NextScaleError, match=r"has no key 'car_var_conv.weight'"):
         CARControlNet.from_state_dict({"car_blocks.0.attn.q_bias": torch.zeros(4)})
 
 
@@ -127,7 +130,7 @@ def test_load_control_files(tmp_path, var4):
     assert load_control(str(pth)).config == car.config
     gen = tmp_path / "gen.safetensors"
     save_safetensors(var4.state_dict(), str(gen))
-    with pytest.raises(NextScaleError, match="is a VAR generator.*not a control file"):
+    with pytest.raises(NextScaleError, match=r"is a VAR generator.*not a control file"):
         load_control(str(gen))
     adapter = ControlAdapter(AdapterConfig.for_generator(var4.config, channels=(8, 16), feat_dim=16, image_size=16))
     ap = tmp_path / "adapter.safetensors"
@@ -209,7 +212,8 @@ def test_car_strength_and_range(var4, vae):
 
 
 def adapter_for(var, kind, randomize=False):
-    adapter = ControlAdapter(AdapterConfig.for_generator(var.config, kind=kind, channels=(8, 16), feat_dim=16, image_size=16))
+    adapter = ControlAdapter(AdapterConfig.for_generator(var.config, kind=kind, channels=(8, 16), feat_dim=16,
+                                                         image_size=16))
     if randomize:
         with torch.no_grad():
             g = torch.Generator().manual_seed(5)
@@ -229,7 +233,8 @@ def test_zero_init_adapter_is_no_control(var4, vae, kind):
     x_BLCv = vae.quantize.teacher_forcing_input(plain.flat(), PN)
     labels = torch.tensor([1, 4])
     with torch.no_grad():
-        assert torch.equal(teacher_logits(var4, adapter, labels, x_BLCv, control_image()), var4.forward_teacher(labels, x_BLCv))
+        assert torch.equal(teacher_logits(var4, adapter, labels, x_BLCv, control_image()),
+                           var4.forward_teacher(labels, x_BLCv))
 
 
 @pytest.mark.parametrize("kind", ["add", "reference"])
@@ -393,7 +398,7 @@ NODE_CHECK = textwrap.dedent(
     except NextScaleError as e:
         assert "scale range" in str(e), e
     print("nodes ok")
-    """
+    """  # noqa: E501 (lines of the script above; wrapping them would change the string)
 )
 
 
@@ -417,7 +422,8 @@ def test_train_control_smoke(tmp_path):
 
     cache = str(tmp_path / "cache")
     train_ds, _ = data.load_datasets("synthetic", 16, 0, 64, 16, cache, verbose=False)
-    tok_cfg = TokenizerConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1, patch_nums=(1, 2, 4, 8))
+    tok_cfg = TokenizerConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1,
+                              patch_nums=(1, 2, 4, 8))
     torch.manual_seed(0)
     MultiScaleVQVAE(tok_cfg).save(str(tmp_path / "tok.safetensors"))
     var_cfg = VARConfig(depth=2, embed_dim=32, num_heads=2, num_classes=len(train_ds.class_names), vocab_size=32,

@@ -159,7 +159,8 @@ def test_latent_blend_keeps_the_kept_region_of_f_hat(var, vae):
     for mode in ("tokens", "latent blend"):
         spec = inpaint(ref, hole(), mode=mode)
         seen[mode] = []
-        hooks = SamplerHooks(guide=spec.bind(vae, PN, 2), callback=lambda si, K_, f, mode=mode: seen[mode].append(f.clone()))
+        hooks = SamplerHooks(guide=spec.bind(vae, PN, 2),
+                             callback=lambda si, K_, f, mode=mode: seen[mode].append(f.clone()))
         out = sample(var, vae, torch.tensor([1, 2]), seed=9, options=SamplingOptions(), hooks=hooks)
         if mode == "latent blend":
             assert out.f_hat is not None and torch.equal(out.f_hat, seen[mode][-1])
@@ -346,7 +347,7 @@ NODE_CHECK = textwrap.dedent(
     except NextScaleError as e:
         assert "both composite_image and composite_mask" in str(e)
     print("nodes ok")
-    """
+    """  # noqa: E501 (lines of the script above; wrapping them would change the string)
 )
 
 

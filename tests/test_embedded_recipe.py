@@ -74,7 +74,7 @@ def test_install_copies_under_the_shipped_names(tmp_path):
     run.mkdir()
     weights.mkdir()
     out = embedded.outputs(str(run))
-    with pytest.raises(SystemExit, match="tokenizer.safetensors is missing"):
+    with pytest.raises(SystemExit, match=r"tokenizer.safetensors is missing"):
         embedded.install(str(run), str(weights))
     for key in ("tokenizer", "generator", "control"):
         with open(out[key], "wb") as f:
@@ -95,7 +95,7 @@ def test_a_run_folder_from_before_the_refine_step_is_named(tmp_path):
     for key in ("tokenizer", "generator"):
         with open(out[key], "wb") as f:
             f.write(key.encode())
-    with pytest.raises(SystemExit, match="predates the refine step.*Rename it to generator_base.safetensors"):
+    with pytest.raises(SystemExit, match=r"predates the refine step.*Rename it to generator_base.safetensors"):
         embedded.run(str(tmp_path))
     os.rename(out["generator"], out["generator_base"])
     for key in ("generator", "card", "control"):  # the new layout, every step done: all skipped, no error
@@ -105,7 +105,7 @@ def test_a_run_folder_from_before_the_refine_step_is_named(tmp_path):
 
 
 def test_unknown_step_is_named(tmp_path):
-    with pytest.raises(SystemExit, match="--only 'decoder'.*tokenizer.*generator.*refine.*evaluate.*control"):
+    with pytest.raises(SystemExit, match=r"--only 'decoder'.*tokenizer.*generator.*refine.*evaluate.*control"):
         embedded.run(str(tmp_path), only="decoder")
 
 

@@ -65,8 +65,9 @@ def mutated(draw, base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
         if op == "drop":
             del sd[key]
         elif op == "rename":
-            new = draw(st.sampled_from([key + "_x", key.replace(".", "_", 1), key.replace("0", "7"), "blocks.99.attn.q_bias",
-                                        key.split(".")[-1], "car_" + key, "block_chunks.0." + key]))
+            new = draw(st.sampled_from([key + "_x", key.replace(".", "_", 1), key.replace("0", "7"),
+                                        "blocks.99.attn.q_bias", key.split(".")[-1], "car_" + key,
+                                        "block_chunks.0." + key]))
             sd[new] = sd.pop(key)
         elif op == "reshape":
             if t.dim() == 0 or draw(st.booleans()):
@@ -79,7 +80,8 @@ def mutated(draw, base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
                 dim = draw(st.integers(0, t.dim() - 1))
                 shape = list(t.shape)
                 shape[dim] = max(1, shape[dim] + draw(st.sampled_from([-1, 1, 2])))
-                sd[key] = torch.zeros(shape, dtype=t.dtype) if t.dtype != torch.bool else torch.zeros(shape, dtype=torch.bool)
+                sd[key] = (torch.zeros(shape, dtype=t.dtype) if t.dtype != torch.bool
+                           else torch.zeros(shape, dtype=torch.bool))
                 if draw(st.booleans()):
                     sd[key] = sd[key].unsqueeze(0)
         elif op == "retype":
@@ -93,9 +95,8 @@ def mutated(draw, base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             if other in sd:
                 sd[key], sd[other] = sd[other], sd[key]
         elif op == "extra":
-            sd[draw(st.sampled_from(["lvl_1L", "blocks.3.attn.zero_k_bias", "quantize.embedding.weight", "cfg_uncond"]))] = (
-                torch.zeros(draw(st.integers(0, 5)), dtype=torch.long)
-            )
+            sd[draw(st.sampled_from(["lvl_1L", "blocks.3.attn.zero_k_bias", "quantize.embedding.weight",
+                                     "cfg_uncond"]))] = torch.zeros(draw(st.integers(0, 5)), dtype=torch.long)
         ops[-1] += f" -> {tuple(sd[key].shape)} {sd[key].dtype}" if key in sd else ""
     return sd, ops
 
@@ -165,7 +166,8 @@ def test_mutated_safetensors_headers(tmp_path, data):
         if field == "__whole__":
             header[name] = data.draw(JSON_VALUES)
         elif isinstance(header[name], dict):
-            header[name][field] = data.draw(st.one_of(JSON_VALUES, st.sampled_from(["F16", "I64", "BOOL", "F8_E4M3", "Q"])))
+            header[name][field] = data.draw(st.one_of(JSON_VALUES,
+                                                      st.sampled_from(["F16", "I64", "BOOL", "F8_E4M3", "Q"])))
     if data.draw(st.booleans()):
         header["__metadata__"] = data.draw(JSON_VALUES)
     path = tmp_path / "fuzz_header.safetensors"

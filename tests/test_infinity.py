@@ -100,7 +100,8 @@ def test_rope_rotation_matches_complex_multiplication():
     ang = rope_angles(SCHEDULE, head_dim)  # (L, 8)
     x = torch.randn(2, 3, SCHEDULE.num_tokens, head_dim)
     got = apply_rope(x, ang.cos(), ang.sin())
-    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous()) * torch.polar(torch.ones_like(ang), ang)).flatten(-2)
+    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
+                             * torch.polar(torch.ones_like(ang), ang)).flatten(-2)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     # the first quarter of the frequencies follows the row, the second the column, base 1e4 over head_dim / 2
     pos = SCHEDULE.rope_positions().float()
@@ -232,7 +233,8 @@ def test_state_dict_round_trip_and_inference(tmp_path):
     torch.testing.assert_close(a, b)
     # upstream's .pth layout: the slim state dict, with the buffers upstream itself drops on load
     pth = tmp_path / "infinity_tiny.pth"
-    torch.save({**sd, "attn_bias_for_masking": torch.zeros(1, 1, 4, 4), "lvl_1L": torch.zeros(1, 4, dtype=torch.long)}, pth)
+    torch.save({**sd, "attn_bias_for_masking": torch.zeros(1, 1, 4, 4),
+                "lvl_1L": torch.zeros(1, 4, dtype=torch.long)}, pth)
     assert Infinity.from_file(str(pth)).config == TINY
     # a folder of shards with a Hugging Face index (the 8B's layout)
     from safetensors.torch import save_file
@@ -293,10 +295,10 @@ def test_official_2b_with_random_values_loads_and_samples_two_scales():
 def test_bad_files_give_clear_errors(tmp_path):
     sd = tiny_model().state_dict()
     missing = {k: v for k, v in sd.items() if k != "head_nm.ada_lin.1.bias"}
-    with pytest.raises(NextScaleError, match="missing key.*head_nm.ada_lin.1.bias"):
+    with pytest.raises(NextScaleError, match=r"missing key.*head_nm.ada_lin.1.bias"):
         Infinity.from_state_dict(missing)
     bad = dict(sd, **{"block_chunks.0.module.1.ffn.fc2.weight": torch.zeros(64, 100)})
-    with pytest.raises(NextScaleError, match="wrong shape.*ffn.fc2.weight"):
+    with pytest.raises(NextScaleError, match=r"wrong shape.*ffn.fc2.weight"):
         Infinity.from_state_dict(bad)
     with pytest.raises(NextScaleError, match="bitwise head"):
         Infinity.from_state_dict(dict(sd, **{"head.weight": torch.zeros(4096, 64), "head.bias": torch.zeros(4096)}))

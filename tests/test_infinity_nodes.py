@@ -79,10 +79,12 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     raises(lambda: sample(cfg=float("nan")), "finite")
     assert "not one of the choices" in inf.NextScaleTextSampler.validate_inputs("16:9", "1M")
     print("infinity nodes ok")
-    """
+    """  # noqa: E501 (lines of the script above; wrapping them would change the string)
 )
 
 
 def test_infinity_nodes_in_comfyui(tmp_path):
     result = run_in_comfyui_python(NODE_CHECK, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0 and "infinity nodes ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0 and "infinity nodes ok" in result.stdout, (
+        result.stdout[-3000:] + result.stderr[-3000:]
+    )

@@ -114,7 +114,8 @@ def test_cfg_one_runs_the_conditional_rows_only(model, tok):
     run(model, tok, text, mask, options=InfinityOptions(cfg=1.0, tau=1.0), hooks=SamplerHooks(control=Spy()))
     assert set(seen) == {2}
     seen.clear()
-    run(model, tok, text, mask, options=InfinityOptions(cfg=[1.0, 1.0, 2.0, 1.0], tau=1.0), hooks=SamplerHooks(control=Spy()))
+    run(model, tok, text, mask, options=InfinityOptions(cfg=[1.0, 1.0, 2.0, 1.0], tau=1.0),
+        hooks=SamplerHooks(control=Spy()))
     assert set(seen) == {4}
 
 
@@ -138,7 +139,7 @@ def test_keep_scales_is_image_to_image(model, tok):
     none = run(model, tok, text, mask, guide=KeepScales(encoded, 0), seed=3)
     plain = run(model, tok, text, mask, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(none.bits, plain.bits))
-    with pytest.raises(NextScaleError, match="keep must lie in 0..4"):
+    with pytest.raises(NextScaleError, match=r"keep must lie in 0..4"):
         KeepScales(encoded, 5)
 
 
@@ -172,7 +173,8 @@ def test_official_schedule_runs_and_the_callback_sees_every_scale(model, tok):
     sched = InfinitySchedule.from_template(0.5, "0.06M")  # 2:1 landscape: (11, 22) latent at 0.06M
     text, mask = prompts(B=1)
     calls = []
-    tokens = run(model, tok, text, mask, schedule=sched, hooks=SamplerHooks(callback=lambda si, K, s: calls.append((si, K))))
+    tokens = run(model, tok, text, mask, schedule=sched,
+                 hooks=SamplerHooks(callback=lambda si, K, s: calls.append((si, K))))
     assert calls == [(si, 7) for si in range(7)] and tokens.scales[-1] == (11, 22)
 
     def stop(si, K, summed):
@@ -194,5 +196,6 @@ def test_cache_is_freed_after_an_error(model, tok, monkeypatch):
 
     monkeypatch.setattr(KVCache, "__init__", track)
     with pytest.raises(RuntimeError, match="boom"):
-        run(model, tok, text, mask, hooks=SamplerHooks(callback=lambda si, K, s: (_ for _ in ()).throw(RuntimeError("boom"))))
+        run(model, tok, text, mask,
+            hooks=SamplerHooks(callback=lambda si, K, s: (_ for _ in ()).throw(RuntimeError("boom"))))
     assert made and made[0].nbytes() == 0

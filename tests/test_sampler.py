@@ -330,7 +330,7 @@ def test_input_errors(var, vae):
     other = MultiScaleVQVAE(
         TokenizerConfig(vocab_size=64, z_channels=CVAE, ch=32, ch_mult=(1, 1), num_res_blocks=1, patch_nums=PN)
     )
-    with pytest.raises(NextScaleError, match="64 codes x 8 channels.*96 codes x 8 channels"):
+    with pytest.raises(NextScaleError, match=r"64 codes x 8 channels.*96 codes x 8 channels"):
         sample(var, other, torch.tensor([1]), seed=0)
     with pytest.raises(NextScaleError, match="top_k must be >= 0"):
         SamplingOptions(top_k=-1)
@@ -353,7 +353,7 @@ def test_kv_cache_keep_and_capacity():
     assert kv.length == 2 and torch.equal(kv.k_BHSc, k[:, :, [4, 0]]) and torch.equal(kv.v_BHSc, -k[:, :, [4, 0]])
     k_all, _ = kv.extend(k[:, :, :4], k[:, :, :4])
     assert kv.length == 6 and torch.equal(k_all[:, :, 2:], k[:, :, :4])
-    with pytest.raises(NextScaleError, match="layer 0 holds 6 tokens but needs 7.*'tiny-budget'"):
+    with pytest.raises(NextScaleError, match=r"layer 0 holds 6 tokens but needs 7.*'tiny-budget'"):
         kv.extend(k[:, :, :1], k[:, :, :1])
     cache.free()
     assert cache.nbytes() == 0

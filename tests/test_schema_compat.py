@@ -24,7 +24,8 @@ BASE = {
             {"name": "mode", "type": "COMBO", "optional": False, "widget": True, "default": "a", "options": ["a", "b"]},
             {"name": "seed", "type": "INT", "optional": False, "widget": True, "default": 0, "min": 0, "max": 99,
              "control_after_generate": True},
-            {"name": "strength", "type": "FLOAT", "optional": True, "widget": True, "default": 1.0, "min": 0.0, "max": 2.0},
+            {"name": "strength", "type": "FLOAT", "optional": True, "widget": True, "default": 1.0, "min": 0.0,
+             "max": 2.0},
         ],
         "outputs": [{"name": "tokens", "type": "NEXTSCALE_TOKENS"}],
         "deprecated": False,
@@ -71,7 +72,10 @@ BREAKING = {
     "min-raised": (lambda n: inp(n, "seed").update(min=1), "seed: min raised 0 -> 1"),
     "max-lowered": (lambda n: inp(n, "strength").update(max=1.0), "strength: max lowered 2.0 -> 1.0"),
     "optional-became-required": (lambda n: inp(n, "strength").update(optional=False), "optional input became required"),
-    "control-after-generate-dropped": (lambda n: inp(n, "seed").pop("control_after_generate"), "control_after_generate"),
+    "control-after-generate-dropped": (
+        lambda n: inp(n, "seed").pop("control_after_generate"),
+        "control_after_generate",
+    ),
     "widgets-reordered": (lambda n: n["inputs"].insert(1, n["inputs"].pop(3)), "widget order changed"),
     "optional-widget-inserted-in-the-middle": (
         lambda n: n["inputs"].insert(2, {"name": "extra", "type": "INT", "optional": True, "widget": True}),
@@ -114,7 +118,8 @@ def test_reduce_info_marks_file_combos_dynamic():
     probe["input"]["required"]["file_name"] = [["a.safetensors", "probe.safetensors"], {}]
     schema = reduce_info(info, probe)
     assert [i["name"] for i in schema["inputs"]] == ["file_name", "mode", "n", "model"]
-    assert schema["inputs"][0] == {"name": "file_name", "type": "COMBO", "optional": False, "widget": True, "dynamic": True}
+    assert schema["inputs"][0] == {"name": "file_name", "type": "COMBO", "optional": False, "widget": True,
+                                   "dynamic": True}
     assert schema["inputs"][1]["options"] == ["a", "b"] and schema["inputs"][2]["max"] == 4
     assert schema["inputs"][3] == {"name": "model", "type": "NEXTSCALE_GENERATOR", "optional": True, "widget": False}
 

@@ -22,9 +22,9 @@ def test_class_lists():
     assert parse_class_list("circle, star ,1", names) == [0, 2, 1]
     assert parse_class_list("  ", names) == []
     assert class_index("STAR", names) == 2
-    with pytest.raises(NextScaleError, match="'hexagon' is not a class.*circle, square, Star"):
+    with pytest.raises(NextScaleError, match=r"'hexagon' is not a class.*circle, square, Star"):
         parse_class_list("circle, hexagon", names)
-    with pytest.raises(NextScaleError, match="outside 0..2"):
+    with pytest.raises(NextScaleError, match=r"outside 0..2"):
         parse_class_list("7", names)
     with pytest.raises(NextScaleError, match="empty class name"):
         parse_class_list("circle,,star", names)

@@ -266,7 +266,7 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     raises(lambda: te.check_text_width(4096), "4096-wide", "t5-xxl", "wrong model", "google/flan-t5-xl")
     raises(lambda: te.check_text_width(64), "64-wide", "expects 2048-wide")
     print("nodes ok")
-    """
+    """  # noqa: E501 (lines of the script above; wrapping them would change the string)
 )
 
 

@@ -255,7 +255,7 @@ def test_small_state_dict_loads_bitwise_and_files_round_trip(tmp_path):
         **{**config.to_dict(), "quant_resi": 0.5, "patch_nums": (1, 2, 4, 8)}
     )
     save_safetensors(sd, str(tmp_path / "bad.safetensors"), {"nextscale_config": "{not json"})
-    with pytest.raises(NextScaleError, match="bad.safetensors"):
+    with pytest.raises(NextScaleError, match=r"bad.safetensors"):
         MultiScaleVQVAE.from_file(str(tmp_path / "bad.safetensors"))
 
 

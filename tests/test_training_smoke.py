@@ -194,7 +194,7 @@ def test_generator_init_fine_tunes_from_a_file(tokenizer_file, workdir):
                                        ["--init", base_out, "--shared-aln"]))
     with pytest.raises(SystemExit, match="no such file"):
         train_generator.main(_gen_args(tok, str(workdir / "gen_none"), cache, 1, ["--init", base_out + ".x"]))
-    with pytest.raises(SystemExit, match="--class-weight 'dragon=2'.*circle, square"):
+    with pytest.raises(SystemExit, match=r"--class-weight 'dragon=2'.*circle, square"):
         train_generator.main(_gen_args(tok, str(workdir / "gen_cw"), cache, 1, ["--class-weight", "dragon=2"]))
 
 

@@ -139,7 +139,7 @@ def test_infer_config_reads_schedule_from_levels():
     sd = VAR(cfg).state_dict()
     assert VAR.infer_config(sd) == cfg
     del sd["lvl_1L"]
-    with pytest.raises(NextScaleError, match="'my.pth'.*no known schedule has 75 tokens over 4 scales"):
+    with pytest.raises(NextScaleError, match=r"'my.pth'.*no known schedule has 75 tokens over 4 scales"):
         VAR.infer_config(sd, "my.pth")
 
 
@@ -178,12 +178,12 @@ def test_load_errors_name_file_and_key():
     with pytest.raises(NextScaleError, match="attn_bias_for_masking is"):
         VAR.from_state_dict(bad_buffer, "gen.pth")
     no_class = {k: v for k, v in sd.items() if k != "class_emb.weight"}
-    with pytest.raises(NextScaleError, match="'gen.pth' has no key 'class_emb.weight'"):
+    with pytest.raises(NextScaleError, match=r"'gen.pth' has no key 'class_emb.weight'"):
         VAR.from_state_dict(no_class, "gen.pth")
     with pytest.raises(NextScaleError, match="tokenizer"):
         VAR.infer_config({"quantize.embedding.weight": torch.zeros(4, 2)}, "vae.pth")
     levels = {**sd, "lvl_1L": torch.zeros(1, 1, dtype=torch.long)}
-    with pytest.raises(NextScaleError, match="'gen.pth'.*'lvl_1L' describes 1 scales"):
+    with pytest.raises(NextScaleError, match=r"'gen.pth'.*'lvl_1L' describes 1 scales"):
         VAR.from_state_dict(levels, "gen.pth")
 
 
@@ -262,7 +262,8 @@ def test_bfloat16_weights_run_in_mixed_precision():
     cfg = VARConfig(depth=4, embed_dim=64, num_heads=4, num_classes=5, vocab_size=48, cvae=8, patch_nums=(1, 2, 3, 4))
     full = randomize_(VAR(cfg), seed=3)
     half = randomize_(VAR(cfg), seed=3).to(torch.bfloat16)
-    labels, x = torch.tensor([1, 4]), torch.randn(2, cfg.num_tokens - 1, cfg.cvae, generator=torch.Generator().manual_seed(0))
+    labels, x = torch.tensor([1, 4]), torch.randn(2, cfg.num_tokens - 1, cfg.cvae,
+                                                  generator=torch.Generator().manual_seed(0))
     block_out = half.blocks[0](torch.randn(2, 3, 64), half.condition(labels).ada_B16C[0])
     assert block_out.dtype == torch.float32
     ref, got = full.forward_teacher(labels, x), half.forward_teacher(labels, x)

@@ -131,7 +131,8 @@ def train(args) -> dict:
     tokenizer = MultiScaleVQVAE.from_file(args.tokenizer).to(device).eval().requires_grad_(False)
     var = VAR.from_file(args.generator).to(device).eval().requires_grad_(False)
     if tokenizer.config.image_size != args.resolution:
-        raise SystemExit(f"the tokenizer works on {tokenizer.config.image_size} px images but --resolution is {args.resolution}")
+        raise SystemExit(f"the tokenizer works on {tokenizer.config.image_size} px images "
+                         f"but --resolution is {args.resolution}")
     cfg = AdapterConfig.for_generator(
         var.config, layers=_ints(args.layers) or None, kind=args.kind, channels=_ints(args.channels),
         feat_dim=args.feat_dim, image_size=args.image_size or args.resolution, control_type=args.control,
@@ -144,7 +145,8 @@ def train(args) -> dict:
     if ckpt_path:
         ck = common.load_checkpoint(ckpt_path)
         if ck["config"] != cfg.to_dict():
-            raise SystemExit(f"{ckpt_path} was trained with another adapter ({ck['config']}); use the same arguments or another --run-dir")
+            raise SystemExit(f"{ckpt_path} was trained with another adapter ({ck['config']}); "
+                             "use the same arguments or another --run-dir")
         adapter.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step = int(ck["step"])
@@ -154,14 +156,17 @@ def train(args) -> dict:
     train_ds, held_ds = data.load_datasets(args.data, args.resolution, args.seed, args.train_count, args.heldout_count,
                                            args.cache_dir)
     if args.use_count and args.use_count < len(train_ds):
-        train_ds = data.ArrayDataset(train_ds.images[: args.use_count], train_ds.labels[: args.use_count], train_ds.class_names)
+        train_ds = data.ArrayDataset(train_ds.images[: args.use_count], train_ds.labels[: args.use_count],
+                                     train_ds.class_names)
     if len(train_ds.class_names) != var.num_classes:
         raise SystemExit(f"the data has {len(train_ds.class_names)} classes but the generator {var.num_classes}")
     progress = not args.no_progress
     os.makedirs(args.run_dir, exist_ok=True)
-    idx_train = _load_indices(cached_indices(tokenizer, args.tokenizer, train_ds.images, args.run_dir, "train", device, progress))
+    idx_train = _load_indices(cached_indices(tokenizer, args.tokenizer, train_ds.images, args.run_dir, "train",
+                                             device, progress))
     held_imgs = held_ds.images[: args.eval_count]
-    idx_held = _load_indices(cached_indices(tokenizer, args.tokenizer, held_imgs, args.run_dir, "heldout", device, progress))
+    idx_held = _load_indices(cached_indices(tokenizer, args.tokenizer, held_imgs, args.run_dir, "heldout",
+                                            device, progress))
     ctrl_train = control_maps(train_ds.images, args.control, args.edge_low, args.edge_high)
     ctrl_held = control_maps(held_imgs, args.control, args.edge_low, args.edge_high)
     lab_train, lab_held = torch.from_numpy(train_ds.labels), torch.from_numpy(held_ds.labels[: args.eval_count])

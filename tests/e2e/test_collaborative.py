@@ -39,9 +39,12 @@ def code_files(comfy_server):
 
 def prompt(draft_scales: int, seed: int, prefix: str) -> dict:
     return {
-        "1": {"class_type": "NextScaleLoadTokenizer", "inputs": {"tokenizer_name": "code_tokenizer.safetensors", "dtype": "auto"}},
-        "2": {"class_type": "NextScaleLoadGenerator", "inputs": {"generator_name": "code_drafter.safetensors", "dtype": "auto"}},
-        "3": {"class_type": "NextScaleLoadGenerator", "inputs": {"generator_name": "code_refiner.safetensors", "dtype": "auto"}},
+        "1": {"class_type": "NextScaleLoadTokenizer", "inputs": {
+            "tokenizer_name": "code_tokenizer.safetensors", "dtype": "auto"}},
+        "2": {"class_type": "NextScaleLoadGenerator", "inputs": {
+            "generator_name": "code_drafter.safetensors", "dtype": "auto"}},
+        "3": {"class_type": "NextScaleLoadGenerator", "inputs": {
+            "generator_name": "code_refiner.safetensors", "dtype": "auto"}},
         "4": {
             "class_type": "NextScaleCollaborativeSampler",
             "inputs": {

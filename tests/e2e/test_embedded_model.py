@@ -36,11 +36,14 @@ def test_sampler_node_samples_are_recognised_by_the_classifier(comfy_server):
 
     names = CARD["class_names"]
     prompt = {
-        "1": {"class_type": "NextScaleLoadTokenizer", "inputs": {"tokenizer_name": "nextscale-embedded", "dtype": "auto"}},
-        "2": {"class_type": "NextScaleLoadGenerator", "inputs": {"generator_name": "nextscale-embedded", "dtype": "auto"}},
+        "1": {"class_type": "NextScaleLoadTokenizer", "inputs": {
+            "tokenizer_name": "nextscale-embedded", "dtype": "auto"}},
+        "2": {"class_type": "NextScaleLoadGenerator", "inputs": {
+            "generator_name": "nextscale-embedded", "dtype": "auto"}},
         "3": {"class_type": "NextScaleSampler", "inputs": {
             "generator": ["2", 0], "tokenizer": ["1", 0], "class_name": names[0], "seed": 1000, "cfg": 4.0,
-            "top_k": 900, "top_p": 0.95, "more_smooth": False, "batch_size": PER_CLASS, "class_list": ", ".join(names)}},
+            "top_k": 900, "top_p": 0.95, "more_smooth": False, "batch_size": PER_CLASS,
+            "class_list": ", ".join(names)}},
         "4": {"class_type": "NextScaleDecode", "inputs": {"tokenizer": ["1", 0], "tokens": ["3", 0], "scales": 0}},
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "embedded_check"}},
     }

@@ -41,7 +41,8 @@ def prompt(policy: str, budget: float, prefix: str) -> dict:
         "4": {"class_type": "NextScaleKVPolicy", "inputs": {"policy": policy, "budget": budget, "profile": ["3", 0]}},
         "5": {"class_type": "NextScaleSampler", "inputs": {
             "generator": ["2", 0], "tokenizer": ["1", 0], "class_name": "alpha", "seed": 3, "cfg": 2.0,
-            "top_k": 0, "top_p": 0.0, "more_smooth": False, "batch_size": 2, "class_list": "beta", "kv_policy": ["4", 0]}},
+            "top_k": 0, "top_p": 0.0, "more_smooth": False, "batch_size": 2, "class_list": "beta",
+            "kv_policy": ["4", 0]}},
         "6": {"class_type": "NextScaleDecode", "inputs": {"tokenizer": ["1", 0], "tokens": ["5", 0], "scales": 0}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
         "8": {"class_type": "NextScaleKVReport", "inputs": {"generator": ["2", 0], "tokenizer": ["1", 0],

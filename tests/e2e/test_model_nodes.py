@@ -49,7 +49,8 @@ def model_files(comfy_server):
 
 def sampler_prompt(generator="tiny_generator.safetensors", seed=7, batch_size=2, class_list="beta, gamma", prefix=None):
     return {
-        "1": {"class_type": "NextScaleLoadTokenizer", "inputs": {"tokenizer_name": "tiny_tokenizer.safetensors", "dtype": "auto"}},
+        "1": {"class_type": "NextScaleLoadTokenizer", "inputs": {
+            "tokenizer_name": "tiny_tokenizer.safetensors", "dtype": "auto"}},
         "2": {"class_type": "NextScaleLoadGenerator", "inputs": {"generator_name": generator, "dtype": "auto"}},
         "3": {
             "class_type": "NextScaleSampler",
@@ -59,7 +60,8 @@ def sampler_prompt(generator="tiny_generator.safetensors", seed=7, batch_size=2,
             },
         },
         "4": {"class_type": "NextScaleDecode", "inputs": {"tokenizer": ["1", 0], "tokens": ["3", 0], "scales": 0}},
-        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": prefix or f"ns-{uuid.uuid4().hex[:6]}"}},
+        "5": {"class_type": "SaveImage", "inputs": {
+            "images": ["4", 0], "filename_prefix": prefix or f"ns-{uuid.uuid4().hex[:6]}"}},
     }
 
 
@@ -73,9 +75,11 @@ def test_encode_decode_round_trip(comfy_server, model_files):
     name = f"ns-input-{uuid.uuid4().hex[:6]}.png"
     Image.fromarray(src).save(comfy_server.base_dir / "input" / name)
     prompt = {
-        "1": {"class_type": "NextScaleLoadTokenizer", "inputs": {"tokenizer_name": "tiny_tokenizer.safetensors", "dtype": "auto"}},
+        "1": {"class_type": "NextScaleLoadTokenizer", "inputs": {
+            "tokenizer_name": "tiny_tokenizer.safetensors", "dtype": "auto"}},
         "2": {"class_type": "LoadImage", "inputs": {"image": name}},
-        "3": {"class_type": "NextScaleEncode", "inputs": {"tokenizer": ["1", 0], "image": ["2", 0], "resize": "center crop"}},
+        "3": {"class_type": "NextScaleEncode", "inputs": {
+            "tokenizer": ["1", 0], "image": ["2", 0], "resize": "center crop"}},
         "4": {"class_type": "NextScaleDecode", "inputs": {"tokenizer": ["1", 0], "tokens": ["3", 0], "scales": 0}},
         "5": {"class_type": "NextScaleDecode", "inputs": {"tokenizer": ["1", 0], "tokens": ["3", 0], "scales": 1}},
         "6": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "ns-roundtrip"}},
@@ -154,8 +158,10 @@ def test_unknown_class_is_a_clear_execution_error(comfy_server, model_files):
 
 def test_wrong_file_kind_is_a_clear_execution_error(comfy_server, model_files):
     prompt = {
-        "1": {"class_type": "NextScaleLoadTokenizer", "inputs": {"tokenizer_name": "tiny_generator.safetensors", "dtype": "auto"}},
-        "2": {"class_type": "NextScaleLoadGenerator", "inputs": {"generator_name": "tiny_generator.safetensors", "dtype": "auto"}},
+        "1": {"class_type": "NextScaleLoadTokenizer", "inputs": {
+            "tokenizer_name": "tiny_generator.safetensors", "dtype": "auto"}},
+        "2": {"class_type": "NextScaleLoadGenerator", "inputs": {
+            "generator_name": "tiny_generator.safetensors", "dtype": "auto"}},
         "3": {"class_type": "NextScaleSampler", "inputs": {
             "generator": ["2", 0], "tokenizer": ["1", 0], "class_name": "alpha", "seed": 1, "cfg": 1.0,
             "top_k": 0, "top_p": 0.0, "more_smooth": False, "batch_size": 1}},

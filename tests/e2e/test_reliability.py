@@ -61,7 +61,8 @@ def base_prompt(seed=7, batch_size=1, class_list="", generator=GEN, prefix=None)
             "generator": ["2", 0], "tokenizer": ["1", 0], "class_name": "alpha", "seed": seed, "cfg": 3.0,
             "top_k": 0, "top_p": 0.0, "more_smooth": False, "batch_size": batch_size, "class_list": class_list}},
         "4": {"class_type": "NextScaleDecode", "inputs": {"tokenizer": ["1", 0], "tokens": ["3", 0], "scales": 0}},
-        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": prefix or f"rel-{uuid.uuid4().hex[:6]}"}},
+        "5": {"class_type": "SaveImage", "inputs": {
+            "images": ["4", 0], "filename_prefix": prefix or f"rel-{uuid.uuid4().hex[:6]}"}},
     }
 
 
@@ -70,10 +71,12 @@ def edit_prompt() -> dict:
     p = base_prompt()
     p.update({
         "10": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 8421504}},
-        "11": {"class_type": "NextScaleEncode", "inputs": {"tokenizer": ["1", 0], "image": ["10", 0], "resize": "center crop"}},
+        "11": {"class_type": "NextScaleEncode", "inputs": {
+            "tokenizer": ["1", 0], "image": ["10", 0], "resize": "center crop"}},
         "12": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 16, "height": 16}},
-        "13": {"class_type": "NextScaleInpaintGuide", "inputs": {"tokens": ["11", 0], "mask": ["12", 0], "invert": False,
-                                                                   "mode": "tokens", "start_scale": 0, "end_scale": 0}},
+        "13": {"class_type": "NextScaleInpaintGuide", "inputs": {
+            "tokens": ["11", 0], "mask": ["12", 0], "invert": False,
+            "mode": "tokens", "start_scale": 0, "end_scale": 0}},
     })
     p["3"]["inputs"]["guide"] = ["13", 0]
     p["4"]["inputs"].update(composite_image=["10", 0], composite_mask=["12", 0])
@@ -103,7 +106,8 @@ def _cases() -> list[tuple[str, str, object]]:
     for name, values in wrong.items():
         for v in values:
             cases.append((f"sampler.{name}={v!r:.24}", "base", _set("3", name, v)))
-    cases.append(("sampler.mixed-batch-too-big", "base", lambda p: p["3"]["inputs"].update(class_list="alpha, beta", batch_size=40)))
+    cases.append(("sampler.mixed-batch-too-big", "base",
+                  lambda p: p["3"]["inputs"].update(class_list="alpha, beta", batch_size=40)))
     for node, name in (("1", "tokenizer_name"), ("2", "generator_name"), ("1", "dtype"), ("2", "dtype")):
         for v in ("missing.safetensors", "../../etc/passwd", "", 7, "float8"):
             cases.append((f"loader{node}.{name}={v!r}", "base", _set(node, name, v)))
@@ -127,7 +131,8 @@ def _cases() -> list[tuple[str, str, object]]:
         "image-1px": lambda p: p["10"]["inputs"].update(width=1, height=1),
         "image-batch-3-vs-sampler-batch-1": _set("10", "batch_size", 3),
         "composite-image-mismatched": lambda p: p.update({"14": {"class_type": "EmptyImage", "inputs": {
-            "width": 24, "height": 8, "batch_size": 2, "color": 0}}}) or p["4"]["inputs"].update(composite_image=["14", 0]),
+            "width": 24, "height": 8, "batch_size": 2, "color": 0}}})
+            or p["4"]["inputs"].update(composite_image=["14", 0]),
         "composite-mask-only": lambda p: p["4"]["inputs"].pop("composite_image"),
         "guide.start-after-end": lambda p: p["13"]["inputs"].update(start_scale=3, end_scale=1),
         "guide.end-beyond-scales": _set("13", "end_scale", 40),
@@ -213,8 +218,8 @@ def test_interrupt_mid_sampling_returns_memory(server, events):
     for attempt in range(2):
         slow["3"]["inputs"]["seed"] = 50 + attempt
         prompt_id = server.post_prompt(slow, client_id=events.client_id)
-        events.wait_for(lambda e, prompt_id=prompt_id: e["type"] == "progress" and e["data"].get("prompt_id") == prompt_id
-                        and e["data"].get("value", 0) >= 3, timeout=180)
+        events.wait_for(lambda e, prompt_id=prompt_id: e["type"] == "progress"
+                        and e["data"].get("prompt_id") == prompt_id and e["data"].get("value", 0) >= 3, timeout=180)
         peaks.append(_rss_mb(server))
         server.interrupt()
         final = events.wait_finished(prompt_id, timeout=120)
@@ -265,7 +270,8 @@ def test_soak_rss_growth_is_bounded(server):
     loads_before = server.log_text().count(f"loaded generator '{GEN}'")
     rss = []
     for i in range(n):
-        entry = server.run_prompt(base_prompt(seed=1000 + i, batch_size=2, class_list="alpha, gamma", prefix="soak"), timeout=120)
+        entry = server.run_prompt(base_prompt(seed=1000 + i, batch_size=2, class_list="alpha, gamma", prefix="soak"),
+                                  timeout=120)
         assert server.status_of(entry) == "success", server.error_messages(entry)
         rss.append(_rss_mb(server))
     growth = rss[-1] - rss[min(1, n - 1)]
@@ -282,7 +288,8 @@ def _pixels(server, entry) -> list[np.ndarray]:
 
 def test_determinism_across_runs_and_restart(server, start_comfy_server):
     def run(srv, prefix):
-        entry = srv.run_prompt(base_prompt(seed=4242, batch_size=2, class_list="beta, gamma", prefix=prefix), timeout=180)
+        entry = srv.run_prompt(base_prompt(seed=4242, batch_size=2, class_list="beta, gamma", prefix=prefix),
+                               timeout=180)
         assert srv.status_of(entry) == "success", srv.error_messages(entry)
         return _pixels(srv, entry)
 

@@ -69,7 +69,8 @@ def reduce_info(info: dict, probe: dict | None = None) -> dict:
             opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
             options = _options(spec)
             io_type = "COMBO" if options is not None else spec[0]
-            entry = {"name": name, "type": io_type, "optional": section == "optional", "widget": io_type in WIDGET_TYPES}
+            entry = {"name": name, "type": io_type, "optional": section == "optional",
+                     "widget": io_type in WIDGET_TYPES}
             if "default" in opts:
                 entry["default"] = opts["default"]
             for key in ("min", "max"):
