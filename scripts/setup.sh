@@ -29,7 +29,8 @@ FRONTEND_PIN="comfyui-frontend-package==1.32.9"
 # requests: imported by ComfyUI 0.3.75 (app/frontend_management.py) but missing from its requirements.txt.
 EXTRA_COMFY_DEPS=("requests")
 PACK_DEPS=("safetensors>=0.4.2" "numpy" "pillow" "einops")
-TEST_DEPS=("pytest>=8" "hypothesis" "playwright" "websocket-client")
+# ruff is pinned: tests/test_lint.py holds the code to the rules pyproject.toml selects, as this version reads them.
+TEST_DEPS=("pytest>=8" "hypothesis" "playwright" "websocket-client" "ruff==0.17.6")
 
 WITH_BROWSER=0
 for arg in "$@"; do
@@ -75,6 +76,7 @@ if [ -n "${NEXTSCALE_COMFYUI_DIR:-}" ] || [ -n "${NEXTSCALE_PYTHON:-}" ]; then
   check() { "$NEXTSCALE_PYTHON" -c "import $1" 2>/dev/null || missing+=("$2"); }
   check safetensors "safetensors>=0.4.2"; check numpy numpy; check PIL pillow; check einops einops
   check pytest "pytest>=8"; check hypothesis hypothesis; check playwright playwright; check websocket websocket-client
+  "$NEXTSCALE_PYTHON" -m ruff --version 2>/dev/null | grep -qx "ruff 0.17.6" || missing+=("ruff==0.17.6")
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing into $NEXTSCALE_PYTHON: ${missing[*]}"
     "$NEXTSCALE_PYTHON" -m pip install -q "${missing[@]}"
@@ -161,7 +163,7 @@ if [ "$(cat "$VENV/.nextscale-spec" 2>/dev/null)" != "$SPEC" ]; then
   "$PY" - <<'EOF'
 import importlib
 for m in ("torch", "torchvision", "comfyui_frontend_package", "aiohttp", "requests", "safetensors", "einops",
-          "pytest", "hypothesis", "playwright", "websocket"):
+          "pytest", "hypothesis", "playwright", "websocket", "ruff"):
     importlib.import_module(m)
 import torch, torchvision
 assert torch.__version__.split("+")[0] == "2.14.1", torch.__version__
