@@ -284,7 +284,7 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
-        sd = {k: f.get_tensor(k) for k in f}
+        sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     return sd, json.loads(meta.get(CONFIG_KEY, "{}"))
 
 
