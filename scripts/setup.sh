@@ -29,8 +29,10 @@ FRONTEND_PIN="comfyui-frontend-package==1.32.9"
 # requests: imported by ComfyUI 0.3.75 (app/frontend_management.py) but missing from its requirements.txt.
 EXTRA_COMFY_DEPS=("requests")
 PACK_DEPS=("safetensors>=0.4.2" "numpy" "pillow" "einops")
-# ruff is pinned: tests/test_lint.py holds the code to the rules pyproject.toml selects, as this version reads them.
-TEST_DEPS=("pytest>=8" "hypothesis" "playwright" "websocket-client" "ruff==0.17.6")
+# ruff is pinned (as in pyproject.toml's test extra): tests/test_lint.py holds the code to the rules pyproject.toml
+# selects, as this version reads them.
+RUFF_VERSION="0.17.6"
+TEST_DEPS=("pytest>=8" "hypothesis" "playwright" "websocket-client" "ruff==$RUFF_VERSION")
 
 WITH_BROWSER=0
 for arg in "$@"; do
@@ -76,7 +78,7 @@ if [ -n "${NEXTSCALE_COMFYUI_DIR:-}" ] || [ -n "${NEXTSCALE_PYTHON:-}" ]; then
   check() { "$NEXTSCALE_PYTHON" -c "import $1" 2>/dev/null || missing+=("$2"); }
   check safetensors "safetensors>=0.4.2"; check numpy numpy; check PIL pillow; check einops einops
   check pytest "pytest>=8"; check hypothesis hypothesis; check playwright playwright; check websocket websocket-client
-  "$NEXTSCALE_PYTHON" -m ruff --version 2>/dev/null | grep -qx "ruff 0.17.6" || missing+=("ruff==0.17.6")
+  "$NEXTSCALE_PYTHON" -m ruff --version 2>/dev/null | grep -qx "ruff $RUFF_VERSION" || missing+=("ruff==$RUFF_VERSION")
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing into $NEXTSCALE_PYTHON: ${missing[*]}"
     "$NEXTSCALE_PYTHON" -m pip install -q "${missing[@]}"

@@ -2,15 +2,27 @@
 test bed pins (scripts/setup.sh), so that a lint finding fails the suite like any other regression."""
 
 import os
+import re
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PINNED = "0.17.6"  # as scripts/setup.sh and pyproject.toml's test extra
+
+
+def _read(rel: str) -> str:
+    with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+        return f.read()
+
+
+PINNED = re.search(r'"ruff==([\d.]+)"', _read("pyproject.toml"))[1]  # the test extra's pin
 
 
 def _ruff(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_the_test_bed_installs_the_pinned_ruff():
+    assert f'RUFF_VERSION="{PINNED}"' in _read("scripts/setup.sh"), f"scripts/setup.sh must pin ruff {PINNED}"
 
 
 def test_the_pinned_ruff_is_installed():
