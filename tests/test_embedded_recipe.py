@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,12 +32,8 @@ def test_recipe_steps_parse_and_chain(tmp_path):
     args = _parsed(str(tmp_path))
     out = embedded.outputs(str(tmp_path))
     assert args["tokenizer"].out == out["tokenizer"]
-    assert args["generator"].tokenizer == out["tokenizer"] and args["generator"].out == out["generator_base"]
-    # refine starts a new run from the first run's export and writes the generator that is evaluated and shipped
-    assert args["refine"].init == out["generator_base"] and args["generator"].init is None
-    assert args["refine"].tokenizer == out["tokenizer"] and args["refine"].out == out["generator"]
-    arch = ("depth", "embed_dim", "num_heads", "mlp_ratio", "shared_aln", "train_count", "resolution", "seed")
-    assert [getattr(args["refine"], k) for k in arch] == [getattr(args["generator"], k) for k in arch]
+    assert args["generator"].tokenizer == out["tokenizer"] and args["generator"].out == out["generator"]
+    assert args["generator"].init is None  # one run from scratch
     assert args["control"].generator == out["generator"] and args["control"].tokenizer == out["tokenizer"]
     assert args["control"].out == out["control"]
     evaluate = {name: argv for name, _, argv in embedded.commands(str(tmp_path))}["evaluate"]
@@ -44,20 +41,19 @@ def test_recipe_steps_parse_and_chain(tmp_path):
     assert evaluate[evaluate.index("--generator") + 1] == out["generator"]
     assert evaluate[evaluate.index("--out") + 1] == out["eval"]
     run_dirs = {a.run_dir for a in args.values()}
-    assert len(run_dirs) == 4 and all(d.startswith(str(tmp_path)) for d in run_dirs)
+    assert len(run_dirs) == 3 and all(d.startswith(str(tmp_path)) for d in run_dirs)
     # the shipped files are small: both models exported in float16
-    assert {args[k].export_dtype for k in ("tokenizer", "generator", "refine")} == {"float16"}
+    assert {args[k].export_dtype for k in ("tokenizer", "generator")} == {"float16"}
+    # the adapter goes before every block of the generator
+    assert args["control"].layers == ",".join(str(i) for i in range(args["generator"].depth))
 
 
 def test_shipped_weights_are_what_the_recipe_builds():
-    from training.train_tokenizer import config_from_args
-
-    args = _parsed("runs/embedded")
+    argv = {name: a for name, _, a in embedded.commands("runs/embedded")}
+    for key in ("tokenizer", "generator", "control"):
+        assert embedded.foreign_fields(key, os.path.join(WEIGHTS, embedded.SHIPPED[key]), argv[key]) == [], key
     tok = MultiScaleVQVAE.from_file(os.path.join(WEIGHTS, embedded.SHIPPED["tokenizer"]))
-    assert tok.config.to_dict() == config_from_args(args["tokenizer"]).to_dict()
     var = VAR.from_file(os.path.join(WEIGHTS, embedded.SHIPPED["generator"]))
-    g = args["refine"]
-    assert (var.config.depth, var.config.embed_dim, var.config.num_heads) == (g.depth, g.embed_dim, g.num_heads)
     assert tuple(var.patch_nums) == tuple(tok.config.patch_nums)
     with open(os.path.join(WEIGHTS, embedded.SHIPPED["card"]), encoding="utf-8") as f:
         card = json.load(f)
@@ -89,23 +85,39 @@ def test_install_copies_under_the_shipped_names(tmp_path):
         assert json.load(f)["files"] == {k: embedded.SHIPPED[k] for k in ("tokenizer", "generator", "control")}
 
 
-def test_a_run_folder_from_before_the_refine_step_is_named(tmp_path):
-    """Its generator.safetensors is the unrefined generator: refine must not be skipped as done."""
-    out = embedded.outputs(str(tmp_path))
-    for key in ("tokenizer", "generator"):
-        with open(out[key], "wb") as f:
-            f.write(key.encode())
-    with pytest.raises(SystemExit, match=r"predates the refine step.*Rename it to generator_base.safetensors"):
+def _model_file(path, config):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"nextscale_config": json.dumps(config)})
+
+
+def test_an_output_of_another_recipe_is_named(tmp_path):
+    """A run folder of an earlier recipe (another depth, say) must not have its files evaluated and installed as
+    if this recipe had built them: the step names the file and the fields that differ."""
+    from training.train_tokenizer import config_from_args
+
+    out, args = embedded.outputs(str(tmp_path)), _parsed(str(tmp_path))
+    _model_file(out["tokenizer"], config_from_args(args["tokenizer"]).to_dict())
+    gen = args["generator"]
+    arch = {"depth": gen.depth, "embed_dim": gen.embed_dim, "num_heads": gen.num_heads, "mlp_ratio": gen.mlp_ratio,
+            "shared_aln": gen.shared_aln}
+    _model_file(out["generator"], {**arch, "depth": gen.depth - 2})
+    with pytest.raises(SystemExit, match=rf"generator.safetensors exists but is not what this recipe's generator "
+                                         rf"step builds \(depth {gen.depth - 2}, the recipe's {gen.depth}\)"):
         embedded.run(str(tmp_path))
-    os.rename(out["generator"], out["generator_base"])
-    for key in ("generator", "card", "control"):  # the new layout, every step done: all skipped, no error
-        with open(out[key], "wb") as f:
-            f.write(key.encode())
-    assert embedded.run(str(tmp_path)) == out
+    _model_file(out["generator"], arch)
+    layers = [int(v) for v in args["control"].layers.split(",")]
+    _model_file(out["control"], {"control_type": "edges", "kind": "add", "layers": layers[:-1]})
+    with open(out["card"], "w", encoding="utf-8") as f:
+        f.write("{}")
+    with pytest.raises(SystemExit, match=r"control_edges.safetensors exists .*\(layers \["):
+        embedded.run(str(tmp_path))
+    _model_file(out["control"], {"control_type": "edges", "kind": "add", "layers": layers})
+    assert embedded.run(str(tmp_path)) == out  # every step done and this recipe's: all skipped
 
 
 def test_unknown_step_is_named(tmp_path):
-    with pytest.raises(SystemExit, match=r"--only 'decoder'.*tokenizer.*generator.*refine.*evaluate.*control"):
+    with pytest.raises(SystemExit, match=r"--only 'decoder'.*tokenizer.*generator.*evaluate.*control"):
         embedded.run(str(tmp_path), only="decoder")
 
 

@@ -6,15 +6,15 @@
 The steps are those that produced the shipped files (:data:`RECIPE`):
 
 1. ``tokenizer``: the multi-scale VQ-VAE (training/train_tokenizer.py);
-2. ``generator``: the VAR transformer on that tokenizer's codes (training/train_generator.py);
-3. ``refine``: a second run of the same trainer from the generator's exported (EMA) weights, with a new warm-up
-   and a lower cosine (``--init``); its output is the shipped generator;
-4. ``evaluate``: the measurements of training/evaluate.py, written into the card ``nextscale_embedded.json``;
-5. ``control``: the edge-control adapter on the frozen generator (training/train_control.py).
+2. ``generator``: the VAR transformer on that tokenizer's codes (training/train_generator.py), one cosine schedule;
+3. ``evaluate``: the measurements of training/evaluate.py, written into the card ``nextscale_embedded.json``;
+4. ``control``: the edge-control adapter on the frozen generator (training/train_control.py).
 
 Every step resumes from its run folder (``runs/embedded/<step>/last.pt``) and is skipped once its output exists, so
 an interrupted run continues where it stopped. Batches are a pure function of (seed, step), so a rerun reproduces
 the metrics within the noise of floating-point reductions. ``--only STEP`` runs one step (its inputs must exist).
+An existing output is first checked against what its step builds (:func:`foreign_fields`): one left by an earlier
+recipe, a generator of another depth say, stops the run with the file and the differing fields named.
 """
 
 from __future__ import annotations
@@ -32,31 +32,20 @@ if __package__ in (None, ""):  # run as a file
 from training import common
 
 # (step, trainer module, its options); the run folder, the inputs and --out are added by :func:`commands`.
-# The shipped generator was trained in three legs, each resumed from the last.pt of the one before: --steps 8000
-# and then 15000 on --train-count 60000, then 23000 on --train-count 120000 (its first 60000 images are the same
-# ones: an image is a function of its index). train_generator stretches the cosine to each new total, so the
-# learning rate rose again at steps 8000 (5e-5 -> 4.8e-4) and 15000 (5e-5 -> 3.1e-4). A run from scratch follows
-# one cosine to 23000, and its figures will differ a little (bench/RESULTS.md). Those run folders were lost
-# afterwards (a fresh checkout), so the next leg became its own step, ``refine``: it starts from the exported
-# EMA weights with a fresh optimizer, which a run from scratch repeats exactly.
 RECIPE: list[tuple[str, str, list[str]]] = [
     ("tokenizer", "training.train_tokenizer",
      ["--ch-mult", "1,1,2,4", "--patch-nums", "1,2,3,4,5,6,8", "--steps", "6000", "--lr", "6e-4",
       "--precision", "bf16", "--export-dtype", "float16"]),
     ("generator", "training.train_generator",
-     ["--depth", "6", "--embed-dim", "256", "--num-heads", "4", "--train-count", "120000", "--steps", "23000",
-      "--precision", "bf16", "--export-dtype", "float16"]),
-    ("refine", "training.train_generator",
-     ["--depth", "6", "--embed-dim", "256", "--num-heads", "4", "--train-count", "120000", "--steps", "4500",
-      "--lr", "3e-4", "--precision", "bf16", "--export-dtype", "float16"]),
+     ["--depth", "8", "--shared-aln", "--embed-dim", "256", "--num-heads", "4", "--train-count", "120000",
+      "--steps", "23000", "--precision", "bf16", "--export-dtype", "float16"]),
     ("evaluate", "training.evaluate", ["--per-class", "50", "--repeats", "4", "--threads", "1"]),
     ("control", "training.train_control",
-     ["--control", "edges", "--kind", "add", "--layers", "0,1,2,3,4,5", "--steps", "1500", "--precision", "bf16"]),
+     ["--control", "edges", "--kind", "add", "--layers", "0,1,2,3,4,5,6,7", "--steps", "1500", "--precision", "bf16"]),
 ]
 STEPS = tuple(name for name, _, _ in RECIPE)
 # the output of each step (a key of :func:`outputs`); a step is skipped once it exists
-TARGET = {"tokenizer": "tokenizer", "generator": "generator_base", "refine": "generator", "evaluate": "card",
-          "control": "control"}
+TARGET = {"tokenizer": "tokenizer", "generator": "generator", "evaluate": "card", "control": "control"}
 
 # the names under weights/ (nodes/model_files.py and nodes/control.py look for these)
 SHIPPED = {"tokenizer": "nextscale_tokenizer.safetensors", "generator": "nextscale_generator.safetensors",
@@ -65,7 +54,6 @@ SHIPPED = {"tokenizer": "nextscale_tokenizer.safetensors", "generator": "nextsca
 
 def outputs(run_dir: str) -> dict[str, str]:
     return {"tokenizer": os.path.join(run_dir, "tokenizer.safetensors"),
-            "generator_base": os.path.join(run_dir, "generator_base.safetensors"),
             "generator": os.path.join(run_dir, "generator.safetensors"),
             "control": os.path.join(run_dir, "control_edges.safetensors"),
             "eval": os.path.join(run_dir, "eval.json"),
@@ -77,10 +65,9 @@ def commands(run_dir: str) -> list[tuple[str, str, list[str]]]:
     """``(step, module, argv)`` of every step in order, wired to each other's outputs under ``run_dir``."""
     out = outputs(run_dir)
     tok, gen = ["--tokenizer", out["tokenizer"]], ["--generator", out["generator"]]
-    inputs = {"tokenizer": [], "generator": tok, "refine": [*tok, "--init", out["generator_base"]],
-              "evaluate": tok + gen, "control": gen + tok}
+    inputs = {"tokenizer": [], "generator": tok, "evaluate": tok + gen, "control": gen + tok}
     results = {name: ["--run-dir", os.path.join(run_dir, name), "--out", out[TARGET[name]]]
-               for name in ("tokenizer", "generator", "refine", "control")}
+               for name in ("tokenizer", "generator", "control")}
     results["evaluate"] = ["--out", out["eval"], "--grid", out["samples"]]
     return [(name, module, inputs[name] + opts + results[name]) for name, module, opts in RECIPE]
 
@@ -94,7 +81,9 @@ def shell_lines(run_dir: str) -> list[str]:
 def card_metrics(res: dict) -> dict:
     """The flat metrics of the card from :func:`training.evaluate.evaluate`'s nested result."""
     tok, gen = res["tokenizer"], res["generator"]
-    r = lambda v, n=3: round(float(v), n)  # noqa: E731
+    def r(v, n=3):
+        return round(float(v), n)
+
     return {
         "tokenizer_psnr_db": r(tok["psnr"], 2),
         "tokenizer_psnr_of_mean_mse_db": r(tok["psnr_of_mean_mse"], 2),
@@ -138,6 +127,33 @@ def _write_card(run_dir: str) -> None:
                   ["python -m training.embedded  # runs the lines below in order, resumable", *shell_lines(run_dir)])
 
 
+def foreign_fields(name: str, path: str, argv: list[str]) -> list[str]:
+    """How the config stored in ``path``, an existing output of step ``name``, differs from what the step builds
+    from ``argv`` (its architecture options only); empty when they agree or the step writes no model."""
+    import importlib
+
+    if name not in ("tokenizer", "generator", "control"):
+        return []
+    module = {n: m for n, m, _ in RECIPE}[name]
+    args = importlib.import_module(module).build_parser().parse_args(argv)
+    if name == "tokenizer":
+        from training.train_tokenizer import config_from_args
+
+        want = config_from_args(args).to_dict()
+    elif name == "generator":
+        want = {k: getattr(args, k) for k in ("depth", "embed_dim", "num_heads", "mlp_ratio", "shared_aln")}
+    else:
+        want = {"control_type": args.control, "kind": args.kind}
+        if args.layers:
+            want["layers"] = [int(v) for v in args.layers.split(",")]
+    want = json.loads(json.dumps(want))  # tuples as the stored JSON has them
+    common.import_pack()
+    from nextscale.models.checkpoint import CONFIG_METADATA_KEY, read_safetensors_metadata
+
+    have = json.loads(read_safetensors_metadata(path).get(CONFIG_METADATA_KEY, "{}"))
+    return [f"{k} {have.get(k)!r}, the recipe's {v!r}" for k, v in want.items() if have.get(k) != v]
+
+
 def run(run_dir: str, only: str | None = None) -> dict[str, str]:
     """Runs the recipe's missing steps into ``run_dir`` (``only``: that step alone); returns :func:`outputs`."""
     import importlib
@@ -147,12 +163,6 @@ def run(run_dir: str, only: str | None = None) -> dict[str, str]:
     if only is not None and only not in STEPS:
         raise SystemExit(f"--only {only!r}: choose one of {list(STEPS)}")
     out = outputs(run_dir)
-    if (os.path.isfile(out["generator"]) and not os.path.isfile(out["generator_base"])
-            and not os.path.isdir(os.path.join(run_dir, "refine"))):
-        raise SystemExit(f"{out['generator']} exists but {out['generator_base']} does not: this run folder predates "
-                         f"the refine step, and the file is the generator step's output. Rename it to "
-                         f"{os.path.basename(out['generator_base'])} so that refine starts from it, or use another "
-                         f"--run-dir")
     os.makedirs(run_dir, exist_ok=True)
     threads = torch.get_num_threads()  # evaluate times sampling on one thread; the trainers use them all
     for name, module, argv in commands(run_dir):
@@ -160,6 +170,11 @@ def run(run_dir: str, only: str | None = None) -> dict[str, str]:
             continue
         target = out[TARGET[name]]
         if os.path.isfile(target) and only is None:
+            differs = foreign_fields(name, target, argv)
+            if differs:
+                raise SystemExit(f"{target} exists but is not what this recipe's {name} step builds "
+                                 f"({'; '.join(differs)}): it comes from an earlier recipe. Move the run folder "
+                                 f"away or pass another --run-dir")
             print(f"[embedded] {name}: {target} exists, skipped", flush=True)
             continue
         torch.set_num_threads(threads)
