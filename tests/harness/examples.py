@@ -394,6 +394,8 @@ def build(names: list[str]) -> int:
                 example = EXAMPLES[name]
                 workflow = annotate(build_ui(example.prompt, server), example)
                 path = WORKFLOWS_DIR / f"{name}.json"
+                if path.is_file():  # a rebuild keeps the workflow's id, so that only real changes show in a diff
+                    workflow["id"] = json.loads(path.read_text()).get("id") or workflow["id"]
                 path.write_text(json.dumps(workflow, indent=1) + "\n")
                 print(f"[examples] wrote {path}")
                 if example.needs_user_files:
