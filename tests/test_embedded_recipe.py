@@ -15,6 +15,7 @@ sys.path.insert(0, ROOT)
 from training import common, embedded  # noqa: E402
 
 common.import_pack()
+from nextscale.models.checkpoint import CONFIG_METADATA_KEY, save_safetensors  # noqa: E402
 from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
 from nextscale.models.var import VAR  # noqa: E402
 
@@ -86,9 +87,7 @@ def test_install_copies_under_the_shipped_names(tmp_path):
 
 
 def _model_file(path, config):
-    from safetensors.torch import save_file
-
-    save_file({"w": torch.zeros(1)}, str(path), metadata={"nextscale_config": json.dumps(config)})
+    save_safetensors({"w": torch.zeros(1)}, str(path), {CONFIG_METADATA_KEY: config})
 
 
 def test_an_output_of_another_recipe_is_named(tmp_path):
@@ -106,7 +105,7 @@ def test_an_output_of_another_recipe_is_named(tmp_path):
                                          rf"step builds \(depth {gen.depth - 2}, the recipe's {gen.depth}\)"):
         embedded.run(str(tmp_path))
     _model_file(out["generator"], arch)
-    layers = [int(v) for v in args["control"].layers.split(",")]
+    layers = list(range(gen.depth))  # the recipe's adapter goes before every block
     _model_file(out["control"], {"control_type": "edges", "kind": "add", "layers": layers[:-1]})
     with open(out["card"], "w", encoding="utf-8") as f:
         f.write("{}")

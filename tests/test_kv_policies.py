@@ -238,9 +238,8 @@ def test_fidelity_ordering():
         # Measured on the embedded models (bench/RESULTS.md, `bench/bench_kv.py --part embedded`): on 6- and 8-layer,
         # 4-head models the order among the policies moves with the weights (at 25 % ScaleKV led the recent window by
         # 1.8, -0.4, 1.0, -1.1, -0.7 and -0.5 dB on six successive models; HACK trailed it by 0.6, 1.7, 0.7, 0.4, 0.9
-        # and 0.1 dB), so these
-        # are regression guards with a margin for that spread; a broken policy loses far more (10 % reads ~5 dB
-        # below 25 %).
+        # and 0.1 dB), so these are regression guards with a margin for that spread; a broken policy loses far more
+        # (10 % reads ~5 dB below 25 %).
         assert psnr["scalekv", 0.25] >= psnr["recent", 0.25] - 1.5, psnr
         assert psnr["scalekv", 0.5] >= psnr["recent", 0.5] - 1.0, psnr
         assert psnr["hack", 0.25] >= psnr["recent", 0.25] - 2.0, psnr

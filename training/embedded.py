@@ -143,9 +143,11 @@ def foreign_fields(name: str, path: str, argv: list[str]) -> list[str]:
     elif name == "generator":
         want = {k: getattr(args, k) for k in ("depth", "embed_dim", "num_heads", "mlp_ratio", "shared_aln")}
     else:
+        from training.train_control import _ints  # how train_control reads --layers
+
         want = {"control_type": args.control, "kind": args.kind}
         if args.layers:
-            want["layers"] = [int(v) for v in args.layers.split(",")]
+            want["layers"] = _ints(args.layers)
     want = json.loads(json.dumps(want))  # tuples as the stored JSON has them
     common.import_pack()
     from nextscale.models.checkpoint import CONFIG_METADATA_KEY, read_safetensors_metadata
