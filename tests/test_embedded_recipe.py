@@ -138,3 +138,10 @@ def test_card_metrics_flatten_the_evaluation():
     m = embedded.card_metrics(res)
     assert m["frechet_ratio_mean_of_draws"] == 3.5 and m["frechet_ratio_draws"] == [4.0, 3.0]
     assert m["class_accuracy_draws"] == [0.95, 0.9] and m["frechet_ratio"] == 4.0
+    assert "at_other_cfg" not in m
+    res["generator"]["at_cfg"] = [{"cfg": 2.0, "seeds": [0, 100000], "class_accuracy": [0.9612, 0.9],
+                                   "frechet_ratio": [2.5049, 3.0], "frechet_ratio_mean": 2.75245,
+                                   "frechet_ratio_sd": 0.35}]
+    assert embedded.card_metrics(res)["at_other_cfg"] == [
+        {"cfg": 2.0, "class_accuracy_draws": [0.961, 0.9], "frechet_ratio_draws": [2.5, 3.0],
+         "frechet_ratio_mean_of_draws": 2.75}]

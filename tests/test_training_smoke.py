@@ -293,5 +293,11 @@ def test_evaluate_repeats_draw_disjoint_sets(tokenizer_file, workdir):
     assert rep["frechet_ratio"][0] == pytest.approx(one["frechet_ratio"]) == pytest.approx(two["frechet_ratio"])
     assert rep["frechet_ratio"][1] != pytest.approx(rep["frechet_ratio"][0])
     assert rep["frechet_ratio_mean"] == pytest.approx(sum(rep["frechet_ratio"]) / 2)
+    # --also-cfg: the same seeds at another guidance; at the evaluation's own cfg it repeats the draws exactly
+    also = evaluate.evaluate(tok, gen_out, clf_path, repeats=2, also_cfg=[4.0, 0.0], **kw)["generator"]["at_cfg"]
+    assert [a["cfg"] for a in also] == [4.0, 0.0] and also[0]["seeds"] == rep["seeds"]
+    assert also[0]["frechet_ratio"] == pytest.approx(rep["frechet_ratio"])
+    assert also[0]["class_accuracy"] == pytest.approx(rep["class_accuracy"])
+    assert also[1]["frechet_ratio"] != pytest.approx(rep["frechet_ratio"])
     with pytest.raises(SystemExit, match="--repeats 0"):
         evaluate.main(["--tokenizer", tok, "--repeats", "0"])

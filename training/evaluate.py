@@ -7,6 +7,8 @@
   of the distance (what replacing that class's samples with real images would take off it);
 - ``--repeats N``: the generated set drawn N times (disjoint seeds), each draw's ratio and their mean; one draw of
   500 images moves the ratio by a few tenths;
+- ``--also-cfg C``: the same draws (same seeds) again at guidance ``C``, each draw's class accuracy and ratio: VAR
+  itself reports FID at another cfg (1.5) than its demo samples with (4), and so does the embedded model's card;
 - speed: wall time of sampling 4 images (one batch, default options, decode included) on this machine.
 
 Example (from the repository root)::
@@ -19,11 +21,13 @@ Example (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,11 +76,13 @@ def time_sampling(var, tokenizer, options: SamplingOptions, n_images: int = 4, r
 def evaluate(tokenizer_path: str, generator_path: str | None, classifier_path: str, per_class: int = 50,
              options: SamplingOptions | None = None, seed: int = 0, data_seed: int = 0, heldout_count: int = 2000,
              cache_dir: str | None = None, grid: str | None = None, timing: bool = True,
-             tokenizer_count: int = 1000, generator_dtype: str = "float32", repeats: int = 1) -> dict:
+             tokenizer_count: int = 1000, generator_dtype: str = "float32", repeats: int = 1,
+             also_cfg: Sequence[float] = ()) -> dict:
     """Every metric of the module docstring. ``repeats`` > 1 draws the generated set again with seeds
     ``seed + r * REPEAT_SEED_STRIDE`` (disjoint from the first set's per-image seeds) and adds, under
     ``generator.repeats``, each draw's class accuracy and Frechet ratio with their mean: a 500-image ratio moves
-    by a few tenths from one draw to the next, so the mean is the figure to compare models by."""
+    by a few tenths from one draw to the next, so the mean is the figure to compare models by. Each guidance in
+    ``also_cfg`` draws the same seeds once more with ``options.cfg`` replaced, listed under ``generator.at_cfg``."""
     from training.train_tokenizer import evaluate_tokenizer
 
     tokenizer = MultiScaleVQVAE.from_file(tokenizer_path)
@@ -110,14 +116,18 @@ def evaluate(tokenizer_path: str, generator_path: str | None, classifier_path: s
         raise SystemExit(f"need {2 * n} held-out images for the real-vs-real floor, have {len(held)}")
     xh, yh = held.tensors()
     m = clf.compare(model, gen, labels, xh[:n], yh[:n], xh[n:2 * n], K, real_b_labels=yh[n:2 * n])
+    seeds = [seed + r * REPEAT_SEED_STRIDE for r in range(repeats)]
+
+    def draw(s: int, opts: SamplingOptions) -> dict:
+        return clf.compare(model, generate(var, tokenizer, labels, s, opts), labels, xh[:n], yh[:n], xh[n:2 * n], K)
+
     if repeats > 1:
-        seeds = [seed + r * REPEAT_SEED_STRIDE for r in range(repeats)]
-        draws = [m] + [clf.compare(model, generate(var, tokenizer, labels, s, options), labels, xh[:n], yh[:n],
-                                   xh[n:2 * n], K) for s in seeds[1:]]
-        ratios = [d["frechet_ratio"] for d in draws]
-        m["repeats"] = {"seeds": seeds, "class_accuracy": [d["class_accuracy"] for d in draws],
-                        "frechet_ratio": ratios, "frechet_ratio_mean": statistics.fmean(ratios),
-                        "frechet_ratio_sd": statistics.stdev(ratios)}
+        m["repeats"] = _summary(seeds, [m] + [draw(s, options) for s in seeds[1:]])
+    if also_cfg:
+        m["at_cfg"] = []
+        for c in also_cfg:
+            opts = dataclasses.replace(options, cfg=float(c))
+            m["at_cfg"].append({"cfg": float(c), **_summary(seeds, [draw(s, opts) for s in seeds])})
     m["class_names"] = list(var.class_names or range(K))
     m["options"] = {"cfg": options.cfg, "top_k": options.top_k, "top_p": options.top_p,
                     "temperature": options.temperature, "more_smooth": options.more_smooth}
@@ -128,6 +138,14 @@ def evaluate(tokenizer_path: str, generator_path: str | None, classifier_path: s
         order = torch.cat([torch.nonzero(labels == c).flatten()[:8] for c in range(K)])
         data.save_grid(data.to_uint8(gen[order]), grid, cols=8)
     return out
+
+
+def _summary(seeds: list[int], draws: list[dict]) -> dict:
+    """Each draw's class accuracy and Frechet ratio (draw ``i`` generated from ``seeds[i]``), and the ratios' mean."""
+    ratios = [d["frechet_ratio"] for d in draws]
+    return {"seeds": seeds, "class_accuracy": [d["class_accuracy"] for d in draws], "frechet_ratio": ratios,
+            "frechet_ratio_mean": statistics.fmean(ratios),
+            "frechet_ratio_sd": statistics.stdev(ratios) if len(ratios) > 1 else 0.0}
 
 
 def write_card(path: str, tokenizer_path: str, generator_path: str, metrics: dict, options: SamplingOptions,
@@ -173,6 +191,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1,
                     help="draw the generated set this many times (other seeds) and report each ratio and their mean")
+    ap.add_argument("--also-cfg", type=float, action="append", default=[], metavar="CFG",
+                    help="draw the same sets again at this guidance (repeatable); reported under generator.at_cfg")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--heldout-count", type=int, default=2000)
     ap.add_argument("--cache-dir", default=os.path.join(common.repo_root(), "data"))
@@ -189,7 +209,7 @@ def main(argv=None):
     opts = SamplingOptions(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
     res = evaluate(args.tokenizer, args.generator, args.classifier, args.per_class, opts, args.seed, args.data_seed,
                    args.heldout_count, args.cache_dir, args.grid, not args.no_timing, generator_dtype=args.dtype,
-                   repeats=args.repeats)
+                   repeats=args.repeats, also_cfg=args.also_cfg)
     text = json.dumps(res, indent=1)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
