@@ -1,9 +1,10 @@
 """Where the embedded generator's Fréchet gap comes from: which classes, and which scales.
 
     python bench/bench_embedded_gap.py [--generator weights/nextscale_generator.safetensors] [--per-class 50]
-                                       [--classes star] [--threads 1]
+                                       [--classes star] [--cfg 4] [--threads 1]
 
-Two measurements with the measuring-stick classifier, on the held-out split, at the sampler's defaults:
+Two measurements with the measuring-stick classifier, on the held-out split, at the sampler's defaults (``--cfg``
+changes the guidance):
 
 1. per class: the Fréchet distance of the class's samples against real images of the class, next to the same
    distance between two real sets of the class (its floor), and the class's share of the overall distance
@@ -54,6 +55,7 @@ def main(argv=None):
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--classes", default="star", help="comma-separated class names for the per-scale part")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cfg", type=float, default=SamplingOptions.cfg, help="guidance (default: the sampler's)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     common.set_threads(args.threads)
@@ -69,7 +71,7 @@ def main(argv=None):
     if 3 * n > len(x):
         raise SystemExit(f"--per-class {args.per_class}: needs {3 * n} held-out images, the split has {len(x)}")
     xa, ya, xb, yb = x[:n], y[:n], x[n:2 * n], y[n:2 * n]
-    options = SamplingOptions()
+    options = SamplingOptions(cfg=args.cfg)
     labels = torch.arange(n) % K
     gen = generate(var, tokenizer, labels, args.seed, options)
     _, fg = clf.predict(model, gen)
@@ -77,7 +79,8 @@ def main(argv=None):
     _, fb = clf.predict(model, xb)
     fd, floor = clf.frechet_distance(fa, fg), clf.frechet_distance(fa, fb)
     share = clf.frechet_share_per_class(fa, fg, labels, fb, yb, K)
-    print(f"generator {args.generator}\noverall: Frechet {fd:.3f}, floor {floor:.3f}, ratio {fd / floor:.2f}")
+    print(f"generator {args.generator}, cfg {args.cfg:g}")
+    print(f"overall: Frechet {fd:.3f}, floor {floor:.3f}, ratio {fd / floor:.2f}")
     print("| class | Fréchet (class) | floor (class) | ratio | share of the overall distance |")
     print("|---|---|---|---|---|")
     for c in range(K):
