@@ -86,6 +86,11 @@ def card_metrics(res: dict) -> dict:
     def r(v, n=3):
         return round(float(v), n)
 
+    def draws(d: dict) -> dict:  # a set of draws of training.evaluate (its ``repeats`` or one of ``at_cfg``)
+        return {"frechet_ratio_mean_of_draws": r(d["frechet_ratio_mean"], 2),
+                "frechet_ratio_draws": [r(v, 2) for v in d["frechet_ratio"]],
+                "class_accuracy_draws": [r(v) for v in d["class_accuracy"]]}
+
     return {
         "tokenizer_psnr_db": r(tok["psnr"], 2),
         "tokenizer_psnr_of_mean_mse_db": r(tok["psnr_of_mean_mse"], 2),
@@ -98,13 +103,8 @@ def card_metrics(res: dict) -> dict:
         "frechet_floor_real_vs_real": r(gen["frechet_floor_real_vs_real"]),
         "frechet_ratio": r(gen["frechet_ratio"], 2),
         "frechet_share_per_class": [r(v, 2) for v in gen.get("frechet_share_per_class", [])],
-        **({"frechet_ratio_mean_of_draws": r(gen["repeats"]["frechet_ratio_mean"], 2),
-            "frechet_ratio_draws": [r(v, 2) for v in gen["repeats"]["frechet_ratio"]],
-            "class_accuracy_draws": [r(v) for v in gen["repeats"]["class_accuracy"]]} if "repeats" in gen else {}),
-        **({"at_other_cfg": [{"cfg": a["cfg"], "class_accuracy_draws": [r(v) for v in a["class_accuracy"]],
-                              "frechet_ratio_draws": [r(v, 2) for v in a["frechet_ratio"]],
-                              "frechet_ratio_mean_of_draws": r(a["frechet_ratio_mean"], 2)}
-                             for a in gen["at_cfg"]]} if "at_cfg" in gen else {}),
+        **(draws(gen["repeats"]) if "repeats" in gen else {}),
+        **({"at_other_cfg": [{"cfg": a["cfg"], **draws(a)} for a in gen["at_cfg"]]} if "at_cfg" in gen else {}),
         "diversity_ratio_mean": r(gen["diversity_ratio_mean"], 2),
         "diversity_ratio_min": r(min(g / max(x, 1e-9) for g, x in zip(gen["diversity_generated"],
                                                                        gen["diversity_real"])), 2),
