@@ -32,10 +32,10 @@ from packbootstrap import register_pack
 register_pack()
 
 from bench_sampler import randomise_  # noqa: E402
-from nextscale.models.collaborative import sample_collaborative  # noqa: E402
-from nextscale.models.sampler import SamplingOptions, sample  # noqa: E402
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
-from nextscale.models.var import VAR, VARConfig  # noqa: E402
+from nextscale.models.var.collaborative import sample_collaborative  # noqa: E402
+from nextscale.models.var.model import VAR, VARConfig  # noqa: E402
+from nextscale.models.var.sampler import SamplingOptions, sample  # noqa: E402
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -24,11 +24,12 @@ sys.path.insert(0, str(ROOT))
 from training import common, data  # noqa: E402
 
 common.import_pack()
-from nextscale.models.control import ControlAdapter  # noqa: E402
-from nextscale.models.control_maps import canny_edges  # noqa: E402
-from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample  # noqa: E402
-from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
-from nextscale.models.var import VAR  # noqa: E402
+from nextscale.models.control.adapters import ControlAdapter  # noqa: E402
+from nextscale.models.control.maps import canny_edges  # noqa: E402
+from nextscale.models.core.hooks import SamplerHooks  # noqa: E402
+from nextscale.models.var.model import VAR  # noqa: E402
+from nextscale.models.var.sampler import SamplingOptions, sample  # noqa: E402
+from nextscale.models.var.tokenizer import MultiScaleVQVAE  # noqa: E402
 
 from training.classifier import load_classifier, predict  # noqa: E402
 

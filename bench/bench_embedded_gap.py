@@ -32,9 +32,10 @@ from training import common, data  # noqa: E402
 from training.evaluate import generate  # noqa: E402
 
 common.import_pack()
-from nextscale.models.sampler import Guide, SamplerHooks, SamplingOptions  # noqa: E402
-from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
-from nextscale.models.var import VAR  # noqa: E402
+from nextscale.models.core.hooks import Guide, SamplerHooks  # noqa: E402
+from nextscale.models.var.model import VAR  # noqa: E402
+from nextscale.models.var.sampler import SamplingOptions  # noqa: E402
+from nextscale.models.var.tokenizer import MultiScaleVQVAE  # noqa: E402
 
 
 class ForceFirstScales(Guide):

@@ -3,7 +3,7 @@
 Two parts:
 
 1. ``--part memory``: the KV cache of d16/d30/d36-size configs (256 px / 512 px schedules, fp16 keys and values,
-   CFG rows) driven by synthetic keys and queries through the real :class:`~nextscale.models.kv_cache.KVCache` and
+   CFG rows) driven by synthetic keys and queries through the real :class:`~nextscale.models.core.kv_cache.KVCache` and
    the policies' ``after_attention`` (the transformer itself is skipped; the cache does not depend on it). Peak
    bytes (buffers plus working copy) and the bytes carried between scales, measured from the cache. ScaleKV and HACK
    use a random profile of the right shape (memory depends on the budgets only).
@@ -36,13 +36,13 @@ from packbootstrap import register_pack  # noqa: E402
 
 register_pack(ROOT)
 
-from nextscale.models.kv_cache import KVCache  # noqa: E402
-from nextscale.models.kv_policies import POLICIES, KVPolicySpec  # noqa: E402
-from nextscale.models.kv_profile import KVProfile, calibrate  # noqa: E402
-from nextscale.models.kv_report import decode, kv_report, run_with  # noqa: E402
-from nextscale.models.sampler import SamplingOptions  # noqa: E402
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
-from nextscale.models.var import VAR, VARConfig  # noqa: E402
+from nextscale.models.core.kv_cache import KVCache  # noqa: E402
+from nextscale.models.kv.policies import POLICIES, KVPolicySpec  # noqa: E402
+from nextscale.models.kv.profile import KVProfile, calibrate  # noqa: E402
+from nextscale.models.kv.report import decode, kv_report, run_with  # noqa: E402
+from nextscale.models.var.model import VAR, VARConfig  # noqa: E402
+from nextscale.models.var.sampler import SamplingOptions  # noqa: E402
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
 
 BUDGETS = (0.5, 0.25, 0.1)
 

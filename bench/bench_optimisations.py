@@ -44,9 +44,9 @@ register_pack()
 from bench_sampler import randomise_, sync  # noqa: E402
 from nextscale.kernels.attention import ENV_BACKEND  # noqa: E402
 from nextscale.models import blocks  # noqa: E402
-from nextscale.models.kv_cache import KVCache  # noqa: E402
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
-from nextscale.models.var import VAR, VARConfig  # noqa: E402
+from nextscale.models.core.kv_cache import KVCache  # noqa: E402
+from nextscale.models.var.model import VAR, VARConfig  # noqa: E402
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
 
 
 class ConcatKV:

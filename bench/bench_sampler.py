@@ -29,10 +29,11 @@ from packbootstrap import register_pack
 
 register_pack()
 
-from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample  # noqa: E402
-from nextscale.models.schedule import cumulative_tokens  # noqa: E402
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
-from nextscale.models.var import VAR, VARConfig  # noqa: E402
+from nextscale.models.core.hooks import SamplerHooks  # noqa: E402
+from nextscale.models.core.schedule import cumulative_tokens  # noqa: E402
+from nextscale.models.var.model import VAR, VARConfig  # noqa: E402
+from nextscale.models.var.sampler import SamplingOptions, sample  # noqa: E402
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
 
 
 def randomise_(module: torch.nn.Module, seed: int = 0) -> None:

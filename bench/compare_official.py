@@ -38,9 +38,9 @@ from packbootstrap import register_pack
 register_pack()
 
 from bench_sampler import PeakMemory  # noqa: E402
-from nextscale.models.sampler import SamplingOptions, sample  # noqa: E402
-from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
-from nextscale.models.var import VAR  # noqa: E402
+from nextscale.models.var.model import VAR  # noqa: E402
+from nextscale.models.var.sampler import SamplingOptions, sample  # noqa: E402
+from nextscale.models.var.tokenizer import MultiScaleVQVAE  # noqa: E402
 
 
 def measure(fn):

@@ -71,11 +71,11 @@ from packbootstrap import register_pack
 
 register_pack()
 
-import nextscale.models.infinity_sampler as nxs_sampler  # noqa: E402
-from nextscale.models.bsq import BSQTokenizer  # noqa: E402
-from nextscale.models.infinity import Infinity  # noqa: E402
-from nextscale.models.infinity_sampler import InfinityOptions, sample_infinity  # noqa: E402
-from nextscale.models.infinity_schedule import InfinitySchedule  # noqa: E402
+import nextscale.models.infinity.sampler as nxs_sampler  # noqa: E402
+from nextscale.models.infinity.bsq import BSQTokenizer  # noqa: E402
+from nextscale.models.infinity.model import Infinity  # noqa: E402
+from nextscale.models.infinity.sampler import InfinityOptions, sample_infinity  # noqa: E402
+from nextscale.models.infinity.schedule import InfinitySchedule  # noqa: E402
 
 # -- stand-ins for what upstream imports but cannot use here -----------------------------------------
 

@@ -331,9 +331,10 @@ def bench_nearest_code(rep: Report, device, quick: bool) -> None:
 
 def check_greedy_sampling(rep: Report, device) -> None:
     """A small random VAR (O(1) weights, var.md 3.7) samples the same greedy tokens with either backend."""
-    from nextscale.models.sampler import Control, SamplerHooks, SamplingOptions, sample
-    from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-    from nextscale.models.var import VAR, VARConfig
+    from nextscale.models.core.hooks import Control, SamplerHooks
+    from nextscale.models.var.model import VAR, VARConfig
+    from nextscale.models.var.sampler import SamplingOptions, sample
+    from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 
     pns = SCHEDULES["256"] if device.type == "cuda" else (1, 2, 3, 4)
     vocab, cvae = (4096, 32) if device.type == "cuda" else (96, 8)

@@ -1,15 +1,14 @@
-"""Pure-PyTorch model layer of NextScale (no ComfyUI imports).
+"""Pure-PyTorch model layer of NextScale (no ComfyUI imports), one package per family on a shared core.
 
-Modules:
-  errors      -- NextScaleError, the one exception type users see
-  schedule    -- scale schedules (patch_nums), token counts, Phi index table
-  checkpoint  -- safe state-dict reading and strict key/shape validation
-  tokenizer   -- VAR's multi-scale residual VQ-VAE
-  var         -- the VAR transformer
-  sampler     -- the one scale loop (KV cache, CFG ramp, top-k/top-p, hooks)
-  tokens      -- NextScaleTokens, the per-scale token maps passed between nodes
+Packages:
+  core      -- errors, checkpoint reading, schedules, token maps, KV cache, block kits and RoPE, sampler hooks and
+               draws, the family protocol and its registry
+  var       -- VAR: the transformer, its multi-scale VQ-VAE tokenizer, the scale loop, editing, collaborative decoding
+  infinity  -- Infinity: the bitwise text-to-image transformer, its BSQ tokenizer, schedule and scale loop
+  control   -- control injection: CAR branches, NextScale adapters, control maps
+  kv        -- KV-cache compression policies (ScaleKV, HACK, ...), calibration profiles, the memory/fidelity report
 """
 
-from .errors import NextScaleError
+from .core.errors import NextScaleError
 
 __all__ = ["NextScaleError"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import comfy.model_management as mm
 from comfy_api.latest import io
 
-from ..models.collaborative import check_collaborators, sample_collaborative
-from ..models.sampler import SamplerHooks
-from ..models.tokenizer import MultiScaleVQVAE
-from ..models.tokens import NextScaleTokens
-from ..models.var import VAR
+from ..models.core.hooks import SamplerHooks
+from ..models.core.tokens import NextScaleTokens
+from ..models.var.collaborative import check_collaborators, sample_collaborative
+from ..models.var.model import VAR
+from ..models.var.tokenizer import MultiScaleVQVAE
 from .generator import NextScaleSampler, check_pair, class_choices, sampling_inputs, scale_callback
 from .model_files import LoadedModel
 from .sockets import CATEGORY, Control, Generator, KVPolicy, Tokenizer, Tokens

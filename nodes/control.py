@@ -11,10 +11,10 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.control import ControlStack, load_control
-from ..models.control_maps import canny_edges, map_to_image, soft_silhouette
-from ..models.errors import NextScaleError
-from ..models.imageops import image_to_model
+from ..models.control.adapters import ControlStack, load_control
+from ..models.control.maps import canny_edges, map_to_image, soft_silhouette
+from ..models.core.errors import NextScaleError
+from ..models.core.imageops import image_to_model
 from .model_files import DTYPES, FOLDER, WEIGHTS_DIR, LoadedModel, resolve, resolve_dtype
 from .sockets import CATEGORY, Control, ControlModel
 from .validation import check_combos

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..models.editing import EDIT_MODES, image_to_image, inpaint
-from ..models.errors import NextScaleError
-from ..models.tokens import NextScaleTokens
+from ..models.core.errors import NextScaleError
+from ..models.core.tokens import NextScaleTokens
+from ..models.var.editing import EDIT_MODES, image_to_image, inpaint
 from .sockets import CATEGORY, Guide, Tokens
 from .validation import check_combos
 

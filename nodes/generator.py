@@ -10,14 +10,15 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..models.checkpoint import read_state_dict
-from ..models.classes import class_index, default_class_names, imagenet_class_names, parse_class_list
-from ..models.errors import NextScaleError
-from ..models.imageops import model_to_image
-from ..models.sampler import CFG_SCHEDULES, SamplerHooks, SamplingOptions, sample
-from ..models.tokenizer import MultiScaleVQVAE
-from ..models.tokens import NextScaleTokens
-from ..models.var import VAR
+from ..models.core.checkpoint import read_state_dict
+from ..models.core.errors import NextScaleError
+from ..models.core.hooks import SamplerHooks
+from ..models.core.imageops import model_to_image
+from ..models.core.tokens import NextScaleTokens
+from ..models.var.classes import class_index, default_class_names, imagenet_class_names, parse_class_list
+from ..models.var.model import VAR
+from ..models.var.sampler import CFG_SCHEDULES, SamplingOptions, sample
+from ..models.var.tokenizer import MultiScaleVQVAE
 from .model_files import (
     DTYPES,
     LoadedModel,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..models.grid import image_grid
+from ..models.core.grid import image_grid
 from .sockets import CATEGORY
 
 

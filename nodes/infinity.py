@@ -15,14 +15,14 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.bsq import BSQTokenizer
-from ..models.checkpoint import read_state_dict, read_weights, shard_files
-from ..models.errors import NextScaleError
-from ..models.imageops import image_to_model, model_to_image
-from ..models.infinity import Infinity
-from ..models.infinity_sampler import InfinityOptions, KeepScales, latent_scales, sample_infinity
-from ..models.infinity_schedule import RESOLUTIONS, InfinitySchedule
-from ..models.sampler import SamplerHooks
+from ..models.core.checkpoint import read_state_dict, read_weights, shard_files
+from ..models.core.errors import NextScaleError
+from ..models.core.hooks import SamplerHooks
+from ..models.core.imageops import image_to_model, model_to_image
+from ..models.infinity.bsq import BSQTokenizer
+from ..models.infinity.model import Infinity
+from ..models.infinity.sampler import InfinityOptions, KeepScales, latent_scales, sample_infinity
+from ..models.infinity.schedule import RESOLUTIONS, InfinitySchedule
 from .model_files import DTYPES, FOLDER, LoadedModel, check_kind, load_model
 from .sockets import CATEGORY, InfinityModel, KVPolicy, Tokenizer, Tokens
 from .text_encoder import check_text_width

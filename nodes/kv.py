@@ -11,12 +11,12 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..models.classes import class_index, parse_class_list
-from ..models.errors import NextScaleError
-from ..models.kv_policies import POLICIES, KVPolicySpec
-from ..models.kv_profile import KVProfile, calibrate
-from ..models.kv_report import kv_report
-from ..models.sampler import SamplingOptions
+from ..models.core.errors import NextScaleError
+from ..models.kv.policies import POLICIES, KVPolicySpec
+from ..models.kv.profile import KVProfile, calibrate
+from ..models.kv.report import kv_report
+from ..models.var.classes import class_index, parse_class_list
+from ..models.var.sampler import SamplingOptions
 from .generator import check_pair, generator_class_names
 from .sockets import CATEGORY, Generator, KVPolicy, Tokenizer
 from .sockets import KVProfile as KVProfileSocket

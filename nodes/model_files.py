@@ -20,9 +20,9 @@ import comfy.model_patcher
 import folder_paths
 import torch
 
-from ..models.checkpoint import read_safetensors_metadata
-from ..models.errors import NextScaleError
-from ..models.identify import describe, identify
+from ..models.core.checkpoint import read_safetensors_metadata
+from ..models.core.errors import NextScaleError
+from ..models.core.identify import describe, identify
 
 log = logging.getLogger("NextScale")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..models.schedule import KNOWN_SCHEDULES, cumulative_tokens, parse_schedule, token_count
+from ..models.core.schedule import KNOWN_SCHEDULES, cumulative_tokens, parse_schedule, token_count
 from .sockets import CATEGORY
 from .validation import check_combos
 

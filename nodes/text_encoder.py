@@ -37,9 +37,9 @@ from comfy_api.latest import io
 from safetensors import SafetensorError, safe_open
 from transformers import T5TokenizerFast
 
-from ..models.checkpoint import check_state_dict, check_tensors, read_state_dict
-from ..models.errors import NextScaleError
-from ..models.identify import describe, identify
+from ..models.core.checkpoint import check_state_dict, check_tensors, read_state_dict
+from ..models.core.errors import NextScaleError
+from ..models.core.identify import describe, identify
 from .sockets import CATEGORY
 from .validation import check_combos
 

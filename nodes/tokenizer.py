@@ -6,14 +6,14 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from ..models.bsq import BSQTokenizer
-from ..models.checkpoint import read_state_dict
-from ..models.editing import composite
-from ..models.errors import NextScaleError
-from ..models.imageops import RESIZE_MODES, fit_square, image_to_model, model_to_image
-from ..models.schedule import parse_schedule
-from ..models.tokenizer import MultiScaleVQVAE
-from ..models.tokens import NextScaleBitTokens, NextScaleTokens
+from ..models.core.checkpoint import read_state_dict
+from ..models.core.errors import NextScaleError
+from ..models.core.imageops import RESIZE_MODES, fit_square, image_to_model, model_to_image
+from ..models.core.schedule import parse_schedule
+from ..models.core.tokens import NextScaleBitTokens, NextScaleTokens
+from ..models.infinity.bsq import BSQTokenizer
+from ..models.var.editing import composite
+from ..models.var.tokenizer import MultiScaleVQVAE
 from .model_files import DTYPES, LoadedModel, check_kind, load_model, model_choices
 from .sockets import CATEGORY, Tokenizer, Tokens
 from .validation import check_combos

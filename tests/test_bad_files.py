@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 from harness.testbed import run_in_comfyui_python
-from nextscale.models.checkpoint import save_safetensors
-from nextscale.models.errors import NextScaleError
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.models.var import VAR, VARConfig
+from nextscale.models.core.checkpoint import save_safetensors
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.var.model import VAR, VARConfig
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from test_sampler import CVAE, PN, VOCAB, make_var
 
 GEN, TOK = "generator", "tokenizer"
@@ -217,7 +217,7 @@ def test_explicit_config_of_another_depth(tmp_path):
     var = make_var()
     path = str(tmp_path / "var_d3.pth")
     torch.save(var.state_dict(), path)
-    from nextscale.models.checkpoint import read_state_dict
+    from nextscale.models.core.checkpoint import read_state_dict
 
     for depth in (2, 4):
         cfg = VARConfig(**{**var.config.to_dict(), "depth": depth})
@@ -306,7 +306,7 @@ def test_retyped_and_empty_tensors(tmp_path, edit, message):
 
 
 def test_typed_schedule_with_a_huge_last_side_is_refused():
-    from nextscale.models.schedule import parse_schedule
+    from nextscale.models.core.schedule import parse_schedule
 
     with pytest.raises(NextScaleError, match=r"ends at a 4096x4096 grid; at most 128"):
         parse_schedule("1,2,4096")

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from nextscale.models.bsq import BSQConfig, BSQTokenizer
-from nextscale.models.errors import NextScaleError
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.infinity.bsq import BSQConfig, BSQTokenizer
 
 TINY = BSQConfig(codebook_dim=4, base_ch=32, ch_mult=(1, 2), num_res_blocks=1)  # downsample 2
 D32 = BSQConfig(32)  # infinity_vae_d32reg / infinity_vae_d32

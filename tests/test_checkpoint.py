@@ -5,8 +5,13 @@ import pickle
 
 import pytest
 import torch
-from nextscale.models.checkpoint import check_state_dict, read_safetensors_metadata, read_state_dict, save_safetensors
-from nextscale.models.errors import NextScaleError
+from nextscale.models.core.checkpoint import (
+    check_state_dict,
+    read_safetensors_metadata,
+    read_state_dict,
+    save_safetensors,
+)
+from nextscale.models.core.errors import NextScaleError
 
 SD = {"encoder.conv_in.weight": torch.arange(24.0).view(2, 3, 2, 2), "quantize.embedding.weight": torch.randn(16, 4)}
 

@@ -6,16 +6,17 @@ import textwrap
 import pytest
 import torch
 from harness.testbed import run_in_comfyui_python
-from nextscale.models.checkpoint import read_state_dict
-from nextscale.models.collaborative import sample_collaborative
-from nextscale.models.editing import inpaint
-from nextscale.models.errors import NextScaleError
-from nextscale.models.identify import identify
-from nextscale.models.kv_cache import KVPolicy
-from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample
-from nextscale.models.schedule import SCHEDULE_256, scale_slices
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.models.var import VAR, VARConfig
+from nextscale.models.core.checkpoint import read_state_dict
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.hooks import SamplerHooks
+from nextscale.models.core.identify import identify
+from nextscale.models.core.kv_cache import KVPolicy
+from nextscale.models.core.schedule import SCHEDULE_256, scale_slices
+from nextscale.models.var.collaborative import sample_collaborative
+from nextscale.models.var.editing import inpaint
+from nextscale.models.var.model import VAR, VARConfig
+from nextscale.models.var.sampler import SamplingOptions, sample
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from test_editing import hole, random_reference
 from test_sampler import CVAE, NUM_CLASSES, PN, VOCAB, RecordLogits, make_var, randomize_, teacher_logits
 
@@ -203,7 +204,7 @@ def test_released_pairs_load_with_the_generator_loader(tmp_path):
         assert var.config == VARConfig(depth=depth, embed_dim=32 * depth, num_heads=depth, patch_nums=SCHEDULE_256)
         assert all(torch.equal(v, sd[k]) for k, v in var.state_dict().items())
     drafter, refiner = VAR.from_file(str(tmp_path / "drafter_6.pth")), VAR.from_file(str(tmp_path / "refiner_6.pth"))
-    from nextscale.models.collaborative import check_collaborators
+    from nextscale.models.var.collaborative import check_collaborators
 
     vae_cfg = TokenizerConfig(vocab_size=4096, z_channels=32, ch=32, ch_mult=(1, 1), num_res_blocks=1)
     check_collaborators(drafter, refiner, MultiScaleVQVAE(vae_cfg), 6)
@@ -221,10 +222,10 @@ NODE_CHECK = textwrap.dedent(
     register_pack(root)
     import torch
     from comfy_api.latest import io
-    from nextscale.models.errors import NextScaleError
-    from nextscale.models.sampler import SamplingOptions, sample
-    from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-    from nextscale.models.var import VAR, VARConfig
+    from nextscale.models.core.errors import NextScaleError
+    from nextscale.models.var.sampler import SamplingOptions, sample
+    from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    from nextscale.models.var.model import VAR, VARConfig
     from nextscale.nodes import FAMILIES
     from nextscale.nodes.collaborative import NextScaleCollaborativeSampler
     from nextscale.nodes.generator import NextScaleSampler

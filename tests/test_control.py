@@ -7,8 +7,7 @@ import textwrap
 import pytest
 import torch
 from harness.testbed import REPO_ROOT, run_in_comfyui_python
-from nextscale.models.checkpoint import save_safetensors
-from nextscale.models.control import (
+from nextscale.models.control.adapters import (
     AdapterConfig,
     CARConfig,
     CARControlNet,
@@ -18,11 +17,13 @@ from nextscale.models.control import (
     load_control,
     teacher_logits,
 )
-from nextscale.models.control_maps import canny_edges, soft_silhouette
-from nextscale.models.errors import NextScaleError
-from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.models.var import VAR, VARConfig
+from nextscale.models.control.maps import canny_edges, soft_silhouette
+from nextscale.models.core.checkpoint import save_safetensors
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.hooks import SamplerHooks
+from nextscale.models.var.model import VAR, VARConfig
+from nextscale.models.var.sampler import SamplingOptions, sample
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from test_sampler import CVAE, NUM_CLASSES, PN, VOCAB, RecordLogits, randomize_
 
 K = len(PN)
@@ -336,8 +337,8 @@ NODE_CHECK = textwrap.dedent(
     register_pack(root)
     import os, torch, folder_paths
     from comfy_api.latest import io
-    from nextscale.models.errors import NextScaleError
-    from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    from nextscale.models.core.errors import NextScaleError
+    from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
     from nextscale.nodes import FAMILIES
     from nextscale.nodes.control import (NextScaleApplyControl, NextScaleEdgePreprocessor, NextScaleLoadControl,
                                          NextScaleSilhouettePreprocessor)
@@ -356,7 +357,7 @@ NODE_CHECK = textwrap.dedent(
     folder_paths.add_model_folder_path("nextscale", folder)
     var = make_var4()
     make_car().state_dict()
-    from nextscale.models.checkpoint import save_safetensors
+    from nextscale.models.core.checkpoint import save_safetensors
     save_safetensors(make_car().state_dict(), os.path.join(folder, "car_tiny.safetensors"))
     adapter_for(var, "add", randomize=True).save(os.path.join(folder, "adapter_tiny.safetensors"))
     assert "car_tiny.safetensors" in NextScaleLoadControl.define_schema().inputs[0].options

@@ -8,11 +8,12 @@ import textwrap
 import pytest
 import torch
 from harness.testbed import run_in_comfyui_python
-from nextscale.models.editing import EditSpec, composite, fit_mask, image_to_image, inpaint, keep_masks
-from nextscale.models.errors import NextScaleError
-from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.models.tokens import NextScaleTokens
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.hooks import SamplerHooks
+from nextscale.models.core.tokens import NextScaleTokens
+from nextscale.models.var.editing import EditSpec, composite, fit_mask, image_to_image, inpaint, keep_masks
+from nextscale.models.var.sampler import SamplingOptions, sample
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from test_sampler import CVAE, PN, VOCAB, make_var
 
 K, PX = len(PN), 8  # 8 px images: a 4x4 latent of 2 px cells
@@ -279,10 +280,10 @@ NODE_CHECK = textwrap.dedent(
     register_pack(root)
     import torch
     from comfy_api.latest import io
-    from nextscale.models.editing import EditSpec
-    from nextscale.models.errors import NextScaleError
-    from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-    from nextscale.models.tokens import NextScaleTokens
+    from nextscale.models.var.editing import EditSpec
+    from nextscale.models.core.errors import NextScaleError
+    from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
+    from nextscale.models.core.tokens import NextScaleTokens
     from nextscale.nodes import FAMILIES
     from nextscale.nodes.editing import NextScaleImageToImageGuide, NextScaleInpaintGuide
     from nextscale.nodes.generator import NextScaleSampler

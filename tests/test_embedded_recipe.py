@@ -15,9 +15,9 @@ sys.path.insert(0, ROOT)
 from training import common, embedded  # noqa: E402
 
 common.import_pack()
-from nextscale.models.checkpoint import CONFIG_METADATA_KEY, save_safetensors  # noqa: E402
-from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
-from nextscale.models.var import VAR  # noqa: E402
+from nextscale.models.core.checkpoint import CONFIG_METADATA_KEY, save_safetensors  # noqa: E402
+from nextscale.models.var.model import VAR  # noqa: E402
+from nextscale.models.var.tokenizer import MultiScaleVQVAE  # noqa: E402
 
 WEIGHTS = os.path.join(ROOT, "weights")
 

@@ -13,11 +13,11 @@ import struct
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nextscale.models.checkpoint import save_safetensors
-from nextscale.models.errors import NextScaleError
-from nextscale.models.identify import identify
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.models.var import VAR
+from nextscale.models.core.checkpoint import save_safetensors
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.identify import identify
+from nextscale.models.var.model import VAR
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from test_sampler import CVAE, PN, VOCAB, make_var
 
 FUZZ = settings(

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from nextscale.models.errors import NextScaleError
-from nextscale.models.grid import image_grid
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.grid import image_grid
 
 
 def test_grid_places_every_image_row_by_row():

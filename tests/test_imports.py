@@ -36,8 +36,8 @@ CHECK = textwrap.dedent(
     import nextscale.models, nextscale.kernels
     packages = [nextscale.models] + ([nextscale.kernels] if all_submodules else [])
     for pkg in packages:
-        for info in pkgutil.iter_modules(pkg.__path__):
-            importlib.import_module(pkg.__name__ + "." + info.name)
+        for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            importlib.import_module(info.name)
     loaded = sorted(m for m in COMFY if m in sys.modules or any(k.startswith(m + ".") for k in sys.modules))
     assert not loaded, f"ComfyUI modules imported: {loaded}"
     assert "torch" in sys.modules

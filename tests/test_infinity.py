@@ -9,17 +9,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from nextscale.models.errors import NextScaleError
-from nextscale.models.infinity import Infinity, InfinityConfig, parameter_count
-from nextscale.models.infinity_schedule import (
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.kv_cache import KVCache
+from nextscale.models.core.rope import apply_rope
+from nextscale.models.infinity.model import Infinity, InfinityConfig, parameter_count
+from nextscale.models.infinity.schedule import (
     RESOLUTIONS,
     TEMPLATES,
     InfinitySchedule,
-    apply_rope,
     nearest_template,
     rope_angles,
 )
-from nextscale.models.kv_cache import KVCache
 
 TINY = InfinityConfig(
     depth=4, embed_dim=64, num_heads=4, hidden_dim=128, token_dim=4, text_dim=32, text_maxlen=16, block_chunks=2,

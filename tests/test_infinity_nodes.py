@@ -11,10 +11,10 @@ from test_text_encoder import PREAMBLE
 NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     """
     from comfy_api.latest import io
-    from nextscale.models.bsq import BSQConfig, BSQTokenizer
-    from nextscale.models.infinity import Infinity, InfinityConfig
-    from nextscale.models.kv_policies import KVPolicySpec
-    from nextscale.models.tokens import NextScaleBitTokens
+    from nextscale.models.infinity.bsq import BSQConfig, BSQTokenizer
+    from nextscale.models.infinity.model import Infinity, InfinityConfig
+    from nextscale.models.kv.policies import KVPolicySpec
+    from nextscale.models.core.tokens import NextScaleBitTokens
     from nextscale.nodes import FAMILIES, infinity as inf
     from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleDecodeScales, NextScaleEncode
     from nextscale.nodes.generator import NextScaleSampler

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nextscale.models.bsq import BSQConfig, BSQTokenizer
-from nextscale.models.errors import NextScaleError
-from nextscale.models.infinity import InfinityConfig
-from nextscale.models.infinity_sampler import InfinityOptions, KeepScales, sample_infinity
-from nextscale.models.infinity_schedule import InfinitySchedule
-from nextscale.models.kv_cache import KVCache
-from nextscale.models.kv_policies import KVPolicySpec
-from nextscale.models.sampler import SamplerHooks
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.hooks import SamplerHooks
+from nextscale.models.core.kv_cache import KVCache
+from nextscale.models.infinity.bsq import BSQConfig, BSQTokenizer
+from nextscale.models.infinity.model import InfinityConfig
+from nextscale.models.infinity.sampler import InfinityOptions, KeepScales, sample_infinity
+from nextscale.models.infinity.schedule import InfinitySchedule
+from nextscale.models.kv.policies import KVPolicySpec
 from test_infinity import SCHEDULE, TINY, prompts, tiny_model
 
 D = TINY.token_dim  # 4 bits per latent cell

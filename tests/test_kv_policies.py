@@ -14,9 +14,9 @@ import pytest
 import torch
 from harness.testbed import REPO_ROOT, run_in_comfyui_python
 from nextscale.kernels.ragged import pack_kv, ragged_attention_torch
-from nextscale.models.errors import NextScaleError
-from nextscale.models.kv_cache import KVCache
-from nextscale.models.kv_policies import (
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.kv_cache import KVCache
+from nextscale.models.kv.policies import (
     POLICIES,
     HACKPolicy,
     KVPolicySpec,
@@ -28,11 +28,11 @@ from nextscale.models.kv_policies import (
     scalekv_budgets,
     token_budget,
 )
-from nextscale.models.kv_profile import KVProfile, calibrate
-from nextscale.models.kv_report import kv_report, run_with
-from nextscale.models.sampler import SamplingOptions, sample
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.models.var import VAR, VARConfig
+from nextscale.models.kv.profile import KVProfile, calibrate
+from nextscale.models.kv.report import kv_report, run_with
+from nextscale.models.var.model import VAR, VARConfig
+from nextscale.models.var.sampler import SamplingOptions, sample
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from test_sampler import CVAE, VOCAB
 
 PN6 = (1, 2, 3, 4, 5, 6)  # 91 tokens: room for budgets between the scales
@@ -259,9 +259,9 @@ NODE_CHECK = textwrap.dedent(
     import torch
     import folder_paths
     from comfy_api.latest import io
-    from nextscale.models.errors import NextScaleError
-    from nextscale.models.kv_policies import KVPolicySpec
-    from nextscale.models.kv_profile import KVProfile
+    from nextscale.models.core.errors import NextScaleError
+    from nextscale.models.kv.policies import KVPolicySpec
+    from nextscale.models.kv.profile import KVProfile
     from nextscale.nodes import FAMILIES
     from nextscale.nodes.generator import NextScaleSampler
     from nextscale.nodes.kv import NextScaleKVCalibrate, NextScaleKVPolicy, NextScaleKVReport

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from nextscale.kernels.quantize import available_backends, nearest_code, nearest_code_torch
-from nextscale.models.errors import NextScaleError
-from nextscale.models.quantizer import MultiScaleQuantizer, Phi, PhiNonShared, PhiPartiallyShared, PhiShared
-from nextscale.models.schedule import SCHEDULE_256, SCHEDULE_512, phi_index
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.schedule import SCHEDULE_256, SCHEDULE_512, phi_index
+from nextscale.models.var.quantizer import MultiScaleQuantizer, Phi, PhiNonShared, PhiPartiallyShared, PhiShared
 
 V, C = 64, 8
 # var.md 1.3: tables of the official code for 4 shared Phis.

@@ -4,12 +4,14 @@ import math
 
 import pytest
 import torch
-from nextscale.models.errors import NextScaleError
-from nextscale.models.kv_cache import KVCache, KVPolicy
-from nextscale.models.sampler import Control, Guide, SamplerHooks, SamplingOptions, filter_top_k_top_p_, sample
-from nextscale.models.schedule import scale_slices
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.models.var import VAR, VARConfig
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.hooks import Control, Guide, SamplerHooks
+from nextscale.models.core.kv_cache import KVCache, KVPolicy
+from nextscale.models.core.sampling import filter_top_k_top_p_
+from nextscale.models.core.schedule import scale_slices
+from nextscale.models.var.model import VAR, VARConfig
+from nextscale.models.var.sampler import SamplingOptions, sample
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 
 PN = (1, 2, 3, 4)
 NUM_CLASSES, VOCAB, CVAE = 10, 96, 8

@@ -2,8 +2,8 @@ import itertools
 
 import numpy as np
 import pytest
-from nextscale.models.errors import NextScaleError
-from nextscale.models.schedule import (
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.schedule import (
     SCHEDULE_256,
     SCHEDULE_512,
     SCHEDULE_1024,

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from nextscale.models.classes import class_index, default_class_names, imagenet_class_names, parse_class_list
-from nextscale.models.errors import NextScaleError
-from nextscale.models.identify import identify
-from nextscale.models.imageops import fit_square, image_to_model, model_to_image
-from nextscale.models.tokens import NextScaleTokens
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.identify import identify
+from nextscale.models.core.imageops import fit_square, image_to_model, model_to_image
+from nextscale.models.core.tokens import NextScaleTokens
+from nextscale.models.var.classes import class_index, default_class_names, imagenet_class_names, parse_class_list
 
 
 def test_imagenet_names():

@@ -77,7 +77,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import T5Config, T5ForConditionalGeneration
 import folder_paths
-from nextscale.models.errors import NextScaleError
+from nextscale.models.core.errors import NextScaleError
 from nextscale.nodes import text_encoder as te
 
 def tiny_t5(seed=0):

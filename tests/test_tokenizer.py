@@ -5,11 +5,11 @@ from collections import Counter
 
 import pytest
 import torch
-from nextscale.models.autoencoder import AttnBlock
-from nextscale.models.checkpoint import save_safetensors
-from nextscale.models.errors import NextScaleError
-from nextscale.models.schedule import SCHEDULE_256, SCHEDULE_512
-from nextscale.models.tokenizer import KIT, MultiScaleVQVAE, TokenizerConfig
+from nextscale.models.core.autoencoder import AttnBlock
+from nextscale.models.core.checkpoint import save_safetensors
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.schedule import SCHEDULE_256, SCHEDULE_512
+from nextscale.models.var.tokenizer import KIT, MultiScaleVQVAE, TokenizerConfig
 
 # A sample of var.md 4.5, written out by hand (vae_ch160v4096z32).
 OFFICIAL_SAMPLE = {

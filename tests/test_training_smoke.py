@@ -54,7 +54,7 @@ def test_tokenizer_trains_and_exports(tokenizer_file):
     assert recs and recs[-1]["step"] == 30
     assert _losses(run, "eval")[-1]["psnr"] > 12  # an untrained tokenizer gives ~8 dB on these images
     common.import_pack()
-    from nextscale.models.tokenizer import MultiScaleVQVAE
+    from nextscale.models.var.tokenizer import MultiScaleVQVAE
 
     tok = MultiScaleVQVAE.from_file(out)
     assert tok.config.patch_nums == (1, 2, 4, 8) and tok.config.vocab_size == 64
@@ -113,9 +113,9 @@ def test_generator_loss_decreases_and_exports(tokenizer_file, workdir):
     recs = _losses(run)
     assert recs[0]["loss"] > recs[-1]["loss"] + 0.3, [r["loss"] for r in recs]
     common.import_pack()
-    from nextscale.models.sampler import SamplingOptions, sample
-    from nextscale.models.tokenizer import MultiScaleVQVAE
-    from nextscale.models.var import VAR
+    from nextscale.models.var.model import VAR
+    from nextscale.models.var.sampler import SamplingOptions, sample
+    from nextscale.models.var.tokenizer import MultiScaleVQVAE
 
     var = VAR.from_file(out)
     assert var.class_names == list(data.CLASS_NAMES)
@@ -157,7 +157,7 @@ def test_generator_shared_aln_trains_and_exports(tokenizer_file, workdir):
     recs = _losses(run)
     assert recs[0]["loss"] > recs[-1]["loss"] + 0.3, [r["loss"] for r in recs]
     common.import_pack()
-    from nextscale.models.var import VAR
+    from nextscale.models.var.model import VAR
 
     var = VAR.from_file(out)
     keys = set(var.state_dict())
@@ -182,7 +182,7 @@ def test_generator_init_fine_tunes_from_a_file(tokenizer_file, workdir):
     assert _losses(tuned, "init")[0]["path"] == os.path.abspath(base_out)
     assert _losses(tuned)[0]["loss"] < first_scratch - 0.3
     common.import_pack()
-    from nextscale.models.var import VAR
+    from nextscale.models.var.model import VAR
 
     a, b = VAR.from_file(base_out).state_dict(), VAR.from_file(tuned_out).state_dict()
     for k in a:

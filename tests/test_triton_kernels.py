@@ -364,8 +364,8 @@ NUM_CLASSES, VOCAB, CVAE = 10, 96, 8
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-    from nextscale.models.var import VAR, VARConfig
+    from nextscale.models.var.model import VAR, VARConfig
+    from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 
     torch.manual_seed(0)
     tok_cfg = TokenizerConfig(vocab_size=VOCAB, z_channels=CVAE, ch=32, ch_mult=(1, 1), num_res_blocks=1, patch_nums=PN)
@@ -390,7 +390,7 @@ def tiny_models():
 
 @pytest.mark.skipif(not INTERPRET, reason="the CPU end-to-end check (on a GPU: bench/kernels_gpu.py)")
 def test_greedy_sampling_identical_with_triton_backend(tiny_models, monkeypatch):
-    from nextscale.models.sampler import SamplingOptions, sample
+    from nextscale.models.var.sampler import SamplingOptions, sample
 
     var, vae = tiny_models
     labels = torch.tensor([1, 7, NUM_CLASSES])

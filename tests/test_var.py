@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from nextscale.models.errors import NextScaleError
-from nextscale.models.schedule import SCHEDULE_256, SCHEDULE_512
-from nextscale.models.var import VAR, VARConfig
+from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.schedule import SCHEDULE_256, SCHEDULE_512
+from nextscale.models.var.model import VAR, VARConfig
 
 BUFFERS = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")
 TINY = VARConfig(depth=2, embed_dim=64, num_heads=4, num_classes=5, vocab_size=48, cvae=8, patch_nums=(1, 2, 3, 4))

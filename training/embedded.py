@@ -156,7 +156,7 @@ def foreign_fields(name: str, path: str, argv: list[str]) -> list[str]:
             want["layers"] = _ints(args.layers)
     want = json.loads(json.dumps(want))  # tuples as the stored JSON has them
     common.import_pack()
-    from nextscale.models.checkpoint import CONFIG_METADATA_KEY, read_safetensors_metadata
+    from nextscale.models.core.checkpoint import CONFIG_METADATA_KEY, read_safetensors_metadata
 
     have = json.loads(read_safetensors_metadata(path).get(CONFIG_METADATA_KEY, "{}"))
     return [f"{k} {have.get(k)!r}, the recipe's {v!r}" for k, v in want.items() if have.get(k) != v]

@@ -38,9 +38,10 @@ from training import classifier as clf
 from training import common, data
 
 common.import_pack()
-from nextscale.models.sampler import SamplerHooks, SamplingOptions, sample  # noqa: E402
-from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
-from nextscale.models.var import VAR  # noqa: E402
+from nextscale.models.core.hooks import SamplerHooks  # noqa: E402
+from nextscale.models.var.model import VAR  # noqa: E402
+from nextscale.models.var.sampler import SamplingOptions, sample  # noqa: E402
+from nextscale.models.var.tokenizer import MultiScaleVQVAE  # noqa: E402
 
 # image i of repeat r uses seed ``seed + r * REPEAT_SEED_STRIDE + i``: no two draws share a per-image seed
 REPEAT_SEED_STRIDE = 100_000

@@ -1,4 +1,4 @@
-"""Train a NextScale control adapter (``models/control.py``) on a frozen generator.
+"""Train a NextScale control adapter (``models/control/adapters.py``) on a frozen generator.
 
 Pairs are made from the data itself: each image's control map comes from the pack's torch preprocessors
 (``edges``: Canny-like edges, ``silhouette``: soft foreground mask). Teacher forcing: the images are encoded once
@@ -35,10 +35,10 @@ from training import common, data
 from training.train_generator import _load_indices, cached_indices, split_scales
 
 common.import_pack()
-from nextscale.models.control import AdapterConfig, ControlAdapter, teacher_logits  # noqa: E402
-from nextscale.models.control_maps import canny_edges, soft_silhouette  # noqa: E402
-from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
-from nextscale.models.var import VAR  # noqa: E402
+from nextscale.models.control.adapters import AdapterConfig, ControlAdapter, teacher_logits  # noqa: E402
+from nextscale.models.control.maps import canny_edges, soft_silhouette  # noqa: E402
+from nextscale.models.var.model import VAR  # noqa: E402
+from nextscale.models.var.tokenizer import MultiScaleVQVAE  # noqa: E402
 
 CONTROL_TYPES = ("edges", "silhouette")
 

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from training import common, data
 
 common.import_pack()
-from nextscale.models.schedule import scale_slices  # noqa: E402
-from nextscale.models.tokenizer import MultiScaleVQVAE  # noqa: E402
-from nextscale.models.var import VAR, VARConfig  # noqa: E402
+from nextscale.models.core.schedule import scale_slices  # noqa: E402
+from nextscale.models.var.model import VAR, VARConfig  # noqa: E402
+from nextscale.models.var.tokenizer import MultiScaleVQVAE  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from training import common, data
 
 common.import_pack()
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
 
 
 def _ints(text: str) -> tuple[int, ...]:

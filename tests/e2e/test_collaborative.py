@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from harness.random_weights import randomise as _randomise
-from nextscale.models.collaborative import sample_collaborative
-from nextscale.models.imageops import model_to_image
-from nextscale.models.sampler import SamplingOptions
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.models.var import VAR, VARConfig
+from nextscale.models.core.imageops import model_to_image
+from nextscale.models.var.collaborative import sample_collaborative
+from nextscale.models.var.model import VAR, VARConfig
+from nextscale.models.var.sampler import SamplingOptions
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from PIL import Image
 
 pytestmark = pytest.mark.e2e

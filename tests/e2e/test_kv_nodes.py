@@ -10,8 +10,8 @@ import uuid
 import numpy as np
 import pytest
 from harness.random_weights import randomise as _randomise
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.models.var import VAR, VARConfig
+from nextscale.models.var.model import VAR, VARConfig
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from PIL import Image
 
 pytestmark = pytest.mark.e2e

@@ -15,10 +15,10 @@ import pytest
 import torch
 from harness.comfy_server import PromptRejected
 from harness.random_weights import randomise as _randomise
-from nextscale.models.imageops import model_to_image
-from nextscale.models.sampler import SamplingOptions, sample
-from nextscale.models.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.models.var import VAR, VARConfig
+from nextscale.models.core.imageops import model_to_image
+from nextscale.models.var.model import VAR, VARConfig
+from nextscale.models.var.sampler import SamplingOptions, sample
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from PIL import Image
 
 pytestmark = pytest.mark.e2e
@@ -93,7 +93,7 @@ def test_encode_decode_round_trip(comfy_server, model_files):
     assert np.abs(full - coarse).mean() > 1  # the first scale alone is another image
 
     # the same computation in this process
-    from nextscale.models.imageops import fit_square, image_to_model
+    from nextscale.models.core.imageops import fit_square, image_to_model
 
     vae = model_files["tokenizer"]
     img = fit_square(image_to_model(torch.from_numpy(src).float().div(255)[None]), 16, "center crop")

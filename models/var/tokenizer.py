@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autoencoder import BlockKit, Decoder, Encoder
-from .checkpoint import (
+from ..core.autoencoder import BlockKit, Decoder, Encoder
+from ..core.checkpoint import (
     CONFIG_METADATA_KEY,
     check_state_dict,
     check_tensors,
@@ -31,10 +31,10 @@ from .checkpoint import (
     save_safetensors,
     shapes_on_meta,
 )
-from .errors import NextScaleError
-from .identify import expect_kind
+from ..core.errors import NextScaleError
+from ..core.identify import expect_kind
+from ..core.schedule import SCHEDULE_256, validate_schedule
 from .quantizer import MultiScaleQuantizer
-from .schedule import SCHEDULE_256, validate_schedule
 
 WHAT = "VAR tokenizer"
 _EMA_KEY = "quantize.ema_vocab_hit_SV"
@@ -103,7 +103,7 @@ class TokenizerConfig:
         return cls(**d)
 
 
-# -- building blocks (models/autoencoder.py) --------------------------------------------------------
+# -- building blocks (models/core/autoencoder.py) --------------------------------------------------------
 
 
 def _norm(channels: int) -> nn.GroupNorm:

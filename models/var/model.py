@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from ..kernels.attention import block_causal_mask
-from .blocks import AdaLNBeforeHead, AdaLNSelfAttn
-from .checkpoint import (
+from ...kernels.attention import block_causal_mask
+from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn
+from ..core.checkpoint import (
     CONFIG_METADATA_KEY,
     check_state_dict,
     check_tensors,
@@ -38,10 +38,10 @@ from .checkpoint import (
     save_safetensors,
     shapes_on_meta,
 )
-from .errors import NextScaleError
-from .identify import expect_kind
-from .kv_cache import KVCache
-from .schedule import (
+from ..core.errors import NextScaleError
+from ..core.identify import expect_kind
+from ..core.kv_cache import KVCache
+from ..core.schedule import (
     SCHEDULE_256,
     SCHEDULE_512,
     schedule_from_counts,

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import FFN, AdaLNBeforeHead, AdaLNBlock, SelfAttention, stream_dtype
-from .checkpoint import (
+from ..core.blocks import FFN, AdaLNBeforeHead, AdaLNBlock, SelfAttention, stream_dtype
+from ..core.checkpoint import (
     CONFIG_METADATA_KEY,
     check_state_dict,
     check_tensors,
@@ -45,10 +45,10 @@ from .checkpoint import (
     save_safetensors,
     shapes_on_meta,
 )
-from .errors import NextScaleError
-from .identify import expect_kind
-from .infinity_schedule import InfinitySchedule, rope_angles
-from .kv_cache import KVCache
+from ..core.errors import NextScaleError
+from ..core.identify import expect_kind
+from ..core.kv_cache import KVCache
+from .schedule import InfinitySchedule, rope_angles
 
 WHAT = "Infinity transformer"
 IGNORED_BUFFERS = ("attn_bias_for_masking", "lvl_1L", "Infinity_visible_kvlen", "Infinity_invisible_qlen")

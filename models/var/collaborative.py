@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import torch
 
-from .errors import NextScaleError
-from .kv_cache import KVCache, KVPolicy
-from .sampler import Control, SamplerHooks, SamplingOptions, ScaleSampler, _check_inputs
-from .schedule import scale_slices, token_count
-from .tokens import NextScaleTokens
+from ..core.errors import NextScaleError
+from ..core.hooks import Control, SamplerHooks
+from ..core.kv_cache import KVCache, KVPolicy
+from ..core.schedule import scale_slices, token_count
+from ..core.tokens import NextScaleTokens
+from .sampler import SamplingOptions, ScaleSampler, _check_inputs
 
 
 def check_collaborators(drafter, refiner, tokenizer, draft_scales: int) -> None:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import NextScaleError
-from .kv_cache import KVPolicy, LayerKV
-from .kv_policies import even_queries
+from ..core.errors import NextScaleError
+from ..core.kv_cache import KVPolicy, LayerKV
+from .policies import even_queries
 
 SCHEMA = "nextscale-kv-profile"
 VERSION = 1
@@ -175,7 +175,8 @@ def calibrate(var, tokenizer, labels: list[int], seed: int = 0, options=None, de
 
     ``callback(done, total)`` is called after every scale of every sample (``total`` = samples x scales); an
     exception it raises (an interrupt) ends calibration, and every KV cache is freed by the sampler."""
-    from .sampler import SamplerHooks, sample
+    from ..core.hooks import SamplerHooks
+    from ..var.sampler import sample
 
     if not labels:
         raise NextScaleError("KV calibration needs at least one class to sample")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import NextScaleError
+from ..core.errors import NextScaleError
 
 LUMA = (0.299, 0.587, 0.114)
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.attention import attention
-from .infinity_schedule import apply_rope
+from ...kernels.attention import attention
 from .kv_cache import LayerKV
+from .rope import apply_rope
 
 MAX_LOG_SCALE = math.log(100.0)  # cap of the learned per-head log scale
 

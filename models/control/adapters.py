@@ -47,12 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AdaLNSelfAttn
-from .checkpoint import check_state_dict, key_shape, read_safetensors_metadata, read_state_dict, save_safetensors
-from .errors import NextScaleError
-from .kv_cache import KVCache
-from .sampler import Control
-from .schedule import token_count
+from ..core.blocks import AdaLNSelfAttn
+from ..core.checkpoint import check_state_dict, key_shape, read_safetensors_metadata, read_state_dict, save_safetensors
+from ..core.errors import NextScaleError
+from ..core.hooks import Control
+from ..core.kv_cache import KVCache
+from ..core.schedule import token_count
 
 CAR_WHAT = "CAR control"
 ADAPTER_WHAT = "NextScale control adapter"
@@ -555,7 +555,7 @@ def load_control(path: str) -> CARControlNet | ControlAdapter:
         return CARControlNet.from_state_dict(state_dict, path)
     if any(k.startswith(ADAPTER_PREFIX) for k in state_dict):
         return ControlAdapter.from_file(path)
-    from .identify import describe, identify
+    from ..core.identify import describe, identify
 
     raise NextScaleError(
         f"'{path}' is {describe(identify(state_dict))}, not a control file: NextScale Load Control takes CAR files "

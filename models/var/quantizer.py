@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.quantize import nearest_code
-from .errors import NextScaleError
-from .schedule import phi_index
+from ...kernels.quantize import nearest_code
+from ..core.errors import NextScaleError
+from ..core.schedule import phi_index
 
 
 def _up(h_BChw: torch.Tensor, side: int) -> torch.Tensor:

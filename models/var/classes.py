@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from .errors import NextScaleError
+from ..core.errors import NextScaleError
 
 
 @functools.lru_cache(maxsize=1)

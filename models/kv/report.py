@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_policies import KVPolicySpec
-from .sampler import SamplerHooks, SamplingOptions, sample
+from ..core.hooks import SamplerHooks
+from ..var.sampler import SamplingOptions, sample
+from .policies import KVPolicySpec
 
 
 @dataclass

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .errors import NextScaleError
-from .kv_cache import KVPolicy, LayerKV
+from ..core.errors import NextScaleError
+from ..core.kv_cache import KVPolicy, LayerKV
 
 POLICIES = ("full", "recent", "strided", "scalekv", "hack")
 SCALEKV_WINDOW = 16  # observation queries: the centres of a 4x4 grid over the current scale

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autoencoder import BlockKit, Decoder, Encoder
-from .checkpoint import (
+from ..core.autoencoder import BlockKit, Decoder, Encoder
+from ..core.checkpoint import (
     CONFIG_METADATA_KEY,
     check_state_dict,
     check_tensors,
@@ -42,8 +42,8 @@ from .checkpoint import (
     save_safetensors,
     shapes_on_meta,
 )
-from .errors import NextScaleError
-from .identify import expect_kind
+from ..core.errors import NextScaleError
+from ..core.identify import expect_kind
 
 WHAT = "Infinity BSQ tokenizer"
 MASK_KEY = "quantizer.lfq.mask"
@@ -113,7 +113,7 @@ class BSQConfig:
         return cls(**d)
 
 
-# -- building blocks (models/autoencoder.py, flux VQGAN layout, no attention) ------------------------
+# -- building blocks (models/core/autoencoder.py, flux VQGAN layout, no attention) ------------------------
 # The wrappers exist only for the key layout: upstream nests each nn.Conv2d / nn.GroupNorm one level deeper.
 
 

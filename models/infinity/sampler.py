@@ -5,9 +5,9 @@ Per scale ``si`` of the schedule (reference: var.md 5.2-5.4):
    included, as VAR's loop). With guidance the rows are ``[cond; uncond]``.
 2. Logits are divided by the scale's temperature ``tau``, then guided with a constant ``cfg`` (no ramp):
    ``cfg * cond + (1 - cfg) * uncond`` (``cfg == 1`` on every scale runs the conditional rows only).
-3. Each token's ``2 d`` logits are ``d`` independent bit pairs: top-k/top-p (:func:`~.sampler.filter_top_k_top_p_`)
-   act on every pair (``top_k >= 2`` changes nothing; ``top_p = 0.97`` makes nearly sure bits deterministic) and
-   one multinomial draw per bit picks 0 or 1.
+3. Each token's ``2 d`` logits are ``d`` independent bit pairs: top-k/top-p
+   (:func:`~nextscale.models.core.sampling.filter_top_k_top_p_`) act on every pair (``top_k >= 2`` changes
+   nothing; ``top_p = 0.97`` makes nearly sure bits deterministic) and one multinomial draw per bit picks 0 or 1.
 4. The bits become codes ``(2 bit - 1) / sqrt(d)`` (L2-normalised), upsampled (trilinear) onto the final latent
    grid and summed; the next scale's input is the sum resampled (trilinear) to the next grid, through
    ``word_embed``. With a patchifying model (8B: ``token_dim = 4 d``), bits are un-patchified (``pixel_shuffle``)
@@ -32,12 +32,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import NextScaleError
-from .infinity import Infinity
-from .infinity_schedule import InfinitySchedule
-from .kv_cache import KVCache, KVPolicy
-from .sampler import SamplerHooks, _multinomial, filter_top_k_top_p_
-from .tokens import NextScaleBitTokens
+from ..core.errors import NextScaleError
+from ..core.hooks import SamplerHooks
+from ..core.kv_cache import KVCache, KVPolicy
+from ..core.sampling import filter_top_k_top_p_, multinomial
+from ..core.tokens import NextScaleBitTokens
+from .model import Infinity
+from .schedule import InfinitySchedule
 
 
 def _per_scale(value: float | Sequence[float], K: int, name: str) -> list[float]:
@@ -167,7 +168,7 @@ def sample_infinity(
             if guided:
                 logits_RlV = cfgs[si] * logits_RlV[:B] + (1 - cfgs[si]) * logits_RlV[B:]
             pairs_BN2 = filter_top_k_top_p_(logits_RlV.reshape(B, -1, 2), options.top_k, options.top_p)
-            bits_Bhwd = _multinomial(pairs_BN2.softmax(dim=-1), generators).view(B, h, w, -1)
+            bits_Bhwd = multinomial(pairs_BN2.softmax(dim=-1), generators).view(B, h, w, -1)
             bits_Bhwd = unpatchify(bits_Bhwd, p).bool()
             if guide is not None:
                 bits_Bhwd = guide.apply(si, bits_Bhwd).bool()

@@ -38,15 +38,17 @@ Hooks (:class:`SamplerHooks`, all optional):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .errors import NextScaleError
-from .kv_cache import KVCache, KVPolicy
-from .tokens import NextScaleTokens
+from ..core.errors import NextScaleError
+from ..core.hooks import SamplerHooks
+from ..core.kv_cache import KVCache, KVPolicy
+from ..core.sampling import filter_top_k_top_p_, multinomial
+from ..core.tokens import NextScaleTokens
 
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -82,75 +84,11 @@ class SamplingOptions:
         return float(temps[si] if len(temps) > 1 else temps[0])
 
 
-class Guide:
-    """Base of sampling guides (subclass it, or provide the same three methods); the defaults change nothing."""
-
-    def apply(self, si: int, idx_Bl: torch.Tensor) -> torch.Tensor:
-        """The indices to use at scale ``si`` given the drawn ones ``(B, pn**2)``."""
-        return idx_Bl
-
-    def forced(self, si: int) -> torch.Tensor | None:
-        """Bool ``(B, pn**2)``: the tokens :meth:`apply` sets at scale ``si``; None: those it changed."""
-        return None
-
-    def override_fhat(self, si: int, f_hat: torch.Tensor) -> torch.Tensor | None:
-        """A replacement for ``f_hat (B, Cvae, side, side)`` after scale ``si``'s update, or None to keep it."""
-        return None
-
-
-class Control:
-    """Base of control modules (subclass it, or provide the same two methods); the defaults change nothing."""
-
-    def block_input(self, si: int, layer: int, x_BlC: torch.Tensor) -> torch.Tensor:
-        """The hidden state entering block ``layer`` at scale ``si`` (all CFG rows: conditional, then null)."""
-        return x_BlC
-
-    def logits(self, si: int, logits_BlV: torch.Tensor) -> torch.Tensor:
-        """The guided fp32 logits of scale ``si``, before temperature and top-k/top-p."""
-        return logits_BlV
-
-
-@dataclass
-class SamplerHooks:
-    """Optional per-scale hook points of :func:`sample` (see the module docstring)."""
-
-    guide: Guide | None = None
-    control: Control | None = None
-    kv_policy: KVPolicy | None = None
-    callback: Callable[[int, int, torch.Tensor], None] | None = None
-
-
-def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """Set filtered logits to -inf in place and return them.
-
-    Top-k removes every logit strictly below the k-th largest, so ties at the threshold survive (``top_k = 1`` is
-    greedy up to ties). Top-p, after top-k, sorts ascending and removes the tokens whose cumulative probability
-    is at most ``1 - top_p``; the most likely token is always kept.
-    """
-    V = logits_BlV.shape[-1]
-    if 0 < top_k < V:
-        kth_Bl1 = logits_BlV.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        logits_BlV.masked_fill_(logits_BlV < kth_Bl1, float("-inf"))
-    if top_p > 0:
-        sorted_BlV, order_BlV = logits_BlV.sort(dim=-1)
-        drop_sorted_BlV = sorted_BlV.softmax(dim=-1).cumsum_(dim=-1) <= 1 - top_p
-        drop_sorted_BlV[..., -1] = False
-        logits_BlV.masked_fill_(drop_sorted_BlV.scatter(-1, order_BlV, drop_sorted_BlV), float("-inf"))
-    return logits_BlV
-
-
 def _guided(logits_RlV: torch.Tensor, B: int, t: float) -> torch.Tensor:
     """``(1 + t) * cond - t * uncond`` from the ``[cond; null]`` rows (just the conditional rows when ``t == 0``)."""
     if t == 0:
         return logits_RlV[:B]
     return (1 + t) * logits_RlV[:B] - t * logits_RlV[B:]
-
-
-def _multinomial(probs_BlV: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """``idx_Bl``: one draw per token, item ``b``'s rows from ``generators[b]``."""
-    return torch.stack(
-        [torch.multinomial(p_lV, 1, replacement=True, generator=g)[:, 0] for p_lV, g in zip(probs_BlV, generators)]
-    )
 
 
 def _gumbel_mixture(logits_BlV: torch.Tensor, ratio: float, generators: list[torch.Generator]) -> torch.Tensor:
@@ -226,7 +164,7 @@ class ScaleSampler:
         if control is not None:
             logits_BlV = control.logits(si, logits_BlV)
         logits_BlV = filter_top_k_top_p_(logits_BlV / self.temperatures[si], options.top_k, options.top_p)
-        idx_Bl = _multinomial(logits_BlV.softmax(dim=-1), generators)
+        idx_Bl = multinomial(logits_BlV.softmax(dim=-1), generators)
         soft_BlV = _gumbel_mixture(logits_BlV, si / (K - 1), generators) if options.more_smooth else None
         forced_Bl = None
         if guide is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NextScaleError
+from ..core.errors import NextScaleError
 
 PIXELS_PER_TOKEN = 16
 RESOLUTIONS = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
@@ -142,12 +142,3 @@ def rope_angles(schedule: InfinitySchedule, head_dim: int, base: float = 10000.0
     inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))
     pos_L2 = schedule.rope_positions().float()
     return torch.cat((pos_L2[:, :1] * inv_freq, pos_L2[:, 1:] * inv_freq), dim=-1)
-
-
-def apply_rope(x_BHLc: torch.Tensor, cos_Lh: torch.Tensor, sin_Lh: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs ``(x[2i], x[2i+1])`` of the last axis by the angles whose cos/sin are given per
-    token ``(L, c / 2)``; computed in fp32, returned in ``x``'s dtype."""
-    x = x_BHLc.float().unflatten(-1, (-1, 2))
-    x0, x1 = x.unbind(-1)
-    out = torch.stack((cos_Lh * x0 - sin_Lh * x1, sin_Lh * x0 + cos_Lh * x1), dim=-1)
-    return out.flatten(-2).to(x_BHLc.dtype)

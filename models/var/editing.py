@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import NextScaleError
-from .imageops import RESIZE_MODES, fit_square
-from .sampler import Guide
-from .tokens import NextScaleTokens
+from ..core.errors import NextScaleError
+from ..core.hooks import Guide
+from ..core.imageops import RESIZE_MODES, fit_square
+from ..core.tokens import NextScaleTokens
 
 EDIT_MODES = ("tokens", "latent blend")
 KEEP_THRESHOLD = 0.5

@@ -1,0 +1,1 @@
+"""KV-cache compression: policies (ScaleKV, HACK, ...), calibration profiles and the memory/fidelity report."""
