@@ -81,8 +81,8 @@ class NextScaleLoadControl(io.ComfyNode):
                     "dtype",
                     options=DTYPES,
                     default="auto",
-                    tooltip="Weight precision; auto: float32 on CPU, bfloat16 (or float16) on GPU. Pick the "
-                    "generator's precision.",
+                    tooltip="Weight precision; auto: ComfyUI's choice as for the generator (float32 on CPU, "
+                    "bfloat16 on recent GPUs). Pick the generator's precision.",
                 ),
             ],
             outputs=[ControlModel.Output("control_model", display_name="control_model")],

@@ -80,9 +80,11 @@ class NextScaleLoadGenerator(io.ComfyNode):
                     "dtype",
                     options=DTYPES,
                     default="auto",
-                    tooltip="Weight precision. auto: float32 on CPU, bfloat16 (or float16) on GPU. The residual "
-                    "stream and the logits stay float32 whatever you pick. On a CPU with AMX or AVX512-BF16 (recent "
-                    "Xeons) bfloat16 samples several times faster, with slightly different images.",
+                    tooltip="Weight precision. auto: ComfyUI's choice for the device and its --force-fp32 / "
+                    "--fp32-unet / --bf16-unet / --fp16-unet / --fp8_e4m3fn-unet flags (float32 on CPU, bfloat16 on "
+                    "recent GPUs, float32 where float16 is broken). The residual stream and the logits stay float32 "
+                    "whatever you pick. On a CPU with AMX or AVX512-BF16 (recent Xeons) bfloat16 samples several "
+                    "times faster, with slightly different images.",
                 ),
             ],
             outputs=[Generator.Output("generator", display_name="generator")],

@@ -79,8 +79,9 @@ class NextScaleLoadInfinity(io.ComfyNode):
                     "dtype",
                     options=DTYPES,
                     default="auto",
-                    tooltip="Transformer precision. auto: float32 on CPU, bfloat16 (or float16) on GPU. The "
-                    "tokenizer stays float32 and logits are always float32.",
+                    tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
+                    "(float32 on CPU, bfloat16 on recent GPUs). The tokenizer stays float32 (unless --fp16-vae / "
+                    "--bf16-vae) and logits are always float32.",
                 ),
             ],
             outputs=[

@@ -40,7 +40,8 @@ class NextScaleLoadTokenizer(io.ComfyNode):
                     "dtype",
                     options=DTYPES,
                     default="auto",
-                    tooltip="Weight precision. auto: float32 (the tokenizer is small and precision-sensitive).",
+                    tooltip="Weight precision. auto: float32 (the tokenizer is small and precision-sensitive), "
+                    "unless ComfyUI's --fp16-vae / --bf16-vae flags say otherwise.",
                 ),
             ],
             outputs=[Tokenizer.Output("tokenizer", display_name="tokenizer")],

@@ -128,19 +128,16 @@ class Workload:
         return self.batch_size * (2 if self.guided else 1)
 
 
-def transformer_step_bytes(
-    rows: int, tokens: int, context: int, width: int, hidden: int, heads: int, vocab: int, itemsize: int
-) -> int:
-    """Activation bytes of one transformer step of ``tokens`` new tokens per row attending to ``context`` tokens:
-    the fp32 residual stream and its normalised copy, q/k/v and the MLP's hidden layer (twice: before and after
-    the activation) in the compute dtype, one layer's fp32 attention scores (the unfused path's), and the fp32
-    logits with their guided and softmaxed copies."""
+def transformer_step_bytes(rows: int, tokens: int, width: int, hidden: int, vocab: int, itemsize: int) -> int:
+    """Activation bytes of one transformer step of ``tokens`` new tokens per row: the fp32 residual stream and its
+    normalised copy, q/k/v and the attention's output and the MLP's hidden layer (before and after its activation)
+    in the compute dtype, and the fp32 logits with their guided and softmaxed copies. The attention is fused
+    (Triton, SDPA): it holds no score matrix."""
     stream = 2 * rows * tokens * width * 4
-    qkv = 3 * rows * tokens * width * itemsize
+    attention = 4 * rows * tokens * width * itemsize
     mlp = 2 * rows * tokens * hidden * itemsize
-    scores = rows * heads * tokens * context * 4
     logits = 3 * rows * tokens * vocab * 4
-    return stream + qkv + mlp + scores + logits
+    return stream + attention + mlp + logits
 
 
 def conv_coder_bytes(batch: int, level_channels: Sequence[int], height: int, width: int, itemsize: int) -> int:

@@ -152,9 +152,7 @@ class InfinityFamily(Family):
             cfg, rows, size = generator.config, workload.rows, workload.dtype.itemsize
             total += geometry.cache_bytes(rows, size, workload.kv_policy)
             step = workload.step_tokens or max(geometry.areas)
-            total += transformer_step_bytes(
-                rows, step, geometry.num_tokens, cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, 2 * cfg.token_dim, size
-            )
+            total += transformer_step_bytes(rows, step, cfg.embed_dim, cfg.hidden_dim, 2 * cfg.token_dim, size)
             latent = latent_scales(generator, tokenizer, schedule) if tokenizer is not None else None
             if tokenizer is not None:
                 side = PREVIEW_LATENT_SIDE * tokenizer.downsample

@@ -183,9 +183,7 @@ class VARFamily(Family):
                     branch = KVGeometry(len(control.car_blocks), geometry.heads, geometry.head_dim, geometry.scales)
                     total += branch.cache_bytes(rows, size)
             step = workload.step_tokens or max(geometry.areas)
-            total += transformer_step_bytes(
-                rows, step, geometry.num_tokens, cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.vocab_size, size
-            )
+            total += transformer_step_bytes(rows, step, cfg.embed_dim, cfg.hidden_dim, cfg.vocab_size, size)
             if tokenizer is not None:
                 side = PREVIEW_LATENT_SIDE * tokenizer.downsample
                 total += conv_coder_bytes(1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize)
