@@ -37,7 +37,7 @@ from torch import nn
 
 from ..models.core.checkpoint import read_sharded_state_dict, read_state_dict, shard_files
 from ..models.core.errors import NextScaleError
-from ..models.core.family import FAMILIES, Kind, Role, describe, identify
+from ..models.core.family import FAMILIES, Family, Kind, Role, describe, identify
 from .model_files import FOLDER, embedded_file
 
 log = logging.getLogger("NextScale")
@@ -86,7 +86,7 @@ class NextScaleModel:
     patcher: comfy.model_patcher.ModelPatcher
 
     @property
-    def family(self):
+    def family(self) -> Family:
         return self.kind.family
 
     @property
@@ -177,10 +177,7 @@ def load(name: str, loader: str, role: str, dtype: str = "auto", path: str | Non
     device = mm.get_torch_device()
     parameters = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
     chosen = precision(kind.role, dtype, device, parameters)
-    module = kind.family.build(
-        kind.role, state_dict, path, dtype=chosen.weight_dtype, operations=chosen.operations
-    )
-    del state_dict
+    module = kind.family.build(kind.role, state_dict, path, dtype=chosen.weight_dtype, operations=chosen.operations)
     log.info("NextScale: loaded %s '%s' (%s)", role, name, chosen.weight_dtype)
     return _wrap(module, kind, name, path, chosen, device)
 
