@@ -12,7 +12,7 @@ import torch
 from comfy_api.latest import io
 
 from ..models.core.errors import NextScaleError
-from ..models.core.family import Workload
+from ..models.core.family import Family, Workload
 from ..models.core.hooks import SamplerHooks, refuse_unsupported
 from ..models.core.imageops import model_to_image
 from ..models.core.tokens import NextScaleTokens
@@ -36,9 +36,8 @@ def class_choices() -> list[str]:
 
 def check_pair(generator: NextScaleModel, tokenizer: NextScaleModel) -> None:
     """A generator and a tokenizer of one family that work together (same vocabulary, latent channels, ...)."""
-    if (generator.role.name, tokenizer.role.name) != ("generator", "tokenizer") or generator.family is not (
-        tokenizer.family
-    ):
+    roles = (generator.role.name, tokenizer.role.name)
+    if roles != ("generator", "tokenizer") or generator.family is not tokenizer.family:
         raise NextScaleError(
             f"'{generator.name}' is {generator.kind.describe()} and '{tokenizer.name}' is "
             f"{tokenizer.kind.describe()}: connect a generator and the tokenizer of its family"
@@ -54,7 +53,7 @@ def bind_policy(spec, generator: NextScaleModel, schedule=None):
     return spec.bind_scales(geometry.layers, geometry.heads, geometry.scales)
 
 
-def refuse_hooks(family, guide=None, control=None, kv_policy=None) -> None:
+def refuse_hooks(family: Family, guide=None, control=None, kv_policy=None) -> None:
     """Refuse, before anything is bound or loaded, a connected input whose hook the family's sampler lacks."""
     refuse_unsupported(SamplerHooks(guide=guide, control=control, kv_policy=kv_policy), family.hooks, family.title)
 

@@ -96,7 +96,9 @@ class NextScaleEncode(io.ComfyNode):
     ) -> io.NodeOutput:
         family = tokenizer.family
         scales = family.parse_schedule(schedule) if schedule.strip() else None
-        workload = Workload(schedule=scales, decode_batch=ENCODE_CHUNK, decode_dtype=tokenizer.compute_dtype)
+        workload = Workload(
+            schedule=scales, decode_batch=min(ENCODE_CHUNK, len(image)), decode_dtype=tokenizer.compute_dtype
+        )
         ready(tokenizer, memory=family.working_memory(None, tokenizer.module, workload))
         parts = []
         for chunk in torch.split(image, ENCODE_CHUNK):
