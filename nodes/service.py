@@ -200,7 +200,7 @@ def _wrap(module: nn.Module, kind: Kind, name: str, path: str, chosen: Precision
 
 
 def ready(*models: NextScaleModel | None, memory: int = 0) -> None:
-    """Load every model a node execution uses (None entries skipped) in one ``load_models_gpu`` call, declaring
+    """Load every model a node execution uses (None entries skipped) in one call of ComfyUI's loader, declaring
     ``memory`` bytes of working memory as ``memory_required``: ComfyUI frees room for the weights and that much
     (unloading other models), then loads what fits."""
     patchers = {id(m.module): m.patcher for m in models if m is not None}

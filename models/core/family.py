@@ -186,9 +186,9 @@ class Family(abc.ABC):
         """Tokens of one image per condition row (class labels, text features, ...), drawn with ``hooks``."""
 
     @abc.abstractmethod
-    def encode(self, tokenizer: nn.Module, images_B3HW: torch.Tensor, schedule=None):
-        """Tokens of ``images_B3HW`` (-1..1, any size: fitted to the schedule's) on ``schedule`` (None: the
-        tokenizer's own, where it has one)."""
+    def encode(self, tokenizer: nn.Module, images_B3HW: torch.Tensor, schedule=None, resize: str = "center crop"):
+        """Tokens of ``images_B3HW`` (-1..1, any size) on ``schedule`` (None: the tokenizer's own, where it has
+        one), the images fitted to its size by ``resize`` (one of ``imageops.RESIZE_MODES``)."""
 
     @abc.abstractmethod
     def check_tokens(self, tokenizer: nn.Module, tokens) -> None:
