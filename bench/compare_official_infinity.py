@@ -59,6 +59,7 @@ import math
 import sys
 import time
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -74,7 +75,7 @@ register_pack()
 import nextscale.models.infinity.sampler as nxs_sampler  # noqa: E402
 from nextscale.models.infinity.bsq import BSQTokenizer  # noqa: E402
 from nextscale.models.infinity.model import Infinity  # noqa: E402
-from nextscale.models.infinity.sampler import InfinityOptions, sample_infinity  # noqa: E402
+from nextscale.models.infinity.sampler import InfinityOptions, TextCondition, sample_infinity  # noqa: E402
 from nextscale.models.infinity.schedule import InfinitySchedule  # noqa: E402
 
 # -- stand-ins for what upstream imports but cannot use here -----------------------------------------
@@ -296,8 +297,8 @@ def sample_nextscale(model, tok, text, negative, schedule, seed, options):
     logits = Recorder(nxs_sampler.filter_top_k_top_p_)
     nxs_sampler.filter_top_k_top_p_ = logits
     try:
-        toks = sample_infinity(model, tok, *padded(*text), schedule=schedule, seed=seed, options=options,
-                               negative=None if negative is None else padded(*negative))
+        condition = TextCondition(*padded(*text), None if negative is None else padded(*negative))
+        toks = sample_infinity(model, tok, condition, seed=seed, options=replace(options, schedule=schedule))
     finally:
         nxs_sampler.filter_top_k_top_p_ = logits.fn
     return toks.bits, logits.seen, toks.summed_codes, tok.decode(toks.summed_codes)

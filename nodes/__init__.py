@@ -1,4 +1,4 @@
-"""The ComfyUI node layer: thin V3 nodes, one file per family. No math here."""
+"""The ComfyUI node layer: thin V3 nodes, one file per feature, and the loading service. No math here."""
 
 from __future__ import annotations
 

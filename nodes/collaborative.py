@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import comfy.model_management as mm
 from comfy_api.latest import io
 
+from ..models.core.family import Workload
 from ..models.core.hooks import SamplerHooks
-from ..models.core.tokens import NextScaleTokens
-from ..models.var.collaborative import check_collaborators, sample_collaborative
-from ..models.var.model import VAR
-from ..models.var.tokenizer import MultiScaleVQVAE
-from .generator import NextScaleSampler, check_pair, class_choices, sampling_inputs, scale_callback
-from .model_files import LoadedModel
+from .generator import (
+    NextScaleSampler,
+    bind_policy,
+    check_pair,
+    class_choices,
+    refuse_hooks,
+    sampling_inputs,
+    scale_callback,
+)
+from .service import NextScaleModel, ready
 from .sockets import CATEGORY, Control, Generator, KVPolicy, Tokenizer, Tokens
 from .validation import check_combos
 
@@ -20,15 +24,6 @@ MAX_SCALES = 64
 SHARED_INPUTS = (
     "class_name", "seed", "cfg", "top_k", "top_p", "more_smooth", "batch_size", "class_list", "options", "guide",
 )
-
-
-def _ready(drafter: LoadedModel, refiner: LoadedModel) -> tuple[VAR, VAR]:
-    """Both generators on the device together (one ``load_models_gpu`` call, so loading one cannot evict the other)."""
-    patchers = [m.patcher for m in (drafter, refiner) if getattr(m, "patcher", None) is not None]
-    if len(patchers) == 2:
-        mm.load_models_gpu(list({id(p): p for p in patchers}.values()))
-        return drafter.module, refiner.module
-    return drafter.ready(), refiner.ready()
 
 
 class NextScaleCollaborativeSampler(io.ComfyNode):
@@ -85,9 +80,9 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        drafter: LoadedModel,
-        refiner: LoadedModel,
-        tokenizer: LoadedModel,
+        drafter: NextScaleModel,
+        refiner: NextScaleModel,
+        tokenizer: NextScaleModel,
         draft_scales: int,
         class_name: str,
         seed: int,
@@ -102,28 +97,40 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
         control=None,
         kv_policy=None,
     ) -> io.NodeOutput:
-        draft_var, refine_var = _ready(drafter, refiner)
-        vae: MultiScaleVQVAE = tokenizer.ready()
-        check_pair(draft_var, vae, drafter, tokenizer)
-        check_pair(refine_var, vae, refiner, tokenizer)
-        check_collaborators(draft_var, refine_var, vae, draft_scales)
+        check_pair(drafter, tokenizer)
+        check_pair(refiner, tokenizer)  # both of the tokenizer's family, then
+        family = refiner.family
+        family.check_collaborators(drafter.module, refiner.module, tokenizer.module, draft_scales)
+        refuse_hooks(family, guide, control, kv_policy)
         labels_B, sampling, preview = sampling_inputs(
-            refine_var, class_name, class_list, batch_size, cfg, top_k, top_p, more_smooth, options
+            refiner, class_name, class_list, batch_size, cfg, top_k, top_p, more_smooth, options
         )
         B, device = len(labels_B), refiner.device
-        patch_nums = refine_var.patch_nums
-        same_model = draft_var is refine_var
+        policy, drafter_policy = bind_policy(kv_policy, refiner), bind_policy(kv_policy, drafter)
+        controls = [] if control is None else control.models()
+        geometry = family.kv_geometry(refiner.module)
+        scales, prefill = geometry.scales, sum(geometry.areas[: draft_scales + 1])
+        draft_memory = family.working_memory(drafter.module, tokenizer.module, Workload(
+            batch_size=B, guided=sampling.cfg != 0, kv_policy=drafter_policy, dtype=drafter.compute_dtype,
+            decode_dtype=tokenizer.compute_dtype,
+        ))
+        refine_memory = family.working_memory(refiner.module, tokenizer.module, Workload(
+            batch_size=B, guided=sampling.cfg != 0, kv_policy=policy, dtype=refiner.compute_dtype,
+            step_tokens=prefill, controls=tuple(m.module for m in controls), decode_dtype=tokenizer.compute_dtype,
+        ))
+        # the drafter's cache is freed before the refiner's is filled: the larger of the two runs at once
+        ready(drafter, refiner, tokenizer, *controls, memory=max(draft_memory, refine_memory))
         hooks = SamplerHooks(
-            callback=scale_callback(cls.hidden.unique_id, vae, patch_nums, preview),
-            guide=None if guide is None else guide.bind(vae, patch_nums, B, device),
-            control=None if control is None else control.bind(refine_var, vae, B, device),
-            kv_policy=None if kv_policy is None else kv_policy.bind(refine_var, B, device),
+            callback=scale_callback(cls.hidden.unique_id, tokenizer, len(scales), preview),
+            guide=None if guide is None else guide.bind(tokenizer.module, scales, B, device),
+            control=None if control is None else control.bind(refiner.module, tokenizer.module, B, device),
+            kv_policy=policy,
         )
-        drafter_control = hooks.control if same_model else None
-        drafter_kv_policy = None if kv_policy is None else kv_policy.bind(draft_var, B, device)
-        tokens: NextScaleTokens = sample_collaborative(
-            draft_var, refine_var, vae, labels_B, draft_scales=draft_scales, seed=seed, options=sampling,
-            hooks=hooks, drafter_control=drafter_control, drafter_kv_policy=drafter_kv_policy, device=device,
+        same_model = drafter.module is refiner.module
+        drafter_hooks = SamplerHooks(control=hooks.control if same_model else None, kv_policy=drafter_policy)
+        tokens = family.sample_collaborative(
+            drafter.module, refiner.module, tokenizer.module, labels_B, draft_scales=draft_scales, seed=seed,
+            options=sampling, hooks=hooks, drafter_hooks=drafter_hooks, device=device,
         )
         return io.NodeOutput(tokens.to("cpu"))
 

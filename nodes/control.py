@@ -2,50 +2,35 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-import comfy.model_management as mm
-import comfy.model_patcher
-import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.control.adapters import ControlStack, load_control
+from ..models.control.adapters import ControlStack
 from ..models.control.maps import canny_edges, map_to_image, soft_silhouette
 from ..models.core.errors import NextScaleError
 from ..models.core.imageops import image_to_model
-from .model_files import DTYPES, FOLDER, WEIGHTS_DIR, LoadedModel, resolve, resolve_dtype
+from .model_files import model_choices
+from .service import DTYPES, NextScaleModel, load
 from .sockets import CATEGORY, Control, ControlModel
 from .validation import check_combos
 
+LOADER = "NextScale Load Control"
 MAX_SCALES = 64
-EMBEDDED_CONTROL = "nextscale-embedded-edges"
-EMBEDDED_CONTROL_FILE = os.path.join(WEIGHTS_DIR, "nextscale_control_edges.safetensors")
 
 
 def control_choices() -> list[str]:
     """The embedded edge adapter (when shipped) first, then every file in the model folder."""
-    embedded = [EMBEDDED_CONTROL] if os.path.isfile(EMBEDDED_CONTROL_FILE) else []
-    return embedded + [f for f in folder_paths.get_filename_list(FOLDER) if f != EMBEDDED_CONTROL]
-
-
-def load_control_model(name: str, dtype_choice: str = "auto") -> LoadedModel:
-    path = EMBEDDED_CONTROL_FILE if name == EMBEDDED_CONTROL else resolve(name, "control")
-    if not os.path.isfile(path):
-        raise NextScaleError(f"the embedded control adapter is missing from the pack: expected {path}")
-    device = mm.get_torch_device()
-    dtype = resolve_dtype(dtype_choice, device, "control")
-    module = load_control(path).to(dtype=dtype).eval().requires_grad_(False)
-    patcher = comfy.model_patcher.ModelPatcher(module, load_device=device, offload_device=mm.unet_offload_device())
-    return LoadedModel(module=module, name=name, path=path, dtype=dtype, patcher=patcher)
+    return model_choices("control")
 
 
 @dataclass
 class ControlSpec:
-    """What a NEXTSCALE_CONTROL socket carries: device-free settings, bound per sampler run."""
+    """What a NEXTSCALE_CONTROL socket carries: device-free settings, bound per sampler run to models that
+    :func:`~.service.ready` has loaded (binding never loads anything)."""
 
-    model: LoadedModel
+    model: NextScaleModel
     image_BHWC: torch.Tensor
     strength: float
     start_scale: int
@@ -53,11 +38,15 @@ class ControlSpec:
     late_temperature: float
     previous: ControlSpec | None = None
 
-    def bind(self, var, vae, batch_size: int, device):
-        module = self.model.ready()
-        control_B3HW = image_to_model(self.image_BHWC).to(next(module.parameters()).device)
-        bound = module.bind(
-            var,
+    def models(self) -> list[NextScaleModel]:
+        """The control models of the chain, first applied first: the sampler makes them ready with the others."""
+        return ([] if self.previous is None else self.previous.models()) + [self.model]
+
+    def bind(self, generator, tokenizer, batch_size: int, device):
+        """The run's control for the ``generator`` module (chained controls in order)."""
+        control_B3HW = image_to_model(self.image_BHWC).to(self.model.device)
+        bound = self.model.module.bind(
+            generator,
             control_B3HW,
             batch_size=batch_size,
             strength=self.strength,
@@ -67,7 +56,7 @@ class ControlSpec:
         )
         if self.previous is None:
             return bound
-        before = self.previous.bind(var, vae, batch_size, device)
+        before = self.previous.bind(generator, tokenizer, batch_size, device)
         return ControlStack([*getattr(before, "controls", [before]), bound])
 
 
@@ -92,8 +81,8 @@ class NextScaleLoadControl(io.ComfyNode):
                     "dtype",
                     options=DTYPES,
                     default="auto",
-                    tooltip="Weight precision; auto: float32 on CPU, bfloat16 (or float16) on GPU. Pick the "
-                    "generator's precision.",
+                    tooltip="Weight precision; auto: ComfyUI's choice as for the generator (float32 on CPU, "
+                    "bfloat16 on recent GPUs). Pick the generator's precision.",
                 ),
             ],
             outputs=[ControlModel.Output("control_model", display_name="control_model")],
@@ -105,7 +94,7 @@ class NextScaleLoadControl(io.ComfyNode):
 
     @classmethod
     def execute(cls, control_name: str, dtype: str = "auto") -> io.NodeOutput:
-        return io.NodeOutput(load_control_model(control_name, dtype))
+        return io.NodeOutput(load(control_name, LOADER, "control", dtype))
 
 
 class NextScaleApplyControl(io.ComfyNode):
@@ -166,7 +155,7 @@ class NextScaleApplyControl(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        control_model: LoadedModel,
+        control_model: NextScaleModel,
         image: torch.Tensor,
         strength: float,
         start_scale: int,

@@ -1,4 +1,5 @@
-"""Generator nodes: load a VAR transformer, sampling options, and the one sampler node."""
+"""Generator nodes: load a class-conditional generator, sampling options, and the one sampler node. Every model
+call goes through the model's family (:mod:`..models.core.family`)."""
 
 from __future__ import annotations
 
@@ -10,35 +11,20 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..models.core.checkpoint import read_state_dict
 from ..models.core.errors import NextScaleError
-from ..models.core.hooks import SamplerHooks
+from ..models.core.family import Family, Workload
+from ..models.core.hooks import SamplerHooks, refuse_unsupported
 from ..models.core.imageops import model_to_image
 from ..models.core.tokens import NextScaleTokens
-from ..models.var.classes import class_index, default_class_names, imagenet_class_names, parse_class_list
-from ..models.var.model import VAR
-from ..models.var.sampler import CFG_SCHEDULES, SamplingOptions, sample
-from ..models.var.tokenizer import MultiScaleVQVAE
-from .model_files import (
-    DTYPES,
-    LoadedModel,
-    check_kind,
-    file_class_names,
-    load_model,
-    model_choices,
-    read_embedded_card,
-)
+from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
+from ..models.var.sampler import CFG_SCHEDULES, SamplingOptions
+from .model_files import file_class_names, model_choices, read_embedded_card
+from .service import DTYPES, NextScaleModel, load, ready
 from .sockets import CATEGORY, Control, Generator, Guide, KVPolicy, SamplerOptions, Tokenizer, Tokens
 from .validation import check_combos
 
+LOADER = "NextScale Load Generator"
 MAX_BATCH = 64
-PREVIEW_LATENT_SIDE = 8  # previews decode at most an 8x8 latent: cheap even for the official tokenizer
-
-
-def build_generator(path: str) -> VAR:
-    state_dict = read_state_dict(path, what="generator")
-    check_kind(state_dict, path, "var-generator")
-    return VAR.from_state_dict(state_dict, path=path, config=VAR.config_from_file(path))
 
 
 def class_choices() -> list[str]:
@@ -48,28 +34,28 @@ def class_choices() -> list[str]:
     return list(dict.fromkeys(embedded + file_class_names() + list(imagenet_class_names())))
 
 
-def generator_class_names(var: VAR) -> tuple[str, ...]:
-    return tuple(var.class_names) if var.class_names else default_class_names(var.config.num_classes)
+def check_pair(generator: NextScaleModel, tokenizer: NextScaleModel) -> None:
+    """A generator and a tokenizer of one family that work together (same vocabulary, latent channels, ...)."""
+    roles = (generator.role.name, tokenizer.role.name)
+    if roles != ("generator", "tokenizer") or generator.family is not tokenizer.family:
+        raise NextScaleError(
+            f"'{generator.name}' is {generator.kind.describe()} and '{tokenizer.name}' is "
+            f"{tokenizer.kind.describe()}: connect a generator and the tokenizer of its family"
+        )
+    generator.family.check_pair(generator.module, tokenizer.module)
 
 
-def check_pair(var: VAR, vae: MultiScaleVQVAE, generator: LoadedModel, tokenizer: LoadedModel) -> None:
-    """A generator and a tokenizer work together only with the same vocabulary and latent channels."""
-    if not isinstance(vae, MultiScaleVQVAE) or not isinstance(var, VAR):
-        raise NextScaleError(
-            f"'{generator.name}' and '{tokenizer.name}' are not a VAR generator and tokenizer: Infinity models and "
-            f"their tokenizers go to NextScale Sampler (Text)"
-        )
-    problems = []
-    if var.config.vocab_size != vae.config.vocab_size:
-        problems.append(f"vocabulary {var.config.vocab_size} vs {vae.config.vocab_size}")
-    if var.config.cvae != vae.config.z_channels:
-        problems.append(f"latent channels {var.config.cvae} vs {vae.config.z_channels}")
-    if problems:
-        raise NextScaleError(
-            f"generator '{generator.name}' and tokenizer '{tokenizer.name}' do not belong together "
-            f"({'; '.join(problems)}). Official VAR generators use vae_ch160v4096z32; the embedded generator uses "
-            f"the embedded tokenizer"
-        )
+def bind_policy(spec, generator: NextScaleModel, schedule=None):
+    """The per-run KV policy of a NEXTSCALE_KV_POLICY spec for ``generator``'s cache (None without a spec)."""
+    if spec is None:
+        return None
+    geometry = generator.family.kv_geometry(generator.module, schedule)
+    return spec.bind_scales(geometry.layers, geometry.heads, geometry.scales)
+
+
+def refuse_hooks(family: Family, guide=None, control=None, kv_policy=None) -> None:
+    """Refuse, before anything is bound or loaded, a connected input whose hook the family's sampler lacks."""
+    refuse_unsupported(SamplerHooks(guide=guide, control=control, kv_policy=kv_policy), family.hooks, family.title)
 
 
 class NextScaleLoadGenerator(io.ComfyNode):
@@ -93,9 +79,11 @@ class NextScaleLoadGenerator(io.ComfyNode):
                     "dtype",
                     options=DTYPES,
                     default="auto",
-                    tooltip="Weight precision. auto: float32 on CPU, bfloat16 (or float16) on GPU. The residual "
-                    "stream and the logits stay float32 whatever you pick. On a CPU with AMX or AVX512-BF16 (recent "
-                    "Xeons) bfloat16 samples several times faster, with slightly different images.",
+                    tooltip="Weight precision. auto: ComfyUI's choice for the device and its --force-fp32 / "
+                    "--fp32-unet / --bf16-unet / --fp16-unet / --fp8_e4m3fn-unet flags (float32 on CPU, bfloat16 on "
+                    "recent GPUs, float32 where float16 is broken). The residual stream and the logits stay float32 "
+                    "whatever you pick. On a CPU with AMX or AVX512-BF16 (recent Xeons) bfloat16 samples several "
+                    "times faster, with slightly different images.",
                 ),
             ],
             outputs=[Generator.Output("generator", display_name="generator")],
@@ -107,7 +95,7 @@ class NextScaleLoadGenerator(io.ComfyNode):
 
     @classmethod
     def execute(cls, generator_name: str, dtype: str) -> io.NodeOutput:
-        return io.NodeOutput(load_model(generator_name, "generator", dtype, build_generator))
+        return io.NodeOutput(load(generator_name, LOADER, "generator", dtype))
 
 
 class NextScaleSamplerOptions(io.ComfyNode):
@@ -250,8 +238,8 @@ class NextScaleSampler(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        generator: LoadedModel,
-        tokenizer: LoadedModel,
+        generator: NextScaleModel,
+        tokenizer: NextScaleModel,
         class_name: str,
         seed: int,
         cfg: float,
@@ -267,32 +255,41 @@ class NextScaleSampler(io.ComfyNode):
     ) -> io.NodeOutput:
         if not (math.isfinite(cfg) and math.isfinite(top_p)):  # NaN passes ComfyUI's min/max check
             raise NextScaleError(f"cfg = {cfg} and top_p = {top_p} must be finite numbers")
-        var: VAR = generator.ready()
-        vae: MultiScaleVQVAE = tokenizer.ready()
-        check_pair(var, vae, generator, tokenizer)
+        check_pair(generator, tokenizer)
+        family = generator.family
+        refuse_hooks(family, guide, control, kv_policy)
         labels_B, sampling, preview = sampling_inputs(
-            var, class_name, class_list, batch_size, cfg, top_k, top_p, more_smooth, options
+            generator, class_name, class_list, batch_size, cfg, top_k, top_p, more_smooth, options
         )
-        on_scale = scale_callback(cls.hidden.unique_id, vae, var.patch_nums, preview)
         B, device = len(labels_B), generator.device
-        hooks = SamplerHooks(
-            callback=on_scale,
-            guide=None if guide is None else guide.bind(vae, var.patch_nums, B, device),
-            control=None if control is None else control.bind(var, vae, B, device),
-            kv_policy=None if kv_policy is None else kv_policy.bind(var, B, device),
+        policy = bind_policy(kv_policy, generator)
+        controls = [] if control is None else control.models()
+        workload = Workload(
+            batch_size=B, guided=sampling.cfg != 0, kv_policy=policy, dtype=generator.compute_dtype,
+            controls=tuple(m.module for m in controls), decode_dtype=tokenizer.compute_dtype,
         )
-        tokens: NextScaleTokens = sample(
-            var, vae, labels_B, seed=seed, options=sampling, hooks=hooks, device=device
+        memory = family.working_memory(generator.module, tokenizer.module, workload)
+        ready(generator, tokenizer, *controls, memory=memory)
+        scales = family.kv_geometry(generator.module).scales
+        hooks = SamplerHooks(
+            callback=scale_callback(cls.hidden.unique_id, tokenizer, len(scales), preview),
+            guide=None if guide is None else guide.bind(tokenizer.module, scales, B, device),
+            control=None if control is None else control.bind(generator.module, tokenizer.module, B, device),
+            kv_policy=policy,
+        )
+        tokens: NextScaleTokens = family.sample(
+            generator.module, tokenizer.module, labels_B, seed=seed, options=sampling, hooks=hooks, device=device
         )
         return io.NodeOutput(tokens.to("cpu"))
 
 
 def sampling_inputs(
-    var: VAR, class_name: str, class_list: str, batch_size: int, cfg: float, top_k: int, top_p: float,
-    more_smooth: bool, options: dict | None,
+    generator: NextScaleModel, class_name: str, class_list: str, batch_size: int, cfg: float, top_k: int,
+    top_p: float, more_smooth: bool, options: dict | None,
 ) -> tuple[torch.Tensor, SamplingOptions, bool]:
     """The sampler node's inputs as ``(labels_B, SamplingOptions, preview)``, checked against the generator."""
-    names = generator_class_names(var)
+    family = generator.family
+    names = family.class_names(generator.module)
     classes = parse_class_list(class_list, names) or [class_index(class_name, names)]
     if len(classes) * batch_size > MAX_BATCH:
         raise NextScaleError(
@@ -305,7 +302,7 @@ def sampling_inputs(
     sampling = dataclasses.replace(
         SamplingOptions(), cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, **extras
     )
-    K = len(var.patch_nums)
+    K = len(family.kv_geometry(generator.module).scales)
     if isinstance(sampling.temperature, list) and len(sampling.temperature) not in (1, K):
         raise NextScaleError(
             f"scale_temperatures has {len(sampling.temperature)} values; this generator has {K} scales"
@@ -313,29 +310,24 @@ def sampling_inputs(
     return labels_B, sampling, preview
 
 
-def scale_callback(node_id, vae: MultiScaleVQVAE, patch_nums, preview: bool):
+def scale_callback(node_id, tokenizer: NextScaleModel, num_scales: int, preview: bool):
     """The sampler's per-scale callback: an interrupt check, one progress tick and (optionally) a preview."""
-    pbar = comfy.utils.ProgressBar(len(patch_nums), node_id=node_id)
+    pbar = comfy.utils.ProgressBar(num_scales, node_id=node_id)
 
-    def on_scale(si: int, num_scales: int, f_hat: torch.Tensor) -> None:
+    def on_scale(si: int, K: int, latent: torch.Tensor) -> None:
         mm.throw_exception_if_processing_interrupted()
-        image = preview_image(vae, f_hat, patch_nums[si]) if preview else None
-        pbar.update_absolute(si + 1, num_scales, image)
+        pbar.update_absolute(si + 1, K, preview_image(tokenizer, latent) if preview else None)
 
     return on_scale
 
 
-def preview_image(vae: MultiScaleVQVAE, f_hat_BChw: torch.Tensor, pn: int):
-    """The partial image of the first batch item, decoded from at most an 8x8 latent (cheap)."""
+def preview_image(tokenizer: NextScaleModel, latent: torch.Tensor):
+    """A JPEG preview of the first batch item from the sampler's running latent (its family decodes it small)."""
     from comfy.cli_args import args
     from PIL import Image
 
-    side = min(pn, PREVIEW_LATENT_SIDE, f_hat_BChw.shape[-1])
-    f = torch.nn.functional.interpolate(f_hat_BChw[:1].float(), size=(side, side), mode="area")
-    with torch.inference_mode():
-        img = model_to_image(vae.fhat_to_img(f.to(next(vae.parameters()).dtype)))[0]
-    pil = Image.fromarray((img.cpu().numpy() * 255).round().astype("uint8"))
-    return ("JPEG", pil, args.preview_size)
+    img = model_to_image(tokenizer.family.preview(tokenizer.module, latent))[0]
+    return ("JPEG", Image.fromarray((img.cpu().numpy() * 255).round().astype("uint8")), args.preview_size)
 
 
 NODES = [NextScaleLoadGenerator, NextScaleSamplerOptions, NextScaleSampler]

@@ -7,36 +7,26 @@ CONDITIONING; the tokens go to the usual NextScale Decode.
 from __future__ import annotations
 
 import math
-import os
 
-import comfy.model_management as mm
-import comfy.utils
-import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.core.checkpoint import read_state_dict, read_weights, shard_files
 from ..models.core.errors import NextScaleError
+from ..models.core.family import Workload
 from ..models.core.hooks import SamplerHooks
-from ..models.core.imageops import image_to_model, model_to_image
-from ..models.infinity.bsq import BSQTokenizer
-from ..models.infinity.model import Infinity
-from ..models.infinity.sampler import InfinityOptions, KeepScales, latent_scales, sample_infinity
+from ..models.core.imageops import image_to_model
+from ..models.infinity.sampler import InfinityOptions, KeepScales, TextCondition, latent_scales
 from ..models.infinity.schedule import RESOLUTIONS, InfinitySchedule
-from .model_files import DTYPES, FOLDER, LoadedModel, check_kind, load_model
+from .generator import bind_policy, check_pair, refuse_hooks, scale_callback
+from .model_files import model_choices
+from .service import DTYPES, NextScaleModel, load, not_found, ready
 from .sockets import CATEGORY, InfinityModel, KVPolicy, Tokenizer, Tokens
 from .text_encoder import check_text_width
 from .validation import check_combos
 
+LOADER = "NextScale Load Infinity"
 INFINITY_CATEGORY = f"{CATEGORY}/infinity"
 MAX_BATCH = 16
-PREVIEW_SIDE = 16  # previews decode at most a 16x16 latent
-INFINITY_HINT = (
-    "Infinity's files are published in the Hugging Face repository FoundationVision/Infinity: put "
-    "infinity_2b_reg.pth and infinity_vae_d32reg.pth (or the 8B's infinity_8b_weights folder and "
-    "infinity_vae_d56_f8_14_patchify.pth) into {folders}, and flan-t5-xl (google/flan-t5-xl) into "
-    "ComfyUI/models/text_encoders"
-)
 
 # Aspect ratios offered, as width:height, with the template (h / w) each picks (var.md 5.5).
 ASPECTS = {
@@ -59,55 +49,8 @@ ASPECTS = {
 RESOLUTION_CHOICES = list(RESOLUTIONS)
 
 
-def _folders() -> str:
-    return ", ".join(folder_paths.get_folder_paths(FOLDER))
-
-
-def model_choices() -> list[str]:
-    """Weight files in the NextScale folder, and its sub-folders of shards (the 8B)."""
-    files = list(folder_paths.get_filename_list(FOLDER))
-    folders = []
-    for base in folder_paths.get_folder_paths(FOLDER):
-        if os.path.isdir(base):
-            folders += [n for n in sorted(os.listdir(base)) if os.path.isdir(os.path.join(base, n))
-                        and shard_files(os.path.join(base, n))]
-    return files + [f for f in folders if f not in files]
-
-
-def tokenizer_choices() -> list[str]:
-    return list(folder_paths.get_filename_list(FOLDER))
-
-
-def _not_found(name: str, what: str) -> str:
-    folders = _folders()
-    return (
-        f"model not found: {what} '{name}' is not in the NextScale model folder ({folders}). "
-        + INFINITY_HINT.format(folders=folders)
-    )
-
-
-def _resolve(name: str, what: str) -> str:
-    for base in folder_paths.get_folder_paths(FOLDER):
-        path = os.path.join(base, name)
-        if os.path.isfile(path) or (os.path.isdir(path) and shard_files(path)):
-            return path
-    raise NextScaleError(_not_found(name, what))
-
-
-def _missing(value: str, options: list[str], what: str) -> str | None:
-    return None if value in options else _not_found(value, what)
-
-
-def build_infinity(path: str) -> Infinity:
-    state_dict = read_weights(path, "Infinity transformer")
-    check_kind(state_dict, path, "infinity-generator")
-    return Infinity.from_state_dict(state_dict, path=path, config=Infinity.config_from_file(path))
-
-
-def build_bsq(path: str) -> BSQTokenizer:
-    state_dict = read_state_dict(path, "Infinity tokenizer")
-    check_kind(state_dict, path, "infinity-tokenizer")
-    return BSQTokenizer.from_state_dict(state_dict, path=path, config=BSQTokenizer.config_from_file(path))
+def _missing(value: str, options: list[str], role: str) -> str | None:
+    return None if value in options else not_found(value, LOADER, role)
 
 
 class NextScaleLoadInfinity(io.ComfyNode):
@@ -123,21 +66,22 @@ class NextScaleLoadInfinity(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "model_name",
-                    options=model_choices(),
+                    options=model_choices(shards=True),
                     tooltip="Transformer file (.pth or .safetensors) or folder of shards in ComfyUI/models/nextscale, "
                     "from the Hugging Face repository FoundationVision/Infinity.",
                 ),
                 io.Combo.Input(
                     "tokenizer_name",
-                    options=tokenizer_choices(),
+                    options=model_choices(),
                     tooltip="The BSQ tokenizer that goes with the transformer (2B: infinity_vae_d32reg.pth).",
                 ),
                 io.Combo.Input(
                     "dtype",
                     options=DTYPES,
                     default="auto",
-                    tooltip="Transformer precision. auto: float32 on CPU, bfloat16 (or float16) on GPU. The "
-                    "tokenizer stays float32 and logits are always float32.",
+                    tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
+                    "(float32 on CPU, bfloat16 on recent GPUs). The tokenizer stays float32 (unless --fp16-vae / "
+                    "--bf16-vae) and logits are always float32.",
                 ),
             ],
             outputs=[
@@ -149,17 +93,15 @@ class NextScaleLoadInfinity(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, model_name: str, tokenizer_name: str, dtype: str) -> bool | str:
         return (
-            _missing(model_name, model_choices(), "Infinity transformer")
-            or _missing(tokenizer_name, tokenizer_choices(), "Infinity tokenizer")
+            _missing(model_name, model_choices(shards=True), "generator")
+            or _missing(tokenizer_name, model_choices(), "tokenizer")
             or check_combos(dtype=(dtype, DTYPES))
         )
 
     @classmethod
     def execute(cls, model_name: str, tokenizer_name: str, dtype: str) -> io.NodeOutput:
-        model_path = _resolve(model_name, "Infinity transformer")
-        tokenizer_path = _resolve(tokenizer_name, "Infinity tokenizer")
-        model = load_model(model_name, "infinity", dtype, build_infinity, path=model_path)
-        tokenizer = load_model(tokenizer_name, "tokenizer", "auto", build_bsq, path=tokenizer_path)
+        model = load(model_name, LOADER, "generator", dtype)
+        tokenizer = load(tokenizer_name, LOADER, "tokenizer", "auto")
         return io.NodeOutput(model, tokenizer)
 
 
@@ -184,29 +126,6 @@ def text_from_conditioning(
             f"the {what} conditioning holds {cond.shape[0]} prompts; use one prompt, or batch_size = {cond.shape[0]}"
         )
     return cond.float(), mask
-
-
-def infinity_callback(node_id, tokenizer: BSQTokenizer, num_scales: int):
-    pbar = comfy.utils.ProgressBar(num_scales, node_id=node_id)
-
-    def on_scale(si: int, K: int, summed_BdHW: torch.Tensor) -> None:
-        mm.throw_exception_if_processing_interrupted()
-        pbar.update_absolute(si + 1, K, preview(tokenizer, summed_BdHW))
-
-    return on_scale
-
-
-def preview(tokenizer: BSQTokenizer, summed_BdHW: torch.Tensor):
-    from comfy.cli_args import args
-    from PIL import Image
-
-    H, W = summed_BdHW.shape[-2:]
-    scale = min(1.0, PREVIEW_SIDE / max(H, W))
-    size = (max(1, round(H * scale)), max(1, round(W * scale)))
-    latent = torch.nn.functional.interpolate(summed_BdHW[:1].float(), size=size, mode="area")
-    with torch.inference_mode():
-        img = model_to_image(tokenizer.decode(latent.to(next(tokenizer.parameters()).dtype)))[0]
-    return ("JPEG", Image.fromarray((img.cpu().numpy() * 255).round().astype("uint8")), args.preview_size)
 
 
 class NextScaleTextSampler(io.ComfyNode):
@@ -289,8 +208,8 @@ class NextScaleTextSampler(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        model: LoadedModel,
-        tokenizer: LoadedModel,
+        model: NextScaleModel,
+        tokenizer: NextScaleModel,
         positive,
         seed: int,
         cfg: float,
@@ -307,70 +226,38 @@ class NextScaleTextSampler(io.ComfyNode):
     ) -> io.NodeOutput:
         if not (math.isfinite(cfg) and math.isfinite(tau) and math.isfinite(top_p)):
             raise NextScaleError(f"cfg = {cfg}, tau = {tau} and top_p = {top_p} must be finite numbers")
-        infinity: Infinity = model.ready()
-        bsq: BSQTokenizer = tokenizer.ready()
-        if not isinstance(infinity, Infinity) or not isinstance(bsq, BSQTokenizer):
-            raise NextScaleError("NextScale Sampler (Text) needs the model and tokenizer of NextScale Load Infinity")
+        check_pair(model, tokenizer)
+        family = model.family
+        keep = image is not None and keep_scales > 0
+        refuse_hooks(family, kv_policy=kv_policy)
         schedule = InfinitySchedule.from_template(ASPECTS[aspect_ratio], resolution)
-        text_dim = infinity.config.text_dim
+        if keep and keep_scales > schedule.num_scales:
+            raise NextScaleError(f"keep_scales = {keep_scales}, but this resolution has {schedule.num_scales} scales")
+        text_dim = model.module.config.text_dim
         text, mask = text_from_conditioning(positive, batch_size, text_dim, "positive")
         neg = None if negative is None else text_from_conditioning(negative, 1, text_dim, "negative")
-        device = model.device
-        guide = None
-        if image is not None and keep_scales > 0:
-            guide = KeepScales(encode_for_schedule(bsq, tokenizer, image, schedule, infinity), keep_scales)
-            if keep_scales > schedule.num_scales:
-                raise NextScaleError(
-                    f"keep_scales = {keep_scales}, but this resolution has {schedule.num_scales} scales"
-                )
-        policy = None
-        if kv_policy is not None:
-            if getattr(kv_policy, "profile", None) is not None:
-                raise NextScaleError(
-                    "this KV policy carries a calibration profile of a VAR generator; for Infinity use the policy "
-                    "without a profile (uniform budgets)"
-                )
-            policy = kv_policy.bind_scales(infinity.depth, infinity.num_heads, schedule.scales)
-        hooks = SamplerHooks(
-            callback=infinity_callback(cls.hidden.unique_id, bsq, schedule.num_scales), kv_policy=policy
+        policy = bind_policy(kv_policy, model, schedule)
+        workload = Workload(
+            batch_size=batch_size, guided=cfg != 1, schedule=schedule, kv_policy=policy, dtype=model.compute_dtype,
+            decode_batch=1 if keep else 0, decode_dtype=tokenizer.compute_dtype,
         )
-        options = InfinityOptions(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
-        tokens = sample_infinity(
-            infinity, bsq, text, mask, schedule=schedule, seed=seed, options=options, negative=neg, hooks=hooks,
-            guide=guide, device=device,
+        ready(model, tokenizer, memory=family.working_memory(model.module, tokenizer.module, workload))
+        guide = None
+        if keep:
+            latent = latent_scales(model.module, tokenizer.module, schedule)
+            img = image_to_model(image[:1]).to(tokenizer.device)
+            guide = KeepScales(family.encode(tokenizer.module, img, latent, "stretch").bits, keep_scales)
+        hooks = SamplerHooks(
+            callback=scale_callback(cls.hidden.unique_id, tokenizer, schedule.num_scales, True),
+            guide=guide,
+            kv_policy=policy,
+        )
+        options = InfinityOptions(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, schedule=schedule)
+        tokens = family.sample(
+            model.module, tokenizer.module, TextCondition(text, mask, neg), seed=seed, options=options, hooks=hooks,
+            device=model.device,
         )
         return io.NodeOutput(tokens.to("cpu"))
-
-
-def encode_for_schedule(bsq: BSQTokenizer, tokenizer: LoadedModel, image: torch.Tensor, schedule, infinity) -> list:
-    """The bits of ``image`` (its first item), resized to the schedule's output size, per latent scale."""
-    latent = latent_scales(infinity, bsq, schedule)
-    H, W = latent[-1][0] * bsq.downsample, latent[-1][1] * bsq.downsample
-    img = image_to_model(image[:1]).to(device=tokenizer.device, dtype=tokenizer.dtype)
-    img = torch.nn.functional.interpolate(img, size=(H, W), mode="bicubic", align_corners=False).clamp(-1, 1)
-    with torch.inference_mode():
-        return [b.cpu() for b in bsq.encode_bits(img, latent)]
-
-
-def decode_bits(tokenizer: LoadedModel, tokens, upto: int | None) -> torch.Tensor:
-    """ComfyUI IMAGE of bitwise tokens (their first ``upto`` scales; None: all)."""
-    bsq: BSQTokenizer = tokenizer.ready()
-    if tokens.codebook_dim != bsq.codebook_dim:
-        raise NextScaleError(
-            f"these tokens have {tokens.codebook_dim} bits per cell but the tokenizer codes {bsq.codebook_dim}: decode "
-            f"with the tokenizer they were made with"
-        )
-    images = []
-    with torch.inference_mode():
-        for b in range(0, tokens.batch_size, 4):
-            mm.throw_exception_if_processing_interrupted()
-            part = tokens.select(list(range(b, min(b + 4, tokens.batch_size)))).to(tokenizer.device)
-            if upto is None and part.summed_codes is not None:
-                summed = part.summed_codes
-            else:
-                summed = bsq.bits_to_summed_codes(part.bits[: upto or part.num_scales], part.scales[-1])
-            images.append(model_to_image(bsq.decode(summed.to(tokenizer.dtype))).to(mm.intermediate_device()))
-    return torch.cat(images)
 
 
 NODES = [NextScaleLoadInfinity, NextScaleTextSampler]

@@ -12,12 +12,14 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..models.core.errors import NextScaleError
+from ..models.core.family import Workload
 from ..models.kv.policies import POLICIES, KVPolicySpec
 from ..models.kv.profile import KVProfile, calibrate
 from ..models.kv.report import kv_report
 from ..models.var.classes import class_index, parse_class_list
 from ..models.var.sampler import SamplingOptions
-from .generator import check_pair, generator_class_names
+from .generator import check_pair
+from .service import NextScaleModel, ready
 from .sockets import CATEGORY, Generator, KVPolicy, Tokenizer
 from .sockets import KVProfile as KVProfileSocket
 from .validation import check_combos
@@ -123,20 +125,25 @@ class NextScaleKVCalibrate(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, generator, tokenizer, samples: int, seed: int, cfg: float, class_list: str = "",
-                filename: str = "nextscale_kv_profile") -> io.NodeOutput:
-        var, vae = generator.ready(), tokenizer.ready()
-        check_pair(var, vae, generator, tokenizer)
-        names = generator_class_names(var)
+    def execute(cls, generator: NextScaleModel, tokenizer: NextScaleModel, samples: int, seed: int, cfg: float,
+                class_list: str = "", filename: str = "nextscale_kv_profile") -> io.NodeOutput:
+        check_pair(generator, tokenizer)
+        family = generator.family
+        names = family.class_names(generator.module)
         classes = parse_class_list(class_list, names) or list(range(min(samples, len(names))))
         labels = [classes[i % len(classes)] for i in range(samples)]
-        pbar = comfy.utils.ProgressBar(len(labels) * len(var.patch_nums), node_id=cls.hidden.unique_id)
+        workload = Workload(batch_size=1, guided=cfg != 0, dtype=generator.compute_dtype,
+                            decode_dtype=tokenizer.compute_dtype)
+        ready(generator, tokenizer, memory=family.working_memory(generator.module, tokenizer.module, workload))
+        num_scales = len(family.kv_geometry(generator.module).scales)
+        pbar = comfy.utils.ProgressBar(len(labels) * num_scales, node_id=cls.hidden.unique_id)
 
         def on_scale(done: int, total: int) -> None:
             mm.throw_exception_if_processing_interrupted()
             pbar.update_absolute(done, total)
 
-        profile = calibrate(var, vae, labels, seed, SamplingOptions(cfg=cfg), generator.device, callback=on_scale)
+        profile = calibrate(generator.module, tokenizer.module, labels, seed, SamplingOptions(cfg=cfg),
+                            generator.device, callback=on_scale, family=family)
         profile.meta["generator"] = getattr(generator, "name", "")
         path = ""
         if filename.strip():
@@ -174,15 +181,20 @@ class NextScaleKVReport(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, generator, tokenizer, kv_policy: KVPolicySpec, class_name: str, seed: int, cfg: float,
-                batch_size: int = 1) -> io.NodeOutput:
+    def execute(cls, generator: NextScaleModel, tokenizer: NextScaleModel, kv_policy: KVPolicySpec, class_name: str,
+                seed: int, cfg: float, batch_size: int = 1) -> io.NodeOutput:
         if not isinstance(kv_policy, KVPolicySpec):
             raise NextScaleError("kv_policy must come from NextScale KV Policy")
-        var, vae = generator.ready(), tokenizer.ready()
-        check_pair(var, vae, generator, tokenizer)
-        label = class_index(class_name, generator_class_names(var))
+        check_pair(generator, tokenizer)
+        family = generator.family
+        label = class_index(class_name, family.class_names(generator.module))
         labels = torch.full((batch_size,), label, dtype=torch.long)
-        report = kv_report(var, vae, labels, seed, kv_policy, SamplingOptions(cfg=cfg), generator.device)
+        # the full-cache run is the larger of the two; both runs' images are decoded at once
+        workload = Workload(batch_size=batch_size, guided=cfg != 0, dtype=generator.compute_dtype,
+                            decode_batch=batch_size, decode_dtype=tokenizer.compute_dtype)
+        ready(generator, tokenizer, memory=family.working_memory(generator.module, tokenizer.module, workload))
+        report = kv_report(generator.module, tokenizer.module, labels, seed, kv_policy, SamplingOptions(cfg=cfg),
+                           generator.device, family=family)
         images = torch.cat((report.full_images, report.images), dim=2)
         text = report.text()
         return io.NodeOutput(text, images, ui=ui.PreviewText(text))

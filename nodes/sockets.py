@@ -1,20 +1,26 @@
-"""Custom socket types. Their ids are permanent: saved workflows refer to them."""
+"""Custom socket types. Their ids are permanent: saved workflows refer to them.
+
+The model sockets (tokenizer, generator, Infinity model, control model) carry a :class:`.service.NextScaleModel`;
+its family says what it is and how to use it.
+"""
 
 from comfy_api.latest import io
 
 Tokenizer = io.Custom("NEXTSCALE_TOKENIZER")
 Generator = io.Custom("NEXTSCALE_GENERATOR")
-# An Infinity text-to-image transformer (models.infinity.Infinity in a model_files.LoadedModel).
+# An Infinity text-to-image transformer, from NextScale Load Infinity.
 InfinityModel = io.Custom("NEXTSCALE_INFINITY")
 Tokens = io.Custom("NEXTSCALE_TOKENS")
 SamplerOptions = io.Custom("NEXTSCALE_SAMPLER_OPTIONS")
-# An edit guide (models.editing.EditSpec): anything with bind(tokenizer, patch_nums, batch_size, device) -> Guide.
+# An edit guide (models.var.editing.EditSpec): anything with bind(tokenizer, patch_nums, batch_size, device) -> Guide.
 Guide = io.Custom("NEXTSCALE_GUIDE")
-# A control (CAR, adapters): anything with bind(generator, tokenizer, batch_size, device) -> models.sampler.Control.
+# A control (control.ControlSpec): models() -> the control models to make ready with the generator, and
+# bind(generator, tokenizer, batch_size, device) -> models.core.hooks.Control.
 Control = io.Custom("NEXTSCALE_CONTROL")
-# A KV-cache policy: anything with bind(generator, batch_size, device) -> models.kv_cache.KVPolicy.
+# A KV-cache policy (models.kv.policies.KVPolicySpec): bind_scales(layers, heads, scales) -> KVPolicy, for the
+# cache shape of the generator's family (models.core.family.KVGeometry).
 KVPolicy = io.Custom("NEXTSCALE_KV_POLICY")
-# A KV calibration profile (models.kv_profile.KVProfile) from NextScale KV Calibrate to NextScale KV Policy.
+# A KV calibration profile (models.kv.profile.KVProfile) from NextScale KV Calibrate to NextScale KV Policy.
 KVProfile = io.Custom("NEXTSCALE_KV_PROFILE")
 # A loaded control model (CAR branch or NextScale adapter) from NextScale Load Control.
 ControlModel = io.Custom("NEXTSCALE_CONTROL_MODEL")

@@ -39,7 +39,7 @@ from transformers import T5TokenizerFast
 
 from ..models.core.checkpoint import check_state_dict, check_tensors, read_state_dict
 from ..models.core.errors import NextScaleError
-from ..models.core.identify import describe, identify
+from ..models.core.family import describe, identify
 from .sockets import CATEGORY
 from .validation import check_combos
 
@@ -218,7 +218,7 @@ def _read_file(path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
 def looks_like(keys: list[str]) -> str:
     """What a state dict that is no T5 encoder looks like, from its keys."""
     kind = identify(dict.fromkeys(keys))
-    if kind != "unknown":
+    if kind is not None:
         return describe(kind)
     signs = (
         (("text_model.", "transformer.resblocks.", "clip_l.", "clip_g."), "a CLIP text encoder (CLIP-L/G), not T5"),

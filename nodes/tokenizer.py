@@ -1,4 +1,5 @@
-"""Tokenizer nodes: load VAR's multi-scale VQ-VAE, encode images to per-scale tokens, decode them."""
+"""Tokenizer nodes: load a tokenizer, encode images to per-scale tokens, decode them (all through the tokenizer's
+family)."""
 
 from __future__ import annotations
 
@@ -6,23 +7,17 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from ..models.core.checkpoint import read_state_dict
 from ..models.core.errors import NextScaleError
-from ..models.core.imageops import RESIZE_MODES, fit_square, image_to_model, model_to_image
-from ..models.core.schedule import parse_schedule
-from ..models.core.tokens import NextScaleBitTokens, NextScaleTokens
-from ..models.infinity.bsq import BSQTokenizer
+from ..models.core.family import Workload
+from ..models.core.imageops import RESIZE_MODES, image_to_model, model_to_image
 from ..models.var.editing import composite
-from ..models.var.tokenizer import MultiScaleVQVAE
-from .model_files import DTYPES, LoadedModel, check_kind, load_model, model_choices
+from .model_files import model_choices
+from .service import DTYPES, NextScaleModel, load, ready
 from .sockets import CATEGORY, Tokenizer, Tokens
 from .validation import check_combos
 
-
-def build_tokenizer(path: str) -> MultiScaleVQVAE:
-    state_dict = read_state_dict(path, what="tokenizer")
-    check_kind(state_dict, path, "var-tokenizer")
-    return MultiScaleVQVAE.from_state_dict(state_dict, path=path, config=MultiScaleVQVAE.config_from_file(path))
+LOADER = "NextScale Load Tokenizer"
+ENCODE_CHUNK = 8  # images encoded at once: bounds peak memory on large batches
 
 
 class NextScaleLoadTokenizer(io.ComfyNode):
@@ -45,7 +40,8 @@ class NextScaleLoadTokenizer(io.ComfyNode):
                     "dtype",
                     options=DTYPES,
                     default="auto",
-                    tooltip="Weight precision. auto: float32 (the tokenizer is small and precision-sensitive).",
+                    tooltip="Weight precision. auto: float32 (the tokenizer is small and precision-sensitive), "
+                    "unless ComfyUI's --fp16-vae / --bf16-vae flags say otherwise.",
                 ),
             ],
             outputs=[Tokenizer.Output("tokenizer", display_name="tokenizer")],
@@ -57,11 +53,7 @@ class NextScaleLoadTokenizer(io.ComfyNode):
 
     @classmethod
     def execute(cls, tokenizer_name: str, dtype: str) -> io.NodeOutput:
-        return io.NodeOutput(load_model(tokenizer_name, "tokenizer", dtype, build_tokenizer))
-
-
-def _schedule_for(tokenizer: MultiScaleVQVAE, schedule: str) -> tuple[int, ...]:
-    return tokenizer.patch_nums if not schedule.strip() else parse_schedule(schedule)
+        return io.NodeOutput(load(tokenizer_name, LOADER, "tokenizer", dtype))
 
 
 class NextScaleEncode(io.ComfyNode):
@@ -99,67 +91,41 @@ class NextScaleEncode(io.ComfyNode):
         return check_combos(resize=(resize, RESIZE_MODES))
 
     @classmethod
-    def execute(cls, tokenizer: LoadedModel, image: torch.Tensor, resize: str, schedule: str = "") -> io.NodeOutput:
-        vae: MultiScaleVQVAE = tokenizer.ready()
-        if isinstance(vae, BSQTokenizer):
-            raise NextScaleError(
-                "this is an Infinity tokenizer: Infinity encodes images inside NextScale Sampler (Text) (connect the "
-                "image there and set keep_scales)"
-            )
-        patch_nums = _schedule_for(vae, schedule)
-        side = patch_nums[-1] * vae.downsample
-        device = tokenizer.device
-        indices, f_hats = [], []
-        with torch.inference_mode():
-            for chunk in torch.split(image, 8):  # bound peak memory on large batches
-                mm.throw_exception_if_processing_interrupted()
-                img = fit_square(image_to_model(chunk), side, resize).to(device=device, dtype=tokenizer.dtype)
-                idx = vae.img_to_indices(img, patch_nums=patch_nums)
-                indices.append([i.cpu() for i in idx])
-                f_hats.append(vae.indices_to_fhat(idx, patch_nums=patch_nums).float().cpu())
-        per_scale = [torch.cat([c[si] for c in indices]).view(-1, pn, pn) for si, pn in enumerate(patch_nums)]
-        tokens = NextScaleTokens(indices=per_scale, patch_nums=patch_nums, f_hat=torch.cat(f_hats), source="encoded")
-        return io.NodeOutput(tokens)
-
-
-def check_vocab(vae: MultiScaleVQVAE, tokens: NextScaleTokens) -> None:
-    if isinstance(tokens, NextScaleBitTokens) or isinstance(vae, BSQTokenizer):
-        return  # bitwise tokens have no vocabulary; decode_tokens checks the pairing and the bit count
-    vocab = vae.config.vocab_size
-    top = max(int(i.max()) for i in tokens.indices)
-    if top >= vocab:
-        raise NextScaleError(
-            f"these tokens use codes up to {top}, but the tokenizer's vocabulary has {vocab} codes: decode with the "
-            "tokenizer they were made with"
+    def execute(
+        cls, tokenizer: NextScaleModel, image: torch.Tensor, resize: str, schedule: str = ""
+    ) -> io.NodeOutput:
+        family = tokenizer.family
+        scales = family.parse_schedule(schedule) if schedule.strip() else None
+        workload = Workload(
+            schedule=scales, decode_batch=min(ENCODE_CHUNK, len(image)), decode_dtype=tokenizer.compute_dtype
         )
-
-
-def decode_tokens(
-    tokenizer: LoadedModel, tokens: NextScaleTokens | NextScaleBitTokens, upto: int | None
-) -> torch.Tensor:
-    """ComfyUI IMAGE of the tokens' first ``upto`` scales (None: all, using the tokens' own f_hat when kept).
-    Bitwise tokens (Infinity) go through their BSQ tokenizer."""
-    vae = tokenizer.ready()
-    if isinstance(tokens, NextScaleBitTokens) or isinstance(vae, BSQTokenizer):
-        if not (isinstance(tokens, NextScaleBitTokens) and isinstance(vae, BSQTokenizer)):
-            raise NextScaleError(
-                "Infinity (bitwise) tokens decode with the Infinity tokenizer of NextScale Load Infinity, and VAR "
-                "tokens with a VAR tokenizer: connect the tokenizer the tokens were made with"
-            )
-        from .infinity import decode_bits
-
-        return decode_bits(tokenizer, tokens, upto)
-    device, dtype = tokenizer.device, tokenizer.dtype
-    images = []
-    with torch.inference_mode():
-        for b in range(0, tokens.batch_size, 8):
+        ready(tokenizer, memory=family.working_memory(None, tokenizer.module, workload))
+        parts = []
+        for chunk in torch.split(image, ENCODE_CHUNK):
             mm.throw_exception_if_processing_interrupted()
-            part = tokens.select(list(range(b, min(b + 8, tokens.batch_size)))).to(device)
-            if upto is None and part.f_hat is not None:
-                f_hat = part.f_hat.to(dtype)
-            else:
-                f_hat = vae.indices_to_fhat(part.flat(), patch_nums=tokens.patch_nums, upto=upto)
-            images.append(model_to_image(vae.fhat_to_img(f_hat)).to(mm.intermediate_device()))
+            img = image_to_model(chunk).to(tokenizer.device)
+            parts.append(family.encode(tokenizer.module, img, scales, resize).to("cpu"))
+        return io.NodeOutput(type(parts[0]).cat(parts))
+
+
+def decode_memory(tokenizer: NextScaleModel, tokens) -> int:
+    """Working memory of decoding ``tokens`` a chunk at a time."""
+    family = tokenizer.family
+    workload = Workload(
+        schedule=tokens.schedule, decode_batch=min(family.decode_chunk, tokens.batch_size),
+        decode_dtype=tokenizer.compute_dtype,
+    )
+    return family.working_memory(None, tokenizer.module, workload)
+
+
+def decode_images(tokenizer: NextScaleModel, tokens, upto: int | None) -> torch.Tensor:
+    """ComfyUI IMAGE of the tokens' first ``upto`` scales (None: all), decoded by the tokenizer's family a chunk at
+    a time; the tokenizer must be ready."""
+    family, images = tokenizer.family, []
+    for b in range(0, tokens.batch_size, family.decode_chunk):
+        mm.throw_exception_if_processing_interrupted()
+        part = tokens.select(list(range(b, min(b + family.decode_chunk, tokens.batch_size)))).to(tokenizer.device)
+        images.append(model_to_image(family.decode(tokenizer.module, part, upto)).to(mm.intermediate_device()))
     return torch.cat(images)
 
 
@@ -202,19 +168,20 @@ class NextScaleDecode(io.ComfyNode):
     @classmethod
     def execute(
         cls,
-        tokenizer: LoadedModel,
-        tokens: NextScaleTokens,
+        tokenizer: NextScaleModel,
+        tokens,
         scales: int,
         composite_image: torch.Tensor | None = None,
         composite_mask: torch.Tensor | None = None,
     ) -> io.NodeOutput:
         if (composite_image is None) != (composite_mask is None):
             raise NextScaleError("a composite needs both composite_image and composite_mask (or neither)")
-        check_vocab(tokenizer.ready(), tokens)
         if scales > tokens.num_scales:
             raise NextScaleError(f"scales = {scales}, but these tokens have only {tokens.num_scales} scales (0 = all)")
         upto = scales if 0 < scales < tokens.num_scales else None
-        decoded = decode_tokens(tokenizer, tokens, upto)
+        tokenizer.family.check_tokens(tokenizer.module, tokens)
+        ready(tokenizer, memory=decode_memory(tokenizer, tokens))
+        decoded = decode_images(tokenizer, tokens, upto)
         if composite_image is not None:
             decoded = composite(decoded, composite_image, composite_mask)
         return io.NodeOutput(decoded)
@@ -244,10 +211,11 @@ class NextScaleDecodeScales(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, tokenizer: LoadedModel, tokens: NextScaleTokens) -> io.NodeOutput:
-        check_vocab(tokenizer.ready(), tokens)
+    def execute(cls, tokenizer: NextScaleModel, tokens) -> io.NodeOutput:
+        tokenizer.family.check_tokens(tokenizer.module, tokens)
+        ready(tokenizer, memory=decode_memory(tokenizer, tokens))
         K = tokens.num_scales
-        stages = [decode_tokens(tokenizer, tokens, k if k < K else None) for k in range(1, K + 1)]
+        stages = [decode_images(tokenizer, tokens, k if k < K else None) for k in range(1, K + 1)]
         images = torch.stack(stages, dim=1).flatten(0, 1)  # (B, K, H, W, C) -> image-major
         return io.NodeOutput(images, K)
 

@@ -1,9 +1,9 @@
 """Bad model files: each one gives one clear NextScaleError naming the file, what was expected and what was found.
 
 Every bad file is tried through the models layer (``VAR.from_file`` / ``MultiScaleVQVAE.from_file``) in this process
-and, in one subprocess inside ComfyUI's python, through the loaders the nodes use (``build_generator`` /
-``build_tokenizer``: ``read_state_dict`` -> ``check_kind`` -> strict key check). No file ever runs code: the pickles
-below would create a canary file when unpickled, and the canary never appears.
+and, in one subprocess inside ComfyUI's python, through the loading service the nodes use (``service.load``: read
+the file -> identify it through the family registry -> its family's strict build). No file ever runs code: the
+pickles below would create a canary file when unpickled, and the canary never appears.
 """
 
 from __future__ import annotations
@@ -235,12 +235,13 @@ NODE_LOADERS = textwrap.dedent(
     comfy.options.enable_args_parsing()
     from packbootstrap import register_pack
     register_pack(root)
-    from nextscale.nodes.generator import build_generator
-    from nextscale.nodes.tokenizer import build_tokenizer
+    import os
+    from nextscale.nodes.service import load
+    nodes = {"generator": "NextScale Load Generator", "tokenizer": "NextScale Load Tokenizer"}
     out = {}
-    for name, path, loader in json.loads(open(cases_json).read()):
+    for name, path, role in json.loads(open(cases_json).read()):
         try:
-            (build_generator if loader == "generator" else build_tokenizer)(path)
+            load(os.path.basename(path), nodes[role], role, path=path)
             out[name] = ["no error", ""]
         except Exception as e:
             out[name] = [type(e).__name__, str(e)]
@@ -250,7 +251,7 @@ NODE_LOADERS = textwrap.dedent(
 
 
 def test_node_loaders_inside_comfyui(bad_files, tmp_path):
-    """The loaders the nodes call (read_state_dict -> check_kind -> strict check), inside ComfyUI's python."""
+    """The loading service the loader nodes call (read -> identify -> strict build), inside ComfyUI's python."""
     folder, cases, canary = bad_files
     spec = tmp_path / "cases.json"
     spec.write_text(json.dumps([[c.name, str(folder / c.file), c.loader] for c in cases]))

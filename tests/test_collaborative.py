@@ -8,8 +8,8 @@ import torch
 from harness.testbed import run_in_comfyui_python
 from nextscale.models.core.checkpoint import read_state_dict
 from nextscale.models.core.errors import NextScaleError
+from nextscale.models.core.family import identify
 from nextscale.models.core.hooks import SamplerHooks
-from nextscale.models.core.identify import identify
 from nextscale.models.core.kv_cache import KVPolicy
 from nextscale.models.core.schedule import SCHEDULE_256, scale_slices
 from nextscale.models.var.collaborative import sample_collaborative
@@ -199,7 +199,7 @@ def test_released_pairs_load_with_the_generator_loader(tmp_path):
         sd = upstream_state_dict(depth, seed=depth)
         torch.save(sd, tmp_path / name)  # as CoDe publishes them: a plain state dict in a .pth
         loaded = read_state_dict(str(tmp_path / name), what="generator")
-        assert identify(loaded) == "var-generator"
+        assert str(identify(loaded)) == "var-generator"
         var = VAR.from_file(str(tmp_path / name))
         assert var.config == VARConfig(depth=depth, embed_dim=32 * depth, num_heads=depth, patch_nums=SCHEDULE_256)
         assert all(torch.equal(v, sd[k]) for k, v in var.state_dict().items())
@@ -242,44 +242,38 @@ NODE_CHECK = textwrap.dedent(
     assert all(sampler_inputs[i.id].tooltip == i.tooltip for i in schema.inputs[4:-2])
     assert all(i.tooltip for i in schema.inputs) and [i.optional for i in schema.inputs[-5:]] == [True] * 5
 
-    class Stub:  # what a NEXTSCALE_TOKENIZER / NEXTSCALE_GENERATOR socket carries
-        def __init__(self, module):
-            self.module, self.name, self.dtype, self.patcher = module, "stub", torch.float32, None
-        def ready(self):
-            return self.module
-        @property
-        def device(self):
-            return next(self.module.parameters()).device
+    from nextscale.nodes.service import adopt  # a module as the NextScaleModel a socket carries
 
     torch.manual_seed(0)
     cfg = TokenizerConfig(vocab_size=VOCAB, z_channels=CVAE, ch=32, ch_mult=(1, 1), num_res_blocks=1, patch_nums=PN)
     vae, var = MultiScaleVQVAE(cfg).eval(), make_var()
     NextScaleSampler.hidden = io.HiddenHolder.from_dict({})
     NextScaleCollaborativeSampler.hidden = io.HiddenHolder.from_dict({})
-    plain = NextScaleSampler.execute(Stub(var), Stub(vae), "3", 5, 2.0, 10, 0.9, False, 2, "1, 2",
+    plain = NextScaleSampler.execute(adopt(var), adopt(vae), "3", 5, 2.0, 10, 0.9, False, 2, "1, 2",
                                      {"preview": False}).result[0]
     for N in (0, 2, 4):
-        got = NextScaleCollaborativeSampler.execute(Stub(var), Stub(make_var()), Stub(vae), N, "3", 5, 2.0, 10, 0.9,
+        got = NextScaleCollaborativeSampler.execute(adopt(var), adopt(make_var()), adopt(vae), N, "3", 5, 2.0, 10, 0.9,
                                                     False, 2, "1, 2", {"preview": False}).result[0]
         assert all(torch.equal(a, b) for a, b in zip(got.indices, plain.indices)), N
         assert got.extra["draft_scales"] == N and torch.equal(got.labels, plain.labels)
 
     small = randomize_(VAR(VARConfig(depth=2, embed_dim=32, num_heads=2, num_classes=10, vocab_size=VOCAB, cvae=CVAE,
                                      patch_nums=PN)), 1)
-    got = NextScaleCollaborativeSampler.execute(Stub(var), Stub(small), Stub(vae), 2, "3", 5, 2.0, 0, 0.0, True, 1, "",
-                                                {"preview": False}).result[0]
+    got = NextScaleCollaborativeSampler.execute(adopt(var), adopt(small), adopt(vae), 2, "3", 5, 2.0, 0, 0.0, True,
+                                                1, "", {"preview": False}).result[0]
     assert got.f_hat is not None and got.batch_size == 1
     for bad, message in ((dict(vocab_size=VOCAB * 2), "do not belong together"),
                          (dict(num_classes=11), "drafter and the refiner do not belong together")):
         cfg = dict(depth=2, embed_dim=32, num_heads=2, num_classes=10, vocab_size=VOCAB, cvae=CVAE, patch_nums=PN)
         other = VAR(VARConfig(**{**cfg, **bad}))
         try:
-            NextScaleCollaborativeSampler.execute(Stub(var), Stub(other), Stub(vae), 2, "3", 5, 2.0, 0, 0.0, False, 1)
+            NextScaleCollaborativeSampler.execute(adopt(var), adopt(other), adopt(vae), 2, "3", 5, 2.0, 0, 0.0, False,
+                                                  1)
             raise AssertionError(bad)
         except NextScaleError as e:
             assert message in str(e), e
     try:
-        NextScaleCollaborativeSampler.execute(Stub(var), Stub(var), Stub(vae), 7, "3", 5, 2.0, 0, 0.0, False, 1)
+        NextScaleCollaborativeSampler.execute(adopt(var), adopt(var), adopt(vae), 7, "3", 5, 2.0, 0, 0.0, False, 1)
         raise AssertionError("draft_scales 7")
     except NextScaleError as e:
         assert "draft_scales must lie in 0..4" in str(e), e

@@ -371,20 +371,13 @@ NODE_CHECK = textwrap.dedent(
     sil = NextScaleSilhouettePreprocessor.execute(image, 0.15, 0.05, 1.0).result
     assert sil[0].shape == (1, 16, 16, 3) and sil[1].shape == (1, 16, 16)
 
-    class Stub:
-        def __init__(self, module):
-            self.module, self.name, self.dtype = module, "stub", torch.float32
-        def ready(self):
-            return self.module
-        @property
-        def device(self):
-            return next(self.module.parameters()).device
+    from nextscale.nodes.service import adopt  # a module as the NextScaleModel a socket carries
 
     torch.manual_seed(0)
     cfg = TokenizerConfig(vocab_size=VOCAB, z_channels=CVAE, ch=32, ch_mult=(1, 1), num_res_blocks=1, patch_nums=PN)
     vae = MultiScaleVQVAE(cfg).eval()
     NextScaleSampler.hidden = io.HiddenHolder.from_dict({})
-    sampler = lambda control: NextScaleSampler.execute(Stub(var), Stub(vae), "3", 5, 2.0, 0, 0.0, False, 2, "",
+    sampler = lambda control: NextScaleSampler.execute(adopt(var), adopt(vae), "3", 5, 2.0, 0, 0.0, False, 2, "",
                                                       {"preview": False}, None, control).result[0]
     plain = sampler(None)
     c0 = NextScaleApplyControl.execute(car, edges, 0.0, 0, 0, 1.0).result[0]

@@ -299,14 +299,7 @@ NODE_CHECK = textwrap.dedent(
     assert any(NextScaleInpaintGuide in f.NODES for f in FAMILIES)
     assert NextScaleInpaintGuide.define_schema().outputs[0].io_type == "NEXTSCALE_GUIDE"
 
-    class Stub:  # what a NEXTSCALE_TOKENIZER / NEXTSCALE_GENERATOR socket carries
-        def __init__(self, module):
-            self.module, self.name, self.dtype = module, "stub", torch.float32
-        def ready(self):
-            return self.module
-        @property
-        def device(self):
-            return next(self.module.parameters()).device
+    from nextscale.nodes.service import adopt  # a module as the NextScaleModel a socket carries
 
     torch.manual_seed(0)
     cfg = TokenizerConfig(vocab_size=VOCAB, z_channels=CVAE, ch=32, ch_mult=(1, 1), num_res_blocks=1, patch_nums=PN)
@@ -327,7 +320,7 @@ NODE_CHECK = textwrap.dedent(
     assert "not one of the choices" in NextScaleInpaintGuide.validate_inputs("blend")
 
     NextScaleSampler.hidden = io.HiddenHolder.from_dict({})
-    run = lambda guide: NextScaleSampler.execute(Stub(var), Stub(vae), "3", 5, 2.0, 0, 0.0, False, 2, "",
+    run = lambda guide: NextScaleSampler.execute(adopt(var), adopt(vae), "3", 5, 2.0, 0, 0.0, False, 2, "",
                                                  {"preview": False}, guide).result[0]
     everything = run(NextScaleImageToImageGuide.execute(ref, 4).result[0])
     assert all(torch.equal(x, y.expand(2, -1, -1)) for x, y in zip(everything.indices, ref.indices))
@@ -336,14 +329,14 @@ NODE_CHECK = textwrap.dedent(
     inpainted = run(spec)
     assert torch.equal(inpainted.indices[-1][:, 2:, :], ref.indices[-1][:, 2:, :].expand(2, -1, -1))
 
-    plain = NextScaleDecode.execute(Stub(vae), inpainted, 0).result[0]
+    plain = NextScaleDecode.execute(adopt(vae), inpainted, 0).result[0]
     image = torch.rand(1, 8, 8, 3)
-    pasted = NextScaleDecode.execute(Stub(vae), inpainted, 0, image, mask).result[0]
+    pasted = NextScaleDecode.execute(adopt(vae), inpainted, 0, image, mask).result[0]
     keep = mask[0] == 0
     assert torch.equal(pasted[:, keep], image[0, keep].expand(2, -1, -1))
     assert torch.equal(pasted[:, ~keep], plain[:, ~keep])
     try:
-        NextScaleDecode.execute(Stub(vae), inpainted, 0, image, None)
+        NextScaleDecode.execute(adopt(vae), inpainted, 0, image, None)
         raise AssertionError("composite without a mask")
     except NextScaleError as e:
         assert "both composite_image and composite_mask" in str(e)

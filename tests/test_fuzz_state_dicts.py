@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nextscale.models.core.checkpoint import save_safetensors
 from nextscale.models.core.errors import NextScaleError
-from nextscale.models.core.identify import identify
+from nextscale.models.core.family import identify
 from nextscale.models.var.model import VAR
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from test_sampler import CVAE, PN, VOCAB, make_var

@@ -14,7 +14,9 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     from nextscale.models.infinity.bsq import BSQConfig, BSQTokenizer
     from nextscale.models.infinity.model import Infinity, InfinityConfig
     from nextscale.models.kv.policies import KVPolicySpec
+    from nextscale.models.core.imageops import image_to_model
     from nextscale.models.core.tokens import NextScaleBitTokens
+    from nextscale.models.infinity.sampler import latent_scales
     from nextscale.nodes import FAMILIES, infinity as inf
     from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleDecodeScales, NextScaleEncode
     from nextscale.nodes.generator import NextScaleSampler
@@ -66,7 +68,8 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     policy = KVPolicySpec("scalekv", budget=0.3)
     assert len(sample(kv_policy=policy).bits) == 7
     kept = sample(image=image[:1], keep_scales=3)
-    encoded = inf.encode_for_schedule(loaded_tok.ready(), loaded_tok, image[:1], inf.InfinitySchedule.from_template(0.5, "0.06M"), loaded_model.ready())
+    latent = latent_scales(loaded_model.module, loaded_tok.module, inf.InfinitySchedule.from_template(0.5, "0.06M"))
+    encoded = loaded_tok.family.encode(loaded_tok.module, image_to_model(image[:1]), latent, "stretch").bits
     assert all(torch.equal(kept.bits[si][0], encoded[si][0]) for si in range(3))
 
     # mis-wiring and bad input give clear errors

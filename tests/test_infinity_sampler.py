@@ -3,14 +3,16 @@ image-to-image by kept scales, the 8B's patchify path, and KV policies."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from nextscale.models.core.errors import NextScaleError
-from nextscale.models.core.hooks import SamplerHooks
+from nextscale.models.core.hooks import Guide, SamplerHooks
 from nextscale.models.core.kv_cache import KVCache
 from nextscale.models.infinity.bsq import BSQConfig, BSQTokenizer
 from nextscale.models.infinity.model import InfinityConfig
-from nextscale.models.infinity.sampler import InfinityOptions, KeepScales, sample_infinity
+from nextscale.models.infinity.sampler import InfinityOptions, KeepScales, TextCondition, sample_infinity
 from nextscale.models.infinity.schedule import InfinitySchedule
 from nextscale.models.kv.policies import KVPolicySpec
 from test_infinity import SCHEDULE, TINY, prompts, tiny_model
@@ -34,9 +36,10 @@ def tok():
     return tiny_tokenizer()
 
 
-def run(model, tok, text, mask, seed=0, schedule=SCHEDULE, **kw):
+def run(model, tok, text, mask, seed=0, schedule=SCHEDULE, negative=None, **kw):
     opts = kw.pop("options", InfinityOptions(cfg=3.0, tau=1.0, top_k=0, top_p=0.0))
-    return sample_infinity(model, tok, text, mask, schedule=schedule, seed=seed, options=opts, **kw)
+    opts = dataclasses.replace(opts, schedule=schedule)
+    return sample_infinity(model, tok, TextCondition(text, mask, negative), seed=seed, options=opts, **kw)
 
 
 def test_text_to_image_end_to_end(model, tok):
@@ -132,15 +135,17 @@ def test_keep_scales_is_image_to_image(model, tok):
     torch.manual_seed(0)
     image = torch.rand(1, 3, 4 * tok.downsample, 6 * tok.downsample) * 2 - 1
     encoded = tok.encode_bits(image, SCHEDULE.scales)
-    full = run(model, tok, text, mask, guide=KeepScales(encoded, SCHEDULE.num_scales))
+    full = run(model, tok, text, mask, hooks=SamplerHooks(guide=KeepScales(encoded, SCHEDULE.num_scales)))
     assert all(torch.equal(a, b) for a, b in zip(full.bits, encoded))
-    two = run(model, tok, text, mask, guide=KeepScales(encoded, 2), seed=3)
+    two = run(model, tok, text, mask, hooks=SamplerHooks(guide=KeepScales(encoded, 2)), seed=3)
     assert all(torch.equal(a, b) for a, b in zip(two.bits[:2], encoded[:2]))
-    none = run(model, tok, text, mask, guide=KeepScales(encoded, 0), seed=3)
+    none = run(model, tok, text, mask, hooks=SamplerHooks(guide=KeepScales(encoded, 0)), seed=3)
     plain = run(model, tok, text, mask, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(none.bits, plain.bits))
     with pytest.raises(NextScaleError, match=r"keep must lie in 0..4"):
         KeepScales(encoded, 5)
+    with pytest.raises(NextScaleError, match="must be a bitwise guide"):  # a token guide is refused, not ignored
+        run(model, tok, text, mask, hooks=SamplerHooks(guide=Guide()))
 
 
 def test_patchified_model_samples_on_a_twice_finer_latent():

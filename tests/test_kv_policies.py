@@ -278,18 +278,11 @@ NODE_CHECK = textwrap.dedent(
     assert NextScaleKVPolicy.validate_inputs("hack") is True
     assert "not one of the choices" in NextScaleKVPolicy.validate_inputs("h2o")
 
-    class Stub:  # what a NEXTSCALE_TOKENIZER / NEXTSCALE_GENERATOR socket carries
-        def __init__(self, module):
-            self.module, self.name, self.dtype = module, "stub", torch.float32
-        def ready(self):
-            return self.module
-        @property
-        def device(self):
-            return next(self.module.parameters()).device
+    from nextscale.nodes.service import adopt  # a module as the NextScaleModel a socket carries
 
     var, vae = make_pair()
     NextScaleKVCalibrate.hidden = io.HiddenHolder.from_dict({})
-    profile, path = NextScaleKVCalibrate.execute(Stub(var), Stub(vae), 2, 0, 2.0, "", "my profile").result
+    profile, path = NextScaleKVCalibrate.execute(adopt(var), adopt(vae), 2, 0, 2.0, "", "my profile").result
     assert isinstance(profile, KVProfile) and path == os.path.join(out, "nextscale_kv", "my_profile.json"), path
     assert KVProfile.load(path) == profile
     spec = NextScaleKVPolicy.execute("hack", 0.25, None, "nextscale_kv/my_profile.json").result[0]
@@ -299,11 +292,11 @@ NODE_CHECK = textwrap.dedent(
         raise AssertionError("no error")
     except NextScaleError as e:
         assert "does not exist" in str(e)
-    text, images = NextScaleKVReport.execute(Stub(var), Stub(vae), spec, "3", 5, 2.0, 2).result
+    text, images = NextScaleKVReport.execute(adopt(var), adopt(vae), spec, "3", 5, 2.0, 2).result
     assert "peak KV bytes" in text and "PSNR" in text and images.shape == (2, 12, 24, 3), (text, images.shape)
 
     NextScaleSampler.hidden = io.HiddenHolder.from_dict({})
-    run = lambda kv: NextScaleSampler.execute(Stub(var), Stub(vae), "3", 5, 2.0, 0, 0.0, False, 2, "",
+    run = lambda kv: NextScaleSampler.execute(adopt(var), adopt(vae), "3", 5, 2.0, 0, 0.0, False, 2, "",
                                               {"preview": False}, kv_policy=kv).result[0]
     plain = run(None)
     exact = run(NextScaleKVPolicy.execute("scalekv", 1.0, profile).result[0])

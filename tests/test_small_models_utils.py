@@ -1,9 +1,8 @@
-"""Class lists, checkpoint identification, token containers and pixel conversions."""
+"""Class lists, token containers and pixel conversions (identifying checkpoints: test_family.py)."""
 
 import pytest
 import torch
 from nextscale.models.core.errors import NextScaleError
-from nextscale.models.core.identify import identify
 from nextscale.models.core.imageops import fit_square, image_to_model, model_to_image
 from nextscale.models.core.tokens import NextScaleTokens
 from nextscale.models.var.classes import class_index, default_class_names, imagenet_class_names, parse_class_list
@@ -28,15 +27,6 @@ def test_class_lists():
         parse_class_list("7", names)
     with pytest.raises(NextScaleError, match="empty class name"):
         parse_class_list("circle,,star", names)
-
-
-def test_identify_kinds():
-    t = torch.zeros(1)
-    assert identify({"class_emb.weight": t, "blocks.0.attn.q_bias": t}) == "var-generator"
-    assert identify({"quantize.embedding.weight": t, "decoder.conv_in.weight": t}) == "var-tokenizer"
-    assert identify({"car_blocks.0.x": t}) == "car-control"
-    assert identify({"block_chunks.0.module.0.x": t, "cfg_uncond": t}) == "infinity-generator"
-    assert identify({"something": t}) == "unknown"
 
 
 def test_tokens_container():

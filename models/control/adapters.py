@@ -555,7 +555,7 @@ def load_control(path: str) -> CARControlNet | ControlAdapter:
         return CARControlNet.from_state_dict(state_dict, path)
     if any(k.startswith(ADAPTER_PREFIX) for k in state_dict):
         return ControlAdapter.from_file(path)
-    from ..core.identify import describe, identify
+    from ..core.family import describe, identify
 
     raise NextScaleError(
         f"'{path}' is {describe(identify(state_dict))}, not a control file: NextScale Load Control takes CAR files "

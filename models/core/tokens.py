@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -47,6 +48,25 @@ class NextScaleTokens:
     @property
     def num_scales(self) -> int:
         return len(self.patch_nums)
+
+    @property
+    def schedule(self) -> tuple[int, ...]:
+        """The scales' grids (square sides), as a family's working memory reads them."""
+        return self.patch_nums
+
+    @classmethod
+    def cat(cls, parts: Sequence[NextScaleTokens]) -> NextScaleTokens:
+        """The batches ``parts`` (one schedule) as one, in order; ``f_hat`` and ``labels`` kept when all have them,
+        ``source`` and ``extra`` those of the first."""
+        first = parts[0]
+        f_hats, labels = [p.f_hat for p in parts], [p.labels for p in parts]
+        return replace(
+            first,
+            indices=[torch.cat(maps) for maps in zip(*(p.indices for p in parts))],
+            f_hat=None if any(f is None for f in f_hats) else torch.cat(f_hats),
+            labels=None if any(lb is None for lb in labels) else torch.cat(labels),
+            extra=dict(first.extra),
+        )
 
     def flat(self) -> list[torch.Tensor]:
         """Indices as ``(B, pn*pn)`` per scale (the layout the transformer and quantizer use)."""
@@ -116,6 +136,23 @@ class NextScaleBitTokens:
     @property
     def codebook_dim(self) -> int:
         return int(self.bits[0].shape[-1])
+
+    @property
+    def schedule(self) -> tuple[tuple[int, int], ...]:
+        """The scales' latent grids, as a family's working memory reads them."""
+        return self.scales
+
+    @classmethod
+    def cat(cls, parts: Sequence[NextScaleBitTokens]) -> NextScaleBitTokens:
+        """The batches ``parts`` (one schedule) as one, in order; ``summed_codes`` kept when all have them,
+        ``source`` and ``extra`` those of the first."""
+        first, summed = parts[0], [p.summed_codes for p in parts]
+        return replace(
+            first,
+            bits=[torch.cat(maps) for maps in zip(*(p.bits for p in parts))],
+            summed_codes=None if any(s is None for s in summed) else torch.cat(summed),
+            extra=dict(first.extra),
+        )
 
     def select(self, items: list[int]) -> NextScaleBitTokens:
         sel = torch.as_tensor(items, dtype=torch.long)

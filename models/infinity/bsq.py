@@ -43,7 +43,7 @@ from ..core.checkpoint import (
     shapes_on_meta,
 )
 from ..core.errors import NextScaleError
-from ..core.identify import expect_kind
+from ..core.family import expect_kind
 
 WHAT = "Infinity BSQ tokenizer"
 MASK_KEY = "quantizer.lfq.mask"

@@ -46,7 +46,7 @@ from ..core.checkpoint import (
     shapes_on_meta,
 )
 from ..core.errors import NextScaleError
-from ..core.identify import expect_kind
+from ..core.family import expect_kind
 from ..core.kv_cache import KVCache
 from .schedule import InfinitySchedule, rope_angles
 

@@ -17,11 +17,12 @@ Randomness follows VAR's sampler (:mod:`.sampler`): batch item ``i`` draws from 
 ``(seed + i) mod 2**64``, one multinomial per scale over its ``h * w * d`` bits, so a batch of one consumes its
 generator as upstream does.
 
-Hooks: ``guide.apply(si, bits_Bhwd)`` may replace a scale's bits (teacher forcing: image-to-image keeps the
-early scales of an encoded image, upstream's ``gt_leak``); ``control.block_input(si, layer, x)`` may change the
-hidden state before each block; ``kv_policy`` decides what the cache keeps; ``callback(si, num_scales,
-summed_codes)`` runs once per scale (progress, previews, interrupts; an exception ends sampling and propagates,
-the KV cache is freed in every case).
+Hooks (:class:`~nextscale.models.core.hooks.SamplerHooks`, the same as VAR's loop): ``guide`` must be a
+:class:`BitGuide`, whose ``apply(si, bits_Bhwd)`` may replace a scale's bits (teacher forcing: image-to-image keeps
+the early scales of an encoded image, upstream's ``gt_leak``; a token guide of VAR's is refused);
+``control.block_input(si, layer, x)`` may change the hidden state before each block; ``kv_policy`` decides what the
+cache keeps; ``callback(si, num_scales, summed_codes)`` runs once per scale (progress, previews, interrupts; an
+exception ends sampling and propagates, the KV cache is freed in every case).
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ def _per_scale(value: float | Sequence[float], K: int, name: str) -> list[float]
 @dataclass
 class InfinityOptions:
     """Upstream defaults: 2B ``cfg = 3, tau = 0.5``; 8B ``cfg = 3, tau = 1``; ``top_k = 900, top_p = 0.97``.
-    ``cfg`` and ``tau`` are one value or one per scale; ``top_k = 0`` / ``top_p = 0`` switch the filters off."""
+    ``cfg`` and ``tau`` are one value or one per scale; ``top_k = 0`` / ``top_p = 0`` switch the filters off.
+    ``schedule``: the scale grids (an aspect ratio's template at a resolution); None: 1:1 at 1M."""
 
     cfg: float | Sequence[float] = 3.0
     tau: float | Sequence[float] = 0.5
     top_k: int = 900
     top_p: float = 0.97
+    schedule: InfinitySchedule | None = None
 
     def __post_init__(self):
         if self.top_k < 0 or not 0.0 <= self.top_p <= 1.0:
@@ -66,8 +69,19 @@ class InfinityOptions:
             raise NextScaleError(f"tau (temperature) must be positive, got {self.tau}")
 
 
+@dataclass
+class TextCondition:
+    """What a run is conditioned on: flan-T5 features ``text_BTC`` of ``B`` prompts and their key mask ``mask_BT``;
+    ``negative``, optional features and mask of a negative prompt (one for all, or one per prompt), replaces the
+    learned unconditional embedding."""
+
+    text_BTC: torch.Tensor
+    mask_BT: torch.Tensor
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 class BitGuide:
-    """Base of bitwise guides; the default changes nothing."""
+    """Base of bitwise guides (``hooks.guide`` of an Infinity run); the default changes nothing."""
 
     def apply(self, si: int, bits_Bhwd: torch.Tensor) -> torch.Tensor:
         return bits_Bhwd
@@ -128,27 +142,29 @@ def patchify(x_BdHW: torch.Tensor, p: int) -> torch.Tensor:
 def sample_infinity(
     model: Infinity,
     tokenizer,
-    text_BTC: torch.Tensor,
-    mask_BT: torch.Tensor,
+    condition: TextCondition,
     *,
-    schedule: InfinitySchedule,
     seed: int,
     options: InfinityOptions | None = None,
-    negative: tuple[torch.Tensor, torch.Tensor] | None = None,
     hooks: SamplerHooks | None = None,
-    guide: BitGuide | None = None,
     device: str | torch.device | None = None,
 ) -> NextScaleBitTokens:
-    """Sample one image per prompt; see the module docstring for every convention.
+    """Sample one image per prompt of ``condition``; see the module docstring for every convention.
 
-    ``text_BTC``/``mask_BT``: flan-T5 features of the ``B`` prompts and their key mask; ``negative``: optional
-    features and mask of a negative prompt (one for all, or one per prompt) replacing the learned unconditional
-    embedding. ``tokenizer`` is a :class:`~.bsq.BSQTokenizer`. ``hooks.guide`` is unused here (bitwise guides
-    come as ``guide``).
+    ``tokenizer`` is a :class:`~.bsq.BSQTokenizer`; ``device`` defaults to the model's.
     """
     options = options or InfinityOptions()
     hooks = hooks or SamplerHooks()
+    guide = hooks.guide
+    if guide is not None and not isinstance(guide, BitGuide):
+        raise NextScaleError(
+            "Infinity samples bits: its guide must be a bitwise guide (image to image through keep_scales of "
+            "NextScale Sampler (Text)); the token guides of NextScale Inpaint Guide and Image to Image Guide are "
+            "for VAR"
+        )
+    schedule = options.schedule or InfinitySchedule.from_template()
     device = torch.device(device) if device is not None else model.pos_start.device
+    text_BTC, mask_BT = condition.text_BTC, condition.mask_BT
     K, B = schedule.num_scales, text_BTC.shape[0]
     cfgs, taus = _per_scale(options.cfg, K, "cfg"), _per_scale(options.tau, K, "tau")
     guided = any(c != 1 for c in cfgs)
@@ -157,7 +173,7 @@ def sample_infinity(
     d = tokenizer.codebook_dim
     generators = [torch.Generator(device).manual_seed((seed + i) % 2**64) for i in range(B)]
 
-    ctx = model.condition(text_BTC.to(device), mask_BT.to(device), guided, negative)
+    ctx = model.condition(text_BTC.to(device), mask_BT.to(device), guided, condition.negative)
     cache = KVCache(model.depth, schedule.num_tokens, hooks.kv_policy)
     summed_BdHW = torch.zeros(B, d, *latent[-1], device=device)
     bits_list: list[torch.Tensor] = []

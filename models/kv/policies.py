@@ -412,13 +412,14 @@ class KVPolicySpec:
 
     def bind(self, var, batch_size: int = 1, device=None) -> KVPolicy:
         """The policy object for one run of the VAR generator ``var``."""
-        if self.profile is not None:
-            self.profile.check_model(var)
         return self.bind_scales(var.depth, var.config.num_heads, tuple(var.patch_nums))
 
     def bind_scales(self, num_layers: int, num_heads: int, scales) -> KVPolicy:
         """The policy object for a run over ``scales`` (square sides or ``(h, w)`` grids) of a transformer with
-        ``num_layers`` x ``num_heads`` (Infinity; a profile must already have been checked against the model)."""
+        ``num_layers`` x ``num_heads`` (a family's :class:`~..core.family.KVGeometry`); a profile is checked
+        against that shape."""
+        if self.profile is not None:
+            self.profile.check_shape(num_layers, num_heads, scales)
         L, H, pns = num_layers, num_heads, tuple(scales)
         num_tokens = scale_starts(pns)[-1]
         if self.policy == "full":

@@ -12,7 +12,7 @@ after every layer's attention at every scale, looks at up to 32 evenly spaced qu
   averaged over scales 2.. and samples.
 
 The profile is schema-versioned JSON; :meth:`KVProfile.load` validates it with errors that name the problem, and
-:meth:`KVProfile.check_model` refuses a profile made for another architecture.
+:meth:`KVProfile.check_shape` refuses a profile made for another architecture.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.errors import NextScaleError
+from ..core.family import Family
+from ..core.hooks import SamplerHooks
 from ..core.kv_cache import KVPolicy, LayerKV
+from ..var.family import FAMILY as VAR_FAMILY
 from .policies import even_queries
 
 SCHEMA = "nextscale-kv-profile"
@@ -103,14 +106,15 @@ class KVProfile:
             ) from None
         return cls.from_dict(d, path)
 
-    def check_model(self, var) -> None:
+    def check_shape(self, num_layers: int, num_heads: int, scales) -> None:
+        """Raise unless the profile was calibrated on a transformer of this shape and schedule."""
         mine = (self.depth, self.num_heads, tuple(self.patch_nums))
-        theirs = (var.depth, var.config.num_heads, tuple(var.patch_nums))
+        theirs = (num_layers, num_heads, tuple(scales))
         if mine != theirs:
             raise NextScaleError(
                 f"this KV profile was calibrated on a generator with {mine[0]} layers, {mine[1]} heads and scales "
                 f"{mine[2]}, but the generator has {theirs[0]} layers, {theirs[1]} heads and scales {theirs[2]}: "
-                "calibrate this generator with NextScale KV Calibrate"
+                "calibrate this generator with NextScale KV Calibrate, or use the policy without a profile"
             )
 
     def drafters(self, per_scale: int) -> list[list[bool]]:
@@ -170,23 +174,25 @@ class ProfileRecorder(KVPolicy):
         )
 
 
-def calibrate(var, tokenizer, labels: list[int], seed: int = 0, options=None, device=None, callback=None) -> KVProfile:
-    """Sample one image per label (seed, seed + 1, ...) with the full cache and return the profile.
+def calibrate(
+    var, tokenizer, labels: list[int], seed: int = 0, options=None, device=None, callback=None,
+    family: Family = VAR_FAMILY,
+) -> KVProfile:
+    """Sample one image per label (seed, seed + 1, ...) with the full cache and return the profile. ``family`` is the
+    generator's (a class-conditional one; default VAR): it samples and gives the cache's shape.
 
     ``callback(done, total)`` is called after every scale of every sample (``total`` = samples x scales); an
     exception it raises (an interrupt) ends calibration, and every KV cache is freed by the sampler."""
-    from ..core.hooks import SamplerHooks
-    from ..var.sampler import sample
-
     if not labels:
         raise NextScaleError("KV calibration needs at least one class to sample")
-    recorder = ProfileRecorder(var.depth, var.config.num_heads, var.patch_nums)
-    K = len(var.patch_nums)
+    geometry = family.kv_geometry(var)
+    recorder = ProfileRecorder(geometry.layers, geometry.heads, geometry.scales)
+    K = len(geometry.scales)
     for i, label in enumerate(labels):
         on_scale = None
         if callback is not None:
             on_scale = lambda si, _k, _f, i=i: callback(i * K + si + 1, len(labels) * K)  # noqa: E731
-        sample(
+        family.sample(
             var, tokenizer, torch.tensor([label]), seed=seed + i, options=options,
             hooks=SamplerHooks(kv_policy=recorder, callback=on_scale), device=device,
         )

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.family import Family
 from ..core.hooks import SamplerHooks
-from ..var.sampler import SamplingOptions, sample
+from ..core.imageops import model_to_image
+from ..var.family import FAMILY as VAR_FAMILY
+from ..var.sampler import SamplingOptions
 from .policies import KVPolicySpec
 
 
@@ -61,18 +64,17 @@ def psnr_mse(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return mse, (math.inf if mse == 0 else 10 * math.log10(1.0 / mse))
 
 
-def decode(tokenizer, tokens) -> torch.Tensor:
-    """ComfyUI IMAGE ``(B, H, W, 3)`` in 0..1 of sampled tokens."""
-    f_hat = tokens.f_hat if tokens.f_hat is not None else tokenizer.indices_to_fhat(tokens.flat(), tokens.patch_nums)
-    with torch.no_grad():
-        img = tokenizer.fhat_to_img(f_hat)
-    return img.float().add(1).mul(0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+def decode(tokenizer, tokens, family: Family = VAR_FAMILY) -> torch.Tensor:
+    """ComfyUI IMAGE ``(B, H, W, 3)`` in 0..1 of sampled tokens, on the CPU."""
+    return model_to_image(family.decode(tokenizer, tokens)).cpu()
 
 
-def run_with(var, tokenizer, labels_B, seed, spec: KVPolicySpec, options=None, device=None):
+def run_with(var, tokenizer, labels_B, seed, spec: KVPolicySpec, options=None, device=None,
+             family: Family = VAR_FAMILY):
     """``(tokens, policy)`` of one sampling run under ``spec`` (the policy holds the measured stats)."""
-    policy = spec.bind(var, len(labels_B), device)
-    tokens = sample(
+    geometry = family.kv_geometry(var)
+    policy = spec.bind_scales(geometry.layers, geometry.heads, geometry.scales)
+    tokens = family.sample(
         var, tokenizer, torch.as_tensor(labels_B), seed=seed, options=options,
         hooks=SamplerHooks(kv_policy=policy), device=device,
     )
@@ -88,15 +90,19 @@ def kv_report(
     options: SamplingOptions | None = None,
     device=None,
     full=None,
+    family: Family = VAR_FAMILY,
 ) -> KVReport:
-    """Sample with the full cache and with ``spec`` (same labels, seed and options) and compare.
-    ``full`` may pass a previous ``(tokens, policy, images)`` full-cache run to reuse."""
+    """Sample with the full cache and with ``spec`` (same labels, seed and options) and compare. ``full`` may pass
+    a previous ``(tokens, policy, images)`` full-cache run to reuse; ``family`` is the generator's (a
+    class-conditional one; default VAR)."""
     if full is None:
-        full_tokens, full_policy = run_with(var, tokenizer, labels_B, seed, KVPolicySpec("full"), options, device)
-        full = (full_tokens, full_policy, decode(tokenizer, full_tokens))
+        full_tokens, full_policy = run_with(
+            var, tokenizer, labels_B, seed, KVPolicySpec("full"), options, device, family
+        )
+        full = (full_tokens, full_policy, decode(tokenizer, full_tokens, family))
     full_tokens, full_policy, full_images = full
-    tokens, policy = run_with(var, tokenizer, labels_B, seed, spec, options, device)
-    images = decode(tokenizer, tokens)
+    tokens, policy = run_with(var, tokenizer, labels_B, seed, spec, options, device, family)
+    images = decode(tokenizer, tokens, family)
     agreement = [float((a == b).float().mean()) for a, b in zip(full_tokens.indices, tokens.indices)]
     mse, psnr = psnr_mse(full_images, images)
     return KVReport(

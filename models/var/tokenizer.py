@@ -32,7 +32,7 @@ from ..core.checkpoint import (
     shapes_on_meta,
 )
 from ..core.errors import NextScaleError
-from ..core.identify import expect_kind
+from ..core.family import expect_kind
 from ..core.schedule import SCHEDULE_256, validate_schedule
 from .quantizer import MultiScaleQuantizer
 

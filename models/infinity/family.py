@@ -1,0 +1,169 @@
+"""The Infinity family: text-to-image bitwise transformers and their BSQ tokenizers. The protocol is
+:class:`~..core.family.Family`.
+
+Schedules: a run samples an :class:`~.schedule.InfinitySchedule` (the transformer's token grids); the tokenizer
+encodes and decodes on its latent grids (the same grids, twice as fine for a patchifying model such as the 8B:
+:func:`~.sampler.latent_scales`). :meth:`InfinityFamily.encode` takes latent grids, and
+:meth:`InfinityFamily.working_memory` reads ``workload.schedule`` as an ``InfinitySchedule`` when it is given a
+generator and as the tokens' latent grids when it decodes alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.errors import NextScaleError
+from ..core.family import Family, KVGeometry, Role, Workload, conv_coder_bytes, transformer_step_bytes
+from ..core.tokens import NextScaleBitTokens
+from .bsq import WHAT as TOKENIZER_WHAT
+from .bsq import BSQTokenizer
+from .model import WHAT as GENERATOR_WHAT
+from .model import Infinity
+from .sampler import latent_scales, patch_factor, sample_infinity
+from .schedule import InfinitySchedule
+
+PREVIEW_LATENT_SIDE = 16  # previews decode at most a 16x16 latent
+HINT = (
+    "Infinity's files are published in the Hugging Face repository FoundationVision/Infinity: put "
+    "infinity_2b_reg.pth and infinity_vae_d32reg.pth (or the 8B's infinity_8b_weights folder and "
+    "infinity_vae_d56_f8_14_patchify.pth) into the NextScale model folder, and flan-t5-xl (google/flan-t5-xl) into "
+    "ComfyUI/models/text_encoders"
+)
+
+ENCODE_ELSEWHERE = (
+    "this is an Infinity tokenizer: Infinity encodes images inside NextScale Sampler (Text) (connect the image "
+    "there and set keep_scales)"
+)
+
+GENERATOR = Role("generator", GENERATOR_WHAT, "an Infinity transformer (text-to-image)", "NextScale Load Infinity")
+TOKENIZER = Role(
+    "tokenizer", TOKENIZER_WHAT, "an Infinity BSQ tokenizer", "NextScale Load Infinity",
+    dtypes=(torch.float32,), auto="vae",
+)
+
+
+def _build(cls, state_dict: Mapping[str, torch.Tensor], path: str, operations, **config) -> nn.Module:
+    """``cls.from_state_dict`` of a file: the one place the op set reaches Infinity's classes."""
+    # Op set: once the model classes take `operations=`, this call passes operations=operations.
+    return cls.from_state_dict(state_dict, path=path, **config)
+
+
+def _decoder_levels(tokenizer: BSQTokenizer) -> list[int]:
+    return [tokenizer.config.base_ch * m for m in tokenizer.config.ch_mult]
+
+
+class InfinityFamily(Family):
+    name = "infinity"
+    title = "Infinity"
+    roles = (GENERATOR, TOKENIZER)
+    hooks = frozenset({"guide", "control", "kv_policy", "callback"})
+    files_hint = HINT
+    decode_chunk = 4
+
+    def detect(self, keys: AbstractSet[str]) -> Role | None:
+        if any(k.startswith("block_chunks.") for k in keys) or "cfg_uncond" in keys or any(
+            k.startswith("text_norm") for k in keys
+        ):
+            return GENERATOR
+        if "quantize.embedding.weight" in keys or not any(k.startswith("decoder.") for k in keys):
+            return None  # VAR's tokenizer has a codebook; BSQ codes are bits
+        if any(k.startswith(("quantizer.", "quantize.")) for k in keys) or "decoder.conv_in.conv.weight" in keys:
+            return TOKENIZER  # the mask buffer (quantizer.lfq.mask) is optional: the conv layout tells it too
+        return None
+
+    def build(self, role, state_dict, path, *, dtype, operations=None):
+        if role is GENERATOR:
+            module = _build(Infinity, state_dict, path, operations, config=Infinity.config_from_file(path))
+        elif role is TOKENIZER:
+            module = _build(BSQTokenizer, state_dict, path, operations, config=BSQTokenizer.config_from_file(path))
+        else:
+            raise NextScaleError(f"{role.what} is not a role of the Infinity family")
+        return module.to(dtype=dtype).eval().requires_grad_(False)
+
+    def check_pair(self, generator: Infinity, tokenizer: BSQTokenizer) -> None:
+        patch_factor(generator, tokenizer)
+
+    def class_names(self, generator: Infinity) -> tuple[str, ...]:
+        raise NextScaleError("Infinity models take a text prompt, not a class: use NextScale Sampler (Text)")
+
+    def parse_schedule(self, text: str):
+        raise NextScaleError(ENCODE_ELSEWHERE)
+
+    def sample(self, generator, tokenizer, condition, *, seed, options=None, hooks=None, device=None):
+        return sample_infinity(generator, tokenizer, condition, seed=seed, options=options, hooks=hooks, device=device)
+
+    def encode(self, tokenizer: BSQTokenizer, images_B3HW, schedule=None, resize="stretch"):
+        """Bits of the images stretched (bicubic) to the size of the latent grids ``schedule``."""
+        if schedule is None:
+            raise NextScaleError(ENCODE_ELSEWHERE)
+        if resize != "stretch":
+            raise NextScaleError(f"Infinity images are stretched to the schedule's size; resize '{resize}' is not used")
+        scales = tuple((int(h), int(w)) for h, w in schedule)
+        size = (scales[-1][0] * tokenizer.downsample, scales[-1][1] * tokenizer.downsample)
+        img = F.interpolate(images_B3HW, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+        with torch.inference_mode():
+            bits = tokenizer.encode_bits(img, scales)
+        return NextScaleBitTokens(bits=bits, scales=scales, source="encoded")
+
+    def check_tokens(self, tokenizer: BSQTokenizer, tokens) -> None:
+        if not isinstance(tokens, NextScaleBitTokens):
+            raise NextScaleError(
+                "these tokens were not made by an Infinity model: decode them with the tokenizer they were made with"
+            )
+        if tokens.codebook_dim != tokenizer.codebook_dim:
+            raise NextScaleError(
+                f"these tokens have {tokens.codebook_dim} bits per cell but the tokenizer codes "
+                f"{tokenizer.codebook_dim}: decode with the tokenizer they were made with"
+            )
+
+    def decode(self, tokenizer: BSQTokenizer, tokens, upto=None):
+        self.check_tokens(tokenizer, tokens)
+        with torch.inference_mode():
+            if upto is None and tokens.summed_codes is not None:
+                summed = tokens.summed_codes
+            else:
+                summed = tokenizer.bits_to_summed_codes(tokens.bits[: upto or tokens.num_scales], tokens.scales[-1])
+            return tokenizer.decode(summed)
+
+    def preview(self, tokenizer: BSQTokenizer, latent):
+        H, W = latent.shape[-2:]
+        scale = min(1.0, PREVIEW_LATENT_SIDE / max(H, W))
+        size = (max(1, round(H * scale)), max(1, round(W * scale)))
+        summed = F.interpolate(latent[:1].float(), size=size, mode="area")
+        with torch.inference_mode():
+            return tokenizer.decode(summed)
+
+    def kv_geometry(self, generator: Infinity, schedule=None) -> KVGeometry:
+        cfg = generator.config
+        schedule = schedule or InfinitySchedule.from_template()
+        return KVGeometry(cfg.depth, cfg.num_heads, cfg.head_dim, schedule.scales)
+
+    def working_memory(self, generator, tokenizer, workload: Workload) -> int:
+        total = 0
+        latent = workload.schedule
+        if generator is not None:
+            schedule = workload.schedule or InfinitySchedule.from_template()
+            geometry = self.kv_geometry(generator, schedule)
+            cfg, rows, size = generator.config, workload.rows, workload.dtype.itemsize
+            total += geometry.cache_bytes(rows, size, workload.kv_policy)
+            step = workload.step_tokens or max(geometry.areas)
+            total += transformer_step_bytes(rows, step, cfg.embed_dim, cfg.hidden_dim, 2 * cfg.token_dim, size)
+            latent = latent_scales(generator, tokenizer, schedule) if tokenizer is not None else None
+            if tokenizer is not None:
+                side = PREVIEW_LATENT_SIDE * tokenizer.downsample
+                total += conv_coder_bytes(1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize)
+        if tokenizer is not None and workload.decode_batch and latent:
+            h, w = latent[-1]
+            total += conv_coder_bytes(
+                workload.decode_batch, _decoder_levels(tokenizer), h * tokenizer.downsample, w * tokenizer.downsample,
+                workload.decode_dtype.itemsize,
+            )
+        return total
+
+
+FAMILY = InfinityFamily()

@@ -1,0 +1,199 @@
+"""The VAR family: class-conditional generators, their multi-scale VQ-VAE tokenizers, and the control models made
+for them (CAR branches, NextScale adapters). The protocol is :class:`~..core.family.Family`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..control.adapters import ADAPTER_PREFIX, ADAPTER_WHAT, CAR_WHAT, AdapterConfig, CARControlNet, ControlAdapter
+from ..core.checkpoint import config_from_metadata
+from ..core.errors import NextScaleError
+from ..core.family import Family, KVGeometry, Role, Workload, conv_coder_bytes, transformer_step_bytes
+from ..core.hooks import SamplerHooks
+from ..core.imageops import fit_square
+from ..core.schedule import parse_schedule
+from ..core.tokens import NextScaleTokens
+from .classes import default_class_names
+from .collaborative import check_collaborators, sample_collaborative
+from .model import VAR
+from .model import WHAT as GENERATOR_WHAT
+from .sampler import sample
+from .tokenizer import WHAT as TOKENIZER_WHAT
+from .tokenizer import MultiScaleVQVAE
+
+PREVIEW_LATENT_SIDE = 8  # previews decode at most an 8x8 latent: cheap even for the official tokenizer
+HINT = (
+    "Official VAR files (vae_ch160v4096z32.pth, var_d16.pth ... var_d36.pth) are published in the Hugging Face "
+    "repository FoundationVision/var"
+)
+
+GENERATOR = Role("generator", GENERATOR_WHAT, "a VAR generator (transformer)", "NextScale Load Generator")
+TOKENIZER = Role(
+    "tokenizer", TOKENIZER_WHAT, "a VAR tokenizer (multi-scale VQ-VAE)", "NextScale Load Tokenizer",
+    dtypes=(torch.float32,), auto="vae",
+)
+CAR = Role("control", CAR_WHAT, "a CAR control adapter", "NextScale Load Control")
+ADAPTER = Role("control", ADAPTER_WHAT, "a NextScale control adapter", "NextScale Load Control")
+
+
+def _build(cls, state_dict: Mapping[str, torch.Tensor], path: str, operations, **config) -> nn.Module:
+    """``cls.from_state_dict`` of a file: the one place the op set reaches VAR's classes."""
+    # Op set: once the model classes take `operations=`, this call passes operations=operations.
+    return cls.from_state_dict(state_dict, path=path, **config)
+
+
+def _adapter_config(path: str) -> AdapterConfig:
+    config = config_from_metadata(path, AdapterConfig.from_dict, ADAPTER_WHAT)
+    if config is None:
+        raise NextScaleError(
+            f"{ADAPTER_WHAT} file '{path}' has no 'nextscale_config' metadata: adapters are safetensors written by "
+            f"training/train_control.py"
+        )
+    return config
+
+
+def _decoder_levels(tokenizer: MultiScaleVQVAE) -> list[int]:
+    return [tokenizer.config.ch * m for m in tokenizer.config.ch_mult]
+
+
+class VARFamily(Family):
+    name = "var"
+    title = "VAR"
+    roles = (GENERATOR, TOKENIZER, CAR, ADAPTER)
+    hooks = frozenset({"guide", "control", "kv_policy", "callback"})
+    files_hint = HINT
+    decode_chunk = 8
+
+    def detect(self, keys: AbstractSet[str]) -> Role | None:
+        if any(k.startswith("car_") for k in keys):  # CAR alone, or merged with its VAR-d16
+            return CAR
+        if any(k.startswith(ADAPTER_PREFIX) for k in keys):
+            return ADAPTER
+        if "class_emb.weight" in keys and any(k.startswith("blocks.") for k in keys):
+            return GENERATOR
+        if "quantize.embedding.weight" in keys and any(k.startswith("decoder.") for k in keys):
+            return TOKENIZER
+        return None
+
+    def build(self, role, state_dict, path, *, dtype, operations=None):
+        if role is GENERATOR:
+            module = _build(VAR, state_dict, path, operations, config=VAR.config_from_file(path))
+        elif role is TOKENIZER:
+            module = _build(
+                MultiScaleVQVAE, state_dict, path, operations, config=MultiScaleVQVAE.config_from_file(path)
+            )
+        elif role is CAR:
+            module = _build(CARControlNet, state_dict, path, operations)
+        elif role is ADAPTER:
+            module = _build(ControlAdapter, state_dict, path, operations, config=_adapter_config(path))
+        else:
+            raise NextScaleError(f"{role.what} is not a role of the VAR family")
+        return module.to(dtype=dtype).eval().requires_grad_(False)
+
+    def check_pair(self, generator: VAR, tokenizer: MultiScaleVQVAE) -> None:
+        problems = []
+        if generator.config.vocab_size != tokenizer.config.vocab_size:
+            problems.append(f"vocabulary {generator.config.vocab_size} vs {tokenizer.config.vocab_size}")
+        if generator.config.cvae != tokenizer.config.z_channels:
+            problems.append(f"latent channels {generator.config.cvae} vs {tokenizer.config.z_channels}")
+        if problems:
+            raise NextScaleError(
+                f"the generator and the tokenizer do not belong together ({'; '.join(problems)}). Official VAR "
+                f"generators use vae_ch160v4096z32; the embedded generator uses the embedded tokenizer"
+            )
+
+    def class_names(self, generator: VAR) -> tuple[str, ...]:
+        names = generator.class_names
+        return tuple(names) if names else default_class_names(generator.config.num_classes)
+
+    def sample(self, generator, tokenizer, condition, *, seed, options=None, hooks=None, device=None):
+        return sample(generator, tokenizer, condition, seed=seed, options=options, hooks=hooks, device=device)
+
+    def check_collaborators(self, drafter, refiner, tokenizer, draft_scales):
+        check_collaborators(drafter, refiner, tokenizer, draft_scales)
+
+    def sample_collaborative(
+        self, drafter, refiner, tokenizer, condition, *, draft_scales, seed, options=None, hooks=None,
+        drafter_hooks=None, device=None,
+    ):
+        drafter_hooks = drafter_hooks or SamplerHooks()
+        return sample_collaborative(
+            drafter, refiner, tokenizer, condition, draft_scales=draft_scales, seed=seed, options=options,
+            hooks=hooks, drafter_control=drafter_hooks.control, drafter_kv_policy=drafter_hooks.kv_policy,
+            device=device,
+        )
+
+    def parse_schedule(self, text: str) -> tuple[int, ...]:
+        return parse_schedule(text)
+
+    def encode(self, tokenizer: MultiScaleVQVAE, images_B3HW, schedule=None, resize="center crop"):
+        patch_nums = tuple(schedule) if schedule is not None else tokenizer.patch_nums
+        img = fit_square(images_B3HW, patch_nums[-1] * tokenizer.downsample, resize)
+        with torch.inference_mode():
+            indices = tokenizer.img_to_indices(img, patch_nums=patch_nums)
+            f_hat = tokenizer.indices_to_fhat(indices, patch_nums=patch_nums).float()
+        per_scale = [idx.view(-1, pn, pn) for idx, pn in zip(indices, patch_nums)]
+        return NextScaleTokens(indices=per_scale, patch_nums=patch_nums, f_hat=f_hat, source="encoded")
+
+    def check_tokens(self, tokenizer: MultiScaleVQVAE, tokens) -> None:
+        if not isinstance(tokens, NextScaleTokens):
+            raise NextScaleError(
+                "these tokens were not made by a VAR model: decode them with the tokenizer they were made with"
+            )
+        vocab, top = tokenizer.config.vocab_size, max(int(i.max()) for i in tokens.indices)
+        if top >= vocab:
+            raise NextScaleError(
+                f"these tokens use codes up to {top}, but the tokenizer's vocabulary has {vocab} codes: decode with "
+                "the tokenizer they were made with"
+            )
+
+    def decode(self, tokenizer: MultiScaleVQVAE, tokens, upto=None):
+        self.check_tokens(tokenizer, tokens)
+        with torch.inference_mode():
+            if upto is None and tokens.f_hat is not None:
+                f_hat = tokens.f_hat
+            else:
+                f_hat = tokenizer.indices_to_fhat(tokens.flat(), patch_nums=tokens.patch_nums, upto=upto)
+            return tokenizer.fhat_to_img(f_hat)
+
+    def preview(self, tokenizer: MultiScaleVQVAE, latent):
+        side = min(PREVIEW_LATENT_SIDE, latent.shape[-1])
+        f_hat = F.interpolate(latent[:1].float(), size=(side, side), mode="area")
+        with torch.inference_mode():
+            return tokenizer.fhat_to_img(f_hat)
+
+    def kv_geometry(self, generator: VAR, schedule=None) -> KVGeometry:
+        cfg = generator.config
+        scales = tuple(schedule) if schedule is not None else generator.patch_nums
+        return KVGeometry(cfg.depth, cfg.num_heads, cfg.embed_dim // cfg.num_heads, scales)
+
+    def working_memory(self, generator, tokenizer, workload: Workload) -> int:
+        total = 0
+        if generator is not None:
+            geometry = self.kv_geometry(generator, workload.schedule)
+            cfg, rows, size = generator.config, workload.rows, workload.dtype.itemsize
+            total += geometry.cache_bytes(rows, size, workload.kv_policy)
+            for control in workload.controls:  # a CAR branch runs its blocks through its own full cache
+                if isinstance(control, CARControlNet):
+                    branch = KVGeometry(len(control.car_blocks), geometry.heads, geometry.head_dim, geometry.scales)
+                    total += branch.cache_bytes(rows, size)
+            step = workload.step_tokens or max(geometry.areas)
+            total += transformer_step_bytes(rows, step, cfg.embed_dim, cfg.hidden_dim, cfg.vocab_size, size)
+            if tokenizer is not None:
+                side = PREVIEW_LATENT_SIDE * tokenizer.downsample
+                total += conv_coder_bytes(1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize)
+        if tokenizer is not None and workload.decode_batch:
+            patch_nums = workload.schedule or tokenizer.patch_nums
+            side = patch_nums[-1] * tokenizer.downsample
+            total += conv_coder_bytes(
+                workload.decode_batch, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize
+            )
+        return total
+
+
+FAMILY = VARFamily()

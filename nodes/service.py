@@ -1,0 +1,207 @@
+"""The loading service: every model a node uses is resolved, loaded and made ready here, through the family
+registry (:mod:`..models.core.family`).
+
+- :func:`resolve`: a combo choice to a path (the pack's embedded file, a file in the NextScale folder, or a folder
+  of shards there).
+- :func:`load`: a file to a :class:`NextScaleModel`: identified by its family, stored and computed in the
+  precision ComfyUI's rules choose (:func:`precision`), built by its family with ComfyUI's op set, and wrapped in a
+  ``comfy.model_patcher.ModelPatcher`` (load device ``get_torch_device()``, offload device
+  ``unet_offload_device()``).
+- :func:`ready`: one ``comfy.model_management.load_models_gpu`` call for everything a node execution uses, with
+  the run's working memory (its family's estimate: KV cache, activations, decoding) as ``memory_required``, so that
+  ComfyUI makes room for the weights and the run together, unloading other models first.
+
+Nothing is cached here: ComfyUI caches node outputs (a loader runs again only when its inputs change) and owns
+where the weights are.
+
+Precision: ``auto`` is ``unet_dtype(device, parameters, role.dtypes)`` for transformers and control models
+(``--force-fp32``, ``--fp32-unet``, ``--bf16-unet``, ``--fp16-unet``, ``--fp8_e4m3fn-unet``, then what the device
+runs well) and ``vae_dtype`` for tokenizers (float32 unless ``--fp16-vae`` / ``--bf16-vae``: they are small and
+precision-sensitive). The compute dtype is ``unet_manual_cast``'s (bf16/fp16/fp32 for fp8 storage or a dtype the
+device does not compute well), except that an explicit float16/bfloat16 on the CPU computes as chosen (bf16 is
+several times faster on CPUs with AMX or AVX512-BF16). The op set is ``comfy.ops.pick_operations(weight, compute)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import folder_paths
+import torch
+from torch import nn
+
+from ..models.core.checkpoint import read_sharded_state_dict, read_state_dict, shard_files
+from ..models.core.errors import NextScaleError
+from ..models.core.family import FAMILIES, Family, Kind, Role, describe, identify
+from .model_files import FOLDER, embedded_file
+
+log = logging.getLogger("NextScale")
+
+DTYPES = ["auto", "float32", "float16", "bfloat16"]
+CHOSEN = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a model's weights are stored and what they compute in, and the ``comfy.ops`` layer set for the pair."""
+
+    weight_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    operations: type
+
+
+def precision(role: Role, choice: str, device: torch.device, parameters: int) -> Precision:
+    """The loaders' ``dtype`` option resolved for a model of ``role`` with ``parameters`` weights on ``device``
+    (the module docstring)."""
+    supported = list(role.dtypes)
+    if choice == "auto":
+        weight = mm.vae_dtype(device, supported) if role.auto == "vae" else mm.unet_dtype(device, parameters, supported)
+    elif choice in CHOSEN:
+        weight = CHOSEN[choice]
+    else:
+        raise NextScaleError(f"dtype '{choice}' is not one of {', '.join(DTYPES)}")
+    if choice != "auto" and mm.is_device_cpu(device):
+        compute = weight
+    else:
+        compute = mm.unet_manual_cast(weight, device, supported) or weight
+    return Precision(weight, compute, comfy.ops.pick_operations(weight, compute, load_device=device))
+
+
+@dataclass(eq=False)
+class NextScaleModel:
+    """A loaded model as it travels on the pack's model sockets: the module, the family and role it plays, its
+    precision, and the ``ModelPatcher`` through which ComfyUI owns where its weights are. Compute on :attr:`device`
+    after :func:`ready`."""
+
+    module: nn.Module
+    kind: Kind
+    name: str
+    path: str
+    precision: Precision
+    patcher: comfy.model_patcher.ModelPatcher
+
+    @property
+    def family(self) -> Family:
+        return self.kind.family
+
+    @property
+    def role(self) -> Role:
+        return self.kind.role
+
+    @property
+    def device(self) -> torch.device:
+        """The compute device: the patcher's load device (the weights may be partly elsewhere)."""
+        return self.patcher.load_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.precision.weight_dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.precision.compute_dtype
+
+    def __repr__(self) -> str:
+        return f"NextScaleModel({self.name!r}, {self.kind}, {self.dtype})"
+
+
+def expected(loader: str, role: str) -> list[Kind]:
+    """The kinds a loader node's input takes: the roles named ``role`` loaded by the node ``loader``."""
+    kinds = FAMILIES.kinds(loader, role)
+    if not kinds:
+        raise NextScaleError(f"no model family has a {role} loaded by '{loader}'")
+    return kinds
+
+
+def _what(kinds: list[Kind]) -> str:
+    return " or ".join(dict.fromkeys(k.role.what for k in kinds))
+
+
+def _hint(kinds: list[Kind]) -> str:
+    return " ".join(dict.fromkeys(k.family.files_hint for k in kinds))
+
+
+def not_found(name: str, loader: str, role: str) -> str:
+    """The message for a choice that is not in the NextScale folder: which folder, and where the files come from."""
+    kinds = expected(loader, role)
+    folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
+    return (
+        f"model not found: {_what(kinds)} '{name}' is not in the NextScale model folder ({folders}). Put it there "
+        f"and refresh the node. {_hint(kinds)}"
+    )
+
+
+def resolve(name: str, loader: str, role: str) -> str:
+    """The path of a combo choice: the pack's embedded file, a file in the NextScale folder, or a folder of shards
+    there."""
+    embedded = embedded_file(role, name)
+    if embedded is not None:
+        if not os.path.isfile(embedded):
+            raise NextScaleError(
+                f"the embedded {role} is missing from the pack: expected {embedded}; reinstall NextScale"
+            )
+        return embedded
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is not None:
+        return path
+    for base in folder_paths.get_folder_paths(FOLDER):
+        folder = os.path.join(base, name)
+        if os.path.isdir(folder) and shard_files(folder):
+            return folder
+    raise NextScaleError(not_found(name, loader, role))
+
+
+def _read(path: str, what: str) -> dict[str, torch.Tensor]:
+    if os.path.isdir(path) and shard_files(path):
+        return read_sharded_state_dict(path, what)
+    return read_state_dict(path, what)
+
+
+def load(name: str, loader: str, role: str, dtype: str = "auto", path: str | None = None) -> NextScaleModel:
+    """Load the choice ``name`` (or the file or folder ``path``) for the ``role`` input of the node ``loader``:
+    refused with a message naming what the file is and which node loads it when it is something else."""
+    kinds = expected(loader, role)
+    path = path or resolve(name, loader, role)
+    state_dict = _read(path, _what(kinds))
+    kind = identify(state_dict)
+    if kind not in kinds:
+        raise NextScaleError(
+            f"'{os.path.basename(os.path.normpath(path))}' is {describe(kind)}; this node expects "
+            f"{' or '.join(k.role.description for k in kinds)}. {_hint(kinds)}"
+        )
+    device = mm.get_torch_device()
+    parameters = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
+    chosen = precision(kind.role, dtype, device, parameters)
+    module = kind.family.build(kind.role, state_dict, path, dtype=chosen.weight_dtype, operations=chosen.operations)
+    log.info("NextScale: loaded %s '%s' (%s)", role, name, chosen.weight_dtype)
+    return _wrap(module, kind, name, path, chosen, device)
+
+
+def adopt(module: nn.Module, name: str = "in memory") -> NextScaleModel:
+    """A module built in memory (by a script or a test) as a loaded model: identified by its keys, stored and
+    computed in its parameters' dtype, with ComfyUI's load device."""
+    kind = identify(module.state_dict())
+    if kind is None:
+        raise NextScaleError(f"{type(module).__name__} '{name}' is {describe(None)}")
+    dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
+    device = mm.get_torch_device()
+    chosen = Precision(dtype, dtype, comfy.ops.pick_operations(dtype, dtype, load_device=device))
+    return _wrap(module.eval().requires_grad_(False), kind, name, "", chosen, device)
+
+
+def _wrap(module: nn.Module, kind: Kind, name: str, path: str, chosen: Precision, device) -> NextScaleModel:
+    patcher = comfy.model_patcher.ModelPatcher(module, load_device=device, offload_device=mm.unet_offload_device())
+    return NextScaleModel(module=module, kind=kind, name=name, path=path, precision=chosen, patcher=patcher)
+
+
+def ready(*models: NextScaleModel | None, memory: int = 0) -> None:
+    """Load every model a node execution uses (None entries skipped) in one call of ComfyUI's loader, declaring
+    ``memory`` bytes of working memory as ``memory_required``: ComfyUI frees room for the weights and that much
+    (unloading other models), then loads what fits."""
+    patchers = {id(m.module): m.patcher for m in models if m is not None}
+    mm.load_models_gpu(list(patchers.values()), memory_required=memory)
