@@ -144,11 +144,11 @@ def sample_infinity(
     ``text_BTC``/``mask_BT``: flan-T5 features of the ``B`` prompts and their key mask; ``negative``: optional
     features and mask of a negative prompt (one for all, or one per prompt) replacing the learned unconditional
     embedding. ``tokenizer`` is a :class:`~.bsq.BSQTokenizer`. ``hooks.guide`` is unused here (bitwise guides
-    come as ``guide``).
+    come as ``guide``). Both models compute on ``device`` (default: the text features'), wherever their weights are.
     """
     options = options or InfinityOptions()
     hooks = hooks or SamplerHooks()
-    device = torch.device(device) if device is not None else model.pos_start.device
+    device = torch.device(device) if device is not None else text_BTC.device
     K, B = schedule.num_scales, text_BTC.shape[0]
     cfgs, taus = _per_scale(options.cfg, K, "cfg"), _per_scale(options.tau, K, "tau")
     guided = any(c != 1 for c in cfgs)
