@@ -55,7 +55,7 @@ from ..core.checkpoint import check_state_dict, key_shape, read_safetensors_meta
 from ..core.errors import NextScaleError
 from ..core.hooks import Control
 from ..core.kv_cache import KVCache
-from ..core.ops import ComputeDtype, TorchOps, cast, embed, weight_and_bias
+from ..core.ops import ComputeDtype, TorchOps, cast, weight_and_bias
 from ..core.schedule import token_count
 
 CAR_WHAT = "CAR control"
@@ -452,7 +452,7 @@ class ControlAdapter(ComputeDtype, nn.Module):
         on the image's device."""
         dtype = self.compute_dtype
         feat_BFhw = self.adapter_encoder(_resize(control_B3HW.float(), self.config.image_size).to(dtype))
-        scales_KF = embed(self.adapter_scale_embed, torch.arange(len(patch_nums), device=feat_BFhw.device), dtype)
+        scales_KF, _ = weight_and_bias(self.adapter_scale_embed, feat_BFhw.device, dtype)
         return [
             F.adaptive_avg_pool2d(feat_BFhw, pn).flatten(2).transpose(1, 2) + scales_KF[si]
             for si, pn in enumerate(patch_nums)

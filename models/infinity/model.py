@@ -363,7 +363,7 @@ class Infinity(ComputeDtype, nn.Module):
 
     def level(self, si: int, device: torch.device) -> torch.Tensor:
         """``(C,)``: the embedding of scale ``si`` on ``device``, in the compute dtype."""
-        return embed(self.lvl_embed, torch.tensor(si, device=device), self.compute_dtype)
+        return weight_and_bias(self.lvl_embed, device, self.compute_dtype)[0][si]
 
     def first_token_map(self, ctx: TextContext) -> torch.Tensor:
         """``x_R1C``, the input of scale 0: the pooled text plus ``pos_start`` and level 0."""

@@ -233,9 +233,11 @@ class VAR(ComputeDtype, nn.Module):
         return nn.functional.linear(h_BLC, *weight_and_bias(self.head, h_BLC.device, torch.float32))
 
     def teacher_mask(self, l: int, device: torch.device) -> torch.Tensor:
-        """The block-causal additive mask ``(l, l)`` of the first ``l`` tokens (0 / -inf, fp32), built on ``device``:
-        ``attn_bias_for_masking`` without reading the buffer."""
-        return block_causal_mask(self.patch_nums, device=device)[:l, :l]
+        """The block-causal additive mask ``(l, l)`` of the first ``l`` tokens (0 / -inf, fp32) on ``device``: the
+        values of ``attn_bias_for_masking``, built from the scale of each token (``lvl_1L``)."""
+        lvl_L = cast(self.lvl_1L, device)[0, :l]
+        allowed_LL = lvl_L[None, :] <= lvl_L[:, None]
+        return torch.zeros(allowed_LL.shape, device=device).masked_fill_(~allowed_LL, float("-inf"))
 
     def forward_scale(
         self, si: int, x_BlC: torch.Tensor, cond: Conditioning, cache: KVCache, control=None
