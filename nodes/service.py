@@ -177,7 +177,10 @@ def load(name: str, loader: str, role: str, dtype: str = "auto", path: str | Non
     device = mm.get_torch_device()
     parameters = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
     chosen = precision(kind.role, dtype, device, parameters)
-    module = kind.family.build(kind.role, state_dict, path, dtype=chosen.weight_dtype, operations=chosen.operations)
+    module = kind.family.build(
+        kind.role, state_dict, path, dtype=chosen.weight_dtype, operations=chosen.operations,
+        compute_dtype=chosen.compute_dtype,
+    )
     log.info("NextScale: loaded %s '%s' (%s)", role, name, chosen.weight_dtype)
     return _wrap(module, kind, name, path, chosen, device)
 

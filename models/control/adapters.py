@@ -33,6 +33,9 @@ Adapters (NextScale's own, trained by ``training/train_control.py`` on a frozen 
 - Zero-initialised adapters, strength 0 and scales outside the range leave the hidden state bit-identical.
 - ECM's temperature schedule (section 4): ``late_temperature`` divides the guided logits from ``late_from_scale``
   on (1 = off), applied through the hook's ``logits``.
+
+Both are built from an op set (``operations``, :mod:`..core.ops`) and compute in their own ``compute_dtype``: CAR's
+branch on the device of the hidden state it is given, an adapter's control tokens on the control image's device.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from ..core.checkpoint import check_state_dict, key_shape, read_safetensors_meta
 from ..core.errors import NextScaleError
 from ..core.hooks import Control
 from ..core.kv_cache import KVCache
+from ..core.ops import ComputeDtype, TorchOps, cast, weight_and_bias
 from ..core.schedule import token_count
 
 CAR_WHAT = "CAR control"
@@ -99,14 +103,14 @@ class ConvEncoder(nn.Module):
     """``conv_in``, then per stage a 3x3 conv and a 3x3 stride-2 conv (``blocks``), then ``conv_out``; SiLU after
     every conv except ``conv_out``. Downsamples by ``2 ** (len(channels) - 1)``."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int], out_channels: int):
+    def __init__(self, in_channels: int, channels: Sequence[int], out_channels: int, operations=TorchOps):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.conv_in = operations.Conv2d(in_channels, channels[0], 3, padding=1)
         self.blocks = nn.ModuleList()
         for c_in, c_out in itertools.pairwise(channels):
-            self.blocks.append(nn.Conv2d(c_in, c_in, 3, padding=1))
-            self.blocks.append(nn.Conv2d(c_in, c_out, 3, padding=1, stride=2))
-        self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
+            self.blocks.append(operations.Conv2d(c_in, c_in, 3, padding=1))
+            self.blocks.append(operations.Conv2d(c_in, c_out, 3, padding=1, stride=2))
+        self.conv_out = operations.Conv2d(channels[-1], out_channels, 3, padding=1)
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.conv_in(x_B3HW))
@@ -115,28 +119,31 @@ class ConvEncoder(nn.Module):
         return self.conv_out(h)
 
 
-class CARControlNet(nn.Module):
-    """CAR's control branch with the official key names; build it with :meth:`from_state_dict` / :meth:`from_file`."""
+class CARControlNet(ComputeDtype, nn.Module):
+    """CAR's control branch with the official key names; build it with :meth:`from_state_dict` / :meth:`from_file`.
+    ``operations``: the op set its layers come from (default: plain torch); ``compute_dtype``: the dtype it computes
+    in (default: its weights' dtype)."""
 
-    def __init__(self, config: CARConfig):
+    def __init__(self, config: CARConfig, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = cfg = config
+        ops = operations or TorchOps
         C = cfg.embed_dim
-        self.car_control_convs = ConvEncoder(cfg.in_channels, cfg.encoder_channels, C)
-        self.car_var_conv = nn.Conv2d(C, C, 3, padding=1)
+        self.car_control_convs = ConvEncoder(cfg.in_channels, cfg.encoder_channels, C, ops)
+        self.car_var_conv = ops.Conv2d(C, C, 3, padding=1)
         self.car_blocks = nn.ModuleList(
-            AdaLNSelfAttn(C, cfg.num_heads, cfg.hidden_dim, cfg.norm_eps, cfg.shared_aln) for _ in range(cfg.depth)
+            AdaLNSelfAttn(C, cfg.num_heads, cfg.hidden_dim, cfg.norm_eps, cfg.shared_aln, ops) for _ in range(cfg.depth)
         )
-        self.car_skip_norm = nn.ModuleList(nn.LayerNorm(2 * C, eps=1e-6) for _ in range(cfg.depth))
-        self.car_skip_linear = nn.ModuleList(nn.Linear(2 * C, C) for _ in range(cfg.depth))
+        self.car_skip_norm = nn.ModuleList(ops.LayerNorm(2 * C, eps=1e-6) for _ in range(cfg.depth))
+        self.car_skip_linear = nn.ModuleList(ops.Linear(2 * C, C) for _ in range(cfg.depth))
+        self.compute_dtype = compute_dtype
 
     def fuse(self, j: int, x_BlC: torch.Tensor, ctrl_BlC: torch.Tensor) -> torch.Tensor:
         """``skip_linear_j(LayerNorm_fp32([x, ctrl]))`` in ``x``'s dtype."""
         norm = self.car_skip_norm[j]
         cat = torch.cat((x_BlC, ctrl_BlC.to(x_BlC.dtype)), dim=-1).float()
-        h = F.layer_norm(cat, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
-        lin = self.car_skip_linear[j]
-        return F.linear(h.to(lin.weight.dtype), lin.weight, lin.bias).to(x_BlC.dtype)
+        h = F.layer_norm(cat, norm.normalized_shape, *weight_and_bias(norm, cat.device, torch.float32), norm.eps)
+        return self.car_skip_linear[j](h.to(self.compute_dtype)).to(x_BlC.dtype)
 
     def check_base(self, var) -> None:
         """A clear error when this branch cannot drive ``var`` (CAR exists for VAR-d16 only)."""
@@ -190,21 +197,31 @@ class CARControlNet(nn.Module):
         )
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> CARControlNet:
-        """A frozen fp32 branch holding ``state_dict`` (checked strictly: missing, unexpected, mis-shaped keys)."""
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, torch.Tensor],
+        path: str = "<state dict>",
+        *,
+        operations=None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> CARControlNet:
+        """A frozen fp32 branch holding ``state_dict`` (checked strictly: missing, unexpected, mis-shaped keys),
+        built with ``operations`` to compute in ``compute_dtype``."""
         if any(k.startswith(("blocks.", "class_emb.")) for k in state_dict):  # a merged CAR + VAR checkpoint
             state_dict = {k: v for k, v in state_dict.items() if k.startswith("car_")}
         cfg = cls.infer_config(state_dict, path)
         rebuilt = cls.rebuilt_buffers(cfg, device=state_dict["car_var_conv.weight"].device)
         check_state_dict(state_dict, cls.expected_shapes(cfg), path, CAR_WHAT, optional=rebuilt)
         with torch.device("meta"):
-            model = cls(cfg)
+            model = cls(cfg, operations, compute_dtype)
         model.load_state_dict({**state_dict, **rebuilt}, strict=True, assign=True)
         return model.float().eval().requires_grad_(False)
 
     @classmethod
-    def from_file(cls, path: str) -> CARControlNet:
-        return cls.from_state_dict(read_state_dict(path, CAR_WHAT), path)
+    def from_file(cls, path: str, *, operations=None, compute_dtype: torch.dtype | None = None) -> CARControlNet:
+        return cls.from_state_dict(
+            read_state_dict(path, CAR_WHAT), path, operations=operations, compute_dtype=compute_dtype
+        )
 
     def bind(self, var, control_B3HW: torch.Tensor, **kwargs) -> CARControl:
         return CARControl(self, var, control_B3HW, **kwargs)
@@ -276,18 +293,16 @@ class CARControl(ScaleWindow):
         self.outs: list[torch.Tensor] = []
         self.ada: list[torch.Tensor] = []
 
-    @torch.no_grad()
-    def _lvl_pos(self) -> torch.Tensor:
-        var = self.var
-        return var.lvl_embed(var.lvl_1L) + var.pos_1LC
-
     def _branch(self, si: int, x_RlC: torch.Tensor) -> list[torch.Tensor]:
-        car, var = self.car, self.var
+        car, var, device = self.car, self.var, x_RlC.device
         pn, begin = var.patch_nums[si], self.begins[si]
         R, l, C = x_RlC.shape
-        lvl_pos_1lC = self._lvl_pos()[:, begin : begin + l]
+        with torch.no_grad():
+            lvl_pos_1lC = var.level_positions(device)[:, begin : begin + l]
+        dtype = car.compute_dtype
         if si == 0:  # a new run: recover the class embedding, modulations and a fresh cache
-            cond_RD = (x_RlC[:, 0] - var.pos_start[:, 0] - lvl_pos_1lC[:, 0]).to(car.car_var_conv.weight.dtype)
+            pos_start_1C = cast(var.pos_start, device, var.compute_dtype)[:, 0]
+            cond_RD = (x_RlC[:, 0] - pos_start_1C - lvl_pos_1lC[:, 0]).to(dtype)
             if var.config.shared_aln:
                 cond_RD = var.shared_ada_lin(cond_RD).view(-1, 1, 6, C)
             self.ada = [block.modulation(cond_RD) for block in car.car_blocks]
@@ -295,8 +310,7 @@ class CARControl(ScaleWindow):
                 self.cache.free()
             self.cache = KVCache(len(car.car_blocks), var.num_tokens)
         tokens_RlC = x_RlC - lvl_pos_1lC  # scale 0: class embedding + pos_start; later: word_embed(next input)
-        dtype = car.car_var_conv.weight.dtype
-        img = _resize(self.control_B3HW.to(x_RlC.device), car.config.downsample * pn).to(dtype)
+        img = _resize(self.control_B3HW.to(device), car.config.downsample * pn).to(dtype)
         ctrl_BChw = car.car_control_convs(img)
         map_RChw = tokens_RlC.to(dtype).transpose(1, 2).reshape(R, C, pn, pn)
         h_RChw = car.car_var_conv(map_RChw) + _rows(ctrl_BChw, R)
@@ -388,12 +402,12 @@ class AdapterConfig:
 class ReferenceAttention(nn.Module):
     """Image queries attend to one scale's control tokens; the output passes a zero-initialised per-channel gate."""
 
-    def __init__(self, embed_dim: int, feat_dim: int, num_heads: int):
+    def __init__(self, embed_dim: int, feat_dim: int, num_heads: int, operations=TorchOps):
         super().__init__()
         self.num_heads = num_heads
-        self.q = nn.Linear(embed_dim, feat_dim)
-        self.kv = nn.Linear(feat_dim, 2 * feat_dim)
-        self.out = nn.Linear(feat_dim, embed_dim)
+        self.q = operations.Linear(embed_dim, feat_dim)
+        self.kv = operations.Linear(feat_dim, 2 * feat_dim)
+        self.out = operations.Linear(feat_dim, embed_dim)
         self.gate = nn.Parameter(torch.zeros(embed_dim))
 
     def forward(self, x_BlC: torch.Tensor, tok_BlF: torch.Tensor,
@@ -403,38 +417,44 @@ class ReferenceAttention(nn.Module):
         q = self.q(F.layer_norm(x_BlC, x_BlC.shape[-1:])).view(B, l, H, -1).transpose(1, 2)
         k, v = self.kv(tok_BlF).view(B, tok_BlF.shape[1], 2, H, -1).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out(o.transpose(1, 2).reshape(B, l, -1)) * self.gate
+        out_BlC = self.out(o.transpose(1, 2).reshape(B, l, -1))
+        return out_BlC * cast(self.gate, out_BlC.device, out_BlC.dtype)
 
 
-class ControlAdapter(nn.Module):
-    """NextScale's trainable control adapter (both kinds); keys start with ``adapter_``."""
+class ControlAdapter(ComputeDtype, nn.Module):
+    """NextScale's trainable control adapter (both kinds); keys start with ``adapter_``. ``operations``: the op set
+    its layers come from (default: plain torch); ``compute_dtype``: the dtype it computes in (default: its weights')."""
 
-    def __init__(self, config: AdapterConfig):
+    def __init__(self, config: AdapterConfig, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = cfg = config
-        self.adapter_encoder = ConvEncoder(3, cfg.channels, cfg.feat_dim)
-        self.adapter_scale_embed = nn.Embedding(cfg.num_scales, cfg.feat_dim)
+        ops = operations or TorchOps
+        self.adapter_encoder = ConvEncoder(3, cfg.channels, cfg.feat_dim, ops)
+        self.adapter_scale_embed = ops.Embedding(cfg.num_scales, cfg.feat_dim)
         nn.init.normal_(self.adapter_scale_embed.weight, std=0.02)
         if cfg.kind == "add":
+            feat, width = cfg.feat_dim, cfg.embed_dim
             self.adapter_inject = nn.ModuleList(
-                nn.Sequential(nn.Linear(cfg.feat_dim, cfg.feat_dim), nn.GELU(), nn.Linear(cfg.feat_dim, cfg.embed_dim))
-                for _ in cfg.layers
+                nn.Sequential(ops.Linear(feat, feat), nn.GELU(), ops.Linear(feat, width)) for _ in cfg.layers
             )
             for mlp in self.adapter_inject:
                 nn.init.zeros_(mlp[2].weight)
                 nn.init.zeros_(mlp[2].bias)
         else:
             self.adapter_inject = nn.ModuleList(
-                ReferenceAttention(cfg.embed_dim, cfg.feat_dim, cfg.num_heads) for _ in cfg.layers
+                ReferenceAttention(cfg.embed_dim, cfg.feat_dim, cfg.num_heads, ops) for _ in cfg.layers
             )
         self.slot = {layer: j for j, layer in enumerate(cfg.layers)}
+        self.compute_dtype = compute_dtype
 
     def control_tokens(self, control_B3HW: torch.Tensor, patch_nums: Sequence[int]) -> list[torch.Tensor]:
-        """Per scale ``(B, pn**2, F)``: the encoded control image pooled to ``pn x pn`` plus the scale embedding."""
-        dtype = self.adapter_scale_embed.weight.dtype
+        """Per scale ``(B, pn**2, F)``: the encoded control image pooled to ``pn x pn`` plus the scale embedding,
+        on the image's device."""
+        dtype = self.compute_dtype
         feat_BFhw = self.adapter_encoder(_resize(control_B3HW.float(), self.config.image_size).to(dtype))
+        scales_KF, _ = weight_and_bias(self.adapter_scale_embed, feat_BFhw.device, dtype)
         return [
-            F.adaptive_avg_pool2d(feat_BFhw, pn).flatten(2).transpose(1, 2) + self.adapter_scale_embed.weight[si]
+            F.adaptive_avg_pool2d(feat_BFhw, pn).flatten(2).transpose(1, 2) + scales_KF[si]
             for si, pn in enumerate(patch_nums)
         ]
 
@@ -442,7 +462,7 @@ class ControlAdapter(nn.Module):
                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` plus this layer's control contribution times ``strength``."""
         module = self.adapter_inject[self.slot[layer]]
-        dtype = self.adapter_scale_embed.weight.dtype  # the adapter's own; x is the generator's fp32 stream
+        dtype = self.compute_dtype  # the adapter's own; x is the generator's fp32 stream
         tok_BlF = tok_BlF.to(dtype)
         delta = module(tok_BlF) if self.config.kind == "add" else module(x_BlC.to(dtype), tok_BlF, attn_mask)
         return x_BlC + strength * delta.to(x_BlC.dtype)
@@ -469,15 +489,18 @@ class ControlAdapter(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], config: AdapterConfig,
-                        path: str = "<state dict>") -> ControlAdapter:
+                        path: str = "<state dict>", *, operations=None,
+                        compute_dtype: torch.dtype | None = None) -> ControlAdapter:
+        """A frozen fp32 adapter holding ``state_dict`` (checked strictly against ``config``), built with
+        ``operations`` to compute in ``compute_dtype``."""
         check_state_dict(state_dict, cls.expected_shapes(config), path, ADAPTER_WHAT)
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, operations, compute_dtype)
         model.load_state_dict(dict(state_dict), strict=True, assign=True)
         return model.float().eval().requires_grad_(False)
 
     @classmethod
-    def from_file(cls, path: str) -> ControlAdapter:
+    def from_file(cls, path: str, *, operations=None, compute_dtype: torch.dtype | None = None) -> ControlAdapter:
         meta = read_safetensors_metadata(path).get(CONFIG_METADATA_KEY)
         if meta is None:
             raise NextScaleError(
@@ -488,7 +511,9 @@ class ControlAdapter(nn.Module):
             config = AdapterConfig.from_dict(json.loads(meta))
         except ValueError as e:
             raise NextScaleError(f"{ADAPTER_WHAT} file '{path}' has an invalid config: {e}") from None
-        return cls.from_state_dict(read_state_dict(path, ADAPTER_WHAT), config, path)
+        return cls.from_state_dict(
+            read_state_dict(path, ADAPTER_WHAT), config, path, operations=operations, compute_dtype=compute_dtype
+        )
 
     def save(self, path: str, dtype: torch.dtype | None = None) -> None:
         sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
@@ -505,9 +530,8 @@ class AdapterControl(ScaleWindow):
         adapter.check_base(var)
         self.adapter, self.uncond = adapter, uncond
         control_B3HW = _check_control_image(control_B3HW, batch_size)
-        device = adapter.adapter_scale_embed.weight.device
         with torch.no_grad():
-            self.tokens = adapter.control_tokens(control_B3HW.to(device), var.patch_nums)
+            self.tokens = adapter.control_tokens(control_B3HW, var.patch_nums)
 
     def block_input(self, si: int, layer: int, x_BlC: torch.Tensor) -> torch.Tensor:
         if layer not in self.adapter.slot or not self.active(si):
@@ -526,17 +550,16 @@ def teacher_logits(var, adapter: ControlAdapter, label_B: torch.Tensor, x_BLCv: 
     """fp32 ``logits_BLV`` of :meth:`VAR.forward_teacher` with ``adapter`` injected (training): the same blocks and
     block-causal mask, each token getting its own scale's control token; reference attention stays within a scale."""
     pn = var.patch_nums
-    l = x_BLCv.shape[1] + 1
+    l, device = x_BLCv.shape[1] + 1, x_BLCv.device
     cond = var.condition(label_B)
-    sos_B1C = cond.cond_BD[:, None] + var.pos_start
-    x_BLC = (torch.cat((sos_B1C, var.word_embed(x_BLCv.to(var.word_embed.weight.dtype))), dim=1)
+    x_BLC = (torch.cat((var.start_token(cond.cond_BD), var.word_embed(x_BLCv.to(var.compute_dtype))), dim=1)
              + cond.lvl_pos_1LC[:, :l])
     tok_BLF = _rows(torch.cat(adapter.control_tokens(control_B3HW, pn), dim=1)[:, :l], label_B.shape[0])
-    lvl_L = var.lvl_1L[0, :l]
     same_scale = None
     if adapter.config.kind == "reference":
+        lvl_L = cast(var.lvl_1L, device)[0, :l]
         same_scale = lvl_L[:, None] == lvl_L[None, :]
-    mask_LL = var.attn_bias_for_masking[0, 0, :l, :l]
+    mask_LL = var.teacher_mask(l, device)
     for i, (block, ada) in enumerate(zip(var.blocks, cond.ada_B16C)):
         if i in adapter.slot:
             x_BLC = adapter.inject(i, x_BLC, tok_BLF, strength, same_scale)
@@ -548,13 +571,16 @@ def teacher_logits(var, adapter: ControlAdapter, label_B: torch.Tensor, x_BLCv: 
 # loading
 
 
-def load_control(path: str) -> CARControlNet | ControlAdapter:
-    """A CAR file (``car_*`` keys, alone or merged with VAR's) or a NextScale adapter (``adapter_*`` keys)."""
+def load_control(
+    path: str, *, operations=None, compute_dtype: torch.dtype | None = None
+) -> CARControlNet | ControlAdapter:
+    """A CAR file (``car_*`` keys, alone or merged with VAR's) or a NextScale adapter (``adapter_*`` keys), built
+    with ``operations`` to compute in ``compute_dtype``."""
     state_dict = read_state_dict(path, "control")
     if any(k.startswith("car_") for k in state_dict):
-        return CARControlNet.from_state_dict(state_dict, path)
+        return CARControlNet.from_state_dict(state_dict, path, operations=operations, compute_dtype=compute_dtype)
     if any(k.startswith(ADAPTER_PREFIX) for k in state_dict):
-        return ControlAdapter.from_file(path)
+        return ControlAdapter.from_file(path, operations=operations, compute_dtype=compute_dtype)
     from ..core.family import describe, identify
 
     raise NextScaleError(

@@ -8,6 +8,9 @@ Conventions (reference: var.md 2.3-2.6):
   computes it once per run (:meth:`AdaLNSelfAttn.modulation`) and passes it to every scale.
 - Cos-attention: ``q`` and ``k`` are L2-normalised per head, ``q`` is multiplied by
   ``exp(min(scale_mul_1H11, ln 100))``, the softmax scale is 1 and ``k`` has no bias (``zero_k_bias``).
+- Layers come from an op set (:mod:`.ops`); the parameters the blocks hold themselves (``scale_mul_1H11``,
+  ``q_bias``, ``v_bias``, ``zero_k_bias``, ``ada_gss``) are cast to the activations' device where they are used.
+  Matmuls run in the block's compute dtype (:class:`~.ops.ComputeDtype`), whatever dtype the weights are stored in.
 """
 
 from __future__ import annotations
@@ -20,30 +23,31 @@ from torch import nn
 
 from ...kernels.attention import attention
 from .kv_cache import LayerKV
+from .ops import ComputeDtype, TorchOps, cast, weight_and_bias
 from .rope import apply_rope
 
 MAX_LOG_SCALE = math.log(100.0)  # cap of the learned per-head log scale
 
 
-def stream_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the residual stream, norms and q/k normalisation for weights of ``weight_dtype``: fp32 for
-    half-precision weights (mixed precision, as under upstream's autocast), else the weights' own (fp32, fp64)."""
-    return torch.promote_types(weight_dtype, torch.float32)
+def stream_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the residual stream, norms and q/k normalisation for matmuls in ``compute_dtype``: fp32 for half
+    precision (mixed precision, as under upstream's autocast), else the compute dtype itself (fp32, fp64)."""
+    return torch.promote_types(compute_dtype, torch.float32)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(ComputeDtype, nn.Module):
     """Keys ``scale_mul_1H11 (1, H, 1, 1)``, ``q_bias``/``v_bias (C)``, buffer ``zero_k_bias (C)``,
     ``mat_qkv.weight (3C, C)`` (no bias key), ``proj.weight/.bias``."""
 
-    def __init__(self, embed_dim: int, num_heads: int):
+    def __init__(self, embed_dim: int, num_heads: int, operations=TorchOps):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         self.q_bias = nn.Parameter(torch.zeros(embed_dim))
         self.v_bias = nn.Parameter(torch.zeros(embed_dim))
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
-        self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
-        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.mat_qkv = operations.Linear(embed_dim, 3 * embed_dim, bias=False)
+        self.proj = operations.Linear(embed_dim, embed_dim)
 
     def forward(
         self,
@@ -57,19 +61,20 @@ class SelfAttention(nn.Module):
         ``(cos, sin)`` of each token's angles ``(L, c / 2)`` (Infinity), rotates ``q`` and ``k`` after the
         normalisation; cached keys are stored rotated."""
         B, L, C = x_BLC.shape
-        weight = self.mat_qkv.weight
-        bias_3C = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        device, dtype = x_BLC.device, self.compute_dtype
+        weight, _ = weight_and_bias(self.mat_qkv, device, dtype)  # functional: the bias is q_bias, 0, v_bias
+        bias_3C = torch.cat([cast(b, device, dtype) for b in (self.q_bias, self.zero_k_bias, self.v_bias)])
         qkv_3BHLc = (
-            F.linear(x_BLC.to(weight.dtype), weight, bias_3C)
+            F.linear(x_BLC.to(dtype), weight, bias_3C)
             .view(B, L, 3, self.num_heads, self.head_dim)
             .permute(2, 0, 3, 1, 4)
         )
         q_BHLc, k_BHLc, v_BHLc = qkv_3BHLc.unbind(0)
         # The normalisation in the stream dtype (q is scaled up to 100x after it). The attention in it too on CPU,
-        # where half precision gains nothing and costs accuracy, else in the weights' dtype (half-precision kernels).
-        stream = stream_dtype(weight.dtype)
-        attn_dtype = stream if x_BLC.device.type == "cpu" else weight.dtype
-        log_scale_1H11 = self.scale_mul_1H11.to(stream).clamp_max(MAX_LOG_SCALE)
+        # where half precision gains nothing and costs accuracy, else in the compute dtype (half-precision kernels).
+        stream = stream_dtype(dtype)
+        attn_dtype = stream if device.type == "cpu" else dtype
+        log_scale_1H11 = cast(self.scale_mul_1H11, device, stream).clamp_max(MAX_LOG_SCALE)
         q_BHLc = F.normalize(q_BHLc.to(stream), dim=-1).mul(log_scale_1H11.exp())
         k_BHLc = F.normalize(k_BHLc.to(stream), dim=-1)
         if rope is not None:
@@ -81,64 +86,62 @@ class SelfAttention(nn.Module):
             k_BHSc, v_BHSc = kv.extend(k_BHLc, v_BHLc)
             out_BHLc = attention(q_BHLc, k_BHSc, v_BHSc, kv.key_mask(attn_mask))  # hides padded slots, if any
             kv.after_attention(q_BHLc)
-        return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C).to(weight.dtype))
+        return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C).to(dtype))
 
 
 class FFN(nn.Module):
     """``fc2(gelu_tanh(fc1(x)))``; keys ``fc1.*``, ``fc2.*``."""
 
-    def __init__(self, embed_dim: int, hidden_dim: int):
+    def __init__(self, embed_dim: int, hidden_dim: int, operations=TorchOps):
         super().__init__()
-        self.fc1 = nn.Linear(embed_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, embed_dim)
+        self.fc1 = operations.Linear(embed_dim, hidden_dim)
+        self.fc2 = operations.Linear(hidden_dim, embed_dim)
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x_BLC), approximate="tanh"))
 
 
-class AdaLNBlock(nn.Module):
+class AdaLNBlock(ComputeDtype, nn.Module):
     """What VAR's and Infinity's blocks share: branches fed ``LN(x)(1 + scale) + shift`` (``LN`` without affine
-    parameters) and added back as ``branch * gamma``, in mixed precision whatever the weights' dtype. The residual
-    stream, the LayerNorms and the modulation stay in :func:`stream_dtype` (fp32 for bf16/fp16 weights, as under
-    upstream's autocast); the branches' matmuls run in the weights' dtype (bf16 weights use a CPU's AMX/AVX512-BF16
-    units). Subclasses own ``ffn`` (its ``fc1`` gives the weights' dtype)."""
+    parameters) and added back as ``branch * gamma``, in mixed precision whatever the compute dtype. The residual
+    stream, the LayerNorms and the modulation stay in :func:`stream_dtype` (fp32 for bf16/fp16 compute, as under
+    upstream's autocast); the branches' matmuls run in the compute dtype (bf16 uses a CPU's AMX/AVX512-BF16 units).
+    Subclasses own ``ffn``."""
 
     embed_dim: int
     norm_eps: float
     ffn: FFN
 
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        return self.ffn.fc1.weight.dtype
-
     def _ln(self, x_BLC: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x_BLC, (self.embed_dim,), eps=self.norm_eps)
 
     def _residual(self, x_BLC, branch, scale_B1C, shift_B1C, gamma_B1C) -> torch.Tensor:
-        """``x + branch(LN(x)(1 + scale) + shift) * gamma``, the branch's input cast to the weights' dtype."""
+        """``x + branch(LN(x)(1 + scale) + shift) * gamma``, the branch's input cast to the compute dtype."""
         h_BLC = self._ln(x_BLC) * (scale_B1C + 1) + shift_B1C
-        return x_BLC + branch(h_BLC.to(self.weight_dtype)).to(x_BLC.dtype) * gamma_B1C
+        return x_BLC + branch(h_BLC.to(self.compute_dtype)).to(x_BLC.dtype) * gamma_B1C
 
 
 class AdaLNSelfAttn(AdaLNBlock):
     """One VAR block. Its own ``ada_lin = SiLU -> Linear(C, 6C)`` (keys ``ada_lin.1.*``), or with
     ``shared_aln`` (VAR-d36) a parameter ``ada_gss (1, 1, 6, C)`` added to the model's shared modulation."""
 
-    def __init__(self, embed_dim: int, num_heads: int, hidden_dim: int, norm_eps: float, shared_aln: bool):
+    def __init__(
+        self, embed_dim: int, num_heads: int, hidden_dim: int, norm_eps: float, shared_aln: bool, operations=TorchOps
+    ):
         super().__init__()
         self.embed_dim, self.norm_eps, self.shared_aln = embed_dim, norm_eps, shared_aln
-        self.attn = SelfAttention(embed_dim, num_heads)
-        self.ffn = FFN(embed_dim, hidden_dim)
+        self.attn = SelfAttention(embed_dim, num_heads, operations)
+        self.ffn = FFN(embed_dim, hidden_dim, operations)
         if shared_aln:
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, embed_dim) / embed_dim**0.5)
         else:
-            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 6 * embed_dim))
+            self.ada_lin = nn.Sequential(nn.SiLU(), operations.Linear(embed_dim, 6 * embed_dim))
 
     def modulation(self, cond: torch.Tensor) -> torch.Tensor:
         """``ada_B16C`` from the class embedding ``cond_BD`` or, with ``shared_aln``, from the shared
-        modulation ``(B, 1, 6, C)``."""
+        modulation ``(B, 1, 6, C)`` (either in the compute dtype)."""
         if self.shared_aln:
-            return self.ada_gss + cond
+            return cast(self.ada_gss, cond.device, self.compute_dtype) + cond
         return self.ada_lin(cond).view(-1, 1, 6, self.embed_dim)
 
     def forward(
@@ -148,8 +151,8 @@ class AdaLNSelfAttn(AdaLNBlock):
         attn_mask: torch.Tensor | None = None,
         kv: LayerKV | None = None,
     ) -> torch.Tensor:
-        """``x_BLC`` after the block, in the stream dtype (fp32 for bf16 weights; see :class:`AdaLNBlock`)."""
-        stream = stream_dtype(self.weight_dtype)
+        """``x_BLC`` after the block, in the stream dtype (fp32 for bf16 compute; see :class:`AdaLNBlock`)."""
+        stream = stream_dtype(self.compute_dtype)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.to(stream).unbind(2)  # each (B, 1, C)
         x_BLC = self._residual(x_BLC.to(stream), lambda h: self.attn(h, attn_mask, kv), scale1, shift1, gamma1)
         return self._residual(x_BLC, self.ffn, scale2, shift2, gamma2)
@@ -157,17 +160,17 @@ class AdaLNSelfAttn(AdaLNBlock):
 
 class AdaLNBeforeHead(nn.Module):
     """The head's AdaLN: ``SiLU -> Linear(C, 2C)`` on the class embedding gives ``(scale, shift)``; output
-    ``LN(x)(1 + scale) + shift``. Computed in fp32 whatever the weights' dtype (key ``ada_lin.1.*``)."""
+    ``LN(x)(1 + scale) + shift``. Computed in fp32 whatever the compute dtype (key ``ada_lin.1.*``)."""
 
-    def __init__(self, embed_dim: int, norm_eps: float):
+    def __init__(self, embed_dim: int, norm_eps: float, operations=TorchOps):
         super().__init__()
         self.embed_dim, self.norm_eps = embed_dim, norm_eps
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 2 * embed_dim))
+        self.ada_lin = nn.Sequential(nn.SiLU(), operations.Linear(embed_dim, 2 * embed_dim))
 
     def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
         """fp32 ``(B, 1, 2, C)``: scale then shift."""
-        lin = self.ada_lin[1]
-        return F.linear(F.silu(cond_BD.float()), lin.weight.float(), lin.bias.float()).view(-1, 1, 2, self.embed_dim)
+        weight, bias = weight_and_bias(self.ada_lin[1], cond_BD.device, torch.float32)
+        return F.linear(F.silu(cond_BD.float()), weight, bias).view(-1, 1, 2, self.embed_dim)
 
     def forward(self, x_BLC: torch.Tensor, ada_B12C: torch.Tensor) -> torch.Tensor:
         scale, shift = ada_B12C.unbind(2)

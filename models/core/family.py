@@ -167,10 +167,13 @@ class Family(abc.ABC):
 
     @abc.abstractmethod
     def build(
-        self, role: Role, state_dict: Mapping[str, torch.Tensor], path: str, *, dtype: torch.dtype, operations=None
+        self, role: Role, state_dict: Mapping[str, torch.Tensor], path: str, *, dtype: torch.dtype, operations=None,
+        compute_dtype: torch.dtype | None = None,
     ) -> nn.Module:
         """A frozen module in eval mode holding ``state_dict`` (strictly checked), its weights in ``dtype``.
-        ``operations`` is the layer set to build it with (ComfyUI's ``comfy.ops`` classes in the node layer)."""
+        ``operations`` is the layer set to build it with (ComfyUI's ``comfy.ops`` classes in the node layer, so a
+        partial load can leave weights on the offload device); ``compute_dtype`` what it computes in (None: its
+        weights' dtype; fp8 storage needs bf16/fp16 here and a manual-cast op set; :mod:`.ops`)."""
 
     # -- a run ----------------------------------------------------------------------------------------------------
 

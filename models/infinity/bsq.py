@@ -17,6 +17,9 @@ Conventions:
 - Module names reproduce upstream's native keys: every conv sits in a wrapper (``...conv_in.conv.weight``) and every
   GroupNorm in one (``...norm1.norm.weight``). The flat flux/LDM layout without the wrappers (``...conv_in.weight``)
   is accepted by an exact rename. Configs are inferred from keys and shapes, never from file names.
+- Convolutions and norms come from the op set ``operations`` (:mod:`..core.ops`); encoding and decoding compute on
+  the device of the images or codes passed in, in :attr:`BSQTokenizer.compute_dtype`. The bit-weight buffer is only
+  checked on load, never read by a forward.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ..core.checkpoint import (
 )
 from ..core.errors import NextScaleError
 from ..core.family import expect_kind
+from ..core.ops import ComputeDtype, TorchOps
 
 WHAT = "Infinity BSQ tokenizer"
 MASK_KEY = "quantizer.lfq.mask"
@@ -114,26 +118,28 @@ class BSQConfig:
 
 
 # -- building blocks (models/core/autoencoder.py, flux VQGAN layout, no attention) ------------------------
-# The wrappers exist only for the key layout: upstream nests each nn.Conv2d / nn.GroupNorm one level deeper.
+# The wrappers exist only for the key layout: upstream nests each Conv2d / GroupNorm one level deeper.
 
 
 class Conv(nn.Module):
-    """An ``nn.Conv2d`` kept under ``.conv`` (keys ``<name>.conv.weight``, ``<name>.conv.bias``)."""
+    """An op set's ``Conv2d`` kept under ``.conv`` (keys ``<name>.conv.weight``, ``<name>.conv.bias``)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int = 1, padding: int = 0):
+    def __init__(
+        self, c_in: int, c_out: int, kernel_size: int, stride: int = 1, padding: int = 0, operations=TorchOps
+    ):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding)
+        self.conv = operations.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding)
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         return self.conv(x_BChw)
 
 
 class Norm(nn.Module):
-    """An affine ``nn.GroupNorm`` (eps 1e-6) kept under ``.norm`` (keys ``<name>.norm.weight``, ``.norm.bias``)."""
+    """An op set's affine ``GroupNorm`` (eps 1e-6) kept under ``.norm`` (keys ``<name>.norm.weight``, ``.bias``)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=TorchOps):
         super().__init__()
-        self.norm = nn.GroupNorm(num_groups=_groups(channels), num_channels=channels, eps=1e-6, affine=True)
+        self.norm = operations.GroupNorm(num_groups=_groups(channels), num_channels=channels, eps=1e-6, affine=True)
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         return self.norm(x_BChw)
@@ -145,7 +151,13 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
-KIT = BlockKit(conv=Conv, norm=Norm, act=swish)  # convs and norms one key level deeper, upstream's activation
+def block_kit(operations) -> BlockKit:
+    """Convs and norms of the op set one key level deeper, and upstream's activation."""
+    return BlockKit(
+        conv=lambda c_in, c_out, k, stride, padding: Conv(c_in, c_out, k, stride, padding, operations),
+        norm=lambda channels: Norm(channels, operations),
+        act=swish,
+    )
 
 
 class BitQuantizer(nn.Module):
@@ -242,20 +254,24 @@ def _size(size_hw: Sequence[int], what: str) -> tuple[int, int]:
     return h, w
 
 
-class BSQTokenizer(nn.Module):
+class BSQTokenizer(ComputeDtype, nn.Module):
     """Infinity's multi-scale BSQ tokenizer (upstream ``AutoEncoder`` with ``MultiScaleBSQ``, ``new_quant=True``),
     inference only: image <-> latent <-> per-scale bits.
 
     Build it from a checkpoint with :meth:`from_file` / :meth:`from_state_dict` (eval mode, frozen, fp32).
+    ``operations``: the op set its layers come from (default: plain torch); ``compute_dtype``: the dtype it computes
+    in (default: its weights' dtype).
     """
 
-    def __init__(self, config: BSQConfig):
+    def __init__(self, config: BSQConfig, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
+        kit = block_kit(operations or TorchOps)
         shape = {"ch": config.base_ch, "ch_mult": config.ch_mult, "num_res_blocks": config.num_res_blocks}
-        self.encoder = Encoder(KIT, in_channels=3, z_channels=config.codebook_dim, **shape)
-        self.decoder = Decoder(KIT, z_channels=config.codebook_dim, out_channels=3, **shape)
+        self.encoder = Encoder(kit, in_channels=3, z_channels=config.codebook_dim, **shape)
+        self.decoder = Decoder(kit, z_channels=config.codebook_dim, out_channels=3, **shape)
         self.quantizer = MultiScaleQuantizer(config.codebook_dim)
+        self.compute_dtype = compute_dtype
 
     @property
     def codebook_dim(self) -> int:
@@ -338,19 +354,25 @@ class BSQTokenizer(nn.Module):
 
     @classmethod
     def from_state_dict(
-        cls, state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>", config: BSQConfig | None = None
+        cls,
+        state_dict: Mapping[str, torch.Tensor],
+        path: str = "<state dict>",
+        config: BSQConfig | None = None,
+        *,
+        operations=None,
+        compute_dtype: torch.dtype | None = None,
     ) -> BSQTokenizer:
         """A frozen fp32 model in eval mode holding ``state_dict`` (native or flat layout, checked strictly against
-        ``config``, inferred when not given). The mask buffer is optional, value-checked when present and always
-        rebuilt. The module is built on the meta device and takes the tensors over, so loading never holds two
-        copies."""
+        ``config``, inferred when not given), built with ``operations`` to compute in ``compute_dtype``. The mask
+        buffer is optional, value-checked when present and always rebuilt. The module is built on the meta device
+        and takes the tensors over, so loading never holds two copies."""
         mask_keys = [k for k in (MASK_KEY, MASK_ALIAS_KEY) if k in state_dict]
         check_tensors(state_dict, path, WHAT, integer_keys=mask_keys)
         cfg = config or cls.infer_config(state_dict, path)
         sd = _to_native(state_dict, cls.expected_shapes(cfg), path)
         _check_mask(state_dict, cfg.codebook_dim, path)
         sd[MASK_KEY] = bit_mask(cfg.codebook_dim, device=sd["encoder.conv_in.conv.weight"].device)
-        return load_on_meta(lambda: cls(cfg), sd)
+        return load_on_meta(lambda: cls(cfg, operations, compute_dtype), sd)
 
     @staticmethod
     def config_from_file(path: str) -> BSQConfig | None:
@@ -359,12 +381,15 @@ class BSQTokenizer(nn.Module):
         return config_from_metadata(path, BSQConfig.from_dict, WHAT)
 
     @classmethod
-    def from_file(cls, path: str) -> BSQTokenizer:
+    def from_file(cls, path: str, *, operations=None, compute_dtype: torch.dtype | None = None) -> BSQTokenizer:
         """Load a ``.safetensors`` or ``.pth`` tokenizer (weights nested under ``['vae']`` or ``['ema']`` are
-        unwrapped); a config in the file's metadata takes precedence over inference."""
+        unwrapped); a config in the file's metadata takes precedence over inference. ``operations`` and
+        ``compute_dtype`` as for the constructor."""
         state_dict = read_state_dict(path, WHAT)
         expect_kind(state_dict, path, "infinity-tokenizer", WHAT)
-        return cls.from_state_dict(state_dict, path, cls.config_from_file(path))
+        return cls.from_state_dict(
+            state_dict, path, cls.config_from_file(path), operations=operations, compute_dtype=compute_dtype
+        )
 
     def save(self, path: str) -> None:
         """Save as safetensors in the native layout with the config in the metadata (reloadable by
@@ -387,14 +412,12 @@ class BSQTokenizer(nn.Module):
         if img_B3HW.dim() != 4 or img_B3HW.shape[1] != 3:
             raise NextScaleError(f"the BSQ tokenizer encodes (B, 3, H, W) images, got shape {list(img_B3HW.shape)}")
         self.latent_size(*img_B3HW.shape[-2:])
-        w = self.encoder.conv_in.conv.weight
-        return self.encoder(img_B3HW.to(device=w.device, dtype=w.dtype)).float()
+        return self.encoder(img_B3HW.to(self.compute_dtype)).float()
 
     def decode(self, summed_BdHW: torch.Tensor) -> torch.Tensor:
         """Images ``(B, 3, H*ds, W*ds)`` in [-1, 1] (clamped) from summed codes."""
         self._check_codes(summed_BdHW, "summed codes")
-        w = self.decoder.conv_in.conv.weight
-        return self.decoder(summed_BdHW.to(device=w.device, dtype=w.dtype)).clamp(-1, 1)
+        return self.decoder(summed_BdHW.to(self.compute_dtype)).clamp(-1, 1)
 
     # -- latent <-> bits -----------------------------------------------------------------------------
 

@@ -47,10 +47,10 @@ TOKENIZER = Role(
 )
 
 
-def _build(cls, state_dict: Mapping[str, torch.Tensor], path: str, operations, **config) -> nn.Module:
-    """``cls.from_state_dict`` of a file: the one place the op set reaches Infinity's classes."""
-    # Op set: once the model classes take `operations=`, this call passes operations=operations.
-    return cls.from_state_dict(state_dict, path=path, **config)
+def _build(cls, state_dict: Mapping[str, torch.Tensor], path: str, made: dict, **config) -> nn.Module:
+    """``cls.from_state_dict`` of a file, ``made`` with the op set and the compute dtype (``operations``,
+    ``compute_dtype``): the one place they reach Infinity's classes."""
+    return cls.from_state_dict(state_dict, path=path, **made, **config)
 
 
 def _decoder_levels(tokenizer: BSQTokenizer) -> list[int]:
@@ -76,11 +76,12 @@ class InfinityFamily(Family):
             return TOKENIZER  # the mask buffer (quantizer.lfq.mask) is optional: the conv layout tells it too
         return None
 
-    def build(self, role, state_dict, path, *, dtype, operations=None):
+    def build(self, role, state_dict, path, *, dtype, operations=None, compute_dtype=None):
+        made = dict(operations=operations, compute_dtype=compute_dtype)
         if role is GENERATOR:
-            module = _build(Infinity, state_dict, path, operations, config=Infinity.config_from_file(path))
+            module = _build(Infinity, state_dict, path, made, config=Infinity.config_from_file(path))
         elif role is TOKENIZER:
-            module = _build(BSQTokenizer, state_dict, path, operations, config=BSQTokenizer.config_from_file(path))
+            module = _build(BSQTokenizer, state_dict, path, made, config=BSQTokenizer.config_from_file(path))
         else:
             raise NextScaleError(f"{role.what} is not a role of the Infinity family")
         return module.to(dtype=dtype).eval().requires_grad_(False)

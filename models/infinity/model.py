@@ -21,6 +21,10 @@ Conventions (reference: var.md 5.2, 5.6):
   ``block_chunks = 8``) or ``blocks.{i}.`` with one chunk. The ``zero_k_bias`` buffers are deterministic: optional
   in a file, rebuilt on load. Upstream's dropped buffers (``attn_bias_for_masking``, ``lvl_1L``, ...) are ignored.
   Unlike upstream (``strict=False``, ``cfg_uncond`` stretched), loading is strict.
+- Layers come from the op set ``operations`` (:mod:`..core.ops`); everything computes on the device of the text
+  features and inputs the caller passes, in :attr:`Infinity.compute_dtype` (logits in fp32). ``text_norm`` is an fp32
+  RMSNorm no op set has: it casts its own weight. The RoPE table is computed once per schedule on the CPU from the
+  schedule alone (as upstream) and moved to the compute device.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from ..core.checkpoint import (
 from ..core.errors import NextScaleError
 from ..core.family import expect_kind
 from ..core.kv_cache import KVCache
+from ..core.ops import ComputeDtype, TorchOps, cast, embed, weight_and_bias
 from .schedule import InfinitySchedule, rope_angles
 
 WHAT = "Infinity transformer"
@@ -113,7 +118,7 @@ class InfinityConfig:
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` in fp32 (key ``weight``)."""
+    """``x / rms(x) * weight`` in fp32 (key ``weight``), the weight cast to ``x``'s device on every call."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -122,29 +127,33 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+        weight, _ = weight_and_bias(self, x.device, torch.float32)
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * weight).to(x.dtype)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(ComputeDtype, nn.Module):
     """Queries attend to text. Keys ``mat_q`` (a ``Linear(C, C)``; for pooling a learned ``(1, H, c)`` query),
     ``mat_kv.weight (2C, Ckv)`` (no bias key; the key bias is the ``zero_k_bias`` buffer), ``v_bias``, ``proj``."""
 
-    def __init__(self, embed_dim: int, kv_dim: int, num_heads: int, pool: bool = False):
+    def __init__(self, embed_dim: int, kv_dim: int, num_heads: int, pool: bool = False, operations=TorchOps):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
         if pool:
             self.mat_q = nn.Parameter(torch.zeros(1, num_heads, self.head_dim))
         else:
-            self.mat_q = nn.Linear(embed_dim, embed_dim)
-        self.mat_kv = nn.Linear(kv_dim, 2 * embed_dim, bias=False)
+            self.mat_q = operations.Linear(embed_dim, embed_dim)
+        self.mat_kv = operations.Linear(kv_dim, 2 * embed_dim, bias=False)
         self.v_bias = nn.Parameter(torch.zeros(embed_dim))
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
-        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj = operations.Linear(embed_dim, embed_dim)
 
     def text_kv(self, text_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_BHTc, v_BHTc)`` of the text: the same at every scale, so the sampler computes them once."""
         B, T, _ = text_BTC.shape
-        kv_BT2Hc = F.linear(text_BTC, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias)))
+        device, dtype = text_BTC.device, self.compute_dtype
+        weight, _ = weight_and_bias(self.mat_kv, device, dtype)  # functional: the bias is 0, v_bias
+        bias_2C = torch.cat([cast(b, device, dtype) for b in (self.zero_k_bias, self.v_bias)])
+        kv_BT2Hc = F.linear(text_BTC.to(dtype), weight, bias_2C)
         k_BHTc, v_BHTc = kv_BT2Hc.view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return k_BHTc, v_BHTc
 
@@ -154,7 +163,7 @@ class CrossAttention(nn.Module):
         k_BHTc, v_BHTc = kv
         B = k_BHTc.shape[0]
         if x_BLC is None:  # attentive pooling: the learned query, one token per row
-            q_BHLc = self.mat_q[:, :, None].expand(B, -1, -1, -1).to(k_BHTc.dtype)
+            q_BHLc = cast(self.mat_q, k_BHTc.device, k_BHTc.dtype)[:, :, None].expand(B, -1, -1, -1)
         else:
             q_BHLc = self.mat_q(x_BLC).view(B, x_BLC.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
         out_BHLc = F.scaled_dot_product_attention(q_BHLc, k_BHTc, v_BHTc, attn_mask=key_mask_B11T.to(q_BHLc.dtype))
@@ -164,9 +173,9 @@ class CrossAttention(nn.Module):
 class AttentivePool(nn.Module):
     """``text_proj_for_sos``: pools the normalised text into ``cond_BD`` (key prefix ``ca.``)."""
 
-    def __init__(self, text_dim: int, embed_dim: int, num_heads: int):
+    def __init__(self, text_dim: int, embed_dim: int, num_heads: int, operations=TorchOps):
         super().__init__()
-        self.ca = CrossAttention(embed_dim, text_dim, num_heads, pool=True)
+        self.ca = CrossAttention(embed_dim, text_dim, num_heads, pool=True, operations=operations)
 
     def forward(self, text_BTC: torch.Tensor, key_mask_B11T: torch.Tensor) -> torch.Tensor:
         return self.ca(None, self.ca.text_kv(text_BTC), key_mask_B11T)[:, 0]
@@ -176,13 +185,13 @@ class CrossAttnBlock(AdaLNBlock):
     """One Infinity block: keys ``sa.*`` (VAR's cos-attention), ``ca.*``, ``ca_norm.*`` (LayerNorm with affine),
     ``ffn.*``, ``ada_gss (1, 1, 6, C)``."""
 
-    def __init__(self, embed_dim: int, num_heads: int, hidden_dim: int, norm_eps: float):
+    def __init__(self, embed_dim: int, num_heads: int, hidden_dim: int, norm_eps: float, operations=TorchOps):
         super().__init__()
         self.embed_dim, self.norm_eps = embed_dim, norm_eps
-        self.sa = SelfAttention(embed_dim, num_heads)
-        self.ca = CrossAttention(embed_dim, embed_dim, num_heads)
-        self.ffn = FFN(embed_dim, hidden_dim)
-        self.ca_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.sa = SelfAttention(embed_dim, num_heads, operations)
+        self.ca = CrossAttention(embed_dim, embed_dim, num_heads, operations=operations)
+        self.ffn = FFN(embed_dim, hidden_dim, operations)
+        self.ca_norm = operations.LayerNorm(embed_dim, eps=norm_eps)
         self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, embed_dim))
 
     def forward(
@@ -196,12 +205,13 @@ class CrossAttnBlock(AdaLNBlock):
         kv=None,
     ) -> torch.Tensor:
         """``x_BLC`` after the block, in the stream dtype (mixed precision as VAR's, see :class:`AdaLNBlock`)."""
-        stream = stream_dtype(self.weight_dtype)
+        stream = stream_dtype(self.compute_dtype)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.to(stream).unbind(2)
         x_BLC = self._residual(x_BLC.to(stream), lambda h: self.sa(h, attn_mask, kv, rope), scale1, shift1, gamma1)
         norm = self.ca_norm  # affine LayerNorm, computed in the stream dtype like the others
-        h_BLC = F.layer_norm(x_BLC, norm.normalized_shape, norm.weight.to(stream), norm.bias.to(stream), norm.eps)
-        x_BLC = x_BLC + self.ca(h_BLC.to(self.weight_dtype), text_kv, key_mask_B11T).to(stream)
+        weight, bias = weight_and_bias(norm, x_BLC.device, stream)
+        h_BLC = F.layer_norm(x_BLC, norm.normalized_shape, weight, bias, norm.eps)
+        x_BLC = x_BLC + self.ca(h_BLC.to(self.compute_dtype), text_kv, key_mask_B11T).to(stream)
         return self._residual(x_BLC, self.ffn, scale2, shift2, gamma2)
 
 
@@ -238,31 +248,36 @@ def block_causal(counts: list[int], device=None) -> torch.Tensor:
     return torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
 
 
-class Infinity(nn.Module):
-    """Infinity transformer with the official key layout; build it with :meth:`from_file` / :meth:`from_state_dict`."""
+class Infinity(ComputeDtype, nn.Module):
+    """Infinity transformer with the official key layout; build it with :meth:`from_file` / :meth:`from_state_dict`.
 
-    def __init__(self, config: InfinityConfig):
+    ``operations``: the op set its layers come from (default: plain torch); ``compute_dtype``: the dtype it computes
+    in (default: its weights' dtype; see :class:`~..core.ops.ComputeDtype`)."""
+
+    def __init__(self, config: InfinityConfig, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = cfg = config
+        ops = operations or TorchOps
         C, Ct = cfg.embed_dim, cfg.text_dim
         self.cfg_uncond = nn.Parameter(torch.zeros(cfg.text_maxlen, Ct))
         self.text_norm = RMSNorm(Ct, cfg.norm_eps)
-        self.text_proj_for_sos = AttentivePool(Ct, C, cfg.pool_heads)
-        self.text_proj_for_ca = nn.Sequential(nn.Linear(Ct, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))
+        self.text_proj_for_sos = AttentivePool(Ct, C, cfg.pool_heads, ops)
+        self.text_proj_for_ca = nn.Sequential(ops.Linear(Ct, C), nn.GELU(approximate="tanh"), ops.Linear(C, C))
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
-        self.lvl_embed = nn.Embedding(cfg.num_levels, C)
-        self.word_embed = nn.Linear(cfg.token_dim, C)
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
-        blocks = [CrossAttnBlock(C, cfg.num_heads, cfg.hidden_dim, cfg.norm_eps) for _ in range(cfg.depth)]
+        self.lvl_embed = ops.Embedding(cfg.num_levels, C)
+        self.word_embed = ops.Linear(cfg.token_dim, C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), ops.Linear(C, 6 * C))
+        blocks = [CrossAttnBlock(C, cfg.num_heads, cfg.hidden_dim, cfg.norm_eps, ops) for _ in range(cfg.depth)]
         if cfg.block_chunks > 1:
             n = cfg.depth // cfg.block_chunks
             self.block_chunks = nn.ModuleList(BlockChunk(blocks[c * n : (c + 1) * n]) for c in range(cfg.block_chunks))
         else:
             self.blocks = nn.ModuleList(blocks)
-        self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
-        self.head = nn.Linear(C, 2 * cfg.token_dim)
+        self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps, ops)
+        self.head = ops.Linear(C, 2 * cfg.token_dim)
         self._rope_cache: tuple[InfinitySchedule, torch.device, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.init_weights()
+        self.compute_dtype = compute_dtype
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -289,7 +304,7 @@ class Infinity(nn.Module):
         negative: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> TextContext:
         """The per-run context of ``B`` prompts (``2B`` rows with guidance: the prompts, then their unconditional
-        rows made of ``cfg_uncond`` or of ``negative = (text_BTC, mask_BT)``)."""
+        rows made of ``cfg_uncond`` or of ``negative = (text_BTC, mask_BT)``), on the text's device."""
         B, T, Ct = text_BTC.shape
         maxlen = self.config.text_maxlen
         if Ct != self.config.text_dim or tuple(mask_BT.shape) != (B, T):
@@ -300,7 +315,7 @@ class Infinity(nn.Module):
         lengths = mask_BT.sum(1)
         if int(lengths.min()) < 1:
             raise NextScaleError("every prompt needs at least one token (T5 appends an end token even to '')")
-        dtype = self.cfg_uncond.dtype
+        device, dtype = text_BTC.device, self.compute_dtype
         text_BTC, mask_BT = text_BTC.to(dtype), mask_BT.bool()
         if guided:
             if negative is None:
@@ -311,7 +326,7 @@ class Infinity(nn.Module):
                     )
                 T_used = min(T, maxlen)
                 uncond_BTC = torch.zeros_like(text_BTC)
-                uncond_BTC[:, :T_used] = self.cfg_uncond[:T_used]
+                uncond_BTC[:, :T_used] = cast(self.cfg_uncond, device, dtype)[:T_used]
                 uncond_BTC = uncond_BTC * mask_BT[..., None]
                 neg_BTC, neg_mask_BT = uncond_BTC, mask_BT
             else:
@@ -330,7 +345,7 @@ class Infinity(nn.Module):
         blocks = self.block_list()
         return TextContext(
             cond_BD=cond_BD,
-            ada_B16C=[b.ada_gss + shared_B16C for b in blocks],
+            ada_B16C=[cast(b.ada_gss, device, dtype) + shared_B16C for b in blocks],
             head_B12C=self.head_nm.modulation(cond_BD),
             text_kv=[b.ca.text_kv(source_BTC) for b in blocks],
             key_mask_B11T=key_mask_B11T,
@@ -346,18 +361,23 @@ class Infinity(nn.Module):
             cached = self._rope_cache = (schedule, torch.device(device), (angles_Lh.cos(), angles_Lh.sin()))
         return cached[2]
 
+    def level(self, si: int, device: torch.device) -> torch.Tensor:
+        """``(C,)``: the embedding of scale ``si`` on ``device``, in the compute dtype."""
+        return weight_and_bias(self.lvl_embed, device, self.compute_dtype)[0][si]
+
     def first_token_map(self, ctx: TextContext) -> torch.Tensor:
         """``x_R1C``, the input of scale 0: the pooled text plus ``pos_start`` and level 0."""
-        return ctx.cond_BD[:, None] + self.pos_start + self.lvl_embed.weight[0]
+        device, dtype = ctx.cond_BD.device, self.compute_dtype
+        return ctx.cond_BD[:, None] + cast(self.pos_start, device, dtype) + self.level(0, device)
 
     def scale_input(self, si: int, next_BlCv: torch.Tensor) -> torch.Tensor:
         """``x_BlC``, the input of scale ``si >= 1`` from the summed codes resampled to its grid ``(B, h*w, d)``."""
-        return self.word_embed(next_BlCv.to(self.word_embed.weight.dtype)) + self.lvl_embed.weight[si]
+        return self.word_embed(next_BlCv.to(self.compute_dtype)) + self.level(si, next_BlCv.device)
 
     def logits(self, x_BLC: torch.Tensor, ctx: TextContext) -> torch.Tensor:
         """fp32 ``(R, l, 2 d)``: two logits per bit."""
         h_BLC = self.head_nm(x_BLC, ctx.head_B12C)
-        return F.linear(h_BLC, self.head.weight.float(), self.head.bias.float())
+        return F.linear(h_BLC, *weight_and_bias(self.head, h_BLC.device, torch.float32))
 
     def forward_scale(
         self,
@@ -392,11 +412,12 @@ class Infinity(nn.Module):
                 f"teacher forcing needs inputs ({ctx.cond_BD.shape[0]}, {L - counts[0]}, {self.config.token_dim}), "
                 f"got {tuple(x_BLCv.shape)}"
             )
-        level_L = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(x_BLCv.device)
+        device, dtype = x_BLCv.device, self.compute_dtype
+        level_L = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
         x_BLC = torch.cat(
-            (ctx.cond_BD[:, None] + self.pos_start, self.word_embed(x_BLCv.to(self.word_embed.weight.dtype))), 1
+            (ctx.cond_BD[:, None] + cast(self.pos_start, device, dtype), self.word_embed(x_BLCv.to(dtype))), 1
         )
-        x_BLC = x_BLC + self.lvl_embed(level_L)
+        x_BLC = x_BLC + embed(self.lvl_embed, level_L, dtype)
         rope = self.rope(schedule, x_BLC.device)
         mask_LL = block_causal(counts, device=x_BLC.device)
         for i, block in enumerate(self.block_list()):
@@ -510,29 +531,38 @@ class Infinity(nn.Module):
 
     @classmethod
     def from_state_dict(
-        cls, state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>", config: InfinityConfig | None = None
+        cls,
+        state_dict: Mapping[str, torch.Tensor],
+        path: str = "<state dict>",
+        config: InfinityConfig | None = None,
+        *,
+        operations=None,
+        compute_dtype: torch.dtype | None = None,
     ) -> Infinity:
-        """A frozen fp32 model in eval mode holding ``state_dict``, strictly checked (meta-device build, tensors
-        taken over: loading never holds two copies)."""
+        """A frozen fp32 model in eval mode holding ``state_dict``, strictly checked, built with ``operations`` to
+        compute in ``compute_dtype`` (see :class:`Infinity`; meta-device build, tensors taken over: loading never
+        holds two copies)."""
         state_dict = {k: v for k, v in state_dict.items() if k not in IGNORED_BUFFERS}
         check_tensors(state_dict, path, WHAT)
         cfg = config or cls.infer_config(state_dict, path)
         anchor = state_dict.get("pos_start")
         rebuilt = cls.rebuilt_buffers(cfg, device=None if anchor is None else anchor.device)
         check_state_dict(state_dict, cls.expected_shapes(cfg), path, WHAT, optional=rebuilt)
-        return load_on_meta(lambda: cls(cfg), {**state_dict, **rebuilt})
+        return load_on_meta(lambda: cls(cfg, operations, compute_dtype), {**state_dict, **rebuilt})
 
     @staticmethod
     def config_from_file(path: str) -> InfinityConfig | None:
         return config_from_metadata(path, InfinityConfig.from_dict, WHAT)
 
     @classmethod
-    def from_file(cls, path: str) -> Infinity:
+    def from_file(cls, path: str, *, operations=None, compute_dtype: torch.dtype | None = None) -> Infinity:
         """Load ``infinity_2b_reg.pth``-style files (``.pth`` read with ``weights_only=True``), safetensors, or a
-        folder of shards (``infinity_8b_weights/``)."""
+        folder of shards (``infinity_8b_weights/``); ``operations`` and ``compute_dtype`` as for :class:`Infinity`."""
         state_dict = read_weights(path, WHAT)
         expect_kind(state_dict, path, "infinity-generator", WHAT)
-        return cls.from_state_dict(state_dict, path, cls.config_from_file(path))
+        return cls.from_state_dict(
+            state_dict, path, cls.config_from_file(path), operations=operations, compute_dtype=compute_dtype
+        )
 
     def save(self, path: str) -> None:
         save_safetensors(self.state_dict(), path, {CONFIG_METADATA_KEY: self.config.to_dict()})

@@ -151,7 +151,8 @@ def sample_infinity(
 ) -> NextScaleBitTokens:
     """Sample one image per prompt of ``condition``; see the module docstring for every convention.
 
-    ``tokenizer`` is a :class:`~.bsq.BSQTokenizer`; ``device`` defaults to the model's.
+    ``tokenizer`` is a :class:`~.bsq.BSQTokenizer`. Both models compute on ``device`` (default: the text features'),
+    wherever their weights are.
     """
     options = options or InfinityOptions()
     hooks = hooks or SamplerHooks()
@@ -163,8 +164,8 @@ def sample_infinity(
             "for VAR"
         )
     schedule = options.schedule or InfinitySchedule.from_template()
-    device = torch.device(device) if device is not None else model.pos_start.device
     text_BTC, mask_BT = condition.text_BTC, condition.mask_BT
+    device = torch.device(device) if device is not None else text_BTC.device
     K, B = schedule.num_scales, text_BTC.shape[0]
     cfgs, taus = _per_scale(options.cfg, K, "cfg"), _per_scale(options.tau, K, "tau")
     guided = any(c != 1 for c in cfgs)

@@ -60,11 +60,6 @@ def check_collaborators(drafter, refiner, tokenizer, draft_scales: int) -> None:
     K = len(r.patch_nums)
     if not 0 <= draft_scales <= K:
         raise NextScaleError(f"draft_scales must lie in 0..{K} (this schedule has {K} scales), got {draft_scales}")
-    if drafter.pos_1LC.device != refiner.pos_1LC.device:
-        raise NextScaleError(
-            f"the drafter is on {drafter.pos_1LC.device} and the refiner on {refiner.pos_1LC.device}: put both "
-            f"on one device"
-        )
 
 
 def _compacts(policy: KVPolicy | None, depth: int, prefill_tokens: int) -> bool:
@@ -86,7 +81,7 @@ def prefill(
     slices = scale_slices(var.patch_nums)[: upto + 1]
     if P != slices[-1].stop:
         raise NextScaleError(f"prefill of scales 0..{upto} needs {slices[-1].stop} tokens, got {P}")
-    mask_PP = var.attn_bias_for_masking[0, 0, :P, :P]
+    mask_PP = var.teacher_mask(P, x_RPC.device)
     cache.begin_scale(upto)
     for i, block in enumerate(var.blocks):
         if control is not None:
@@ -112,13 +107,13 @@ def sample_collaborative(
 ) -> NextScaleTokens:
     """Sample scales ``0..draft_scales-1`` with ``drafter`` and the rest with ``refiner`` (module docstring).
 
-    Arguments as for :func:`~.sampler.sample`; ``device`` defaults to the refiner's. Every check runs before
+    Arguments as for :func:`~.sampler.sample` (``device`` defaults to the labels'). Every check runs before
     any sampling. The result's ``extra`` adds ``draft_scales``.
     """
     options = options or SamplingOptions()
     hooks = hooks or SamplerHooks()
-    device = torch.device(device) if device is not None else refiner.pos_1LC.device
     labels_B = torch.as_tensor(labels_B, device=device)
+    device = labels_B.device
     check_collaborators(drafter, refiner, tokenizer, draft_scales)
     _check_inputs(drafter, tokenizer, labels_B)
     _check_inputs(refiner, tokenizer, labels_B)

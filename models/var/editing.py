@@ -175,8 +175,8 @@ class EditSpec:
         self, tokenizer, patch_nums: Sequence[int], batch_size: int, device: str | torch.device | None = None
     ) -> EditGuide:
         """The :class:`EditGuide` for one sampler run of ``batch_size`` images with ``tokenizer`` (a
-        ``MultiScaleVQVAE``) on the schedule ``patch_nums``; token tensors go to ``device`` (default: the
-        tokenizer's), latents stay on the tokenizer's device."""
+        ``MultiScaleVQVAE``) on the schedule ``patch_nums``; its token tensors and latents are on ``device`` (the
+        sampling device; default: the reference tokens')."""
         patch_nums = tuple(int(p) for p in patch_nums)
         ref = self.reference
         if patch_nums != ref.patch_nums:
@@ -194,8 +194,7 @@ class EditSpec:
                 f"the reference tokens use codes up to {top}, but the tokenizer has {quant.vocab_size} codes: "
                 f"encode the image with the tokenizer the generator uses"
             )
-        latent_device = quant.embedding.weight.device
-        device = torch.device(device) if device is not None else latent_device
+        device = torch.device(device) if device is not None else ref.indices[0].device
         in_range = set(self.scales)
         masks = self.keep_masks(patch_nums, patch_nums[-1] * tokenizer.downsample)
         keep = [
@@ -207,17 +206,16 @@ class EditSpec:
         if self.mode == "latent blend" and any(k is not None for k in keep):
             latent_B1hw = masks[-1][:, None]  # the last scale's grid is the latent grid
             f_hat = torch.zeros(
-                ref.batch_size, quant.channels, patch_nums[-1], patch_nums[-1], dtype=torch.float32,
-                device=latent_device,
+                ref.batch_size, quant.channels, patch_nums[-1], patch_nums[-1], dtype=torch.float32, device=device
             )
             for si, pn in enumerate(patch_nums[: max(in_range) + 1]):
-                f_hat.add_(quant.contribution(si, patch_nums, quant.embed(ref.indices[si].to(latent_device), pn)))
+                f_hat.add_(quant.contribution(si, patch_nums, quant.embed(ref.indices[si].to(device), pn)))
                 if keep[si] is None:
                     continue
                 whole_B111 = masks[si].flatten(1).all(dim=1).view(-1, 1, 1, 1)  # a small-scale (whole) mask
                 where_B1hw = latent_B1hw | whole_B111 if pn * pn <= self.small_tokens else latent_B1hw
                 if bool(where_B1hw.any()):
-                    blend[si], ref_fhat[si] = where_B1hw.to(latent_device), f_hat.clone()
+                    blend[si], ref_fhat[si] = where_B1hw.to(device), f_hat.clone()
         return EditGuide(keep, ref_Bl, patch_nums, batch_size, blend, ref_fhat)
 
 

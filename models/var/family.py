@@ -41,10 +41,10 @@ CAR = Role("control", CAR_WHAT, "a CAR control adapter", "NextScale Load Control
 ADAPTER = Role("control", ADAPTER_WHAT, "a NextScale control adapter", "NextScale Load Control")
 
 
-def _build(cls, state_dict: Mapping[str, torch.Tensor], path: str, operations, **config) -> nn.Module:
-    """``cls.from_state_dict`` of a file: the one place the op set reaches VAR's classes."""
-    # Op set: once the model classes take `operations=`, this call passes operations=operations.
-    return cls.from_state_dict(state_dict, path=path, **config)
+def _build(cls, state_dict: Mapping[str, torch.Tensor], path: str, made: dict, **config) -> nn.Module:
+    """``cls.from_state_dict`` of a file, ``made`` with the op set and the compute dtype (``operations``,
+    ``compute_dtype``): the one place they reach VAR's classes."""
+    return cls.from_state_dict(state_dict, path=path, **made, **config)
 
 
 def _adapter_config(path: str) -> AdapterConfig:
@@ -80,17 +80,16 @@ class VARFamily(Family):
             return TOKENIZER
         return None
 
-    def build(self, role, state_dict, path, *, dtype, operations=None):
+    def build(self, role, state_dict, path, *, dtype, operations=None, compute_dtype=None):
+        made = dict(operations=operations, compute_dtype=compute_dtype)
         if role is GENERATOR:
-            module = _build(VAR, state_dict, path, operations, config=VAR.config_from_file(path))
+            module = _build(VAR, state_dict, path, made, config=VAR.config_from_file(path))
         elif role is TOKENIZER:
-            module = _build(
-                MultiScaleVQVAE, state_dict, path, operations, config=MultiScaleVQVAE.config_from_file(path)
-            )
+            module = _build(MultiScaleVQVAE, state_dict, path, made, config=MultiScaleVQVAE.config_from_file(path))
         elif role is CAR:
-            module = _build(CARControlNet, state_dict, path, operations)
+            module = _build(CARControlNet, state_dict, path, made)
         elif role is ADAPTER:
-            module = _build(ControlAdapter, state_dict, path, operations, config=_adapter_config(path))
+            module = _build(ControlAdapter, state_dict, path, made, config=_adapter_config(path))
         else:
             raise NextScaleError(f"{role.what} is not a role of the VAR family")
         return module.to(dtype=dtype).eval().requires_grad_(False)

@@ -10,7 +10,11 @@ Conventions (reference: var.md 2 and 4.6-4.8):
   block-causal mask; training, calibration, teacher forcing) and :meth:`VAR.forward_scale` (one scale through
   a KV cache, no mask; the sampler). Logits are fp32 ``(B, l, V)`` in both.
 - Module names reproduce the official keys. ``lvl_1L``, ``attn_bias_for_masking`` and ``blocks.i.attn.zero_k_bias``
-  are deterministic buffers: optional in a file (shape-checked when present) and always rebuilt on load.
+  are deterministic buffers: optional in a file (shape-checked when present) and always rebuilt on load. The
+  teacher-forcing mask is built on the compute device (:meth:`VAR.teacher_mask`), not read from its buffer, which an
+  fp8 copy of the model would hold as NaN.
+- Layers come from the op set ``operations`` (:mod:`..core.ops`); everything computes on the device of the labels
+  and inputs the caller passes, in :attr:`VAR.compute_dtype` (logits in fp32).
 - The config is inferred from the keys and shapes, never from a file name; a ``nextscale_config`` JSON entry in
   the safetensors metadata (written by :meth:`VAR.save`) takes precedence and carries class names.
 """
@@ -41,6 +45,7 @@ from ..core.checkpoint import (
 from ..core.errors import NextScaleError
 from ..core.family import expect_kind
 from ..core.kv_cache import KVCache
+from ..core.ops import ComputeDtype, TorchOps, cast, embed, weight_and_bias
 from ..core.schedule import (
     SCHEDULE_256,
     SCHEDULE_512,
@@ -136,28 +141,33 @@ class Conditioning:
     lvl_pos_1LC: torch.Tensor  # lvl_embed(scale of each token) + pos_1LC
 
 
-class VAR(nn.Module):
-    """VAR transformer with the official key layout; build it with :meth:`from_file` / :meth:`from_state_dict`."""
+class VAR(ComputeDtype, nn.Module):
+    """VAR transformer with the official key layout; build it with :meth:`from_file` / :meth:`from_state_dict`.
 
-    def __init__(self, config: VARConfig):
+    ``operations``: the op set its layers come from (default: plain torch); ``compute_dtype``: the dtype it computes
+    in (default: its weights' dtype; see :class:`~..core.ops.ComputeDtype`)."""
+
+    def __init__(self, config: VARConfig, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = cfg = config
+        ops = operations or TorchOps
         C, L, K = cfg.embed_dim, cfg.num_tokens, cfg.num_scales
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
         self.pos_1LC = nn.Parameter(torch.zeros(1, L, C))
         for name, value in self.rebuilt_buffers(cfg, top_level_only=True).items():
             self.register_buffer(name, value)
-        self.word_embed = nn.Linear(cfg.cvae, C)
-        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)
-        self.lvl_embed = nn.Embedding(K, C)
+        self.word_embed = ops.Linear(cfg.cvae, C)
+        self.class_emb = ops.Embedding(cfg.num_classes + 1, C)
+        self.lvl_embed = ops.Embedding(K, C)
         if cfg.shared_aln:
-            self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+            self.shared_ada_lin = nn.Sequential(nn.SiLU(), ops.Linear(C, 6 * C))
         self.blocks = nn.ModuleList(
-            AdaLNSelfAttn(C, cfg.num_heads, cfg.hidden_dim, cfg.norm_eps, cfg.shared_aln) for _ in range(cfg.depth)
+            AdaLNSelfAttn(C, cfg.num_heads, cfg.hidden_dim, cfg.norm_eps, cfg.shared_aln, ops) for _ in range(cfg.depth)
         )
-        self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
-        self.head = nn.Linear(C, cfg.vocab_size)
+        self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps, ops)
+        self.head = ops.Linear(C, cfg.vocab_size)
         self.init_weights()
+        self.compute_dtype = compute_dtype
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -185,8 +195,8 @@ class VAR(nn.Module):
     # -- forward paths ------------------------------------------------------------------------------
 
     def condition(self, label_B: torch.Tensor) -> Conditioning:
-        """The per-run conditioning of rows with classes ``label_B`` (``num_classes`` = null class)."""
-        cond_BD = self.class_emb(label_B)
+        """The per-run conditioning of rows with classes ``label_B`` (``num_classes`` = null class), on their device."""
+        cond_BD = embed(self.class_emb, label_B, self.compute_dtype)
         if self.config.shared_aln:  # one modulation for all blocks, each adds its own ada_gss
             ada_input = self.shared_ada_lin(cond_BD).view(-1, 1, 6, self.config.embed_dim)
         else:
@@ -195,23 +205,39 @@ class VAR(nn.Module):
             cond_BD=cond_BD,
             ada_B16C=[block.modulation(ada_input) for block in self.blocks],
             head_B12C=self.head_nm.modulation(cond_BD),
-            lvl_pos_1LC=self.lvl_embed(self.lvl_1L) + self.pos_1LC,
+            lvl_pos_1LC=self.level_positions(label_B.device),
         )
+
+    def level_positions(self, device: torch.device) -> torch.Tensor:
+        """``lvl_embed(scale of each token) + pos_1LC`` ``(1, L, C)`` on ``device``, in the compute dtype."""
+        dtype = self.compute_dtype
+        return embed(self.lvl_embed, cast(self.lvl_1L, device), dtype) + cast(self.pos_1LC, device, dtype)
+
+    def start_token(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, C)``: the class embedding plus ``pos_start``."""
+        return cond_BD[:, None] + cast(self.pos_start, cond_BD.device, self.compute_dtype)
 
     def first_token_map(self, cond: Conditioning) -> torch.Tensor:
         """``x_B1C``, the input of scale 0: class embedding + ``pos_start`` + level/position."""
-        return cond.cond_BD[:, None] + self.pos_start + cond.lvl_pos_1LC[:, :1]
+        return self.start_token(cond.cond_BD) + cond.lvl_pos_1LC[:, :1]
 
     def scale_input(self, si: int, next_BlCv: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """``x_BlC``, the input of scale ``si >= 1`` from the tokenizer's next-scale input ``(B, pn_si**2, Cvae)``."""
         begin = token_count(self.patch_nums[:si])
-        x_BlC = self.word_embed(next_BlCv.to(self.word_embed.weight.dtype))
+        x_BlC = self.word_embed(next_BlCv.to(self.compute_dtype))
         return x_BlC + cond.lvl_pos_1LC[:, begin : begin + next_BlCv.shape[1]]
 
     def logits(self, x_BLC: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """fp32 ``logits_BLV`` of the last block's output (head AdaLN and head in fp32)."""
         h_BLC = self.head_nm(x_BLC, cond.head_B12C)
-        return nn.functional.linear(h_BLC, self.head.weight.float(), self.head.bias.float())
+        return nn.functional.linear(h_BLC, *weight_and_bias(self.head, h_BLC.device, torch.float32))
+
+    def teacher_mask(self, l: int, device: torch.device) -> torch.Tensor:
+        """The block-causal additive mask ``(l, l)`` of the first ``l`` tokens (0 / -inf, fp32) on ``device``: the
+        values of ``attn_bias_for_masking``, built from the scale of each token (``lvl_1L``)."""
+        lvl_L = cast(self.lvl_1L, device)[0, :l]
+        allowed_LL = lvl_L[None, :] <= lvl_L[:, None]
+        return torch.zeros(allowed_LL.shape, device=device).masked_fill_(~allowed_LL, float("-inf"))
 
     def forward_scale(
         self, si: int, x_BlC: torch.Tensor, cond: Conditioning, cache: KVCache, control=None
@@ -240,10 +266,9 @@ class VAR(nn.Module):
             )
         l = x_BLCv.shape[1] + 1
         cond = self.condition(label_B)
-        sos_B1C = cond.cond_BD[:, None] + self.pos_start
-        x_BLC = torch.cat((sos_B1C, self.word_embed(x_BLCv.to(self.word_embed.weight.dtype))), dim=1)
+        x_BLC = torch.cat((self.start_token(cond.cond_BD), self.word_embed(x_BLCv.to(self.compute_dtype))), dim=1)
         x_BLC = x_BLC + cond.lvl_pos_1LC[:, :l]
-        mask_LL = self.attn_bias_for_masking[0, 0, :l, :l]
+        mask_LL = self.teacher_mask(l, x_BLC.device)
         for block, ada_B16C in zip(self.blocks, cond.ada_B16C):
             x_BLC = block(x_BLC, ada_B16C, attn_mask=mask_LL)
         return self.logits(x_BLC, cond)
@@ -354,10 +379,17 @@ class VAR(nn.Module):
 
     @classmethod
     def from_state_dict(
-        cls, state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>", config: VARConfig | None = None
+        cls,
+        state_dict: Mapping[str, torch.Tensor],
+        path: str = "<state dict>",
+        config: VARConfig | None = None,
+        *,
+        operations=None,
+        compute_dtype: torch.dtype | None = None,
     ) -> VAR:
         """A frozen fp32 model in eval mode holding ``state_dict``, checked strictly against ``config`` (inferred
-        when not given). Built on the meta device and taking the tensors over: loading never holds two copies."""
+        when not given), built with ``operations`` to compute in ``compute_dtype`` (see :class:`VAR`). Built on the
+        meta device and taking the tensors over: loading never holds two copies."""
         check_tensors(state_dict, path, WHAT, integer_keys=["lvl_1L"])
         cfg = config or cls.infer_config(state_dict, path)
         blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
@@ -370,7 +402,7 @@ class VAR(nn.Module):
         check_state_dict(state_dict, cls.expected_shapes(cfg), path, WHAT, optional=rebuildable)
         anchor = state_dict.get("class_emb.weight")
         rebuilt = cls.rebuilt_buffers(cfg, device=None if anchor is None else anchor.device)
-        return load_on_meta(lambda: cls(cfg), {**state_dict, **rebuilt})
+        return load_on_meta(lambda: cls(cfg, operations, compute_dtype), {**state_dict, **rebuilt})
 
     @staticmethod
     def config_from_file(path: str) -> VARConfig | None:
@@ -378,11 +410,14 @@ class VAR(nn.Module):
         return config_from_metadata(path, VARConfig.from_dict, WHAT)
 
     @classmethod
-    def from_file(cls, path: str) -> VAR:
-        """Load a ``.safetensors`` or ``.pth`` generator (official or saved by :meth:`save`)."""
+    def from_file(cls, path: str, *, operations=None, compute_dtype: torch.dtype | None = None) -> VAR:
+        """Load a ``.safetensors`` or ``.pth`` generator (official or saved by :meth:`save`); ``operations`` and
+        ``compute_dtype`` as for :class:`VAR`."""
         state_dict = read_state_dict(path, WHAT)
         expect_kind(state_dict, path, "var-generator", WHAT)
-        return cls.from_state_dict(state_dict, path, cls.config_from_file(path))
+        return cls.from_state_dict(
+            state_dict, path, cls.config_from_file(path), operations=operations, compute_dtype=compute_dtype
+        )
 
     def save(self, path: str) -> None:
         """Save as safetensors with the config (and class names) in the metadata."""

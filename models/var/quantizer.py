@@ -9,6 +9,8 @@ Conventions (reference: var.md sections 1.2-1.6):
 - Going down to a scale's grid (``f_rest`` while encoding, ``f_hat`` for the next transformer input) is
   PyTorch ``area`` interpolation.
 - Phi convs are shared between scales: scale ``si`` of ``K`` uses conv ``schedule.phi_index(si, K, n)``.
+- Everything computes on the device of the indices or latents passed in, in the quantiser's compute dtype
+  (:class:`~..core.ops.ComputeDtype`); the codebook is an op-set ``Embedding``, read through :mod:`..core.ops`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from ...kernels.quantize import nearest_code
 from ..core.errors import NextScaleError
+from ..core.ops import ComputeDtype, TorchOps, embed, weight_and_bias
 from ..core.schedule import phi_index
 
 
@@ -33,14 +36,17 @@ def _down(f_BChw: torch.Tensor, pn: int) -> torch.Tensor:
 
 
 class Phi(nn.Conv2d):
-    """Residual refiner ``Phi(x) = (1 - r) * x + r * conv3x3(x)`` (``r = quant_resi``, 0.5 in VAR)."""
+    """Residual refiner ``Phi(x) = (1 - r) * x + r * conv3x3(x)`` (``r = quant_resi``, 0.5 in VAR). Its weights are
+    its own keys (``qresi_ls.{i}.weight``), so it is a torch ``Conv2d`` whatever the op set, casting them to its
+    input's device and dtype on every call."""
 
     def __init__(self, channels: int, ratio: float):
         super().__init__(channels, channels, kernel_size=3, stride=1, padding=1)
         self.ratio = abs(ratio)
 
     def forward(self, h_BChw: torch.Tensor) -> torch.Tensor:
-        return h_BChw.mul(1 - self.ratio) + super().forward(h_BChw).mul(self.ratio)
+        conv_BChw = self._conv_forward(h_BChw, *weight_and_bias(self, h_BChw.device, h_BChw.dtype))
+        return h_BChw.mul(1 - self.ratio) + conv_BChw.mul(self.ratio)
 
 
 def _make_phi(channels: int, ratio: float) -> nn.Module:
@@ -93,7 +99,7 @@ def make_phi_bank(channels: int, ratio: float, share: int, num_nonshared: int) -
     return PhiPartiallyShared([_make_phi(channels, ratio) for _ in range(share)])
 
 
-class MultiScaleQuantizer(nn.Module):
+class MultiScaleQuantizer(ComputeDtype, nn.Module):
     """Multi-scale residual VQ (upstream ``VectorQuantizer2`` with ``using_znorm=False``).
 
     Submodules give the official keys under ``quantize.``: ``embedding.weight (V, Cvae)``, the Phi bank
@@ -108,6 +114,7 @@ class MultiScaleQuantizer(nn.Module):
         quant_resi: float = 0.5,
         share_quant_resi: int = 4,
         default_qresi_counts: int = 0,
+        operations=TorchOps,
     ):
         super().__init__()
         self.vocab_size, self.channels = vocab_size, channels
@@ -117,7 +124,7 @@ class MultiScaleQuantizer(nn.Module):
             channels, quant_resi, share_quant_resi, default_qresi_counts or len(self.patch_nums)
         )
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.patch_nums), vocab_size))
-        self.embedding = nn.Embedding(vocab_size, channels)
+        self.embedding = operations.Embedding(vocab_size, channels)
 
     # -- building blocks ---------------------------------------------------------------------------
 
@@ -125,11 +132,15 @@ class MultiScaleQuantizer(nn.Module):
         """The Phi refiner of scale ``si`` in a schedule of ``num_scales`` scales."""
         return self.quant_resi[phi_index(si, num_scales, self.quant_resi.num_convs)]
 
+    def codebook(self, device: torch.device) -> torch.Tensor:
+        """The code vectors ``(V, Cvae)`` on ``device``, in the compute dtype."""
+        return weight_and_bias(self.embedding, device, self.compute_dtype)[0]
+
     def embed(self, idx_Bl: torch.Tensor, pn: int) -> torch.Tensor:
-        """Code map ``(B, Cvae, pn, pn)`` of the indices ``(B, pn*pn)`` (or ``(B, pn, pn)``)."""
+        """Code map ``(B, Cvae, pn, pn)`` of the indices ``(B, pn*pn)`` (or ``(B, pn, pn)``), on their device."""
         B = idx_Bl.shape[0]
         return (
-            self.embedding(idx_Bl.reshape(B, pn * pn).to(self.embedding.weight.device))
+            embed(self.embedding, idx_Bl.reshape(B, pn * pn), self.compute_dtype)
             .transpose(1, 2)
             .reshape(B, self.channels, pn, pn)
         )
@@ -139,7 +150,7 @@ class MultiScaleQuantizer(nn.Module):
         K = len(patch_nums)
         if si < K - 1:
             h_BChw = _up(h_BChw, patch_nums[-1])
-        return self.phi(si, K)(h_BChw.to(self.embedding.weight.dtype)).float()
+        return self.phi(si, K)(h_BChw.to(self.compute_dtype)).float()
 
     # -- encoding ----------------------------------------------------------------------------------
 
@@ -160,7 +171,7 @@ class MultiScaleQuantizer(nn.Module):
         idx_list, fhat_list = [], []
         for si, pn in enumerate(patch_nums):
             z_NC = (f_rest if si == K - 1 else _down(f_rest, pn)).permute(0, 2, 3, 1).reshape(-1, C)
-            idx_Bl = nearest_code(z_NC, self.embedding.weight, self.code_search).view(B, pn * pn)
+            idx_Bl = nearest_code(z_NC, self.codebook(z_NC.device), self.code_search).view(B, pn * pn)
             h_BChw = self.contribution(si, patch_nums, self.embed(idx_Bl, pn))
             f_hat = f_hat + h_BChw
             f_rest.sub_(h_BChw.detach())
@@ -215,8 +226,8 @@ class MultiScaleQuantizer(nn.Module):
             raise NextScaleError(
                 f"cannot use {k} of {len(indices)} token maps with a schedule of {len(patch_nums)} scales"
             )
-        B = indices[0].shape[0] if indices else 1
-        f_hat = torch.zeros(B, self.channels, side, side, dtype=torch.float32, device=self.embedding.weight.device)
+        B, device = (indices[0].shape[0], indices[0].device) if indices else (1, None)
+        f_hat = torch.zeros(B, self.channels, side, side, dtype=torch.float32, device=device)
         for si in range(k):
             idx_Bl = indices[si]
             if idx_Bl.numel() != B * patch_nums[si] ** 2:
@@ -243,7 +254,7 @@ class MultiScaleQuantizer(nn.Module):
         """Transformer input ``x_BLCv (B, L - 1, Cvae)`` fp32 for given indices (upstream ``idxBl_to_var_input``):
         for each scale but the last, ``next_input``'s output flattened row-major, concatenated."""
         B, side = indices[0].shape[0], patch_nums[-1]
-        f_hat = torch.zeros(B, self.channels, side, side, dtype=torch.float32, device=self.embedding.weight.device)
+        f_hat = torch.zeros(B, self.channels, side, side, dtype=torch.float32, device=indices[0].device)
         pieces = []
         for si in range(len(patch_nums) - 1):
             f_hat, next_BChw = self.next_input(si, patch_nums, f_hat, self.embed(indices[si], patch_nums[si]))

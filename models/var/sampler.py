@@ -103,16 +103,16 @@ def _gumbel_mixture(logits_BlV: torch.Tensor, ratio: float, generators: list[tor
 
 
 def _code_map(quant, idx_Bl: torch.Tensor, pn: int, soft_BlV=None, forced_Bl=None) -> torch.Tensor:
-    """``h_BChw (B, Cvae, pn, pn)`` on the tokenizer's device: the codes of ``idx_Bl`` or, given ``more_smooth``
+    """``h_BChw (B, Cvae, pn, pn)`` on the indices' device: the codes of ``idx_Bl`` or, given ``more_smooth``
     weights ``soft_BlV``, their mixture of codes (hard codes kept where ``forced_Bl``)."""
     hard_BChw = quant.embed(idx_Bl, pn)
     if soft_BlV is None:
         return hard_BChw
-    codebook_VC = quant.embedding.weight
-    soft_BChw = (soft_BlV.to(codebook_VC.device) @ codebook_VC.float()).transpose(1, 2).reshape(hard_BChw.shape)
+    codebook_VC = quant.codebook(idx_Bl.device)
+    soft_BChw = (soft_BlV.to(idx_Bl.device) @ codebook_VC.float()).transpose(1, 2).reshape(hard_BChw.shape)
     if forced_Bl is None:
         return soft_BChw
-    return torch.where(forced_Bl.to(codebook_VC.device).view(-1, 1, pn, pn), hard_BChw, soft_BChw)
+    return torch.where(forced_Bl.to(idx_Bl.device).view(-1, 1, pn, pn), hard_BChw, soft_BChw)
 
 
 def _check_inputs(var, tokenizer, labels_B: torch.Tensor) -> None:
@@ -145,9 +145,8 @@ class ScaleSampler:
         self.rows_R = torch.cat((labels_B, torch.full_like(labels_B, num_classes))) if self.guided else labels_B
         self.temperatures = [options.temperature_at(si, self.K) for si in range(self.K)]
         self.generators = [torch.Generator(device).manual_seed((seed + i) % 2**64) for i in range(self.B)]
-        codebook_VC = self.quant.embedding.weight
         side = patch_nums[-1]
-        self.f_hat = torch.zeros(self.B, codebook_VC.shape[1], side, side, device=codebook_VC.device)
+        self.f_hat = torch.zeros(self.B, self.quant.channels, side, side, device=device)
         self.indices: list[torch.Tensor] = []
         self.fhat_from_indices = not options.more_smooth
 
@@ -222,15 +221,15 @@ def sample(
 ) -> NextScaleTokens:
     """Sample one image per label; see the module docstring for every convention.
 
-    ``var`` is a :class:`~.var.VAR` on ``device`` (default: its own), ``tokenizer`` a ``MultiScaleVQVAE`` with the
-    same vocabulary and latent channels. ``labels_B`` holds classes in ``0..num_classes`` (``num_classes`` =
-    unconditional). Returns the ``(B, pn, pn)`` indices per scale; ``f_hat`` is kept when it cannot be rebuilt
-    from them (``more_smooth``, or a guide that overrode it).
+    ``var`` is a :class:`~.model.VAR`, ``tokenizer`` a ``MultiScaleVQVAE`` with the same vocabulary and latent
+    channels; both compute on ``device`` (default: the labels'), wherever their weights are. ``labels_B`` holds
+    classes in ``0..num_classes`` (``num_classes`` = unconditional). Returns the ``(B, pn, pn)`` indices per scale;
+    ``f_hat`` is kept when it cannot be rebuilt from them (``more_smooth``, or a guide that overrode it).
     """
     options = options or SamplingOptions()
     hooks = hooks or SamplerHooks()
-    device = torch.device(device) if device is not None else var.pos_1LC.device
     labels_B = torch.as_tensor(labels_B, device=device)
+    device = labels_B.device
     _check_inputs(var, tokenizer, labels_B)
     run = ScaleSampler(
         tokenizer, labels_B, var.patch_nums, var.num_classes, seed=seed, options=options, hooks=hooks, device=device

@@ -7,6 +7,8 @@ Conventions (reference: var.md sections 1 and 4.5):
 - Indices are a list with one ``(B, pn*pn)`` int64 tensor per scale, coarse to fine; ``f_hat`` is fp32.
 - Module names reproduce the official state-dict keys (``encoder.*``, ``decoder.*``, ``quantize.*``,
   ``quant_conv.*``, ``post_quant_conv.*``); configs are inferred from those keys, never from file names.
+- Convolutions, norms and the codebook come from the op set ``operations`` (:mod:`..core.ops`); encoding and
+  decoding compute on the device of the images, latents or indices passed in, in :attr:`MultiScaleVQVAE.compute_dtype`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ..core.checkpoint import (
 )
 from ..core.errors import NextScaleError
 from ..core.family import expect_kind
+from ..core.ops import ComputeDtype, TorchOps
 from ..core.schedule import SCHEDULE_256, validate_schedule
 from .quantizer import MultiScaleQuantizer
 
@@ -106,15 +109,18 @@ class TokenizerConfig:
 # -- building blocks (models/core/autoencoder.py) --------------------------------------------------------
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def block_kit(operations) -> BlockKit:
+    """The op set's ``Conv2d`` and ``GroupNorm(32, eps 1e-6)`` with plain keys, and SiLU."""
+    return BlockKit(
+        conv=lambda c_in, c_out, k, stride, padding: operations.Conv2d(
+            c_in, c_out, kernel_size=k, stride=stride, padding=padding
+        ),
+        norm=lambda channels: operations.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True),
+        act=F.silu,
+    )
 
 
-def _conv(c_in: int, c_out: int, kernel_size: int, stride: int, padding: int) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, kernel_size=kernel_size, stride=stride, padding=padding)
-
-
-KIT = BlockKit(conv=_conv, norm=_norm, act=F.silu)  # plain nn.Conv2d / GroupNorm(32) keys, SiLU
+KIT = block_kit(TorchOps)  # the default op set's: plain nn.Conv2d / GroupNorm(32) keys, SiLU
 
 
 # -- the tokenizer -----------------------------------------------------------------------------------
@@ -126,20 +132,25 @@ def _schedule(patch_nums: Sequence[int] | None, default: tuple[int, ...]) -> tup
     return pn
 
 
-class MultiScaleVQVAE(nn.Module):
+class MultiScaleVQVAE(ComputeDtype, nn.Module):
     """Multi-scale residual VQ-VAE: image <-> per-scale token maps (upstream ``VQVAE``).
 
     Build it from a checkpoint with :meth:`from_file` / :meth:`from_state_dict` (eval mode, frozen, fp32).
-    Methods that take ``patch_nums`` default to the config's schedule.
+    Methods that take ``patch_nums`` default to the config's schedule. ``operations``: the op set its layers come
+    from (default: plain torch); ``compute_dtype``: the dtype it computes in (default: its weights' dtype).
     """
 
-    def __init__(self, config: TokenizerConfig | None = None):
+    def __init__(
+        self, config: TokenizerConfig | None = None, operations=None, compute_dtype: torch.dtype | None = None
+    ):
         super().__init__()
         self.config = cfg = config or TokenizerConfig()
+        ops = operations or TorchOps
+        kit = block_kit(ops)
         shape = {"ch": cfg.ch, "ch_mult": cfg.ch_mult, "num_res_blocks": cfg.num_res_blocks,
                  "attn": cfg.using_sa, "mid_attn": cfg.using_mid_sa}
-        self.encoder = Encoder(KIT, in_channels=cfg.in_channels, z_channels=cfg.z_channels, **shape)
-        self.decoder = Decoder(KIT, z_channels=cfg.z_channels, out_channels=cfg.in_channels, **shape)
+        self.encoder = Encoder(kit, in_channels=cfg.in_channels, z_channels=cfg.z_channels, **shape)
+        self.decoder = Decoder(kit, z_channels=cfg.z_channels, out_channels=cfg.in_channels, **shape)
         self.quantize = MultiScaleQuantizer(
             cfg.vocab_size,
             cfg.z_channels,
@@ -147,9 +158,11 @@ class MultiScaleVQVAE(nn.Module):
             cfg.quant_resi,
             cfg.share_quant_resi,
             cfg.default_qresi_counts,
+            ops,
         )
-        self.quant_conv = KIT.conv3(cfg.z_channels, cfg.z_channels)
-        self.post_quant_conv = KIT.conv3(cfg.z_channels, cfg.z_channels)
+        self.quant_conv = kit.conv3(cfg.z_channels, cfg.z_channels)
+        self.post_quant_conv = kit.conv3(cfg.z_channels, cfg.z_channels)
+        self.compute_dtype = compute_dtype
 
     @property
     def downsample(self) -> int:
@@ -226,11 +239,15 @@ class MultiScaleVQVAE(nn.Module):
         path: str = "<state dict>",
         patch_nums: Sequence[int] | None = None,
         config: TokenizerConfig | None = None,
+        *,
+        operations=None,
+        compute_dtype: torch.dtype | None = None,
     ) -> MultiScaleVQVAE:
         """A frozen fp32 model in eval mode holding ``state_dict`` (checked strictly against the ``config``,
-        inferred when not given). ``quantize.ema_vocab_hit_SV`` is optional and, when its K differs from the
-        schedule's, replaced by the module's own (as upstream). The module is built on the meta device and
-        takes the tensors over, so loading never holds two copies."""
+        inferred when not given), built with ``operations`` to compute in ``compute_dtype``.
+        ``quantize.ema_vocab_hit_SV`` is optional and, when its K differs from the schedule's, replaced by the
+        module's own (as upstream). The module is built on the meta device and takes the tensors over, so loading
+        never holds two copies."""
         check_tensors(state_dict, path, WHAT)
         cfg = config or cls.infer_config(state_dict, path)
         if patch_nums is not None:
@@ -241,7 +258,7 @@ class MultiScaleVQVAE(nn.Module):
         if ema is None or (ema.dim() == 2 and ema.shape[1] == ema_shape[1] and tuple(ema.shape) != ema_shape):
             sd[_EMA_KEY] = torch.zeros(ema_shape, device=getattr(sd.get("quantize.embedding.weight"), "device", "cpu"))
         check_state_dict(sd, expected, path, WHAT, optional=[_EMA_KEY])
-        return load_on_meta(lambda: cls(cfg), sd)
+        return load_on_meta(lambda: cls(cfg, operations, compute_dtype), sd)
 
     @staticmethod
     def config_from_file(path: str) -> TokenizerConfig | None:
@@ -250,12 +267,22 @@ class MultiScaleVQVAE(nn.Module):
         return config_from_metadata(path, TokenizerConfig.from_dict, WHAT)
 
     @classmethod
-    def from_file(cls, path: str, patch_nums: Sequence[int] | None = None) -> MultiScaleVQVAE:
+    def from_file(
+        cls,
+        path: str,
+        patch_nums: Sequence[int] | None = None,
+        *,
+        operations=None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> MultiScaleVQVAE:
         """Load a ``.safetensors`` or ``.pth`` tokenizer; a config in the file's metadata takes precedence over
-        inference (:meth:`config_from_file`)."""
+        inference (:meth:`config_from_file`). ``operations`` and ``compute_dtype`` as for the constructor."""
         state_dict = read_state_dict(path, WHAT)
         expect_kind(state_dict, path, "var-tokenizer", WHAT)
-        return cls.from_state_dict(state_dict, path, patch_nums, cls.config_from_file(path))
+        return cls.from_state_dict(
+            state_dict, path, patch_nums, cls.config_from_file(path), operations=operations,
+            compute_dtype=compute_dtype,
+        )
 
     def save(self, path: str) -> None:
         """Save as safetensors with the config in the metadata (reloadable by :meth:`from_file`)."""
@@ -272,8 +299,7 @@ class MultiScaleVQVAE(nn.Module):
                 f"image size {W}x{H} px is not a multiple of the tokenizer's {self.downsample} px cells; "
                 f"resize or crop it"
             )
-        w = self.quant_conv.weight
-        return self.quant_conv(self.encoder(img_B3HW.to(device=w.device, dtype=w.dtype)))
+        return self.quant_conv(self.encoder(img_B3HW.to(self.compute_dtype)))
 
     def img_to_indices(self, img_B3HW: torch.Tensor, patch_nums: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Per-scale indices ``[(B, pn*pn)]`` of square images of side ``patch_nums[-1] * downsample``."""
@@ -294,13 +320,12 @@ class MultiScaleVQVAE(nn.Module):
         return self.quantize.indices_to_fhat(indices, _schedule(patch_nums, self.patch_nums), upto=upto)
 
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (clamped) from ``f_hat``: ``post_quant_conv`` then the decoder.
+        """Images in [-1, 1] (clamped) from ``f_hat``: ``post_quant_conv`` then the decoder, on ``f_hat``'s device.
 
         On CPU the decoder runs channels-last (oneDNN's fast layout; the convolutions follow their input): at
         256 px 1.1-1.3x faster in fp32 and 1.5-1.8x in bf16 (batch 1-8, bench/RESULTS.md), equal up to float
         rounding."""
-        w = self.post_quant_conv.weight
-        f_hat = f_hat.to(device=w.device, dtype=w.dtype)
+        f_hat = f_hat.to(self.compute_dtype)
         if f_hat.device.type == "cpu":
             f_hat = f_hat.contiguous(memory_format=torch.channels_last)
         return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1).contiguous()

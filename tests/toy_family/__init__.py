@@ -72,7 +72,7 @@ class ToyFamily(Family):
             return TOKENIZER
         return None
 
-    def build(self, role, state_dict, path, *, dtype, operations=None):
+    def build(self, role, state_dict, path, *, dtype, operations=None, compute_dtype=None):
         if role is GENERATOR:
             logits = state_dict["toy_logits"]
             module = ToyGenerator(logits.shape[-1], tuple(int(s) for s in state_dict["toy_scales"]))
