@@ -120,6 +120,15 @@ assert model.dtype == bf16 and model.compute_dtype == bf16 and str(model.kind) =
 assert model.device == cuda == model.patcher.load_device and model.patcher.offload_device == torch.device("cpu")
 assert next(model.module.parameters()).device == torch.device("cpu")
 assert all(p.dtype == bf16 for p in model.module.parameters())
+# built from the chosen op set, so that a partial load can leave any layer's weights off the device
+linears = [m for m in model.module.modules() if isinstance(m, torch.nn.Linear)]
+assert linears and all(type(m) is plain.Linear for m in linears), {type(m) for m in linears}
+# fp8 storage: the layers cast per call (manual cast) and the model computes in bf16
+under("fp8_e4m3fn_unet")
+model = load("gen.safetensors", "NextScale Load Generator", "generator")
+assert model.module.compute_dtype == bf16 == model.compute_dtype, model.module.compute_dtype
+linears = [m for m in model.module.modules() if isinstance(m, torch.nn.Linear)]
+assert all(type(m) is manual.Linear and m.weight.dtype == fp8 for m in linears)
 print("precision ok")
 """
 
