@@ -5,7 +5,8 @@ closest of the ``V`` code vectors in L2 (VAR uses no z-normalisation). The dista
 VAR's form ``||z||^2 + ||e||^2 - 2 z.e`` in fp32, so that ties and near-ties resolve as upstream.
 
 Backends register in ``_BACKENDS``; ``backend=None`` picks the best one available for the inputs: the fused
-Triton kernel (:mod:`.triton_quantize`, listed only when Triton imports) for CUDA inputs it supports, else torch.
+Triton kernel (:mod:`.triton_quantize`, listed only when Triton imports) for inputs it supports on a CUDA device
+that passed :func:`.triton_support.triton_device_status`, else torch.
 The torch reference below is the specification every faster backend must match.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import triton_support
 from .triton_support import triton_status
 
 # Distance entries (N_chunk x V) evaluated at once by the torch reference: 2**24 fp32 = 64 MiB.
@@ -55,8 +57,8 @@ def available_backends() -> list[str]:
 
 
 def _default_backend(z_NC: torch.Tensor, codebook_VC: torch.Tensor) -> str:
-    # The fused kernel is preferred for CUDA inputs it supports.
-    if z_NC.is_cuda and triton_status()[0]:
+    # The fused kernel is preferred for inputs it supports on a device that passed the Triton checks.
+    if triton_support.use_triton(z_NC):
         from .triton_quantize import supports
 
         if supports(z_NC, codebook_VC) is None:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from ...kernels.attention import block_causal_mask
+from ...kernels.attention import IntervalMask, block_causal_mask
 from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn
 from ..core.checkpoint import (
     CONFIG_METADATA_KEY,
@@ -243,7 +243,7 @@ class VAR(nn.Module):
         sos_B1C = cond.cond_BD[:, None] + self.pos_start
         x_BLC = torch.cat((sos_B1C, self.word_embed(x_BLCv.to(self.word_embed.weight.dtype))), dim=1)
         x_BLC = x_BLC + cond.lvl_pos_1LC[:, :l]
-        mask_LL = self.attn_bias_for_masking[0, 0, :l, :l]
+        mask_LL = IntervalMask.block_causal(self.attn_bias_for_masking[0, 0, :l, :l], self.patch_nums)
         for block, ada_B16C in zip(self.blocks, cond.ada_B16C):
             x_BLC = block(x_BLC, ada_B16C, attn_mask=mask_LL)
         return self.logits(x_BLC, cond)
