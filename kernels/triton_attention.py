@@ -1,7 +1,8 @@
 """Triton kernels for VAR's cos-attention: scale steps over the KV cache, block-causal prefill, ragged caches.
 
-Only :mod:`.attention` and :mod:`.ragged` import this module, and only once ``triton_status()`` says Triton
-imports; nothing else in the pack needs Triton.
+Imported by :func:`.triton_support.triton_status` (which checks that it builds), then by the dispatch of
+:mod:`.attention` and :mod:`.ragged` when that says yes, and by :mod:`.triton_compile`; nothing else in the pack
+needs Triton.
 
 Convention (the one of :func:`.attention.attention`): ``q`` is already L2-normalised over the head dim and
 multiplied by the per-head scale ``exp(min(scale_mul, ln 100))``, ``k`` is L2-normalised, and the softmax
@@ -30,6 +31,10 @@ Numerics: scores and softmax in fp32 (online softmax with ``exp2``), ``P`` round
 ``P @ V`` product as in FlashAttention, the output in the input dtype. fp32 inputs use exact fp32 dots
 (``input_precision="ieee"``, never TF32: VAR's scores reach 100, where TF32 would move a logit by ~0.1). A query
 row with no allowed key (an empty ragged head) gets zeros.
+
+Tiles and tuning: fixed by dtype and the number of queries, so that no sum's order depends on timings; autotuning
+picks only the pipelining stages that fit the device's shared memory (:data:`KEY_TILE` and below,
+:mod:`.triton_tuning`). :mod:`.triton_compile` compiles every config for sm_80-sm_90 without a GPU.
 
 Devices: CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was first imported (the
 CI parity tests). The interpreter multiplies bf16 operands wrongly (it feeds their raw bits to numpy), so there
@@ -369,6 +374,8 @@ def _ragged_attn_fwd_kernel(
 
 
 def _tuned(kernel, key: list[str]):
+    """``kernel`` autotuned over the configs of every dtype; its pruning keeps those of the launch's dtype and
+    query tile that fit the device."""
     configs = [c for dtype in SUPPORTED_DTYPES for c in tile_configs(dtype)]
     unique = list({str(c): c for c in configs}.values())
     return autotune(

@@ -65,11 +65,13 @@ class Compiled:
 
 def cases(kernels=KERNELS, dtypes=tuple(DTYPES)) -> list[Case]:
     """Every config the autotuners may run, for each kernel and dtype, at head dims 64 and 128 (attention) or
-    VAR's 32 latent channels (nearest code)."""
+    VAR's 32 latent channels (nearest code, which always runs in fp32)."""
     out = []
     for kernel in kernels:
         for dtype in dtypes:
             if kernel == "nearest_code":
+                if DTYPES[dtype] != triton_quantize.KERNEL_DTYPE:
+                    continue  # widened before the launch: the kernel is compiled for fp32 only
                 configs, dims = triton_quantize.tile_configs(), (LATENT_CHANNELS,)
                 keys = ("BLOCK_N", "BLOCK_V")
             else:

@@ -1,6 +1,7 @@
 """Triton nearest-code search: distance and argmin fused, the ``N x V`` distance matrix never exists.
 
-Imported only by :mod:`.quantize`, and only once ``triton_status()`` says Triton imports.
+Imported by :func:`.triton_support.triton_status` (which checks that it builds), then by :mod:`.quantize` when
+that says yes, and by :mod:`.triton_compile`.
 
 Same specification as :func:`.quantize.nearest_code_torch`: ``argmin_v ||z_n||^2 + ||e_v||^2 - 2 z_n . e_v`` in
 fp32 whatever the input dtype, ties to the lowest index. The squared norms come from torch exactly as in the
@@ -25,6 +26,7 @@ from .triton_tuning import autotune, bench, keep_fitting
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPE = torch.float32  # what the kernel reads: other inputs are widened first
 MAX_CHANNELS = 256  # one latent tile holds all channels: VAR has 32, Infinity's BSQ tokenizers do not come here
 DEFAULT_BLOCKS = (16, 32)  # (BLOCK_N, BLOCK_V) without autotuning: the interpreter, tests
 AUTOTUNE = not INTERPRET  # autotuning times compiled kernels; in the interpreter it would time the interpreter
@@ -145,8 +147,11 @@ def nearest_code_triton(
         raise ValueError(f"out must be a contiguous int64 ({N},) tensor on {z_NC.device}")
     if N == 0:
         return out
-    z_sq_N = z_NC.float().square().sum(dim=1).contiguous()  # as the reference computes them
-    e_sq_V = codebook_VC.float().square().sum(dim=1).contiguous()
+    # The kernel reads fp32 (KERNEL_DTYPE): 16-bit latents and codes are widened here, the values the kernel's
+    # own conversion would give. Compiled for 16-bit loads it kept a 4-6 KiB stack per thread (docs/kernels.md).
+    z_NC, codebook_VC = z_NC.to(KERNEL_DTYPE), codebook_VC.to(KERNEL_DTYPE)
+    z_sq_N = z_NC.square().sum(dim=1).contiguous()  # as the reference computes them
+    e_sq_V = codebook_VC.square().sum(dim=1).contiguous()
     args = (
         z_NC,
         codebook_VC,

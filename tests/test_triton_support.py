@@ -63,7 +63,10 @@ def test_an_old_triton_is_refused_by_version(monkeypatch, fresh_status):
 
 def test_a_triton_that_cannot_build_the_kernels_is_refused(monkeypatch, fresh_status):
     pytest.importorskip("triton")
+    import nextscale.kernels
+
     monkeypatch.setitem(sys.modules, "nextscale.kernels.triton_attention", None)  # the import fails
+    monkeypatch.delattr(nextscale.kernels, "triton_attention", raising=False)  # even when imported before
     available, detail = triton_support.triton_status()
     assert not available and detail.startswith(f"Triton {sys.modules['triton'].__version__} cannot build the kernels (")
 
