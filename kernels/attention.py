@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_support
-from .triton_support import triton_status
 
 ENV_BACKEND = "NEXTSCALE_ATTENTION_BACKEND"
 
@@ -64,7 +63,7 @@ _BACKENDS: dict[str, AttentionFn] = {"torch": attention_torch, "sdpa": attention
 
 def available_backends() -> list[str]:
     """Names accepted by ``attention(..., backend=name)`` and by ``NEXTSCALE_ATTENTION_BACKEND`` (also ``"auto"``)."""
-    return [name for name in _BACKENDS if name != "triton" or triton_status()[0]]
+    return [name for name in _BACKENDS if name != "triton" or triton_support.triton_status()[0]]
 
 
 def default_backend() -> str:
@@ -94,7 +93,7 @@ def attention(
     if name == "auto":
         name = _auto_backend(q_BHLc, k_BHSc, v_BHSc, attn_mask)
     fn = _BACKENDS.get(name)
-    if fn is None or (name == "triton" and not triton_status()[0]):
+    if fn is None or (name == "triton" and not triton_support.triton_status()[0]):
         raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(available_backends())}")
     return fn(q_BHLc, k_BHSc, v_BHSc, attn_mask)
 

@@ -17,7 +17,6 @@ from collections.abc import Callable
 import torch
 
 from . import triton_support
-from .triton_support import triton_status
 
 # Distance entries (N_chunk x V) evaluated at once by the torch reference: 2**24 fp32 = 64 MiB.
 MAX_CHUNK_ELEMENTS = 1 << 24
@@ -53,7 +52,7 @@ _BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 def available_backends() -> list[str]:
     """Names accepted by ``nearest_code(..., backend=name)``."""
-    return [name for name in _BACKENDS if name != "triton" or triton_status()[0]]
+    return [name for name in _BACKENDS if name != "triton" or triton_support.triton_status()[0]]
 
 
 def _default_backend(z_NC: torch.Tensor, codebook_VC: torch.Tensor) -> str:
@@ -73,6 +72,6 @@ def nearest_code(z_NC: torch.Tensor, codebook_VC: torch.Tensor, backend: str | N
             f"nearest_code expects z (N, C) and codebook (V, C), got {tuple(z_NC.shape)} and {tuple(codebook_VC.shape)}"
         )
     name = backend or _default_backend(z_NC, codebook_VC)
-    if name not in _BACKENDS or (name == "triton" and not triton_status()[0]):
+    if name not in _BACKENDS or (name == "triton" and not triton_support.triton_status()[0]):
         raise ValueError(f"unknown nearest-code backend {name!r}; available: {', '.join(available_backends())}")
     return _BACKENDS[name](z_NC, codebook_VC)

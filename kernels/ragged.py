@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from . import triton_support
 from .attention import ENV_BACKEND
-from .triton_support import triton_status
 
 RaggedFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -135,7 +134,7 @@ _BACKENDS: dict[str, RaggedFn] = {
 
 def available_backends() -> list[str]:
     """Names accepted by ``ragged_attention(..., backend=name)`` here (``triton`` only when it imports)."""
-    return [n for n in _BACKENDS if n != "triton" or triton_status()[0]]
+    return [n for n in _BACKENDS if n != "triton" or triton_support.triton_status()[0]]
 
 
 def _auto_backend(q_BHLc, k_packed_Tc, v_packed_Tc, offsets) -> str:
@@ -161,6 +160,6 @@ def ragged_attention(
     if name == "auto":
         name = _auto_backend(q_BHLc, k_packed_Tc, v_packed_Tc, offsets)
     fn = _BACKENDS.get(name)
-    if fn is None or (name == "triton" and not triton_status()[0]):
+    if fn is None or (name == "triton" and not triton_support.triton_status()[0]):
         raise ValueError(f"unknown ragged attention backend {name!r}; available: {', '.join(available_backends())}")
     return fn(q_BHLc, k_packed_Tc, v_packed_Tc, offsets)
