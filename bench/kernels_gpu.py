@@ -20,7 +20,10 @@ For each kernel and workload it
    a bf16 matmul), or ``--peak-tbps`` / ``--peak-tflops`` / ``--peak-fp32-tflops``.
 
 Finally it samples a small random VAR greedily on the GPU with the torch and the Triton attention backends and
-requires identical tokens (fp32). Exit status 1 when any parity check fails.
+requires identical tokens (fp32), and (``tuning``) checks what decides the kernels on this device: the Triton
+checks of ``kernels/triton_support.py``, the config autotuning keeps within the device's shared memory, and that
+every stage count it may choose, and a second tuning, give bitwise the same output (the reproducibility
+statement of ``docs/kernels.md``). Exit status 1 when any check fails.
 
 ``--cpu-smoke`` runs the same code at toy sizes on CPU through the Triton interpreter (wall-clock timings,
 meaningless as performance): a check that this script itself works, for machines without a GPU.
@@ -52,7 +55,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 from nextscale.kernels import attention as attention_mod  # noqa: E402
-from nextscale.kernels import ragged  # noqa: E402
+from nextscale.kernels import ragged, triton_attention, triton_support, triton_tuning  # noqa: E402
 from nextscale.kernels.attention import attention_sdpa, attention_torch, block_causal_mask  # noqa: E402
 from nextscale.kernels.quantize import nearest_code_torch  # noqa: E402
 from nextscale.kernels.triton_attention import (  # noqa: E402
@@ -403,6 +406,34 @@ def check_greedy_sampling(rep: Report, device) -> None:
     rep.check("the triton backend ran every cached step", len(calls) == expect, f"({len(calls)} calls)")
 
 
+def check_tuning(rep: Report, device) -> None:
+    """The Triton checks of this device; per dtype and query tile, the config autotuning keeps and bitwise equal
+    outputs for every stage count it may choose and after tuning again (the order of the sums never depends on
+    timings)."""
+    usable, detail = triton_support.triton_device_status(device)
+    rep.check("Triton kernels used on this device", usable, f"({detail})")
+    limit = triton_tuning.shared_memory_limit(device)
+    print(f"\ntuning: {limit} bytes of shared memory per block")
+    tuned = triton_attention._attn_fwd_tuned
+    stages_by_dtype = dict(triton_attention.STAGES)
+    try:
+        for dtype in DTYPES.values():
+            for L, c in ((9, 128), (300, 128), (300, 64)):
+                q, k, v = cos_qkv(2, 4, L, 700, c, dtype, device, seed=L + c)
+                outs = {}
+                for stages in (*stages_by_dtype[dtype], "tuned", "tuned again"):
+                    triton_attention.STAGES[dtype] = stages_by_dtype[dtype] if isinstance(stages, str) else (stages,)
+                    tuned.cache.clear()
+                    outs[stages] = scale_step_attention(q, k, v)
+                    print(f"  {dtype} L={L} c={c} stages {stages}: {tuned.best_config}")
+                first = next(iter(outs.values()))
+                rep.check(f"{dtype} L={L} c={c}: the same bits whatever autotuning chooses",
+                          all(torch.equal(o, first) for o in outs.values()))
+    finally:
+        triton_attention.STAGES.update(stages_by_dtype)
+        tuned.cache.clear()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -410,7 +441,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer and smaller workloads")
     ap.add_argument("--dtypes", default="bf16,fp32", help="dtypes to time, from fp32, fp16, bf16 (default bf16,fp32)")
-    ap.add_argument("--only", default="step,prefix,ragged,code,sample", help="comma list of sections to run")
+    ap.add_argument("--only", default="step,prefix,ragged,code,sample,tuning", help="comma list of sections to run")
     ap.add_argument("--peak-tbps", type=float, help="HBM bandwidth in TB/s (overrides the datasheet/measured one)")
     ap.add_argument("--peak-tflops", type=float, help="dense bf16/fp16 tensor-core TFLOP/s")
     ap.add_argument("--peak-fp32-tflops", type=float, help="fp32 CUDA-core TFLOP/s")
@@ -451,6 +482,8 @@ def main() -> int:
             bench_nearest_code(rep, device, args.quick)
         if "sample" in sections:
             check_greedy_sampling(rep, device)
+        if "tuning" in sections and device.type == "cuda":
+            check_tuning(rep, device)
     print()
     if rep.failures:
         print(f"{len(rep.failures)} parity failure(s):\n  " + "\n  ".join(rep.failures))

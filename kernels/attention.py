@@ -6,27 +6,30 @@ scale, ``k_BHSc`` is L2-normalised, and the softmax scale is **1** (no ``1/sqrt(
     out_BHLc = softmax(q @ k^T + attn_mask) @ v
 
 ``attn_mask`` is additive (0 / -inf), broadcastable to ``(B, H, L, S)``, usually the ``(L, S)`` block-causal
-mask of :func:`block_causal_mask` (teacher forcing) or ``None`` (cached inference: the current scale attends to
-every cached token).
+mask of :func:`block_causal_mask` (teacher forcing, prefill) or ``None`` (cached inference: the current scale
+attends to every cached token). The model passes its block-causal mask as an :class:`IntervalMask`, which carries
+each query's key interval taken from the schedule, so the Triton backend never reads the mask.
 
 Backends: ``"torch"`` is the plain reference and the specification (fp32 arithmetic, result cast back);
 ``"sdpa"`` is ``F.scaled_dot_product_attention(scale=1.0)``; ``"triton"`` (listed only when Triton imports) is
 :mod:`.triton_attention` (forward only; no mask, or a mask allowing one interval of keys per query such as the
 block-causal one, whose fully masked tiles it skips). ``backend=None`` uses the environment variable
-``NEXTSCALE_ATTENTION_BACKEND`` when set (tests, benchmarks), else ``"auto"``: Triton for CUDA inputs it
-supports, SDPA otherwise. Every backend must match the reference within the tolerances of
-``tests/test_attention.py`` (Triton: ``tests/test_triton_kernels.py``).
+``NEXTSCALE_ATTENTION_BACKEND`` when set (tests, benchmarks), else ``"auto"``: Triton for inputs it supports on
+a CUDA device that passed :func:`.triton_support.triton_device_status`, SDPA otherwise. Every backend must match
+the reference within the tolerances of ``tests/test_attention.py`` (Triton: ``tests/test_triton_kernels.py``).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .triton_support import triton_status
+from . import triton_support
 
 ENV_BACKEND = "NEXTSCALE_ATTENTION_BACKEND"
 
@@ -60,7 +63,7 @@ _BACKENDS: dict[str, AttentionFn] = {"torch": attention_torch, "sdpa": attention
 
 def available_backends() -> list[str]:
     """Names accepted by ``attention(..., backend=name)`` and by ``NEXTSCALE_ATTENTION_BACKEND`` (also ``"auto"``)."""
-    return [name for name in _BACKENDS if name != "triton" or triton_status()[0]]
+    return [name for name in _BACKENDS if name != "triton" or triton_support.triton_status()[0]]
 
 
 def default_backend() -> str:
@@ -68,8 +71,9 @@ def default_backend() -> str:
 
 
 def _auto_backend(q_BHLc, k_BHSc, v_BHSc, attn_mask) -> str:
-    """Triton for CUDA inputs its kernels support (dtype, head dim, no gradient, mask shape), else SDPA."""
-    if q_BHLc.is_cuda and triton_status()[0]:
+    """Triton for inputs its kernels support (dtype, head dim, no gradient, mask shape) on a device that passed
+    :func:`.triton_support.triton_device_status`, else SDPA."""
+    if triton_support.use_triton(q_BHLc):
         from .triton_attention import supports
 
         if supports(q_BHLc, k_BHSc, v_BHSc, attn_mask) is None:
@@ -89,7 +93,7 @@ def attention(
     if name == "auto":
         name = _auto_backend(q_BHLc, k_BHSc, v_BHSc, attn_mask)
     fn = _BACKENDS.get(name)
-    if fn is None or (name == "triton" and not triton_status()[0]):
+    if fn is None or (name == "triton" and not triton_support.triton_status()[0]):
         raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(available_backends())}")
     return fn(q_BHLc, k_BHSc, v_BHSc, attn_mask)
 
@@ -100,3 +104,51 @@ def block_causal_mask(patch_nums: Sequence[int], device=None, dtype: torch.dtype
     level_L = torch.tensor([si for si, pn in enumerate(patch_nums) for _ in range(pn * pn)], device=device)
     allowed_LL = level_L[None, :] <= level_L[:, None]
     return torch.zeros(allowed_LL.shape, dtype=dtype, device=device).masked_fill_(~allowed_LL, float("-inf"))
+
+
+@functools.lru_cache(maxsize=32)
+def _scale_row_bounds(patch_nums: tuple[int, ...], L: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ends = [end for end, pn in zip(itertools.accumulate(p * p for p in patch_nums), patch_nums) for _ in range(pn * pn)]
+    if L > len(ends):
+        raise ValueError(f"{L} queries but the schedule {patch_nums} has {len(ends)} tokens")
+    end_L = torch.tensor(ends[:L], dtype=torch.int32, device=device)
+    return torch.zeros(L, dtype=torch.int32, device=device), end_L
+
+
+def scale_row_bounds(patch_nums: Sequence[int], L: int | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kv_start_L, kv_end_L)`` int32 of VAR's block-causal mask over the first ``L`` tokens of the schedule:
+    start 0, end = the cumulative token count at the end of the query's scale. Cached per schedule, length and
+    device (the tensors are shared: do not modify them)."""
+    pn = tuple(int(p) for p in patch_nums)
+    n = sum(p * p for p in pn) if L is None else int(L)
+    return _scale_row_bounds(pn, n, torch.empty(0, device=device).device)
+
+
+class IntervalMask(torch.Tensor):
+    """An additive ``(L, S)`` mask (0 / -inf) that lets query ``i`` see exactly the keys
+    ``[kv_start_L[i], kv_end_L[i])``, carrying those bounds (int32 ``(L,)``, on the mask's device).
+
+    The Triton backend takes the bounds and never reads the mask: no device sync, and no version counter to
+    consult (tensors made under ``torch.inference_mode``, as ComfyUI runs every prompt, have none). The bounds are
+    the caller's statement about the mask (:meth:`block_causal` takes them from the schedule); torch and SDPA use
+    the mask itself. Like ``nn.Parameter``, it is a tensor whose operations return plain tensors: a sum with
+    another mask, a slice or a cast loses the bounds and is read like any mask.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __new__(cls, mask_LS: torch.Tensor, kv_start_L: torch.Tensor, kv_end_L: torch.Tensor) -> IntervalMask:
+        if mask_LS.dim() != 2 or not mask_LS.is_floating_point():
+            raise ValueError(f"an interval mask is a float (L, S) tensor, got {tuple(mask_LS.shape)} {mask_LS.dtype}")
+        for name, t in (("kv_start_L", kv_start_L), ("kv_end_L", kv_end_L)):
+            if t.shape != mask_LS.shape[:1] or t.dtype != torch.int32 or t.device != mask_LS.device:
+                raise ValueError(f"{name} must be int32 ({mask_LS.shape[0]},) on {mask_LS.device}")
+        mask = torch.Tensor._make_subclass(cls, mask_LS)
+        mask.bounds = (kv_start_L.contiguous(), kv_end_L.contiguous())
+        return mask
+
+    @classmethod
+    def block_causal(cls, mask_LL: torch.Tensor, patch_nums: Sequence[int]) -> IntervalMask:
+        """``mask_LL``, the block-causal mask of the first ``L`` tokens of the schedule ``patch_nums`` (e.g. a
+        slice of VAR's ``attn_bias_for_masking``), with its bounds from the schedule."""
+        return cls(mask_LL, *scale_row_bounds(patch_nums, mask_LL.shape[0], mask_LL.device))

@@ -5,7 +5,8 @@ closest of the ``V`` code vectors in L2 (VAR uses no z-normalisation). The dista
 VAR's form ``||z||^2 + ||e||^2 - 2 z.e`` in fp32, so that ties and near-ties resolve as upstream.
 
 Backends register in ``_BACKENDS``; ``backend=None`` picks the best one available for the inputs: the fused
-Triton kernel (:mod:`.triton_quantize`, listed only when Triton imports) for CUDA inputs it supports, else torch.
+Triton kernel (:mod:`.triton_quantize`, listed only when Triton imports) for inputs it supports on a CUDA device
+that passed :func:`.triton_support.triton_device_status`, else torch.
 The torch reference below is the specification every faster backend must match.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from .triton_support import triton_status
+from . import triton_support
 
 # Distance entries (N_chunk x V) evaluated at once by the torch reference: 2**24 fp32 = 64 MiB.
 MAX_CHUNK_ELEMENTS = 1 << 24
@@ -51,12 +52,12 @@ _BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 def available_backends() -> list[str]:
     """Names accepted by ``nearest_code(..., backend=name)``."""
-    return [name for name in _BACKENDS if name != "triton" or triton_status()[0]]
+    return [name for name in _BACKENDS if name != "triton" or triton_support.triton_status()[0]]
 
 
 def _default_backend(z_NC: torch.Tensor, codebook_VC: torch.Tensor) -> str:
-    # The fused kernel is preferred for CUDA inputs it supports.
-    if z_NC.is_cuda and triton_status()[0]:
+    # The fused kernel is preferred for inputs it supports on a device that passed the Triton checks.
+    if triton_support.use_triton(z_NC):
         from .triton_quantize import supports
 
         if supports(z_NC, codebook_VC) is None:
@@ -71,6 +72,6 @@ def nearest_code(z_NC: torch.Tensor, codebook_VC: torch.Tensor, backend: str | N
             f"nearest_code expects z (N, C) and codebook (V, C), got {tuple(z_NC.shape)} and {tuple(codebook_VC.shape)}"
         )
     name = backend or _default_backend(z_NC, codebook_VC)
-    if name not in _BACKENDS or (name == "triton" and not triton_status()[0]):
+    if name not in _BACKENDS or (name == "triton" and not triton_support.triton_status()[0]):
         raise ValueError(f"unknown nearest-code backend {name!r}; available: {', '.join(available_backends())}")
     return _BACKENDS[name](z_NC, codebook_VC)

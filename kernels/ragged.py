@@ -26,8 +26,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import triton_support
 from .attention import ENV_BACKEND
-from .triton_support import triton_status
 
 RaggedFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -134,11 +134,11 @@ _BACKENDS: dict[str, RaggedFn] = {
 
 def available_backends() -> list[str]:
     """Names accepted by ``ragged_attention(..., backend=name)`` here (``triton`` only when it imports)."""
-    return [n for n in _BACKENDS if n != "triton" or triton_status()[0]]
+    return [n for n in _BACKENDS if n != "triton" or triton_support.triton_status()[0]]
 
 
 def _auto_backend(q_BHLc, k_packed_Tc, v_packed_Tc, offsets) -> str:
-    if q_BHLc.is_cuda and triton_status()[0]:
+    if triton_support.use_triton(q_BHLc):
         from .triton_attention import supports_ragged
 
         if supports_ragged(q_BHLc, k_packed_Tc, v_packed_Tc, offsets) is None:
@@ -154,12 +154,12 @@ def ragged_attention(
     backend: str | None = None,
 ) -> torch.Tensor:
     """``out_BHLc``: each head's queries over its own packed keys. ``backend=None`` uses
-    ``NEXTSCALE_ATTENTION_BACKEND`` when set, else Triton for supported CUDA inputs and the padded SDPA path
-    otherwise."""
+    ``NEXTSCALE_ATTENTION_BACKEND`` when set, else Triton for supported inputs on a CUDA device that passed
+    :func:`.triton_support.triton_device_status` and the padded SDPA path otherwise."""
     name = backend or os.environ.get(ENV_BACKEND, "").strip().lower() or "auto"
     if name == "auto":
         name = _auto_backend(q_BHLc, k_packed_Tc, v_packed_Tc, offsets)
     fn = _BACKENDS.get(name)
-    if fn is None or (name == "triton" and not triton_status()[0]):
+    if fn is None or (name == "triton" and not triton_support.triton_status()[0]):
         raise ValueError(f"unknown ragged attention backend {name!r}; available: {', '.join(available_backends())}")
     return fn(q_BHLc, k_packed_Tc, v_packed_Tc, offsets)

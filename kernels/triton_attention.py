@@ -1,7 +1,8 @@
 """Triton kernels for VAR's cos-attention: scale steps over the KV cache, block-causal prefill, ragged caches.
 
-Only :mod:`.attention` and :mod:`.ragged` import this module, and only once ``triton_status()`` says Triton
-imports; nothing else in the pack needs Triton.
+Imported by :func:`.triton_support.triton_status` (which checks that it builds), then by the dispatch of
+:mod:`.attention` and :mod:`.ragged` when that says yes, and by :mod:`.triton_compile`; nothing else in the pack
+needs Triton.
 
 Convention (the one of :func:`.attention.attention`): ``q`` is already L2-normalised over the head dim and
 multiplied by the per-head scale ``exp(min(scale_mul, ln 100))``, ``k`` is L2-normalised, and the softmax
@@ -31,6 +32,10 @@ Numerics: scores and softmax in fp32 (online softmax with ``exp2``), ``P`` round
 (``input_precision="ieee"``, never TF32: VAR's scores reach 100, where TF32 would move a logit by ~0.1). A query
 row with no allowed key (an empty ragged head) gets zeros.
 
+Tiles and tuning: fixed by dtype and the number of queries, so that no sum's order depends on timings; autotuning
+picks only the pipelining stages that fit the device's shared memory (:data:`KEY_TILE` and below,
+:mod:`.triton_tuning`). :mod:`.triton_compile` compiles every config for sm_80-sm_90 without a GPU.
+
 Devices: CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was first imported (the
 CI parity tests). The interpreter multiplies bf16 operands wrongly (it feeds their raw bits to numpy), so there
 bf16 operands are widened to fp32 before each dot, which computes the same exact products.
@@ -38,7 +43,6 @@ bf16 operands are widened to fp32 before each dot, which computes the same exact
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections import OrderedDict
@@ -48,6 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import IntervalMask, scale_row_bounds
+from .triton_tuning import autotune, bench, keep_fitting
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128  # VAR: 64, Infinity: 128; wider tiles would not fit shared memory in fp32
@@ -56,35 +63,55 @@ LOG2E = math.log2(math.e)
 
 # Used when not autotuning (the interpreter, or a forced config): small tiles, so odd sizes span several tiles.
 DEFAULT_BLOCKS = (16, 16)
+# Autotuning times compiled kernels; in the interpreter it would time the interpreter, so it is off there.
+AUTOTUNE = not INTERPRET
+
+# Tiles. The key tile BLOCK_N sets the order in which a query row's keys are summed (one online-softmax step per
+# tile); the query tile BLOCK_M and the warps set the layout in which each step's row sums are reduced (and, on
+# sm_90, whether the products run on wgmma or mma). All three are fixed here, by dtype and by the number of
+# queries, never chosen by timing, so a seed gives the same tokens after a restart and on every card of one kind.
+# Autotuning chooses only num_stages (software pipelining: when tiles are loaded, not what is added in which
+# order), among the stages whose shared memory fits the device.
+KEY_TILE = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}  # BLOCK_N
+# BLOCK_M: 16 for up to 16 queries (the first scales: 1, 4, 9, 16 tokens), else the larger tile. fp32 products run
+# on CUDA cores (exact fp32), where a 64-row tile holds more than the registers (it spills): fp32 keeps 16 rows.
+QUERY_TILES = {torch.float16: (16, 64), torch.bfloat16: (16, 64), torch.float32: (16,)}
+NUM_WARPS = 4
+# Pipelining stages tried. fp16/bf16 tiles feed tensor cores and take the same shared memory at any stage count
+# (Triton 3.8 does not pipeline these loops), so they use one; fp32 tiles are pipelined, and tuned.
+STAGES = {torch.float16: (2,), torch.bfloat16: (2,), torch.float32: (1, 2)}
 
 
-def _gpu_configs() -> list[triton.Config]:
+def query_tile(dtype: torch.dtype, L: int) -> int:
+    """BLOCK_M for ``L`` queries of ``dtype``."""
+    tiles = QUERY_TILES[dtype]
+    return tiles[0] if L <= tiles[0] else tiles[-1]
+
+
+def tile_configs(dtype: torch.dtype) -> list[triton.Config]:
+    """Every config the autotuner may run for inputs of ``dtype``, whatever the device (pruning then drops the
+    stages whose shared memory does not fit it)."""
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (16, 64, 4, 3),
-            (32, 64, 4, 3),
-            (64, 64, 4, 3),
-            (64, 128, 4, 3),
-            (128, 64, 8, 3),
-            (128, 128, 8, 2),
-            (128, 64, 4, 4),
-            (64, 32, 4, 4),
-            (32, 32, 4, 2),  # small enough for fp32 with head dim 128 whatever the shared memory
-        ]
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": KEY_TILE[dtype]}, num_warps=NUM_WARPS, num_stages=stages)
+        for bm in QUERY_TILES[dtype]
+        for stages in STAGES[dtype]
     ]
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop query tiles much taller than the number of queries (the first scales have 1, 4, 9 queries)."""
-    limit = max(16, triton.next_power_of_2(int(named_args["L"])))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= limit]
-    return kept or configs[:1]
+def _pruner(kernel):
+    """The ``early_config_prune`` of ``kernel``: the configs of the query tile for ``L``, the dtype's key tile
+    and stages, that fit the device's shared memory."""
 
+    def prune(configs, named_args, **meta):
+        dtype = named_args["Q"].dtype
+        bm = query_tile(dtype, int(named_args["L"]))
+        wanted = [
+            c for c in configs
+            if c.kwargs["BLOCK_M"] == bm and c.kwargs["BLOCK_N"] == KEY_TILE[dtype] and c.num_stages in STAGES[dtype]
+        ]
+        return keep_fitting(kernel, wanted, named_args, meta)
 
-def _bench(kernel_call, quantiles):
-    # Short timing runs: tuning happens once per shape bucket and dtype (results cached on disk by Triton).
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+    return prune
 
 
 def _bucket(n: int) -> int:
@@ -346,14 +373,19 @@ def _ragged_attn_fwd_kernel(
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=in_L[:, None] & (offs_d[None, :] < D))
 
 
-_TUNE = {
-    "configs": _gpu_configs(),
-    "prune_configs_by": {"early_config_prune": _prune_configs},
-    "do_bench": _bench,
-    "cache_results": True,
-}
-_attn_fwd_tuned = triton.autotune(key=["L_BUCKET", "S_BUCKET", "D", "HAS_BOUNDS"], **_TUNE)(_attn_fwd_kernel)
-_ragged_attn_fwd_tuned = triton.autotune(key=["L_BUCKET", "S_BUCKET", "D"], **_TUNE)(_ragged_attn_fwd_kernel)
+def _tuned(kernel, key: list[str]):
+    """``kernel`` autotuned over the configs of every dtype; its pruning keeps those of the launch's dtype and
+    query tile that fit the device."""
+    configs = [c for dtype in SUPPORTED_DTYPES for c in tile_configs(dtype)]
+    unique = list({str(c): c for c in configs}.values())
+    return autotune(
+        configs=unique, key=key, prune_configs_by={"early_config_prune": _pruner(kernel)}, do_bench=bench,
+        cache_results=True,
+    )(kernel)
+
+
+_attn_fwd_tuned = _tuned(_attn_fwd_kernel, ["L_BUCKET", "S_BUCKET", "D", "HAS_BOUNDS"])
+_ragged_attn_fwd_tuned = _tuned(_ragged_attn_fwd_kernel, ["L_BUCKET", "S_BUCKET", "D"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,14 +431,23 @@ def _out_for(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """Exact fp32 products for fp32 inputs; fp16/bf16 products are exact on tensor cores anyway."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def kernel_meta(dtype: torch.dtype, c: int) -> dict:
+    """The constexpr arguments both attention kernels take for inputs of ``dtype`` and head dim ``c`` (all but
+    the tiles and ``HAS_BOUNDS``). fp32 inputs get exact fp32 products ("ieee"); fp16/bf16 products are exact on
+    tensor cores anyway."""
+    block_d = max(16, triton.next_power_of_2(c))
+    return {
+        "D": c,
+        "BLOCK_D": block_d,
+        "EVEN_D": c == block_d,
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "UPCAST": INTERPRET and dtype == torch.bfloat16,
+    }
 
 
 def _blocks_kwargs(blocks: tuple[int, int] | None) -> dict | None:
     """Explicit tile sizes (the interpreter, tests, benchmarks) or ``None`` to autotune."""
-    if blocks is None and not INTERPRET:
+    if blocks is None and AUTOTUNE:
         return None
     bm, bn = blocks or DEFAULT_BLOCKS
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
@@ -429,14 +470,7 @@ def _launch_dense(q, k, v, out, kv_start_L, kv_end_L, blocks):
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, L, S, _bucket(L), _bucket(S),
     )
-    meta = {
-        "D": c,
-        "BLOCK_D": max(16, triton.next_power_of_2(c)),
-        "EVEN_D": c == max(16, triton.next_power_of_2(c)),
-        "HAS_BOUNDS": has_bounds,
-        "PRECISION": _precision(q.dtype),
-        "UPCAST": INTERPRET and q.dtype == torch.bfloat16,
-    }
+    meta = {**kernel_meta(q.dtype, c), "HAS_BOUNDS": has_bounds}
     forced = _blocks_kwargs(blocks)
     if forced is None:
         _attn_fwd_tuned[lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H)](*args, **meta)
@@ -477,28 +511,6 @@ def interval_attention(
         if t.shape != (L,) or t.dtype != torch.int32 or t.device != q_BHLc.device or t.stride(0) != 1:
             raise ValueError(f"{name} must be a contiguous int32 ({L},) tensor on {q_BHLc.device}")
     return _launch_dense(q_BHLc, k_BHSc, v_BHSc, _out_for(q_BHLc, out), kv_start_L, kv_end_L, blocks)
-
-
-@functools.lru_cache(maxsize=16)
-def _scale_bounds_cpu(patch_nums: tuple[int, ...], L: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ends = []
-    total = 0
-    for pn in patch_nums:
-        total += pn * pn
-        ends += [total] * (pn * pn)
-    if L > total:
-        raise ValueError(f"{L} queries but the schedule {patch_nums} has {total} tokens")
-    end_L = torch.tensor(ends[:L], dtype=torch.int32)
-    return torch.zeros(L, dtype=torch.int32), end_L
-
-
-def scale_row_bounds(patch_nums: Sequence[int], L: int | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kv_start_L, kv_end_L)`` int32 of VAR's block-causal mask over the first ``L`` tokens of the schedule:
-    start 0, end = the cumulative token count at the end of the query's scale."""
-    pn = tuple(int(p) for p in patch_nums)
-    n = sum(p * p for p in pn) if L is None else int(L)
-    start, end = _scale_bounds_cpu(pn, n)
-    return start.to(device), end.to(device)
 
 
 def block_causal_attention(
@@ -569,13 +581,7 @@ def ragged_attention_triton(
         *q_BHLc.stride(), *k_packed_Tc.stride(), *v_packed_Tc.stride(), *out.stride(),
         H, L, _bucket(L), _bucket(k_packed_Tc.shape[0] // max(B * H, 1)),
     )
-    meta = {
-        "D": c,
-        "BLOCK_D": max(16, triton.next_power_of_2(c)),
-        "EVEN_D": c == max(16, triton.next_power_of_2(c)),
-        "PRECISION": _precision(q_BHLc.dtype),
-        "UPCAST": INTERPRET and q_BHLc.dtype == torch.bfloat16,
-    }
+    meta = kernel_meta(q_BHLc.dtype, c)
     forced = _blocks_kwargs(blocks)
     if forced is None:
         _ragged_attn_fwd_tuned[lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H)](*args, **meta)
@@ -594,33 +600,45 @@ _MASK_CACHE_SIZE = 8
 
 def row_bounds_from_mask(attn_mask: torch.Tensor, L: int, S: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(kv_start_L, kv_end_L)`` int32 when the additive mask (0 / -inf, shape ``(L, S)`` or with leading
-    singleton dims) allows each query exactly one non-empty interval of keys, else ``None``. The result is
-    cached per mask tensor (kept alive by the cache, so its address cannot be reused; an in-place change bumps
-    its version and misses the cache): the check costs a device sync only the first time."""
+    singleton dims) allows each query exactly one non-empty interval of keys, else ``None``.
+
+    An :class:`.attention.IntervalMask` gives its own bounds (nothing is read). Any other mask is read, a device
+    sync; the result is cached per mask tensor (kept alive by the cache, so its address cannot be reused) and
+    checked against its version counter, which an in-place change bumps. Tensors made under
+    ``torch.inference_mode`` have no version counter: their bounds are read again at every call."""
+    if isinstance(attn_mask, IntervalMask):
+        return attn_mask.bounds if attn_mask.shape[-2:] == (L, S) else None
     while attn_mask.dim() > 2 and attn_mask.shape[0] == 1:
         attn_mask = attn_mask[0]
     if attn_mask.shape != (L, S) or not attn_mask.is_floating_point():
         return None
+    if attn_mask.is_inference():
+        return _read_row_bounds(attn_mask)
     key = (attn_mask.data_ptr(), tuple(attn_mask.shape), attn_mask.stride(), attn_mask.dtype, attn_mask.device)
     hit = _MASK_CACHE.get(key)
     if hit is not None and hit[1] == attn_mask._version:
         _MASK_CACHE.move_to_end(key)
         return hit[2]
-    allowed_LS = attn_mask == 0
-    if L == 0 or S == 0 or not bool((allowed_LS | (attn_mask == float("-inf"))).all()):
-        bounds = None
-    else:
-        ar_S = torch.arange(S, device=attn_mask.device)
-        any_L = allowed_LS.any(dim=1)
-        start_L = allowed_LS.int().argmax(dim=1)
-        end_L = S - allowed_LS.flip(1).int().argmax(dim=1)
-        interval_LS = (ar_S >= start_L[:, None]) & (ar_S < end_L[:, None])
-        ok = bool(any_L.all()) and bool((interval_LS == allowed_LS).all())  # an empty row would be NaN upstream
-        bounds = (start_L.to(torch.int32).contiguous(), end_L.to(torch.int32).contiguous()) if ok else None
+    bounds = _read_row_bounds(attn_mask)
     _MASK_CACHE[key] = (attn_mask, attn_mask._version, bounds)
     while len(_MASK_CACHE) > _MASK_CACHE_SIZE:
         _MASK_CACHE.popitem(last=False)
     return bounds
+
+
+def _read_row_bounds(mask_LS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    L, S = mask_LS.shape
+    allowed_LS = mask_LS == 0
+    if L == 0 or S == 0 or not bool((allowed_LS | (mask_LS == float("-inf"))).all()):
+        return None
+    ar_S = torch.arange(S, device=mask_LS.device)
+    any_L = allowed_LS.any(dim=1)
+    start_L = allowed_LS.int().argmax(dim=1)
+    end_L = S - allowed_LS.flip(1).int().argmax(dim=1)
+    interval_LS = (ar_S >= start_L[:, None]) & (ar_S < end_L[:, None])
+    if not (bool(any_L.all()) and bool((interval_LS == allowed_LS).all())):  # an empty row would be NaN upstream
+        return None
+    return start_L.to(torch.int32).contiguous(), end_L.to(torch.int32).contiguous()
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> str | None:

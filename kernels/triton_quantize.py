@@ -1,6 +1,7 @@
 """Triton nearest-code search: distance and argmin fused, the ``N x V`` distance matrix never exists.
 
-Imported only by :mod:`.quantize`, and only once ``triton_status()`` says Triton imports.
+Imported by :func:`.triton_support.triton_status` (which checks that it builds), then by :mod:`.quantize` when
+that says yes, and by :mod:`.triton_compile`.
 
 Same specification as :func:`.quantize.nearest_code_torch`: ``argmin_v ||z_n||^2 + ||e_v||^2 - 2 z_n . e_v`` in
 fp32 whatever the input dtype, ties to the lowest index. The squared norms come from torch exactly as in the
@@ -21,10 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_tuning import autotune, bench, keep_fitting
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPE = torch.float32  # what the kernel reads: other inputs are widened first
 MAX_CHANNELS = 256  # one latent tile holds all channels: VAR has 32, Infinity's BSQ tokenizers do not come here
 DEFAULT_BLOCKS = (16, 32)  # (BLOCK_N, BLOCK_V) without autotuning: the interpreter, tests
+AUTOTUNE = not INTERPRET  # autotuning times compiled kernels; in the interpreter it would time the interpreter
 
 
 @triton.jit
@@ -78,19 +83,28 @@ def _nearest_code_kernel(
     tl.store(IDX + rows, best_i.to(tl.int64), mask=in_N)
 
 
-def _gpu_configs() -> list[triton.Config]:
+def tile_configs() -> list[triton.Config]:
+    """Every config the autotuner may run (pruning drops those whose shared memory does not fit the device).
+    Any of them gives the same indices: the distances are sequential exact fp32 sums over the channels, whatever
+    the tiles, and the first minimum wins."""
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_V": bv}, num_warps=w, num_stages=s)
-        for bn, bv, w, s in [(32, 128, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4)]
+        for bn, bv, w, s in [(32, 128, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4)]
     ]
 
 
-def _bench(kernel_call, quantiles):
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+def kernel_meta(C: int) -> dict:
+    """The constexpr arguments of the kernel for ``C`` latent channels (all but the tiles)."""
+    return {"C": C, "BLOCK_C": max(16, triton.next_power_of_2(C))}
 
 
-_nearest_code_tuned = triton.autotune(
-    configs=_gpu_configs(), key=["N_BUCKET", "V", "C"], do_bench=_bench, cache_results=True
+def _prune(configs, named_args, **meta):
+    return keep_fitting(_nearest_code_kernel, configs, named_args, meta)
+
+
+_nearest_code_tuned = autotune(
+    configs=tile_configs(), key=["N_BUCKET", "V", "C"], prune_configs_by={"early_config_prune": _prune},
+    do_bench=bench, cache_results=True,
 )(_nearest_code_kernel)
 
 
@@ -133,8 +147,11 @@ def nearest_code_triton(
         raise ValueError(f"out must be a contiguous int64 ({N},) tensor on {z_NC.device}")
     if N == 0:
         return out
-    z_sq_N = z_NC.float().square().sum(dim=1).contiguous()  # as the reference computes them
-    e_sq_V = codebook_VC.float().square().sum(dim=1).contiguous()
+    # The kernel reads fp32 (KERNEL_DTYPE): 16-bit latents and codes are widened here, the values the kernel's
+    # own conversion would give. Compiled for 16-bit loads it kept a 4-6 KiB stack per thread (docs/kernels.md).
+    z_NC, codebook_VC = z_NC.to(KERNEL_DTYPE), codebook_VC.to(KERNEL_DTYPE)
+    z_sq_N = z_NC.square().sum(dim=1).contiguous()  # as the reference computes them
+    e_sq_V = codebook_VC.square().sum(dim=1).contiguous()
     args = (
         z_NC,
         codebook_VC,
@@ -147,8 +164,8 @@ def nearest_code_triton(
         *codebook_VC.stride(),
         triton.next_power_of_2(N),
     )
-    meta = {"C": C, "BLOCK_C": max(16, triton.next_power_of_2(C))}
-    if blocks is None and not INTERPRET:
+    meta = kernel_meta(C)
+    if blocks is None and AUTOTUNE:
         _nearest_code_tuned[lambda META: (triton.cdiv(N, META["BLOCK_N"]),)](*args, **meta)
     else:
         bn, bv = blocks or DEFAULT_BLOCKS

@@ -39,8 +39,8 @@ pytest.importorskip(
 
 from nextscale.kernels import attention as attention_mod
 from nextscale.kernels import quantize as quantize_mod
-from nextscale.kernels import ragged
-from nextscale.kernels.attention import attention_torch, block_causal_mask
+from nextscale.kernels import ragged, triton_attention, triton_quantize, triton_support, triton_tuning
+from nextscale.kernels.attention import IntervalMask, attention_torch, block_causal_mask, scale_row_bounds
 from nextscale.kernels.quantize import nearest_code_torch
 from nextscale.kernels.triton_attention import (
     INTERPRET,
@@ -49,7 +49,6 @@ from nextscale.kernels.triton_attention import (
     interval_attention,
     ragged_attention_triton,
     row_bounds_from_mask,
-    scale_row_bounds,
     scale_step_attention,
     supports,
 )
@@ -353,6 +352,171 @@ def test_supports_reasons():
     assert "head dim" in supports(*cos_qkv(1, 1, 2, 2, 512, torch.float32, seed=0))
     if INTERPRET:
         assert "CPU" in supports(q.to("meta"), k.to("meta"), v.to("meta"))
+
+
+def test_interval_mask_carries_the_schedule_bounds():
+    patch_nums = (1, 2, 3, 5)
+    buffer_11LL = block_causal_mask(patch_nums, device=DEVICE)[None, None]  # as VAR's attn_bias_for_masking
+    for L in (1, 30, 39):
+        mask = IntervalMask.block_causal(buffer_11LL[0, 0, :L, :L], patch_nums)
+        read = triton_attention._read_row_bounds(buffer_11LL[0, 0, :L, :L])
+        start, end = mask.bounds  # an end past L (a scale cut short) is clipped to S by the kernel
+        assert start.tolist() == read[0].tolist() and end.clamp_max(L).tolist() == read[1].tolist()
+        assert row_bounds_from_mask(mask, L, L) is mask.bounds and mask.data_ptr() == buffer_11LL.data_ptr()
+    assert type(mask + 0) is torch.Tensor and type(mask[:5, :5]) is torch.Tensor  # operations lose the bounds
+    with pytest.raises(ValueError, match="int32"):
+        IntervalMask(mask, start.long(), end)
+    with pytest.raises(ValueError, match=r"\(L, S\)"):
+        IntervalMask(buffer_11LL, start, end)
+
+
+def test_inference_tensor_masks_are_read_every_time_never_by_version():
+    """A plain mask made under ``torch.inference_mode`` has no version counter: its bounds are read (no cache)."""
+    with torch.inference_mode():
+        mask = block_causal_mask((1, 2, 3), device=DEVICE)
+        assert mask.is_inference()
+        start, end = row_bounds_from_mask(mask, 14, 14)
+        assert end.tolist() == scale_row_bounds((1, 2, 3))[1].tolist() and start.eq(0).all()
+        mask[0, 1] = 0.0  # in place, allowed on inference tensors inside inference mode
+        assert row_bounds_from_mask(mask, 14, 14)[1][0] == 2
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the CPU check of the auto dispatch (on a GPU: bench/kernels_gpu.py)")
+def test_auto_dispatch_under_inference_mode_as_comfyui_runs_it(tiny_models, monkeypatch):
+    """ComfyUI loads and runs models under ``torch.inference_mode``: ``attn_bias_for_masking`` (rebuilt by the
+    loader) and every mask sliced from it are inference tensors, which have no version counter. With the auto
+    dispatch choosing Triton (here: the interpreter on CPU), CoDe's prefill and teacher forcing pass the schedule's
+    bounds down and no mask is read; their tokens and logits match the torch backend."""
+    from nextscale.models.var.collaborative import sample_collaborative
+    from nextscale.models.var.model import VAR
+    from nextscale.models.var.sampler import SamplingOptions
+
+    var, vae = tiny_models
+    labels, opts = torch.tensor([1, 7, NUM_CLASSES]), SamplingOptions(cfg=3.0, top_k=1, top_p=0.0)
+    masks = []
+    triton_fn = attention_mod._BACKENDS["triton"]
+    monkeypatch.setitem(attention_mod._BACKENDS, "triton", lambda *a: masks.append(a[3]) or triton_fn(*a))
+    monkeypatch.setattr(triton_attention, "_read_row_bounds", lambda mask: pytest.fail("a mask was read"))
+    runs = {}
+    for backend in ("torch", "auto"):
+        monkeypatch.setenv(attention_mod.ENV_BACKEND, backend)
+        monkeypatch.setattr(triton_support, "use_triton", lambda t, on=backend == "auto": on)
+        with torch.inference_mode():
+            loaded = VAR.from_state_dict(var.state_dict())  # as the loader builds it
+            assert loaded.attn_bias_for_masking.is_inference()
+            out = sample_collaborative(loaded, loaded, vae, labels, draft_scales=2, seed=0, options=opts)
+            x_BLCv = vae.quantize.teacher_forcing_input(out.flat(), PN)
+            runs[backend] = out, loaded.forward_teacher(labels, x_BLCv)
+    for si in range(len(PN)):
+        assert torch.equal(runs["auto"][0].indices[si], runs["torch"][0].indices[si]), f"scale {si}"
+    torch.testing.assert_close(runs["auto"][1], runs["torch"][1], rtol=1e-4, atol=1e-4)
+    masked = [m for m in masks if m is not None]
+    assert len(masked) == 2 * var.depth  # the prefill and teacher forcing, every layer, through Triton
+    assert all(isinstance(m, IntervalMask) and m.is_inference() for m in masked)
+
+
+def test_first_launch_probe_runs_the_kernels_and_catches_wrong_results(monkeypatch):
+    """The check each CUDA device gets once (kernels.triton_support), here on the interpreter's CPU tensors."""
+    triton_support._first_launch(torch.device(DEVICE))
+    monkeypatch.setattr(triton_attention, "attention_triton", lambda q, k, v, mask: torch.zeros_like(q))
+    with pytest.raises(RuntimeError, match="attention differs from the reference"):
+        triton_support._first_launch(torch.device(DEVICE))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# autotuning and pruning, driven on CPU: a stand-in benchmark, stand-in shared memory (the compiled figures of
+# each config are checked by tests/test_triton_compile.py)
+
+
+TUNED = (triton_attention._attn_fwd_tuned, triton_attention._ragged_attn_fwd_tuned, triton_quantize._nearest_code_tuned)
+
+
+@pytest.fixture
+def stand_in_tuning(monkeypatch):
+    """Autotuning on in the interpreter, 99 KiB of shared memory, 40 KiB per pipelining stage for every config, and
+    a benchmark that runs each config and finds each one faster than the one before. Returns the timed configs
+    of a kernel (what its autotuner benchmarked last)."""
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()  # the config really runs (its output is checked through the final launch's)
+        calls.append(None)
+        return [1.0 / len(calls)] * 3
+
+    calls = []
+    for tuned in TUNED:
+        monkeypatch.setattr(tuned, "cache", {})
+        monkeypatch.setattr(tuned, "do_bench", fake_bench)
+        monkeypatch.setattr(tuned, "configs_timings", {}, raising=False)
+    monkeypatch.setattr(triton_attention, "AUTOTUNE", True)
+    monkeypatch.setattr(triton_quantize, "AUTOTUNE", True)
+    monkeypatch.setattr(triton_tuning, "shared_memory_limit", lambda device: 99 * 1024)
+    monkeypatch.setattr(triton_tuning, "shared_memory", lambda kernel, config, *args: 40 * 1024 * config.num_stages)
+    return lambda tuned: [(*c.kwargs.values(), c.num_stages) for c in tuned.configs_timings]
+
+
+def test_autotune_times_only_stage_counts_that_fit(stand_in_tuning):
+    q, k, v = cos_qkv(2, 2, 37, 53, 64, torch.float32, seed=41)
+    assert_parity(scale_step_attention(q, k, v), attention_torch(q, k, v), torch.float32)
+    tuned = triton_attention._attn_fwd_tuned
+    assert stand_in_tuning(tuned) == [(16, 32, 1), (16, 32, 2)]  # fp32: its fixed tiles, the two stage counts
+    assert (tuned.best_config.kwargs["BLOCK_N"], tuned.best_config.num_stages) == (32, 2)
+
+
+def test_autotune_never_runs_a_config_that_does_not_fit(stand_in_tuning, monkeypatch):
+    monkeypatch.setattr(triton_tuning, "shared_memory_limit", lambda device: 60 * 1024)  # stage 2 needs 80 KiB
+    q, k, v = cos_qkv(1, 2, 9, 20, 128, torch.float32, seed=42)
+    assert_parity(scale_step_attention(q, k, v), attention_torch(q, k, v), torch.float32)
+    tuned = triton_attention._attn_fwd_tuned
+    assert stand_in_tuning(tuned) == []  # one config left: launched without timing, as Triton does
+    assert tuned.best_config.num_stages == 1
+    monkeypatch.setattr(triton_tuning, "shared_memory_limit", lambda device: 30 * 1024)
+    tuned.cache.clear()
+    with pytest.raises(RuntimeError, match="no Triton config of _attn_fwd_kernel fits the 30720 bytes"):
+        scale_step_attention(q, k, v)
+
+
+@pytest.mark.parametrize("L,block_m", [(9, 16), (39, 64)])
+def test_fp16_tiles_are_fixed_and_never_timed(stand_in_tuning, L, block_m):
+    """One config per query count (the query tile for L, the dtype's key tile), for the block-causal and the
+    ragged kernel alike: nothing is timed, so nothing depends on timings."""
+    patch_nums = (1, 2, 3, 5)
+    q, k, v = cos_qkv(1, 2, L, L, 64, torch.float16, seed=L)
+    mask_LL = block_causal_mask(patch_nums, device=DEVICE)[:L, :L]
+    assert_parity(block_causal_attention(q, k, v, patch_nums), attention_torch(q, k, v, mask_LL), torch.float16)
+    k_packed, v_packed, offsets = ragged.pack_kv_prefix(k, v, torch.tensor([[L, L // 2]]))
+    ref = ragged.ragged_attention_torch(q, k_packed, v_packed, offsets)
+    assert_parity(ragged_attention_triton(q, k_packed, v_packed, offsets), ref, torch.float16)
+    for tuned in TUNED[:2]:
+        assert stand_in_tuning(tuned) == []
+        assert tuned.best_config.kwargs == {"BLOCK_M": block_m, "BLOCK_N": triton_attention.KEY_TILE[torch.float16]}
+
+
+def test_shared_memory_is_read_from_a_compile_without_launch():
+    """What the pruning asks Triton on a GPU: ``warmup`` (compile, no launch) with the launch's arguments."""
+    calls = []
+
+    class Kernel:
+        arg_names = ("Q", "L", "D", "BLOCK_M")
+
+        def warmup(self, *args, **kwargs):
+            calls.append((args, kwargs))
+            return type("Compiled", (), {"metadata": type("Metadata", (), {"shared": 12345})})()
+
+    config = triton_attention.tile_configs(torch.float16)[0]
+    q = torch.zeros(1)
+    meta = {"grid": lambda META: (1,), "warmup": False, "D": 64}  # as the autotuner hands them to the pruning
+    assert triton_tuning.shared_memory(Kernel(), config, {"Q": q, "L": 5}, meta) == 12345
+    (args, kwargs), = calls
+    assert args[0] is q and args[1:] == (5,)
+    assert kwargs == {"grid": (1,), "D": 64, **config.all_kwargs()}
+
+
+def test_nearest_code_autotune_prunes_and_times(stand_in_tuning, monkeypatch):
+    monkeypatch.setattr(triton_tuning, "shared_memory_limit", lambda device: 130 * 1024)  # drops the 4-stage one
+    g = torch.Generator().manual_seed(3)
+    z, codebook = torch.randn(50, 32, generator=g).to(DEVICE), torch.randn(300, 32, generator=g).to(DEVICE)
+    assert_same_codes(nearest_code_triton(z, codebook), z, codebook)
+    assert stand_in_tuning(triton_quantize._nearest_code_tuned) == [(32, 128, 3), (64, 128, 3)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

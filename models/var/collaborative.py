@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from ...kernels.attention import IntervalMask
 from ..core.errors import NextScaleError
 from ..core.hooks import Control, SamplerHooks
 from ..core.kv_cache import KVCache, KVPolicy
@@ -81,7 +82,7 @@ def prefill(
     slices = scale_slices(var.patch_nums)[: upto + 1]
     if P != slices[-1].stop:
         raise NextScaleError(f"prefill of scales 0..{upto} needs {slices[-1].stop} tokens, got {P}")
-    mask_PP = var.teacher_mask(P, x_RPC.device)
+    mask_PP = IntervalMask.block_causal(var.teacher_mask(P, x_RPC.device), var.patch_nums)
     cache.begin_scale(upto)
     for i, block in enumerate(var.blocks):
         if control is not None:

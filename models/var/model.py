@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from ...kernels.attention import block_causal_mask
+from ...kernels.attention import IntervalMask, block_causal_mask
 from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn
 from ..core.checkpoint import (
     CONFIG_METADATA_KEY,
@@ -268,7 +268,7 @@ class VAR(ComputeDtype, nn.Module):
         cond = self.condition(label_B)
         x_BLC = torch.cat((self.start_token(cond.cond_BD), self.word_embed(x_BLCv.to(self.compute_dtype))), dim=1)
         x_BLC = x_BLC + cond.lvl_pos_1LC[:, :l]
-        mask_LL = self.teacher_mask(l, x_BLC.device)
+        mask_LL = IntervalMask.block_causal(self.teacher_mask(l, x_BLC.device), self.patch_nums)
         for block, ada_B16C in zip(self.blocks, cond.ada_B16C):
             x_BLC = block(x_BLC, ada_B16C, attn_mask=mask_LL)
         return self.logits(x_BLC, cond)
