@@ -351,6 +351,40 @@ def folder_dataset(root: str, resolution: int = DEFAULT_RESOLUTION) -> ArrayData
     return ArrayDataset(imgs, labels, names)
 
 
+def captioned_folder(root: str, size_hw: tuple[int, int]) -> tuple[np.ndarray, list[str], list[str]]:
+    """Every image under ``root`` (recursively, sorted by path) with its text: the side-car file of the same name
+    (``cat.png`` + ``cat.txt``: a class name or a caption), else the name of its subfolder (``root/<class>/...``).
+    Images are centre-cropped to the aspect of ``size_hw = (height, width)`` and resized to it. Returns
+    ``(uint8 (N, H, W, 3), texts, paths relative to root)``."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"--data {root}: no such folder")
+    paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
+                   if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+    if not paths:
+        raise SystemExit(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) in it or below it")
+    h, w = size_hw
+    imgs, texts = [], []
+    for rel in paths:
+        side_car = os.path.join(root, os.path.splitext(rel)[0] + ".txt")
+        if os.path.isfile(side_car):
+            with open(side_car, encoding="utf-8") as f:
+                text = " ".join(f.read().split())
+        else:
+            text = os.path.dirname(rel).replace(os.sep, "/")
+        if not text:
+            raise SystemExit(f"{os.path.join(root, rel)} has no text: put its class name or caption into "
+                             f"{side_car}, or the image into a folder named after its class")
+        with Image.open(os.path.join(root, rel)) as im:
+            im = im.convert("RGB")
+            iw, ih = im.size
+            scale = min(iw / w, ih / h)
+            cw, ch = round(w * scale), round(h * scale)
+            im = im.crop(((iw - cw) // 2, (ih - ch) // 2, (iw - cw) // 2 + cw, (ih - ch) // 2 + ch))
+            imgs.append(np.asarray(im.resize((w, h), Image.LANCZOS), np.uint8))
+        texts.append(text)
+    return np.stack(imgs), texts, paths
+
+
 def split_dataset(ds: ArrayDataset, heldout_fraction: float = 0.1, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
     """Deterministic train/held-out split of a folder dataset (stratified by class)."""
     rng = np.random.default_rng(seed)
