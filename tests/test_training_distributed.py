@@ -13,11 +13,12 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from training import common, distributed, train_control, train_generator, train_tokenizer  # noqa: E402
+from training import common, data, distributed, train_control, train_generator, train_lora, train_tokenizer  # noqa: E402
 
 common.import_pack()
 from nextscale.models.var.model import VAR, VARConfig  # noqa: E402
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 RES = 16
 STEPS = 8
-TRAINERS = {"tokenizer": train_tokenizer, "generator": train_generator, "control": train_control}
+TRAINERS = {"tokenizer": train_tokenizer, "generator": train_generator, "control": train_control, "lora": train_lora}
 
 # Runs in each of the two processes: join the group once, then every planned training in turn.
 DRIVER = """
@@ -37,8 +38,8 @@ import torch
 import torch.distributed as dist
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
-from training import train_control, train_generator, train_tokenizer
-modules = {"tokenizer": train_tokenizer, "generator": train_generator, "control": train_control}
+from training import train_control, train_generator, train_lora, train_tokenizer
+modules = {"tokenizer": train_tokenizer, "generator": train_generator, "control": train_control, "lora": train_lora}
 with open(sys.argv[2]) as f:
     plan = json.load(f)
 for name, argv in plan:
@@ -64,7 +65,8 @@ def _data(cache):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A random tiny tokenizer and generator (training needs no trained inputs to compare curves)."""
+    """A random tiny tokenizer and generator (training needs no trained inputs to compare curves), and a folder of
+    images with side-car class names for the LoRA trainer."""
     root = tmp_path_factory.mktemp("dist")
     torch.manual_seed(0)
     tok = MultiScaleVQVAE(TokenizerConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1,
@@ -72,13 +74,22 @@ def files(tmp_path_factory):
     train_tokenizer.init_weights(tok, 64)
     train_tokenizer.export(tok, str(root / "tok.safetensors"))
     var = VAR(VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=10, vocab_size=64, cvae=8,
-                        patch_nums=(1, 2, 4, 8)))
+                        patch_nums=(1, 2, 4, 8), class_names=data.CLASS_NAMES))
     train_generator.export(var, str(root / "gen.safetensors"), "float32")
+    images, labels = data.render_many(3, "train", 0, 24, RES)
+    (root / "captioned").mkdir()
+    for i, (img, label) in enumerate(zip(images, labels)):
+        Image.fromarray(img).save(root / "captioned" / f"{i:02d}.png")
+        (root / "captioned" / f"{i:02d}.txt").write_text(data.CLASS_NAMES[label])
     return root
 
 
 def argv_for(kind, files, run_dir, extra=()):
     cache = str(files / "cache")
+    if kind == "lora":  # rank 2 on the attention, MLP and head (a random VAR's blocks start near identity)
+        return ["--base", str(files / "gen.safetensors"), "--tokenizer", str(files / "tok.safetensors"), "--data",
+                str(files / "captioned"), "--rank", "2", "--layers", "attn,ffn,head", "--batch-size", "8", "--lr",
+                "1e-2", "--warmup", "1", *_quiet(str(files / run_dir)), *extra]
     if kind == "tokenizer":
         opts = ["--vocab-size", "64", "--z-channels", "8", "--ch", "32", "--ch-mult", "1,1", "--num-res-blocks", "1",
                 "--patch-nums", "1,2,4,8", "--batch-size", "8", "--lr", "2e-3", "--warmup", "2", "--eval-count", "16",
@@ -102,6 +113,7 @@ TWO_PROCESS_RUNS = [
     ("gen_fsdp_stopped", "generator", ["--parallel", "fsdp", "--stop-after", "4"]),
     ("gen_grown", "generator", ["--parallel", "fsdp", "--fsdp-sharding", "grad-op"]),  # resumes a 1-process run
     ("ctl_ddp", "control", []),
+    ("lora_fsdp", "lora", ["--parallel", "fsdp"]),
 ]
 
 
@@ -129,7 +141,7 @@ def _close(a, b):
 
 
 @pytest.mark.parametrize("name, reference", [("tok_ddp", "tokenizer_one"), ("tok_fsdp", "tokenizer_one"),
-                                             ("ctl_ddp", "control_one")])
+                                             ("ctl_ddp", "control_one"), ("lora_fsdp", "lora_one")])
 def test_two_processes_follow_the_one_process_curve(runs, name, reference):
     """Same global batch, half on each process: every step's loss is the one process's (the tokenizer's runs
     include dead-code restarts, which see the whole batch on both ranks), logged once, by rank 0."""
