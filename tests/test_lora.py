@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 
 from harness.testbed import run_in_comfyui_python  # noqa: E402
 
-from training import common, data, train_lora  # noqa: E402
+from training import common, data, evaluate_lora, train_lora  # noqa: E402
 
 common.import_pack()
 from nextscale.models.core import lora  # noqa: E402
@@ -205,6 +205,20 @@ def test_var_lora_trains_evaluates_and_exports(trained):
     assert cfg["trained_on"]["classes"] == sorted(data.CLASS_NAMES)
     assert len(trained_lora.weights) == 8 * 4 and all(w.up.abs().max() > 0 for w in trained_lora.weights.values())
     assert os.path.getsize(out) < 1_000_000
+
+
+def test_evaluate_lora_measures_every_strength_on_the_same_seeds(trained, tmp_path):
+    _, _, out = trained
+    grid = str(tmp_path / "grid.png")
+    res = evaluate_lora.evaluate_lora(out, "outline", [0.0, 1.0], GENERATOR, TOKENIZER,
+                                      os.path.join(WEIGHTS, "classifier.safetensors"), per_class=2, grid=grid)
+    assert res["strength_0_bit_identical"] is True and res["images_per_set"] == 20
+    sets = res["sets"]
+    assert list(sets) == ["none", "strength 0", "strength 1"] and sets["strength 0"] == sets["none"]
+    assert sets["strength 1"] != sets["none"]
+    assert set(sets["none"]) == {"class_accuracy", "frechet_to_filled", "frechet_to_outline"}
+    assert set(res["frechet_floor"]) == {"filled", "outline"}
+    assert Image.open(grid).size == (20 * 64, 3 * 64)  # a row per set, two images of each class
 
 
 def test_var_lora_resume_is_exact(trained, tmp_path):
