@@ -112,6 +112,7 @@ TWO_PROCESS_RUNS = [
     ("gen_ddp_stopped", "generator", ["--stop-after", "4"]),
     ("gen_fsdp_stopped", "generator", ["--parallel", "fsdp", "--stop-after", "4"]),
     ("gen_grown", "generator", ["--parallel", "fsdp", "--fsdp-sharding", "grad-op"]),  # resumes a 1-process run
+    ("gen_hybrid", "generator", ["--parallel", "fsdp", "--fsdp-sharding", "hybrid"]),
     ("ctl_ddp", "control", []),
     ("lora_fsdp", "lora", ["--parallel", "fsdp"]),
 ]
@@ -141,7 +142,8 @@ def _close(a, b):
 
 
 @pytest.mark.parametrize("name, reference", [("tok_ddp", "tokenizer_one"), ("tok_fsdp", "tokenizer_one"),
-                                             ("ctl_ddp", "control_one"), ("lora_fsdp", "lora_one")])
+                                             ("ctl_ddp", "control_one"), ("lora_fsdp", "lora_one"),
+                                             ("gen_hybrid", "generator_one")])
 def test_two_processes_follow_the_one_process_curve(runs, name, reference):
     """Same global batch, half on each process: every step's loss is the one process's (the tokenizer's runs
     include dead-code restarts, which see the whole batch on both ranks), logged once, by rank 0."""

@@ -131,10 +131,10 @@ class Distributed:
 
     # -- rows of a global batch --------------------------------------------------------------------------------
 
-    def check_batch(self, batch_size: int, what: str = "--batch-size") -> None:
+    def check_batch(self, batch_size: int) -> None:
         if batch_size % self.world_size:
-            raise SystemExit(f"{what} {batch_size} is the global batch and must divide among the {self.world_size} "
-                             f"processes: use a multiple of {self.world_size}")
+            raise SystemExit(f"--batch-size {batch_size} is the global batch and must divide among the "
+                             f"{self.world_size} processes: use a multiple of {self.world_size}")
 
     def rows(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This rank's contiguous share of each global-batch tensor (dim 0), moved to the device."""

@@ -3,8 +3,8 @@
 Data (``--data FOLDER``): every image in the folder or below it, with a side-car text file of the same name
 (``cat.png`` + ``cat.txt``) holding its class name (VAR: one of the base model's class names, or its index) or its
 caption (Infinity); an image without one takes the name of its subfolder (``FOLDER/<class>/<image>``). Images are
-centre-cropped and resized to the tokenizer's size (VAR) or the schedule's (Infinity). Every tenth image (by sorted
-path) is held out for the evaluation.
+centre-cropped and resized to the tokenizer's size (VAR) or the schedule's (Infinity). About one image in ten is held
+out for the evaluation, chosen by a hash of its path (the same images whatever else the folder holds).
 
 Training: the base model stays frozen; a LoRA (models/core/lora.py) adapts the weights of the layer groups
 ``--layers`` in the blocks ``--blocks`` with rank ``--rank`` and scale ``--alpha / --rank``. The loss is the base
@@ -59,7 +59,7 @@ from nextscale.models.var.classes import class_index, default_class_names  # noq
 from nextscale.models.var.model import VAR  # noqa: E402
 from nextscale.models.var.tokenizer import MultiScaleVQVAE  # noqa: E402
 
-HELD_OUT_EVERY = 10  # every tenth image is held out
+HELD_OUT_ONE_IN = 10  # an image is held out when the hash of its path is 0 modulo this
 T5_MAX_TOKENS = 512  # Infinity's prompt limit, the end-of-sequence token included
 
 
@@ -306,8 +306,8 @@ def _train(args, d: distributed.Distributed) -> dict:
     torch.manual_seed(args.seed)
     task = make_task(args, device)
     model = task.model
-    images, texts, _ = data.captioned_folder(args.data, task.size)
-    held = np.arange(len(images)) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+    images, texts, paths = data.captioned_folder(args.data, task.size)
+    held = np.array([int(hashlib.sha1(p.encode()).hexdigest(), 16) % HELD_OUT_ONE_IN == 0 for p in paths], bool)
     digest = data_digest(images, texts)
     # the targets, encoded once by rank 0 into the run folder
     tag = f"{digest}_{file_digest(args.tokenizer)}{task.cache_tag}"
