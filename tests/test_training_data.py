@@ -135,3 +135,33 @@ def test_weighted_step_batches_follow_the_class_weights():
 def test_lr_schedule_bounds(step, total):
     lr = common.lr_at(step, total, 1.0, warmup=10, min_ratio=0.1)
     assert 0.0 < lr <= 1.0
+
+
+def test_outline_style_draws_the_same_scene_otherwise():
+    """Image i in the outline style: same class, background and colours as the filled image i, only the inside of
+    the shape shows the background."""
+    filled, labels = data.render_many(0, "heldout", 0, 10)
+    outline, outline_labels = data.render_many(0, "heldout", 0, 10, style="outline")
+    assert np.array_equal(labels, outline_labels)
+    for f, o in zip(filled, outline):
+        assert np.array_equal(f[:3, :3], o[:3, :3])  # the corner: background in both
+        differs = np.abs(f.astype(int) - o.astype(int)).sum(-1) > 30
+        assert 0.03 < differs.mean() < 0.6  # the shape's inside, not the whole image
+    with pytest.raises(ValueError, match="style must be one of"):
+        data.render(0, "train", 0, style="dotted")
+
+
+def test_captioned_folder_reads_side_cars_and_class_folders(tmp_path):
+    from PIL import Image
+
+    images, labels = data.render_many(0, "train", 0, 3, 16)
+    data.write_folder(str(tmp_path / "flat"), images, labels)
+    Image.fromarray(images[0]).save(tmp_path / "flat" / "sub.png")  # no side-car, not in a class folder
+    with pytest.raises(SystemExit, match=r"sub\.png has no text"):
+        data.captioned_folder(str(tmp_path / "flat"), (16, 16))
+    (tmp_path / "flat" / "sub.png").unlink()
+    (tmp_path / "flat" / "star").mkdir()
+    Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(tmp_path / "flat" / "star" / "wide.png")
+    imgs, texts, paths = data.captioned_folder(str(tmp_path / "flat"), (16, 8))
+    assert imgs.shape == (4, 16, 8, 3) and paths[-1] == os.path.join("star", "wide.png")
+    assert texts == ["circle", "square", "triangle", "star"]

@@ -36,11 +36,12 @@ def import_pack():
 
 
 def add_run_args(ap, run_name: str) -> None:
-    """The bookkeeping options every trainer shares: run folder and resuming, checkpoint period, device, threads,
-    progress bar and the test-only early stop."""
+    """The bookkeeping options every trainer shares: run folder and resuming, checkpoint and log periods, device,
+    threads, progress bar, the test-only early stop, precision and the strategy under ``torchrun``."""
     ap.add_argument("--run-dir", default=os.path.join(repo_root(), "runs", run_name))
     ap.add_argument("--resume", default="auto", help="'auto' (<run-dir>/last.pt), a checkpoint path, or 'none'")
     ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--log-every", type=int, default=50, help="log the training figures every this many steps")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
@@ -48,6 +49,9 @@ def add_run_args(ap, run_name: str) -> None:
     ap.add_argument("--precision", default="fp32", choices=PRECISIONS,
                     help="forward/backward under autocast in this dtype (weights and optimiser stay fp32); bf16 is "
                          "2x faster on CPUs with AMX/AVX512-BF16 and on recent GPUs")
+    from training import distributed
+
+    distributed.add_args(ap)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -293,16 +297,21 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 class RunLog:
-    """Prints one line per record and appends it as JSON to ``<run>/log.jsonl``."""
+    """Prints one line per record and appends it as JSON to ``<run>/log.jsonl``. A disabled log (every rank but
+    rank 0 of a distributed run) writes nothing."""
 
-    def __init__(self, run_dir: str, quiet: bool = False):
+    def __init__(self, run_dir: str, quiet: bool = False, enabled: bool = True):
         self.run_dir = run_dir
-        os.makedirs(run_dir, exist_ok=True)
+        self.enabled = enabled
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "log.jsonl")
         self.quiet = quiet
         self.t0 = time.time()
 
     def log(self, kind: str, **fields) -> None:
+        if not self.enabled:
+            return
         rec = {"kind": kind, "time": round(time.time() - self.t0, 2), **fields}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 CLASS_NAMES = (
     "circle",
@@ -51,6 +51,11 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 _CANVAS = 256  # canonical drawing canvas (4x supersampling of 64 px)
 _BOX = 200  # the canonical shape fills a centred box of this side
+_OUTLINE = 12  # half the width of an outline, in canvas pixels (about 2 px of a 64 px image)
+# How the shape is drawn: "filled" (the training set of the embedded model) or "outline" (a style the embedded model
+# never saw; the example LoRA teaches it). The style draws from the same random stream, so image i of a split has
+# the same shape, colours, pose and background in every style.
+STYLES = ("filled", "outline")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +153,13 @@ def canonical_mask(label: int, variant: int = 0) -> Image.Image:
     raise ValueError(f"unknown class {name!r}")
 
 
+@functools.cache
+def outline_mask(label: int, variant: int = 0) -> Image.Image:
+    """The canonical mask's outline: the shape minus itself eroded by :data:`_OUTLINE` canvas pixels."""
+    mask = canonical_mask(label, variant)
+    return ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(2 * _OUTLINE + 1)))
+
+
 def _is_glyph(label: int) -> bool:
     return CLASS_NAMES[label] in ("letter A", "digit 7")
 
@@ -204,13 +216,16 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def render(seed: int, split: str, index: int, resolution: int = DEFAULT_RESOLUTION,
-           num_classes: int = len(CLASS_NAMES)) -> tuple[np.ndarray, int]:
-    """Image ``index`` of ``split``: uint8 (resolution, resolution, 3) and its class label."""
+           num_classes: int = len(CLASS_NAMES), style: str = "filled") -> tuple[np.ndarray, int]:
+    """Image ``index`` of ``split`` drawn in ``style`` (:data:`STYLES`): uint8 (resolution, resolution, 3) and its
+    class label."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     label = int(index) % num_classes
     rng = _rng(seed, split, index)
     bg = _background(rng, resolution)
     variant = int(rng.integers(0, len(GLYPH_FONTS))) if _is_glyph(label) else 0
-    base = canonical_mask(label, variant)
+    base = canonical_mask(label, variant) if style == "filled" else outline_mask(label, variant)
 
     # random similarity transform of the canonical mask, applied at the supersampled size
     frac = rng.uniform(0.5, 0.82)  # side of the shape's box / image side
@@ -239,12 +254,22 @@ def render(seed: int, split: str, index: int, resolution: int = DEFAULT_RESOLUTI
 
 
 def render_many(seed: int, split: str, start: int, count: int, resolution: int = DEFAULT_RESOLUTION,
-                num_classes: int = len(CLASS_NAMES)) -> tuple[np.ndarray, np.ndarray]:
+                num_classes: int = len(CLASS_NAMES), style: str = "filled") -> tuple[np.ndarray, np.ndarray]:
     imgs = np.empty((count, resolution, resolution, 3), np.uint8)
     labels = np.empty((count,), np.int64)
     for i in range(count):
-        imgs[i], labels[i] = render(seed, split, start + i, resolution, num_classes)
+        imgs[i], labels[i] = render(seed, split, start + i, resolution, num_classes, style)
     return imgs, labels
+
+
+def write_folder(folder: str, images_uint8: np.ndarray, labels: np.ndarray) -> None:
+    """``<folder>/<i>.png`` with its class name in ``<folder>/<i>.txt`` (what training/train_lora.py reads)."""
+    os.makedirs(folder, exist_ok=True)
+    width = len(str(len(images_uint8) - 1))
+    for i, (img, label) in enumerate(zip(images_uint8, labels)):
+        Image.fromarray(img).save(os.path.join(folder, f"{i:0{width}d}.png"))
+        with open(os.path.join(folder, f"{i:0{width}d}.txt"), "w", encoding="utf-8") as f:
+            f.write(CLASS_NAMES[int(label)] + "\n")
 
 
 def synthetic_arrays(seed: int, split: str, count: int, resolution: int = DEFAULT_RESOLUTION,
@@ -351,6 +376,40 @@ def folder_dataset(root: str, resolution: int = DEFAULT_RESOLUTION) -> ArrayData
     return ArrayDataset(imgs, labels, names)
 
 
+def captioned_folder(root: str, size_hw: tuple[int, int]) -> tuple[np.ndarray, list[str], list[str]]:
+    """Every image under ``root`` (recursively, sorted by path) with its text: the side-car file of the same name
+    (``cat.png`` + ``cat.txt``: a class name or a caption), else the name of its subfolder (``root/<class>/...``).
+    Images are centre-cropped to the aspect of ``size_hw = (height, width)`` and resized to it. Returns
+    ``(uint8 (N, H, W, 3), texts, paths relative to root)``."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"--data {root}: no such folder")
+    paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
+                   if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+    if not paths:
+        raise SystemExit(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) in it or below it")
+    h, w = size_hw
+    imgs, texts = [], []
+    for rel in paths:
+        side_car = os.path.join(root, os.path.splitext(rel)[0] + ".txt")
+        if os.path.isfile(side_car):
+            with open(side_car, encoding="utf-8") as f:
+                text = " ".join(f.read().split())
+        else:
+            text = os.path.dirname(rel).replace(os.sep, "/")
+        if not text:
+            raise SystemExit(f"{os.path.join(root, rel)} has no text: put its class name or caption into "
+                             f"{side_car}, or the image into a folder named after its class")
+        with Image.open(os.path.join(root, rel)) as im:
+            im = im.convert("RGB")
+            iw, ih = im.size
+            scale = min(iw / w, ih / h)
+            cw, ch = round(w * scale), round(h * scale)
+            im = im.crop(((iw - cw) // 2, (ih - ch) // 2, (iw - cw) // 2 + cw, (ih - ch) // 2 + ch))
+            imgs.append(np.asarray(im.resize((w, h), Image.LANCZOS), np.uint8))
+        texts.append(text)
+    return np.stack(imgs), texts, paths
+
+
 def split_dataset(ds: ArrayDataset, heldout_fraction: float = 0.1, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
     """Deterministic train/held-out split of a folder dataset (stratified by class)."""
     rng = np.random.default_rng(seed)
@@ -389,16 +448,22 @@ def save_grid(images_uint8: np.ndarray, path: str, cols: int = 10) -> None:
     Image.fromarray(grid).save(path)
 
 
-if __name__ == "__main__":  # python3 -m training.data -> writes a preview grid
+if __name__ == "__main__":  # python3 -m training.data -> a preview grid, or a folder of images with class names
     import argparse
 
-    ap = argparse.ArgumentParser(description="Preview the synthetic dataset")
+    ap = argparse.ArgumentParser(description="Preview the synthetic dataset, or write it as a folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", default="train", choices=tuple(SPLITS))
     ap.add_argument("--count", type=int, default=60)
     ap.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION)
+    ap.add_argument("--style", default="filled", choices=STYLES)
     ap.add_argument("--out", default="runs/data_preview.png")
+    ap.add_argument("--folder", default=None, help="write the images with side-car class names into this folder")
     args = ap.parse_args()
-    imgs, _ = render_many(args.seed, args.split, 0, args.count, args.resolution)
-    save_grid(imgs, args.out)
-    print(f"wrote {args.out}")
+    imgs, labels = render_many(args.seed, args.split, 0, args.count, args.resolution, style=args.style)
+    if args.folder:
+        write_folder(args.folder, imgs, labels)
+        print(f"wrote {args.count} images to {args.folder}")
+    else:
+        save_grid(imgs, args.out)
+        print(f"wrote {args.out}")

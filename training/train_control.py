@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file
 import torch
 import torch.nn.functional as F
 
-from training import common, data
+from training import common, data, distributed
 from training.train_generator import _load_indices, cached_indices, split_scales
 
 common.import_pack()
@@ -125,8 +125,14 @@ def evaluate(var, adapter, tokenizer, idx_NL, lab_N, ctrl_N, device, batch_size:
 
 def train(args) -> dict:
     common.set_threads(args.threads)
-    device = common.pick_device(args.device)
-    log = common.RunLog(args.run_dir)
+    with distributed.session(args) as d:
+        return _train(args, d)
+
+
+def _train(args, d: distributed.Distributed) -> dict:
+    device = d.device
+    d.check_batch(args.batch_size)
+    log = common.RunLog(args.run_dir, enabled=d.is_main)
     torch.manual_seed(args.seed)
     tokenizer = MultiScaleVQVAE.from_file(args.tokenizer).to(device).eval().requires_grad_(False)
     var = VAR.from_file(args.generator).to(device).eval().requires_grad_(False)
@@ -138,46 +144,58 @@ def train(args) -> dict:
         feat_dim=args.feat_dim, image_size=args.image_size or args.resolution, control_type=args.control,
     )
     adapter = ControlAdapter(cfg).to(device).train()
-    opt = common.adamw(adapter, args.lr, weight_decay=args.weight_decay)
-    gen = torch.Generator().manual_seed(args.seed + 17)
-    step = 0
-    ckpt_path = common.resume_path(args.run_dir, args.resume)
-    if ckpt_path:
-        ck = common.load_checkpoint(ckpt_path)
+    ckpt_path = d.resume_path(args.run_dir, args.resume)
+    ck = common.load_checkpoint(ckpt_path) if ckpt_path else None
+    if ck is not None:
         if ck["config"] != cfg.to_dict():
             raise SystemExit(f"{ckpt_path} was trained with another adapter ({ck['config']}); "
                              "use the same arguments or another --run-dir")
         adapter.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+    train_step = d.wrap(adapter, lambda idx, lab, ctrl, keep: control_loss(var, adapter, tokenizer, idx, lab, ctrl,
+                                                                           keep))
+    opt = common.adamw(adapter, args.lr, weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed + 17)
+    step = 0
+    if ck is not None:
+        d.load_optimizer_state(opt, ck["optimizer"])
         step = int(ck["step"])
         gen.set_state(ck["gen_state"])
-        log.log("resume", path=ckpt_path, step=step)
+        log.log("resume", path=ckpt_path, step=step, saved_by_processes=ck.get("world_size", 1),
+                processes=d.world_size)
 
-    train_ds, held_ds = data.load_datasets(args.data, args.resolution, args.seed, args.train_count, args.heldout_count,
-                                           args.cache_dir)
+    with d.main_first():
+        train_ds, held_ds = data.load_datasets(args.data, args.resolution, args.seed, args.train_count,
+                                               args.heldout_count, args.cache_dir)
     if args.use_count and args.use_count < len(train_ds):
         train_ds = data.ArrayDataset(train_ds.images[: args.use_count], train_ds.labels[: args.use_count],
                                      train_ds.class_names)
     if len(train_ds.class_names) != var.num_classes:
         raise SystemExit(f"the data has {len(train_ds.class_names)} classes but the generator {var.num_classes}")
-    progress = not args.no_progress
+    progress = not args.no_progress and d.is_main
     os.makedirs(args.run_dir, exist_ok=True)
-    idx_train = _load_indices(cached_indices(tokenizer, args.tokenizer, train_ds.images, args.run_dir, "train",
-                                             device, progress))
     held_imgs = held_ds.images[: args.eval_count]
-    idx_held = _load_indices(cached_indices(tokenizer, args.tokenizer, held_imgs, args.run_dir, "heldout",
-                                            device, progress))
+    with d.main_first():
+        idx_train = _load_indices(cached_indices(tokenizer, args.tokenizer, train_ds.images, args.run_dir, "train",
+                                                 device, progress))
+        idx_held = _load_indices(cached_indices(tokenizer, args.tokenizer, held_imgs, args.run_dir, "heldout",
+                                                device, progress))
     ctrl_train = control_maps(train_ds.images, args.control, args.edge_low, args.edge_high)
     ctrl_held = control_maps(held_imgs, args.control, args.edge_low, args.edge_high)
     lab_train, lab_held = torch.from_numpy(train_ds.labels), torch.from_numpy(held_ds.labels[: args.eval_count])
     batches = common.StepBatches((idx_train, lab_train, ctrl_train), args.batch_size, args.seed)
     n_params = sum(p.numel() for p in adapter.parameters())
-    log.log("start", device=str(device), params=n_params, config=cfg.to_dict(), args=vars(args), train=len(train_ds))
+    log.log("start", device=str(device), params=n_params, config=cfg.to_dict(), args=vars(args), train=len(train_ds),
+            processes=d.describe())
+
+    def build() -> ControlAdapter:
+        return ControlAdapter(cfg)
 
     def save(path):
-        common.save_checkpoint(path, {"model": adapter.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                      "config": cfg.to_dict(), "gen_state": gen.get_state(),
-                                      "generator": os.path.abspath(args.generator), "args": json.dumps(vars(args))})
+        state = {"model": d.full_state(adapter.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
+                 "config": cfg.to_dict(), "gen_state": gen.get_state(), "generator": os.path.abspath(args.generator),
+                 "args": json.dumps(vars(args)), "world_size": d.world_size}
+        if d.is_main:
+            common.save_checkpoint(path, state)
 
     bar = common.Progress(args.steps, start=step, desc="control", enabled=progress)
     t0, metrics = time.time(), {}
@@ -186,39 +204,49 @@ def train(args) -> dict:
             save(os.path.join(args.run_dir, "last.pt"))
             return {"step": step, "stopped": True}
         common.set_lr(opt, common.lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_ratio))
-        idx, lab, ctrl = batches.batch(step, device)
-        drop = torch.rand(lab.shape, generator=gen).to(device) < args.label_drop
+        idx, lab, ctrl = batches.batch(step)
+        drop = torch.rand(lab.shape, generator=gen) < args.label_drop
         lab = torch.where(drop, torch.full_like(lab, var.num_classes), lab)
-        keep = (torch.rand(lab.shape, generator=gen) >= args.control_drop).float().to(device)
+        keep = (torch.rand(lab.shape, generator=gen) >= args.control_drop).float()
+        idx, lab, ctrl, keep = d.rows(idx, lab, ctrl, keep)
         with common.autocast(device, args.precision):
-            loss, logits = control_loss(var, adapter, tokenizer, idx, lab, ctrl, keep)
+            loss, logits = train_step(idx, lab, ctrl, keep)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(adapter.parameters(), 2.0)
+        gnorm = d.grad_norm(torch.nn.utils.clip_grad_norm_(adapter.parameters(), 2.0))
         opt.step()
         step += 1
-        bar.update(loss=loss.item())
-        if step % 50 == 0 or step == args.steps or step == 1:
-            acc = float((logits.detach().argmax(-1) == idx.long()).float().mean())
-            log.log("train", step=step, loss=loss.item(), token_acc=acc, grad_norm=float(gnorm),
+        logged = step % args.log_every == 0 or step == args.steps or step == 1
+        figures = {"loss": loss.item()}
+        if logged:
+            figures["token_acc"] = float((logits.detach().argmax(-1) == idx.long()).float().mean())
+        figures = d.mean(figures)
+        bar.update(loss=figures["loss"])
+        if logged:
+            log.log("train", step=step, loss=figures["loss"], token_acc=figures["token_acc"], grad_norm=gnorm,
                     lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
         if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate(var, adapter, tokenizer, idx_held, lab_held, ctrl_held, device)
-            log.log("eval", step=step, **metrics)
+            whole = d.whole(adapter, build)
+            if whole is not None:
+                metrics = evaluate(var, whole, tokenizer, idx_held, lab_held, ctrl_held, device)
+                log.log("eval", step=step, **metrics)
             save(os.path.join(args.run_dir, "last.pt"))
         elif step % args.save_every == 0:
             save(os.path.join(args.run_dir, "last.pt"))
     bar.close()
     save(os.path.join(args.run_dir, "last.pt"))
-    if args.out:
-        adapter.eval().save(args.out)
+    whole = d.whole(adapter, build) if args.out else None
+    if whole is not None:
+        whole.eval().save(args.out)
         log.log("export", out=args.out, bytes=os.path.getsize(args.out))
     return {"step": step, **metrics}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    print(json.dumps(train(args)))
+    out = train(args)
+    if distributed.main_process():
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ Examples (from the repository root)::
     python3 -m training.train_generator --tokenizer weights/nextscale_tokenizer.safetensors \\
         --run-dir runs/generator --steps 4000 --out weights/nextscale_generator.safetensors
     python3 -m training.train_generator --tokenizer my_tok.safetensors --data path/to/folders --run-dir runs/my_gen
+    torchrun --nproc-per-node 4 -m training.train_generator --tokenizer my_tok.safetensors --run-dir runs/my_gen
 
+Under ``torchrun`` the same options train on every process (``--batch-size`` is the global batch; DDP, or FSDP with
+``--parallel fsdp``; see training/distributed.py) and the checkpoint resumes at any number of processes.
 Resuming is automatic (``--resume auto`` reads ``<run-dir>/last.pt``); passing a larger ``--steps`` continues
 a finished run (the cosine schedule is stretched to the new total). ``--class-weight star=3`` draws a class more
 often than its share of the data (batches sampled with replacement; the label drop is rescaled per class so that the
@@ -37,7 +40,7 @@ if __package__ in (None, ""):  # run as a file
 import torch
 import torch.nn.functional as F
 
-from training import common, data
+from training import common, data, distributed
 
 common.import_pack()
 from nextscale.models.core.schedule import scale_slices  # noqa: E402
@@ -177,17 +180,30 @@ def evaluate_teacher(var: VAR, tokenizer, idx_NL: torch.Tensor, labels_N: torch.
     }
 
 
+def block_units(var: VAR) -> list[torch.nn.Module]:
+    """What FSDP gathers one at a time: each block's attention and MLP (the AdaLN linears, called from
+    ``VAR.condition`` outside the blocks, stay with the rest of the model)."""
+    return [m for block in var.blocks for m in (block.attn, block.ffn)]
+
+
 def train(args) -> dict:
     common.set_threads(args.threads)
-    device = common.pick_device(args.device)
-    log = common.RunLog(args.run_dir)
+    with distributed.session(args) as d:
+        return _train(args, d)
+
+
+def _train(args, d: distributed.Distributed) -> dict:
+    device = d.device
+    d.check_batch(args.batch_size)
+    log = common.RunLog(args.run_dir, enabled=d.is_main)
     torch.manual_seed(args.seed)
     tokenizer = MultiScaleVQVAE.from_file(args.tokenizer).to(device)
     tcfg = tokenizer.config
     if tcfg.image_size != args.resolution:
         raise SystemExit(f"the tokenizer works on {tcfg.image_size} px images but --resolution is {args.resolution}")
-    train_ds, held_ds = data.load_datasets(args.data, args.resolution, args.seed, args.train_count,
-                                           args.heldout_count, args.cache_dir)
+    with d.main_first():
+        train_ds, held_ds = data.load_datasets(args.data, args.resolution, args.seed, args.train_count,
+                                               args.heldout_count, args.cache_dir)
     if args.use_count and args.use_count < len(train_ds):
         train_ds = data.ArrayDataset(train_ds.images[: args.use_count], train_ds.labels[: args.use_count],
                                      train_ds.class_names)
@@ -199,46 +215,54 @@ def train(args) -> dict:
                     patch_nums=tcfg.patch_nums, mlp_ratio=args.mlp_ratio, shared_aln=args.shared_aln,
                     class_names=tuple(train_ds.class_names))
     var = VAR(cfg).to(device).train().requires_grad_(True)
-    ckpt_path = common.resume_path(args.run_dir, args.resume)
-    if args.init and not ckpt_path:
-        init_weights(var, args.init)
-        log.log("init", path=os.path.abspath(args.init))
-    opt = common.adamw(var, args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    ema = common.EMA(var, args.ema) if args.ema > 0 else None
-    gen = torch.Generator().manual_seed(args.seed + 11)
-    step = 0
-    if ckpt_path:
-        ck = common.load_checkpoint(ckpt_path)
+    ckpt_path = d.resume_path(args.run_dir, args.resume)
+    ck = common.load_checkpoint(ckpt_path) if ckpt_path else None
+    if ck is not None:
         if ck["config"] != cfg.to_dict():
             raise SystemExit(f"{ckpt_path} was trained with another architecture ({ck['config']}); "
                              f"use the same arguments or another --run-dir")
         var.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+    elif args.init:
+        init_weights(var, args.init)
+        log.log("init", path=os.path.abspath(args.init))
+    train_step = d.wrap(var, lambda idx, lab: teacher_forced_loss(var, tokenizer, idx, lab, args.label_smoothing),
+                        units=block_units(var))
+    opt = common.adamw(var, args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    ema = common.EMA(var, args.ema) if args.ema > 0 else None
+    gen = torch.Generator().manual_seed(args.seed + 11)
+    step = 0
+    if ck is not None:
+        d.load_optimizer_state(opt, ck["optimizer"])
         if ema is not None and ck.get("ema") is not None:
             ema.load_state_dict(ck["ema"])
+            ema.shadow = d.shard_state(ema.shadow, var.state_dict())
         step = int(ck["step"])
         gen.set_state(ck["gen_state"])
-        log.log("resume", path=ckpt_path, step=step)
+        log.log("resume", path=ckpt_path, step=step, saved_by_processes=ck.get("world_size", 1),
+                processes=d.world_size)
     n_params = sum(p.numel() for p in var.parameters())
     log.log("start", device=str(device), params=n_params, config=cfg.to_dict(), args=vars(args),
-            train=len(train_ds), heldout=len(held_ds), tokens=cfg.num_tokens)
+            train=len(train_ds), heldout=len(held_ds), tokens=cfg.num_tokens, processes=d.describe())
 
     os.makedirs(args.run_dir, exist_ok=True)
-    progress = not args.no_progress
-    idx_train = _load_indices(cached_indices(tokenizer, args.tokenizer, train_ds.images, args.run_dir, "train",
-                                             device, progress))
-    held_imgs = held_ds.images[: args.eval_count]
-    idx_held = _load_indices(cached_indices(tokenizer, args.tokenizer, held_imgs, args.run_dir, "heldout", device,
-                                            progress))
+    progress = not args.no_progress and d.is_main
+    with d.main_first():
+        idx_train = _load_indices(cached_indices(tokenizer, args.tokenizer, train_ds.images, args.run_dir, "train",
+                                                 device, progress))
+        held_imgs = held_ds.images[: args.eval_count]
+        idx_held = _load_indices(cached_indices(tokenizer, args.tokenizer, held_imgs, args.run_dir, "heldout",
+                                                device, progress))
     lab_held = torch.from_numpy(held_ds.labels[: args.eval_count])
     batches = common.StepBatches((idx_train, lab_train), args.batch_size, args.seed, weights=item_weights)
-    drop_p = common.label_drop_per_class(args.label_drop, lab_train, item_weights, cfg.num_classes).to(device)
+    drop_p = common.label_drop_per_class(args.label_drop, lab_train, item_weights, cfg.num_classes)
 
     def save(path):
-        common.save_checkpoint(path, {"model": var.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                      "config": cfg.to_dict(), "ema": ema.state_dict() if ema else None,
-                                      "gen_state": gen.get_state(), "tokenizer": os.path.abspath(args.tokenizer),
-                                      "args": json.dumps(vars(args))})
+        state = {"model": d.full_state(var.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
+                 "config": cfg.to_dict(), "ema": {"decay": ema.decay, "shadow": d.full_state(ema.shadow)}
+                 if ema else None, "gen_state": gen.get_state(), "tokenizer": os.path.abspath(args.tokenizer),
+                 "args": json.dumps(vars(args)), "world_size": d.world_size}
+        if d.is_main:
+            common.save_checkpoint(path, state)
 
     bar = common.Progress(args.steps, start=step, desc="generator", enabled=progress)
     t0 = time.time()
@@ -248,34 +272,41 @@ def train(args) -> dict:
             save(os.path.join(args.run_dir, "last.pt"))
             return {"step": step, "stopped": True}
         common.set_lr(opt, common.lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_ratio))
-        idx, lab = batches.batch(step, device)
-        drop = torch.rand(lab.shape, generator=gen).to(device) < drop_p[lab]
+        idx, lab = batches.batch(step)
+        drop = torch.rand(lab.shape, generator=gen) < drop_p[lab]
         lab = torch.where(drop, torch.full_like(lab, cfg.num_classes), lab)
+        idx, lab = d.rows(idx, lab)
         with common.autocast(device, args.precision):
-            loss, logits = teacher_forced_loss(var, tokenizer, idx, lab, args.label_smoothing)
+            loss, logits = train_step(idx, lab)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
+        gnorm = d.grad_norm(torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0))
         opt.step()
         if ema is not None:
             ema.update(var, step)
         step += 1
-        bar.update(loss=loss.item())
-        if step % 50 == 0 or step == args.steps or step == 1:
-            acc = float((logits.detach().argmax(-1) == idx.long()).float().mean())
-            log.log("train", step=step, loss=loss.item(), token_acc=acc, grad_norm=float(gnorm),
+        logged = step % args.log_every == 0 or step == args.steps or step == 1
+        figures = {"loss": loss.item()}
+        if logged:
+            figures["token_acc"] = float((logits.detach().argmax(-1) == idx.long()).float().mean())
+        figures = d.mean(figures)
+        bar.update(loss=figures["loss"])
+        if logged:
+            log.log("train", step=step, loss=figures["loss"], token_acc=figures["token_acc"], grad_norm=gnorm,
                     lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
         if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate_teacher(ema_model(var, ema, cfg, device) if ema else var, tokenizer, idx_held,
-                                       lab_held, device=device)
-            log.log("eval", step=step, **metrics)
+            model = d.whole(var, lambda: VAR(cfg), ema.shadow if ema else None)
+            if model is not None:
+                metrics = evaluate_teacher(model, tokenizer, idx_held, lab_held, device=device)
+                log.log("eval", step=step, **metrics)
             save(os.path.join(args.run_dir, "last.pt"))
         elif step % args.save_every == 0:
             save(os.path.join(args.run_dir, "last.pt"))
     bar.close()
     save(os.path.join(args.run_dir, "last.pt"))
-    if args.out:
-        export(ema_model(var, ema, cfg, device) if ema else var, args.out, args.export_dtype)
+    model = d.whole(var, lambda: VAR(cfg), ema.shadow if ema else None) if args.out else None
+    if model is not None:
+        export(model, args.out, args.export_dtype)
         log.log("export", out=args.out, bytes=os.path.getsize(args.out))
     return {"step": step, **metrics}
 
@@ -295,14 +326,6 @@ def init_weights(var: VAR, path: str) -> None:
                          f"file's --depth/--embed-dim/--num-heads/--mlp-ratio/--shared-aln, the same tokenizer and "
                          f"as many classes")
     var.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
-
-
-def ema_model(var: VAR, ema: common.EMA, cfg: VARConfig, device) -> VAR:
-    """A copy of ``var`` holding the EMA weights (eval mode)."""
-    m = VAR(cfg).to(device)
-    m.load_state_dict(var.state_dict())
-    ema.copy_to(m)
-    return m.eval()
 
 
 def export(var: VAR, path: str, dtype: str = "float16") -> None:
@@ -331,7 +354,8 @@ def load_run_model(run_dir: str, use_ema: bool = True) -> VAR:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = train(args)
-    print(json.dumps(out))
+    if distributed.main_process():
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file
 import torch
 import torch.nn.functional as F
 
-from training import common, data
+from training import common, data, distributed
 
 common.import_pack()
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
@@ -204,11 +204,18 @@ def evaluate_tokenizer(model: MultiScaleVQVAE, images_uint8, batch_size: int = 1
 
 def train(args) -> dict:
     common.set_threads(args.threads)
-    device = common.pick_device(args.device)
-    log = common.RunLog(args.run_dir)
+    with distributed.session(args) as d:
+        return _train(args, d)
+
+
+def _train(args, d: distributed.Distributed) -> dict:
+    device = d.device
+    d.check_batch(args.batch_size)
+    log = common.RunLog(args.run_dir, enabled=d.is_main)
     torch.manual_seed(args.seed)
-    train_ds, held_ds = data.load_datasets(args.data, args.resolution, args.seed, args.train_count,
-                                           args.heldout_count, args.cache_dir)
+    with d.main_first():
+        train_ds, held_ds = data.load_datasets(args.data, args.resolution, args.seed, args.train_count,
+                                               args.heldout_count, args.cache_dir)
     if args.init:
         init_model = MultiScaleVQVAE.from_file(args.init)
         cfg = init_model.config
@@ -219,8 +226,15 @@ def train(args) -> dict:
     if cfg.image_size != args.resolution:
         raise SystemExit(f"schedule {cfg.patch_nums} with downsampling {cfg.downsample} gives {cfg.image_size} px "
                          f"images, but --resolution is {args.resolution}")
+    ckpt_path = d.resume_path(args.run_dir, args.resume)
+    ck = common.load_checkpoint(ckpt_path) if ckpt_path else None
+    if ck is not None and ck["config"] != cfg.to_dict():
+        log.log("warn", message="config of the checkpoint differs from the arguments; the checkpoint's wins")
+        cfg = TokenizerConfig.from_dict(ck["config"])
     model = MultiScaleVQVAE(cfg)
-    if init_model is not None:
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+    elif init_model is not None:
         model.load_state_dict(init_model.state_dict())
     else:
         init_weights(model, cfg.vocab_size)
@@ -228,39 +242,47 @@ def train(args) -> dict:
     if args.decoder_only:
         for part in (model.encoder, model.quant_conv, model.quantize):
             part.requires_grad_(False)
+
+    def forward(x: torch.Tensor):
+        """``(reconstruction, vq_loss, indices, f)``; ``f`` is None with ``--decoder-only`` (no codebook to train)."""
+        if args.decoder_only:
+            with torch.no_grad():
+                idx_list, f_hat = model.quantize.f_to_indices_and_fhat(model.encode_latent(x), model.patch_nums)
+            with common.autocast(device, args.precision):
+                y = model.decoder(model.post_quant_conv(f_hat))
+            return y, torch.zeros(()), idx_list, None
+        with common.autocast(device, args.precision):
+            return forward_train(model, x, args.beta)
+
+    train_step = d.wrap(model, forward, units=(model.encoder, model.decoder))
     opt = common.adamw(model, args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(args.seed + 7)
     step, best = 0, None
-    ckpt_path = common.resume_path(args.run_dir, args.resume)
-    if ckpt_path:
-        ck = common.load_checkpoint(ckpt_path)
-        if ck["config"] != cfg.to_dict():
-            log.log("warn", message="config of the checkpoint differs from the arguments; the checkpoint's wins")
-            cfg = TokenizerConfig.from_dict(ck["config"])
-            model = MultiScaleVQVAE(cfg).to(device).train().requires_grad_(True)
-            if args.decoder_only:
-                for part in (model.encoder, model.quant_conv, model.quantize):
-                    part.requires_grad_(False)
-            opt = common.adamw(model, args.lr, weight_decay=0.0, betas=(0.9, 0.95))
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+    if ck is not None:
+        d.load_optimizer_state(opt, ck["optimizer"])
         step, best = int(ck["step"]), ck.get("best")
         gen.set_state(ck["gen_state"])
-        log.log("resume", path=ckpt_path, step=step)
+        log.log("resume", path=ckpt_path, step=step, saved_by_processes=ck.get("world_size", 1),
+                processes=d.world_size)
     n_params = sum(p.numel() for p in model.parameters())
     log.log("start", device=str(device), params=n_params, config=cfg.to_dict(), args=vars(args),
-            train=len(train_ds), heldout=len(held_ds))
+            train=len(train_ds), heldout=len(held_ds), processes=d.describe())
 
     images = torch.from_numpy(train_ds.images)
     batches = common.StepBatches((images,), args.batch_size, args.seed)
     held_eval = held_ds.images[: args.eval_count]
 
-    def save(path):
-        common.save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                      "config": cfg.to_dict(), "best": best, "gen_state": gen.get_state(),
-                                      "args": json.dumps(vars(args))})
+    def build() -> MultiScaleVQVAE:
+        return MultiScaleVQVAE(cfg)
 
-    bar = common.Progress(args.steps, start=step, desc="tokenizer", enabled=not args.no_progress)
+    def save(path):
+        state = {"model": d.full_state(model.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
+                 "config": cfg.to_dict(), "best": best, "gen_state": gen.get_state(), "args": json.dumps(vars(args)),
+                 "world_size": d.world_size}
+        if d.is_main:
+            common.save_checkpoint(path, state)
+
+    bar = common.Progress(args.steps, start=step, desc="tokenizer", enabled=not args.no_progress and d.is_main)
     t0, restarts = time.time(), 0
     metrics = {}
     while step < args.steps:
@@ -269,16 +291,8 @@ def train(args) -> dict:
             return {"step": step, "stopped": True}
         common.set_lr(opt, common.lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_ratio))
         (xb,) = batches.batch(step)
-        x = data.to_tensor(xb.numpy()).to(device)
-        if args.decoder_only:
-            with torch.no_grad():
-                idx_list, f_hat = model.quantize.f_to_indices_and_fhat(model.encode_latent(x), model.patch_nums)
-            with common.autocast(device, args.precision):
-                y = model.decoder(model.post_quant_conv(f_hat))
-            vq_loss, f = torch.zeros(()), None
-        else:
-            with common.autocast(device, args.precision):
-                y, vq_loss, idx_list, f = forward_train(model, x, args.beta)
+        (x,) = d.rows(data.to_tensor(xb.numpy()))
+        y, vq_loss, idx_list, f = train_step(x)
         y, vq_loss = y.float(), vq_loss.float()
         rec, parts = reconstruction_loss(y, x, args.edge_weight)
         loss = rec + args.vq_weight * vq_loss
@@ -287,30 +301,35 @@ def train(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
         opt.step()
         step += 1
-        if args.decoder_only:
-            pass
-        elif args.restart_every and step % args.restart_every == 0 and step < args.restart_until * args.steps:
+        if not args.decoder_only:  # code usage and restarts see the whole global batch on every rank
+            idx_list = [d.gather_rows(idx) for idx in idx_list]
             update_usage(model, idx_list)
-            restarts += restart_dead_codes(model, f, idx_list, args.dead_threshold, gen)
-        else:
-            update_usage(model, idx_list)
-        batch_psnr = float(psnr(y.detach(), x).mean())
-        bar.update(loss=loss.item(), psnr=batch_psnr)
-        if step % 50 == 0 or step == args.steps or step == 1:
-            log.log("train", step=step, loss=loss.item(), vq=vq_loss.item(), batch_psnr=batch_psnr,
-                    restarts=restarts, lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1), **parts)
+            if args.restart_every and step % args.restart_every == 0 and step < args.restart_until * args.steps:
+                f = d.gather_rows(f.detach())
+                with d.gathered(model, build) as whole:
+                    restarts += restart_dead_codes(whole, f, idx_list, args.dead_threshold, gen)
+        figures = d.mean({"loss": loss.item(), "vq": vq_loss.item(), "psnr": float(psnr(y.detach(), x).mean()),
+                          **parts})
+        bar.update(loss=figures["loss"], psnr=figures["psnr"])
+        if step % args.log_every == 0 or step == args.steps or step == 1:
+            log.log("train", step=step, loss=figures["loss"], vq=figures["vq"], batch_psnr=figures["psnr"],
+                    restarts=restarts, lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1),
+                    **{k: figures[k] for k in parts})
             restarts = 0
         if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate_tokenizer(model, held_eval, device=device)
-            best = max(best or 0.0, metrics["psnr"])
-            log.log("eval", step=step, **metrics)
+            whole = d.whole(model, build)
+            if whole is not None:
+                metrics = evaluate_tokenizer(whole, held_eval, device=device)
+                best = max(best or 0.0, metrics["psnr"])
+                log.log("eval", step=step, **metrics)
             save(os.path.join(args.run_dir, "last.pt"))
         elif step % args.save_every == 0:
             save(os.path.join(args.run_dir, "last.pt"))
     bar.close()
     save(os.path.join(args.run_dir, "last.pt"))
-    if args.out:
-        export(model, args.out, args.export_dtype)
+    whole = d.whole(model, build) if args.out else None
+    if whole is not None:
+        export(whole, args.out, args.export_dtype)
         log.log("export", out=args.out, bytes=os.path.getsize(args.out))
     return {"step": step, **metrics}
 
@@ -326,7 +345,8 @@ def export(model: MultiScaleVQVAE, path: str, dtype: str = "float32") -> None:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = train(args)
-    print(json.dumps(out))
+    if distributed.main_process():
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":
