@@ -16,7 +16,7 @@ from comfy.weight_adapter import LoRAAdapter
 from comfy_api.latest import io
 
 from ..models.core.errors import NextScaleError
-from ..models.core.identify import describe, identify
+from ..models.core.family import describe, identify
 from ..models.core.lora import LoRA, check_fits, read_lora
 from .sockets import CATEGORY, Generator, InfinityModel
 from .validation import check_combos
@@ -55,7 +55,7 @@ def with_lora(model, lora: LoRA, strength: float, lora_name: str):
     state = model.module.state_dict()
     family = lora.config.get("family")
     kind = identify(state)
-    if family in FAMILY_KINDS and FAMILY_KINDS[family] != kind:
+    if family in FAMILY_KINDS and FAMILY_KINDS[family] != str(kind):
         raise NextScaleError(f"'{lora_name}' is {lora.describe()}, but the connected model is {describe(kind)}: use "
                              f"a LoRA trained on this model")
     check_fits(lora, {k: tuple(v.shape) for k, v in state.items()}, getattr(model, "name", "the model"), lora_name)

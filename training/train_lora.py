@@ -50,7 +50,7 @@ from training.train_generator import block_units, encode_indices, file_digest, t
 common.import_pack()
 from nextscale.models.core import lora  # noqa: E402
 from nextscale.models.core.checkpoint import read_weights  # noqa: E402
-from nextscale.models.core.identify import describe, identify  # noqa: E402
+from nextscale.models.core.family import describe, identify  # noqa: E402
 from nextscale.models.infinity.bsq import BSQTokenizer  # noqa: E402
 from nextscale.models.infinity.model import Infinity  # noqa: E402
 from nextscale.models.infinity.sampler import latent_scales, patch_factor, patchify  # noqa: E402
@@ -266,12 +266,14 @@ def _transformers_t5():
 
 def make_task(args, device) -> VARTask | InfinityTask:
     state_dict = read_weights(args.base, "base model")
-    kind = identify(state_dict)
+    kind = str(identify(state_dict))
     if kind == "var-generator":
         return VARTask(args, state_dict, device)
     if kind == "infinity-generator":
         return InfinityTask(args, state_dict, device)
-    raise SystemExit(f"--base {args.base} is {describe(kind)}: give a VAR generator or an Infinity transformer")
+    raise SystemExit(
+        f"--base {args.base} is {describe(identify(state_dict))}: give a VAR generator or an Infinity transformer"
+    )
 
 
 def cached(path: str, compute) -> tuple[torch.Tensor, ...]:

@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize
 
 from .checkpoint import CONFIG_METADATA_KEY, read_safetensors_metadata, read_state_dict, save_safetensors
 from .errors import NextScaleError
-from .identify import describe, identify
+from .family import describe, identify
 
 WHAT = "LoRA"
 LORA_KIND = "nextscale-lora"
@@ -164,7 +164,7 @@ def read_lora(path: str) -> LoRA:
     ups = {k[: -len(UP)] for k in state_dict if k.endswith(UP)}
     if not ups:
         found = identify(state_dict)
-        what = describe(found) if found != "unknown" else "no LoRA (no '*.lora_up.weight' keys)"
+        what = describe(found) if found is not None else "no LoRA (no '*.lora_up.weight' keys)"
         raise NextScaleError(f"'{path}' is {what}: NextScale Load LoRA takes LoRA files written by "
                              f"training/train_lora.py (keys '<layer>.lora_up.weight', '<layer>.lora_down.weight', "
                              f"'<layer>.alpha')")

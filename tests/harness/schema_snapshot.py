@@ -34,6 +34,7 @@ ALSO_DYNAMIC = {
     ("NextScaleSampler", "class_name"),
     ("NextScaleCollaborativeSampler", "class_name"),
     ("NextScaleTextEncodeT5", "text_encoder"),  # files in models/text_encoders
+    ("NextScaleLoadLoRA", "lora_name"),  # files in models/loras
 }
 
 
