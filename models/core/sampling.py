@@ -1,9 +1,9 @@
 """Draws shared by every family's sampler: top-k/top-p filtering and the random draws.
 
 Every random number comes from CPU generators, one per batch item, seeded ``(seed + i) mod 2**64``, and is then
-moved to the sampling device, where it is applied (ComfyUI draws its noise on the CPU too). CUDA's generator is
-another algorithm than the CPU's, so drawing on the device would give one seed another image on every kind of
-device; drawn on the CPU, a seed gives the same numbers everywhere.
+moved to the sampling device without waiting for it (a non-blocking copy), where it is applied (ComfyUI draws its
+noise on the CPU too). CUDA's generator is another algorithm than the CPU's, so drawing on the device would give one
+seed another image on every kind of device; drawn on the CPU, a seed gives the same numbers everywhere.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def item_generators(seed: int, batch: int) -> list[torch.Generator]:
 def uniform(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """``(B, *shape)`` float32 uniforms in ``[0, 1)`` on ``device``, item ``b``'s drawn on the CPU from
     ``generators[b]``."""
-    return torch.stack([torch.rand(shape, generator=g, device=g.device) for g in generators]).to(device)
+    drawn = torch.stack([torch.rand(shape, generator=g, device=g.device) for g in generators])
+    return drawn.to(device, non_blocking=True)
 
 
 def categorical(probs_BlV: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -61,4 +62,4 @@ def gumbel(generators: list[torch.Generator], like_BlV: torch.Tensor) -> torch.T
     noise_BlV = torch.stack(
         [-torch.empty(shape, device=g.device, dtype=like_BlV.dtype).exponential_(generator=g).log() for g in generators]
     )
-    return noise_BlV.to(like_BlV.device)
+    return noise_BlV.to(like_BlV.device, non_blocking=True)
