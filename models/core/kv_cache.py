@@ -16,10 +16,14 @@ per-layer budgets, HACK's per-head budgets, ...) subclasses it and overrides
   carried to the next scale.
 
 ``keep`` takes one index per (row, head), so heads may keep different tokens. Different counts per head (HACK)
-use a padded layout with a key mask: ``keep(index_BHs, lengths_BH)`` keeps ``lengths_BH[b, h]`` tokens of each head
-in the first ``s`` slots (the rest of the ``s`` slots is padding), later scales are appended after the ``s``
-slots, and :meth:`LayerKV.key_mask` gives the additive ``(rows, H, 1, length)`` mask that hides the padding from
-the attention (``None`` while there is none, so the full cache's path is unchanged).
+use a padded layout with a key mask: ``keep(index_BHs, lengths_H)`` keeps ``lengths_H[h]`` tokens of head ``h`` (in
+every row) in the first ``s`` slots (the rest of the ``s`` slots is padding), later scales are appended after the
+``s`` slots, and :meth:`LayerKV.key_mask` gives the additive ``(rows, H, 1, length)`` mask that hides the padding
+from the attention (``None`` while there is none, so the full cache's path is unchanged).
+
+No host syncs: what each head holds depends on the schedule and the budgets only, never on the keys, so the counts
+live on the host (:meth:`LayerKV.held`) and reach the device through :func:`host_tensor`; nothing here reads a
+device tensor back.
 
 Budget-sized buffers: a policy with ``transient = True`` may allocate only its budget (what it carries from one
 scale to the next). When a scale does not fit, :meth:`LayerKV.extend` returns a temporary working copy (the kept
@@ -30,9 +34,17 @@ layer's working copy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .errors import NextScaleError
+
+
+def host_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of host integers on ``device``, copied without waiting for the device (a non-blocking copy
+    from pageable memory is staged at once, so the host list may go away)."""
+    return torch.tensor(values, dtype=torch.long, device="cpu").to(device, non_blocking=True)
 
 
 class KVPolicy:
@@ -60,7 +72,8 @@ class LayerKV:
         self._v: torch.Tensor | None = None
         self._work_k: torch.Tensor | None = None  # transient working copy (kept + current scale), see extend
         self._work_v: torch.Tensor | None = None
-        self._kept_BH: torch.Tensor | None = None  # per-head valid counts of the first _pad_end slots (padded layout)
+        self._kept_H: tuple[int, ...] | None = None  # tokens held per head in the first _pad_end slots (padded layout)
+        self._kept_dev_H: torch.Tensor | None = None  # the same, on the buffers' device
         self._pad_end = 0
 
     @property
@@ -73,19 +86,26 @@ class LayerKV:
 
     def valid_BHS(self) -> torch.Tensor | None:
         """Bool ``(rows, H, length)``: which cached positions hold a token (``None``: all of them)."""
-        if self._kept_BH is None:
-            return None
-        pos_S = torch.arange(self.length, device=self._kept_BH.device)
-        return (pos_S < self._kept_BH[..., None]) | (pos_S >= self._pad_end)
-
-    def valid_counts(self) -> torch.Tensor | None:
-        """``(rows, H)`` tokens held per head (``None`` before the first write)."""
-        if self._k is None and self._work_k is None:
+        if self._kept_dev_H is None:
             return None
         B, H = self.k_BHSc.shape[:2]
-        if self._kept_BH is None:
-            return torch.full((B, H), self.length, dtype=torch.long)
-        return self._kept_BH.cpu() + (self.length - self._pad_end)
+        pos_S = torch.arange(self.length, device=self._kept_dev_H.device)
+        return ((pos_S < self._kept_dev_H[:, None]) | (pos_S >= self._pad_end)).expand(B, H, self.length)
+
+    def held(self) -> list[int] | None:
+        """Tokens held per head, the same in every row (``None`` before the first write); on the host."""
+        if self._k is None and self._work_k is None:
+            return None
+        if self._kept_H is None:
+            return [self.length] * self.k_BHSc.shape[1]
+        return [n + self.length - self._pad_end for n in self._kept_H]
+
+    def valid_counts(self) -> torch.Tensor | None:
+        """CPU ``(rows, H)`` tokens held per head (``None`` before the first write)."""
+        held_H = self.held()
+        if held_H is None:
+            return None
+        return torch.tensor(held_H, dtype=torch.long, device="cpu").expand(self.k_BHSc.shape[0], -1)
 
     def key_mask(self, attn_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """``attn_mask`` plus the additive mask hiding padded slots; ``attn_mask`` itself when nothing is padded."""
@@ -127,10 +147,10 @@ class LayerKV:
                 f"buffer of {self.capacity}: its after_attention must keep at most {self.capacity}"
             )
 
-    def keep(self, index_BHs: torch.Tensor, lengths_BH: torch.Tensor | None = None) -> None:
+    def keep(self, index_BHs: torch.Tensor, lengths_H: Sequence[int] | None = None) -> None:
         """Compact the cache to the tokens ``index_BHs`` (positions in ``[0, length)``, one list per row and
         head, all of the same length ``s``), in the given order; they become positions ``[0, s)``. With
-        ``lengths_BH`` (per row and head, at most ``s``) only the first ``lengths_BH[b, h]`` of a head's ``s``
+        ``lengths_H`` (host integers per head, at most ``s``) only the first ``lengths_H[h]`` of head ``h``'s ``s``
         entries are kept tokens and the rest is padding, hidden by :meth:`key_mask`."""
         B, H, s = index_BHs.shape
         if s > self.capacity:
@@ -147,13 +167,14 @@ class LayerKV:
         self._v[:, :, :s] = src_v.gather(2, gather.expand(B, H, s, src_v.shape[-1]))
         self._work_k = self._work_v = None
         self.length = s
-        if lengths_BH is None or bool((lengths_BH == s).all()):
-            self._kept_BH, self._pad_end = None, 0
+        if lengths_H is None or all(n == s for n in lengths_H):
+            self._kept_H, self._kept_dev_H, self._pad_end = None, None, 0
         else:
-            self._kept_BH, self._pad_end = lengths_BH.to(device=index_BHs.device, dtype=torch.long), s
+            self._kept_H = tuple(int(n) for n in lengths_H)
+            self._kept_dev_H, self._pad_end = host_tensor(self._kept_H, index_BHs.device), s
 
     def free(self) -> None:
-        self._k = self._v = self._work_k = self._work_v = self._kept_BH = None
+        self._k = self._v = self._work_k = self._work_v = self._kept_H = self._kept_dev_H = None
         self.length = self._pad_end = 0
 
 
@@ -187,10 +208,11 @@ class KVCache:
         """Bytes of the tokens held (padding excluded): what a packed ragged layout would need."""
         total = 0
         for kv in self.layers:
-            counts = kv.valid_counts()
-            if counts is not None:
+            held_H = kv.held()
+            if held_H is not None:
                 k, v = kv.k_BHSc, kv.v_BHSc
-                total += int(counts.sum()) * (k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size())
+                per_token = k.shape[-1] * k.element_size() + v.shape[-1] * v.element_size()
+                total += sum(held_H) * k.shape[0] * per_token
         return total
 
     def free(self) -> None:

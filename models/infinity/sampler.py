@@ -7,15 +7,15 @@ Per scale ``si`` of the schedule (reference: var.md 5.2-5.4):
    ``cfg * cond + (1 - cfg) * uncond`` (``cfg == 1`` on every scale runs the conditional rows only).
 3. Each token's ``2 d`` logits are ``d`` independent bit pairs: top-k/top-p
    (:func:`~nextscale.models.core.sampling.filter_top_k_top_p_`) act on every pair (``top_k >= 2`` changes
-   nothing; ``top_p = 0.97`` makes nearly sure bits deterministic) and one multinomial draw per bit picks 0 or 1.
+   nothing; ``top_p = 0.97`` makes nearly sure bits deterministic) and one categorical draw per bit picks 0 or 1.
 4. The bits become codes ``(2 bit - 1) / sqrt(d)`` (L2-normalised), upsampled (trilinear) onto the final latent
    grid and summed; the next scale's input is the sum resampled (trilinear) to the next grid, through
    ``word_embed``. With a patchifying model (8B: ``token_dim = 4 d``), bits are un-patchified (``pixel_shuffle``)
    onto the tokenizer's latent grid, and the next input is patchified back (``pixel_unshuffle``).
 
-Randomness follows VAR's sampler (:mod:`.sampler`): batch item ``i`` draws from its own generator seeded
-``(seed + i) mod 2**64``, one multinomial per scale over its ``h * w * d`` bits, so a batch of one consumes its
-generator as upstream does.
+Randomness follows VAR's sampler (:mod:`..var.sampler`): batch item ``i`` draws from its own CPU generator seeded
+``(seed + i) mod 2**64``, one uniform per bit (``h * w * d`` per scale) applied on the sampling device, so a seed
+gives the same bits on every device and item ``i`` of a batch those of a batch-of-1 run with seed ``seed + i``.
 
 Hooks (:class:`~nextscale.models.core.hooks.SamplerHooks`, the same as VAR's loop): ``guide`` must be a
 :class:`BitGuide`, whose ``apply(si, bits_Bhwd)`` may replace a scale's bits (teacher forcing: image-to-image keeps
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..core.errors import NextScaleError
 from ..core.hooks import SamplerHooks
 from ..core.kv_cache import KVCache, KVPolicy
-from ..core.sampling import filter_top_k_top_p_, multinomial
+from ..core.sampling import categorical, filter_top_k_top_p_, item_generators
 from ..core.tokens import NextScaleBitTokens
 from .model import Infinity
 from .schedule import InfinitySchedule
@@ -172,7 +172,7 @@ def sample_infinity(
     p = patch_factor(model, tokenizer)
     latent = latent_scales(model, tokenizer, schedule)
     d = tokenizer.codebook_dim
-    generators = [torch.Generator(device).manual_seed((seed + i) % 2**64) for i in range(B)]
+    generators = item_generators(seed, B)
 
     ctx = model.condition(text_BTC.to(device), mask_BT.to(device), guided, condition.negative)
     cache = KVCache(model.depth, schedule.num_tokens, hooks.kv_policy)
@@ -185,7 +185,7 @@ def sample_infinity(
             if guided:
                 logits_RlV = cfgs[si] * logits_RlV[:B] + (1 - cfgs[si]) * logits_RlV[B:]
             pairs_BN2 = filter_top_k_top_p_(logits_RlV.reshape(B, -1, 2), options.top_k, options.top_p)
-            bits_Bhwd = multinomial(pairs_BN2.softmax(dim=-1), generators).view(B, h, w, -1)
+            bits_Bhwd = categorical(pairs_BN2.softmax(dim=-1), generators).view(B, h, w, -1)
             bits_Bhwd = unpatchify(bits_Bhwd, p).bool()
             if guide is not None:
                 bits_Bhwd = guide.apply(si, bits_Bhwd).bool()

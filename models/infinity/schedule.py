@@ -127,8 +127,8 @@ class InfinitySchedule:
         H, W = self.rope_grid
         out = []
         for h, w in self.scales:
-            rows_h = (torch.arange(h) * (H / h)).round().long()
-            cols_w = (torch.arange(w) * (W / w)).round().long()
+            rows_h = (torch.arange(h, device="cpu") * (H / h)).round().long()
+            cols_w = (torch.arange(w, device="cpu") * (W / w)).round().long()
             out.append(torch.stack(torch.meshgrid(rows_h, cols_w, indexing="ij"), dim=-1).reshape(-1, 2))
         return torch.cat(out)
 
@@ -139,6 +139,6 @@ def rope_angles(schedule: InfinitySchedule, head_dim: int, base: float = 10000.0
     if head_dim % 4:
         raise NextScaleError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}")
     half = head_dim // 2
-    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64, device="cpu").float() / half))
     pos_L2 = schedule.rope_positions().float()
     return torch.cat((pos_L2[:, :1] * inv_freq, pos_L2[:, 1:] * inv_freq), dim=-1)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import NextScaleError
-from ..core.kv_cache import KVPolicy, LayerKV
+from ..core.kv_cache import KVPolicy, LayerKV, host_tensor
 
 POLICIES = ("full", "recent", "strided", "scalekv", "hack")
 SCALEKV_WINDOW = 16  # observation queries: the centres of a 4x4 grid over the current scale
@@ -101,15 +101,17 @@ def observed_attention(kv: LayerKV, q_BHlc: torch.Tensor, query_idx: list[int]) 
     return scores_BHnS.softmax(dim=-1)
 
 
-def select(priority_BHS: torch.Tensor, keep_BH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(index_BHs, lengths_BH)`` for :meth:`LayerKV.keep`: the ``keep_BH[b, h]`` highest priorities of each head
-    in position order, padded to the longest head (``lengths_BH`` is None when every head keeps the same count)."""
-    S, s = priority_BHS.shape[-1], int(keep_BH.max())
+def select(priority_BHS: torch.Tensor, keep_H: list[int]) -> tuple[torch.Tensor, list[int] | None]:
+    """``(index_BHs, lengths_H)`` for :meth:`LayerKV.keep`: the ``keep_H[h]`` highest priorities of head ``h``
+    (in every row) in position order, padded to the longest head (``lengths_H`` is None when every head keeps the
+    same count)."""
+    S, s = priority_BHS.shape[-1], max(keep_H)
     top_BHs = priority_BHS.topk(s, dim=-1).indices
-    pad_BHs = torch.arange(s, device=top_BHs.device) >= keep_BH.to(top_BHs.device)[..., None]
-    index_BHs = top_BHs.masked_fill(pad_BHs, S).sort(dim=-1).values.masked_fill_(pad_BHs, 0)
-    uniform = bool((keep_BH == s).all())
-    return index_BHs, None if uniform else keep_BH
+    if all(n == s for n in keep_H):
+        return top_BHs.sort(dim=-1).values, None
+    pad_Hs = torch.arange(s, device=top_BHs.device) >= host_tensor(keep_H, top_BHs.device)[:, None]
+    index_BHs = top_BHs.masked_fill(pad_Hs, S).sort(dim=-1).values.masked_fill_(pad_Hs, 0)
+    return index_BHs, keep_H
 
 
 @dataclass
@@ -148,6 +150,7 @@ class MeasuredFull(KVPolicy):
 
 
 def record(stats: KVStats, kv: LayerKV, si: int, before_BH, budget_H, num_layers: int) -> None:
+    """Record a layer's counts once scale ``si`` is done: host-side (CPU tensors, no read from the device)."""
     stats.peak_bytes = max(stats.peak_bytes, kv.cache.nbytes())
     stats.kept[(si, kv.layer)] = (before_BH, budget_H, kv.valid_counts())
     if kv.layer == num_layers - 1:
@@ -203,11 +206,11 @@ class BudgetPolicy(KVPolicy):
         new_pos_BHl = torch.arange(self.starts[si], self.starts[si] + l, device=device).expand(B, H, l)
         old = self._pos.get(kv.layer) if si > 0 else None
         pos_BHS = new_pos_BHl if old is None else torch.cat((old, new_pos_BHl), dim=2)
-        before_BH = kv.valid_counts()
-        budget_H = torch.tensor(self.budgets_after(kv.layer, si), dtype=torch.long)
-        keep_BH = torch.minimum(before_BH, budget_H)
+        before_BH, before_H, budget_H = kv.valid_counts(), kv.held(), self.budgets_after(kv.layer, si)
+        keep_H = [min(n, b) for n, b in zip(before_H, budget_H)]
+        budget_H = torch.tensor(budget_H, dtype=torch.long, device="cpu")
         self.observe(kv, si, q_BHlc, pos_BHS)
-        if kv._work_k is None and bool((before_BH <= budget_H).all()):
+        if kv._work_k is None and keep_H == before_H:
             self._pos[kv.layer] = pos_BHS
             record(self.stats, kv, si, before_BH, budget_H, self.num_layers)
             return
@@ -215,11 +218,11 @@ class BudgetPolicy(KVPolicy):
         valid_BHS = kv.valid_BHS()
         if valid_BHS is not None:
             priority_BHS = priority_BHS.masked_fill(~valid_BHS, float("-inf"))
-        index_BHs, lengths_BH = select(priority_BHS, keep_BH.to(device))
+        index_BHs, lengths_H = select(priority_BHS, keep_H)
         self.on_keep(kv.layer, index_BHs)
         self._pos[kv.layer] = pos_BHS.gather(2, index_BHs)
         stats_peak = kv.cache.nbytes()  # the working copy exists until keep
-        kv.keep(index_BHs, lengths_BH)
+        kv.keep(index_BHs, lengths_H)
         self.stats.peak_bytes = max(self.stats.peak_bytes, stats_peak)
         record(self.stats, kv, si, before_BH, budget_H, self.num_layers)
 
@@ -248,7 +251,7 @@ class StridedPolicy(BudgetPolicy):
         S = pos_BHS.shape[-1]
         b = min(self.budget, S)
         chosen = torch.zeros(S, device=pos_BHS.device)
-        chosen[torch.tensor(even_queries(S, b), device=pos_BHS.device, dtype=torch.long)] = 1.0
+        chosen[host_tensor(even_queries(S, b), pos_BHS.device)] = 1.0
         return chosen.expand(pos_BHS.shape) + pos_BHS.float() / (2 * self.num_tokens)  # ties: later first
 
 
@@ -311,7 +314,7 @@ class ScaleKVPolicy(BudgetPolicy):
         l, S = q_BHlc.shape[2], pos_BHS.shape[-1]
         window = grid_queries(self.patch_nums[si])
         probs_BHnS = observed_attention(kv, q_BHlc, window)
-        window_S = torch.tensor([S - l + i for i in window], device=q_BHlc.device)
+        window_S = host_tensor([S - l + i for i in window], q_BHlc.device)
         score_BHS = probs_BHnS.sum(dim=2)
         score_BHS[..., window_S] = 0.0
         B, H = score_BHS.shape[:2]
@@ -347,7 +350,7 @@ class HACKPolicy(BudgetPolicy):
         tier_BHS = (pos_BHS < self.starts[min(HACK_SINK_SCALES, len(self.patch_nums))]).float() * 2
         tier_BHS = tier_BHS + (pos_BHS >= self.starts[si]).float()
         structural = tier_BHS * (HACK_OBS + 1) + score_BHS
-        ctx_H = torch.tensor(self.contextual_LH[kv.layer], device=score_BHS.device)
+        ctx_H = host_tensor(self.contextual_LH[kv.layer], score_BHS.device).bool()
         return torch.where(ctx_H[None, :, None], acc_BHS, structural)
 
     def on_keep(self, layer, index_BHs):

@@ -9,7 +9,7 @@ One run of ``K`` scales with ``draft_scales = N``:
    424 for N = 8 on the 256-px schedule); the last ``pn_N**2`` positions give the logits of scale ``N``.
 3. The refiner samples scales ``N .. K-1`` with its cache, as :func:`~.sampler.sample` does.
 
-Both models share one :class:`~.sampler.ScaleSampler`: the per-item generators (seed ``s + i``), ``f_hat``, the
+Both models share one :class:`~.sampler.ScaleSampler`: the per-item CPU generators (seed ``s + i``), ``f_hat``, the
 guide and the callback continue across the switch, and the CFG ramp, temperatures and filters are those of the
 whole ``K``-scale run. So with the same model as drafter and refiner the tokens are those of :func:`sample` (the
 prefill computes the same logits in another order: they agree to rounding, like a different batch size).

@@ -7,21 +7,23 @@ Per scale ``si`` of ``K`` (reference: var.md 3):
 2. Guidance on the fp32 logits: ``(1 + t) * cond - t * uncond`` with ``t = cfg * si / (K - 1)`` ("linear", VAR's
    ramp: scale 0 unguided, the last scale at full ``cfg``) or ``t = cfg`` ("constant").
 3. ``logits /= temperature`` (one value, or one per scale; 1 leaves the logits untouched), then top-k and top-p
-   (:func:`filter_top_k_top_p_`), then one multinomial draw per token from ``softmax(logits)``.
+   (:func:`filter_top_k_top_p_`), then one categorical draw per token from ``softmax(logits)``
+   (:func:`~..core.sampling.categorical`: one uniform per token, inverse CDF).
 4. The code map ``h`` is the codebook rows of the drawn indices or, with ``more_smooth``, a Gumbel-softmax mixture of
-   codes over the filtered logits (drawn after the multinomial, from the same generator). ``h`` goes through
+   codes over the filtered logits (its noise drawn after the uniforms, from the same generator). ``h`` goes through
    ``tokenizer.quantize.next_input``, which accumulates ``f_hat`` and returns the next scale's input.
 
 Steps 2-4 (everything after the transformer) are :meth:`ScaleSampler.step`, which holds the run's state; the
 collaborative sampler (:mod:`.collaborative`) switches transformers mid-run around the same object.
 
-Randomness and batches: batch item ``i`` of a run with seed ``s`` draws from its own ``torch.Generator`` on the
-sampling device, seeded with ``(s + i) mod 2**64``: per scale one multinomial over its ``pn**2`` rows, then (with
-``more_smooth``) its Gumbel noise. So item ``i`` of a batch makes exactly the draws of a batch-of-1 run with seed
-``s + i`` and the same label, and a batch of one consumes its generator as upstream does (one multinomial per
-scale over ``(pn**2, V)`` rows). The probabilities themselves agree to rounding only (a matrix product may round
-differently for another batch size), so a token could differ only where a draw falls within rounding distance of
-a probability boundary; the soft ``more_smooth`` latent agrees to about 1e-4.
+Randomness and batches: batch item ``i`` of a run with seed ``s`` draws from its own CPU ``torch.Generator``,
+seeded with ``(s + i) mod 2**64``, and the numbers are applied on the sampling device (:mod:`..core.sampling`), so
+a seed gives the same draws on every device: per scale ``pn**2`` uniforms, then (with ``more_smooth``) its Gumbel
+noise. So item ``i`` of a batch makes exactly the draws of a batch-of-1 run with seed ``s + i`` and the same label.
+Upstream draws with ``torch.multinomial`` on the sampling device: the distribution is the same, the images of a
+seed are not (nor were they across devices upstream). The probabilities themselves agree to rounding only (a matrix
+product may round differently for another batch size), so a token could differ only where a draw falls within
+rounding distance of a probability boundary; the soft ``more_smooth`` latent agrees to about 1e-4.
 
 Hooks (:class:`SamplerHooks`, all optional):
 - ``guide`` (:class:`Guide`): ``apply(si, idx_Bl)`` may replace the drawn indices (inpainting, img2img); with
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 from ..core.errors import NextScaleError
 from ..core.hooks import SamplerHooks
 from ..core.kv_cache import KVCache, KVPolicy
-from ..core.sampling import filter_top_k_top_p_, multinomial
+from ..core.sampling import categorical, filter_top_k_top_p_, gumbel, item_generators
 from ..core.tokens import NextScaleTokens
 
 CFG_SCHEDULES = ("linear", "constant")
@@ -96,10 +98,7 @@ def _gumbel_mixture(logits_BlV: torch.Tensor, ratio: float, generators: list[tor
     generator, with ``tau = max(0.27 * (1 - 0.95 * ratio), 0.005)``."""
     tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
     scaled_BlV = logits_BlV * (1 + ratio)
-    gumbel_BlV = torch.stack(
-        [-torch.empty_like(x_lV).exponential_(generator=g).log() for x_lV, g in zip(scaled_BlV, generators)]
-    )
-    return ((scaled_BlV + gumbel_BlV) / tau).softmax(dim=-1)
+    return ((scaled_BlV + gumbel(generators, scaled_BlV)) / tau).softmax(dim=-1)
 
 
 def _code_map(quant, idx_Bl: torch.Tensor, pn: int, soft_BlV=None, forced_Bl=None) -> torch.Tensor:
@@ -132,7 +131,7 @@ def _check_inputs(var, tokenizer, labels_B: torch.Tensor) -> None:
 
 
 class ScaleSampler:
-    """One run's sampling state, model-independent: the CFG rows, the per-item generators, ``f_hat`` and the
+    """One run's sampling state, model-independent: the CFG rows, the per-item CPU generators, ``f_hat`` and the
     indices drawn so far. :meth:`step` is everything a scale does after the transformer (guidance, control
     logits, temperature, filters, draws, guide, code map, ``f_hat`` update, callback), so that one run may switch
     models between scales (:mod:`.collaborative`) and still draw exactly what :func:`sample` draws."""
@@ -144,7 +143,7 @@ class ScaleSampler:
         self.guided = options.cfg != 0
         self.rows_R = torch.cat((labels_B, torch.full_like(labels_B, num_classes))) if self.guided else labels_B
         self.temperatures = [options.temperature_at(si, self.K) for si in range(self.K)]
-        self.generators = [torch.Generator(device).manual_seed((seed + i) % 2**64) for i in range(self.B)]
+        self.generators = item_generators(seed, self.B)
         side = patch_nums[-1]
         self.f_hat = torch.zeros(self.B, self.quant.channels, side, side, device=device)
         self.indices: list[torch.Tensor] = []
@@ -163,7 +162,7 @@ class ScaleSampler:
         if control is not None:
             logits_BlV = control.logits(si, logits_BlV)
         logits_BlV = filter_top_k_top_p_(logits_BlV / self.temperatures[si], options.top_k, options.top_p)
-        idx_Bl = multinomial(logits_BlV.softmax(dim=-1), generators)
+        idx_Bl = categorical(logits_BlV.softmax(dim=-1), generators)
         soft_BlV = _gumbel_mixture(logits_BlV, si / (K - 1), generators) if options.more_smooth else None
         forced_Bl = None
         if guide is not None:

@@ -3,7 +3,7 @@
 It implements the whole :class:`~nextscale.models.core.family.Family` protocol with two tiny modules:
 
 - ``ToyGenerator``: class-conditional; per class and scale, logits over a palette of ``V`` colours. Scale ``si``
-  draws its ``pn x pn`` colour indices (item ``i`` from a generator seeded ``seed + i``), independent of the
+  draws its ``pn x pn`` colour indices (item ``i`` from a CPU generator seeded ``seed + i``), independent of the
   earlier scales; the schedule is stored in the file (``toy_scales``).
 - ``ToyTokenizer``: the palette, ``(V, 3)`` colours in -1..1; an image of a token map paints each token as a
   ``PIXELS x PIXELS`` square of its colour. Encoding picks, per scale, the nearest colour of each area-averaged cell.
@@ -19,7 +19,7 @@ from nextscale.models.core.errors import NextScaleError
 from nextscale.models.core.family import Family, KVGeometry, Role, Workload
 from nextscale.models.core.hooks import SamplerHooks, refuse_unsupported
 from nextscale.models.core.imageops import fit_square
-from nextscale.models.core.sampling import multinomial
+from nextscale.models.core.sampling import categorical, item_generators
 from nextscale.models.core.schedule import parse_schedule
 from nextscale.models.core.tokens import NextScaleTokens
 from nextscale.models.var.sampler import SamplingOptions
@@ -93,13 +93,13 @@ class ToyFamily(Family):
         refuse_unsupported(hooks, self.hooks, self.title)
         labels_B = torch.as_tensor(condition, device=device)
         scales, side = generator.scales, generator.scales[-1] * PIXELS
-        generators = [torch.Generator(device).manual_seed((seed + i) % 2**64) for i in range(len(labels_B))]
+        generators = item_generators(seed, len(labels_B))
         indices = []
         for si, pn in enumerate(scales):
             temperature = options.temperature_at(si, len(scales))
             probs_BV = (generator.toy_logits[labels_B, si].float() / temperature).softmax(-1)
             probs_BlV = probs_BV[:, None].expand(-1, pn * pn, -1)
-            indices.append(multinomial(probs_BlV, generators).view(-1, pn, pn))
+            indices.append(categorical(probs_BlV, generators).view(-1, pn, pn))
             if hooks.callback is not None:
                 hooks.callback(si, len(scales), tokenizer.paint(indices[-1], side))
         return NextScaleTokens(indices=indices, patch_nums=scales, labels=labels_B, source="sampled")
