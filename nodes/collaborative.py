@@ -17,7 +17,7 @@ from .generator import (
 )
 from .service import NextScaleModel, ready
 from .sockets import CATEGORY, Control, Generator, KVPolicy, Tokenizer, Tokens
-from .validation import check_combos
+from .validation import check_combos, check_numbers
 
 MAX_SCALES = 64
 # The sampling inputs taken over from NextScale Sampler, same ids, widgets and tooltips.
@@ -74,8 +74,10 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, class_name: str) -> bool | str:
-        return check_combos(class_name=(class_name, class_choices()))
+    def validate_inputs(cls, class_name: str, cfg: float | None = None, top_p: float | None = None) -> bool | str:
+        return check_combos(class_name=(class_name, class_choices())) or check_numbers(
+            cls, cfg=cfg, top_p=top_p
+        ) or True
 
     @classmethod
     def execute(

@@ -71,7 +71,7 @@ class NextScaleInpaintGuide(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, mode: str) -> bool | str:
-        return check_combos(mode=(mode, EDIT_MODES))
+        return check_combos(mode=(mode, EDIT_MODES)) or True
 
     @classmethod
     def execute(

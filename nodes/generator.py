@@ -4,7 +4,6 @@ call goes through the model's family (:mod:`..models.core.family`)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import comfy.model_management as mm
 import comfy.utils
@@ -19,9 +18,9 @@ from ..models.core.tokens import NextScaleTokens
 from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
 from ..models.var.sampler import CFG_SCHEDULES, SamplingOptions
 from .model_files import file_class_names, model_choices, read_embedded_card
-from .service import DTYPES, NextScaleModel, load, ready
+from .service import DTYPES, NextScaleModel, load, not_found, ready
 from .sockets import CATEGORY, Control, Generator, Guide, KVPolicy, SamplerOptions, Tokenizer, Tokens
-from .validation import check_combos
+from .validation import check_combos, check_file, check_numbers
 
 LOADER = "NextScale Load Generator"
 MAX_BATCH = 64
@@ -90,8 +89,10 @@ class NextScaleLoadGenerator(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, generator_name: str, dtype: str) -> bool | str:
-        return check_combos(generator_name=(generator_name, model_choices("generator")), dtype=(dtype, DTYPES))
+    def validate_inputs(cls, generator_name: str) -> bool | str:
+        return check_file(
+            generator_name, model_choices("generator"), lambda name: not_found(name, LOADER, "generator")
+        ) or True
 
     @classmethod
     def execute(cls, generator_name: str, dtype: str) -> io.NodeOutput:
@@ -133,8 +134,10 @@ class NextScaleSamplerOptions(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg_schedule: str) -> bool | str:
-        return check_combos(cfg_schedule=(cfg_schedule, CFG_SCHEDULES))
+    def validate_inputs(cls, cfg_schedule: str, temperature: float | None = None) -> bool | str:
+        return check_combos(cfg_schedule=(cfg_schedule, CFG_SCHEDULES)) or check_numbers(
+            cls, temperature=temperature
+        ) or True
 
     @classmethod
     def execute(cls, temperature: float, scale_temperatures: str, cfg_schedule: str, preview: bool) -> io.NodeOutput:
@@ -232,8 +235,10 @@ class NextScaleSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, class_name: str) -> bool | str:
-        return check_combos(class_name=(class_name, class_choices()))
+    def validate_inputs(cls, class_name: str, cfg: float | None = None, top_p: float | None = None) -> bool | str:
+        return check_combos(class_name=(class_name, class_choices())) or check_numbers(
+            cls, cfg=cfg, top_p=top_p
+        ) or True
 
     @classmethod
     def execute(
@@ -253,8 +258,6 @@ class NextScaleSampler(io.ComfyNode):
         control=None,
         kv_policy=None,
     ) -> io.NodeOutput:
-        if not (math.isfinite(cfg) and math.isfinite(top_p)):  # NaN passes ComfyUI's min/max check
-            raise NextScaleError(f"cfg = {cfg} and top_p = {top_p} must be finite numbers")
         check_pair(generator, tokenizer)
         family = generator.family
         refuse_hooks(family, guide, control, kv_policy)

@@ -22,7 +22,7 @@ from .generator import check_pair
 from .service import NextScaleModel, ready
 from .sockets import CATEGORY, Generator, KVPolicy, Tokenizer
 from .sockets import KVProfile as KVProfileSocket
-from .validation import check_combos
+from .validation import check_combos, check_numbers
 
 KV_CATEGORY = f"{CATEGORY}/kv"
 PROFILE_DIR = "nextscale_kv"
@@ -74,8 +74,14 @@ class NextScaleKVPolicy(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, policy: str) -> bool | str:
-        return check_combos(policy=(policy, POLICIES))
+    def validate_inputs(
+        cls, policy: str, budget: float | None = None, decay: float | None = None,
+        contextual_fraction: float | None = None, contextual_ratio: float | None = None,
+    ) -> bool | str:
+        return check_combos(policy=(policy, POLICIES)) or check_numbers(
+            cls, budget=budget, decay=decay, contextual_fraction=contextual_fraction,
+            contextual_ratio=contextual_ratio,
+        ) or True
 
     @classmethod
     def execute(
@@ -123,6 +129,10 @@ class NextScaleKVCalibrate(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, cfg: float) -> bool | str:
+        return check_numbers(cls, cfg=cfg) or True
 
     @classmethod
     def execute(cls, generator: NextScaleModel, tokenizer: NextScaleModel, samples: int, seed: int, cfg: float,
@@ -179,6 +189,10 @@ class NextScaleKVReport(io.ComfyNode):
             ],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, cfg: float) -> bool | str:
+        return check_numbers(cls, cfg=cfg) or True
 
     @classmethod
     def execute(cls, generator: NextScaleModel, tokenizer: NextScaleModel, kv_policy: KVPolicySpec, class_name: str,

@@ -12,9 +12,9 @@ from ..models.core.family import Workload
 from ..models.core.imageops import RESIZE_MODES, image_to_model, model_to_image
 from ..models.var.editing import composite
 from .model_files import model_choices
-from .service import DTYPES, NextScaleModel, load, ready
+from .service import DTYPES, NextScaleModel, load, not_found, ready
 from .sockets import CATEGORY, Tokenizer, Tokens
-from .validation import check_combos
+from .validation import check_combos, check_file
 
 LOADER = "NextScale Load Tokenizer"
 ENCODE_CHUNK = 8  # images encoded at once: bounds peak memory on large batches
@@ -48,8 +48,10 @@ class NextScaleLoadTokenizer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, tokenizer_name: str, dtype: str) -> bool | str:
-        return check_combos(tokenizer_name=(tokenizer_name, model_choices("tokenizer")), dtype=(dtype, DTYPES))
+    def validate_inputs(cls, tokenizer_name: str) -> bool | str:
+        return check_file(
+            tokenizer_name, model_choices("tokenizer"), lambda name: not_found(name, LOADER, "tokenizer")
+        ) or True
 
     @classmethod
     def execute(cls, tokenizer_name: str, dtype: str) -> io.NodeOutput:
@@ -88,7 +90,7 @@ class NextScaleEncode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, resize: str) -> bool | str:
-        return check_combos(resize=(resize, RESIZE_MODES))
+        return check_combos(resize=(resize, RESIZE_MODES)) or True
 
     @classmethod
     def execute(

@@ -25,8 +25,10 @@ def test_class_lists():
         parse_class_list("circle, hexagon", names)
     with pytest.raises(NextScaleError, match=r"outside 0..2"):
         parse_class_list("7", names)
-    with pytest.raises(NextScaleError, match="empty class name"):
+    with pytest.raises(NextScaleError, match="has an empty entry"):
         parse_class_list("circle,,star", names)
+    with pytest.raises(NextScaleError, match=r"no class given: name one of this generator's classes \(circle, "):
+        class_index(" ", names)
 
 
 def test_tokens_container():

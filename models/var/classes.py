@@ -33,8 +33,9 @@ def default_class_names(num_classes: int) -> tuple[str, ...]:
 def class_index(entry: str, names: Sequence[str]) -> int:
     """Index of one class given by name (case-insensitive) or by integer index."""
     text = entry.strip()
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
     if not text:
-        raise NextScaleError("empty class name in the class list (two commas in a row?)")
+        raise NextScaleError(f"no class given: name one of this generator's classes ({shown}) or give its index")
     lowered = [n.lower() for n in names]
     if text.lower() in lowered:
         return lowered.index(text.lower())
@@ -43,7 +44,6 @@ def class_index(entry: str, names: Sequence[str]) -> int:
         if 0 <= i < len(names):
             return i
         raise NextScaleError(f"class index {i} is outside 0..{len(names) - 1} for this generator")
-    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
     raise NextScaleError(f"'{text}' is not a class of this generator; its classes are: {shown}")
 
 
@@ -51,4 +51,7 @@ def parse_class_list(text: str, names: Sequence[str]) -> list[int]:
     """``"circle, star, 3"`` -> class indices. An empty string gives an empty list."""
     if not text or not text.strip():
         return []
-    return [class_index(part, names) for part in text.split(",")]
+    parts = text.split(",")
+    if any(not part.strip() for part in parts):
+        raise NextScaleError(f"class list '{text}' has an empty entry (two commas in a row, or a trailing comma)")
+    return [class_index(part, names) for part in parts]
