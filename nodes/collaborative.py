@@ -11,6 +11,7 @@ from .generator import (
     bind_policy,
     check_pair,
     class_choices,
+    framed_like_reference,
     refuse_hooks,
     sampling_inputs,
     scale_callback,
@@ -134,7 +135,7 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
             drafter.module, refiner.module, tokenizer.module, labels_B, draft_scales=draft_scales, seed=seed,
             options=sampling, hooks=hooks, drafter_hooks=drafter_hooks, device=device,
         )
-        return io.NodeOutput(tokens.to("cpu"))
+        return io.NodeOutput(framed_like_reference(tokens, guide).to("cpu"))
 
 
 NODES = [NextScaleCollaborativeSampler]

@@ -283,7 +283,16 @@ class NextScaleSampler(io.ComfyNode):
         tokens: NextScaleTokens = family.sample(
             generator.module, tokenizer.module, labels_B, seed=seed, options=sampling, hooks=hooks, device=device
         )
-        return io.NodeOutput(tokens.to("cpu"))
+        return io.NodeOutput(framed_like_reference(tokens, guide).to("cpu"))
+
+
+def framed_like_reference(tokens, guide):
+    """``tokens`` with the fit of the guide's reference image (``extra["fit"]``, recorded by NextScale Encode): an
+    edit is framed like the image it edits, so NextScale Decode's composite can lay it back onto that image."""
+    reference = getattr(guide, "reference", None)  # the guides' EditSpec
+    if reference is not None and "fit" in reference.extra:
+        tokens.extra["fit"] = reference.extra["fit"]
+    return tokens
 
 
 def sampling_inputs(
