@@ -33,7 +33,7 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
         shared = {i.id: i for i in NextScaleSampler.define_schema().inputs}
         return io.Schema(
             node_id="NextScaleCollaborativeSampler",
-            display_name="NextScale Collaborative Sampler",
+            display_name="NextScale Collaborative Sampler (VAR)",
             category=CATEGORY,
             description="Collaborative decoding (CoDe): a large drafter generates the first draft_scales coarse "
             "scales, then a small refiner takes over for the fine scales, which hold most of the tokens. "

@@ -123,8 +123,8 @@ class NextScaleSamplerOptions(io.ComfyNode):
                     "cfg_schedule",
                     options=list(CFG_SCHEDULES),
                     default="linear",
-                    tooltip="linear: VAR's ramp, no guidance at the first scale and the full cfg at the last; "
-                    "constant: the same cfg at every scale.",
+                    tooltip="How guidance grows from the coarse layout to the fine detail. linear: none at the "
+                    "first scale, the full cfg at the last (VAR's ramp); constant: the same cfg at every scale.",
                 ),
                 io.Boolean.Input(
                     "preview", default=True, tooltip="Show the partial image after every scale while sampling."
@@ -159,11 +159,13 @@ class NextScaleSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="NextScaleSampler",
-            display_name="NextScale Sampler",
+            display_name="NextScale Sampler (VAR)",
             category=CATEGORY,
-            description="Generates per-scale token maps coarse to fine with a VAR generator: classifier-free "
-            "guidance with VAR's ramp, top-k/top-p sampling, one progress step and preview per scale. Batch item i "
-            "uses seed + i, so any image of a batch can be reproduced alone.",
+            description="Draws a picture of the chosen class coarse to fine with a VAR generator (next-scale "
+            "autoregressive sampling): a 1x1 sketch, then ever finer scales, one progress step and preview per "
+            "scale. Guidance (cfg) pulls the picture towards its class, growing from coarse to fine (VAR's ramp); "
+            "top-k/top-p keep only likely codes. Batch item i uses seed + i, so any image of a batch can be "
+            "reproduced alone.",
             inputs=[
                 Generator.Input("generator", tooltip="From NextScale Load Generator."),
                 Tokenizer.Input("tokenizer", tooltip="The tokenizer the generator was trained with (for previews "

@@ -42,8 +42,9 @@ class NextScaleKVPolicy(io.ComfyNode):
             category=KV_CATEGORY,
             description="What the sampler's KV cache keeps from one scale to the next. 'full' keeps everything "
             "(exact). The others keep 'budget' of the sequence per layer and head: 'recent' the latest tokens and "
-            "'strided' evenly spaced ones (naive baselines); 'scalekv' moves budget to the drafter layers and keeps "
-            "the tokens the current scale attends to most; 'hack' gives structural heads a large budget (first "
+            "'strided' evenly spaced ones (naive baselines); 'scalekv' gives more memory to the layers that look at "
+            "the whole picture (its 'drafter' layers) and keeps the tokens the current scale attends to most; "
+            "'hack' gives structural heads a large budget (first "
             "scales, current scale, best middle tokens) and contextual heads a small one. ScaleKV and HACK need a "
             "profile from NextScale KV Calibrate (without one they use uniform budgets). Connect to NextScale "
             "Sampler's 'kv_policy'.",
@@ -60,7 +61,8 @@ class NextScaleKVPolicy(io.ComfyNode):
                                 tooltip="Instead of the socket: a profile JSON saved by NextScale KV Calibrate, "
                                 "relative to ComfyUI's output folder (e.g. nextscale_kv/profile.json) or absolute."),
                 io.Int.Input("drafters", default=1, min=0, max=64, optional=True,
-                             tooltip="ScaleKV: drafter layers per scale (lowest attention selectivity); they get the "
+                             tooltip="ScaleKV: how many layers per scale look at the whole picture and so keep more "
+                             "memory (drafter layers: lowest attention selectivity); they get the "
                              "budget the refiners give up."),
                 io.Float.Input("decay", default=0.4, min=0.0, max=1.0, step=0.05, optional=True,
                                tooltip="ScaleKV: refiner budget decay; at the last scale refiners keep (1 - decay) "
