@@ -11,13 +11,14 @@ from .generator import (
     bind_policy,
     check_pair,
     class_choices,
+    framed_like_reference,
     refuse_hooks,
     sampling_inputs,
     scale_callback,
 )
 from .service import NextScaleModel, ready
 from .sockets import CATEGORY, Control, Generator, KVPolicy, Tokenizer, Tokens
-from .validation import check_combos
+from .validation import check_combos, check_numbers
 
 MAX_SCALES = 64
 # The sampling inputs taken over from NextScale Sampler, same ids, widgets and tooltips.
@@ -32,7 +33,7 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
         shared = {i.id: i for i in NextScaleSampler.define_schema().inputs}
         return io.Schema(
             node_id="NextScaleCollaborativeSampler",
-            display_name="NextScale Collaborative Sampler",
+            display_name="NextScale Collaborative Sampler (VAR)",
             category=CATEGORY,
             description="Collaborative decoding (CoDe): a large drafter generates the first draft_scales coarse "
             "scales, then a small refiner takes over for the fine scales, which hold most of the tokens. "
@@ -74,8 +75,10 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, class_name: str) -> bool | str:
-        return check_combos(class_name=(class_name, class_choices()))
+    def validate_inputs(cls, class_name: str, cfg: float | None = None, top_p: float | None = None) -> bool | str:
+        return check_combos(class_name=(class_name, class_choices())) or check_numbers(
+            cls, cfg=cfg, top_p=top_p
+        ) or True
 
     @classmethod
     def execute(
@@ -132,7 +135,7 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
             drafter.module, refiner.module, tokenizer.module, labels_B, draft_scales=draft_scales, seed=seed,
             options=sampling, hooks=hooks, drafter_hooks=drafter_hooks, device=device,
         )
-        return io.NodeOutput(tokens.to("cpu"))
+        return io.NodeOutput(framed_like_reference(tokens, guide).to("cpu"))
 
 
 NODES = [NextScaleCollaborativeSampler]

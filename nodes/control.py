@@ -12,9 +12,9 @@ from ..models.control.maps import canny_edges, map_to_image, soft_silhouette
 from ..models.core.errors import NextScaleError
 from ..models.core.imageops import image_to_model
 from .model_files import model_choices
-from .service import DTYPES, NextScaleModel, load
+from .service import DTYPES, NextScaleModel, load, not_found
 from .sockets import CATEGORY, Control, ControlModel
-from .validation import check_combos
+from .validation import check_file, check_numbers
 
 LOADER = "NextScale Load Control"
 MAX_SCALES = 64
@@ -89,8 +89,8 @@ class NextScaleLoadControl(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, control_name: str, dtype: str = "auto") -> bool | str:
-        return check_combos(control_name=(control_name, control_choices()), dtype=(dtype, DTYPES))
+    def validate_inputs(cls, control_name: str) -> bool | str:
+        return check_file(control_name, control_choices(), lambda name: not_found(name, LOADER, "control")) or True
 
     @classmethod
     def execute(cls, control_name: str, dtype: str = "auto") -> io.NodeOutput:
@@ -153,6 +153,10 @@ class NextScaleApplyControl(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, strength: float, late_temperature: float) -> bool | str:
+        return check_numbers(cls, strength=strength, late_temperature=late_temperature) or True
+
+    @classmethod
     def execute(
         cls,
         control_model: NextScaleModel,
@@ -209,6 +213,10 @@ class NextScaleEdgePreprocessor(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, low_threshold: float, high_threshold: float, blur: float) -> bool | str:
+        return check_numbers(cls, low_threshold=low_threshold, high_threshold=high_threshold, blur=blur) or True
+
+    @classmethod
     def execute(cls, image: torch.Tensor, low_threshold: float, high_threshold: float, blur: float) -> io.NodeOutput:
         img = image_to_model(image).add(1).mul(0.5)
         return io.NodeOutput(map_to_image(canny_edges(img, low_threshold, high_threshold, blur)).to(image.device))
@@ -247,6 +255,10 @@ class NextScaleSilhouettePreprocessor(io.ComfyNode):
                 io.Mask.Output("mask", display_name="mask"),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, threshold: float, softness: float, blur: float) -> bool | str:
+        return check_numbers(cls, threshold=threshold, softness=softness, blur=blur) or True
 
     @classmethod
     def execute(cls, image: torch.Tensor, threshold: float, softness: float, blur: float) -> io.NodeOutput:

@@ -31,8 +31,9 @@ class NextScaleInpaintGuide(io.ComfyNode):
                 Tokens.Input("tokens", tooltip="The image to edit, from NextScale Encode (batch 1, or one per image)."),
                 io.Mask.Input(
                     "mask",
-                    tooltip="1 = regenerate, 0 = keep. Square, or the image's size when NextScale Encode recorded "
-                    "how it fitted the image; batch 1 or one per image. Each token is kept when more than half "
+                    tooltip="1 = regenerate, 0 = keep: the mask editor's or Pad Image for Outpainting's mask of "
+                    "the encoded image, at its size (any size and aspect; fitted to the model's square as NextScale "
+                    "Encode fitted the image). Batch 1 or one per image. Each token is kept when more than half "
                     "of its area is kept.",
                 ),
                 io.Boolean.Input(
@@ -71,7 +72,7 @@ class NextScaleInpaintGuide(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, mode: str) -> bool | str:
-        return check_combos(mode=(mode, EDIT_MODES))
+        return check_combos(mode=(mode, EDIT_MODES)) or True
 
     @classmethod
     def execute(
@@ -84,6 +85,13 @@ class NextScaleInpaintGuide(io.ComfyNode):
                 f"start_scale = {start_scale}, end_scale = {end_scale}: these tokens have {K} scales (0..{K - 1}); "
                 f"start_scale must be below end_scale (0 = through the last scale) and end_scale at most {K}"
             )
+        fit = tokens.extra.get("fit")
+        height, width = mask.shape[-2:]
+        if fit is not None and not fit.same_aspect(height, width):
+            raise NextScaleError(
+                f"the mask is {width}x{height} px but the encoded image is {fit.width}x{fit.height} px: give the "
+                f"mask of that image (the same size, or the same aspect ratio)"
+            )
         spec = inpaint(
             tokens,
             mask,
@@ -91,7 +99,7 @@ class NextScaleInpaintGuide(io.ComfyNode):
             mode=mode,
             start_scale=start_scale,
             end_scale=end,
-            resize=tokens.extra.get("resize"),
+            resize=None if fit is None else fit.mode,
         )
         return io.NodeOutput(spec)
 

@@ -4,7 +4,6 @@ call goes through the model's family (:mod:`..models.core.family`)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import comfy.model_management as mm
 import comfy.utils
@@ -19,9 +18,9 @@ from ..models.core.tokens import NextScaleTokens
 from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
 from ..models.var.sampler import CFG_SCHEDULES, SamplingOptions
 from .model_files import file_class_names, model_choices, read_embedded_card
-from .service import DTYPES, NextScaleModel, load, ready
+from .service import DTYPES, NextScaleModel, load, not_found, ready
 from .sockets import CATEGORY, Control, Generator, Guide, KVPolicy, SamplerOptions, Tokenizer, Tokens
-from .validation import check_combos
+from .validation import check_combos, check_file, check_numbers
 
 LOADER = "NextScale Load Generator"
 MAX_BATCH = 64
@@ -90,8 +89,10 @@ class NextScaleLoadGenerator(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, generator_name: str, dtype: str) -> bool | str:
-        return check_combos(generator_name=(generator_name, model_choices("generator")), dtype=(dtype, DTYPES))
+    def validate_inputs(cls, generator_name: str) -> bool | str:
+        return check_file(
+            generator_name, model_choices("generator"), lambda name: not_found(name, LOADER, "generator")
+        ) or True
 
     @classmethod
     def execute(cls, generator_name: str, dtype: str) -> io.NodeOutput:
@@ -122,8 +123,8 @@ class NextScaleSamplerOptions(io.ComfyNode):
                     "cfg_schedule",
                     options=list(CFG_SCHEDULES),
                     default="linear",
-                    tooltip="linear: VAR's ramp, no guidance at the first scale and the full cfg at the last; "
-                    "constant: the same cfg at every scale.",
+                    tooltip="How guidance grows from the coarse layout to the fine detail. linear: none at the "
+                    "first scale, the full cfg at the last (VAR's ramp); constant: the same cfg at every scale.",
                 ),
                 io.Boolean.Input(
                     "preview", default=True, tooltip="Show the partial image after every scale while sampling."
@@ -133,8 +134,10 @@ class NextScaleSamplerOptions(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg_schedule: str) -> bool | str:
-        return check_combos(cfg_schedule=(cfg_schedule, CFG_SCHEDULES))
+    def validate_inputs(cls, cfg_schedule: str, temperature: float | None = None) -> bool | str:
+        return check_combos(cfg_schedule=(cfg_schedule, CFG_SCHEDULES)) or check_numbers(
+            cls, temperature=temperature
+        ) or True
 
     @classmethod
     def execute(cls, temperature: float, scale_temperatures: str, cfg_schedule: str, preview: bool) -> io.NodeOutput:
@@ -156,11 +159,13 @@ class NextScaleSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="NextScaleSampler",
-            display_name="NextScale Sampler",
+            display_name="NextScale Sampler (VAR)",
             category=CATEGORY,
-            description="Generates per-scale token maps coarse to fine with a VAR generator: classifier-free "
-            "guidance with VAR's ramp, top-k/top-p sampling, one progress step and preview per scale. Batch item i "
-            "uses seed + i, so any image of a batch can be reproduced alone.",
+            description="Draws a picture of the chosen class coarse to fine with a VAR generator (next-scale "
+            "autoregressive sampling): a 1x1 sketch, then ever finer scales, one progress step and preview per "
+            "scale. Guidance (cfg) pulls the picture towards its class, growing from coarse to fine (VAR's ramp); "
+            "top-k/top-p keep only likely codes. Batch item i uses seed + i, so any image of a batch can be "
+            "reproduced alone.",
             inputs=[
                 Generator.Input("generator", tooltip="From NextScale Load Generator."),
                 Tokenizer.Input("tokenizer", tooltip="The tokenizer the generator was trained with (for previews "
@@ -232,8 +237,10 @@ class NextScaleSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, class_name: str) -> bool | str:
-        return check_combos(class_name=(class_name, class_choices()))
+    def validate_inputs(cls, class_name: str, cfg: float | None = None, top_p: float | None = None) -> bool | str:
+        return check_combos(class_name=(class_name, class_choices())) or check_numbers(
+            cls, cfg=cfg, top_p=top_p
+        ) or True
 
     @classmethod
     def execute(
@@ -253,8 +260,6 @@ class NextScaleSampler(io.ComfyNode):
         control=None,
         kv_policy=None,
     ) -> io.NodeOutput:
-        if not (math.isfinite(cfg) and math.isfinite(top_p)):  # NaN passes ComfyUI's min/max check
-            raise NextScaleError(f"cfg = {cfg} and top_p = {top_p} must be finite numbers")
         check_pair(generator, tokenizer)
         family = generator.family
         refuse_hooks(family, guide, control, kv_policy)
@@ -280,7 +285,16 @@ class NextScaleSampler(io.ComfyNode):
         tokens: NextScaleTokens = family.sample(
             generator.module, tokenizer.module, labels_B, seed=seed, options=sampling, hooks=hooks, device=device
         )
-        return io.NodeOutput(tokens.to("cpu"))
+        return io.NodeOutput(framed_like_reference(tokens, guide).to("cpu"))
+
+
+def framed_like_reference(tokens, guide):
+    """``tokens`` with the fit of the guide's reference image (``extra["fit"]``, recorded by NextScale Encode): an
+    edit is framed like the image it edits, so NextScale Decode's composite can lay it back onto that image."""
+    reference = getattr(guide, "reference", None)  # the guides' EditSpec
+    if reference is not None and "fit" in reference.extra:
+        tokens.extra["fit"] = reference.extra["fit"]
+    return tokens
 
 
 def sampling_inputs(

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..models.core.grid import image_grid
 from .sockets import CATEGORY
+from .validation import check_numbers
 
 
 class NextScaleImageGrid(io.ComfyNode):
@@ -32,6 +33,10 @@ class NextScaleImageGrid(io.ComfyNode):
             ],
             outputs=[io.Image.Output("image", display_name="image")],
         )
+
+    @classmethod
+    def validate_inputs(cls, pad_value: float) -> bool | str:
+        return check_numbers(cls, pad_value=pad_value) or True
 
     @classmethod
     def execute(cls, images, columns: int, padding: int, pad_value: float) -> io.NodeOutput:

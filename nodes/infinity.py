@@ -6,8 +6,6 @@ CONDITIONING; the tokens go to the usual NextScale Decode.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from comfy_api.latest import io
 
@@ -22,7 +20,7 @@ from .model_files import model_choices
 from .service import DTYPES, NextScaleModel, load, not_found, ready
 from .sockets import CATEGORY, InfinityModel, KVPolicy, Tokenizer, Tokens
 from .text_encoder import check_text_width
-from .validation import check_combos
+from .validation import check_combos, check_file, check_numbers
 
 LOADER = "NextScale Load Infinity"
 INFINITY_CATEGORY = f"{CATEGORY}/infinity"
@@ -47,10 +45,6 @@ ASPECTS = {
     "3:1 landscape": 0.333,
 }
 RESOLUTION_CHOICES = list(RESOLUTIONS)
-
-
-def _missing(value: str, options: list[str], role: str) -> str | None:
-    return None if value in options else not_found(value, LOADER, role)
 
 
 class NextScaleLoadInfinity(io.ComfyNode):
@@ -91,11 +85,11 @@ class NextScaleLoadInfinity(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name: str, tokenizer_name: str, dtype: str) -> bool | str:
+    def validate_inputs(cls, model_name: str, tokenizer_name: str) -> bool | str:
         return (
-            _missing(model_name, model_choices(shards=True), "generator")
-            or _missing(tokenizer_name, model_choices(), "tokenizer")
-            or check_combos(dtype=(dtype, DTYPES))
+            check_file(model_name, model_choices(shards=True), lambda name: not_found(name, LOADER, "generator"))
+            or check_file(tokenizer_name, model_choices(), lambda name: not_found(name, LOADER, "tokenizer"))
+            or True
         )
 
     @classmethod
@@ -202,8 +196,15 @@ class NextScaleTextSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, aspect_ratio: str, resolution: str) -> bool | str:
-        return check_combos(aspect_ratio=(aspect_ratio, list(ASPECTS)), resolution=(resolution, RESOLUTION_CHOICES))
+    def validate_inputs(
+        cls, aspect_ratio: str, resolution: str, cfg: float | None = None, tau: float | None = None,
+        top_p: float | None = None,
+    ) -> bool | str:
+        return (
+            check_combos(aspect_ratio=(aspect_ratio, list(ASPECTS)), resolution=(resolution, RESOLUTION_CHOICES))
+            or check_numbers(cls, cfg=cfg, tau=tau, top_p=top_p)
+            or True
+        )
 
     @classmethod
     def execute(
@@ -224,8 +225,6 @@ class NextScaleTextSampler(io.ComfyNode):
         image: torch.Tensor | None = None,
         keep_scales: int = 0,
     ) -> io.NodeOutput:
-        if not (math.isfinite(cfg) and math.isfinite(tau) and math.isfinite(top_p)):
-            raise NextScaleError(f"cfg = {cfg}, tau = {tau} and top_p = {top_p} must be finite numbers")
         check_pair(model, tokenizer)
         family = model.family
         keep = image is not None and keep_scales > 0

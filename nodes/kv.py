@@ -22,7 +22,7 @@ from .generator import check_pair
 from .service import NextScaleModel, ready
 from .sockets import CATEGORY, Generator, KVPolicy, Tokenizer
 from .sockets import KVProfile as KVProfileSocket
-from .validation import check_combos
+from .validation import check_combos, check_numbers
 
 KV_CATEGORY = f"{CATEGORY}/kv"
 PROFILE_DIR = "nextscale_kv"
@@ -42,8 +42,9 @@ class NextScaleKVPolicy(io.ComfyNode):
             category=KV_CATEGORY,
             description="What the sampler's KV cache keeps from one scale to the next. 'full' keeps everything "
             "(exact). The others keep 'budget' of the sequence per layer and head: 'recent' the latest tokens and "
-            "'strided' evenly spaced ones (naive baselines); 'scalekv' moves budget to the drafter layers and keeps "
-            "the tokens the current scale attends to most; 'hack' gives structural heads a large budget (first "
+            "'strided' evenly spaced ones (naive baselines); 'scalekv' gives more memory to the layers that look at "
+            "the whole picture (its 'drafter' layers) and keeps the tokens the current scale attends to most; "
+            "'hack' gives structural heads a large budget (first "
             "scales, current scale, best middle tokens) and contextual heads a small one. ScaleKV and HACK need a "
             "profile from NextScale KV Calibrate (without one they use uniform budgets). Connect to NextScale "
             "Sampler's 'kv_policy'.",
@@ -60,7 +61,8 @@ class NextScaleKVPolicy(io.ComfyNode):
                                 tooltip="Instead of the socket: a profile JSON saved by NextScale KV Calibrate, "
                                 "relative to ComfyUI's output folder (e.g. nextscale_kv/profile.json) or absolute."),
                 io.Int.Input("drafters", default=1, min=0, max=64, optional=True,
-                             tooltip="ScaleKV: drafter layers per scale (lowest attention selectivity); they get the "
+                             tooltip="ScaleKV: how many layers per scale look at the whole picture and so keep more "
+                             "memory (drafter layers: lowest attention selectivity); they get the "
                              "budget the refiners give up."),
                 io.Float.Input("decay", default=0.4, min=0.0, max=1.0, step=0.05, optional=True,
                                tooltip="ScaleKV: refiner budget decay; at the last scale refiners keep (1 - decay) "
@@ -74,8 +76,14 @@ class NextScaleKVPolicy(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, policy: str) -> bool | str:
-        return check_combos(policy=(policy, POLICIES))
+    def validate_inputs(
+        cls, policy: str, budget: float | None = None, decay: float | None = None,
+        contextual_fraction: float | None = None, contextual_ratio: float | None = None,
+    ) -> bool | str:
+        return check_combos(policy=(policy, POLICIES)) or check_numbers(
+            cls, budget=budget, decay=decay, contextual_fraction=contextual_fraction,
+            contextual_ratio=contextual_ratio,
+        ) or True
 
     @classmethod
     def execute(
@@ -123,6 +131,10 @@ class NextScaleKVCalibrate(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, cfg: float) -> bool | str:
+        return check_numbers(cls, cfg=cfg) or True
 
     @classmethod
     def execute(cls, generator: NextScaleModel, tokenizer: NextScaleModel, samples: int, seed: int, cfg: float,
@@ -179,6 +191,10 @@ class NextScaleKVReport(io.ComfyNode):
             ],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, cfg: float) -> bool | str:
+        return check_numbers(cls, cfg=cfg) or True
 
     @classmethod
     def execute(cls, generator: NextScaleModel, tokenizer: NextScaleModel, kv_policy: KVPolicySpec, class_name: str,

@@ -65,7 +65,7 @@ class NextScaleSchedule(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, preset: str) -> bool | str:
-        return check_combos(preset=(preset, PRESETS))
+        return check_combos(preset=(preset, PRESETS)) or True
 
     @classmethod
     def execute(cls, preset: str, custom_schedule: str, depth: int) -> io.NodeOutput:

@@ -166,6 +166,8 @@ def load(name: str, loader: str, role: str, dtype: str = "auto", path: str | Non
     """Load the choice ``name`` (or the file or folder ``path``) for the ``role`` input of the node ``loader``:
     refused with a message naming what the file is and which node loads it when it is something else."""
     kinds = expected(loader, role)
+    if dtype not in DTYPES:  # the loaders validate only their file input (nodes/validation.py)
+        raise NextScaleError(f"dtype = {dtype!r} is not one of the choices: {', '.join(DTYPES)}")
     path = path or resolve(name, loader, role)
     state_dict = _read(path, _what(kinds))
     kind = identify(state_dict)

@@ -41,7 +41,7 @@ from ..models.core.checkpoint import check_state_dict, check_tensors, read_state
 from ..models.core.errors import NextScaleError
 from ..models.core.family import describe, identify
 from .sockets import CATEGORY
-from .validation import check_combos
+from .validation import check_file
 
 log = logging.getLogger("NextScale")
 
@@ -537,8 +537,7 @@ class NextScaleTextEncodeT5(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, text_encoder: str) -> bool | str:
-        checked = check_combos(text_encoder=(text_encoder, text_encoder_choices()))
-        return True if checked is True else f"{_not_found(text_encoder)} ({checked})"
+        return check_file(text_encoder, text_encoder_choices(), _not_found) or True
 
     @classmethod
     def execute(cls, text_encoder: str, text: str) -> io.NodeOutput:

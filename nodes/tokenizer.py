@@ -12,11 +12,12 @@ from ..models.core.family import Workload
 from ..models.core.imageops import RESIZE_MODES, image_to_model, model_to_image
 from ..models.var.editing import composite
 from .model_files import model_choices
-from .service import DTYPES, NextScaleModel, load, ready
+from .service import DTYPES, NextScaleModel, load, not_found, ready
 from .sockets import CATEGORY, Tokenizer, Tokens
-from .validation import check_combos
+from .validation import check_combos, check_file
 
 LOADER = "NextScale Load Tokenizer"
+FEATHER_PX = 4  # Decode's default soft edge of a composite, in pixels of the picture
 ENCODE_CHUNK = 8  # images encoded at once: bounds peak memory on large batches
 
 
@@ -48,8 +49,10 @@ class NextScaleLoadTokenizer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, tokenizer_name: str, dtype: str) -> bool | str:
-        return check_combos(tokenizer_name=(tokenizer_name, model_choices("tokenizer")), dtype=(dtype, DTYPES))
+    def validate_inputs(cls, tokenizer_name: str) -> bool | str:
+        return check_file(
+            tokenizer_name, model_choices("tokenizer"), lambda name: not_found(name, LOADER, "tokenizer")
+        ) or True
 
     @classmethod
     def execute(cls, tokenizer_name: str, dtype: str) -> io.NodeOutput:
@@ -64,7 +67,8 @@ class NextScaleEncode(io.ComfyNode):
             display_name="NextScale Encode",
             category=CATEGORY,
             description="Encodes images into per-scale token maps (1x1 up to the full latent grid) with the "
-            "tokenizer's residual quantizer. Images are resized to the schedule's resolution first.",
+            "tokenizer's residual quantizer. Images are fitted to the schedule's square resolution first, and the "
+            "tokens record how, so the guides and Decode's composite work at the picture's own size.",
             inputs=[
                 Tokenizer.Input("tokenizer", tooltip="From NextScale Load Tokenizer."),
                 io.Image.Input("image", tooltip="Images to encode; any size, resized with the mode below."),
@@ -88,7 +92,7 @@ class NextScaleEncode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, resize: str) -> bool | str:
-        return check_combos(resize=(resize, RESIZE_MODES))
+        return check_combos(resize=(resize, RESIZE_MODES)) or True
 
     @classmethod
     def execute(
@@ -151,15 +155,24 @@ class NextScaleDecode(io.ComfyNode):
                 io.Image.Input(
                     "composite_image",
                     optional=True,
-                    tooltip="Optional original image for an inpaint/outpaint composite: where composite_mask is 0 "
-                    "the output is exactly this image. It must already have the decoded size (the model's "
-                    "resolution), fitted the way NextScale Encode's resize fitted it.",
+                    tooltip="Optional: the picture you edited, at its own size. The output is this picture with the "
+                    "regenerated area pasted in (upscaled from the model's resolution, placed the way NextScale "
+                    "Encode fitted the picture); where composite_mask is 0 it is exactly this picture.",
                 ),
                 io.Mask.Input(
                     "composite_mask",
                     optional=True,
-                    tooltip="Mask of the composite, same size: 1 = the decoded image (the regenerated area), "
-                    "0 = composite_image unchanged, in between = a blend (feathered edges).",
+                    tooltip="Where to paste, at the picture's size: 1 = the decoded image (the regenerated area), "
+                    "0 = composite_image unchanged, in between = a blend.",
+                ),
+                io.Int.Input(
+                    "feather",
+                    default=FEATHER_PX,
+                    min=0,
+                    max=256,
+                    optional=True,
+                    tooltip="Soft edge of the paste, in pixels of the picture on each side of the mask's border, "
+                    "for a seamless blend. 0 = a hard paste: exactly the mask.",
                 ),
             ],
             outputs=[io.Image.Output("image", display_name="image")],
@@ -173,6 +186,7 @@ class NextScaleDecode(io.ComfyNode):
         scales: int,
         composite_image: torch.Tensor | None = None,
         composite_mask: torch.Tensor | None = None,
+        feather: int = FEATHER_PX,
     ) -> io.NodeOutput:
         if (composite_image is None) != (composite_mask is None):
             raise NextScaleError("a composite needs both composite_image and composite_mask (or neither)")
@@ -183,7 +197,7 @@ class NextScaleDecode(io.ComfyNode):
         ready(tokenizer, memory=decode_memory(tokenizer, tokens))
         decoded = decode_images(tokenizer, tokens, upto)
         if composite_image is not None:
-            decoded = composite(decoded, composite_image, composite_mask)
+            decoded = composite(decoded, composite_image, composite_mask, tokens.extra.get("fit"), feather)
         return io.NodeOutput(decoded)
 
 

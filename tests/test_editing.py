@@ -10,8 +10,17 @@ import torch
 from harness.testbed import run_in_comfyui_python
 from nextscale.models.core.errors import NextScaleError
 from nextscale.models.core.hooks import SamplerHooks
+from nextscale.models.core.imageops import ImageFit, fit_square
 from nextscale.models.core.tokens import NextScaleTokens
-from nextscale.models.var.editing import EditSpec, composite, fit_mask, image_to_image, inpaint, keep_masks
+from nextscale.models.var.editing import (
+    EditSpec,
+    composite,
+    feather,
+    fit_mask,
+    image_to_image,
+    inpaint,
+    keep_masks,
+)
 from nextscale.models.var.sampler import SamplingOptions, sample
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from test_sampler import CVAE, PN, VOCAB, make_var
@@ -250,12 +259,79 @@ def test_composite_keeps_masked_out_pixels_bit_identical():
     assert torch.equal(out[:, zero], image[0, zero, :3].expand(2, -1, -1))
     assert torch.equal(out[:, one], decoded[:, one])
     torch.testing.assert_close(out[:, 6:], 0.7 * image[:, 6:, :, :3] + 0.3 * decoded[:, 6:])
-    with pytest.raises(NextScaleError, match="composite_image is 6x8 px but the decoded images are 8x8 px"):
+    with pytest.raises(NextScaleError, match="composite_mask is 8x8 px but composite_image is 6x8 px"):
         composite(decoded, image[:, :, :6], mask)
     with pytest.raises(NextScaleError, match="composite_mask is 8x4 px"):
         composite(decoded, image, mask[:, :4])
+    with pytest.raises(NextScaleError, match="composite_image is 8x8 px but NextScale Encode fitted a 20x12 px"):
+        composite(decoded, image, mask, ImageFit(12, 20, PX, "pad"))
     with pytest.raises(NextScaleError, match="composite_mask holds 3 items but 2 images were decoded"):
         composite(decoded, image, mask.repeat(3, 1, 1))
+
+
+def gradient(h: int, w: int) -> torch.Tensor:
+    """``(1, 3, h, w)`` in -1..1: x, y and x + y ramps, which resampling keeps (up to its edges)."""
+    y, x = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    return torch.stack((x, y, (x + y) / 2))[None]
+
+
+@pytest.mark.parametrize("mode", ["center crop", "stretch", "pad"])
+@pytest.mark.parametrize("h, w", [(120, 200), (200, 120), (96, 96)])
+def test_fit_undo_is_the_inverse_of_fit_square(mode, h, w):
+    image = gradient(h, w)
+    fit = ImageFit(h, w, 64, mode)
+    square = fit_square(image, 64, mode)
+    for resolution in (64, 256):  # the decoded square at the model's side, or a larger one
+        back, covered = fit.undo(torch.nn.functional.interpolate(square, size=resolution, mode="bilinear"))
+        assert back.shape == (1, 3, h, w) and covered.shape == (h, w)
+        # away from the edges of what the square holds, where bicubic resampling reaches across (2 square px)
+        inner = torch.zeros(h, w, dtype=torch.bool)
+        inner[8:-8, 8:-8] = True
+        inner &= torch.nn.functional.max_pool2d(1 - covered[None], 17, 1, 8)[0] == 0
+        assert (back[0][:, inner] - image[0][:, inner]).abs().max() < 0.05, (mode, h, w, resolution)
+    if mode == "center crop" and h != w:  # the crop keeps the middle square of the picture
+        assert covered.sum() == min(h, w) ** 2
+        middle = covered[h // 2] if w > h else covered[:, w // 2]
+        assert abs(int(middle.nonzero()[0]) - (max(h, w) - min(h, w)) // 2) <= 1  # fit_square's whole-pixel crop
+    else:
+        assert covered.min() == 1
+
+
+def test_feather_softens_only_near_the_border():
+    mask = torch.zeros(1, 30, 40)
+    mask[:, 10:20, 15:25] = 1
+    assert torch.equal(feather(mask, 0), mask)
+    soft = feather(mask, 4)
+    assert soft[0, 15, 20] > 1 - 1e-6 and soft[0, :5].max() == 0 and soft[0, :, :10].max() == 0
+    assert 0 < soft[0, 10, 20] < 1 and 0 < soft[0, 9, 20] < 1
+    edge = torch.zeros(1, 30, 40)
+    edge[:, :, :8] = 1  # an outpainting band on the picture's border stays 1 there
+    assert feather(edge, 4)[0, :, 0].min() > 1 - 1e-6
+
+
+@pytest.mark.parametrize("mode", ["center crop", "stretch", "pad"])
+def test_composite_at_the_pictures_own_size(mode):
+    """A 120x200 picture, a mask from the mask editor (1 = painted) and 64 px decoded squares: the composite is at
+    120x200, the picture itself away from the mask, the decoded square (undone) inside it."""
+    g = torch.Generator().manual_seed(3)
+    picture = torch.rand(1, 120, 200, 3, generator=g)
+    mask = torch.zeros(1, 120, 200)
+    mask[:, 40:80, 80:120] = 1
+    fit = ImageFit(120, 200, 64, mode)
+    decoded = (gradient(64, 64).permute(0, 2, 3, 1) + 1) / 2
+    undone = (fit.undo(decoded.permute(0, 3, 1, 2))[0].clamp(0, 1)).permute(0, 2, 3, 1)
+    hard = composite(decoded, picture, mask, fit, 0)
+    assert hard.shape == (1, 120, 200, 3)
+    assert torch.equal(hard[0][mask[0] == 0], picture[0][mask[0] == 0])
+    torch.testing.assert_close(hard[0][mask[0] == 1], undone[0][mask[0] == 1])
+    soft = composite(decoded, picture, mask, fit, 6)
+    far = feather(mask, 6)[0] == 0
+    assert torch.equal(soft[0][far], picture[0][far]) and not torch.equal(soft, hard)
+    small_mask = torch.nn.functional.interpolate(mask[None], size=(60, 100))[0]  # same aspect, other size
+    away = (feather(mask, 2)[0] == 0) | (feather(1 - mask, 2)[0] == 0)  # the upscaled mask's edges are soft
+    torch.testing.assert_close(composite(decoded, picture, small_mask, fit, 0)[0][away], hard[0][away])
+    with pytest.raises(NextScaleError, match="composite_mask is 64x64 px but composite_image is 200x120 px"):
+        composite(decoded, picture, torch.ones(1, 64, 64), fit)
 
 
 def test_inpaint_composite_end_to_end(var, vae, reference):
@@ -293,7 +369,7 @@ NODE_CHECK = textwrap.dedent(
     ids = lambda node: [(i.id, bool(i.optional)) for i in node.define_schema().inputs]
     assert ids(NextScaleSampler)[-4:] == [("options", True), ("guide", True), ("control", True), ("kv_policy", True)]
     assert ids(NextScaleDecode) == [("tokenizer", False), ("tokens", False), ("scales", False),
-                                    ("composite_image", True), ("composite_mask", True)], ids(NextScaleDecode)
+                                    ("composite_image", True), ("composite_mask", True), ("feather", True)]
     assert ids(NextScaleInpaintGuide) == [("tokens", False), ("mask", False), ("invert", False), ("mode", False),
                                           ("start_scale", False), ("end_scale", False)]
     assert any(NextScaleInpaintGuide in f.NODES for f in FAMILIES)
@@ -331,7 +407,7 @@ NODE_CHECK = textwrap.dedent(
 
     plain = NextScaleDecode.execute(adopt(vae), inpainted, 0).result[0]
     image = torch.rand(1, 8, 8, 3)
-    pasted = NextScaleDecode.execute(adopt(vae), inpainted, 0, image, mask).result[0]
+    pasted = NextScaleDecode.execute(adopt(vae), inpainted, 0, image, mask, 0).result[0]
     keep = mask[0] == 0
     assert torch.equal(pasted[:, keep], image[0, keep].expand(2, -1, -1))
     assert torch.equal(pasted[:, ~keep], plain[:, ~keep])
@@ -340,6 +416,30 @@ NODE_CHECK = textwrap.dedent(
         raise AssertionError("composite without a mask")
     except NextScaleError as e:
         assert "both composite_image and composite_mask" in str(e)
+
+    # a picture of its own size and aspect (20x12 px, Pad Image for Outpainting's mask: 1 on the new borders)
+    # through Encode, the inpaint guide, the sampler and Decode's composite, for every resize mode
+    from nextscale.nodes.tokenizer import NextScaleEncode
+    picture = torch.rand(1, 12, 20, 3)
+    border = torch.zeros(1, 12, 20)
+    border[:, :, :4], border[:, :, 16:] = 1, 1
+    for resize in ("pad", "center crop", "stretch"):
+        encoded = NextScaleEncode.execute(adopt(vae), picture, resize).result[0]
+        fit = encoded.extra["fit"]
+        assert (fit.height, fit.width, fit.side, fit.mode) == (12, 20, 8, resize), fit
+        guide = NextScaleInpaintGuide.execute(encoded, border, False, "tokens", 0, 0).result[0]
+        edited = run(guide)
+        assert edited.extra["fit"] == fit
+        for width in (0, 3):
+            out = NextScaleDecode.execute(adopt(vae), edited, 0, picture, border, width).result[0]
+            assert out.shape == (2, 12, 20, 3), out.shape
+            kept = border[0] == 0 if width == 0 else (border[0] == 0) & (torch.arange(20) >= 7) & (torch.arange(20) < 13)
+            assert torch.equal(out[:, kept], picture[0, kept].expand(2, -1, -1)), (resize, width)
+    try:
+        NextScaleInpaintGuide.execute(encoded, torch.ones(1, 8, 8), False, "tokens", 0, 0)
+        raise AssertionError("a square mask for a 20x12 picture")
+    except NextScaleError as e:
+        assert "the mask is 8x8 px but the encoded image is 20x12 px" in str(e), e
     print("nodes ok")
     """  # noqa: E501 (lines of the script above; wrapping them would change the string)
 )

@@ -30,7 +30,7 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     folder_paths.add_model_folder_path("text_encoders", encoders, is_default=True)
 
     # files absent: the loader's validation says what to put where
-    msg = inf.NextScaleLoadInfinity.validate_inputs("infinity_2b_reg.pth", "infinity_vae_d32reg.pth", "auto")
+    msg = inf.NextScaleLoadInfinity.validate_inputs("infinity_2b_reg.pth", "infinity_vae_d32reg.pth")
     assert "model not found" in msg and models in msg and "infinity_2b_reg.pth" in msg and "flan-t5-xl" in msg, msg
 
     torch.manual_seed(0)
@@ -43,7 +43,7 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     _, _, encoder = tiny_t5()
     save_file(encoder, os.path.join(encoders, "flan_tiny.safetensors"))
 
-    assert inf.NextScaleLoadInfinity.validate_inputs("infinity_tiny.safetensors", "bsq_tiny.safetensors", "auto") is True
+    assert inf.NextScaleLoadInfinity.validate_inputs("infinity_tiny.safetensors", "bsq_tiny.safetensors") is True
     loaded_model, loaded_tok = inf.NextScaleLoadInfinity.execute("infinity_tiny.safetensors", "bsq_tiny.safetensors", "auto").result
     raises(lambda: inf.NextScaleLoadInfinity.execute("bsq_tiny.safetensors", "bsq_tiny.safetensors", "auto"),
            "Infinity BSQ tokenizer", "expects an Infinity transformer")
@@ -79,7 +79,8 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     wide = [[torch.zeros(1, 4, 4096), {"pooled_output": None}]]
     raises(lambda: sample(positive=wide), "4096-wide", "expects 64-wide", "Text Encode (T5)")
     raises(lambda: sample(positive=[]), "conditioning is empty")
-    raises(lambda: sample(cfg=float("nan")), "finite")
+    nan = inf.NextScaleTextSampler.validate_inputs("1:1", inf.RESOLUTION_CHOICES[0], cfg=float("nan"))
+    assert nan.startswith("cfg = nan is not a number"), nan
     assert "not one of the choices" in inf.NextScaleTextSampler.validate_inputs("16:9", "1M")
     print("infinity nodes ok")
     """  # noqa: E501 (lines of the script above; wrapping them would change the string)

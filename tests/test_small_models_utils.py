@@ -25,8 +25,17 @@ def test_class_lists():
         parse_class_list("circle, hexagon", names)
     with pytest.raises(NextScaleError, match=r"outside 0..2"):
         parse_class_list("7", names)
-    with pytest.raises(NextScaleError, match="empty class name"):
+    shapes = [f"shape {i}" for i in range(10)]
+    goldfish = (r"'goldfish' is not a class of this generator \('goldfish' is an ImageNet-1k class, for the official "
+                r"VAR checkpoints\); its classes are: shape 0, .*, shape 9$")
+    with pytest.raises(NextScaleError, match=goldfish):
+        class_index("goldfish", shapes)
+    with pytest.raises(NextScaleError, match=r"its classes are: tench, goldfish, .*, \.\.\. \(1000 classes\)$"):
+        class_index("circle", imagenet_class_names())
+    with pytest.raises(NextScaleError, match="has an empty entry"):
         parse_class_list("circle,,star", names)
+    with pytest.raises(NextScaleError, match=r"no class given: name one of this generator's classes \(circle, "):
+        class_index(" ", names)
 
 
 def test_tokens_container():

@@ -191,7 +191,9 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def encode(self, tokenizer: nn.Module, images_B3HW: torch.Tensor, schedule=None, resize: str = "center crop"):
         """Tokens of ``images_B3HW`` (-1..1, any size) on ``schedule`` (None: the tokenizer's own, where it has
-        one), the images fitted to its size by ``resize`` (one of ``imageops.RESIZE_MODES``)."""
+        one), the images fitted to its size by ``resize`` (one of ``imageops.RESIZE_MODES``). A family whose tokens
+        have ``extra`` records the fit there as ``extra["fit"]`` (an ``imageops.ImageFit``) for the guides and the
+        composite."""
 
     @abc.abstractmethod
     def check_tokens(self, tokenizer: nn.Module, tokens) -> None:

@@ -30,11 +30,22 @@ def default_class_names(num_classes: int) -> tuple[str, ...]:
     return tuple(str(i) for i in range(num_classes))
 
 
+SHOWN_CLASSES = 32  # a message lists every class of a generator with at most this many
+
+
+def shown_classes(names: Sequence[str]) -> str:
+    """The generator's classes for a message: all of them, or the first ones and the count."""
+    if len(names) <= SHOWN_CLASSES:
+        return ", ".join(names)
+    return f"{', '.join(names[:12])}, ... ({len(names)} classes)"
+
+
 def class_index(entry: str, names: Sequence[str]) -> int:
     """Index of one class given by name (case-insensitive) or by integer index."""
     text = entry.strip()
+    shown = shown_classes(names)
     if not text:
-        raise NextScaleError("empty class name in the class list (two commas in a row?)")
+        raise NextScaleError(f"no class given: name one of this generator's classes ({shown}) or give its index")
     lowered = [n.lower() for n in names]
     if text.lower() in lowered:
         return lowered.index(text.lower())
@@ -43,12 +54,16 @@ def class_index(entry: str, names: Sequence[str]) -> int:
         if 0 <= i < len(names):
             return i
         raise NextScaleError(f"class index {i} is outside 0..{len(names) - 1} for this generator")
-    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-    raise NextScaleError(f"'{text}' is not a class of this generator; its classes are: {shown}")
+    imagenet = text.lower() in (n.lower() for n in imagenet_class_names())
+    origin = f" ('{text}' is an ImageNet-1k class, for the official VAR checkpoints)" if imagenet else ""
+    raise NextScaleError(f"'{text}' is not a class of this generator{origin}; its classes are: {shown}")
 
 
 def parse_class_list(text: str, names: Sequence[str]) -> list[int]:
     """``"circle, star, 3"`` -> class indices. An empty string gives an empty list."""
     if not text or not text.strip():
         return []
-    return [class_index(part, names) for part in text.split(",")]
+    parts = text.split(",")
+    if any(not part.strip() for part in parts):
+        raise NextScaleError(f"class list '{text}' has an empty entry (two commas in a row, or a trailing comma)")
+    return [class_index(part, names) for part in parts]

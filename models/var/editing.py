@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..core.errors import NextScaleError
 from ..core.hooks import Guide
-from ..core.imageops import RESIZE_MODES, fit_square
+from ..core.imageops import RESIZE_MODES, ImageFit, fit_square
 from ..core.tokens import NextScaleTokens
 
 EDIT_MODES = ("tokens", "latent blend")
@@ -139,8 +139,7 @@ class EditSpec:
         if H != W and self.resize is None:
             raise NextScaleError(
                 f"the mask is {W}x{H} px but the tokens are a square grid, and how the image was fitted to a square "
-                f"is unknown: crop or scale the mask to a square exactly as the encoded image was (or use square "
-                f"images)"
+                f"is unknown: encode the image with NextScale Encode (it records the fit), or give a square mask"
             )
         Br = self.reference.batch_size
         if Bm > 1 and Br > 1 and Bm != Br:
@@ -286,27 +285,69 @@ def image_to_image(reference: NextScaleTokens, strength: int) -> EditSpec:
     return EditSpec(reference, None, start_scale=0, end_scale=strength)
 
 
-def composite(decoded_BHWC: torch.Tensor, image_BHWC: torch.Tensor, mask_BHW: torch.Tensor) -> torch.Tensor:
-    """``lerp(image, decoded, mask)`` in ComfyUI's IMAGE layout: exactly ``image`` where the mask is 0 and exactly
-    ``decoded`` where it is 1. ``image`` and ``mask`` must have the decoded size; each holds 1 item or as many as
+def feather(mask_BHW: torch.Tensor, width: int) -> torch.Tensor:
+    """The mask with its edges softened over about ``width`` px on each side (a Gaussian of radius ``width``, sigma
+    ``width / 3``; the image's border is extended, so a mask touching it stays 1 there); ``width`` 0: unchanged."""
+    if width <= 0:
+        return mask_BHW
+    taps = torch.arange(-width, width + 1, dtype=torch.float32, device=mask_BHW.device)
+    kernel = torch.exp(-0.5 * (taps * 3 / width) ** 2)
+    kernel = (kernel / kernel.sum()).to(mask_BHW.dtype)
+    x = mask_BHW[:, None]
+    x = F.conv2d(F.pad(x, (width, width, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, width, width), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return x[:, 0].clamp(0, 1)
+
+
+def composite(
+    decoded_BHWC: torch.Tensor,
+    image_BHWC: torch.Tensor,
+    mask_BHW: torch.Tensor,
+    fit: ImageFit | None = None,
+    feather_px: int = 0,
+) -> torch.Tensor:
+    """The decoded squares pasted into ``image`` at the image's own size, in ComfyUI's IMAGE layout.
+
+    ``fit`` is how NextScale Encode fitted the image to the model's square (None: its default, centre crop, which
+    for a square image is a plain resize); the decoded square is laid back onto the image's pixels by undoing it,
+    upscaled where the image is larger. ``mask`` (1 = decoded, 0 = image, in between a blend) has the image's size
+    or its aspect ratio, softened by :func:`feather` over ``feather_px`` pixels; where a centre crop cut the image
+    off, the image is kept. With ``feather_px`` 0 the result is exactly ``image`` where the mask is 0 and, for an
+    image of the decoded size, exactly ``decoded`` where it is 1. ``image`` and ``mask`` hold 1 item or as many as
     ``decoded``."""
-    B, H, W, _ = decoded_BHWC.shape
+    B, S, _, _ = decoded_BHWC.shape
     if image_BHWC.dim() != 4 or image_BHWC.shape[-1] not in (1, 3, 4):
         raise NextScaleError(
             f"composite_image must be an IMAGE [batch, height, width, 1/3/4 channels], got {list(image_BHWC.shape)}"
         )
     mask_BHW = _as_mask_batch(mask_BHW, "composite_mask")
-    for what, (h, w) in (("composite_image", image_BHWC.shape[1:3]), ("composite_mask", mask_BHW.shape[1:])):
-        if (h, w) != (H, W):
+    h, w = image_BHWC.shape[1:3]
+    fit = fit or ImageFit(h, w, S, "center crop")
+    if not fit.same_aspect(h, w):
+        raise NextScaleError(
+            f"composite_image is {w}x{h} px but NextScale Encode fitted a {fit.width}x{fit.height} px image: "
+            f"connect the image that was encoded (or one of its aspect ratio)"
+        )
+    fit = ImageFit(h, w, fit.side, fit.mode)
+    mh, mw = mask_BHW.shape[1:]
+    if (mh, mw) != (h, w):
+        if not fit.same_aspect(mh, mw):
             raise NextScaleError(
-                f"{what} is {w}x{h} px but the decoded images are {W}x{H} px: give the image (and its mask) at the "
-                f"model's resolution, fitted the way NextScale Encode's resize fitted the encoded image (e.g. "
-                f"upscale/crop it to {W}x{H} first)"
+                f"composite_mask is {mw}x{mh} px but composite_image is {w}x{h} px: give the mask of that image "
+                f"(the same size, or the same aspect ratio)"
             )
+        mask_BHW = F.interpolate(mask_BHW[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
     for what, n in (("composite_image", image_BHWC.shape[0]), ("composite_mask", mask_BHW.shape[0])):
         if n not in (1, B):
             raise NextScaleError(f"{what} holds {n} items but {B} images were decoded: give 1 or exactly {B}")
+    device, dtype = decoded_BHWC.device, decoded_BHWC.dtype
+    weight_BHW = feather(mask_BHW.to(device=device, dtype=dtype), feather_px)
+    if (h, w) == (S, S):
+        decoded = decoded_BHWC
+    else:
+        square, covered_hw = fit.undo(decoded_BHWC.permute(0, 3, 1, 2))
+        decoded = square.clamp(0, 1).permute(0, 2, 3, 1).to(dtype)
+        weight_BHW = weight_BHW * covered_hw.to(dtype)
     image = image_BHWC[..., :3] if image_BHWC.shape[-1] == 4 else image_BHWC.expand(-1, -1, -1, 3)
-    image = image.to(device=decoded_BHWC.device, dtype=decoded_BHWC.dtype).expand(B, -1, -1, -1)
-    weight = mask_BHW.to(device=decoded_BHWC.device, dtype=decoded_BHWC.dtype)[..., None].expand(B, -1, -1, 3)
-    return torch.lerp(image, decoded_BHWC, weight)
+    image = image.to(device=device, dtype=dtype).expand(B, -1, -1, -1)
+    return torch.lerp(image, decoded, weight_BHW[..., None].expand(B, -1, -1, 3))

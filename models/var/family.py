@@ -15,7 +15,7 @@ from ..core.checkpoint import config_from_metadata
 from ..core.errors import NextScaleError
 from ..core.family import Family, KVGeometry, Role, Workload, conv_coder_bytes, transformer_step_bytes
 from ..core.hooks import SamplerHooks
-from ..core.imageops import fit_square
+from ..core.imageops import ImageFit, fit_square
 from ..core.schedule import parse_schedule
 from ..core.tokens import NextScaleTokens
 from .classes import default_class_names
@@ -132,12 +132,16 @@ class VARFamily(Family):
 
     def encode(self, tokenizer: MultiScaleVQVAE, images_B3HW, schedule=None, resize="center crop"):
         patch_nums = tuple(schedule) if schedule is not None else tokenizer.patch_nums
-        img = fit_square(images_B3HW, patch_nums[-1] * tokenizer.downsample, resize)
+        side = patch_nums[-1] * tokenizer.downsample
+        img = fit_square(images_B3HW, side, resize)
         with torch.inference_mode():
             indices = tokenizer.img_to_indices(img, patch_nums=patch_nums)
             f_hat = tokenizer.indices_to_fhat(indices, patch_nums=patch_nums).float()
         per_scale = [idx.view(-1, pn, pn) for idx, pn in zip(indices, patch_nums)]
-        return NextScaleTokens(indices=per_scale, patch_nums=patch_nums, f_hat=f_hat, source="encoded")
+        fit = ImageFit(images_B3HW.shape[-2], images_B3HW.shape[-1], side, resize)
+        return NextScaleTokens(
+            indices=per_scale, patch_nums=patch_nums, f_hat=f_hat, source="encoded", extra={"fit": fit}
+        )
 
     def check_tokens(self, tokenizer: MultiScaleVQVAE, tokens) -> None:
         if not isinstance(tokens, NextScaleTokens):

@@ -13,7 +13,7 @@ import pytest
 from harness.comfy_server import PromptRejected
 from harness.examples import EXAMPLE_IMAGE, EXAMPLES, INPUT_DIR, pack_version
 from harness.testbed import WORKFLOWS_DIR, example_workflows, load_json
-from harness.workflow_api import ui_to_api
+from harness.workflow_api import CONTROL_VALUES, ui_to_api
 
 pytestmark = pytest.mark.e2e
 
@@ -52,6 +52,10 @@ def test_workflow_matches_its_definition(object_info, name):
     )
     meta = workflow["extra"]["nextscale"]
     assert meta["version"] == pack_version() and meta["title"] == example.title
+    for node in workflow["nodes"]:  # a reference picture or a calibration is saved "fixed", the rest "randomize"
+        controls = [v for v in node.get("widgets_values") or [] if v in CONTROL_VALUES]
+        expected = "fixed" if str(node["id"]) in example.fixed_seeds else "randomize"
+        assert all(v == expected for v in controls), (name, node["id"], node["type"], controls)
     thumb = WORKFLOWS_DIR / f"{name}.jpg"
     assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name}: missing or not a JPEG"
 

@@ -133,8 +133,8 @@ def test_sampler_end_to_end_with_progress_and_previews(comfy_server, model_files
     [
         ("3", "batch_size", 0, "smaller than min"),
         ("3", "class_name", "no such class", "class_name = 'no such class' is not one of the choices"),
-        ("2", "generator_name", "missing.safetensors", "generator_name = 'missing.safetensors' is not one of"),
-        ("2", "dtype", "float8", "dtype = 'float8' is not one of the choices: auto, float32"),
+        ("2", "generator_name", "missing.safetensors",
+         "model not found: VAR generator 'missing.safetensors' is not in"),
     ],
 )
 def test_validation_rejects_bad_values(comfy_server, model_files, node, name, value, message):
@@ -144,6 +144,16 @@ def test_validation_rejects_bad_values(comfy_server, model_files, node, name, va
         comfy_server.post_prompt(bad)
     assert node in err.value.node_errors
     assert message in json.dumps(err.value.node_errors)
+
+
+def test_unknown_dtype_is_a_clear_execution_error(comfy_server, model_files):
+    """A loader validates only its file input (one message there); a dtype the UI cannot choose, sent through the
+    API, stops the loader before it reads the file."""
+    bad = sampler_prompt()
+    bad["2"]["inputs"]["dtype"] = "float8"
+    entry = comfy_server.run_prompt(bad, timeout=120)
+    assert comfy_server.status_of(entry) == "error"
+    assert "dtype = 'float8' is not one of the choices: auto, float32" in str(comfy_server.error_messages(entry))
 
 
 def test_unknown_class_is_a_clear_execution_error(comfy_server, model_files):

@@ -142,3 +142,64 @@ def test_example_workflow_runs_through_the_api(comfy_server, object_info, path):
     for image in comfy_server.output_images(entry):
         assert image.is_file(), image
         assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
+
+
+def edit_prompt(width: int = 48, height: int = 40, cfg: float = 4.0, generator: str = "nextscale-embedded") -> dict:
+    """Outpaint a ``width x height`` picture (core Empty Image + Pad Image for Outpainting, 16 px left and right)
+    with the embedded model, Encode in 'pad' mode, and composite at the padded picture's size."""
+    return {
+        "1": {"class_type": "NextScaleLoadTokenizer",
+              "inputs": {"tokenizer_name": "nextscale-embedded", "dtype": "auto"}},
+        "2": {"class_type": "NextScaleLoadGenerator", "inputs": {"generator_name": generator, "dtype": "auto"}},
+        "3": {"class_type": "EmptyImage",
+              "inputs": {"width": width, "height": height, "batch_size": 1, "color": 0x3060A0}},
+        "4": {"class_type": "ImagePadForOutpaint",
+              "inputs": {"image": ["3", 0], "left": 16, "top": 0, "right": 16, "bottom": 0, "feathering": 0}},
+        "5": {"class_type": "NextScaleEncode", "inputs": {"tokenizer": ["1", 0], "image": ["4", 0], "resize": "pad"}},
+        "6": {"class_type": "NextScaleInpaintGuide",
+              "inputs": {"tokens": ["5", 0], "mask": ["4", 1], "invert": False, "mode": "tokens", "start_scale": 0,
+                         "end_scale": 0}},
+        "7": {"class_type": "NextScaleSampler",
+              "inputs": {"generator": ["2", 0], "tokenizer": ["1", 0], "class_name": "circle", "seed": 3, "cfg": cfg,
+                         "top_k": 900, "top_p": 0.95, "more_smooth": False, "batch_size": 1, "guide": ["6", 0]}},
+        "8": {"class_type": "NextScaleDecode",
+              "inputs": {"tokenizer": ["1", 0], "tokens": ["7", 0], "scales": 0, "composite_image": ["4", 0],
+                         "composite_mask": ["4", 1], "feather": 4}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+
+
+def test_non_square_outpaint_runs_at_the_pictures_size(comfy_server):
+    from PIL import Image
+
+    entry = comfy_server.run_prompt(edit_prompt())
+    assert comfy_server.status_of(entry) == "success", comfy_server.error_messages(entry)
+    (image,) = comfy_server.output_images(entry, "9")
+    with Image.open(image) as im:
+        assert im.size == (80, 40)  # 48 + 2 x 16 wide: the padded picture, not the model's 64 px square
+
+
+def test_nan_is_rejected_at_validation_naming_the_input(comfy_server):
+    with pytest.raises(PromptRejected) as rejected:
+        comfy_server.post_prompt(edit_prompt(cfg=float("nan")))
+    text = json.dumps(rejected.value.node_errors["7"])
+    assert "cfg = nan is not a number: give a value from 0.0 to 30.0" in text, text
+
+
+def test_a_missing_file_gives_one_message_under_its_input(comfy_server):
+    with pytest.raises(PromptRejected) as rejected:
+        comfy_server.post_prompt(edit_prompt(generator="var_d16.pth"))
+    errors = rejected.value.node_errors["2"]["errors"]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["generator_name"], errors
+    details = errors[0]["details"]
+    assert "model not found: " in details and "'var_d16.pth'" in details and "FoundationVision/var" in details, details
+    assert "models/nextscale" in details or "models\\nextscale" in details, details
+
+
+def test_errors_name_their_type_without_a_module_path(comfy_server):
+    prompt = edit_prompt()
+    prompt["7"]["inputs"]["class_list"] = "goldfish"
+    entry = comfy_server.run_prompt(prompt)
+    error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert error["exception_type"] == "NextScaleError", error["exception_type"]
+    assert "'goldfish' is an ImageNet-1k class" in error["exception_message"], error["exception_message"]

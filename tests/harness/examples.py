@@ -53,6 +53,9 @@ class Example:
     # Node types whose inputs need files the user brings (e.g. a Stable Diffusion checkpoint): the workflow is
     # validated up to those choices instead of run.
     needs_user_files: list[str] = field(default_factory=list)
+    # Nodes whose seed is saved "fixed" (the rest "randomize"): those making the reference picture an edit starts
+    # from, or a calibration, which must not change (or rerun) on every queue.
+    fixed_seeds: list[str] = field(default_factory=list)
 
 
 class Graph:
@@ -148,7 +151,7 @@ def inpaint() -> Example:
     return Example(
         "nextscale_inpaint", "NextScale: inpaint",
         "Regenerates the right half of a heart three times; the left half is kept (token forcing at every scale, "
-        "pixel composite on decode). First image: the source.", g.prompt,
+        "pixel composite on decode). First image: the source.", g.prompt, fixed_seeds=[source_tokens[0]]
     )
 
 
@@ -170,7 +173,7 @@ def outpaint() -> Example:
     return Example(
         "nextscale_outpaint", "NextScale: outpaint",
         "Shrinks an image, pads it with core Pad Image for Outpainting and lets the model fill the border "
-        "(three seeds). First image: the padded input.", g.prompt,
+        "(three seeds). First image: the padded input.", g.prompt, fixed_seeds=[source_tokens[0]]
     )
 
 
@@ -190,7 +193,7 @@ def class_edit() -> Example:
     return Example(
         "nextscale_class_edit", "NextScale: class edit",
         "Keeps the border of a square's image and regenerates its middle as a circle, a star and a heart "
-        "(inpainting with another class label). First image: the source.", g.prompt,
+        "(inpainting with another class label). First image: the source.", g.prompt, fixed_seeds=[source_tokens[0]]
     )
 
 
@@ -206,7 +209,7 @@ def img2img() -> Example:
     return Example(
         "nextscale_img2img", "NextScale: image to image",
         "Variations that keep the first three scales (layout and colours) of a source image and sample the rest. "
-        "First image: the source.", g.prompt,
+        "First image: the source.", g.prompt, fixed_seeds=[source_tokens[0]]
     )
 
 
@@ -289,7 +292,7 @@ def control() -> Example:
     return Example(
         "nextscale_control", "NextScale: control with an edge map",
         "Edges of a source image (NextScale Edge Preprocessor; any edge image works) steer three new samples through "
-        "the embedded edge adapter. First the source, then its edges.", g.prompt,
+        "the embedded edge adapter. First the source, then its edges.", g.prompt, fixed_seeds=[source_tokens[0]]
     )
 
 
@@ -309,6 +312,7 @@ def kv_policy() -> Example:
         "nextscale_kv_policy", "NextScale: KV-cache compression with its report",
         "Calibrates a ScaleKV profile on four samples, samples with a quarter of the KV cache, and reports the memory "
         "kept and the fidelity against the full cache (text, and full | compressed side by side).", g.prompt,
+        fixed_seeds=[calib],
     )
 
 
@@ -372,6 +376,16 @@ def annotate(workflow: dict, example: Example) -> dict:
     if example.needs_user_files:
         meta["needs_user_files"] = example.needs_user_files
     workflow.setdefault("extra", {})["nextscale"] = meta
+    return fix_seeds(workflow, example)
+
+
+def fix_seeds(workflow: dict, example: Example) -> dict:
+    """Save the seeds of ``example.fixed_seeds`` as "fixed": the control value after the seed widget, which the
+    frontend sets to "randomize" when it loads a prompt."""
+    for node in workflow["nodes"]:
+        if str(node["id"]) in example.fixed_seeds:
+            values = node["widgets_values"]
+            values[values.index("randomize")] = "fixed"
     return workflow
 
 
