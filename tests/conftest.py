@@ -8,6 +8,10 @@ with only torch installed, exactly as the pack's relative imports resolve inside
 import os
 import sys
 
+# Triton's interpreter (CPU) for the kernel tests: the switch is read when triton is first imported, and test modules
+# import it at collection (tests/test_triton_kernels.py explains; a CUDA machine may set TRITON_INTERPRET=0).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 # The end-to-end harness (tests/harness: real ComfyUI server, websocket, frontend) is imported as ``harness``.

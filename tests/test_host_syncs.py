@@ -48,12 +48,15 @@ class SyncAudit(TorchFunctionMode):
 
 
 def caller() -> tuple[str, str]:
-    """``(file, function)`` of the innermost frame in the pack's code (tests excluded) above the audited call."""
+    """``(file, function)`` of the innermost frame in the pack's code (tests and the test bed under ``.testbed/``,
+    which lives inside the checkout, excluded) above the audited call."""
     frame = sys._getframe(2)
     while frame is not None:
         path = Path(frame.f_code.co_filename)
         path = path.resolve() if path.is_absolute() else None  # None: "<frozen ...>", "<string>"
-        if path is not None and path.is_relative_to(PACK) and not path.is_relative_to(PACK / "tests"):
+        if path is not None and path.is_relative_to(PACK) and not any(
+            path.is_relative_to(PACK / outside) for outside in ("tests", ".testbed")
+        ):
             return str(path.relative_to(PACK)), frame.f_code.co_name
         frame = frame.f_back
     return "outside the pack", ""
