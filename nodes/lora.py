@@ -18,6 +18,7 @@ from comfy_api.latest import io
 from ..models.core.errors import NextScaleError
 from ..models.core.family import describe, identify
 from ..models.core.lora import LoRA, check_fits, read_lora
+from .model_files import WEIGHTS_DIR
 from .sockets import CATEGORY, Generator, InfinityModel
 from .validation import check_combos
 
@@ -25,7 +26,8 @@ FOLDER = "loras"  # ComfyUI/models/loras, where ComfyUI keeps every LoRA
 # Either transformer socket: the output carries the kind that came in.
 Transformer = io.Custom(f"{Generator.io_type},{InfinityModel.io_type}")
 FAMILY_KINDS = {"var": "var-generator", "infinity": "infinity-generator"}
-EMBEDDED_LORAS: dict[str, str] = {}
+# the pack's example: the embedded generator draws outlines instead of filled shapes (docs/fine-tuning.md)
+EMBEDDED_LORAS = {"nextscale-embedded-outline": os.path.join(WEIGHTS_DIR, "nextscale_lora_outline.safetensors")}
 
 
 def lora_choices() -> list[str]:
@@ -58,7 +60,7 @@ def with_lora(model, lora: LoRA, strength: float, lora_name: str):
     if family in FAMILY_KINDS and FAMILY_KINDS[family] != str(kind):
         raise NextScaleError(f"'{lora_name}' is {lora.describe()}, but the connected model is {describe(kind)}: use "
                              f"a LoRA trained on this model")
-    check_fits(lora, {k: tuple(v.shape) for k, v in state.items()}, getattr(model, "name", "the model"), lora_name)
+    check_fits(lora, {k: tuple(v.shape) for k, v in state.items()}, f"'{lora_name}'")
     patcher = model.patcher.clone()
     added = patcher.add_patches(comfy_patches(lora), float(strength))
     if len(added) != len(lora.weights):  # check_fits saw every key in the model: ComfyUI must patch them all
@@ -84,7 +86,9 @@ class NextScaleLoadLoRA(io.ComfyNode):
                 io.Combo.Input(
                     "lora_name",
                     options=lora_choices(),
-                    tooltip="File in ComfyUI/models/loras, trained on this very model (same architecture).",
+                    tooltip="File in ComfyUI/models/loras, trained on this very model (same architecture). "
+                    "'nextscale-embedded-outline' is the pack's example for the embedded generator: outlines instead "
+                    "of filled shapes.",
                 ),
                 io.Float.Input(
                     "strength",

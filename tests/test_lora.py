@@ -81,14 +81,14 @@ def test_file_round_trip_and_comfyui_layout(tmp_path):
     for key, w in weights.items():
         assert torch.equal(back.weights[key].up, w.up) and torch.equal(back.weights[key].down, w.down)
         assert back.weights[key].alpha == 3.0
-    lora.check_fits(back, shapes(var), "tiny")
+    lora.check_fits(back, shapes(var))
     deeper = VAR(VARConfig(**{**TINY_VAR.to_dict(), "depth": 2}))
-    with pytest.raises(NextScaleError, match=r"rank-2 LoRA of a VAR transformer \(depth 3, embed_dim 64\) and does "
-                                             r"not fit 'deeper'.*blocks\.2\."):
-        lora.check_fits(back, shapes(deeper), "deeper")
+    with pytest.raises(NextScaleError, match=r"'a' is a rank-2 LoRA of a VAR transformer \(depth 3, embed_dim 64\) "
+                                             r"and does not fit the model: it adapts .*blocks\.2\."):
+        lora.check_fits(back, shapes(deeper), "'a'")
     wider = VAR(VARConfig(**{**TINY_VAR.to_dict(), "embed_dim": 128}))
     with pytest.raises(NextScaleError, match="weights of other shapes"):
-        lora.check_fits(back, shapes(wider), "wider")
+        lora.check_fits(back, shapes(wider))
 
 
 def test_files_of_another_kind_are_refused_with_the_reason(tmp_path):
@@ -281,7 +281,7 @@ def test_infinity_lora_trains_on_captions(tmp_path):
     trained_lora = lora.read_lora(out)
     assert trained_lora.config["family"] == "infinity"
     assert "block_chunks.1.module.1.ca.mat_kv.weight" in trained_lora.weights  # cross-attention adapted too
-    lora.check_fits(trained_lora, shapes(Infinity(TINY_INFINITY)), "tiny infinity")
+    lora.check_fits(trained_lora, shapes(Infinity(TINY_INFINITY)))
 
 
 # -- NextScale Load LoRA in ComfyUI -------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ NODE_CHECK = textwrap.dedent(
     shutil.copy(lora_file, os.path.join(loras, "negative.safetensors"))
     shutil.copy(infinity_lora_file, os.path.join(loras, "tiny_infinity.safetensors"))
     shutil.copy(os.path.join(root, "weights", "nextscale_generator.safetensors"), os.path.join(loras, "not_a_lora.safetensors"))
-    assert "negative.safetensors" in ln.lora_choices()
+    assert ln.lora_choices()[:2] == ["nextscale-embedded-outline", "negative.safetensors"]
     assert "not one of the choices" in ln.NextScaleLoadLoRA.validate_inputs("missing.safetensors")
     schema = ln.NextScaleLoadLoRA.define_schema()
     assert schema.inputs[0].get_io_type() == schema.outputs[0].get_io_type() == "NEXTSCALE_GENERATOR,NEXTSCALE_INFINITY"
@@ -367,8 +367,10 @@ NODE_CHECK = textwrap.dedent(
     sample(gen)
     assert all(torch.equal(weights_now()[k], original[k]) for k in original)
 
+    outline = ln.NextScaleLoadLoRA.execute(gen, "nextscale-embedded-outline", 1.0).result[0]  # the shipped example
+    assert not torch.equal(sample(outline)[1], base_image)
     raises(lambda: ln.NextScaleLoadLoRA.execute(gen, "not_a_lora.safetensors", 1.0), "is a VAR generator", "LoRA files")
-    raises(lambda: ln.NextScaleLoadLoRA.execute(gen, "tiny_infinity.safetensors", 1.0), "LoRA of a Infinity", "VAR generator")
+    raises(lambda: ln.NextScaleLoadLoRA.execute(gen, "tiny_infinity.safetensors", 1.0), "LoRA of an Infinity transformer", "VAR generator")
     raises(lambda: ln.NextScaleLoadLoRA.execute(gen, "gone.safetensors", 1.0), "was not found in ComfyUI's loras folder")
 
     # Infinity: the same contract on the text-to-image transformer

@@ -90,8 +90,8 @@ class LoRA:
     def describe(self) -> str:
         base = self.config.get("base") or {}
         arch = ", ".join(f"{k} {base[k]}" for k in ("depth", "embed_dim") if k in base)
-        family = {"var": "VAR", "infinity": "Infinity"}.get(self.config.get("family"), "unknown")
-        return f"a rank-{self.config.get('rank', '?')} LoRA of a {family} transformer" + (f" ({arch})" if arch else "")
+        family = {"var": "a VAR", "infinity": "an Infinity"}.get(self.config.get("family"), "an unknown")
+        return f"a rank-{self.config.get('rank', '?')} LoRA of {family} transformer" + (f" ({arch})" if arch else "")
 
 
 # -- choosing weights --------------------------------------------------------------------------------------------
@@ -193,19 +193,18 @@ def read_lora(path: str) -> LoRA:
     return LoRA(weights, config if isinstance(config, dict) else {})
 
 
-def check_fits(lora: LoRA, shapes: Mapping[str, Sequence[int]], model_name: str, path: str = "") -> None:
+def check_fits(lora: LoRA, shapes: Mapping[str, Sequence[int]], name: str = "the LoRA") -> None:
     """Every weight ``lora`` adapts exists in the model (``shapes``: its state-dict keys and shapes) with the shape
-    the LoRA was made for; else a :class:`NextScaleError` that says which base it was made for."""
+    the LoRA was made for; else a :class:`NextScaleError` that says which base the LoRA (``name``) was made for."""
     missing = [k for k in lora.weights if k not in shapes]
     misshaped = [f"{k} is {list(shapes[k])} in the model, {list(w.shape)} in the LoRA"
                  for k, w in lora.weights.items() if k in shapes and tuple(shapes[k]) != w.shape]
     if not (missing or misshaped):
         return
-    where = f"'{path}'" if path else "the LoRA"
     problem = (f"adapts {len(missing)} weight(s) the model lacks ({', '.join(missing[:3])})" if missing
                else f"has weights of other shapes ({'; '.join(misshaped[:2])})")
-    raise NextScaleError(f"{where} is {lora.describe()} and does not fit '{model_name}': it {problem}. Use the LoRA "
-                         f"with the model it was trained on")
+    raise NextScaleError(f"{name} is {lora.describe()} and does not fit the model: it {problem}. Use the LoRA with "
+                         f"the model it was trained on")
 
 
 # -- on a plain torch model ------------------------------------------------------------------------------------
@@ -239,7 +238,7 @@ def apply_lora(model: nn.Module, lora: LoRA, strength: float = 1.0) -> None:
     LoRA at a time: :func:`remove_lora` takes it off."""
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise NextScaleError("the model already carries a LoRA: remove_lora(model) first")
-    check_fits(lora, {k: tuple(v.shape) for k, v in model.state_dict().items()}, type(model).__name__)
+    check_fits(lora, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     for key, w in lora.weights.items():
         _parametrize(model, key, lambda weight, w=w: LoRADelta(w.up.to(weight.device), w.down.to(weight.device),
                                                                w.alpha, strength))
