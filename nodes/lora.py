@@ -20,7 +20,7 @@ from ..models.core.family import describe, identify
 from ..models.core.lora import LoRA, check_fits, read_lora
 from .model_files import WEIGHTS_DIR
 from .sockets import CATEGORY, Generator, InfinityModel
-from .validation import check_combos
+from .validation import check_file, check_numbers
 
 FOLDER = "loras"  # ComfyUI/models/loras, where ComfyUI keeps every LoRA
 # Either transformer socket: the output carries the kind that came in.
@@ -36,12 +36,16 @@ def lora_choices() -> list[str]:
     return embedded + [f for f in folder_paths.get_filename_list(FOLDER) if f not in EMBEDDED_LORAS]
 
 
+def not_found(name: str) -> str:
+    folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
+    return (f"LoRA '{name}' was not found in ComfyUI's loras folder ({folders}): put the file there and refresh the "
+            f"node; LoRAs are trained with python -m training.train_lora (docs/fine-tuning.md)")
+
+
 def resolve_lora(name: str) -> str:
     path = EMBEDDED_LORAS.get(name) or folder_paths.get_full_path(FOLDER, name)
     if path is None or not os.path.isfile(path):
-        folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
-        raise NextScaleError(f"LoRA '{name}' was not found in ComfyUI's loras folder ({folders}): put the file there "
-                             f"and refresh the node")
+        raise NextScaleError(not_found(name))
     return path
 
 
@@ -104,8 +108,8 @@ class NextScaleLoadLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, lora_name: str) -> bool | str:
-        return check_combos(lora_name=(lora_name, lora_choices()))
+    def validate_inputs(cls, lora_name: str, strength: float | None = None) -> bool | str:
+        return check_file(lora_name, lora_choices(), not_found) or check_numbers(cls, strength=strength) or True
 
     @classmethod
     def execute(cls, model, lora_name: str, strength: float) -> io.NodeOutput:

@@ -326,7 +326,9 @@ NODE_CHECK = textwrap.dedent(
     shutil.copy(infinity_lora_file, os.path.join(loras, "tiny_infinity.safetensors"))
     shutil.copy(os.path.join(root, "weights", "nextscale_generator.safetensors"), os.path.join(loras, "not_a_lora.safetensors"))
     assert ln.lora_choices()[:2] == ["nextscale-embedded-outline", "negative.safetensors"]
-    assert "not one of the choices" in ln.NextScaleLoadLoRA.validate_inputs("missing.safetensors")
+    message = ln.NextScaleLoadLoRA.validate_inputs("missing.safetensors")
+    assert "LoRA 'missing.safetensors' was not found in ComfyUI's loras folder" in message, message
+    assert "strength = nan is not a number" in ln.NextScaleLoadLoRA.validate_inputs("nextscale-embedded-outline", float("nan"))
     schema = ln.NextScaleLoadLoRA.define_schema()
     assert schema.inputs[0].get_io_type() == schema.outputs[0].get_io_type() == "NEXTSCALE_GENERATOR,NEXTSCALE_INFINITY"
 
