@@ -336,9 +336,26 @@ def collaborative() -> Example:
     )
 
 
+def lora() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    shapes = "circle, square, triangle, crescent"
+    plain = _sampler(g, tok, gen, "circle", seed=40, class_list=shapes)
+    styled_gen = g.out(g.add("NextScaleLoadLoRA", model=gen, lora_name="nextscale-embedded-outline", strength=1.0))
+    styled = _sampler(g, tok, styled_gen, "circle", seed=40, class_list=shapes)
+    images = [g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=t, scales=0)) for t in (plain, styled)]
+    both = g.out(g.add("ImageBatch", image1=images[0], image2=images[1]))
+    _save(g, g.out(g.add("NextScaleImageGrid", images=both, columns=4, padding=2, pad_value=1.0)), "lora")
+    return Example(
+        "nextscale_lora", "NextScale: a LoRA on the embedded generator",
+        "The same seeds without and with the pack's example LoRA (outlines instead of filled shapes, trained with "
+        "python -m training.train_lora): the first row plain, the second with the LoRA at strength 1.", g.prompt,
+    )
+
+
 EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), class_edit(), img2img(),
                                  image_inpaint(), control(), kv_policy(), collaborative(), sd_refine(),
-                                 infinity_t2i())}
+                                 infinity_t2i(), lora())}
 
 
 def example_image_bytes() -> bytes:
