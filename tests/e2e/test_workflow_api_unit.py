@@ -69,8 +69,9 @@ def test_widgets_map_in_order_and_seed_control_is_skipped():
 
 def test_seed_without_stored_control_value_is_not_skipped():
     # An older save without the control value: do not eat the next widget's value.
+    # The optional widget the save lacks (added to the node later) takes its default, as in the frontend.
     api = ui_to_api(wf([node(2, "Sampler", [42, 5, "a"])]), OBJECT_INFO)
-    assert api["2"]["inputs"] == {"seed": 42, "steps": 5, "mode": "a"}
+    assert api["2"]["inputs"] == {"seed": 42, "steps": 5, "mode": "a", "strength": 1.0}
 
 
 def test_control_after_generate_option_adds_a_value():

@@ -3,7 +3,8 @@
 Uses the server's ``/object_info`` for the order and kind of every node's inputs, the way the frontend builds widgets:
 
 - ``widgets_values`` map onto the widget inputs (INT, FLOAT, STRING, BOOLEAN, COMBO; not ``forceInput``) in the
-  order of ``input_order`` (required, then optional); socket-only inputs take no value.
+  order of ``input_order`` (required, then optional); socket-only inputs take no value. A widget with no saved value
+  (an input added to the node after the workflow was saved) takes its default, as the frontend gives it.
 - An INT named ``seed`` / ``noise_seed``, or any INT/COMBO with ``control_after_generate``, is followed by one
   extra value ("fixed", "increment", "decrement", "randomize") that is skipped (a COMBO's control also has a filter
   value after it).
@@ -84,6 +85,18 @@ def _input_specs(info: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
             # The frontend appends an upload button widget to the required inputs; its value is saved too.
             specs.append(("upload", UPLOAD, {}))
     return specs
+
+
+def with_widget_defaults(prompt: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the API prompt ``prompt`` in which every node's widget inputs it leaves out take their defaults:
+    what the frontend sends for the same graph (it creates every widget with its default)."""
+    out = copy.deepcopy(prompt)
+    for node in out.values():
+        info = object_info.get(node["class_type"])
+        for name, kind, opts in _input_specs(info) if info else []:
+            if _is_widget(kind, opts) and kind != UPLOAD and name not in node["inputs"] and "default" in opts:
+                node["inputs"][name] = opts["default"]
+    return out
 
 
 def _is_widget(kind: str, opts: dict[str, Any]) -> bool:
@@ -188,6 +201,8 @@ class _Converter:
                         pos += 1
                         if kind == "COMBO" and pos < len(values) and isinstance(values[pos], str):
                             pos += 1  # the combo control's filter widget
+                elif "default" in opts:  # a widget added after the workflow was saved keeps its default
+                    value, has_value = opts["default"], True
             if kind == UPLOAD:
                 continue
             ui_input = ui_inputs.get(name)
