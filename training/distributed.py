@@ -28,6 +28,7 @@ Rules every trainer follows (they are what makes a run's loss curve independent 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -279,6 +280,21 @@ def session(args) -> Iterator[Distributed]:
         yield d
     finally:
         d.close()
+
+
+def run(args, body: Callable[[Any, Distributed], dict]) -> dict:
+    """A trainer's ``body(args, d)`` with its ``--threads``, inside a :func:`session`: one process, or one rank of a
+    ``torchrun`` launch."""
+    common.set_threads(args.threads)
+    with session(args) as d:
+        return body(args, d)
+
+
+def cli(build_parser: Callable[[], Any], train: Callable[[Any], dict], argv=None) -> None:
+    """A trainer's command line: parse ``argv``, ``train``, and print the result as JSON on the main process."""
+    out = train(build_parser().parse_args(argv))
+    if main_process():
+        print(json.dumps(out))
 
 
 def _cut_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -124,9 +124,7 @@ def evaluate(var, adapter, tokenizer, idx_NL, lab_N, ctrl_N, device, batch_size:
 
 
 def train(args) -> dict:
-    common.set_threads(args.threads)
-    with distributed.session(args) as d:
-        return _train(args, d)
+    return distributed.run(args, _train)
 
 
 def _train(args, d: distributed.Distributed) -> dict:
@@ -243,10 +241,7 @@ def _train(args, d: distributed.Distributed) -> dict:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    out = train(args)
-    if distributed.main_process():
-        print(json.dumps(out))
+    distributed.cli(build_parser, train, argv)
 
 
 if __name__ == "__main__":

@@ -187,9 +187,7 @@ def block_units(var: VAR) -> list[torch.nn.Module]:
 
 
 def train(args) -> dict:
-    common.set_threads(args.threads)
-    with distributed.session(args) as d:
-        return _train(args, d)
+    return distributed.run(args, _train)
 
 
 def _train(args, d: distributed.Distributed) -> dict:
@@ -352,10 +350,7 @@ def load_run_model(run_dir: str, use_ema: bool = True) -> VAR:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    out = train(args)
-    if distributed.main_process():
-        print(json.dumps(out))
+    distributed.cli(build_parser, train, argv)
 
 
 if __name__ == "__main__":

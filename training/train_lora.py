@@ -296,9 +296,7 @@ def data_digest(images: np.ndarray, texts: list[str]) -> str:
 
 
 def train(args) -> dict:
-    common.set_threads(args.threads)
-    with distributed.session(args) as d:
-        return _train(args, d)
+    return distributed.run(args, _train)
 
 
 def _train(args, d: distributed.Distributed) -> dict:
@@ -433,10 +431,7 @@ def _train(args, d: distributed.Distributed) -> dict:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    out = train(args)
-    if distributed.main_process():
-        print(json.dumps(out))
+    distributed.cli(build_parser, train, argv)
 
 
 if __name__ == "__main__":

@@ -203,9 +203,7 @@ def evaluate_tokenizer(model: MultiScaleVQVAE, images_uint8, batch_size: int = 1
 
 
 def train(args) -> dict:
-    common.set_threads(args.threads)
-    with distributed.session(args) as d:
-        return _train(args, d)
+    return distributed.run(args, _train)
 
 
 def _train(args, d: distributed.Distributed) -> dict:
@@ -343,10 +341,7 @@ def export(model: MultiScaleVQVAE, path: str, dtype: str = "float32") -> None:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    out = train(args)
-    if distributed.main_process():
-        print(json.dumps(out))
+    distributed.cli(build_parser, train, argv)
 
 
 if __name__ == "__main__":
