@@ -10,12 +10,10 @@ generator and as the tokens' latent grids when it decodes alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..core.errors import NextScaleError
 from ..core.family import Family, KVGeometry, Role, Workload, conv_coder_bytes, transformer_step_bytes
@@ -47,12 +45,6 @@ TOKENIZER = Role(
 )
 
 
-def _build(cls, state_dict: Mapping[str, torch.Tensor], path: str, made: dict, **config) -> nn.Module:
-    """``cls.from_state_dict`` of a file, ``made`` with the op set and the compute dtype (``operations``,
-    ``compute_dtype``): the one place they reach Infinity's classes."""
-    return cls.from_state_dict(state_dict, path=path, **made, **config)
-
-
 def _decoder_levels(tokenizer: BSQTokenizer) -> list[int]:
     return [tokenizer.config.base_ch * m for m in tokenizer.config.ch_mult]
 
@@ -77,11 +69,13 @@ class InfinityFamily(Family):
         return None
 
     def build(self, role, state_dict, path, *, dtype, operations=None, compute_dtype=None):
-        made = dict(operations=operations, compute_dtype=compute_dtype)
+        made = dict(operations=operations, compute_dtype=compute_dtype)  # the one place they reach the classes
         if role is GENERATOR:
-            module = _build(Infinity, state_dict, path, made, config=Infinity.config_from_file(path))
+            config = Infinity.config_from_file(path)
+            module = Infinity.from_state_dict(state_dict, path=path, config=config, **made)
         elif role is TOKENIZER:
-            module = _build(BSQTokenizer, state_dict, path, made, config=BSQTokenizer.config_from_file(path))
+            config = BSQTokenizer.config_from_file(path)
+            module = BSQTokenizer.from_state_dict(state_dict, path=path, config=config, **made)
         else:
             raise NextScaleError(f"{role.what} is not a role of the Infinity family")
         return module.to(dtype=dtype).eval().requires_grad_(False)

@@ -3,12 +3,10 @@ for them (CAR branches, NextScale adapters). The protocol is :class:`~..core.fam
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..control.adapters import ADAPTER_PREFIX, ADAPTER_WHAT, CAR_WHAT, AdapterConfig, CARControlNet, ControlAdapter
 from ..core.checkpoint import config_from_metadata
@@ -39,12 +37,6 @@ TOKENIZER = Role(
 )
 CAR = Role("control", CAR_WHAT, "a CAR control adapter", "NextScale Load Control")
 ADAPTER = Role("control", ADAPTER_WHAT, "a NextScale control adapter", "NextScale Load Control")
-
-
-def _build(cls, state_dict: Mapping[str, torch.Tensor], path: str, made: dict, **config) -> nn.Module:
-    """``cls.from_state_dict`` of a file, ``made`` with the op set and the compute dtype (``operations``,
-    ``compute_dtype``): the one place they reach VAR's classes."""
-    return cls.from_state_dict(state_dict, path=path, **made, **config)
 
 
 def _adapter_config(path: str) -> AdapterConfig:
@@ -81,15 +73,17 @@ class VARFamily(Family):
         return None
 
     def build(self, role, state_dict, path, *, dtype, operations=None, compute_dtype=None):
-        made = dict(operations=operations, compute_dtype=compute_dtype)
+        made = dict(operations=operations, compute_dtype=compute_dtype)  # the one place they reach the classes
         if role is GENERATOR:
-            module = _build(VAR, state_dict, path, made, config=VAR.config_from_file(path))
+            config = VAR.config_from_file(path)
+            module = VAR.from_state_dict(state_dict, path=path, config=config, **made)
         elif role is TOKENIZER:
-            module = _build(MultiScaleVQVAE, state_dict, path, made, config=MultiScaleVQVAE.config_from_file(path))
+            config = MultiScaleVQVAE.config_from_file(path)
+            module = MultiScaleVQVAE.from_state_dict(state_dict, path=path, config=config, **made)
         elif role is CAR:
-            module = _build(CARControlNet, state_dict, path, made)
+            module = CARControlNet.from_state_dict(state_dict, path=path, **made)
         elif role is ADAPTER:
-            module = _build(ControlAdapter, state_dict, path, made, config=_adapter_config(path))
+            module = ControlAdapter.from_state_dict(state_dict, path=path, **made, config=_adapter_config(path))
         else:
             raise NextScaleError(f"{role.what} is not a role of the VAR family")
         return module.to(dtype=dtype).eval().requires_grad_(False)
