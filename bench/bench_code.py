@@ -3,7 +3,7 @@
     python bench/bench_code.py                       # d30 drafter + d16 refiner, N = 6 7 8 9, batch 1, CPU
     python bench/bench_code.py --draft 6 8 --batch 16 --runs 3 --device cuda --dtype bfloat16
 
-Both generators are built once (meta device, then O(1)-scale random weights, var.md 3.7) with the official
+Both generators are built once (meta device, then O(1)-scale random weights) with the official
 tokenizer's quantizer (vocabulary 4096, 32 channels, 256-px schedule). For each configuration: ``--warmup``
 untimed runs (default 1), then the median of ``--runs`` runs of sampling (transformer, guidance, top-k/top-p,
 next-scale inputs; no decode).

@@ -8,7 +8,7 @@ decode. Reported: the per-scale split of the sampling time; the transformer's sh
 top-k/top-p, draws and next-scale inputs); peak memory with the weights (process RSS on CPU, allocator peak on
 GPU); and the floor of the scale loop, the larger of FLOPs per image with CFG over the measured matrix-multiply
 rate and bytes per image (weights once per scale, KV reads) over the measured copy bandwidth. "loop / floor" is how
-far the scale loop is from it. Random weights at O(1) scale (var.md 3.7) keep the logits far from uniform.
+far the scale loop is from it. Random weights at O(1) scale keep the logits far from uniform.
 Not a test: numbers go to bench/RESULTS.md with the device, command and date.
 """
 
@@ -37,7 +37,7 @@ from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig  # n
 
 
 def randomise_(module: torch.nn.Module, seed: int = 0) -> None:
-    """Weights at O(1) scale: unit-variance fan-in init, AdaLN gains 0.3, head gain 3 (var.md 3.7)."""
+    """Weights at O(1) scale: unit-variance fan-in init, AdaLN gains 0.3, head gain 3."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():

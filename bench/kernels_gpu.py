@@ -333,7 +333,7 @@ def bench_nearest_code(rep: Report, device, quick: bool) -> None:
 
 
 def check_greedy_sampling(rep: Report, device) -> None:
-    """A small random VAR (O(1) weights, var.md 3.7) samples the same greedy tokens with either backend."""
+    """A small random VAR (O(1) weights) samples the same greedy tokens with either backend."""
     from nextscale.models.core.hooks import Control, SamplerHooks
     from nextscale.models.var.model import VAR, VARConfig
     from nextscale.models.var.sampler import SamplingOptions, sample

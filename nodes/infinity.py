@@ -26,7 +26,7 @@ LOADER = "NextScale Load Infinity"
 INFINITY_CATEGORY = f"{CATEGORY}/infinity"
 MAX_BATCH = 16
 
-# Aspect ratios offered, as width:height, with the template (h / w) each picks (var.md 5.5).
+# Aspect ratios offered, as width:height, with the template (h / w) each picks (upstream ``dynamic_resolution.py``).
 ASPECTS = {
     "1:1": 1.0,
     "4:5 portrait": 1.25,

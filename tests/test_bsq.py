@@ -1,5 +1,5 @@
 """Infinity BSQ tokenizer: the official key layout (native and flat), strict loading, config inference, and the
-multi-scale bit quantisation checked against a plain re-implementation of var.md 5.3/5.4."""
+multi-scale bit quantisation checked against a plain re-implementation of upstream's BSQ loop."""
 
 import itertools
 import math
@@ -328,7 +328,7 @@ SCALES = [(1, 1), (2, 3), (3, 4), (4, 6)]  # 8x12 px with the downsample-2 tiny 
 
 
 def plain_quantize(h, scales):
-    """var.md 5.3 written out directly: per-scale bits, the accumulated codes and the residual norms."""
+    """Upstream's multi-scale BSQ written out directly: per-scale bits, the accumulated codes and the residual norms."""
     _, d, H, W = h.shape
     s = 1 / math.sqrt(d)
     residual = h.clone().unsqueeze(2)  # (B, d, 1, H, W)

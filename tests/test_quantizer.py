@@ -10,7 +10,7 @@ from nextscale.models.core.schedule import SCHEDULE_256, SCHEDULE_512, phi_index
 from nextscale.models.var.quantizer import MultiScaleQuantizer, Phi, PhiNonShared, PhiPartiallyShared, PhiShared
 
 V, C = 64, 8
-# var.md 1.3: tables of the official code for 4 shared Phis.
+# The official code's Phi index tables for 4 shared Phis (upstream ``PhiPartiallyShared``).
 PHI_TABLE = {10: [0, 0, 1, 1, 1, 2, 2, 3, 3, 3], 14: [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]}
 
 

@@ -19,7 +19,7 @@ NUM_CLASSES, VOCAB, CVAE = 10, 96, 8
 
 @torch.no_grad()
 def randomize_(var: VAR, seed: int = 0, adaln_gain: float = 0.3, head_gain: float = 3.0) -> VAR:
-    """Random weights at O(1) scale (var.md 3.7): logits far from uniform, every block and modulation active,
+    """Random weights at O(1) scale: logits far from uniform, every block and modulation active,
     and one head of block 0 above the ln 100 cap of the per-head scale."""
     g = torch.Generator().manual_seed(seed)
     for name, p in var.named_parameters():

@@ -11,7 +11,7 @@ from nextscale.models.core.errors import NextScaleError
 from nextscale.models.core.schedule import SCHEDULE_256, SCHEDULE_512
 from nextscale.models.var.tokenizer import KIT, MultiScaleVQVAE, TokenizerConfig
 
-# A sample of var.md 4.5, written out by hand (vae_ch160v4096z32).
+# A sample of the official vae_ch160v4096z32.pth keys and shapes, written out by hand.
 OFFICIAL_SAMPLE = {
     "encoder.conv_in.weight": (160, 3, 3, 3),
     "encoder.down.0.block.0.norm1.weight": (160,),
@@ -116,7 +116,7 @@ def test_official_key_table(official_shapes):
         assert official_shapes[key] == shape, key
     assert not set(ABSENT) & set(official_shapes)
     params = sum(torch.Size(s).numel() for k, s in official_shapes.items() if k != "quantize.ema_vocab_hit_SV")
-    assert params == 108_948_355  # var.md 1
+    assert params == 108_948_355  # the official tokenizer's parameter count
     assert params + 10 * 4096 == 108_989_315
     assert TokenizerConfig().downsample == 16 and TokenizerConfig().image_size == 256
 

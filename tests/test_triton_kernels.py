@@ -537,7 +537,7 @@ def tiny_models():
     var = VAR(VARConfig(depth=2, embed_dim=128, num_heads=2, num_classes=NUM_CLASSES, vocab_size=VOCAB, cvae=CVAE,
                         patch_nums=PN))
     g = torch.Generator().manual_seed(4)
-    with torch.no_grad():  # O(1)-scale random weights (var.md 3.7): peaked logits, every block active
+    with torch.no_grad():  # O(1)-scale random weights: peaked logits, every block active
         for name, p in var.named_parameters():
             r = torch.randn(p.shape, generator=g)
             if name.endswith("scale_mul_1H11"):

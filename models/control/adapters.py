@@ -1,6 +1,6 @@
 """Control injection for the sampler's :class:`~.sampler.Control` hook: CAR (official weights) and NextScale adapters.
 
-Reference: ``control-kv.md`` sections 1-4. Everything here is driven through ``block_input(si, layer, x_RlC)``
+Background in docs/control.md. Everything here is driven through ``block_input(si, layer, x_RlC)``
 (all CFG rows: the ``B`` conditional rows, then the ``B`` null rows) and ``logits(si, logits_BlV)``.
 
 CAR (MiracleDance/CAR, VAR-d16 canny/HED/depth/normal/sketch files ``car_*_d16.pth``):

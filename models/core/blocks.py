@@ -1,6 +1,6 @@
 """VAR's transformer blocks; module and parameter names reproduce the official state-dict keys.
 
-Conventions (reference: var.md 2.3-2.6):
+Conventions (upstream ``models/basic_var.py``, ``AdaLNSelfAttn``):
 - Activations are ``x_BLC`` (batch, tokens, width ``C``); attention works on ``(B, H, L, c)`` with ``c = C / H``.
 - AdaLN: a block's modulation ``ada_B16C`` ``(B, 1, 6, C)`` holds, in this order, ``gamma1, gamma2, scale1,
   scale2, shift1, shift2``; ``x += attn(LN(x)(1 + scale1) + shift1) * gamma1`` then the same with the FFN and

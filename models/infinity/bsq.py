@@ -1,6 +1,6 @@
 """Infinity's tokenizer: a flux-VQGAN-style autoencoder with multi-scale binary spherical quantisation (BSQ).
 
-Official files (reference: var.md 5.1, 5.3, 5.6): ``infinity_vae_d32reg.pth`` and ``infinity_vae_d{16,24,32,64}.pth``
+Official files: ``infinity_vae_d32reg.pth`` and ``infinity_vae_d{16,24,32,64}.pth``
 (f16: ``ch_mult (1, 2, 4, 4, 4)``) and ``infinity_vae_d56_f8_14_patchify.pth`` (d = 14, f8: ``ch_mult (1, 2, 4, 4)``).
 
 Conventions:

@@ -1,6 +1,6 @@
 """Infinity's transformer (upstream ``Infinity``): text-conditioned, bitwise next-scale prediction.
 
-Conventions (reference: var.md 5.2, 5.6):
+Conventions (upstream ``infinity/models/infinity.py``; docs/infinity.md):
 - Text comes in as flan-T5 features ``(B, T, Ct)`` with a key mask ``(B, T)`` (True = a real token, EOS included).
   Padding a batch to one length replaces upstream's varlen packing: the masked keys get ``-inf``. ``text_norm``
   (RMSNorm) then feeds (a) ``text_proj_for_sos``, an attentive pooling (one learned query per head), whose output

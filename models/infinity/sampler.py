@@ -1,6 +1,6 @@
 """The Infinity scale loop (upstream ``Infinity.autoregressive_infer_cfg``): text to bitwise token maps.
 
-Per scale ``si`` of the schedule (reference: var.md 5.2-5.4):
+Per scale ``si`` of the schedule:
 1. The transformer runs the scale's tokens through the KV cache (the same :class:`~.kv_cache.KVCache`, policies
    included, as VAR's loop). With guidance the rows are ``[cond; uncond]``.
 2. Logits are divided by the scale's temperature ``tau``, then guided with a constant ``cfg`` (no ramp):

@@ -1,6 +1,6 @@
 """Infinity's scale schedules: rectangular token grids per aspect ratio, and the 2D RoPE positions they imply.
 
-Reference: var.md 5.5 (upstream ``infinity/utils/dynamic_resolution.py``).
+Upstream: ``infinity/utils/dynamic_resolution.py``.
 - Eight templates ``h/w`` in {1, 1.25, 1.333, 1.5, 1.75, 2, 2.5, 3}, each a 13-scale list of ``(h, w)`` token grids,
   plus their inverses (the same grids with ``h`` and ``w`` swapped; key ``int(1000 / ratio) / 1000``): 15 templates.
   A request uses the template nearest to its ``h/w``.

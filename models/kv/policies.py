@@ -1,4 +1,4 @@
-"""KV-cache compression policies for the scale loop: baselines, ScaleKV and HACK (reference: control-kv.md 5, 6).
+"""KV-cache compression policies for the scale loop: baselines, ScaleKV and HACK (docs/kv-cache.md).
 
 Every policy here subclasses :class:`~.kv_cache.KVPolicy` through :class:`BudgetPolicy`:
 

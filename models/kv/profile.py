@@ -3,10 +3,10 @@
 :func:`calibrate` samples a few images with the full cache and a recording policy (:class:`ProfileRecorder`) that,
 after every layer's attention at every scale, looks at up to 32 evenly spaced queries of the current scale:
 
-- ScaleKV's attention selectivity index per (layer, scale) (control-kv.md 5): the mean attention on the current
+- ScaleKV's attention selectivity index per (layer, scale) (arXiv 2505.19602): the mean attention on the current
   scale's keys times the mean sum of the top 10 % history attentions, averaged over heads, rows and samples; then a
   z-score within each scale (``(asi - mean) / (std + 1e-6)`` over layers). Low z: drafter.
-- HACK's column variance per (layer, head) (control-kv.md 6): for each key, the variance of its attention across
+- HACK's column variance per (layer, head) (HACK, arXiv 2504.09261): for each key, the variance of its attention across
   the queries, normalised by its Bernoulli bound ``mean * (1 - mean)`` and summed over keys before dividing (0: every
   query attends alike, a contextual "vertical" head; 1: each query attends its own keys, a structural head);
   averaged over scales 2.. and samples.

@@ -1,5 +1,5 @@
 """Collaborative decoding (CoDe, arXiv 2411.17787): a large drafter samples the coarse scales, a small refiner the
-fine ones (reference: control-kv.md 8).
+fine ones (upstream: czg1225/CoDe). Background in docs/collaborative.md.
 
 One run of ``K`` scales with ``draft_scales = N``:
 1. The drafter samples scales ``0 .. N-1`` through its own KV cache, exactly as :func:`~.sampler.sample` does, and

@@ -1,4 +1,4 @@
-"""Training-free editing by teacher forcing: inpaint, outpaint, class edit, image-to-image (control-kv.md 7a-7c).
+"""Training-free editing by teacher forcing: inpaint, outpaint, class edit, image-to-image (docs/editing.md).
 
 The sampler draws every scale as usual; an :class:`EditGuide` then puts the reference image's tokens back where
 they are to be kept, so the transformer sees the reference there and continues it elsewhere.

@@ -1,6 +1,6 @@
 """The VAR transformer (upstream ``VAR``): class-conditional next-scale prediction over a multi-scale token pyramid.
 
-Conventions (reference: var.md 2 and 4.6-4.8):
+Conventions (upstream ``models/var.py``; key layout in docs/architecture.md):
 - The sequence holds ``L = sum(pn**2)`` tokens, scale by scale, each scale's ``pn x pn`` map row-major. Token 0 is
   the class embedding plus ``pos_start``; the tokens of scale ``si >= 1`` are ``word_embed`` of the tokenizer's
   ``(B, pn_si**2, Cvae)`` next-scale input. Every token adds ``lvl_embed(its scale) + pos_1LC``.
@@ -334,7 +334,7 @@ class VAR(ComputeDtype, nn.Module):
 
     @staticmethod
     def infer_config(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> VARConfig:
-        """The config implied by the keys and shapes of ``state_dict`` (var.md 4.8). The schedule comes from
+        """The config implied by the keys and shapes of ``state_dict``. The schedule comes from
         ``lvl_1L`` when present (and readable), else from ``(L, K)`` among the known schedules."""
 
         is_tokenizer = "quantize.embedding.weight" in state_dict

@@ -1,6 +1,6 @@
 """VAR's multi-scale residual vector quantiser and its Phi refiners.
 
-Conventions (reference: var.md sections 1.2-1.6):
+Conventions (upstream ``models/quant.py``, ``VectorQuantizer2`` and ``Phi``):
 - The latent ``f_BChw`` is a square ``side x side`` grid with ``side = patch_nums[-1]``; a scale ``si``
   holds a ``pn x pn`` token map, flattened row-major to ``idx_Bl`` of shape ``(B, pn*pn)``.
 - Scale ``si``'s contribution to the latent is ``Phi_si(up(embed(idx_si)))``: the code map is upsampled
@@ -157,8 +157,8 @@ class MultiScaleQuantizer(ComputeDtype, nn.Module):
     def _residual_quantize(
         self, f_BChw: torch.Tensor, patch_nums: Sequence[int]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The encoding loop (var.md 1.4) on a detached fp32 copy of ``f``; returns the per-scale indices
-        and the cumulative ``f_hat`` after each scale (which carry gradients to the codebook and Phi)."""
+        """The encoding loop (upstream ``f_to_idxBl_or_fhat``) on a detached fp32 copy of ``f``; returns
+        the per-scale indices and the cumulative ``f_hat`` after each scale (carrying gradients to codebook and Phi)."""
         B, C, H, W = f_BChw.shape
         if H != W or W != patch_nums[-1]:
             raise NextScaleError(
@@ -240,8 +240,8 @@ class MultiScaleQuantizer(ComputeDtype, nn.Module):
     def next_input(
         self, si: int, patch_nums: Sequence[int], f_hat: torch.Tensor, h_BChw: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inference step (var.md 1.6): ``f_hat += Phi_si(up(h))`` **in place**, then return
-        ``(f_hat, area(f_hat -> pn_{si+1}))``, or ``(f_hat, f_hat)`` after the last scale.
+        """The inference step (upstream ``get_next_autoregressive_input``): ``f_hat += Phi_si(up(h))`` **in
+        place**, then return ``(f_hat, area(f_hat -> pn_{si+1}))``, or ``(f_hat, f_hat)`` after the last scale.
 
         ``h (B, Cvae, pn, pn)`` is the sampled code map; it may be a soft mixture of codes.
         """

@@ -1,6 +1,6 @@
 """The scale loop: the one sampler that nodes, benchmarks and tests call (upstream ``autoregressive_infer_cfg``).
 
-Per scale ``si`` of ``K`` (reference: var.md 3):
+Per scale ``si`` of ``K``:
 1. The transformer runs the scale's token map through a KV cache holding every earlier scale.
    With guidance (``cfg != 0``) the batch has ``2B`` rows: the ``B`` conditional rows first, then the same images
    with the null class; both halves get the same input. ``cfg == 0`` runs the conditional rows only.

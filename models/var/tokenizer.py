@@ -1,6 +1,6 @@
 """VAR's tokenizer: a multi-scale residual VQ-VAE (official file ``vae_ch160v4096z32.pth``).
 
-Conventions (reference: var.md sections 1 and 4.5):
+Conventions (upstream ``models/vqvae.py`` and ``models/basic_vae.py``):
 - Images are ``(B, 3, H, W)`` in ``[-1, 1]``; ``H`` and ``W`` are multiples of ``downsample`` (16 in VAR).
 - ``encode_latent`` gives ``f_BChw`` ``(B, Cvae, H/16, W/16)``; token maps need a square latent whose side is
   the schedule's last scale (256 px -> 16x16 with ``SCHEDULE_256``, 512 px -> 32x32 with ``SCHEDULE_512``).
