@@ -400,12 +400,26 @@ class Switti(ComputeDtype, nn.Module):
             bias_B11T=text.bias_BT.to(device=device, dtype=stream)[:, None, None],
         )
 
-    def rope(self, begin: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` ``(end - begin, c / 2)`` of tokens ``begin .. end`` on ``device`` (fp32)."""
-        key = (str(device),)
+    def schedule(self, patch_nums: Sequence[int] | None = None) -> tuple[int, ...]:
+        """``patch_nums`` checked for this model (it has one level embedding per scale), or its own schedule."""
+        if patch_nums is None:
+            return self.patch_nums
+        patch_nums = tuple(int(p) for p in patch_nums)
+        validate_schedule(patch_nums)
+        if len(patch_nums) != self.config.num_scales:
+            raise NextScaleError(
+                f"the schedule {patch_nums} has {len(patch_nums)} scales but this Switti model has "
+                f"{self.config.num_scales}: use its own schedule or another of {self.config.num_scales} scales"
+            )
+        return patch_nums
+
+    def rope(self, patch_nums: tuple[int, ...], begin: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``(end - begin, c / 2)`` of tokens ``begin .. end`` of ``patch_nums`` on ``device``
+        (fp32)."""
+        key = (patch_nums, str(device))
         if key not in self._rope_cache:
             cfg = self.config
-            angles = rope_angles(cfg.patch_nums, cfg.head_dim, cfg.rope_theta, cfg.rope_size)
+            angles = rope_angles(patch_nums, cfg.head_dim, cfg.rope_theta, cfg.rope_size)
             self._rope_cache = {key: (angles.cos().to(device), angles.sin().to(device))}
         cos, sin = self._rope_cache[key]
         return cos[begin:end], sin[begin:end]
@@ -431,11 +445,14 @@ class Switti(ComputeDtype, nn.Module):
         h_BLC = _ln(x_BLC.float(), self.config.norm_eps) * (scale + 1) + shift
         return F.linear(h_BLC, *weight_and_bias(self.head, h_BLC.device, torch.float32))
 
-    def forward_scale(self, si: int, x_BlC: torch.Tensor, cond: Conditioning, cache: KVCache | None) -> torch.Tensor:
-        """fp32 ``logits_BlV`` of scale ``si``: Switti attends within the scale (``cache`` None), Switti-AR through
-        ``cache`` to every earlier scale and to itself."""
-        begin = token_count(self.patch_nums[:si])
-        rope = self.rope(begin, begin + x_BlC.shape[1], x_BlC.device)
+    def forward_scale(
+        self, si: int, x_BlC: torch.Tensor, cond: Conditioning, cache: KVCache | None, patch_nums=None
+    ) -> torch.Tensor:
+        """fp32 ``logits_BlV`` of scale ``si`` of ``patch_nums`` (default: the model's schedule): Switti attends within
+        the scale (``cache`` None), Switti-AR through ``cache`` to every earlier scale and to itself."""
+        patch_nums = self.schedule(patch_nums)
+        begin = token_count(patch_nums[:si])
+        rope = self.rope(patch_nums, begin, begin + x_BlC.shape[1], x_BlC.device)
         if cache is not None:
             cache.begin_scale(si)
         x_BlC = x_BlC.to(stream_dtype(self.compute_dtype))
@@ -466,7 +483,7 @@ class Switti(ComputeDtype, nn.Module):
         words = self.word_embed(x_BLCv.to(self.compute_dtype)).to(stream)
         levels = embed(self.lvl_embed, cast(self.lvl_1L, device)[:, :l], stream)
         x_BLC = torch.cat([cond.cond_BD[:, None] + cast(self.pos_start, device, stream), words], dim=1) + levels
-        rope, mask = self.rope(0, l, device), self.teacher_mask(l, device)
+        rope, mask = self.rope(self.patch_nums, 0, l, device), self.teacher_mask(l, device)
         for i, block in enumerate(self.blocks):
             x_BLC = block(x_BLC, cond.ada_B16C[i], cond.text_kv[i], cond.bias_B11T, rope, attn_mask=mask)
         return self.logits(x_BLC, cond)

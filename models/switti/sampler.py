@@ -36,17 +36,24 @@ from ..core.errors import NextScaleError
 from ..core.hooks import SamplerHooks, refuse_unsupported
 from ..core.kv_cache import KVCache, KVPolicy
 from ..core.sampling import categorical, filter_top_k_top_p_, gumbel, item_generators
+from ..core.schedule import token_count
 from ..core.tokens import NextScaleTokens
 from .model import Switti, SwittiText
 
 HOOKS = frozenset({"guide", "kv_policy", "callback"})
+NO_CACHE = (
+    "Switti attends within each scale and keeps no KV cache across scales: KV policies apply to Switti-AR only; "
+    "disconnect kv_policy"
+)
 
 
 @dataclass
 class SwittiOptions:
     """Upstream's sampling options; the defaults are its pipeline's (``more_smooth`` off; its README uses
     ``more_smooth``, ``smooth_start = 2``, ``guidance_stop = 11`` and ``temperature = 0.1`` at 1024 px).
-    ``top_k = 0`` and ``top_p = 0`` switch the filters off; ``guidance_stop >= K`` guides to the last scale."""
+    ``top_k = 0`` and ``top_p = 0`` switch the filters off; ``guidance_stop >= K`` guides to the last scale.
+    ``schedule``: the scales to sample (None: the model's own); another known schedule of as many scales works,
+    since every scale's RoPE spans the same range (a 512 px model samples 256 px)."""
 
     cfg: float = 6.0
     top_k: int = 400
@@ -56,6 +63,7 @@ class SwittiOptions:
     guidance_start: int = 0
     guidance_stop: int = 10
     temperature: float = 1.0
+    schedule: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.top_k < 0 or not 0.0 <= self.top_p <= 1.0:
@@ -125,13 +133,10 @@ def sample_switti(
     refuse_unsupported(hooks, HOOKS, "Switti")
     causal = model.config.causal
     if hooks.kv_policy is not None and not causal:
-        raise NextScaleError(
-            "Switti attends within each scale and keeps no KV cache across scales: KV policies apply to Switti-AR "
-            "only; disconnect kv_policy"
-        )
+        raise NextScaleError(NO_CACHE)
     check_inputs(model, tokenizer)
     device = torch.device(device) if device is not None else condition.text.context_BTC.device
-    patch_nums, quant, guide = model.patch_nums, tokenizer.quantize, hooks.guide
+    patch_nums, quant, guide = model.schedule(options.schedule), tokenizer.quantize, hooks.guide
     K, B = len(patch_nums), condition.text.context_BTC.shape[0]
     null_rows = options.has_null_rows(K)
     text = SwittiText.cat([condition.text, condition.null.expand(B)]) if null_rows else condition.text
@@ -140,14 +145,14 @@ def sample_switti(
     f_hat = torch.zeros(B, quant.channels, patch_nums[-1], patch_nums[-1], device=device)
     indices: list[torch.Tensor] = []
     fhat_from_indices = True
-    cache = KVCache(model.depth, model.num_tokens, hooks.kv_policy) if causal else None
+    cache = KVCache(model.depth, token_count(patch_nums), hooks.kv_policy) if causal else None
     try:
         cond = model.condition(text)
         x_RlC = model.first_token_map(cond)
         for si, pn in enumerate(patch_nums):
             if null_rows and not causal and si == options.guidance_stop:
                 cond, x_RlC = cond.rows(B), x_RlC[:B]  # Switti drops the null rows once guidance stops
-            logits_RlV = model.forward_scale(si, x_RlC, cond, cache)
+            logits_RlV = model.forward_scale(si, x_RlC, cond, cache, patch_nums)
             logits_BlV, ratio = logits_RlV[:B], si / (K - 1)
             if options.guided(si):
                 if null_rows:
