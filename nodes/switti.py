@@ -11,6 +11,7 @@ decodes them with the VQ-VAE.
 
 from __future__ import annotations
 
+import comfy.sd1_clip
 import torch
 from comfy_api.latest import io
 
@@ -102,20 +103,32 @@ def _one_chunk(chunks: list, special: dict) -> list:
     return out + [(pad, 1.0)] * (TEXT_TOKENS - len(out))
 
 
+def _bigg_tokenizer(clip) -> comfy.sd1_clip.SDTokenizer:
+    """SDXL's CLIP-G tokenizer as laion's bigG tokenizer (upstream's) tokenizes: '!' is its padding token, hence a
+    special token that is always a token of its own (id 0), where openai's CLIP-L (and ComfyUI's CLIP-G) merge it
+    into the word ("cube!!" is 3 tokens to bigG, 2 to CLIP-L)."""
+    return comfy.sd1_clip.SDTokenizer(
+        pad_with_end=False, embedding_directory=clip.tokenizer.clip_g.embedding_directory, embedding_size=1280,
+        embedding_key="clip_g", tokenizer_args={"pad_token": "!"},
+    )
+
+
 def encode_switti_text(clip, text: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(context (1, 77, Cl + Cg), pooled (1, Cg), mask (1, 77))`` of ``text`` from ComfyUI's SDXL CLIP object:
     both encoders' last hidden states (final layer norm applied, padding masked in their attention as upstream's
-    ``FrozenCLIPEmbedder`` does), bigG's unprojected pooled output and the mask of real tokens (end token
-    included). Weighted words ``(word:1.2)`` are applied as CLIP Text Encode applies them."""
+    ``FrozenCLIPEmbedder`` does; bigG's tokens as laion's tokenizer makes them), bigG's unprojected pooled output and
+    the mask of bigG's real tokens (end token included), which upstream applies to both. Weighted words
+    ``(word:1.2)`` are applied as CLIP Text Encode applies them."""
     te = getattr(clip, "cond_stage_model", None)
     encoders = (getattr(te, "clip_l", None), getattr(te, "clip_g", None))
     if any(e is None for e in encoders):
         raise NextScaleError(
             "Switti needs SDXL's two text encoders: connect DualCLIPLoader with clip_l, clip_g and type sdxl"
         )
-    tokens = clip.tokenize(text)
-    pairs = {"l": [_one_chunk(tokens["l"], encoders[0].special_tokens)],
-             "g": [_one_chunk(tokens["g"], encoders[1].special_tokens)]}
+    pairs = {
+        "l": [_one_chunk(clip.tokenizer.clip_l.tokenize_with_weights(text), encoders[0].special_tokens)],
+        "g": [_one_chunk(_bigg_tokenizer(clip).tokenize_with_weights(text), encoders[1].special_tokens)],
+    }
     clip.load_model()
     masks = [e.enable_attention_masks for e in encoders]
     try:
