@@ -14,6 +14,7 @@ from nextscale.models.core.family import FAMILIES, Workload
 from nextscale.models.core.hooks import Control, SamplerHooks
 from nextscale.models.core.kv_cache import KVPolicy
 from nextscale.models.core.schedule import SCHEDULE_256, SCHEDULE_512, SCHEDULE_1024, token_count
+from nextscale.models.kv.policies import KVPolicySpec
 from nextscale.models.switti.model import Switti, SwittiText, rope_angles
 from nextscale.models.switti.sampler import SwittiCondition, SwittiOptions, sample_switti
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
@@ -231,3 +232,21 @@ def test_a_512_model_samples_the_256_schedule():
     tokens = sample_switti(model, tokenizer(SCHEDULE_256), SwittiCondition(text(1, [3]), text(1, [2])), seed=0,
                            options=SwittiOptions(schedule=SCHEDULE_256, top_k=1))
     assert tokens.patch_nums == SCHEDULE_256
+
+
+@pytest.mark.parametrize("policy", [None, "recent", "scalekv", "hack"])
+def test_switti_ar_declares_the_kv_cache_its_run_allocates(monkeypatch, policy):
+    from test_family import LiveKV
+
+    ar, family = Switti.from_state_dict(official_state_dict(causal=True)), FAMILIES.get("switti")
+    geometry = family.kv_geometry(ar)
+    bound = None if policy is None else KVPolicySpec(policy, 0.2).bind_scales(
+        geometry.layers, geometry.heads, geometry.scales
+    )
+    live = LiveKV(monkeypatch)
+    tokens = family.sample(ar, tokenizer(), SwittiCondition(text(2, [3, 5]), text(1, [2])), seed=0,
+                           hooks=SamplerHooks(kv_policy=bound))
+    assert tokens.extra["kv_policy"] == (bound or KVPolicy()).name
+    declared = geometry.cache_bytes(4, 4, bound)
+    assert declared >= live.peak > 0
+    assert family.working_memory(ar, None, Workload(batch_size=2, kv_policy=bound)) > declared

@@ -37,7 +37,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from nextscale.nodes import switti as sw
 
 SIZES = {
-    "l": dict(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_hidden_layers=3, hidden_act="quick_gelu"),
+    "l": dict(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_hidden_layers=3,
+              hidden_act="quick_gelu"),
     "g": dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3, hidden_act="gelu"),
 }
 clip = sdxl_clip(SIZES)
