@@ -7,6 +7,7 @@
    short, long (truncated) and punctuated prompts, and CLIP Text Encode's weighting applied as ComfyUI applies it.
 2. The node chain on tiny models in the model folder (a Hugging Face folder with config.json for Switti-AR, a file for
    Switti, the VQ-VAE): Load Switti, Switti Text Encode, Switti Sampler (KV policy, image to image), Decode.
+3. Partial loading with ComfyUI's op set, fp32 and fp8 storage.
 """
 
 from __future__ import annotations
@@ -170,6 +171,50 @@ assert all(torch.equal(edited.indices[si], reference.indices[si].expand(2, -1, -
 print("switti chain ok")
 """
 
+PARTIAL = PREAMBLE + """
+import comfy.ops
+from nextscale.models.core.kv_cache import KVCache
+from nextscale.models.switti.model import Switti, SwittiText
+from test_partial_loading import FRACTIONS, META, DeviceAudit, partial_load
+from test_switti import official_state_dict
+
+def step(model, x):  # scales 0 and 1 of Switti-AR through its KV cache, with guidance rows, as the sampler runs them
+    cond = model.condition(SwittiText(x["context"], x["pooled"], x["bias"]))
+    cache = KVCache(model.depth, model.num_tokens)
+    try:
+        model.forward_scale(0, model.first_token_map(cond), cond, cache)
+        return model.forward_scale(1, model.scale_input(1, x["next_1"]).repeat(2, 1, 1), cond, cache)
+    finally:
+        cache.free()
+
+weights = official_state_dict(causal=True)
+g = torch.Generator().manual_seed(1)
+bias = torch.zeros(4, 77)
+bias[:, 9:] = float("-inf")
+inputs = {"context": torch.randn(4, 77, 2048, generator=g), "pooled": torch.randn(4, 1280, generator=g), "bias": bias,
+          "next_1": torch.randn(2, 4, 8, generator=g)}
+plain = step(Switti.from_state_dict(dict(weights)), inputs)
+for storage in (None, torch.float8_e4m3fn):
+    for fraction in FRACTIONS:
+        compute = None if storage is None else torch.bfloat16
+        model = Switti.from_state_dict(dict(weights), operations=comfy.ops.manual_cast, compute_dtype=compute)
+        if storage is not None:
+            model = model.to(storage)
+        if fraction == 1.0 and storage is None:  # manual cast computes exactly what torch layers compute
+            assert torch.equal(step(model, inputs), plain)
+        partial_load([model], fraction)
+        placed = [t.device.type for t in (*model.parameters(), *model.buffers())]
+        assert "cpu" in placed and (("meta" in placed) == (fraction > 0)), (storage, fraction)
+        model.rope(model.patch_nums, 0, 1, META)  # the RoPE table: made on the CPU from the schedule, then moved
+        x = {k: v.to(META) for k, v in inputs.items()}
+        audit = DeviceAudit()
+        with torch.no_grad(), audit:
+            out = step(model, x)
+        assert not audit.violations, (storage, fraction, audit.violations[:8])
+        assert out.device == META and out.dtype == torch.float32 and tuple(out.shape) == (4, 4, 32)
+print("switti partial loading ok")
+"""
+
 
 def _run(script: str, tmp_path, needle: str) -> None:
     result = run_in_comfyui_python(textwrap.dedent(script), cwd=tmp_path, timeout=600)
@@ -182,3 +227,10 @@ def test_switti_text_encode_matches_upstreams_clip_embedder(tmp_path):
 
 def test_the_switti_node_chain_runs_in_comfyui(tmp_path):
     _run(CHAIN, tmp_path, "switti chain ok")
+
+
+def test_switti_computes_on_the_load_device_when_partially_loaded(tmp_path):
+    """ComfyUI's manual-cast op set, the model loaded onto ``meta`` (a stand-in GPU) at 0x, 0.5x and 1x of its size,
+    fp32 and fp8 storage: one cached step touches no tensor off the load device (tests/test_partial_loading.py's
+    audit), and the fully loaded fp32 build computes exactly what the torch build does."""
+    _run(PARTIAL, tmp_path, "switti partial loading ok")
