@@ -12,6 +12,7 @@ decodes them with the VQ-VAE.
 from __future__ import annotations
 
 import comfy.sd1_clip
+import folder_paths
 import torch
 from comfy_api.latest import io
 
@@ -19,11 +20,11 @@ from ..models.core.errors import NextScaleError
 from ..models.core.family import Workload
 from ..models.core.hooks import SamplerHooks
 from ..models.core.schedule import KNOWN_SCHEDULES
-from ..models.switti.family import LOADER
+from ..models.switti.family import HINT, LOADER
 from ..models.switti.model import TEXT_TOKENS, SwittiText
 from ..models.switti.sampler import NO_CACHE, SwittiCondition, SwittiOptions
 from .generator import bind_policy, framed_like_reference, refuse_hooks, scale_callback
-from .model_files import model_choices
+from .model_files import FOLDER, model_choices
 from .service import DTYPES, NextScaleModel, load, not_found, ready
 from .sockets import CATEGORY, Guide, KVPolicy, SwittiModel, Tokenizer, Tokens
 from .validation import check_combos, check_file, check_numbers
@@ -32,6 +33,14 @@ SWITTI_CATEGORY = f"{CATEGORY}/switti"
 MAX_BATCH = 16
 MARK = "nextscale_switti_text"  # the conditioning entry NextScale Switti Text Encode sets
 RESOLUTIONS = ["model's own", *KNOWN_SCHEDULES]
+
+
+def vqvae_not_found(name: str) -> str:
+    folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
+    return (
+        f"model not found: Switti's VQ-VAE '{name}' is not in the NextScale model folder ({folders}). Put it there "
+        f"and refresh the node. {HINT}"
+    )
 
 
 class NextScaleLoadSwitti(io.ComfyNode):
@@ -77,7 +86,7 @@ class NextScaleLoadSwitti(io.ComfyNode):
         choices = model_choices(shards=True)
         return (
             check_file(model_name, choices, lambda name: not_found(name, LOADER, "generator"))
-            or check_file(vqvae_name, choices, lambda name: not_found(name, "NextScale Load Tokenizer", "tokenizer"))
+            or check_file(vqvae_name, choices, vqvae_not_found)
             or True
         )
 

@@ -116,7 +116,10 @@ from test_switti import official_state_dict
 
 assert any(sw.NextScaleSwittiSampler in m.NODES for m in NODE_MODULES)
 msg = sw.NextScaleLoadSwitti.validate_inputs("Switti", "VQVAE-Switti")
-assert "model not found" in msg and folder in msg and "yresearch/Switti" in msg, msg
+assert "model not found: Switti transformer 'Switti'" in msg and folder in msg and "yresearch/Switti" in msg, msg
+save_file(official_state_dict(depth=1, width=32, patch_nums=SCHEDULE_256), os.path.join(folder, "switti.safetensors"))
+msg = sw.NextScaleLoadSwitti.validate_inputs("switti.safetensors", "VQVAE-Switti")
+assert "Switti's VQ-VAE 'VQVAE-Switti'" in msg and "yresearch/VQVAE-Switti" in msg, msg
 
 # Switti-AR as Hugging Face ships it (a folder, config.json saying use_ar; no mask to tell), Switti as a file
 ar = os.path.join(folder, "Switti-AR-tiny")
@@ -125,7 +128,6 @@ weights = official_state_dict(depth=1, width=32, patch_nums=SCHEDULE_256, causal
 save_file({k: v for k, v in weights.items() if k != "attn_bias_for_masking"}, os.path.join(ar, "model.safetensors"))
 with open(os.path.join(ar, "config.json"), "w") as f:
     json.dump({"depth": 1, "rope": True, "use_ar": True, "use_swiglu_ffn": True, "reso": 256}, f)
-save_file(official_state_dict(depth=1, width=32, patch_nums=SCHEDULE_256), os.path.join(folder, "switti.safetensors"))
 torch.manual_seed(0)
 vq = MultiScaleVQVAE(TokenizerConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1)))
 save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, os.path.join(folder, "vqvae.safetensors"))

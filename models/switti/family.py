@@ -67,9 +67,6 @@ class SwittiFamily(Family):
     def class_names(self, generator: Switti) -> tuple[str, ...]:
         raise NextScaleError("Switti models take a text prompt, not a class: use NextScale Switti Sampler")
 
-    def parse_schedule(self, text: str):
-        return VAR.parse_schedule(text)
-
     def sample(self, generator, tokenizer, condition, *, seed, options=None, hooks=None, device=None):
         return sample_switti(generator, tokenizer, condition, seed=seed, options=options, hooks=hooks, device=device)
 
