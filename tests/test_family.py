@@ -16,12 +16,14 @@ from nextscale.models.core.schedule import SCHEDULE_512
 from nextscale.models.infinity.bsq import BSQConfig, BSQTokenizer
 from nextscale.models.infinity.sampler import InfinityOptions, TextCondition
 from nextscale.models.kv.policies import KVPolicySpec
+from nextscale.models.switti.model import Switti
 from nextscale.models.var.model import VAR, VARConfig
 from nextscale.models.var.sampler import SamplingOptions
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from test_control import adapter_for, make_car, make_var4
 from test_infinity import SCHEDULE, prompts, tiny_model
 from test_kv_policies import make_pair
+from test_switti import official_state_dict
 
 NODES_DIR = Path(__file__).resolve().parents[1] / "nodes"
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -38,6 +40,7 @@ def test_every_file_is_identified_by_its_family_and_role():
     cases = {
         "var-generator": var, "var-tokenizer": vae, "var-control": make_car(),
         "infinity-generator": tiny_model(), "infinity-tokenizer": tiny_bsq(),
+        "switti-generator": Switti.from_state_dict(official_state_dict()),
     }
     for name, module in cases.items():
         assert str(identify(module.state_dict())) == name, name
@@ -64,7 +67,7 @@ def test_a_registered_family_identifies_its_files_and_joins_its_loaders():
     from toy_family import ToyGenerator
 
     registry = Registry(BUILTIN_FAMILIES)
-    assert [f.name for f in registry.families] == ["var", "infinity"]
+    assert [f.name for f in registry.families] == ["var", "infinity", "switti"]
     assert identify(ToyGenerator().state_dict()) is None  # not in the pack's registry
     registry.register(TOY)
     assert str(registry.identify(ToyGenerator().state_dict())) == "toy-generator"

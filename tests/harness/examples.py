@@ -36,6 +36,8 @@ EXAMPLE_IMAGE = "nextscale_example.png"
 INPUT_DIR = WORKFLOWS_DIR / "input"
 SD_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 INFINITY_MODEL, INFINITY_TOKENIZER, FLAN_T5 = "infinity_2b_reg.pth", "infinity_vae_d32reg.pth", "flan-t5-xl"
+SWITTI_MODEL, SWITTI_VQVAE = "Switti-1024", "VQVAE-Switti"
+CLIP_L, CLIP_G = "clip_l.safetensors", "clip_g.safetensors"
 
 
 def pack_version() -> str:
@@ -277,6 +279,29 @@ def infinity_t2i() -> Example:
     )
 
 
+def switti_t2i() -> Example:
+    g = Graph()
+    loader = g.add("NextScaleLoadSwitti", model_name=SWITTI_MODEL, vqvae_name=SWITTI_VQVAE, dtype="auto")
+    clip = g.add("DualCLIPLoader", clip_name1=CLIP_L, clip_name2=CLIP_G, type="sdxl", device="default")
+    positive = g.add("NextScaleSwittiTextEncode", clip=g.out(clip), text="a cloud dragon flying over snowy "
+                     "mountains, its body swirling with the wind, golden hour")
+    negative = g.add("NextScaleSwittiTextEncode", clip=g.out(clip), text="")
+    tokens = g.add(
+        "NextScaleSwittiSampler", model=g.out(loader, 0), vqvae=g.out(loader, 1), positive=g.out(positive),
+        negative=g.out(negative), seed=59, cfg=6.0, top_k=400, top_p=0.95, more_smooth=True, batch_size=1,
+        smooth_start_scale=2, cfg_start_scale=0, cfg_stop_scale=11, temperature=0.1, resolution="model's own",
+    )
+    image = g.add("NextScaleDecode", tokenizer=g.out(loader, 1), tokens=g.out(tokens), scales=0)
+    g.add("SaveImage", images=g.out(image), filename_prefix="NextScale/switti")
+    return Example(
+        "nextscale_switti_t2i", "NextScale: Switti text to image",
+        f"Switti-1024 from a text prompt at 1024 px (14 scales) with the settings of Switti's README. Needs your own "
+        f"files: the Hugging Face folders {SWITTI_MODEL} and {SWITTI_VQVAE} (yresearch/Switti-1024 and "
+        f"yresearch/VQVAE-Switti) in models/nextscale, and SDXL's {CLIP_L} and {CLIP_G} in models/text_encoders.",
+        g.prompt, needs_user_files=["NextScaleLoadSwitti", "DualCLIPLoader"],
+    )
+
+
 def control() -> Example:
     g = Graph()
     tok, gen = _models(g)
@@ -355,7 +380,7 @@ def lora() -> Example:
 
 EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), class_edit(), img2img(),
                                  image_inpaint(), control(), kv_policy(), collaborative(), sd_refine(),
-                                 infinity_t2i(), lora())}
+                                 infinity_t2i(), lora(), switti_t2i())}
 
 
 def example_image_bytes() -> bytes:
