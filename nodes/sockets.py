@@ -10,6 +10,8 @@ Tokenizer = io.Custom("NEXTSCALE_TOKENIZER")
 Generator = io.Custom("NEXTSCALE_GENERATOR")
 # An Infinity text-to-image transformer, from NextScale Load Infinity.
 InfinityModel = io.Custom("NEXTSCALE_INFINITY")
+# An NSARM super-resolution model, from NextScale Load NSARM.
+NSARMModel = io.Custom("NEXTSCALE_NSARM")
 Tokens = io.Custom("NEXTSCALE_TOKENS")
 SamplerOptions = io.Custom("NEXTSCALE_SAMPLER_OPTIONS")
 # An edit guide (models.var.editing.EditSpec): anything with bind(tokenizer, patch_nums, batch_size, device) -> Guide.

@@ -8,6 +8,10 @@ the bits of its high-quality version.
    schedule; a :class:`~..infinity.sampler.KeepScales` guide gives the first ``input_scales`` scales the mapped
    bits (upstream's ``gt_leak``), the transformer predicts the rest. The loop still draws bits at the kept scales
    (and discards them), as upstream does, so a seed draws the same bits.
+3. One difference from Infinity's loop: NSARM brings the summed codes down to the next scale's grid with ``area``
+   (its tokenizer's ``z_interplote_down``, which its loop uses), not trilinear. On the released schedule the two
+   give the same inputs up to the 8 x 8 latent grid and differ from the 12 x 12 one on (measured against upstream
+   by ``bench/compare_official_nsarm.py``), so the loop is handed the tokenizer through :class:`AreaNextInput`.
 
 Upstream's settings (``scripts/infer.sh``): ``cfg = 1`` (no guidance), ``tau = 0.5``, top-k 2 and top-p 0.97 per
 bit (fixed in its loop), every mapped scale kept, the prompt a caption of the image or empty.
@@ -18,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from ..core.errors import NextScaleError
 from ..core.hooks import SamplerHooks
@@ -45,6 +50,21 @@ class UpscaleOptions:
     top_k: int = 2
     top_p: float = 0.97
     input_scales: int | None = None
+
+
+class AreaNextInput:
+    """The tokenizer as NSARM's loop uses it: every attribute is the tokenizer's, except that the next scale's input
+    is the summed codes averaged (``area``) onto its grid."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+    @staticmethod
+    def downsample_codes(summed_BdHW: torch.Tensor, size_hw) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(summed_BdHW, tuple(size_hw))
 
 
 def input_size(model: NSARM, tokenizer) -> int:
@@ -112,7 +132,7 @@ def sample_nsarm(
         cfg=options.cfg, tau=options.tau, top_k=options.top_k, top_p=options.top_p, schedule=schedule
     )
     tokens = sample_infinity(
-        model, tokenizer, TextCondition(text, mask), seed=seed, options=infinity_options,
+        model, AreaNextInput(tokenizer), TextCondition(text, mask), seed=seed, options=infinity_options,
         hooks=replace(hooks, guide=KeepScales(bits, keep)), device=device,
     )
     tokens.extra.update(input_scales=keep)
