@@ -163,7 +163,7 @@ class NextScaleUpscale(io.ComfyNode):
                     tooltip="From NextScale KV Policy: what the KV cache keeps across scales.",
                 ),
             ],
-            outputs=[io.Image.Output("image", display_name="image")],
+            outputs=[io.Image.Output("upscaled", display_name="image")],
             hidden=[io.Hidden.unique_id],
         )
 
