@@ -20,13 +20,15 @@ from . import (
     switti,
     text_encoder,
     tokenizer,
+    upscale,
 )
 from .model_files import register_model_folder
 
 log = logging.getLogger("NextScale")
 
 FAMILIES = [
-    schedule, tokenizer, generator, editing, collaborative, control, kv, images, infinity, text_encoder, lora, switti
+    schedule, tokenizer, generator, editing, collaborative, control, kv, images, infinity, text_encoder, lora, switti,
+    upscale,
 ]
 
 

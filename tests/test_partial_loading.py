@@ -2,8 +2,8 @@
 
 ComfyUI loads a model that does not fit (its default VRAM mode, ``--lowvram``, ``--novram``) in part: it moves the
 weights of leaf layers that fit and leaves the rest on the offload device, where layers with ``comfy_cast_weights``
-are cast per call. Here a ``ModelPatcher`` loads VAR, Infinity, the VAR tokenizer, the BSQ tokenizer and both control
-kinds (NextScale adapters, CAR) onto ``meta`` (a stand-in GPU) at 0x, 0.5x and 1x of their size, as
+are cast per call. Here a ``ModelPatcher`` loads VAR, Infinity, NSARM, the VAR tokenizer, the BSQ tokenizer and both
+control kinds (NextScale adapters, CAR) onto ``meta`` (a stand-in GPU) at 0x, 0.5x and 1x of their size, as
 ``load_models_gpu`` does (``partially_load(device, extra_memory)``); then one step runs (generators: scales 0 and 1
 through the KV cache; tokenizers: encode and decode; controls: their per-scale injection) under :class:`DeviceAudit`,
 which records every torch call that touches a tensor off ``meta`` or computes in fp8. VAR and Infinity run once more
@@ -32,6 +32,8 @@ from nextscale.models.core.ops import ComputeDtype
 from nextscale.models.infinity.bsq import BSQConfig, BSQTokenizer
 from nextscale.models.infinity.model import Infinity, InfinityConfig
 from nextscale.models.infinity.schedule import InfinitySchedule
+from nextscale.models.nsarm.mapper import MapperConfig
+from nextscale.models.nsarm.model import NSARM, NSARMConfig
 from nextscale.models.var.model import VAR, VARConfig
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from torch.overrides import TorchFunctionMode
@@ -50,6 +52,11 @@ INFINITY_CFG = InfinityConfig(
     pool_heads=2,
 )
 SCHEDULE = InfinitySchedule.custom([(1, 1), (2, 2), (3, 3)])
+NSARM_CFG = NSARMConfig(
+    INFINITY_CFG,
+    MapperConfig(channels=4, grid=4, sides=(1, 2, 4), widths=(8, 16, 16), layers=(1, 1, 1), heads=(1, 2, 2),
+                 stem=(8, 8), resolution="0.06M"),
+)
 TOKENIZER_CFG = TokenizerConfig(
     vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4)
 )
@@ -58,7 +65,7 @@ BSQ_SCALES = [(1, 1), (2, 2), (4, 4)]
 CAR_CFG = CARConfig(embed_dim=64, num_heads=4, depth=1, hidden_dim=256, encoder_channels=(8, 16))
 ADAPTER_SIZES = dict(channels=(8, 16), feat_dim=16, image_size=16, num_heads=2)
 
-MODELS = ("var", "var-shared", "infinity", "tokenizer", "bsq", "adapter-add", "adapter-reference", "car")
+MODELS = ("var", "var-shared", "infinity", "nsarm", "tokenizer", "bsq", "adapter-add", "adapter-reference", "car")
 CONTROLS = ("adapter-add", "adapter-reference", "car")  # they drive a generator, loaded beside them
 FP8_MODELS = ("var", "var-shared", "infinity")
 # What one step returns: (shape, dtype) of the logits, the decoded images or the controlled hidden state.
@@ -66,6 +73,7 @@ OUTPUTS = {
     "var": ((4, 4, 32), "float32"),
     "var-shared": ((4, 4, 32), "float32"),
     "infinity": ((4, 4, 8), "float32"),
+    "nsarm": ((4, 4, 8), "float32"),
     "tokenizer": ((2, 3, 8, 8), "float32"),
     "bsq": ((2, 3, 8, 8), "float32"),
     "adapter-add": ((4, 4, 64), "float32"),
@@ -84,6 +92,7 @@ def reference_models() -> dict[str, torch.nn.Module]:
         "var": VAR(VAR_CFG),
         "var-shared": VAR(VAR_SHARED_CFG),
         "infinity": Infinity(INFINITY_CFG),
+        "nsarm": NSARM(NSARM_CFG),
         "tokenizer": MultiScaleVQVAE(TOKENIZER_CFG),
         "bsq": BSQTokenizer(BSQ_CFG),
         "adapter-add": ControlAdapter(AdapterConfig.for_generator(VAR_CFG, **ADAPTER_SIZES)),
@@ -105,6 +114,8 @@ def build(reference: dict, name: str, operations=None, compute_dtype=None) -> to
         return CARControlNet.from_state_dict(state_dict, **kw)
     if name in CONTROLS:
         return ControlAdapter.from_state_dict(state_dict, config, **kw)
+    if name == "nsarm":
+        return NSARM.from_state_dict(state_dict, config=reference[name].setup, **kw)
     cls = {"var": VAR, "var-shared": VAR, "infinity": Infinity, "tokenizer": MultiScaleVQVAE, "bsq": BSQTokenizer}
     return cls[name].from_state_dict(state_dict, config=config, **kw)
 
@@ -116,6 +127,7 @@ def step_inputs(name: str, device: torch.device) -> dict[str, torch.Tensor]:
         "var": {"next_1": (2, 4, 8)},
         "var-shared": {"next_1": (2, 4, 8)},
         "infinity": {"text": (2, 5, 32), "next_1": (2, 4, 4)},
+        "nsarm": {"text": (2, 5, 32), "next_1": (2, 4, 4), "latent": (2, 4, 4, 4)},
         "tokenizer": {"image": (2, 3, 8, 8)},
         "bsq": {"image": (2, 3, 8, 8)},
         "adapter-add": {"image": (2, 3, 16, 16), "x": (4, 4, 64)},
@@ -155,6 +167,9 @@ def step(name: str, models: list[torch.nn.Module], x: dict) -> torch.Tensor:
     if name.startswith("var"):
         return var_step(model, x)
     if name == "infinity":
+        return infinity_step(model, x)
+    if name == "nsarm":  # the transformation network, then the transformer
+        model.map_transformer.bits(x["latent"])
         return infinity_step(model, x)
     if name == "tokenizer":
         return model.indices_to_img(model.img_to_indices(x["image"]))
@@ -242,7 +257,7 @@ def audited_step(reference: dict, name: str, fraction: float, operations, storag
     partial_load(models, fraction)
     placed = [t.device.type for t in (*models[0].parameters(), *models[0].buffers())]
     x = step_inputs(name, META)
-    if name == "infinity":
+    if name in ("infinity", "nsarm"):
         models[0].rope(SCHEDULE, META)  # the run's RoPE table: made on the CPU from the schedule alone, then moved
     result = {"on_meta": placed.count("meta"), "on_cpu": placed.count("cpu"), "error": None}
     audit = DeviceAudit()

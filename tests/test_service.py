@@ -145,10 +145,13 @@ from nextscale.nodes.infinity import NextScaleTextSampler
 from nextscale.nodes.kv import NextScaleKVCalibrate, NextScaleKVReport
 from nextscale.nodes.service import adopt
 from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleEncode
+from nextscale.nodes.upscale import NextScaleUpscale
+from nextscale.models.nsarm.model import NSARM
 from test_control import adapter_for, make_car, make_var4
 from test_infinity import tiny_model
 from test_infinity_sampler import tiny_tokenizer
 from test_sampler import CVAE, PN, VOCAB, make_var
+from test_nsarm import TINY as NSARM_TINY, randomised
 
 calls, caches = [], []
 real_load = mm.load_models_gpu
@@ -179,7 +182,8 @@ def one_call(name, run, models, kv=True):
     print(f"{name}: declared {memory:,} bytes, KV cache peak {peak[0]:,}")
     return out
 
-for node in (NextScaleSampler, NextScaleTextSampler, NextScaleCollaborativeSampler, NextScaleKVCalibrate):
+for node in (NextScaleSampler, NextScaleTextSampler, NextScaleCollaborativeSampler, NextScaleKVCalibrate,
+             NextScaleUpscale):
     node.hidden = io.HiddenHolder.from_dict({})
 torch.manual_seed(0)
 var4, var = make_var4(), make_var()
@@ -208,6 +212,9 @@ infinity, bsq = adopt(tiny_model()), adopt(tiny_tokenizer())
 text = [[torch.randn(1, 5, infinity.module.config.text_dim), {}]]
 one_call("text sampler", lambda: NextScaleTextSampler.execute(infinity, bsq, text, 1, 3.0, 1.0, 0, 0.0, "2:1 landscape",
          "0.06M", 2, None, policy, torch.rand(1, 40, 80, 3), 2).result[0], 2)
+nsarm = adopt(randomised(NSARM(NSARM_TINY), 0))
+one_call("upscale, 6 tiles", lambda: NextScaleUpscale.execute(nsarm, adopt(tiny_tokenizer()), torch.rand(2, 12, 20, 3),
+         1, 4.0, 1.0, 0.5, 3, "tiles", 0.25, "seamless", "adain + wavelet", None, policy).result[0], 2)
 
 # VAR-d36 at batch 16 with its CFG rows in bf16, on the meta device: the declaration alone (no memory is used)
 class Declared(Exception):

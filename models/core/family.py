@@ -37,7 +37,7 @@ from .hooks import SamplerHooks
 from .kv_cache import KVPolicy
 
 # Sub-packages of models/ whose family.py defines FAMILY. Adding a family is one entry here.
-BUILTIN_FAMILIES = ("var", "infinity", "switti")
+BUILTIN_FAMILIES = ("var", "nsarm", "infinity", "switti")  # NSARM before Infinity: its files hold Infinity keys too
 
 
 @dataclass(frozen=True)

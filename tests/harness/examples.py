@@ -38,6 +38,11 @@ SD_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 INFINITY_MODEL, INFINITY_TOKENIZER, FLAN_T5 = "infinity_2b_reg.pth", "infinity_vae_d32reg.pth", "flan-t5-xl"
 SWITTI_MODEL, SWITTI_VQVAE = "Switti-1024", "VQVAE-Switti"
 CLIP_L, CLIP_G = "clip_l.safetensors", "clip_g.safetensors"
+NSARM_MODEL, NSARM_TOKENIZER = "NSARM.pth", "infinity_vae_d56_f8_14_patchify.pth"
+NSARM_FILES = (
+    f"Needs your own files: {NSARM_MODEL} (joined from its parts, linked from github.com/Xiangtaokong/NSARM) and "
+    f"{NSARM_TOKENIZER} (Hugging Face FoundationVision/Infinity) in models/nextscale; see docs/upscale.md."
+)
 
 
 def pack_version() -> str:
@@ -302,6 +307,51 @@ def switti_t2i() -> Example:
     )
 
 
+def _upscale(g: Graph, image) -> list:
+    loader = g.add("NextScaleLoadNSARM", model_name=NSARM_MODEL, tokenizer_name=NSARM_TOKENIZER, dtype="auto")
+    return g.out(g.add(
+        "NextScaleUpscale", model=g.out(loader, 0), tokenizer=g.out(loader, 1), image=image, seed=1, scale_by=4.0,
+        cfg=1.0, tau=0.5, input_scales=7, tiling="tiles", tile_overlap=0.125, blend="seamless",
+        color_fix="adain + wavelet",
+    ))
+
+
+def upscale() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    tokens = _sampler(g, tok, gen, "heart", seed=1)
+    image = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0))
+    g.add("SaveImage", images=_upscale(g, image), filename_prefix="NextScale/upscale")
+    return Example(
+        "nextscale_upscale", "NextScale: upscale with NSARM",
+        f"An image of the embedded generator upscaled 4x by NextScale Upscale (NSARM: the first scales mapped from "
+        f"the image, the finer ones predicted). {NSARM_FILES}",
+        g.prompt, needs_user_files=["NextScaleLoadNSARM"],
+    )
+
+
+def sd_upscale() -> Example:
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD_CHECKPOINT)
+    text = "a cosy reading corner by a window, afternoon light, detailed"
+    pos = g.add("CLIPTextEncode", text=text, clip=g.out(ckpt, 1))
+    neg = g.add("CLIPTextEncode", text="blurry, low quality", clip=g.out(ckpt, 1))
+    latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    sampled = g.add(
+        "KSampler", model=g.out(ckpt, 0), seed=0, steps=20, cfg=7.0, sampler_name="euler", scheduler="normal",
+        positive=g.out(pos), negative=g.out(neg), latent_image=g.out(latent), denoise=1.0,
+    )
+    decoded = g.add("VAEDecode", samples=g.out(sampled), vae=g.out(ckpt, 2))
+    g.add("SaveImage", images=_upscale(g, g.out(decoded)), filename_prefix="NextScale/sd_upscale")
+    return Example(
+        "nextscale_sd_upscale", "NextScale: upscale a Stable Diffusion image with NSARM",
+        f"A 512 px SD 1.5 image upscaled 4x to 2048 px by NextScale Upscale in overlapping tiles blended without "
+        f"seams. Needs your own SD 1.5 checkpoint in models/checkpoints (the workflow names {SD_CHECKPOINT}). "
+        f"{NSARM_FILES}",
+        g.prompt, needs_user_files=["CheckpointLoaderSimple", "NextScaleLoadNSARM"],
+    )
+
+
 def control() -> Example:
     g = Graph()
     tok, gen = _models(g)
@@ -380,7 +430,7 @@ def lora() -> Example:
 
 EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), class_edit(), img2img(),
                                  image_inpaint(), control(), kv_policy(), collaborative(), sd_refine(),
-                                 infinity_t2i(), lora(), switti_t2i())}
+                                 infinity_t2i(), lora(), switti_t2i(), upscale(), sd_upscale())}
 
 
 def example_image_bytes() -> bytes:
