@@ -41,9 +41,9 @@ def _heldout_name(prefix: str) -> str:
     raise AssertionError("no held-out name found")
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("openclipart")
+def make_tree(root) -> str:
+    """A small clip-art tree under ``root``: an author on three titles, a cut title, a duplicate, a colour variant,
+    a UI glyph, a colour ramp and one held-out drawing."""
     files = {
         f"animals/mammals/red_fox_{AUTHOR}_01.png": _drawing("circle", (220, 90, 20)),
         f"animals/mammals/gray_wolf_{AUTHOR}_01.png": _drawing("triangle", (120, 120, 120)),
@@ -57,9 +57,14 @@ def tree(tmp_path_factory):
         _heldout_name("science/astronomy"): _drawing("circle", (240, 230, 120)),
     }
     for rel, img in files.items():
-        os.makedirs(root / os.path.dirname(rel), exist_ok=True)
-        img.save(root / rel)
+        os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
+        img.save(os.path.join(root, rel))
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("openclipart"))
 
 
 def test_name_words():
