@@ -32,18 +32,24 @@ def _drawing(shape: str, colour=(200, 30, 30), opaque_on_white: bool = False) ->
     return img
 
 
-def _heldout_name(prefix: str) -> str:
-    """A file name under ``prefix`` whose key falls in the held-out split."""
-    for i in range(1000):
-        name = f"{prefix}/moon_{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}.png"
-        if zlib.crc32(f"clipart/{name}".encode()) % 100 < T.HELDOUT_PERCENT:
-            return name
-    raise AssertionError("no held-out name found")
+def _names(prefix: str, stem: str, held_out: bool, count: int) -> list[str]:
+    """The first ``count`` file names ``<prefix>/<stem>_xx.png`` whose keys fall in (or out of) the held-out split."""
+    out = []
+    for i in range(26 * 26):
+        name = f"{prefix}/{stem}_{chr(97 + i % 26)}{chr(97 + i // 26)}.png"
+        if (zlib.crc32(f"clipart/{name}".encode()) % 100 < T.HELDOUT_PERCENT) == held_out:
+            out.append(name)
+            if len(out) == count:
+                return out
+    raise AssertionError("not enough names found")
+
+
+HELD_OUT = [*_names("science/astronomy", "moon", True, 1), *_names("animals/mammals", "mole", True, 2)]
 
 
 def make_tree(root) -> str:
     """A small clip-art tree under ``root``: an author on three titles, a cut title, a duplicate, a colour variant,
-    a UI glyph, a colour ramp and one held-out drawing."""
+    a UI glyph, a colour ramp and the three held-out drawings :data:`HELD_OUT`."""
     files = {
         f"animals/mammals/red_fox_{AUTHOR}_01.png": _drawing("circle", (220, 90, 20)),
         f"animals/mammals/gray_wolf_{AUTHOR}_01.png": _drawing("triangle", (120, 120, 120)),
@@ -54,7 +60,10 @@ def make_tree(root) -> str:
         "shapes/star_05pt02step.png": _drawing("bar", (30, 30, 200)),
         "computer/icons/flat-theme/action/help.png": _drawing("circle"),  # a UI glyph
         "special/gradients/gradient-apple-green.png": _drawing("square"),  # a colour ramp
-        _heldout_name("science/astronomy"): _drawing("circle", (240, 230, 120)),
+        _names("science/astronomy", "sun", False, 1)[0]: _drawing("triangle", (250, 200, 0)),
+        HELD_OUT[0]: _drawing("circle", (240, 230, 120)),
+        HELD_OUT[1]: _drawing("bar", (90, 60, 30)),
+        HELD_OUT[2]: _drawing("square", (60, 60, 60)),
     }
     for rel, img in files.items():
         os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
@@ -116,11 +125,10 @@ def test_split_by_source(built):
     assert len(train) and len(held)
     assert not set(train) & set(held) and len(train) + len(held) == len(built.images)
     held_sources = {int(built.source[i]) for i in held}
-    assert {built.sources[i].key.split("/")[1] for i in held_sources} == {"science"}
-    assert not held_sources & {int(built.source[i]) for i in train}
-    assert len(train) == 2 * sum(s.split == "train" for s in built.sources)  # two renders per training drawing
-    (caption,) = built.captions(held)
-    assert caption.startswith("moon ") and caption.endswith(", astronomy, science")
+    assert {built.sources[i].key for i in held_sources} == {f"clipart/{n}" for n in HELD_OUT}
+    assert sorted(built.captions(held)) == sorted(f"{os.path.basename(n)[:-4].replace('_', ' ')}, {c}"
+                                                  for n, c in zip(HELD_OUT, ("astronomy, science", "mammals, animals",
+                                                                             "mammals, animals"), strict=True))
 
 
 def test_renders_are_deterministic(tree, built):

@@ -15,7 +15,7 @@ from nextscale.models.infinity.bsq import BSQTokenizer
 from nextscale.models.infinity.model import Infinity
 from test_t2i_data import make_tree
 
-from training import common, t2i_data, t2i_text, train_bsq, train_t2i
+from training import common, t2i_data, t2i_evaluate, t2i_text, train_bsq, train_t2i
 
 TOKENIZER = ["--codebook-dim", "4", "--base-ch", "24", "--ch-mult", "1,1,1", "--batch-size", "2"]
 GENERATOR = ["--t5-width", "32", "--t5-layers", "1", "--t5-heads", "2", "--t5-ff", "32", "--depth", "1",
@@ -100,31 +100,59 @@ def _t2i(data_args, tokenizer_file, run_dir, *extra):
          "--threads", "1", *extra]))
 
 
-def test_t2i_trainer_resumes_evaluates_and_exports(data_args, tokenizer_file, tmp_path):
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    gen, text = str(tmp_path / "gen.safetensors"), str(tmp_path / "t5.safetensors")
-    result = _t2i(data_args, tokenizer_file, whole, "--steps", "2", "--eval-every", "2", "--out", gen,
-                  "--text-encoder-out", text)
+@pytest.fixture(scope="module")
+def t2i_run(data_args, tokenizer_file, tmp_path_factory):
+    """A two-step run with its evaluation, exports and result."""
+    run = tmp_path_factory.mktemp("t2i")
+    files = {"generator": str(run / "gen.safetensors"), "text_encoder": str(run / "t5.safetensors")}
+    result = _t2i(data_args, tokenizer_file, run / "whole", "--steps", "2", "--eval-every", "2", "--out",
+                  files["generator"], "--text-encoder-out", files["text_encoder"])
+    return run, files, result
+
+
+def test_t2i_trainer_resumes_evaluates_and_exports(data_args, tokenizer_file, t2i_run, tmp_path):
+    run, files, result = t2i_run
     assert result["step"] == 2 and 0 < result["heldout_bit_accuracy"] <= 1 and result["heldout_loss"] > 0
-    assert os.path.exists(whole / "samples_000002.png")
-    assert _t2i(data_args, tokenizer_file, parts, "--steps", "2", "--stop-after", "1")["stopped"]
-    _t2i(data_args, tokenizer_file, parts, "--steps", "2", "--eval-every", "2")
-    a, b = (common.load_checkpoint(str(p / "last.pt")) for p in (whole, parts))
+    assert os.path.exists(run / "whole" / "samples_000002.png")
+    assert _t2i(data_args, tokenizer_file, tmp_path, "--steps", "2", "--stop-after", "1")["stopped"]
+    _t2i(data_args, tokenizer_file, tmp_path, "--steps", "2", "--eval-every", "2")
+    a, b = (common.load_checkpoint(str(p / "last.pt")) for p in (run / "whole", tmp_path))
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, msg=k)
 
-    model = Infinity.from_file(gen)
+    model = Infinity.from_file(files["generator"])
     assert str(FAMILIES.identify(model.state_dict())) == "infinity-generator"
     assert model.config.text_dim == 32 and model.config.token_dim == 4
-    sd, cfg = common.read_safetensors(text)
+    sd, cfg = common.read_safetensors(files["text_encoder"])
     assert sd["shared.weight"].shape == (t2i_text.VOCAB_ROWS, 32) and sd["shared.weight"].dtype == torch.float16
     assert cfg["is_gated_act"] and cfg["dense_act_fn"] == "gelu_pytorch_tanh"
+
+
+def test_evaluation_and_card(data_args, tokenizer_file, t2i_run, tmp_path):
+    _, files, _ = t2i_run
+    args = t2i_evaluate.build_parser().parse_args(
+        [*data_args, "--tokenizer", tokenizer_file, "--generator", files["generator"], "--text-encoder",
+         files["text_encoder"], "--categories", "4", "--classifier-steps", "3", "--also-cfg", "1", "--run-dir",
+         str(tmp_path), "--grid", str(tmp_path / "grid.png"), "--no-progress"])
+    result = t2i_evaluate.evaluate(args)
+    assert result["tokenizer"]["images"] == 3 and result["tokenizer"]["psnr"] > 0
+    assert len(result["classifier"]["categories"]) == 4
+    assert [r["cfg"] for r in result["generator"]["at_cfg"]] == [3.0, 1.0]
+    assert result["generator"]["chance"] == pytest.approx(1 / 4)
+    assert os.path.exists(tmp_path / "grid.png") and len(result["timing_4_images"]["runs_s"]) == 3
+    card = t2i_evaluate.write_card(str(tmp_path / "card.json"), result,
+                                   {"tokenizer": tokenizer_file, **files}, ["python -m training.t2i"], {"sources": 7})
+    metrics = card["metrics"]
+    assert set(metrics["bars_met"]) == set(t2i_evaluate.BARS)
+    assert metrics["bars_met"]["category_accuracy_over_chance"] is False  # 4 categories: under the 20 the bar needs
+    assert card["generator_config"]["text_dim"] == 32 and card["text_encoder_config"]["d_model"] == 32
+    assert [r["cfg"] for r in metrics["frechet_ratio"]] == [3.0, 1.0]
 
 
 def test_data_args_reach_the_cache(data_args):
     args = train_t2i.build_parser().parse_args([*data_args, "--tokenizer", "x"])
     ds = t2i_data.load_from_args(args)
-    assert ds.meta["variants"] == 2 and ds.meta["candidates"] == 8
+    assert ds.meta["variants"] == 2 and ds.meta["candidates"] == 11
 
 
 COMFY_T5_CHECK = textwrap.dedent(

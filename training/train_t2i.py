@@ -63,13 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--text-maxlen", type=int, default=128, help="longest prompt without a negative prompt (tokens)")
     # generator
     ap.add_argument("--depth", type=int, default=6)
-    ap.add_argument("--embed-dim", type=int, default=256)
-    ap.add_argument("--num-heads", type=int, default=4)
+    ap.add_argument("--embed-dim", type=int, default=192)
+    ap.add_argument("--num-heads", type=int, default=3)
     ap.add_argument("--mlp-ratio", type=float, default=3.0)
     # optimisation
-    ap.add_argument("--steps", type=int, default=30000)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--steps", type=int, default=16000)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--min-lr-ratio", type=float, default=0.05)
     ap.add_argument("--weight-decay", type=float, default=0.05)
