@@ -94,6 +94,15 @@ def fast_bf16(device: torch.device) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def allow_auto_precision(ap) -> None:
+    """Give a trainer's ``--precision`` (from :func:`add_run_args`) the choice ``auto``, as its default; the trainer
+    resolves it with :func:`resolve_precision`."""
+    for action in ap._actions:  # argparse has no public way to extend an argument's choices
+        if action.dest == "precision":
+            action.choices = ("auto", *PRECISIONS)
+            action.default = "auto"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``--precision auto``: ``bf16`` where :func:`fast_bf16`, else ``fp32``; any other value unchanged."""
     if precision == "auto":

@@ -176,14 +176,12 @@ def clipart_sources(root: str = CLIPART_ROOT) -> list[Source]:
     return [Source("clipart/" + p, clipart_caption(p, authors), clipart_category(p)) for p in paths]
 
 
-@dataclass
 class EmojiFont:
     """The colour-emoji font and the picture of its missing glyph (to tell which code points it has)."""
 
-    path: str
-
-    def __post_init__(self):
-        self.font = ImageFont.truetype(self.path, EMOJI_SIZE)
+    def __init__(self, path: str):
+        self.path = path
+        self.font = ImageFont.truetype(path, EMOJI_SIZE)
         self._missing = np.asarray(self.draw(chr(0xE000)))
 
     def draw(self, char: str) -> Image.Image:

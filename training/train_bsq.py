@@ -67,10 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-count", type=int, default=400, help="held-out images for the periodic PSNR")
     ap.add_argument("--out", default=None, help="export the final model here (safetensors)")
     common.add_run_args(ap, "t2i_tokenizer")
-    ap.set_defaults(precision="auto")
-    for action in ap._actions:  # the shared --precision, with 'auto' added
-        if action.dest == "precision":
-            action.choices = ("auto", *common.PRECISIONS)
+    common.allow_auto_precision(ap)
     return ap
 
 

@@ -81,10 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="export the generator here (safetensors, fp16, EMA weights)")
     ap.add_argument("--text-encoder-out", default=None, help="export the T5 encoder here (safetensors, fp16, EMA)")
     common.add_run_args(ap, "t2i_generator")
-    ap.set_defaults(precision="auto")
-    for action in ap._actions:  # the shared --precision, with 'auto' added
-        if action.dest == "precision":
-            action.choices = ("auto", *common.PRECISIONS)
+    common.allow_auto_precision(ap)
     return ap
 
 
