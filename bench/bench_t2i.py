@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     sizes = {"generator_fp16": fp_bytes(model.generator, 2), "text_encoder_fp16": fp_bytes(model.text, 2),
              "tokenizer_fp32": fp_bytes(tokenizer, 4)}
     ptok = t2i_text.PromptTokenizer(args.t5_tokenizer)
-    prompts = ["red star", "blue fish", "green apple, emoji", "yellow car"]
+    prompts = ["red star", "blue fish", "blue apple", "yellow car"]
 
     model.eval()
     train_t2i.generate(model, tokenizer, prompts, ptok, seed=0)  # warm-up

@@ -44,7 +44,7 @@ from nextscale.models.infinity.bsq import BSQTokenizer  # noqa: E402
 from nextscale.models.infinity.model import Infinity  # noqa: E402
 
 NOVEL_PROMPTS = (
-    "red star", "blue star", "green apple, emoji", "yellow car", "black cat", "orange flower",
+    "red star", "blue star", "blue apple", "yellow car", "black cat", "orange flower",
     "smiling sun", "blue fish", "red heart, emoji", "green tree", "purple butterfly", "white house",
 )
 BARS = {"tokenizer_psnr_db": 24.0, "category_accuracy_over_chance": 3.0, "shipped_mb": 30.0,
