@@ -149,6 +149,20 @@ def test_evaluation_and_card(data_args, tokenizer_file, t2i_run, tmp_path):
     assert [r["cfg"] for r in metrics["frechet_ratio"]] == [3.0, 1.0]
 
 
+def test_auto_precision_is_bf16_only_with_amx_or_avx512_bf16(tmp_path):
+    cpu = torch.device("cpu")
+    infos = {"avx2": "flags\t\t: fpu sse avx avx2 fma\n", "amx": "flags\t\t: avx2 avx512f amx_bf16 amx_tile\n",
+             "avx512_bf16": "flags\t\t: avx2 avx512f avx512_bf16\n"}
+    for name, text in infos.items():
+        (tmp_path / name).write_text("processor\t: 0\n" + text)
+    assert not common.fast_bf16(cpu, str(tmp_path / "avx2"))
+    assert common.fast_bf16(cpu, str(tmp_path / "amx")) and common.fast_bf16(cpu, str(tmp_path / "avx512_bf16"))
+    assert not common.fast_bf16(cpu, str(tmp_path / "missing"))
+    assert common.resolve_precision("auto", cpu) == ("bf16" if common.fast_bf16(cpu) else "fp32")
+    assert common.resolve_precision("fp32", cpu) == "fp32" and common.resolve_precision("bf16", cpu) == "bf16"
+    assert train_t2i.build_parser().parse_args(["--data-dir", "d", "--tokenizer", "t"]).precision == "auto"
+
+
 def test_data_args_reach_the_cache(data_args):
     args = train_t2i.build_parser().parse_args([*data_args, "--tokenizer", "x"])
     ds = t2i_data.load_from_args(args)

@@ -79,15 +79,15 @@ def autocast(device: torch.device, precision: str = "fp32"):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def fast_bf16(device: torch.device) -> bool:
+def fast_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether ``device`` computes bf16 matmuls and convolutions faster than fp32: a CUDA GPU that supports bf16, or
-    a CPU with AMX or AVX512-BF16 (read from ``/proc/cpuinfo``; elsewhere bf16 is emulated and slower)."""
+    a CPU with AMX or AVX512-BF16 (the ``flags`` of ``cpuinfo``; elsewhere bf16 is emulated and slower)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
+        with open(cpuinfo, encoding="utf-8") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return False

@@ -38,7 +38,7 @@ from training import common
 RECIPE: list[tuple[str, str, list[str]]] = [
     ("data", "training.t2i_data", []),
     ("tokenizer", "training.train_bsq", ["--steps", "6000"]),
-    ("generator", "training.train_t2i", ["--steps", "16000"]),
+    ("generator", "training.train_t2i", ["--steps", "12000"]),
     ("evaluate", "training.t2i_evaluate", ["--cfg", "3", "--also-cfg", "1.5"]),
 ]
 STEPS = tuple(name for name, _, _ in RECIPE)
