@@ -104,9 +104,10 @@ class TextToImage(nn.Module):
         self.generator = Infinity(gen)
 
     def features(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, drop_B: torch.Tensor | None = None):
-        """T5 features of the prompts; rows in ``drop_B`` take the unconditional embedding instead."""
+        """T5 features of the prompts; rows in ``drop_B`` take the unconditional embedding instead (always in the
+        graph, so that every parameter has a gradient at every step, as DDP requires)."""
         text_BTC = self.text(ids_BT, mask_BT)
-        if drop_B is not None and bool(drop_B.any()):
+        if drop_B is not None:
             T = text_BTC.shape[1]
             uncond_BTC = self.generator.cfg_uncond[:T][None].to(text_BTC.dtype) * mask_BT[..., None]
             text_BTC = torch.where(drop_B[:, None, None], uncond_BTC, text_BTC)
