@@ -173,3 +173,27 @@ def test_cache_round_trip(tree, tmp_path):
 def test_missing_packages_named(tmp_path):
     with pytest.raises(SystemExit, match=r"setup\.sh --t2i-data"):
         T.scan(str(tmp_path / "nowhere"), None)
+
+
+def test_near_duplicates_need_both_shape_and_colour():
+    rng = np.random.default_rng(0)
+    base = rng.random(256) > 0.5
+    flipped = base.copy()
+    flipped[: T.DUPLICATE_BITS + 1] ^= True  # one bit too many
+    close = base.copy()
+    close[: T.DUPLICATE_BITS] ^= True
+    red, dark_red, blue = np.array([200.0, 0, 0]), np.array([190.0, 5, 0]), np.array([0.0, 0, 200])
+    hashes = [base, close, flipped, base, base]
+    colours = [red, dark_red, red, blue, red]
+    # 1: within the bits and the colour of 0; 2: too many bits; 3: another colour; 4: a copy of 0
+    assert T.near_duplicates(hashes, colours) == [1, 4]
+    # a drawing close only to a dropped one is kept
+    further = close.copy()
+    further[T.DUPLICATE_BITS: 2 * T.DUPLICATE_BITS] ^= True  # 12 bits from `close`, 24 from `base`
+    assert T.near_duplicates([base, close, further], [red, red, red]) == [1]
+
+
+def test_author_needs_three_titles():
+    stems = [f"{t}_ann_lee_01" for t in ("red_cup", "blue_cup")] + ["tall_tree_bob_ray_01"] * 3
+    assert T.find_authors(stems) == {("bob", "ray")}
+    assert T.title_words("red_cup_ann_lee_01", T.find_authors(stems)) == ["red", "cup", "ann", "lee"]
