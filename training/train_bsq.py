@@ -94,17 +94,17 @@ def quantize_train(tok: BSQTokenizer, h_BdHW: torch.Tensor, scales) -> tuple[tor
 
 
 @torch.no_grad()
-def evaluate_bsq(tok: BSQTokenizer, images_uint8, scales, batch_size: int = 100) -> dict:
-    """Held-out round trip through the inference path (image -> bits -> summed codes -> image): PSNR (mean of
-    per-image, of the mean MSE, worst image)."""
+def evaluate_bsq(tok: BSQTokenizer, images_uint8, scales, batch_size: int = 100, device="cpu") -> dict:
+    """Held-out round trip through the inference path (image -> bits -> summed codes -> image) on ``device`` (where
+    ``tok`` is): PSNR (mean of per-image, of the mean MSE, worst image)."""
     was_training = tok.training
     tok.eval()
     ps, mses = [], []
     for i in range(0, len(images_uint8), batch_size):
-        x = data.to_tensor(images_uint8[i:i + batch_size])
+        x = data.to_tensor(images_uint8[i:i + batch_size]).to(device)
         y = tok.decode(tok.bits_to_summed_codes(tok.encode_bits(x, scales)))
-        ps.append(psnr(y, x))
-        mses.append(((y - x) / 2).pow(2).flatten(1).mean(1))
+        ps.append(psnr(y, x).cpu())
+        mses.append(((y - x) / 2).pow(2).flatten(1).mean(1).cpu())
     tok.train(was_training)
     ps, mses = torch.cat(ps), torch.cat(mses)
     return {"psnr": float(ps.mean()), "psnr_of_mean_mse": float(10 * math.log10(1.0 / float(mses.mean()))),
@@ -198,7 +198,7 @@ def _train(args, d: distributed.Distributed) -> dict:
         if step % args.eval_every == 0 or step == args.steps:
             whole = d.whole(tok, build)
             if whole is not None:
-                metrics = evaluate_bsq(whole, held_eval, scales)
+                metrics = evaluate_bsq(whole, held_eval, scales, device=device)
                 best = max(best or 0.0, metrics["psnr"])
                 log.log("eval", step=step, **metrics)
             save(os.path.join(args.run_dir, "last.pt"))

@@ -128,12 +128,14 @@ def scale_slices() -> list[slice]:
 
 @torch.no_grad()
 def encode_images(tokenizer: BSQTokenizer, images_uint8: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """uint8 ``(N, L, ceil(d / 8))``: every image's bits on :data:`SCHEDULE`, scale after scale, packed along d."""
+    """uint8 ``(N, L, ceil(d / 8))``: every image's bits on :data:`SCHEDULE`, scale after scale, packed along d
+    (encoded on the tokenizer's device)."""
+    device = tokenizer.decoder.conv_out.conv.weight.device
     out = []
     for i in range(0, len(images_uint8), batch_size):
-        bits = tokenizer.encode_bits(data.to_tensor(images_uint8[i:i + batch_size]), SCHEDULE.scales)
+        bits = tokenizer.encode_bits(data.to_tensor(images_uint8[i:i + batch_size]).to(device), SCHEDULE.scales)
         flat = torch.cat([b.flatten(1, 2) for b in bits], 1)  # (B, L, d)
-        out.append(np.packbits(flat.numpy(), axis=-1))
+        out.append(np.packbits(flat.cpu().numpy(), axis=-1))
     return np.concatenate(out)
 
 
@@ -205,15 +207,17 @@ def step_captions(captions: list[str], seed: int, step: int, text_drop: float) -
 @torch.no_grad()
 def generate(model: TextToImage, tokenizer: BSQTokenizer, prompts: list[str], prompt_tokenizer, seed: int,
              cfg: float = 3.0, tau: float = 1.0, batch_size: int = 32) -> torch.Tensor:
-    """Images ``(N, 3, 64, 64)`` in [-1, 1], one per prompt; batch ``j`` uses seed ``seed + j`` (image ``i`` seed
-    ``seed + i``, the sampler's per-item rule)."""
+    """Images ``(N, 3, 64, 64)`` in [-1, 1] on the CPU, one per prompt, computed where the models are; batch ``j``
+    uses seed ``seed + j`` (image ``i`` seed ``seed + i``, the sampler's per-item rule)."""
     options = InfinityOptions(cfg=cfg, tau=tau, schedule=SCHEDULE)
+    device = model.generator.pos_start.device
     out = []
     for j in range(0, len(prompts), batch_size):
         ids, mask = prompt_tokenizer.batch(prompts[j:j + batch_size], model.generator.config.text_maxlen)
+        ids, mask = ids.to(device), mask.to(device)
         text = model.text(ids, mask)
         toks = sample_infinity(model.generator, tokenizer, TextCondition(text, mask), seed=seed + j, options=options)
-        out.append(tokenizer.decode(toks.summed_codes))
+        out.append(tokenizer.decode(toks.summed_codes).cpu())
     return torch.cat(out)
 
 
@@ -241,7 +245,7 @@ def _train(args, d: distributed.Distributed) -> dict:
     precision = common.resolve_precision(args.precision, device)
     log = common.RunLog(args.run_dir, enabled=d.is_main)
     torch.manual_seed(args.seed)
-    tokenizer = BSQTokenizer.from_file(args.tokenizer)
+    tokenizer = BSQTokenizer.from_file(args.tokenizer).to(device)
     prompt_tokenizer = t2i_text.PromptTokenizer(args.t5_tokenizer)
     with d.main_first():
         ds = t2i_data.load_from_args(args)
@@ -303,7 +307,8 @@ def _train(args, d: distributed.Distributed) -> dict:
         losses, accs = [], []
         for i in range(0, len(held_eval), 64):
             idx = held_eval[i:i + 64]
-            ids, mask, drop, x, bits = batch_of(idx, ds.captions(idx), torch.zeros(len(idx), dtype=torch.bool))
+            batch = batch_of(idx, ds.captions(idx), torch.zeros(len(idx), dtype=torch.bool))
+            ids, mask, drop, x, bits = (t.to(device) for t in batch)
             loss, acc = loss_of(forward(ids, mask, drop, x), bits)
             losses.append(float(loss) * len(idx))
             accs.append(float(acc) * len(idx))
