@@ -3,6 +3,8 @@
 #
 #   bash scripts/setup.sh             ComfyUI + venv (torch, ComfyUI requirements, pack and test deps) + demo base dir
 #   bash scripts/setup.sh --browser   also Debian's chromium (apt-get, needs root or password-less sudo)
+#   bash scripts/setup.sh --t2i-data  also the text-to-image training data (training/t2i_data.py): Debian's
+#                                     openclipart-png and fonts-noto-color-emoji (apt-get, as --browser)
 #
 # Idempotent: every step leaves a stamp and is skipped while its inputs are unchanged (a second run takes seconds).
 #
@@ -35,10 +37,12 @@ RUFF_VERSION="0.17.6"
 TEST_DEPS=("pytest>=8" "hypothesis" "playwright" "websocket-client" "ruff==$RUFF_VERSION")
 
 WITH_BROWSER=0
+WITH_T2I_DATA=0
 for arg in "$@"; do
   case "$arg" in
     --browser) WITH_BROWSER=1 ;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --t2i-data) WITH_T2I_DATA=1 ;;
+    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "setup.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -51,20 +55,29 @@ mkdir -p "$TB"
 exec 9>"$TB/.lock"
 if command -v flock >/dev/null 2>&1; then flock 9; fi
 
-# ---------------------------------------------------------------- browser (Debian chromium, optional)
-install_chromium() {
-  if [ -x /usr/bin/chromium ]; then return 0; fi
-  command -v apt-get >/dev/null 2>&1 || die "/usr/bin/chromium is missing and apt-get is not available; install Chromium"
+# ---------------------------------------------------------------- Debian packages (optional)
+# apt_install PATH PACKAGE...: install the packages unless PATH exists, and check that it then does.
+apt_install() {
+  local path="$1"; shift
+  if [ -e "$path" ]; then return 0; fi
+  command -v apt-get >/dev/null 2>&1 || die "$path is missing and apt-get is not available; install: $*"
   local sudo=()
   if [ "$(id -u)" != 0 ]; then
     command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null \
-      || die "/usr/bin/chromium is missing; run as root or: sudo apt-get install -y chromium"
+      || die "$path is missing; run as root or: sudo apt-get install -y $*"
     sudo=(sudo -n)
   fi
-  say "installing Debian's chromium (apt-get)"
+  say "installing Debian's $* (apt-get)"
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium </dev/null
-  [ -x /usr/bin/chromium ] || die "apt-get install chromium did not provide /usr/bin/chromium"
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" </dev/null
+  [ -e "$path" ] || die "apt-get install $* did not provide $path"
+}
+
+install_chromium() { apt_install /usr/bin/chromium chromium; }
+
+install_t2i_data() {
+  apt_install /usr/share/openclipart/png openclipart-png
+  apt_install /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf fonts-noto-color-emoji
 }
 
 # ---------------------------------------------------------------- user's own ComfyUI
@@ -84,6 +97,7 @@ if [ -n "${NEXTSCALE_COMFYUI_DIR:-}" ] || [ -n "${NEXTSCALE_PYTHON:-}" ]; then
     "$NEXTSCALE_PYTHON" -m pip install -q "${missing[@]}"
   fi
   if [ "$WITH_BROWSER" = 1 ]; then install_chromium; fi
+  if [ "$WITH_T2I_DATA" = 1 ]; then install_t2i_data; fi
   say "ready"
   exit 0
 fi
@@ -185,4 +199,5 @@ fi
   || echo '{"Comfy.TutorialCompleted": true}' > "$BASE/user/default/comfy.settings.json"
 
 if [ "$WITH_BROWSER" = 1 ]; then install_chromium; fi
+if [ "$WITH_T2I_DATA" = 1 ]; then install_t2i_data; fi
 say "ready: ComfyUI $COMFY, python $PY"

@@ -79,6 +79,37 @@ def autocast(device: torch.device, precision: str = "fp32"):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def fast_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether ``device`` computes bf16 matmuls and convolutions faster than fp32: a CUDA GPU that supports bf16, or
+    a CPU with AMX or AVX512-BF16 (the ``flags`` of ``cpuinfo``; elsewhere bf16 is emulated and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def allow_auto_precision(ap) -> None:
+    """Give a trainer's ``--precision`` (from :func:`add_run_args`) the choice ``auto``, as its default; the trainer
+    resolves it with :func:`resolve_precision`."""
+    for action in ap._actions:  # argparse has no public way to extend an argument's choices
+        if action.dest == "precision":
+            action.choices = ("auto", *PRECISIONS)
+            action.default = "auto"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``--precision auto``: ``bf16`` where :func:`fast_bf16`, else ``fp32``; any other value unchanged."""
+    if precision == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    return precision
+
+
 def set_threads(n: int) -> None:
     if n and n > 0:
         torch.set_num_threads(n)

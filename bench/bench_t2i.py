@@ -1,0 +1,92 @@
+"""Size the embedded text-to-image model: shipped bytes, four images on one thread, and a training step.
+
+    python bench/bench_t2i.py                                   # the recipe's sizes (training/t2i.py)
+    python bench/bench_t2i.py --depth 8 --embed-dim 192 --num-heads 3 --t5-width 96
+
+Random weights (the trainers' initialisations), so the timings are those of the trained model with the same shapes:
+sampling draws the same number of tokens whatever the weights. Reported: the fp16 bytes of the generator and the T5
+encoder and the fp32 bytes of the tokenizer (what the recipe exports), the median wall time of four images (one
+batch, guidance on, decoding included) over ``--runs`` runs, and the median time of a training step of the joint
+trainer at ``--batch-size`` (forward and backward of T5 + transformer; the tokenizer is not run, its bits are
+cached). Everything runs on one thread. Not a test: numbers go to bench/RESULTS.md with the CPU, command and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training import t2i_text, train_bsq, train_t2i  # noqa: E402
+from training.train_t2i import SCHEDULE, TextToImage  # noqa: E402
+
+
+def fp_bytes(module: torch.nn.Module, bytes_per: int) -> int:
+    return sum(t.numel() * (bytes_per if t.is_floating_point() else t.element_size())
+               for t in module.state_dict().values())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--train-steps", type=int, default=3)
+    known, rest = ap.parse_known_args(argv)
+    args = train_t2i.build_parser().parse_args(["--data-dir", "-", "--tokenizer", "-", *rest])
+    torch.set_num_threads(1)
+    tok_args = train_bsq.build_parser().parse_args(["--data-dir", "-"])
+    tokenizer = train_bsq.BSQTokenizer(train_bsq.config_from_args(tok_args)).eval()
+    t5_cfg, gen_cfg = train_t2i.configs_from_args(args, tokenizer.codebook_dim)
+    torch.manual_seed(0)
+    model = TextToImage(t5_cfg, gen_cfg)
+    sizes = {"generator_fp16": fp_bytes(model.generator, 2), "text_encoder_fp16": fp_bytes(model.text, 2),
+             "tokenizer_fp32": fp_bytes(tokenizer, 4)}
+    ptok = t2i_text.PromptTokenizer(args.t5_tokenizer)
+    prompts = ["red star", "blue fish", "blue apple", "yellow car"]
+
+    model.eval()
+    train_t2i.generate(model, tokenizer, prompts, ptok, seed=0)  # warm-up
+    times = []
+    for r in range(known.runs):
+        t0 = time.perf_counter()
+        train_t2i.generate(model, tokenizer, prompts, ptok, seed=r + 1)
+        times.append(time.perf_counter() - t0)
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    B, d = args.batch_size, tokenizer.codebook_dim
+    bits = torch.rand(B, SCHEDULE.num_tokens, d) > 0.5
+    ids, mask = ptok.batch(["a caption of a few words, category, folder"] * B, gen_cfg.text_maxlen)
+    x = train_t2i.teacher_inputs(tokenizer, bits)
+    step_times = []
+    for _ in range(known.train_steps):
+        t0 = time.perf_counter()
+        text = model.features(ids, mask)
+        logits = model.generator.forward_teacher(model.generator.condition(text, mask, guided=False), x, SCHEDULE)
+        loss = F.cross_entropy(logits.view(-1, 2), bits.long().view(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step_times.append(time.perf_counter() - t0)
+
+    print(f"cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread")
+    print(f"generator depth {gen_cfg.depth} width {gen_cfg.embed_dim} heads {gen_cfg.num_heads} "
+          f"hidden {gen_cfg.hidden_dim}; T5 width {t5_cfg.d_model} layers {t5_cfg.num_layers}; "
+          f"schedule {[h for h, _ in SCHEDULE.scales]} ({SCHEDULE.num_tokens} tokens), {d} bits")
+    print("bytes: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sizes.items())
+          + f", total {sum(sizes.values()) / 2**20:.2f} MiB")
+    print(f"four images: median {statistics.median(times):.2f} s ({', '.join(f'{t:.2f}' for t in times)})")
+    print(f"training step, batch {B}: median {statistics.median(step_times):.2f} s "
+          f"({', '.join(f'{t:.2f}' for t in step_times)})")
+
+
+if __name__ == "__main__":
+    main()
