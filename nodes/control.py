@@ -73,6 +73,7 @@ class NextScaleLoadControl(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "control_name",
+                    display_name="control",
                     options=control_choices(),
                     tooltip="File in ComfyUI/models/nextscale. CAR files work only with the official var_d16.pth; "
                     "an adapter only with the generator it was trained on.",

@@ -70,6 +70,7 @@ class NextScaleLoadGenerator(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "generator_name",
+                    display_name="generator",
                     options=model_choices("generator"),
                     tooltip="File in ComfyUI/models/nextscale (.safetensors or .pth). 'nextscale-embedded' is the "
                     "pack's own small class-conditional model (64 px glyphs and shapes).",

@@ -60,12 +60,14 @@ class NextScaleLoadInfinity(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "model_name",
+                    display_name="model",
                     options=model_choices(shards=True),
                     tooltip="Transformer file (.pth or .safetensors) or folder of shards in ComfyUI/models/nextscale, "
                     "from the Hugging Face repository FoundationVision/Infinity.",
                 ),
                 io.Combo.Input(
                     "tokenizer_name",
+                    display_name="tokenizer",
                     options=model_choices(),
                     tooltip="The BSQ tokenizer that goes with the transformer (2B: infinity_vae_d32reg.pth).",
                 ),
