@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import pytest
 from harness.comfy_server import PromptRejected
@@ -203,3 +204,24 @@ def test_errors_name_their_type_without_a_module_path(comfy_server):
     error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
     assert error["exception_type"] == "NextScaleError", error["exception_type"]
     assert "'goldfish' is an ImageNet-1k class" in error["exception_message"], error["exception_message"]
+
+
+def test_frontend_extension_is_served(comfy_server):
+    """WEB_DIRECTORY: the extension is listed for the frontend to import, and served from the pack's folder."""
+    path = f"/extensions/{comfy_server.pack_name}/js/nextscale.js"
+    assert path in comfy_server.get("/extensions")
+    with urllib.request.urlopen(comfy_server.url + path, timeout=30) as response:
+        assert b"app.registerExtension" in response.read()
+
+
+def test_loader_file_inputs_carry_display_names(object_info):
+    """The labels the extension gives the loaders' file widgets; the input ids stay those of saved workflows."""
+    labels = {
+        ("NextScaleLoadGenerator", "generator_name"): "generator",
+        ("NextScaleLoadTokenizer", "tokenizer_name"): "tokenizer",
+        ("NextScaleLoadControl", "control_name"): "control",
+        ("NextScaleLoadInfinity", "model_name"): "model",
+        ("NextScaleLoadInfinity", "tokenizer_name"): "tokenizer",
+    }
+    for (node, name), label in labels.items():
+        assert object_info[node]["input"]["required"][name][1]["display_name"] == label, (node, name)
