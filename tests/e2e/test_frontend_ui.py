@@ -92,7 +92,8 @@ def test_reports_show_on_their_nodes(app_page, comfy_server):
 
 
 def test_every_nextscale_socket_type_has_its_own_colour(app_page, object_info):
-    types = sorted({t for info in object_info.values() for t in info["output"] if t.startswith("NEXTSCALE_")})
+    types = sorted({t for info in object_info.values() for union in info["output"] for t in union.split(",")
+                    if t.startswith("NEXTSCALE_")})
     read = ("(types) => types.map((t) => [LGraphCanvas.link_type_colors[t], "
             "app.canvas.default_connection_color_byType[t]])")
     colours = app_page.evaluate(read, types)
@@ -130,8 +131,7 @@ SEARCHES = {
 @pytest.mark.parametrize("query", SEARCHES)
 def test_node_search_finds_the_nodes(app_page, query):
     page = app_page.page
-    app_page.evaluate("() => app.graph.clear()")
-    page.mouse.dblclick(700, 500)
+    app_page.evaluate("async () => { await app.extensionManager.command.execute('Workspace.SearchBox.Toggle'); }")
     box = page.locator(".comfy-vue-node-search-container input").first
     box.fill(query)
     page.wait_for_timeout(1000)
