@@ -9,6 +9,7 @@ from comfy_api.latest import ComfyExtension, io
 from ..kernels.triton_support import triton_status
 from . import collaborative, control, editing, generator, images, infinity, kv, lora, schedule, text_encoder, tokenizer
 from .model_files import register_model_folder
+from .routes import register_routes
 
 log = logging.getLogger("NextScale")
 
@@ -19,6 +20,7 @@ class NextScaleExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         # ComfyUI 0.3.75 never calls ComfyExtension.on_load, so start-up work happens here (called once).
         register_model_folder()
+        register_routes()
         available, detail = triton_status()
         if not available:
             log.warning("NextScale: Triton is not available (%s); attention and quantizer kernels use PyTorch.", detail)

@@ -1,7 +1,7 @@
 """What an artist sees of the pack in the real frontend (1.32.9, headless Chromium), through the pack's extension
 ``web/js/nextscale.js``: the template browser's titles, descriptions and thumbnails, the reports shown on their
-nodes, a colour per socket type, readable widget labels, the node search, and a non-square outpaint queued from the
-UI without an error dialog.
+nodes, a colour per socket type, readable widget labels, the VAR samplers' class menu limited to the connected
+generator's classes, the node search, and a non-square outpaint queued from the UI without an error dialog.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness.examples import EXAMPLES, Graph, _models
+from harness.examples import CLASSES, EXAMPLES, Graph, _models
 from harness.testbed import WORKFLOWS_DIR, load_json
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
@@ -151,3 +151,24 @@ def test_non_square_outpaint_from_the_ui_shows_no_error(app_page, comfy_server):
     assert comfy_server.status_of(entry) == "success", json.dumps(comfy_server.error_messages(entry))[:3000]
     app_page.page.wait_for_timeout(500)
     assert visible_dialogs(app_page) == []
+
+
+CLASS_MENUS_JS = """() => app.graph._nodes.filter((n) => n.type === "NextScaleSampler").map((n) => {
+    const w = n.widgets.find((w) => w.name === "class_name");
+    return {value: w.value, classes: [...w.options.values]};
+})"""
+
+
+def test_class_menu_lists_the_connected_generators_classes(app_page, object_info):
+    every_class = object_info["NextScaleSampler"]["input"]["required"]["class_name"][1]["options"]
+    embedded = [name.strip() for name in CLASSES.split(",")]
+    # through NextScale Load LoRA too: both samplers of the LoRA example get the embedded generator's ten classes
+    app_page.load_workflow(load_json(WORKFLOWS_DIR / "nextscale_lora.json"))
+    app_page.page.wait_for_function(f"() => ({CLASS_MENUS_JS})().every((m) => m.classes.length === {len(embedded)})")
+    menus = app_page.evaluate(CLASS_MENUS_JS)
+    assert [m["classes"] for m in menus] == [embedded, embedded] and menus[0]["value"] == "circle"
+    # without a generator the menu offers every class again, and the saved value is untouched
+    app_page.evaluate("""() => { for (const n of app.graph._nodes.filter((n) => n.type === "NextScaleSampler"))
+        n.disconnectInput(n.findInputSlot("generator")); }""")
+    app_page.page.wait_for_function(f"() => ({CLASS_MENUS_JS})().every((m) => m.classes.length === {len(every_class)})")
+    assert all(m["value"] == "circle" for m in app_page.evaluate(CLASS_MENUS_JS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -225,3 +226,13 @@ def test_loader_file_inputs_carry_display_names(object_info):
     }
     for (node, name), label in labels.items():
         assert object_info[node]["input"]["required"][name][1]["display_name"] == label, (node, name)
+
+
+def test_class_names_of_a_generator_choice(comfy_server):
+    """The route behind the samplers' class menu: the embedded generator's classes; null where the classes are not
+    known without loading the file, and for a name that is no file of the model folder."""
+    embedded = comfy_server.get("/api/nextscale/class_names?generator=nextscale-embedded")["class_names"]
+    assert embedded[:3] == ["circle", "square", "triangle"] and len(embedded) == 10
+    for name in ("var_d16.pth", "../../user/x.safetensors", ""):
+        query = urllib.parse.urlencode({"generator": name})
+        assert comfy_server.get(f"/nextscale/class_names?{query}") == {"class_names": None}

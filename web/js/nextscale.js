@@ -1,6 +1,7 @@
 // NextScale's frontend extension (ComfyUI frontend 1.32.x): a colour per NextScale socket type, the text reports of
-// NextScale KV Report and NextScale Schedule shown on the node, and the pack's example workflows in the template
-// browser under their own titles and descriptions.
+// NextScale KV Report and NextScale Schedule shown on the node, widget labels from the inputs' display names, the VAR
+// samplers' class menu limited to the connected generator's classes, and the pack's example workflows in the
+// template browser under their own titles and descriptions.
 import { api } from "../../../scripts/api.js";
 import { app } from "../../../scripts/app.js";
 
@@ -50,6 +51,48 @@ function colourStyle() {
   document.head.append(style);
 }
 
+// Sampler -> the input its generator comes in by; the class menu lists that generator's classes.
+const CLASS_MENU_NODES = { NextScaleSampler: "generator", NextScaleCollaborativeSampler: "drafter" };
+const classNames = new Map(); // generator choice -> Promise of its class names (null: unknown, keep every class)
+
+/** The generator choice feeding ``node``'s input ``name``: up the links through NextScale Load LoRA (which passes
+ * a generator on) to NextScale Load Generator; null when it comes from elsewhere or is not connected. */
+function generatorChoice(node, name) {
+  for (let hops = 0; node && hops < 16; hops++) {
+    const origin = node.getInputNode(node.findInputSlot(name));
+    if (origin?.type === "NextScaleLoadGenerator") {
+      return origin.widgets?.find((w) => w.name === "generator_name")?.value ?? null;
+    }
+    if (origin?.type !== "NextScaleLoadLoRA") return null;
+    [node, name] = [origin, "model"];
+  }
+  return null;
+}
+
+function generatorClasses(choice) {
+  if (!classNames.has(choice)) {
+    const query = new URLSearchParams({ generator: choice });
+    const answer = api.fetchApi(`/nextscale/class_names?${query}`).then((r) => (r.ok ? r.json() : {}));
+    classNames.set(choice, answer.then((body) => body.class_names ?? null));
+  }
+  return classNames.get(choice);
+}
+
+/** Limit the class menus of the graph's VAR samplers to their generator's classes (every class where those are
+ * unknown). Only the menu changes: the saved value stays, and the server still validates against every class. */
+async function refreshClassMenus(graph = app.graph) {
+  for (const node of graph?._nodes ?? []) {
+    const input = CLASS_MENU_NODES[node.type];
+    const widget = input && node.widgets?.find((w) => w.name === "class_name");
+    if (!widget) continue;
+    widget.allClasses ??= widget.options.values;
+    const choice = generatorChoice(node, input);
+    const classes = choice ? await generatorClasses(choice) : null;
+    if (generatorChoice(node, input) !== choice) continue; // rewired meanwhile: a later refresh sets it
+    widget.options.values = classes ?? widget.allClasses;
+  }
+}
+
 /** Widget labels from the schema's input display names (the frontend labels a widget by its input id). */
 function labelWidgets(node, nodeData) {
   const specs = { ...nodeData.input?.required, ...nodeData.input?.optional };
@@ -87,7 +130,8 @@ const keepMarks = (text) => text.replaceAll("-", "\u2011").replaceAll("_", "\u02
 async function packCategory(names) {
   const templates = await Promise.all(
     names.map(async (name) => {
-      const response = await api.fetchApi(`/workflow_templates/${encodeURIComponent(PACK)}/${encodeURIComponent(name)}.json`);
+      const path = `/workflow_templates/${encodeURIComponent(PACK)}/${encodeURIComponent(name)}.json`;
+      const response = await api.fetchApi(path);
       const meta = response.ok ? ((await response.json()).extra?.nextscale ?? {}) : {};
       return {
         name,
@@ -127,6 +171,9 @@ app.registerExtension({
   init() {
     titledTemplates();
   },
+  afterConfigureGraph() {
+    refreshClassMenus();
+  },
   setup() {
     keepColours(app.canvas.default_connection_color_byType);
     keepColours(app.canvas.constructor.link_type_colors);
@@ -140,7 +187,23 @@ app.registerExtension({
       onNodeCreated?.apply(this, arguments);
       labelWidgets(this, nodeData);
       if (TEXT_NODES.has(nodeData.name)) addTextDisplay(this);
+      const file = nodeData.name === "NextScaleLoadGenerator" && this.widgets.find((w) => w.name === "generator_name");
+      if (file) {
+        const callback = file.callback;
+        file.callback = function () {
+          const result = callback?.apply(this, arguments);
+          refreshClassMenus();
+          return result;
+        };
+      }
     };
+    if (nodeData.name in CLASS_MENU_NODES || nodeData.name === "NextScaleLoadLoRA") {
+      const onConnectionsChange = nodeType.prototype.onConnectionsChange;
+      nodeType.prototype.onConnectionsChange = function () {
+        onConnectionsChange?.apply(this, arguments);
+        refreshClassMenus();
+      };
+    }
     if (!TEXT_NODES.has(nodeData.name)) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
