@@ -80,8 +80,8 @@ function generatorClasses(choice) {
 
 /** Limit the class menus of the graph's VAR samplers to their generator's classes (every class where those are
  * unknown). Only the menu changes: the saved value stays, and the server still validates against every class. */
-async function refreshClassMenus(graph = app.graph) {
-  for (const node of graph?._nodes ?? []) {
+async function refreshClassMenus() {
+  for (const node of app.graph?._nodes ?? []) {
     const input = CLASS_MENU_NODES[node.type];
     const widget = input && node.widgets?.find((w) => w.name === "class_name");
     if (!widget) continue;
@@ -118,7 +118,6 @@ function addTextDisplay(node) {
   });
   widget.serialize = false;
   node.setSize([Math.max(node.size[0], 560), Math.max(node.size[1], 300)]);
-  return widget;
 }
 
 /** A description as the template browser shows it: it turns "-" and "_" into spaces, which would break file
@@ -166,6 +165,16 @@ function titledTemplates() {
   };
 }
 
+/** Chain ``method`` of a node type's prototype: the original first, then ``after``. */
+function chain(nodeType, method, after) {
+  const original = nodeType.prototype[method];
+  nodeType.prototype[method] = function () {
+    const result = original?.apply(this, arguments);
+    after.apply(this, arguments);
+    return result;
+  };
+}
+
 app.registerExtension({
   name: "NextScale.Interface",
   init() {
@@ -181,13 +190,12 @@ app.registerExtension({
     app.canvas.setDirty(true, true);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!nodeData.name.startsWith("NextScale")) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      onNodeCreated?.apply(this, arguments);
+    const name = nodeData.name;
+    if (!name.startsWith("NextScale")) return;
+    chain(nodeType, "onNodeCreated", function () {
       labelWidgets(this, nodeData);
-      if (TEXT_NODES.has(nodeData.name)) addTextDisplay(this);
-      const file = nodeData.name === "NextScaleLoadGenerator" && this.widgets.find((w) => w.name === "generator_name");
+      if (TEXT_NODES.has(name)) addTextDisplay(this);
+      const file = name === "NextScaleLoadGenerator" && this.widgets.find((w) => w.name === "generator_name");
       if (file) {
         const callback = file.callback;
         file.callback = function () {
@@ -196,20 +204,15 @@ app.registerExtension({
           return result;
         };
       }
-    };
-    if (nodeData.name in CLASS_MENU_NODES || nodeData.name === "NextScaleLoadLoRA") {
-      const onConnectionsChange = nodeType.prototype.onConnectionsChange;
-      nodeType.prototype.onConnectionsChange = function () {
-        onConnectionsChange?.apply(this, arguments);
-        refreshClassMenus();
-      };
+    });
+    if (name in CLASS_MENU_NODES || name === "NextScaleLoadLoRA") {
+      chain(nodeType, "onConnectionsChange", () => refreshClassMenus());
     }
-    if (!TEXT_NODES.has(nodeData.name)) return;
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (output) {
-      onExecuted?.apply(this, arguments);
-      const widget = this.widgets?.find((w) => w.name === TEXT_WIDGET);
-      if (widget && output?.text) widget.value = output.text.join("\n");
-    };
+    if (TEXT_NODES.has(name)) {
+      chain(nodeType, "onExecuted", function (output) {
+        const widget = this.widgets?.find((w) => w.name === TEXT_WIDGET);
+        if (widget && output?.text) widget.value = output.text.join("\n");
+      });
+    }
   },
 });
