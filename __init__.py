@@ -7,6 +7,9 @@ imported lazily here so that ``models`` and ``kernels`` stay usable on their own
 
 __version__ = "0.1.0"
 
+# The frontend extension (socket colours, text reports on the node, titled templates), served under /extensions/.
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     from .nodes import NextScaleExtension

@@ -23,6 +23,7 @@ from . import (
     upscale,
 )
 from .model_files import register_model_folder
+from .routes import register_routes
 
 log = logging.getLogger("NextScale")
 
@@ -36,6 +37,7 @@ class NextScaleExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         # ComfyUI 0.3.75 never calls ComfyExtension.on_load, so start-up work happens here (called once).
         register_model_folder()
+        register_routes()
         available, detail = triton_status()
         if not available:
             log.warning("NextScale: Triton is not available (%s); attention and quantizer kernels use PyTorch.", detail)

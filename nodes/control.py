@@ -73,6 +73,7 @@ class NextScaleLoadControl(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "control_name",
+                    display_name="control",
                     options=control_choices(),
                     tooltip="File in ComfyUI/models/nextscale. CAR files work only with the official var_d16.pth; "
                     "an adapter only with the generator it was trained on.",
@@ -120,8 +121,9 @@ class NextScaleApplyControl(io.ComfyNode):
                     min=0.0,
                     max=2.0,
                     step=0.05,
-                    tooltip="0 = no control (exactly the uncontrolled image), 1 = as trained. CAR: blends the "
-                    "generator's hidden state towards CAR's fused one; adapters: scales the added control.",
+                    tooltip="How strongly the control image steers the picture: 0 = not at all (exactly the "
+                    "uncontrolled image), 1 = as trained (CAR: blends the generator's hidden state towards CAR's "
+                    "fused one; adapters: scales the added control).",
                 ),
                 io.Int.Input(
                     "start_scale",
@@ -144,8 +146,8 @@ class NextScaleApplyControl(io.ComfyNode):
                     min=0.05,
                     max=2.0,
                     step=0.05,
-                    tooltip="ECM's temperature schedule: temperature applied on the last third of the scales "
-                    "(1 = off; ECM uses 0.8). Multiplies the sampler's own temperature.",
+                    tooltip="Calmer fine detail: randomness on the last third of the scales, multiplying the sampler's "
+                    "own (1 = off; ECM's temperature schedule uses 0.8).",
                 ),
                 Control.Input("control", optional=True, tooltip="An earlier control to apply first (chaining)."),
             ],

@@ -46,9 +46,10 @@ class NextScaleInpaintGuide(io.ComfyNode):
                     "mode",
                     options=list(EDIT_MODES),
                     default="tokens",
-                    tooltip="tokens: replace the sampled tokens by the reference's where kept (VAR's edit demo). "
-                    "latent blend: also reset the accumulated latent to the reference's where kept after every "
-                    "scale, so the kept area stays exact at every scale.",
+                    tooltip="tokens: the kept area is copied from the reference at every scale (VAR's edit demo: "
+                    "sampled tokens replaced by the reference's). latent blend: also holds the kept area of the "
+                    "picture being built to the reference after every scale, so it stays exact (the accumulated "
+                    "latent reset).",
                 ),
                 io.Int.Input(
                     "start_scale",

@@ -70,6 +70,7 @@ class NextScaleLoadGenerator(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "generator_name",
+                    display_name="generator",
                     options=model_choices("generator"),
                     tooltip="File in ComfyUI/models/nextscale (.safetensors or .pth). 'nextscale-embedded' is the "
                     "pack's own small class-conditional model (64 px glyphs and shapes).",
@@ -111,7 +112,8 @@ class NextScaleSamplerOptions(io.ComfyNode):
             inputs=[
                 io.Float.Input(
                     "temperature", default=1.0, min=0.01, max=5.0, step=0.01,
-                    tooltip="Softmax temperature of every scale.",
+                    tooltip="Randomness of every scale: higher gives more varied pictures, lower plainer ones (softmax "
+                    "temperature).",
                 ),
                 io.String.Input(
                     "scale_temperatures",
@@ -199,7 +201,7 @@ class NextScaleSampler(io.ComfyNode):
                 io.Boolean.Input(
                     "more_smooth",
                     default=False,
-                    tooltip="VAR's Gumbel-softmax smoothing for visually smoother images (not used for FID).",
+                    tooltip="Smoother, softer pictures (VAR's Gumbel-softmax smoothing; not used for FID).",
                 ),
                 io.Int.Input(
                     "batch_size", default=1, min=1, max=MAX_BATCH,

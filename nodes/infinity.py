@@ -60,12 +60,14 @@ class NextScaleLoadInfinity(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "model_name",
+                    display_name="model",
                     options=model_choices(shards=True),
                     tooltip="Transformer file (.pth or .safetensors) or folder of shards in ComfyUI/models/nextscale, "
                     "from the Hugging Face repository FoundationVision/Infinity.",
                 ),
                 io.Combo.Input(
                     "tokenizer_name",
+                    display_name="tokenizer",
                     options=model_choices(),
                     tooltip="The BSQ tokenizer that goes with the transformer (2B: infinity_vae_d32reg.pth).",
                 ),
@@ -135,7 +137,7 @@ class NextScaleTextSampler(io.ComfyNode):
             "Batch item i uses seed + i.",
             inputs=[
                 InfinityModel.Input("model", tooltip="From NextScale Load Infinity."),
-                Tokenizer.Input("tokenizer", tooltip="The BSQ tokenizer from NextScale Load Infinity."),
+                Tokenizer.Input("tokenizer", tooltip="The image decoder (BSQ tokenizer) from NextScale Load Infinity."),
                 io.Conditioning.Input(
                     "positive", tooltip="The prompt, from NextScale Text Encode (T5) (flan-t5-xl). ComfyUI's "
                     "weighting syntax (word:1.2) works there."
@@ -146,12 +148,13 @@ class NextScaleTextSampler(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "cfg", default=3.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                    tooltip="Guidance: cfg * cond + (1 - cfg) * uncond on every scale (Infinity's default 3; "
-                    "1 = no guidance).",
+                    tooltip="How closely the picture follows the prompt: 1 = not pushed, higher = closer "
+                    "(classifier-free guidance, cfg * cond + (1 - cfg) * uncond on every scale; Infinity's default 3).",
                 ),
                 io.Float.Input(
                     "tau", default=0.5, min=0.01, max=5.0, step=0.01,
-                    tooltip="Temperature of the bit logits (Infinity-2B's default 0.5; the 8B uses 1.0).",
+                    tooltip="Randomness: lower gives cleaner, more literal pictures, higher more varied ones "
+                    "(temperature of the bit logits; Infinity-2B's default 0.5, the 8B's 1.0).",
                 ),
                 io.Int.Input("top_k", default=900, min=0, max=100000, tooltip="Top-k per bit pair (>= 2 changes "
                              "nothing; kept for parity with upstream's settings; 0 = off)."),

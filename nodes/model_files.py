@@ -78,20 +78,33 @@ def file_class_names(kind: str = "generator") -> list[str]:
     (user-trained generators), so that their classes can be picked in the sampler's combo."""
     names: list[str] = []
     for name in folder_paths.get_filename_list(FOLDER):
-        if not name.endswith(".safetensors"):
-            continue
-        path = folder_paths.get_full_path(FOLDER, name)
-        key = (path, os.path.getmtime(path)) if path else None
-        if key is None:
-            continue
-        if key not in _class_name_cache:
-            try:
-                config = json.loads(read_safetensors_metadata(path).get(CONFIG_METADATA_KEY, "{}"))
-                _class_name_cache[key] = [str(n) for n in (config.get("class_names") or [])]
-            except (ValueError, AttributeError):
-                _class_name_cache[key] = []
-        names.extend(n for n in _class_name_cache[key] if n not in names)
+        path = folder_paths.get_full_path(FOLDER, name) if name.endswith(".safetensors") else None
+        if path:
+            names.extend(n for n in _metadata_class_names(path) if n not in names)
     return names
+
+
+def generator_class_names(name: str) -> list[str] | None:
+    """The classes of the generator choice ``name`` as far as they are known without loading it: the embedded
+    model's card or a safetensors file's metadata. None otherwise (e.g. an official checkpoint, ImageNet-1k's)."""
+    if name == EMBEDDED:
+        return list(read_embedded_card().get("class_names", [])) or None
+    if not name.endswith(".safetensors") or name not in folder_paths.get_filename_list(FOLDER):
+        return None
+    path = folder_paths.get_full_path(FOLDER, name)
+    return (_metadata_class_names(path) or None) if path else None
+
+
+def _metadata_class_names(path: str) -> list[str]:
+    """``class_names`` of a safetensors file's ``nextscale_config`` metadata (cached by path and mtime)."""
+    key = (path, os.path.getmtime(path))
+    if key not in _class_name_cache:
+        try:
+            config = json.loads(read_safetensors_metadata(path).get(CONFIG_METADATA_KEY, "{}"))
+            _class_name_cache[key] = [str(n) for n in (config.get("class_names") or [])]
+        except (ValueError, AttributeError):
+            _class_name_cache[key] = []
+    return _class_name_cache[key]
 
 
 _class_name_cache: dict[tuple, list[str]] = {}

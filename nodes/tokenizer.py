@@ -33,6 +33,7 @@ class NextScaleLoadTokenizer(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "tokenizer_name",
+                    display_name="tokenizer",
                     options=model_choices("tokenizer"),
                     tooltip="File in ComfyUI/models/nextscale (.safetensors or .pth). 'nextscale-embedded' is the "
                     "pack's own small 64 px model.",

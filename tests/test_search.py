@@ -12,6 +12,8 @@ SEARCHES = {
     "infinity": "NextScaleLoadInfinity",
     "text sampler": "NextScaleTextSampler",
     "next-scale": "NextScaleSampler",
+    "VAR": "NextScaleCollaborativeSampler",
+    "kv report": "NextScaleKVReport",
 }
 
 NODE_CHECK = textwrap.dedent(

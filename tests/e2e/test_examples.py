@@ -54,12 +54,19 @@ def test_workflow_matches_its_definition(object_info, name):
     )
     meta = workflow["extra"]["nextscale"]
     assert meta["version"] == pack_version() and meta["title"] == example.title
+    assert meta["description"] == example.description
     for node in workflow["nodes"]:  # a reference picture or a calibration is saved "fixed", the rest "randomize"
         controls = [v for v in node.get("widgets_values") or [] if v in CONTROL_VALUES]
         expected = "fixed" if str(node["id"]) in example.fixed_seeds else "randomize"
         assert all(v == expected for v in controls), (name, node["id"], node["type"], controls)
     thumb = WORKFLOWS_DIR / f"{name}.jpg"
     assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name}: missing or not a JPEG"
+
+
+def test_every_thumbnail_is_its_own():
+    """No workflow borrows another's thumbnail (those that need the user's files show their own graph)."""
+    thumbs = {name: (WORKFLOWS_DIR / f"{name}.jpg").read_bytes() for name in EXAMPLES}
+    assert len(set(thumbs.values())) == len(thumbs), "two workflows share a thumbnail"
 
 
 def test_input_images_ship_with_the_workflows():

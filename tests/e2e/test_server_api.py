@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import urllib.parse
+import urllib.request
 
 import pytest
 from harness.comfy_server import PromptRejected
@@ -203,3 +205,34 @@ def test_errors_name_their_type_without_a_module_path(comfy_server):
     error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
     assert error["exception_type"] == "NextScaleError", error["exception_type"]
     assert "'goldfish' is an ImageNet-1k class" in error["exception_message"], error["exception_message"]
+
+
+def test_frontend_extension_is_served(comfy_server):
+    """WEB_DIRECTORY: the extension is listed for the frontend to import, and served from the pack's folder."""
+    path = f"/extensions/{comfy_server.pack_name}/js/nextscale.js"
+    assert path in comfy_server.get("/extensions")
+    with urllib.request.urlopen(comfy_server.url + path, timeout=30) as response:
+        assert b"app.registerExtension" in response.read()
+
+
+def test_loader_file_inputs_carry_display_names(object_info):
+    """The labels the extension gives the loaders' file widgets; the input ids stay those of saved workflows."""
+    labels = {
+        ("NextScaleLoadGenerator", "generator_name"): "generator",
+        ("NextScaleLoadTokenizer", "tokenizer_name"): "tokenizer",
+        ("NextScaleLoadControl", "control_name"): "control",
+        ("NextScaleLoadInfinity", "model_name"): "model",
+        ("NextScaleLoadInfinity", "tokenizer_name"): "tokenizer",
+    }
+    for (node, name), label in labels.items():
+        assert object_info[node]["input"]["required"][name][1]["display_name"] == label, (node, name)
+
+
+def test_class_names_of_a_generator_choice(comfy_server):
+    """The route behind the samplers' class menu: the embedded generator's classes; null where the classes are not
+    known without loading the file, and for a name that is no file of the model folder."""
+    embedded = comfy_server.get("/api/nextscale/class_names?generator=nextscale-embedded")["class_names"]
+    assert embedded[:3] == ["circle", "square", "triangle"] and len(embedded) == 10
+    for name in ("var_d16.pth", "../../user/x.safetensors", ""):
+        query = urllib.parse.urlencode({"generator": name})
+        assert comfy_server.get(f"/nextscale/class_names?{query}") == {"class_names": None}

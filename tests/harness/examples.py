@@ -1,9 +1,10 @@
 """The example workflows of ``workflows/``: their definitions, and the script that builds the shipped files.
 
 Each example is defined here as an API-format prompt. ``build`` turns it into the UI-format workflow the real frontend
-saves (``tests/harness/build_workflow.py``), records the pack version and a description in the workflow's
-``extra.nextscale``, runs it on a real ComfyUI and writes the template thumbnail ``workflows/<name>.jpg`` (what
-ComfyUI's template browser shows for a custom-node pack) from its first output image.
+saves (``tests/harness/build_workflow.py``), records the pack version, a title and a description in the workflow's
+``extra.nextscale`` (the template browser shows them, through ``web/js/nextscale.js``), runs it on a real ComfyUI and
+writes the template thumbnail ``workflows/<name>.jpg`` from its first output image; a workflow that needs the user's
+files (a Stable Diffusion checkpoint, Infinity's) gets a picture of its graph instead.
 
     .testbed/venv/bin/python tests/harness/examples.py                 # build every example
     .testbed/venv/bin/python tests/harness/examples.py nextscale_inpaint
@@ -61,7 +62,7 @@ class Example:
     # validated up to those choices instead of run.
     needs_user_files: list[str] = field(default_factory=list)
     # Nodes whose seed is saved "fixed" (the rest "randomize"): those making the reference picture an edit starts
-    # from, or a calibration, which must not change (or rerun) on every queue.
+    # from, a calibration, or a report measured against a reference, which must not change (or rerun) on every queue.
     fixed_seeds: list[str] = field(default_factory=list)
 
 
@@ -378,16 +379,18 @@ def kv_policy() -> Example:
                   filename="nextscale_kv_profile")
     policy = g.add("NextScaleKVPolicy", policy="scalekv", budget=0.25, profile=g.out(calib, 0), profile_file="",
                    drafters=1, decay=0.4, contextual_fraction=0.5, contextual_ratio=0.25)
-    g.add("NextScaleKVReport", generator=gen, tokenizer=tok, kv_policy=g.out(policy), class_name="star", seed=12,
-          cfg=4.0, batch_size=1)
+    report = g.add("NextScaleKVReport", generator=gen, tokenizer=tok, kv_policy=g.out(policy), class_name="star",
+                   seed=12, cfg=4.0, batch_size=1)
+    g.add("PreviewImage", images=g.out(report, 1))
     tokens = _sampler(g, tok, gen, "star", seed=12, batch_size=4, kv_policy=g.out(policy))
     image = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0))
     _save(g, g.out(g.add("NextScaleImageGrid", images=image, columns=4, padding=2, pad_value=1.0)), "kv_policy")
     return Example(
         "nextscale_kv_policy", "NextScale: KV-cache compression with its report",
         "Calibrates a ScaleKV profile on four samples, samples with a quarter of the KV cache, and reports the memory "
-        "kept and the fidelity against the full cache (text, and full | compressed side by side).", g.prompt,
-        fixed_seeds=[calib],
+        "kept and the fidelity against the full cache: the report's text on its node, full | compressed side by side "
+        "in the Preview Image beside it.", g.prompt,
+        fixed_seeds=[calib, report],
     )
 
 
@@ -451,10 +454,10 @@ def example_image_bytes() -> bytes:
     return buf.getvalue()
 
 
-def thumbnail_bytes(png: Path, side: int = 256) -> bytes:
+def thumbnail_bytes(png: Path | bytes, side: int = 256) -> bytes:
     from PIL import Image
 
-    with Image.open(png) as im:
+    with Image.open(io.BytesIO(png) if isinstance(png, bytes) else png) as im:
         im = im.convert("RGB")
         im.thumbnail((side, side), Image.LANCZOS)
         buf = io.BytesIO()
@@ -484,6 +487,7 @@ def fix_seeds(workflow: dict, example: Example) -> dict:
 def build(names: list[str]) -> int:
     from harness.build_workflow import build as build_ui
     from harness.comfy_server import ComfyServer
+    from harness.screenshot import graph_picture
     from harness.testbed import find_testbed
     from harness.workflow_api import ui_to_api
 
@@ -505,17 +509,17 @@ def build(names: list[str]) -> int:
                 path.write_text(json.dumps(workflow, indent=1) + "\n")
                 print(f"[examples] wrote {path}")
                 if example.needs_user_files:
+                    picture = graph_picture(server, workflow)
+                    (WORKFLOWS_DIR / f"{name}.jpg").write_bytes(thumbnail_bytes(picture, side=512))
+                    print(f"[examples] pictured the graph of {name}; thumbnail {name}.jpg")
                     continue
                 entry = server.run_prompt(ui_to_api(workflow, server.object_info()), timeout=900)
                 if server.status_of(entry) != "success":
                     raise SystemExit(f"{name} failed: {json.dumps(server.error_messages(entry), indent=1)}")
-                image = server.output_images(entry)[0]
+                # the first saved image (Preview Image writes to the temp folder)
+                image = next(p for p in server.output_images(entry) if p.is_relative_to(server.base_dir / "output"))
                 (WORKFLOWS_DIR / f"{name}.jpg").write_bytes(thumbnail_bytes(image))
                 print(f"[examples] ran {name}; thumbnail {name}.jpg")
-            sheet = WORKFLOWS_DIR / "nextscale_generate.jpg"
-            for name in names:  # workflows that cannot run here show the class-conditional sheet
-                if EXAMPLES[name].needs_user_files:
-                    (WORKFLOWS_DIR / f"{name}.jpg").write_bytes(sheet.read_bytes())
         finally:
             server.stop()
     return 0
@@ -528,10 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in EXAMPLES]
     if unknown:
         raise SystemExit(f"unknown example(s) {unknown}; known: {', '.join(EXAMPLES)}")
-    names = args.names or list(EXAMPLES)
-    if any(EXAMPLES[n].needs_user_files for n in names) and not (WORKFLOWS_DIR / "nextscale_generate.jpg").is_file():
-        names = ["nextscale_generate", *names]  # its thumbnail is the one of the workflows that cannot run here
-    return build(names)
+    return build(args.names or list(EXAMPLES))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Screenshot an example workflow in the real frontend (headless Chromium), after running it, for the README.
+"""Screenshot an example workflow in the real frontend (headless Chromium), after running it, for the README; and
+``graph_picture``: a picture of a workflow's graph alone (the template thumbnail of a workflow that needs the user's
+files, built by ``tests/harness/examples.py``).
 
     .testbed/venv/bin/python tests/harness/screenshot.py nextscale_inpaint docs/images/frontend_inpaint.png
 """
@@ -37,6 +39,10 @@ FIT_JS = """() => {
 }"""
 
 
+# Draw node text at every zoom (the frontend's level-of-detail switch off).
+FULL_DETAIL_JS = "async () => { await app.extensionManager.setting.set('LiteGraph.Canvas.MinFontSizeForLOD', 0); }"
+
+
 def _tidy(page) -> None:
     """Close what the frontend lays over the canvas (the release banner, the minimap), where it is present."""
     page.evaluate("() => { for (const b of document.querySelectorAll('button')) {"
@@ -45,6 +51,28 @@ def _tidy(page) -> None:
     page.evaluate("async () => { try { await app.extensionManager.setting.set('Comfy.Minimap.Visible', false); }"
                   " catch (e) {} }")
     page.wait_for_timeout(300)
+
+
+def graph_picture(server: ComfyServer, workflow: dict, width: int = 1200, height: int = 600) -> bytes:
+    """PNG of ``workflow``'s graph as the frontend draws it (every node's text, at any zoom), framed in a
+    ``width`` x ``height`` part of the canvas."""
+    from playwright.sync_api import sync_playwright
+
+    free = {"left": 80, "top": 150, "right": 24, "bottom": 64}  # as in FIT_JS
+    viewport = {"width": width + free["left"] + free["right"], "height": height + free["top"] + free["bottom"]}
+    with sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            page = browser.new_context(viewport=viewport).new_page()
+            app = AppPage(page, server.url).open()
+            app.evaluate(FULL_DETAIL_JS)
+            app.load_workflow(workflow)
+            _tidy(page)
+            app.evaluate(FIT_JS)
+            page.wait_for_timeout(500)
+            return page.screenshot(clip={"x": free["left"], "y": free["top"], "width": width, "height": height})
+        finally:
+            browser.close()
 
 
 def main(argv: list[str] | None = None) -> int:
