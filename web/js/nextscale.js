@@ -13,6 +13,8 @@ const PACK = decodeURIComponent(new URL(import.meta.url).pathname.split("/").at(
 const SOCKET_COLOURS = {
   NEXTSCALE_GENERATOR: "#9f86d8",
   NEXTSCALE_INFINITY: "#d17ad8",
+  NEXTSCALE_SWITTI: "#c98fb8",
+  NEXTSCALE_NSARM: "#8f6fd0",
   NEXTSCALE_TOKENIZER: "#e08a5c",
   NEXTSCALE_TOKENS: "#4fc4d8",
   NEXTSCALE_SAMPLER_OPTIONS: "#b0a08a",
