@@ -7,12 +7,27 @@ import logging
 from comfy_api.latest import ComfyExtension, io
 
 from ..kernels.triton_support import triton_status
-from . import collaborative, control, editing, generator, images, infinity, kv, lora, schedule, text_encoder, tokenizer
+from . import (
+    accel,
+    collaborative,
+    control,
+    editing,
+    generator,
+    images,
+    infinity,
+    kv,
+    lora,
+    schedule,
+    text_encoder,
+    tokenizer,
+)
 from .model_files import register_model_folder
 
 log = logging.getLogger("NextScale")
 
-FAMILIES = [schedule, tokenizer, generator, editing, collaborative, control, kv, images, infinity, text_encoder, lora]
+FAMILIES = [
+    schedule, tokenizer, generator, accel, editing, collaborative, control, kv, images, infinity, text_encoder, lora
+]
 
 
 class NextScaleExtension(ComfyExtension):
