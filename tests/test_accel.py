@@ -124,7 +124,7 @@ def test_pruned_positions_are_restored_from_their_input_and_the_cached_update(re
     from the mean, the other 12 get their own input plus the cached update upsampled (or their input alone)."""
     torch.manual_seed(0)
     pruning = TokenPruning(Acceleration(prune_scales=1, keep_ratio=0.25, prune_from_layer=0, restore=restore),
-                           [(1, 1), (2, 2), (4, 4)])
+                           [(1, 1), (2, 2), (4, 4)], items=2)
     x1 = torch.randn(2, 4, 8)
     x1_in, _ = pruning.block_input(1, 0, x1)
     assert x1_in is x1 and pruning.kept_Rk is None
@@ -145,6 +145,15 @@ def test_pruned_positions_are_restored_from_their_input_and_the_cached_update(re
         pruned = [i for i in range(16) if i not in kept[r]]
         torch.testing.assert_close(out[r, kept[r]], x2[r, kept[r]] * 3)
         torch.testing.assert_close(out[r, pruned], restored[r, pruned])
+
+
+def test_an_images_guidance_rows_keep_the_same_positions():
+    pruning = TokenPruning(Acceleration(prune_scales=1, keep_ratio=0.25, prune_from_layer=0, restore="input"),
+                           [(1, 1), (4, 4)], items=1)
+    x = torch.randn(2, 16, 8)  # the conditional and the unconditional row of one image
+    pruning.block_input(1, 0, x)
+    score = (x - x.mean(1, keepdim=True)).square().sum(-1).sum(0)
+    assert torch.equal(pruning.kept_Rk, score.topk(4).indices.sort().values.expand(2, 4))
 
 
 def test_infinity_pruning_gathers_the_rotary_angles_of_the_kept_tokens():

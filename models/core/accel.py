@@ -9,8 +9,9 @@ Which scales are affected is counted from the end of the run's schedule, so one 
   recorded for the scale is the last computed one upsampled (nearest), a stand-in: the sampled tokens keep the latent
   (``f_hat`` / ``summed_codes``), which the decoders use.
 - **pruning** (the ``prune_scales`` before those, FastVAR's cached token pruning): blocks ``0..prune_from_layer - 1``
-  see every token; from block ``prune_from_layer`` on, each row keeps the ``keep_ratio`` of its tokens farthest (in
-  squared distance) from the scale's mean hidden state and the others are never computed (the KV cache receives the
+  see every token; from block ``prune_from_layer`` on, each image keeps the ``keep_ratio`` of its tokens farthest (in
+  squared distance) from the scale's mean hidden state, summed over its conditional and unconditional rows so that
+  guidance mixes two computed or two restored logits, and the others are never computed (the KV cache receives the
   kept tokens only). After the last block, a pruned position gets its own hidden state at ``prune_from_layer``
   plus, with ``restore = "cached"``, the update the blocks made at the last full scale, area-resampled to this grid
   (FastVAR's cached restoration), or nothing more with ``restore = "input"``. The head then runs on every position.
@@ -122,8 +123,8 @@ class TokenPruning:
     :meth:`block_input` before each block and :meth:`output` after the last. ``grids`` are the transformer's token
     grids ``(h, w)`` per scale."""
 
-    def __init__(self, accel: Acceleration, grids: list[tuple[int, int]]):
-        self.accel, self.grids, self.K = accel, grids, len(grids)
+    def __init__(self, accel: Acceleration, grids: list[tuple[int, int]], items: int):
+        self.accel, self.grids, self.K, self.items = accel, grids, len(grids), items
         first = self.K - accel.shortcut_scales - accel.prune_scales
         self.cache_scale = first - 1  # the last full scale: its update restores the pruned positions
         self.kept_Rk: torch.Tensor | None = None  # positions computed at the current scale, per row
@@ -144,6 +145,8 @@ class TokenPruning:
         R, l, C = x_RlC.shape
         keep = max(1, int(l * self.accel.keep_ratio))
         score_Rl = (x_RlC.float() - x_RlC.float().mean(dim=1, keepdim=True)).square().sum(dim=-1)
+        if R == 2 * self.items:  # an image's conditional and unconditional rows keep the same positions
+            score_Rl = (score_Rl[: self.items] + score_Rl[self.items :]).repeat(2, 1)
         self.kept_Rk = score_Rl.topk(keep, dim=1).indices.sort(dim=1).values
         x_RkC = x_RlC.gather(1, self.kept_Rk[..., None].expand(R, keep, C))
         if rope is not None:  # per row: (R, 1, k, c / 2), broadcast over the heads

@@ -21,8 +21,9 @@ Hooks (:class:`~nextscale.models.core.hooks.SamplerHooks`, the same as VAR's loo
 :class:`BitGuide`, whose ``apply(si, bits_Bhwd)`` may replace a scale's bits (teacher forcing: image-to-image keeps
 the early scales of an encoded image, upstream's ``gt_leak``; a token guide of VAR's is refused);
 ``control.block_input(si, layer, x)`` may change the hidden state before each block; ``kv_policy`` decides what the
-cache keeps; ``callback(si, num_scales, summed_codes)`` runs once per scale (progress, previews, interrupts; an
-exception ends sampling and propagates, the KV cache is freed in every case).
+cache keeps; ``accel`` (:class:`~nextscale.models.core.accel.Acceleration`) prunes tokens, stops guidance or skips
+the last scales (default: off); ``callback(si, num_scales, summed_codes)`` runs once per scale (progress, previews,
+interrupts; an exception ends sampling and propagates, the KV cache is freed in every case).
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def sample_infinity(
     generators = item_generators(seed, B)
     accel = hooks.accel or Acceleration()
     accel.check(K, model.depth, hooks.control, hooks.kv_policy)
-    pruning = TokenPruning(accel, list(schedule.scales)) if accel.prune_scales else None
+    pruning = TokenPruning(accel, list(schedule.scales), B) if accel.prune_scales else None
 
     ctx = model.condition(text_BTC.to(device), mask_BT.to(device), guided, condition.negative)
     cache = KVCache(model.depth, schedule.num_tokens, hooks.kv_policy)

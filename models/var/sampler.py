@@ -33,6 +33,8 @@ Hooks (:class:`SamplerHooks`, all optional):
 - ``control`` (:class:`Control`): ``block_input(si, layer, x_BlC)`` may change the hidden state (all ``2B`` rows)
   before each block; ``logits(si, logits_BlV)`` may change the guided logits before temperature and filtering.
 - ``kv_policy`` (:class:`~.kv_cache.KVPolicy`): what the KV cache keeps (default: everything).
+- ``accel`` (:class:`~..core.accel.Acceleration`): token pruning, guidance stop and shortcut at the last scales
+  (default: off, and the loop above is unchanged). A guide acts on the scales that run.
 - ``callback(si, num_scales, f_hat)``: called once per scale after ``f_hat`` is updated (progress, previews,
   interrupts). ``f_hat`` is the live accumulator: read it, do not modify it. An exception raised by the callback
   ends sampling and propagates; the KV cache is freed in every case.
@@ -167,7 +169,7 @@ class ScaleSampler:
         """The run's token pruning (None when the acceleration prunes nothing)."""
         if not self.accel.prune_scales:
             return None
-        return TokenPruning(self.accel, [(pn, pn) for pn in self.patch_nums])
+        return TokenPruning(self.accel, [(pn, pn) for pn in self.patch_nums], self.B)
 
     def step(self, si: int, logits_RlV: torch.Tensor) -> torch.Tensor | None:
         """Sample scale ``si`` from the transformer's fp32 logits (all rows); return the next scale's input
