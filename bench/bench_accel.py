@@ -3,7 +3,7 @@ sampler.
 
     python bench/bench_accel.py cost --per-class 20
     python bench/bench_accel.py speed --model var-d16
-    python bench/bench_accel.py speed --model var-d30 infinity-2b --blocks 4 --settings off recommended
+    python bench/bench_accel.py speed --model var-d30 infinity-2b --blocks 4 --settings off "unguided 2"
     python bench/bench_accel.py flops
 
 - ``cost``: the embedded model (weights/), the default sampling options of its card (cfg 4, top-k 900, top-p 0.95),
@@ -67,7 +67,7 @@ SETTINGS = {
     "shortcut 2": Acceleration(shortcut_scales=2),
     "prune 2@0.5 from 0": Acceleration(prune_scales=2, keep_ratio=0.5, prune_from_layer=0),
     "fastvar": Acceleration(prune_scales=2, keep_ratio=0.5, shortcut_scales=2),
-    "recommended": Acceleration(prune_scales=2, keep_ratio=0.5, unguided_scales=2),
+    "unguided 2 + prune 2@0.5": Acceleration(prune_scales=2, keep_ratio=0.5, unguided_scales=2),
     "fast": Acceleration(prune_scales=2, keep_ratio=0.5, unguided_scales=3, shortcut_scales=1),
 }
 MODELS = ("var-d16", "var-d30", "infinity-2b")
@@ -183,7 +183,7 @@ def build(name: str, blocks: int | None):
     model.load_state_dict(Infinity.rebuilt_buffers(cfg), strict=False)
     randomise_(model, 0)
     model = model.eval().requires_grad_(False)
-    tok = BSQTokenizer(BSQConfig(codebook_dim=cfg.token_dim, base_ch=8, ch_mult=(1, 1), num_res_blocks=1)).eval()
+    tok = BSQTokenizer(BSQConfig(codebook_dim=cfg.token_dim, base_ch=32, ch_mult=(1, 1), num_res_blocks=1)).eval()
     schedule = InfinitySchedule.from_template(1.0, "1M")
     options = InfinityOptions(cfg=3.0, tau=0.5, schedule=schedule)
 
