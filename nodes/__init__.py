@@ -8,6 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..kernels.triton_support import triton_status
 from . import (
+    accel,
     collaborative,
     control,
     editing,
@@ -28,8 +29,8 @@ from .routes import register_routes
 log = logging.getLogger("NextScale")
 
 FAMILIES = [
-    schedule, tokenizer, generator, editing, collaborative, control, kv, images, infinity, text_encoder, lora, switti,
-    upscale,
+    schedule, tokenizer, generator, accel, editing, collaborative, control, kv, images, infinity, text_encoder, lora,
+    switti, upscale,
 ]
 
 

@@ -17,7 +17,7 @@ from .generator import (
     scale_callback,
 )
 from .service import NextScaleModel, ready
-from .sockets import CATEGORY, Control, Generator, KVPolicy, Tokenizer, Tokens
+from .sockets import CATEGORY, Accel, Control, Generator, KVPolicy, Tokenizer, Tokens
 from .validation import check_combos, check_numbers
 
 MAX_SCALES = 64
@@ -69,6 +69,12 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
                     tooltip="From a NextScale KV Policy node: what each model's KV cache keeps (bound to the "
                     "drafter and to the refiner separately; default: everything).",
                 ),
+                Accel.Input(
+                    "accel",
+                    optional=True,
+                    tooltip="From NextScale Acceleration: token pruning, guidance stop and shortcut at the last "
+                    "scales, on the refined scales after the first (default: off, the exact sampler).",
+                ),
             ],
             outputs=[Tokens.Output("tokens", display_name="tokens")],
             hidden=[io.Hidden.unique_id],
@@ -99,12 +105,13 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
         guide=None,
         control=None,
         kv_policy=None,
+        accel=None,
     ) -> io.NodeOutput:
         check_pair(drafter, tokenizer)
         check_pair(refiner, tokenizer)  # both of the tokenizer's family, then
         family = refiner.family
         family.check_collaborators(drafter.module, refiner.module, tokenizer.module, draft_scales)
-        refuse_hooks(family, guide, control, kv_policy)
+        refuse_hooks(family, guide, control, kv_policy, accel)
         labels_B, sampling, preview = sampling_inputs(
             refiner, class_name, class_list, batch_size, cfg, top_k, top_p, more_smooth, options
         )
@@ -128,6 +135,7 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
             guide=None if guide is None else guide.bind(tokenizer.module, scales, B, device),
             control=None if control is None else control.bind(refiner.module, tokenizer.module, B, device),
             kv_policy=policy,
+            accel=accel,
         )
         same_model = drafter.module is refiner.module
         drafter_hooks = SamplerHooks(control=hooks.control if same_model else None, kv_policy=drafter_policy)

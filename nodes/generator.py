@@ -19,7 +19,7 @@ from ..models.var.classes import class_index, imagenet_class_names, parse_class_
 from ..models.var.sampler import CFG_SCHEDULES, SamplingOptions
 from .model_files import file_class_names, model_choices, read_embedded_card
 from .service import DTYPES, NextScaleModel, load, not_found, ready
-from .sockets import CATEGORY, Control, Generator, Guide, KVPolicy, SamplerOptions, Tokenizer, Tokens
+from .sockets import CATEGORY, Accel, Control, Generator, Guide, KVPolicy, SamplerOptions, Tokenizer, Tokens
 from .validation import check_combos, check_file, check_numbers
 
 LOADER = "NextScale Load Generator"
@@ -52,9 +52,10 @@ def bind_policy(spec, generator: NextScaleModel, schedule=None):
     return spec.bind_scales(geometry.layers, geometry.heads, geometry.scales)
 
 
-def refuse_hooks(family: Family, guide=None, control=None, kv_policy=None) -> None:
+def refuse_hooks(family: Family, guide=None, control=None, kv_policy=None, accel=None) -> None:
     """Refuse, before anything is bound or loaded, a connected input whose hook the family's sampler lacks."""
-    refuse_unsupported(SamplerHooks(guide=guide, control=control, kv_policy=kv_policy), family.hooks, family.title)
+    hooks = SamplerHooks(guide=guide, control=control, kv_policy=kv_policy, accel=accel)
+    refuse_unsupported(hooks, family.hooks, family.title)
 
 
 class NextScaleLoadGenerator(io.ComfyNode):
@@ -233,6 +234,12 @@ class NextScaleSampler(io.ComfyNode):
                     tooltip="From a NextScale KV Policy node: what the KV cache keeps across scales (default: "
                     "everything, VAR's exact cache).",
                 ),
+                Accel.Input(
+                    "accel",
+                    optional=True,
+                    tooltip="From NextScale Acceleration: token pruning, guidance stop and shortcut at the last "
+                    "scales (default: off, the exact sampler).",
+                ),
             ],
             outputs=[Tokens.Output("tokens", display_name="tokens")],
             hidden=[io.Hidden.unique_id],
@@ -261,10 +268,11 @@ class NextScaleSampler(io.ComfyNode):
         guide=None,
         control=None,
         kv_policy=None,
+        accel=None,
     ) -> io.NodeOutput:
         check_pair(generator, tokenizer)
         family = generator.family
-        refuse_hooks(family, guide, control, kv_policy)
+        refuse_hooks(family, guide, control, kv_policy, accel)
         labels_B, sampling, preview = sampling_inputs(
             generator, class_name, class_list, batch_size, cfg, top_k, top_p, more_smooth, options
         )
@@ -283,6 +291,7 @@ class NextScaleSampler(io.ComfyNode):
             guide=None if guide is None else guide.bind(tokenizer.module, scales, B, device),
             control=None if control is None else control.bind(generator.module, tokenizer.module, B, device),
             kv_policy=policy,
+            accel=accel,
         )
         tokens: NextScaleTokens = family.sample(
             generator.module, tokenizer.module, labels_B, seed=seed, options=sampling, hooks=hooks, device=device

@@ -18,7 +18,7 @@ from ..models.infinity.schedule import RESOLUTIONS, InfinitySchedule
 from .generator import bind_policy, check_pair, refuse_hooks, scale_callback
 from .model_files import model_choices
 from .service import DTYPES, NextScaleModel, load, not_found, ready
-from .sockets import CATEGORY, InfinityModel, KVPolicy, Tokenizer, Tokens
+from .sockets import CATEGORY, Accel, InfinityModel, KVPolicy, Tokenizer, Tokens
 from .text_encoder import check_text_width
 from .validation import check_combos, check_file, check_numbers
 
@@ -193,6 +193,12 @@ class NextScaleTextSampler(io.ComfyNode):
                     tooltip="With an image: how many coarse scales to keep from it (0 = none; more keeps more of "
                     "its layout and colours).",
                 ),
+                Accel.Input(
+                    "accel",
+                    optional=True,
+                    tooltip="From NextScale Acceleration: token pruning, guidance stop and shortcut at the last "
+                    "scales (default: off, the exact sampler).",
+                ),
             ],
             outputs=[Tokens.Output("tokens", display_name="tokens")],
             hidden=[io.Hidden.unique_id],
@@ -227,11 +233,12 @@ class NextScaleTextSampler(io.ComfyNode):
         kv_policy=None,
         image: torch.Tensor | None = None,
         keep_scales: int = 0,
+        accel=None,
     ) -> io.NodeOutput:
         check_pair(model, tokenizer)
         family = model.family
         keep = image is not None and keep_scales > 0
-        refuse_hooks(family, kv_policy=kv_policy)
+        refuse_hooks(family, kv_policy=kv_policy, accel=accel)
         schedule = InfinitySchedule.from_template(ASPECTS[aspect_ratio], resolution)
         if keep and keep_scales > schedule.num_scales:
             raise NextScaleError(f"keep_scales = {keep_scales}, but this resolution has {schedule.num_scales} scales")
@@ -253,6 +260,7 @@ class NextScaleTextSampler(io.ComfyNode):
             callback=scale_callback(cls.hidden.unique_id, tokenizer, schedule.num_scales, True),
             guide=guide,
             kv_policy=policy,
+            accel=accel,
         )
         options = InfinityOptions(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, schedule=schedule)
         tokens = family.sample(

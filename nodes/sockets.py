@@ -26,6 +26,8 @@ Control = io.Custom("NEXTSCALE_CONTROL")
 KVPolicy = io.Custom("NEXTSCALE_KV_POLICY")
 # A KV calibration profile (models.kv.profile.KVProfile) from NextScale KV Calibrate to NextScale KV Policy.
 KVProfile = io.Custom("NEXTSCALE_KV_PROFILE")
+# A training-free acceleration (models.core.accel.Acceleration) from NextScale Acceleration.
+Accel = io.Custom("NEXTSCALE_ACCEL")
 # A loaded control model (CAR branch or NextScale adapter) from NextScale Load Control.
 ControlModel = io.Custom("NEXTSCALE_CONTROL_MODEL")
 

@@ -238,8 +238,8 @@ NODE_CHECK = textwrap.dedent(
     ids = [i.id for i in schema.inputs]
     assert ids[:4] == ["drafter", "refiner", "tokenizer", "draft_scales"], ids
     assert ids[4:] == ["class_name", "seed", "cfg", "top_k", "top_p", "more_smooth", "batch_size", "class_list",
-                       "options", "guide", "control", "kv_policy"], ids
-    assert all(sampler_inputs[i.id].tooltip == i.tooltip for i in schema.inputs[4:-2])
+                       "options", "guide", "control", "kv_policy", "accel"], ids
+    assert all(sampler_inputs[i.id].tooltip == i.tooltip for i in schema.inputs[4:-3])
     assert all(i.tooltip for i in schema.inputs) and [i.optional for i in schema.inputs[-5:]] == [True] * 5
 
     from nextscale.nodes.service import adopt  # a module as the NextScaleModel a socket carries

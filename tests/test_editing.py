@@ -367,7 +367,8 @@ NODE_CHECK = textwrap.dedent(
     from test_sampler import CVAE, PN, VOCAB, make_var
 
     ids = lambda node: [(i.id, bool(i.optional)) for i in node.define_schema().inputs]
-    assert ids(NextScaleSampler)[-4:] == [("options", True), ("guide", True), ("control", True), ("kv_policy", True)]
+    assert ids(NextScaleSampler)[-5:] == [("options", True), ("guide", True), ("control", True), ("kv_policy", True),
+                                          ("accel", True)]
     assert ids(NextScaleDecode) == [("tokenizer", False), ("tokens", False), ("scales", False),
                                     ("composite_image", True), ("composite_mask", True), ("feather", True)]
     assert ids(NextScaleInpaintGuide) == [("tokens", False), ("mask", False), ("invert", False), ("mode", False),

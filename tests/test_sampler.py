@@ -108,8 +108,8 @@ def test_cached_logits_match_teacher_logits(var, vae):
     raw = {}
     forward_scale = var.forward_scale
 
-    def spy(si, x_BlC, cond, cache, control=None):
-        raw[si] = forward_scale(si, x_BlC, cond, cache, control)
+    def spy(si, x_BlC, cond, cache, control=None, pruning=None):
+        raw[si] = forward_scale(si, x_BlC, cond, cache, control, pruning)
         return raw[si]
 
     var.forward_scale = spy

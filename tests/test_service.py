@@ -138,6 +138,7 @@ from nextscale.models.core.schedule import SCHEDULE_512
 from nextscale.models.kv.policies import KVPolicySpec
 from nextscale.models.var.model import VAR, VARConfig
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from nextscale.nodes.accel import NextScaleAcceleration
 from nextscale.nodes.collaborative import NextScaleCollaborativeSampler
 from nextscale.nodes.control import NextScaleApplyControl
 from nextscale.nodes.generator import NextScaleSampler
@@ -201,6 +202,9 @@ sampler = lambda **kw: NextScaleSampler.execute(**{**dict(generator=gen4, tokeni
     cfg=2.0, top_k=0, top_p=0.0, more_smooth=False, batch_size=2, class_list="1, 2"), **kw}).result[0]
 tokens = one_call("sampler", sampler, 2)
 one_call("sampler + CAR + adapter + KV policy", lambda: sampler(control=chain, kv_policy=policy), 4)
+accel = NextScaleAcceleration.execute(1, 0.5, 1, "cached", 2, 1).result[0]
+fast = one_call("sampler + acceleration", lambda: sampler(accel=accel), 2)
+assert fast.extra["accel"] == "prune 1@0.5 from layer 1 (cached), unguided 2, shortcut 1" and fast.f_hat is not None
 one_call("collaborative", lambda: NextScaleCollaborativeSampler.execute(gen, adopt(make_var(seed=1)), tok, 2, "3", 5,
          2.0, 0, 0.0, False, 2).result[0], 3)
 one_call("KV calibrate", lambda: NextScaleKVCalibrate.execute(gen, tok, 2, 0, 2.0, "", "").result, 2)
@@ -215,6 +219,8 @@ one_call("text sampler", lambda: NextScaleTextSampler.execute(infinity, bsq, tex
 nsarm = adopt(randomised(NSARM(NSARM_TINY), 0))
 one_call("upscale, 6 tiles", lambda: NextScaleUpscale.execute(nsarm, adopt(tiny_tokenizer()), torch.rand(2, 12, 20, 3),
          1, 4.0, 1.0, 0.5, 3, "tiles", 0.25, "seamless", "adain + wavelet", None, policy).result[0], 2)
+one_call("text sampler + acceleration", lambda: NextScaleTextSampler.execute(infinity, bsq, text, 1, 3.0, 1.0, 0, 0.0,
+         "1:1", "0.06M", 1, accel=accel).result[0], 2)
 
 # VAR-d36 at batch 16 with its CFG rows in bf16, on the meta device: the declaration alone (no memory is used)
 class Declared(Exception):
@@ -241,6 +247,7 @@ print("executions ok")
 """
 
 TOY = PREAMBLE + """
+from nextscale.models.core.accel import Acceleration
 from nextscale.models.core.checkpoint import save_safetensors
 from nextscale.models.core.family import FAMILIES
 from nextscale.models.core.hooks import SamplerHooks
@@ -288,6 +295,7 @@ assert torch.equal(encoded.indices[-1], tokens.indices[-1])  # each painted colo
 
 # a hook the toy's sampler cannot honour is refused by name before anything is bound or loaded, never ignored
 raises(lambda: sample(kv_policy=KVPolicySpec("full")), "Toy sampling does not support the kv_policy hook")
+raises(lambda: sample(accel=Acceleration(unguided_scales=1)), "Toy sampling does not support the accel hook")
 raises(lambda: TOY.sample(gen.module, tok.module, torch.tensor([0]), seed=0, hooks=SamplerHooks(guide=object())),
        "Toy sampling does not support the guide hook")
 raises(lambda: sample(generator=adopt(make_var())), "is a toy tokenizer", "connect a generator and the tokenizer")

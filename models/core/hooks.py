@@ -1,4 +1,4 @@
-"""The hook points every family's scale loop offers (guide, control, KV policy, per-scale callback).
+"""The hook points every family's scale loop offers (guide, control, KV policy, acceleration, per-scale callback).
 
 A family's sampler takes one :class:`SamplerHooks`; a hook it cannot honour is refused with a
 :class:`~.errors.NextScaleError` naming the hook and the family, never ignored (:func:`refuse_unsupported`).
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .accel import Acceleration
 from .errors import NextScaleError
 from .kv_cache import KVPolicy
 
@@ -50,6 +51,7 @@ class SamplerHooks:
     guide: Guide | None = None
     control: Control | None = None
     kv_policy: KVPolicy | None = None
+    accel: Acceleration | None = None
     callback: Callable[[int, int, torch.Tensor], None] | None = None
 
 
@@ -57,7 +59,7 @@ def refuse_unsupported(hooks: SamplerHooks | None, supported: set[str], family: 
     """Raise when ``hooks`` sets a hook outside ``supported`` (names of :class:`SamplerHooks` fields)."""
     if hooks is None:
         return
-    unsupported = [name for name in ("guide", "control", "kv_policy", "callback")
+    unsupported = [name for name in ("guide", "control", "kv_policy", "accel", "callback")
                    if getattr(hooks, name) is not None and name not in supported]
     if unsupported:
         raise NextScaleError(

@@ -60,6 +60,9 @@ class KVPolicy:
     def after_attention(self, kv: LayerKV, si: int, q_BHlc: torch.Tensor) -> None:
         """Called once per layer and scale, after the attention; may compact ``kv`` with :meth:`LayerKV.keep`."""
 
+    def keep_rows(self, rows: int) -> None:
+        """Called when the run drops every row after the first ``rows`` (guidance stopped); per-row state follows."""
+
 
 class LayerKV:
     """One layer's cache: ``k``/``v`` buffers ``(rows, H, capacity, c)``, valid up to ``length``; ``cache`` is the
@@ -194,6 +197,15 @@ class KVCache:
 
     def begin_scale(self, si: int) -> None:
         self.scale = si
+
+    def keep_rows(self, rows: int) -> None:
+        """Drop every row after the first ``rows`` (the unconditional rows when guidance stops), in every layer and
+        in the policy's per-row state. The buffers are narrowed in place (a view: the attention over them halves,
+        their memory is released at :meth:`free`)."""
+        for kv in self.layers:
+            if kv._k is not None:
+                kv._k, kv._v = kv._k[:rows], kv._v[:rows]
+        self.policy.keep_rows(rows)
 
     def nbytes(self) -> int:
         """Bytes held by the allocated buffers (and any transient working copy)."""

@@ -53,7 +53,7 @@ class InfinityFamily(Family):
     name = "infinity"
     title = "Infinity"
     roles = (GENERATOR, TOKENIZER)
-    hooks = frozenset({"guide", "control", "kv_policy", "callback"})
+    hooks = frozenset({"guide", "control", "kv_policy", "accel", "callback"})
     files_hint = HINT
     decode_chunk = 4
 

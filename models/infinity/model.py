@@ -234,6 +234,16 @@ class TextContext:
     text_kv: list[tuple[torch.Tensor, torch.Tensor]]  # each block's cross-attention keys and values
     key_mask_B11T: torch.Tensor  # additive: -inf on padded text positions
 
+    def first_rows(self, rows: int) -> TextContext:
+        """The context of the first ``rows`` rows (the prompts when guidance stops)."""
+        return TextContext(
+            cond_BD=self.cond_BD[:rows],
+            ada_B16C=[a[:rows] for a in self.ada_B16C],
+            head_B12C=self.head_B12C[:rows],
+            text_kv=[(k[:rows], v[:rows]) for k, v in self.text_kv],
+            key_mask_B11T=self.key_mask_B11T[:rows],
+        )
+
 
 def key_mask(mask_BT: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """The additive ``(B, 1, 1, T)`` attention mask of a boolean key mask."""
@@ -387,16 +397,22 @@ class Infinity(ComputeDtype, nn.Module):
         cache: KVCache,
         schedule: InfinitySchedule,
         control=None,
+        pruning=None,
     ) -> torch.Tensor:
-        """fp32 logits of scale ``si`` of ``schedule``, attending through ``cache`` to every earlier scale."""
+        """fp32 logits of scale ``si`` of ``schedule``, attending through ``cache`` to every earlier scale.
+        ``pruning`` (a :class:`~..core.accel.TokenPruning`) may run the blocks on some of the tokens only."""
         start = schedule.starts()[si]
         cos_Lh, sin_Lh = self.rope(schedule, x_BlC.device)
         rope = (cos_Lh[start : start + x_BlC.shape[1]], sin_Lh[start : start + x_BlC.shape[1]])
         cache.begin_scale(si)
         for i, block in enumerate(self.block_list()):
+            if pruning is not None:
+                x_BlC, rope = pruning.block_input(si, i, x_BlC, rope)
             if control is not None:
                 x_BlC = control.block_input(si, i, x_BlC)
             x_BlC = block(x_BlC, ctx.ada_B16C[i], ctx.text_kv[i], ctx.key_mask_B11T, rope, kv=cache[i])
+        if pruning is not None:
+            x_BlC = pruning.output(si, x_BlC)
         return self.logits(x_BlC, ctx)
 
     def forward_teacher(

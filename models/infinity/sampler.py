@@ -21,8 +21,9 @@ Hooks (:class:`~nextscale.models.core.hooks.SamplerHooks`, the same as VAR's loo
 :class:`BitGuide`, whose ``apply(si, bits_Bhwd)`` may replace a scale's bits (teacher forcing: image-to-image keeps
 the early scales of an encoded image, upstream's ``gt_leak``; a token guide of VAR's is refused);
 ``control.block_input(si, layer, x)`` may change the hidden state before each block; ``kv_policy`` decides what the
-cache keeps; ``callback(si, num_scales, summed_codes)`` runs once per scale (progress, previews, interrupts; an
-exception ends sampling and propagates, the KV cache is freed in every case).
+cache keeps; ``accel`` (:class:`~nextscale.models.core.accel.Acceleration`) prunes tokens, stops guidance or skips
+the last scales (default: off); ``callback(si, num_scales, summed_codes)`` runs once per scale (progress, previews,
+interrupts; an exception ends sampling and propagates, the KV cache is freed in every case).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..core.accel import Acceleration, TokenPruning, upsample_tokens
 from ..core.errors import NextScaleError
 from ..core.hooks import SamplerHooks
 from ..core.kv_cache import KVCache, KVPolicy
@@ -173,6 +175,9 @@ def sample_infinity(
     latent = latent_scales(model, tokenizer, schedule)
     d = tokenizer.codebook_dim
     generators = item_generators(seed, B)
+    accel = hooks.accel or Acceleration()
+    accel.check(K, model.depth, hooks.control, hooks.kv_policy)
+    pruning = TokenPruning(accel, list(schedule.scales), B) if accel.prune_scales else None
 
     ctx = model.condition(text_BTC.to(device), mask_BT.to(device), guided, condition.negative)
     cache = KVCache(model.depth, schedule.num_tokens, hooks.kv_policy)
@@ -181,7 +186,15 @@ def sample_infinity(
     try:
         x_RlC = model.first_token_map(ctx)
         for si, (h, w) in enumerate(schedule.scales):
-            logits_RlV = model.forward_scale(si, x_RlC, ctx, cache, schedule, hooks.control) / taus[si]
+            if accel.shortcut(si, K):  # not run: the summed codes stay; the bits are a stand-in (core.accel)
+                bits_list.append(upsample_tokens(bits_list[K - accel.shortcut_scales - 1], latent[si]))
+                if hooks.callback is not None:
+                    hooks.callback(si, K, summed_BdHW)
+                continue
+            if guided and not accel.guided(si, K):  # guidance stops: the prompts' rows only from here on
+                guided, ctx, x_RlC = False, ctx.first_rows(B), x_RlC[:B]
+                cache.keep_rows(B)
+            logits_RlV = model.forward_scale(si, x_RlC, ctx, cache, schedule, hooks.control, pruning) / taus[si]
             if guided:
                 logits_RlV = cfgs[si] * logits_RlV[:B] + (1 - cfgs[si]) * logits_RlV[B:]
             pairs_BN2 = filter_top_k_top_p_(logits_RlV.reshape(B, -1, 2), options.top_k, options.top_p)
@@ -193,7 +206,7 @@ def sample_infinity(
             summed_BdHW += tokenizer.upsample_codes(tokenizer.bits_to_codes(bits_Bhwd).to(device), latent[-1])
             if hooks.callback is not None:
                 hooks.callback(si, K, summed_BdHW)
-            if si < K - 1:
+            if si < K - 1 and not accel.shortcut(si + 1, K):
                 next_BdHW = patchify(tokenizer.downsample_codes(summed_BdHW, latent[si + 1]), p)
                 x_BlC = model.scale_input(si + 1, next_BdHW.flatten(2).transpose(1, 2))
                 x_RlC = x_BlC.repeat(2, 1, 1) if guided else x_BlC
@@ -212,5 +225,6 @@ def sample_infinity(
             "top_p": options.top_p,
             "schedule": [list(s) for s in schedule.scales],
             "kv_policy": (hooks.kv_policy or KVPolicy()).name,
+            "accel": accel.name,
         },
     )

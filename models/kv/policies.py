@@ -232,6 +232,9 @@ class BudgetPolicy(KVPolicy):
     def on_keep(self, layer: int, index_BHs: torch.Tensor) -> None:
         """Hook for per-slot state that must follow the compaction (HACK's accumulated attention)."""
 
+    def keep_rows(self, rows: int) -> None:
+        self._pos = {layer: pos_BHS[:rows] for layer, pos_BHS in self._pos.items()}
+
 
 class RecentPolicy(BudgetPolicy):
     """Baseline: the most recent ``budget`` tokens."""
@@ -356,6 +359,10 @@ class HACKPolicy(BudgetPolicy):
     def on_keep(self, layer, index_BHs):
         if layer in self._acc:
             self._acc[layer] = self._acc[layer].gather(2, index_BHs)
+
+    def keep_rows(self, rows):
+        super().keep_rows(rows)
+        self._acc = {layer: acc_BHS[:rows] for layer, acc_BHS in self._acc.items()}
 
 
 def hack_budgets(contextual_LH: list[list[bool]], budget: int, num_tokens: int, ratio: float) -> list[list[int]]:

@@ -16,7 +16,8 @@ prefill computes the same logits in another order: they agree to rounding, like 
 Unlike upstream, the refiner does not redraw the drafted scales to advance a shared generator: it has none.
 
 ``N = 0`` is the refiner alone and ``N = K`` the drafter alone. Hooks: ``guide`` and ``callback`` act on every
-scale; ``control`` and ``kv_policy`` belong to the refiner (bound to it: a control adapter is trained for one
+scale; ``accel`` (:mod:`..core.accel`) on the refiner's scales after ``N`` only; ``control`` and ``kv_policy`` belong
+to the refiner (bound to it: a control adapter is trained for one
 model), ``drafter_control`` / ``drafter_kv_policy`` to the drafter. The refiner's control also shapes its prefill
 (each drafted scale's segment goes through ``block_input`` with its own scale index). A KV policy that compacts
 the cache (overrides ``after_attention``) or allocates less than the prefill needs gets the drafted scales one by
@@ -28,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ...kernels.attention import IntervalMask
+from ..core.accel import Acceleration
 from ..core.errors import NextScaleError
 from ..core.hooks import Control, SamplerHooks
 from ..core.kv_cache import KVCache, KVPolicy
@@ -61,6 +63,21 @@ def check_collaborators(drafter, refiner, tokenizer, draft_scales: int) -> None:
     K = len(r.patch_nums)
     if not 0 <= draft_scales <= K:
         raise NextScaleError(f"draft_scales must lie in 0..{K} (this schedule has {K} scales), got {draft_scales}")
+
+
+def _check_accel(accel: Acceleration, refiner, hooks: SamplerHooks, draft_scales: int) -> None:
+    """Refuse an acceleration that touches a scale up to ``draft_scales`` (the drafted scales and the refiner's
+    prefill run in full, guided; pruning also needs the full scale before its first pruned one)."""
+    K = len(refiner.patch_nums)
+    accel.check(K, refiner.depth, hooks.control, hooks.kv_policy)
+    touched = max(accel.shortcut_scales + accel.prune_scales + (1 if accel.prune_scales else 0),
+                  accel.unguided_scales)
+    if accel.active and K - touched <= draft_scales:
+        raise NextScaleError(
+            f"the acceleration touches the last {touched} of {K} scales (pruning counts the full scale before it) but "
+            f"the refiner's first {draft_scales + 1} run in full with collaborative decoding: lower the acceleration's "
+            f"scale counts to at most {K - draft_scales - 1}, or draft fewer scales"
+        )
 
 
 def _compacts(policy: KVPolicy | None, depth: int, prefill_tokens: int) -> bool:
@@ -118,6 +135,8 @@ def sample_collaborative(
     check_collaborators(drafter, refiner, tokenizer, draft_scales)
     _check_inputs(drafter, tokenizer, labels_B)
     _check_inputs(refiner, tokenizer, labels_B)
+    if hooks.accel is not None:
+        _check_accel(hooks.accel, refiner, hooks, draft_scales)
     N, patch_nums = draft_scales, refiner.patch_nums
     run = ScaleSampler(
         tokenizer, labels_B, patch_nums, refiner.num_classes, seed=seed, options=options, hooks=hooks, device=device
@@ -153,12 +172,16 @@ def sample_collaborative(
             else:
                 logits_RlV = prefill(refiner, torch.cat(inputs, dim=1), cond, cache, N, hooks.control)
             del inputs, drafted
+            pruning = run.pruning()
             for si in range(N, run.K):
                 next_BlCv = run.step(si, logits_RlV)
-                if next_BlCv is not None:
-                    logits_RlV = refiner.forward_scale(
-                        si + 1, run.rows(refiner.scale_input(si + 1, next_BlCv, cond)), cond, cache, hooks.control
-                    )
+                if next_BlCv is None:
+                    break
+                if run.stops_guidance(si + 1):
+                    cond = cond.first_rows(run.B)
+                    cache.keep_rows(run.B)
+                x_RlC = run.rows(refiner.scale_input(si + 1, next_BlCv, cond))
+                logits_RlV = refiner.forward_scale(si + 1, x_RlC, cond, cache, hooks.control, pruning)
         finally:
             cache.free()
     return run.result(draft_scales=N)

@@ -57,7 +57,7 @@ class VARFamily(Family):
     name = "var"
     title = "VAR"
     roles = (GENERATOR, TOKENIZER, CAR, ADAPTER)
-    hooks = frozenset({"guide", "control", "kv_policy", "callback"})
+    hooks = frozenset({"guide", "control", "kv_policy", "accel", "callback"})
     files_hint = HINT
     decode_chunk = 8
 

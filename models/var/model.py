@@ -140,6 +140,11 @@ class Conditioning:
     head_B12C: torch.Tensor  # the head's AdaLN modulation, fp32
     lvl_pos_1LC: torch.Tensor  # lvl_embed(scale of each token) + pos_1LC
 
+    def first_rows(self, rows: int) -> Conditioning:
+        """The conditioning of the first ``rows`` rows (the conditional ones when guidance stops)."""
+        return Conditioning(self.cond_BD[:rows], [a[:rows] for a in self.ada_B16C], self.head_B12C[:rows],
+                            self.lvl_pos_1LC)
+
 
 class VAR(ComputeDtype, nn.Module):
     """VAR transformer with the official key layout; build it with :meth:`from_file` / :meth:`from_state_dict`.
@@ -240,15 +245,20 @@ class VAR(ComputeDtype, nn.Module):
         return torch.zeros(allowed_LL.shape, device=device).masked_fill_(~allowed_LL, float("-inf"))
 
     def forward_scale(
-        self, si: int, x_BlC: torch.Tensor, cond: Conditioning, cache: KVCache, control=None
+        self, si: int, x_BlC: torch.Tensor, cond: Conditioning, cache: KVCache, control=None, pruning=None
     ) -> torch.Tensor:
         """fp32 ``logits_BlV`` of scale ``si``, attending through ``cache`` to every earlier scale and to itself.
-        ``control.block_input(si, layer, x_BlC)``, when given, may change the hidden state before each block."""
+        ``control.block_input(si, layer, x_BlC)``, when given, may change the hidden state before each block;
+        ``pruning`` (a :class:`~..core.accel.TokenPruning`) may run the blocks on some of the tokens only."""
         cache.begin_scale(si)
         for i, block in enumerate(self.blocks):
+            if pruning is not None:
+                x_BlC, _ = pruning.block_input(si, i, x_BlC)
             if control is not None:
                 x_BlC = control.block_input(si, i, x_BlC)
             x_BlC = block(x_BlC, cond.ada_B16C[i], kv=cache[i])
+        if pruning is not None:
+            x_BlC = pruning.output(si, x_BlC)
         return self.logits(x_BlC, cond)
 
     def forward_teacher(self, label_B: torch.Tensor, x_BLCv: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,8 @@ Hooks (:class:`SamplerHooks`, all optional):
 - ``control`` (:class:`Control`): ``block_input(si, layer, x_BlC)`` may change the hidden state (all ``2B`` rows)
   before each block; ``logits(si, logits_BlV)`` may change the guided logits before temperature and filtering.
 - ``kv_policy`` (:class:`~.kv_cache.KVPolicy`): what the KV cache keeps (default: everything).
+- ``accel`` (:class:`~..core.accel.Acceleration`): token pruning, guidance stop and shortcut at the last scales
+  (default: off, and the loop above is unchanged). A guide acts on the scales that run.
 - ``callback(si, num_scales, f_hat)``: called once per scale after ``f_hat`` is updated (progress, previews,
   interrupts). ``f_hat`` is the live accumulator: read it, do not modify it. An exception raised by the callback
   ends sampling and propagates; the KV cache is freed in every case.
@@ -46,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..core.accel import Acceleration, TokenPruning, upsample_tokens
 from ..core.errors import NextScaleError
 from ..core.hooks import SamplerHooks
 from ..core.kv_cache import KVCache, KVPolicy
@@ -140,7 +143,8 @@ class ScaleSampler:
         self.quant, self.patch_nums, self.K, self.B = tokenizer.quantize, patch_nums, len(patch_nums), labels_B.shape[0]
         self.labels_B, self.seed, self.options, self.hooks, self.device = labels_B, seed, options, hooks, device
         self.control = hooks.control  # whose logits hook step() calls: the model's now sampling (collaborative)
-        self.guided = options.cfg != 0
+        self.accel = hooks.accel or Acceleration()
+        self.guided = options.cfg != 0  # whether the rows are [cond; null] now (False once guidance stops)
         self.rows_R = torch.cat((labels_B, torch.full_like(labels_B, num_classes))) if self.guided else labels_B
         self.temperatures = [options.temperature_at(si, self.K) for si in range(self.K)]
         self.generators = item_generators(seed, self.B)
@@ -153,9 +157,24 @@ class ScaleSampler:
         """The transformer's rows of a scale input: ``[cond; null]`` with guidance, else the ``B`` rows."""
         return x_BlC.repeat(2, 1, 1) if self.guided else x_BlC
 
+    def stops_guidance(self, si: int) -> bool:
+        """True at the first scale of a guided run that the acceleration leaves unguided: from it on the rows are
+        the ``B`` conditional ones, and the caller drops the null rows from its conditioning and KV cache."""
+        if self.guided and not self.accel.guided(si, self.K):
+            self.guided = False
+            return True
+        return False
+
+    def pruning(self) -> TokenPruning | None:
+        """The run's token pruning (None when the acceleration prunes nothing)."""
+        if not self.accel.prune_scales:
+            return None
+        return TokenPruning(self.accel, [(pn, pn) for pn in self.patch_nums], self.B)
+
     def step(self, si: int, logits_RlV: torch.Tensor) -> torch.Tensor | None:
         """Sample scale ``si`` from the transformer's fp32 logits (all rows); return the next scale's input
-        ``(B, pn_{si+1}**2, Cvae)`` on the sampling device (None after the last scale)."""
+        ``(B, pn_{si+1}**2, Cvae)`` on the sampling device (None after the last scale that runs; the shortcut
+        scales after it are filled in here)."""
         options, guide, control, device = self.options, self.hooks.guide, self.control, self.device
         B, K, pn, quant, generators = self.B, self.K, self.patch_nums[si], self.quant, self.generators
         logits_BlV = _guided(logits_RlV, B, options.guidance(si, K) if self.guided else 0.0)
@@ -181,9 +200,20 @@ class ScaleSampler:
                 next_BChw = F.interpolate(f_hat, size=(self.patch_nums[si + 1],) * 2, mode="area")
         if self.hooks.callback is not None:
             self.hooks.callback(si, K, f_hat)
-        if si < K - 1:
+        if si < K - 1 and not self.accel.shortcut(si + 1, K):
             return next_BChw.flatten(2).transpose(1, 2).to(device)
+        for skipped in range(si + 1, K):
+            self._shortcut(skipped, idx_Bl.view(B, pn, pn))
         return None
+
+    def _shortcut(self, si: int, last_Bhw: torch.Tensor) -> None:
+        """Scale ``si`` is not run: ``f_hat`` stays the sum of the coarser scales, kept in the result; the token map
+        recorded is the last computed one ``last_Bhw`` upsampled (a stand-in, see :mod:`..core.accel`)."""
+        pn = self.patch_nums[si]
+        self.indices.append(upsample_tokens(last_Bhw, (pn, pn)))
+        self.fhat_from_indices = False
+        if self.hooks.callback is not None:
+            self.hooks.callback(si, self.K, self.f_hat)
 
     def result(self, **extra) -> NextScaleTokens:
         options = self.options
@@ -202,6 +232,7 @@ class ScaleSampler:
                 "more_smooth": options.more_smooth,
                 "temperature": options.temperature,
                 "kv_policy": (self.hooks.kv_policy or KVPolicy()).name,
+                "accel": self.accel.name,
                 **extra,
             },
         )
@@ -230,18 +261,25 @@ def sample(
     labels_B = torch.as_tensor(labels_B, device=device)
     device = labels_B.device
     _check_inputs(var, tokenizer, labels_B)
+    if hooks.accel is not None:
+        hooks.accel.check(len(var.patch_nums), var.depth, hooks.control, hooks.kv_policy)
     run = ScaleSampler(
         tokenizer, labels_B, var.patch_nums, var.num_classes, seed=seed, options=options, hooks=hooks, device=device
     )
 
     cache = KVCache(var.depth, var.num_tokens, hooks.kv_policy)
+    pruning = run.pruning()
     try:
         cond = var.condition(run.rows_R)
         x_RlC = var.first_token_map(cond)
         for si in range(run.K):
-            next_BlCv = run.step(si, var.forward_scale(si, x_RlC, cond, cache, hooks.control))
-            if next_BlCv is not None:
-                x_RlC = run.rows(var.scale_input(si + 1, next_BlCv, cond))
+            if run.stops_guidance(si):
+                cond, x_RlC = cond.first_rows(run.B), x_RlC[: run.B]
+                cache.keep_rows(run.B)
+            next_BlCv = run.step(si, var.forward_scale(si, x_RlC, cond, cache, hooks.control, pruning))
+            if next_BlCv is None:
+                break
+            x_RlC = run.rows(var.scale_input(si + 1, next_BlCv, cond))
     finally:
         cache.free()
     return run.result()

@@ -23,6 +23,7 @@ const SOCKET_COLOURS = {
   NEXTSCALE_CONTROL_MODEL: "#6f8fe0",
   NEXTSCALE_KV_POLICY: "#f2c14e",
   NEXTSCALE_KV_PROFILE: "#f28a8a",
+  NEXTSCALE_ACCEL: "#e0d05c",
 };
 
 // Nodes whose ``ui.text`` output (ui.PreviewText) is shown in a read-only text box on the node.
