@@ -96,13 +96,13 @@ def part_memory(batches=(1, 16), max_gb: float = 1.5) -> None:
                 continue
             full = KVPolicySpec("full").bind(shape, batch)
             drive_cache(cfg, full, rows)
-            fp, fc = full.stats.peak_bytes, full.stats.carried_valid_bytes()
+            fp, fc = full.stats.peak_bytes, full.stats.carried_bytes()
             print(f"| d{depth} | {batch} | full | 1 | {fp / 1e6:.1f} | 100% | {fc / 1e6:.1f} | 100% |")
             for policy in POLICIES[1:]:
                 for budget in BUDGETS:
                     bound = KVPolicySpec(policy, budget, profile).bind(shape, batch)
                     drive_cache(cfg, bound, rows)
-                    p, cb = bound.stats.peak_bytes, bound.stats.carried_valid_bytes()
+                    p, cb = bound.stats.peak_bytes, bound.stats.carried_bytes()
                     print(f"| d{depth} | {batch} | {policy} | {budget:.0%} | {p / 1e6:.1f} | {p / fp:.1%} | "
                           f"{cb / 1e6:.1f} | {cb / fc:.1%} |", flush=True)
 
