@@ -33,7 +33,7 @@ activation). :meth:`LayerKV.keep` takes one index per (row, head) into that view
 and with ``lengths_H`` different counts (packed layout only).
 
 Budget-sized dense buffers: a policy with ``transient = True`` may allocate only its budget (what it carries from one
-scale to the next). When a scale does not fit, :meth:`DenseLayerKV.extend` returns a temporary working copy (the kept
+scale to the next). When a scale does not fit, :meth:`LayerKV.extend` makes a temporary working copy (the kept
 tokens plus the new scale, one layer at a time) that the policy must compact back into the buffer with
 :meth:`LayerKV.keep` in its ``after_attention``; the peak memory is then the budget of every layer plus one layer's
 working copy.
@@ -135,7 +135,10 @@ class LayerKV:
         return torch.tensor(held_H, dtype=torch.long, device="cpu").expand(self.rows, -1)
 
     def extend(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> None:
-        """Append one scale's keys and values ``(rows, H, l, c)``."""
+        """Append one scale's keys and values ``(rows, H, l, c)`` (each layout's :meth:`_append`)."""
+        self._append(k_BHlc, v_BHlc)
+
+    def _append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> None:
         raise NotImplementedError
 
     def attention(self, q_BHlc: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -201,7 +204,7 @@ class DenseLayerKV(LayerKV):
             return None
         return [self.length] * self.k_BHSc.shape[1]
 
-    def extend(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> None:
+    def _append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> None:
         B, H, l, c = k_BHlc.shape
         if self._k is None:
             self._k = k_BHlc.new_empty(B, H, self.capacity, c)
@@ -310,7 +313,7 @@ class PackedLayerKV(LayerKV):
         pos_S = torch.arange(self.length, device=self._k.device)
         return ((pos_S < kept_H1) | (pos_S >= self._pad_end)).expand(self.rows, -1, -1)
 
-    def extend(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> None:
+    def _append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> None:
         """A buffer of the held tokens plus the new scale's in each head (the old one is released)."""
         B, H, l, c = k_BHlc.shape
         if self._kept_H is None:
