@@ -204,9 +204,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("memory", "fidelity", "embedded", "greedy"), required=True)
     parser.add_argument("--max-gb", type=float, default=1.5, help="skip memory configs whose full cache is larger")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="memory: batch sizes")
     parser.add_argument("--save", help="greedy: write the tokens to this file")
     parser.add_argument("--compare", help="greedy: count the tokens that differ from this file's")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"memory": lambda: part_memory(max_gb=args.max_gb), "fidelity": part_fidelity,
+    {"memory": lambda: part_memory(tuple(args.batches), args.max_gb), "fidelity": part_fidelity,
      "embedded": part_embedded, "greedy": lambda: part_greedy(args.save, args.compare)}[args.part]()

@@ -98,11 +98,12 @@ def token_bytes(geometry: KVGeometry, rows: int, itemsize: int) -> int:
 
 
 class LayerKV:
-    """One layer's cache (see the module docstring for the two layouts): ``length`` slots in the padded view;
-    ``cache`` is the :class:`KVCache` it belongs to (its policy, current scale and memory record)."""
+    """One layer's cache (see the module docstring for the two layouts): ``rows`` rows (set at the first write),
+    ``length`` slots in the padded view; ``cache`` is the :class:`KVCache` it belongs to (its policy, current scale
+    and memory record)."""
 
     def __init__(self, layer: int, cache: KVCache):
-        self.layer, self.length, self.cache = layer, 0, cache
+        self.layer, self.rows, self.length, self.cache = layer, 0, 0, cache
 
     @property
     def k_BHSc(self) -> torch.Tensor:
@@ -184,10 +185,6 @@ class DenseLayerKV(LayerKV):
         self._work_v: torch.Tensor | None = None
 
     @property
-    def rows(self) -> int:
-        return self.k_BHSc.shape[0]
-
-    @property
     def k_BHSc(self) -> torch.Tensor:
         return self._work_k if self._work_k is not None else self._k[:, :, : self.length]
 
@@ -207,6 +204,7 @@ class DenseLayerKV(LayerKV):
     def _append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> None:
         B, H, l, c = k_BHlc.shape
         if self._k is None:
+            self.rows = B
             self._k = k_BHlc.new_empty(B, H, self.capacity, c)
             self._v = v_BHlc.new_empty(B, H, self.capacity, v_BHlc.shape[-1])
             self.cache.note_allocation()
@@ -261,7 +259,7 @@ class DenseLayerKV(LayerKV):
 
     def free(self) -> None:
         self._k = self._v = self._work_k = self._work_v = None
-        self.length = 0
+        self.length = self.rows = 0
 
 
 class PackedLayerKV(LayerKV):
@@ -271,7 +269,6 @@ class PackedLayerKV(LayerKV):
 
     def __init__(self, layer: int, cache: KVCache):
         super().__init__(layer, cache)
-        self.rows = 0
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._kept_H: tuple[int, ...] | None = None
