@@ -35,12 +35,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..core.errors import NextScaleError
 from ..core.kv_cache import KVPolicy, LayerKV, host_tensor, token_bytes
+
+if TYPE_CHECKING:
+    from ..core.family import KVGeometry
 
 POLICIES = ("full", "recent", "strided", "scalekv", "hack")
 SCALEKV_WINDOW = 16  # observation queries: the centres of a 4x4 grid over the current scale
@@ -200,7 +204,7 @@ class BudgetPolicy(KVPolicy):
             return num_tokens  # budget buffers plus a working copy would not beat the full cache: no working copy
         return min(cap, num_tokens)
 
-    def cache_bytes(self, geometry, rows: int, itemsize: int) -> int:
+    def cache_bytes(self, geometry: KVGeometry, rows: int, itemsize: int) -> int:
         """Dense layout: :meth:`KVPolicy.cache_bytes`. Packed: the exact peak, replaying the run on the host. A
         layer's buffer holds its heads' tokens; at each scale a working buffer of those plus the scale's tokens
         replaces it, and is replaced by the kept tokens when the budgets require; the peak is the moment both a
