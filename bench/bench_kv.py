@@ -15,10 +15,14 @@ Two parts:
    image against the full-cache image and token agreement (mean over scales / last scale), four classes (seeds
    0..3), cfg 2, profile calibrated on 2 samples (what ``tests/test_kv_policies.py::test_fidelity_ordering``
    computes at 25 % and 50 %).
+4. ``--part greedy``: HACK's greedy tokens (top-k 1) on the embedded model, budgets 10 / 25 / 50 %, four classes
+   (two images each, cfg 2); ``--save`` writes them, ``--compare`` counts the tokens that differ from a saved run
+   (e.g. one made at an earlier commit, with this script copied into that checkout).
 
     OMP_NUM_THREADS=1 nice -n 15 .testbed/venv/bin/python bench/bench_kv.py --part memory
     OMP_NUM_THREADS=1 nice -n 15 .testbed/venv/bin/python bench/bench_kv.py --part fidelity
     .testbed/venv/bin/python bench/bench_kv.py --part embedded
+    .testbed/venv/bin/python bench/bench_kv.py --part greedy --save /tmp/hack_tokens.pt
 """
 
 from __future__ import annotations
@@ -96,13 +100,13 @@ def part_memory(batches=(1, 16), max_gb: float = 1.5) -> None:
                 continue
             full = KVPolicySpec("full").bind(shape, batch)
             drive_cache(cfg, full, rows)
-            fp, fc = full.stats.peak_bytes, full.stats.carried_valid_bytes()
+            fp, fc = full.stats.peak_bytes, full.stats.carried_bytes()
             print(f"| d{depth} | {batch} | full | 1 | {fp / 1e6:.1f} | 100% | {fc / 1e6:.1f} | 100% |")
             for policy in POLICIES[1:]:
                 for budget in BUDGETS:
                     bound = KVPolicySpec(policy, budget, profile).bind(shape, batch)
                     drive_cache(cfg, bound, rows)
-                    p, cb = bound.stats.peak_bytes, bound.stats.carried_valid_bytes()
+                    p, cb = bound.stats.peak_bytes, bound.stats.carried_bytes()
                     print(f"| d{depth} | {batch} | {policy} | {budget:.0%} | {p / 1e6:.1f} | {p / fp:.1%} | "
                           f"{cb / 1e6:.1f} | {cb / fc:.1%} |", flush=True)
 
@@ -148,9 +152,7 @@ def part_fidelity(classes=(1, 2), seeds=(0,)) -> None:
 
 
 def part_embedded(budgets=(0.1, 0.25, 0.5), policies=("recent", "strided", "scalekv", "hack")) -> None:
-    weights = os.path.join(ROOT, "weights")
-    var = VAR.from_file(os.path.join(weights, "nextscale_generator.safetensors")).eval()
-    vae = MultiScaleVQVAE.from_file(os.path.join(weights, "nextscale_tokenizer.safetensors")).eval()
+    var, vae = embedded_pair()
     labels = list(range(4))
     options = SamplingOptions(cfg=2.0)
     profile = calibrate(var, vae, labels[:2], seed=100)
@@ -173,11 +175,39 @@ def part_embedded(budgets=(0.1, 0.25, 0.5), policies=("recent", "strided", "scal
         print(f"| {policy} | " + " | ".join("{:.3f} / {:.3f}".format(*agree[policy, b]) for b in budgets) + " |")
 
 
+def part_greedy(save: str | None, compare: str | None) -> None:
+    var, vae = embedded_pair()
+    profile = calibrate(var, vae, [0, 1], seed=100)
+    greedy = SamplingOptions(cfg=2.0, top_k=1, top_p=0.0)
+    tokens = {}
+    for budget in (0.1, 0.25, 0.5):
+        for label in range(4):
+            run, _ = run_with(var, vae, [label, label + 4], label, KVPolicySpec("hack", budget, profile), greedy)
+            tokens[f"{budget}/{label}"] = run.indices
+    if save:
+        torch.save(tokens, save)
+    if compare:
+        other = torch.load(compare, weights_only=True)
+        total = sum(t.numel() for run in tokens.values() for t in run)
+        differ = sum(int((a != b).sum()) for key, run in tokens.items() for a, b in zip(run, other[key]))
+        print(f"{len(tokens)} runs, {total} tokens, {differ} differ from {compare}")
+
+
+def embedded_pair() -> tuple[VAR, MultiScaleVQVAE]:
+    weights = os.path.join(ROOT, "weights")
+    var = VAR.from_file(os.path.join(weights, "nextscale_generator.safetensors")).eval()
+    vae = MultiScaleVQVAE.from_file(os.path.join(weights, "nextscale_tokenizer.safetensors")).eval()
+    return var, vae
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("memory", "fidelity", "embedded"), required=True)
+    parser.add_argument("--part", choices=("memory", "fidelity", "embedded", "greedy"), required=True)
     parser.add_argument("--max-gb", type=float, default=1.5, help="skip memory configs whose full cache is larger")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="memory: batch sizes")
+    parser.add_argument("--save", help="greedy: write the tokens to this file")
+    parser.add_argument("--compare", help="greedy: count the tokens that differ from this file's")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"memory": lambda: part_memory(max_gb=args.max_gb), "fidelity": part_fidelity,
-     "embedded": part_embedded}[args.part]()
+    {"memory": lambda: part_memory(tuple(args.batches), args.max_gb), "fidelity": part_fidelity,
+     "embedded": part_embedded, "greedy": lambda: part_greedy(args.save, args.compare)}[args.part]()

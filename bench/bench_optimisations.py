@@ -42,7 +42,7 @@ from packbootstrap import register_pack
 register_pack()
 
 from bench_sampler import randomise_, sync  # noqa: E402
-from nextscale.kernels.attention import ENV_BACKEND  # noqa: E402
+from nextscale.kernels.attention import ENV_BACKEND, attention  # noqa: E402
 from nextscale.models import blocks  # noqa: E402
 from nextscale.models.core.kv_cache import KVCache  # noqa: E402
 from nextscale.models.var.model import VAR, VARConfig  # noqa: E402
@@ -50,21 +50,15 @@ from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig  # n
 
 
 class ConcatKV:
-    """A layer cache that grows by ``torch.cat`` (the "before" of the preallocated :class:`LayerKV`)."""
+    """A layer cache that grows by ``torch.cat`` (the "before" of the preallocated :class:`DenseLayerKV`)."""
 
     def __init__(self):
         self.k = self.v = None
 
-    def extend(self, k_BHlc, v_BHlc):
+    def attend(self, q_BHlc, k_BHlc, v_BHlc, attn_mask=None):
         self.k = k_BHlc if self.k is None else torch.cat((self.k, k_BHlc), dim=2)
         self.v = v_BHlc if self.v is None else torch.cat((self.v, v_BHlc), dim=2)
-        return self.k, self.v
-
-    def key_mask(self, attn_mask=None):
-        return attn_mask
-
-    def after_attention(self, q_BHlc) -> None:
-        pass
+        return attention(q_BHlc, self.k, self.v, attn_mask)
 
 
 class ConcatCache:

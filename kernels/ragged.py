@@ -70,16 +70,30 @@ def pack_kv_prefix(
     return pack_kv(k_BHSc, v_BHSc, keep_BHS, offsets_dtype)
 
 
+def packed_heads(offsets: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(head_T, pos_T)``: the flat head ``b * H + h`` of each of the ``total`` packed rows and the row's position
+    within its head, computed on the offsets' device (``total`` comes from the host: nothing is read back)."""
+    o = offsets.to(torch.int64)
+    head_T = torch.repeat_interleave(torch.arange(o.shape[0] - 1, device=o.device), o[1:] - o[:-1], output_size=total)
+    return head_T, torch.arange(total, device=o.device) - o[head_T]
+
+
 def unpack_kv(
-    k_packed_Tc: torch.Tensor, v_packed_Tc: torch.Tensor, offsets: torch.Tensor, B: int, H: int
+    k_packed_Tc: torch.Tensor,
+    v_packed_Tc: torch.Tensor,
+    offsets: torch.Tensor,
+    B: int,
+    H: int,
+    longest: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded ``(k_BHSc, v_BHSc, valid_BHS)`` with ``S`` = the longest head (padding is zeros, ``valid`` False)."""
+    """Padded ``(k_BHSc, v_BHSc, valid_BHS)`` with ``S`` = the longest head (padding is zeros, ``valid`` False).
+    ``longest``: that length when the caller knows it on the host (else it is read from the offsets: a device sync
+    on GPU)."""
     o = offsets.to(device=k_packed_Tc.device, dtype=torch.int64)
     lengths = o[1:] - o[:-1]
-    S = int(lengths.max()) if lengths.numel() else 0
+    S = longest if longest is not None else int(lengths.max()) if lengths.numel() else 0
     total, c = k_packed_Tc.shape
-    head_T = torch.repeat_interleave(torch.arange(B * H, device=o.device), lengths, output_size=total)
-    pos_T = torch.arange(total, device=o.device) - o[head_T]
+    head_T, pos_T = packed_heads(o, total)
     k_pad = k_packed_Tc.new_zeros(B * H, S, c)
     v_pad = v_packed_Tc.new_zeros(B * H, S, v_packed_Tc.shape[1])
     k_pad[head_T, pos_T] = k_packed_Tc
@@ -106,11 +120,16 @@ def ragged_attention_torch(
 
 
 def ragged_attention_sdpa(
-    q_BHLc: torch.Tensor, k_packed_Tc: torch.Tensor, v_packed_Tc: torch.Tensor, offsets: torch.Tensor
+    q_BHLc: torch.Tensor,
+    k_packed_Tc: torch.Tensor,
+    v_packed_Tc: torch.Tensor,
+    offsets: torch.Tensor,
+    longest: int | None = None,
 ) -> torch.Tensor:
-    """Fallback without Triton: pad to the longest head, SDPA with a key mask, zeros for empty heads."""
+    """Fallback without Triton: pad to the longest head (``longest``, as in :func:`unpack_kv`), SDPA with a key
+    mask, zeros for empty heads."""
     B, H, L, _ = q_BHLc.shape
-    k_BHSc, v_BHSc, valid_BHS = unpack_kv(k_packed_Tc, v_packed_Tc, offsets, B, H)
+    k_BHSc, v_BHSc, valid_BHS = unpack_kv(k_packed_Tc, v_packed_Tc, offsets, B, H, longest)
     if k_BHSc.shape[2] == 0:
         return q_BHLc.new_zeros(B, H, L, v_packed_Tc.shape[1])
     mask_BH1S = torch.zeros(valid_BHS.shape, dtype=q_BHLc.dtype, device=q_BHLc.device)
@@ -152,14 +171,19 @@ def ragged_attention(
     v_packed_Tc: torch.Tensor,
     offsets: torch.Tensor,
     backend: str | None = None,
+    longest: int | None = None,
 ) -> torch.Tensor:
     """``out_BHLc``: each head's queries over its own packed keys. ``backend=None`` uses
     ``NEXTSCALE_ATTENTION_BACKEND`` when set, else Triton for supported inputs on a CUDA device that passed
-    :func:`.triton_support.triton_device_status` and the padded SDPA path otherwise."""
+    :func:`.triton_support.triton_device_status` and the padded SDPA path otherwise. ``longest``, the most keys a
+    head holds, known on the host, spares the SDPA path a device sync (Triton never syncs; the torch reference
+    does)."""
     name = backend or os.environ.get(ENV_BACKEND, "").strip().lower() or "auto"
     if name == "auto":
         name = _auto_backend(q_BHLc, k_packed_Tc, v_packed_Tc, offsets)
     fn = _BACKENDS.get(name)
     if fn is None or (name == "triton" and not triton_support.triton_status()[0]):
         raise ValueError(f"unknown ragged attention backend {name!r}; available: {', '.join(available_backends())}")
+    if name == "sdpa":
+        return ragged_attention_sdpa(q_BHLc, k_packed_Tc, v_packed_Tc, offsets, longest)
     return fn(q_BHLc, k_packed_Tc, v_packed_Tc, offsets)

@@ -205,10 +205,18 @@ class NextScaleKVReport(io.ComfyNode):
         family = generator.family
         label = class_index(class_name, family.class_names(generator.module))
         labels = torch.full((batch_size,), label, dtype=torch.long)
-        # the full-cache run is the larger of the two; both runs' images are decoded at once
-        workload = Workload(batch_size=batch_size, guided=cfg != 0, dtype=generator.compute_dtype,
-                            decode_batch=batch_size, decode_dtype=tokenizer.compute_dtype)
-        ready(generator, tokenizer, memory=family.working_memory(generator.module, tokenizer.module, workload))
+        # the runs follow each other: the larger cache of the two (a packed cache exceeds the full one near budget 1);
+        # both runs' images are decoded at once
+        geometry = family.kv_geometry(generator.module)
+        policy = kv_policy.bind_scales(geometry.layers, geometry.heads, geometry.scales)
+        memory = max(
+            family.working_memory(generator.module, tokenizer.module, Workload(
+                batch_size=batch_size, guided=cfg != 0, kv_policy=run_policy, dtype=generator.compute_dtype,
+                decode_batch=batch_size, decode_dtype=tokenizer.compute_dtype,
+            ))
+            for run_policy in (None, policy)
+        )
+        ready(generator, tokenizer, memory=memory)
         report = kv_report(generator.module, tokenizer.module, labels, seed, kv_policy, SamplingOptions(cfg=cfg),
                            generator.device, family=family)
         images = torch.cat((report.full_images, report.images), dim=2)

@@ -11,7 +11,7 @@ import torch
 from nextscale.models.core.accel import Acceleration, TokenPruning
 from nextscale.models.core.errors import NextScaleError
 from nextscale.models.core.hooks import Control, SamplerHooks
-from nextscale.models.core.kv_cache import KVCache
+from nextscale.models.core.kv_cache import KVCache, KVPolicy
 from nextscale.models.core.schedule import token_count
 from nextscale.models.infinity.sampler import InfinityOptions, TextCondition, sample_infinity
 from nextscale.models.kv.policies import KVPolicySpec
@@ -283,3 +283,28 @@ def test_settings_a_run_cannot_honour_are_refused(var, vae):
     policy = KVPolicySpec("scalekv", budget=0.3).bind_scales(var.depth, var.config.num_heads, PN)
     with pytest.raises(NextScaleError, match="'scalekv' KV policy"):
         var_run(var, vae, Acceleration(prune_scales=1), kv_policy=policy)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_dropping_rows_keeps_the_first_rows_of_either_kv_layout(packed):
+    """Guidance stop narrows the cache to the conditional rows: in the packed layout (heads holding different
+    numbers of tokens, rows one after another in one flat buffer) as in the dense one."""
+    policy = type("Policy", (KVPolicy,), {"packed": packed})()
+    cache = KVCache(1, 16, policy)
+    kv = cache[0]
+    cache.begin_scale(0)
+    kv.extend(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8))
+    if packed:  # heads keep 3, 1 and 2 of their 4 slots
+        kv.keep(torch.tensor([2, 0, 1, 3]).expand(2, 3, 4), lengths_H=[3, 1, 2])
+    cache.begin_scale(1)
+    kv.extend(torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8))
+    valid = kv.valid_BHS()
+    valid = torch.ones(kv.k_BHSc.shape[:3], dtype=torch.bool) if valid is None else valid
+    keys, values = kv.k_BHSc[valid].view(2, -1, 8), kv.v_BHSc[valid].view(2, -1, 8)
+    assert not torch.equal(keys[0], keys[1])
+
+    cache.keep_rows(1)
+    assert kv.rows == 1 and kv.k_BHSc.shape[0] == 1
+    valid_1 = valid[:1]
+    torch.testing.assert_close(kv.k_BHSc[valid_1].view(1, -1, 8), keys[:1], rtol=0, atol=0)
+    torch.testing.assert_close(kv.v_BHSc[valid_1].view(1, -1, 8), values[:1], rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""KV-cache policies: exactness of the full cache, budgets counted in bytes, baselines, padded per-head layout,
+"""KV-cache policies: exactness of the full cache, budgets counted in bytes, baselines, the packed per-head layout,
 profiles, fidelity, and the nodes inside ComfyUI's python.
 
 Tiny random models (test_sampler's generator and tokenizer) on the CPU; the fidelity test uses the embedded trained
@@ -13,9 +13,11 @@ import textwrap
 import pytest
 import torch
 from harness.testbed import REPO_ROOT, run_in_comfyui_python
-from nextscale.kernels.ragged import pack_kv, ragged_attention_torch
+from nextscale.kernels.attention import ENV_BACKEND, attention_torch
+from nextscale.kernels.ragged import available_backends
 from nextscale.models.core.errors import NextScaleError
-from nextscale.models.core.kv_cache import KVCache
+from nextscale.models.core.hooks import SamplerHooks
+from nextscale.models.core.kv_cache import KVCache, LayerKV, PackedLayerKV
 from nextscale.models.kv.policies import (
     POLICIES,
     HACKPolicy,
@@ -30,6 +32,7 @@ from nextscale.models.kv.policies import (
 )
 from nextscale.models.kv.profile import KVProfile, calibrate
 from nextscale.models.kv.report import kv_report, run_with
+from nextscale.models.var.family import FAMILY as VAR_FAMILY
 from nextscale.models.var.model import VAR, VARConfig
 from nextscale.models.var.sampler import SamplingOptions, sample
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
@@ -75,7 +78,10 @@ def test_full_policy_and_budget_one_equal_no_policy_exactly(pair, profile):
         tokens, bound = run_with(var, vae, labels, 7, KVPolicySpec(policy, 1.0, profile))
         assert same(plain, tokens), policy
         full_bytes = var.depth * var.num_tokens * 4 * var.config.embed_dim * 2 * 4  # 4 rows, k and v, fp32
-        assert bound.stats.peak_bytes <= full_bytes, policy  # the last scale's cache need not be kept
+        if bound.packed:  # grown scale by scale: at the last one, a layer's previous buffer and its successor
+            assert bound.stats.peak_bytes == VAR_FAMILY.kv_geometry(var).cache_bytes(4, 4, bound) > full_bytes
+        else:
+            assert bound.stats.peak_bytes <= full_bytes, policy  # the last scale's cache need not be kept
     full = KVPolicySpec("full").bind(var, 2)
     assert KVCache(var.depth, var.num_tokens, full)[0].capacity == var.num_tokens
 
@@ -86,8 +92,9 @@ def test_every_policy_keeps_exactly_its_budget(pair, profile, policy, budget):
     var, vae = pair
     spec = KVPolicySpec(policy, budget, profile)
     tokens, bound = run_with(var, vae, torch.tensor([1, 4]), 3, spec)
-    rows, c = 4, var.config.embed_dim // var.config.num_heads
+    rows, H, c = 4, var.config.num_heads, var.config.embed_dim // var.config.num_heads
     per_token = 2 * c * 4  # k and v, fp32
+    dense_bytes = sum(bound.capacity(layer, var.num_tokens) for layer in range(var.depth)) * rows * H * per_token
     for si in range(len(PN6)):
         held = 0
         for layer in range(var.depth):
@@ -95,16 +102,20 @@ def test_every_policy_keeps_exactly_its_budget(pair, profile, policy, budget):
             assert torch.equal(after, torch.minimum(before, budget_H.expand(rows, -1))), (si, layer)
             assert budget_H.tolist() == bound.budgets_after(layer, si)
             held += int(after.sum())
-        assert bound.stats.scale_valid_bytes[si] == held * per_token
+        # allocated once the scale is done: the tokens held (packed, HACK) or the budget buffers (dense)
+        assert bound.stats.scale_bytes[si] == (held * per_token if bound.packed else dense_bytes)
     # the budgets average the uniform budget over layers (ScaleKV) and heads (HACK) once the cache exceeds it
     b = token_budget(budget, var.num_tokens)
     last = len(PN6) - 2
     carried = sum(sum(bound.head_budgets(layer, last)) for layer in range(var.depth))
     assert carried <= var.depth * var.config.num_heads * b
     assert carried >= var.depth * var.config.num_heads * b * (0.9 if policy == "hack" else 1.0)
-    assert bound.stats.carried_valid_bytes() == carried * rows * per_token
+    assert bound.stats.carried_bytes() == (carried * rows * per_token if bound.packed else dense_bytes)
     full_bytes = var.depth * var.config.num_heads * var.num_tokens * rows * per_token
     assert bound.stats.peak_bytes < full_bytes
+    # the memory planner's figure: exact for the packed layout, an upper bound for the dense one
+    planned = VAR_FAMILY.kv_geometry(var).cache_bytes(rows, 4, bound)
+    assert bound.stats.peak_bytes == planned if bound.packed else bound.stats.peak_bytes <= planned
     # scales that fit the budget are sampled exactly as with the full cache
     plain = sample(var, vae, torch.tensor([1, 4]), seed=3)
     fits = [si for si in range(len(PN6)) if sum(p * p for p in PN6[: si + 1]) <= min(
@@ -155,26 +166,89 @@ def test_scalekv_keeps_window_and_top_attention():
     assert all(x <= 4 for x in (b[0][0], b[1][0], b[2][0]))  # scale 0 holds 4 tokens: capped
 
 
-def test_hack_per_head_budgets_use_padded_layout_that_matches_ragged_attention():
+def test_hack_packed_layout_holds_the_kept_tokens_only_and_attends_like_the_dense_reference(monkeypatch):
     pns = (1, 2, 3, 4, 5, 6)
     contextual = [[True, False, True, False]]
     policy = HACKPolicy(1, 4, pns, 12, contextual, [[5, 20, 5, 20]])
     kv = layer_with_slots(policy, 30, 4)
+    assert isinstance(kv, PackedLayerKV)
     assert kv.valid_counts().tolist() == [[5, 20, 5, 20]] * 2 and kv.length == 20
+    assert kv.cache.nbytes() == 2 * 2 * (5 + 20 + 5 + 20) * 8 * 4  # (k, v) x rows x tokens held x c x fp32
     structural = kv.v_BHSc[0, 1, :20, 0].long().tolist()
     assert {0, 1, 2, 3, 4} <= set(structural)  # the first two scales (5 tokens)
-    # next scale: the key mask hides the padding; attention equals the ragged reference on the held tokens
+    # the dense reference of the next scale: the held tokens (padded view, padding masked) followed by the new ones
     g = torch.Generator().manual_seed(1)
     k_new, v_new = torch.randn(2, 4, 36, 8, generator=g), torch.randn(2, 4, 36, 8, generator=g)
-    kv.cache.begin_scale(5)
-    k_all, v_all = kv.extend(k_new, v_new)
     q = torch.randn(2, 4, 36, 8, generator=g)
-    from nextscale.kernels.attention import attention_torch
-
-    padded = attention_torch(q, k_all, v_all, kv.key_mask(None))
-    packed = ragged_attention_torch(q, *pack_kv(k_all, v_all, kv.valid_BHS()))
-    assert torch.allclose(padded, packed, atol=1e-5)
+    k_ref, v_ref = torch.cat((kv.k_BHSc, k_new), dim=2), torch.cat((kv.v_BHSc, v_new), dim=2)
+    valid_ref = torch.cat((kv.valid_BHS(), torch.ones(2, 4, 36, dtype=torch.bool)), dim=2)
+    mask_ref = torch.zeros(valid_ref.shape).masked_fill_(~valid_ref, float("-inf"))[:, :, None]
+    ref = attention_torch(q, k_ref, v_ref, mask_ref)
+    kv.cache.begin_scale(5)
+    kv.extend(k_new, v_new)
     assert kv.valid_counts().tolist() == [[41, 56, 41, 56]] * 2
+    assert kv.cache.nbytes() == 2 * 2 * (41 + 56 + 41 + 56) * 8 * 4
+    assert torch.equal(kv.k_BHSc[kv.valid_BHS()], k_ref[valid_ref])  # the packed buffer holds what the view shows
+    outs = {}
+    for backend in available_backends():  # padded SDPA, the torch reference, the Triton kernel (interpreter on CPU)
+        monkeypatch.setenv(ENV_BACKEND, backend)
+        outs[backend] = kv.attention(q, None)
+        torch.testing.assert_close(outs[backend], ref, rtol=1e-5, atol=1e-5)
+    assert "triton" in outs and "sdpa" in outs
+    with pytest.raises(ValueError, match="takes no attention mask"):
+        kv.attention(q, mask_ref)
+
+
+def test_packed_layout_samples_the_dense_layouts_tokens_at_equal_budgets(pair):
+    var, vae = pair
+    spec = KVPolicySpec("hack", 0.2)  # uncalibrated: every head structural, one budget, so the dense layout fits
+    packed, dense = spec.bind(var, 2), spec.bind(var, 2)
+    dense.packed = False
+    greedy = SamplingOptions(cfg=2.0, top_k=1)
+    runs = {}
+    for name, policy in (("packed", packed), ("dense", dense)):
+        runs[name] = sample(var, vae, torch.tensor([1, 4]), seed=5, options=greedy,
+                            hooks=SamplerHooks(kv_policy=policy))
+    assert same(runs["packed"], runs["dense"])
+    assert packed.stats.carried_bytes() == dense.stats.carried_bytes()
+    assert packed.stats.peak_bytes <= dense.stats.peak_bytes
+
+
+def test_packed_hack_run_gives_the_same_greedy_tokens_on_every_ragged_backend(pair, profile, monkeypatch):
+    var, vae = pair
+    spec = KVPolicySpec("hack", 0.2, profile)
+    tokens = {}
+    for backend in available_backends():
+        monkeypatch.setenv(ENV_BACKEND, backend)
+        tokens[backend] = sample(var, vae, torch.tensor([1, 4]), seed=5, options=SamplingOptions(cfg=2.0, top_k=1),
+                                 hooks=SamplerHooks(kv_policy=spec.bind(var, 2)))
+    assert "triton" in tokens
+    assert all(same(tokens["sdpa"], t) for t in tokens.values())
+
+
+def test_the_reports_memory_is_the_bytes_of_the_caches_tensors(pair, profile, monkeypatch):
+    """Every tensor the layers hold is walked (not the cache's own count) once each layer is done with a scale:
+    what the report says is carried is what was allocated, and its peak is the planner's figure."""
+    var, vae = pair
+    walked: dict[str, dict[int, list[int]]] = {}
+    after_attention = LayerKV.after_attention
+
+    def walk(kv, q_BHlc):
+        after_attention(kv, q_BHlc)
+        held = sum(t.nbytes for layer in kv.cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor))
+        walked.setdefault(kv.cache.policy.name, {}).setdefault(kv.cache.scale, []).append(held)
+
+    monkeypatch.setattr(LayerKV, "after_attention", walk)
+    spec = KVPolicySpec("hack", 0.2, profile)
+    report = kv_report(var, vae, [1, 4], 3, spec, SamplingOptions(cfg=2.0))
+    between = range(len(PN6) - 1)  # the last scale's cache is carried nowhere
+    assert report.carried_bytes == max(walked["hack"][si][-1] for si in between)
+    assert report.full_carried_bytes == max(walked["full"][si][-1] for si in between)
+    geometry, rows = VAR_FAMILY.kv_geometry(var), 4
+    assert report.peak_bytes == spec.bind(var, 2).cache_bytes(geometry, rows, 4)
+    assert report.peak_bytes >= max(max(held) for held in walked["hack"].values())
+    assert report.full_peak_bytes == geometry.cache_bytes(rows, 4) == max(walked["full"][0])
+    assert report.carried_bytes < report.full_carried_bytes and "peak KV bytes" in report.text()
 
 
 def test_profile_round_trip_and_clear_errors(tmp_path, pair, profile):
@@ -229,7 +303,8 @@ def test_fidelity_ordering():
             for i, label in enumerate(labels):
                 r = kv_report(var, vae, [label], i, KVPolicySpec(policy, budget, profile), options)
                 values.append(min(r.psnr, 60.0))
-                assert r.token_agreement[0] == 1.0 and r.peak_bytes <= r.full_peak_bytes
+                # at most the full cache, plus one layer's buffer for the packed layout (HACK) near budget 1
+                assert r.token_agreement[0] == 1.0 and r.peak_bytes <= r.full_peak_bytes * (1 + 1 / var.depth)
             psnr[policy, budget] = sum(values) / len(values)
     assert all(psnr[p, 1.0] == 60.0 for p in ("recent", "strided", "scalekv", "hack"))
     mean = lambda b: sum(psnr[p, b] for p in ("recent", "strided", "scalekv", "hack")) / 4  # noqa: E731

@@ -348,13 +348,13 @@ def test_kv_cache_keep_and_capacity():
     cache = KVCache(num_layers=1, num_tokens=30, policy=Budget())
     kv = cache[0]
     k = torch.arange(2 * 3 * 5 * 4, dtype=torch.float32).view(2, 3, 5, 4)
-    k_all, v_all = kv.extend(k, -k)
-    assert torch.equal(k_all, k) and torch.equal(v_all, -k) and kv.length == 5
+    kv.extend(k, -k)
+    assert torch.equal(kv.k_BHSc, k) and torch.equal(kv.v_BHSc, -k) and kv.length == 5
     index = torch.tensor([4, 0]).expand(2, 3, 2)
     kv.keep(index)
     assert kv.length == 2 and torch.equal(kv.k_BHSc, k[:, :, [4, 0]]) and torch.equal(kv.v_BHSc, -k[:, :, [4, 0]])
-    k_all, _ = kv.extend(k[:, :, :4], k[:, :, :4])
-    assert kv.length == 6 and torch.equal(k_all[:, :, 2:], k[:, :, :4])
+    kv.extend(k[:, :, :4], k[:, :, :4])
+    assert kv.length == 6 and torch.equal(kv.k_BHSc[:, :, 2:], k[:, :, :4])
     with pytest.raises(NextScaleError, match=r"layer 0 holds 6 tokens but needs 7.*'tiny-budget'"):
         kv.extend(k[:, :, :1], k[:, :, :1])
     cache.free()

@@ -92,14 +92,10 @@ class KVGeometry:
         return sum(self.areas)
 
     def cache_bytes(self, rows: int, itemsize: int, policy: KVPolicy | None = None) -> int:
-        """Bytes a :class:`~.kv_cache.KVCache` allocates for ``rows`` rows (the CFG rows included): K and V of
-        ``policy.capacity`` tokens in every layer (every token without a policy), plus the working copy of one
-        layer (its capacity and the largest scale) when the policy is transient."""
-        policy = policy or KVPolicy()
-        capacities = [policy.capacity(layer, self.num_tokens) for layer in range(self.layers)]
-        per_token = 2 * rows * self.heads * self.head_dim * itemsize
-        working = max(capacities, default=0) + max(self.areas) if policy.transient else 0
-        return (sum(capacities) + working) * per_token
+        """The most bytes a :class:`~.kv_cache.KVCache` holds over this geometry for ``rows`` rows (the CFG rows
+        included) with keys and values of ``itemsize`` bytes: :meth:`~.kv_cache.KVPolicy.cache_bytes` of ``policy``
+        (the full cache without one)."""
+        return (policy or KVPolicy()).cache_bytes(self, rows, itemsize)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ Every policy here subclasses :class:`~.kv_cache.KVPolicy` through :class:`Budget
   not, the current scale is attended in full and then the cache is compacted to the budget (``after_attention``).
 - Buffers hold the budget only (``transient = True``): a scale that does not fit is attended through a working copy
   of one layer at a time, so the peak is every layer's budget plus one layer's working copy.
-- Heads that keep different numbers of tokens (HACK) use the padded layout with a key mask of
-  :mod:`.kv_cache`; the memory figures count both the allocated buffers and the tokens held (what a packed ragged
-  layout, :mod:`..kernels.ragged`, would need).
+- Heads that keep different numbers of tokens (HACK) use the packed layout of :mod:`..core.kv_cache`
+  (``packed = True``): each layer's buffer holds exactly the tokens its heads keep, attended through the ragged
+  kernel; :meth:`BudgetPolicy.cache_bytes` gives its peak exactly.
+- The memory figures (:class:`KVStats`) are the bytes of the cache's buffers, measured from the cache.
 
 Policies (:data:`POLICIES`):
 
@@ -34,12 +35,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..core.errors import NextScaleError
-from ..core.kv_cache import KVPolicy, LayerKV, host_tensor
+from ..core.kv_cache import KVPolicy, LayerKV, host_tensor, token_bytes
+
+if TYPE_CHECKING:
+    from ..core.family import KVGeometry
 
 POLICIES = ("full", "recent", "strided", "scalekv", "hack")
 SCALEKV_WINDOW = 16  # observation queries: the centres of a 4x4 grid over the current scale
@@ -92,12 +97,13 @@ def even_queries(count: int, n: int) -> list[int]:
 
 
 def observed_attention(kv: LayerKV, q_BHlc: torch.Tensor, query_idx: list[int]) -> torch.Tensor:
-    """fp32 ``(rows, H, n, S)`` softmax attention of the chosen queries over the whole cache (padding masked)."""
+    """fp32 ``(rows, H, n, S)`` softmax attention of the chosen queries over the layer's padded view (padding
+    masked)."""
     q_BHnc = q_BHlc[:, :, query_idx].float()
     scores_BHnS = q_BHnc @ kv.k_BHSc.float().transpose(-2, -1)
-    mask = kv.key_mask(None)
-    if mask is not None:
-        scores_BHnS = scores_BHnS + mask.float()
+    valid_BHS = kv.valid_BHS()
+    if valid_BHS is not None:
+        scores_BHnS = scores_BHnS.masked_fill(~valid_BHS[:, :, None], float("-inf"))
     return scores_BHnS.softmax(dim=-1)
 
 
@@ -116,22 +122,21 @@ def select(priority_BHS: torch.Tensor, keep_H: list[int]) -> tuple[torch.Tensor,
 
 @dataclass
 class KVStats:
-    """What a run's cache held, measured from the cache itself.
+    """What a run's cache allocated and held, measured from the cache itself.
 
-    ``peak_bytes``: the most the buffers (and a working copy) held at any layer's attention. ``scale_bytes[si]``
-    / ``scale_valid_bytes[si]``: allocated / held bytes once scale ``si`` is done (after compaction).
+    ``peak_bytes``: the most bytes its buffers (working copies included) held at once (:attr:`KVCache.peak_bytes`).
+    ``scale_bytes[si]``: bytes of the buffers once scale ``si`` is done (after compaction).
     ``kept[(si, layer)] = (before_BH, budget_H, after_BH)``: tokens per head before and after compaction and the
     policy's budget.
     """
 
     peak_bytes: int = 0
     scale_bytes: dict[int, int] = field(default_factory=dict)
-    scale_valid_bytes: dict[int, int] = field(default_factory=dict)
     kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
 
-    def carried_valid_bytes(self) -> int:
-        """The most bytes held between two scales (the last scale's cache is not carried anywhere)."""
-        carried = [b for si, b in self.scale_valid_bytes.items() if si < max(self.scale_valid_bytes)]
+    def carried_bytes(self) -> int:
+        """The most bytes allocated between two scales (the last scale's cache is not carried anywhere)."""
+        carried = [b for si, b in self.scale_bytes.items() if si < max(self.scale_bytes)]
         return max(carried, default=0)
 
 
@@ -151,11 +156,10 @@ class MeasuredFull(KVPolicy):
 
 def record(stats: KVStats, kv: LayerKV, si: int, before_BH, budget_H, num_layers: int) -> None:
     """Record a layer's counts once scale ``si`` is done: host-side (CPU tensors, no read from the device)."""
-    stats.peak_bytes = max(stats.peak_bytes, kv.cache.nbytes())
+    stats.peak_bytes = max(stats.peak_bytes, kv.cache.peak_bytes)
     stats.kept[(si, kv.layer)] = (before_BH, budget_H, kv.valid_counts())
     if kv.layer == num_layers - 1:
         stats.scale_bytes[si] = kv.cache.nbytes()
-        stats.scale_valid_bytes[si] = kv.cache.valid_nbytes()
 
 
 class BudgetPolicy(KVPolicy):
@@ -189,7 +193,7 @@ class BudgetPolicy(KVPolicy):
         raise NotImplementedError
 
     def capacity(self, layer: int, num_tokens: int) -> int:
-        """The most tokens a head carries between scales (the working copy takes what does not fit)."""
+        """The most tokens a head carries between scales (the working copy takes what does not fit); dense layout."""
         kept = [0] * self.num_heads
         cap = 1
         for si, pn in enumerate(self.patch_nums):
@@ -199,6 +203,29 @@ class BudgetPolicy(KVPolicy):
         if self.num_layers * cap + cap + largest >= self.num_layers * num_tokens:
             return num_tokens  # budget buffers plus a working copy would not beat the full cache: no working copy
         return min(cap, num_tokens)
+
+    def cache_bytes(self, geometry: KVGeometry, rows: int, itemsize: int) -> int:
+        """Dense layout: :meth:`KVPolicy.cache_bytes`. Packed: the exact peak, replaying the run on the host. A
+        layer's buffer holds its heads' tokens; at each scale a working buffer of those plus the scale's tokens
+        replaces it, and is replaced by the kept tokens when the budgets require; the peak is the moment both a
+        buffer and its successor are alive."""
+        if not self.packed:
+            return super().cache_bytes(geometry, rows, itemsize)
+        per_token = token_bytes(geometry, rows, itemsize) // geometry.heads  # one head's key and value, every row
+        held_LH = [[0] * geometry.heads for _ in range(geometry.layers)]
+        total = peak = 0
+        for si, area in enumerate(geometry.areas):
+            for layer, held_H in enumerate(held_LH):
+                before = sum(held_H) * per_token
+                work_H = [n + area for n in held_H]
+                work = sum(work_H) * per_token
+                peak, total = max(peak, total + work), total - before + work
+                kept_H = [min(n, b) for n, b in zip(work_H, self.budgets_after(layer, si))]
+                if kept_H != work_H:
+                    kept = sum(kept_H) * per_token
+                    peak, total = max(peak, total + kept), total - work + kept
+                held_LH[layer] = kept_H
+        return peak
 
     def after_attention(self, kv: LayerKV, si: int, q_BHlc: torch.Tensor) -> None:
         B, H, l, _ = q_BHlc.shape
@@ -210,7 +237,7 @@ class BudgetPolicy(KVPolicy):
         keep_H = [min(n, b) for n, b in zip(before_H, budget_H)]
         budget_H = torch.tensor(budget_H, dtype=torch.long, device="cpu")
         self.observe(kv, si, q_BHlc, pos_BHS)
-        if kv._work_k is None and keep_H == before_H:
+        if not kv.over_capacity and keep_H == before_H:
             self._pos[kv.layer] = pos_BHS
             record(self.stats, kv, si, before_BH, budget_H, self.num_layers)
             return
@@ -221,9 +248,7 @@ class BudgetPolicy(KVPolicy):
         index_BHs, lengths_H = select(priority_BHS, keep_H)
         self.on_keep(kv.layer, index_BHs)
         self._pos[kv.layer] = pos_BHS.gather(2, index_BHs)
-        stats_peak = kv.cache.nbytes()  # the working copy exists until keep
         kv.keep(index_BHs, lengths_H)
-        self.stats.peak_bytes = max(self.stats.peak_bytes, stats_peak)
         record(self.stats, kv, si, before_BH, budget_H, self.num_layers)
 
     def observe(self, kv: LayerKV, si: int, q_BHlc: torch.Tensor, pos_BHS: torch.Tensor) -> None:
@@ -328,9 +353,11 @@ class ScaleKVPolicy(BudgetPolicy):
 
 class HACKPolicy(BudgetPolicy):
     """HACK: per-head budgets by head type; contextual heads keep the keys with the most accumulated attention,
-    structural heads the first two scales, the current scale and the best middle keys."""
+    structural heads the first two scales, the current scale and the best middle keys. Packed layout: each head
+    allocates its own budget."""
 
     name = "hack"
+    packed = True
 
     def __init__(self, num_layers, num_heads, patch_nums, budget, contextual_LH: list[list[bool]], budgets_LH):
         super().__init__(num_layers, num_heads, patch_nums, budget)

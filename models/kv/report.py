@@ -1,10 +1,11 @@
 """Memory and fidelity of a KV policy against the full cache, on the same labels and seed.
 
-Memory is measured from the cache during the run (:class:`~.kv_policies.KVStats`): the peak of the allocated
-buffers (a compressing policy's working copy included), the most bytes held between two scales, and the same for
-the full cache. Fidelity: per scale, the fraction of tokens equal to the full-cache run's (once a token differs
-the later scales follow another path, so agreement falls with the scale), and the MSE / PSNR of the decoded images
-in 0..1.
+Memory is measured from the cache during the run (:class:`~.policies.KVStats`): the peak of the allocated
+buffers (a compressing policy's working copy included) and the most bytes allocated between two scales, against the
+same for the full cache. Both are the bytes of the cache's tensors; in the packed layout (HACK) they are also the
+bytes of the tokens held. Fidelity: per scale, the fraction of tokens equal to the full-cache run's (once a token
+differs the later scales follow another path, so agreement falls with the scale), and the MSE / PSNR of the decoded
+images in 0..1.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def kv_report(
         budget=spec.budget if spec.policy != "full" else 1.0,
         full_peak_bytes=full_policy.stats.peak_bytes,
         peak_bytes=policy.stats.peak_bytes,
-        full_carried_bytes=full_policy.stats.carried_valid_bytes(),
-        carried_bytes=policy.stats.carried_valid_bytes(),
+        full_carried_bytes=full_policy.stats.carried_bytes(),
+        carried_bytes=policy.stats.carried_bytes(),
         token_agreement=agreement,
         mse=mse,
         psnr=psnr,
