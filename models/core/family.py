@@ -36,8 +36,9 @@ from .errors import NextScaleError
 from .hooks import SamplerHooks
 from .kv_cache import KVPolicy
 
-# Sub-packages of models/ whose family.py defines FAMILY. Adding a family is one entry here.
-BUILTIN_FAMILIES = ("var", "infinity", "switti")
+# Sub-packages of models/ whose family.py defines FAMILY. Adding a family is one entry here. The first family whose
+# detect claims a file wins: "dd" comes before "var", since a Distilled Decoding file holds every key of a VAR one.
+BUILTIN_FAMILIES = ("dd", "var", "infinity", "switti")
 
 
 @dataclass(frozen=True)
