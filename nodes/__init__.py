@@ -10,6 +10,7 @@ from ..kernels.triton_support import triton_status
 from . import (
     collaborative,
     control,
+    dd,
     editing,
     generator,
     images,
@@ -26,7 +27,8 @@ from .model_files import register_model_folder
 log = logging.getLogger("NextScale")
 
 FAMILIES = [
-    schedule, tokenizer, generator, editing, collaborative, control, kv, images, infinity, text_encoder, lora, switti
+    schedule, tokenizer, generator, editing, collaborative, control, kv, images, infinity, text_encoder, lora, switti,
+    dd,
 ]
 
 

@@ -12,6 +12,8 @@ Generator = io.Custom("NEXTSCALE_GENERATOR")
 InfinityModel = io.Custom("NEXTSCALE_INFINITY")
 # A Switti text-to-image transformer, from NextScale Load Switti.
 SwittiModel = io.Custom("NEXTSCALE_SWITTI")
+# A Distilled Decoding transformer (VAR distilled to one or two steps), from NextScale Load Distilled Decoding.
+DDModel = io.Custom("NEXTSCALE_DD")
 Tokens = io.Custom("NEXTSCALE_TOKENS")
 SamplerOptions = io.Custom("NEXTSCALE_SAMPLER_OPTIONS")
 # An edit guide (models.var.editing.EditSpec): anything with bind(tokenizer, patch_nums, batch_size, device) -> Guide.
