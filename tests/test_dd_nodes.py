@@ -1,6 +1,7 @@
 """Distilled Decoding's nodes inside ComfyUI's python: the chain on tiny models in the model folder (a DD file nested
 as upstream's are, VAR's VQ-VAE layout): Load Distilled Decoding, Distilled Decoding Sampler (one and two steps,
-class list, seeds), Decode; and the messages for a missing file, a file of another kind and a bad scale."""
+class list, seeds), Decode; the messages for a missing file, a file of another kind and a bad scale; and one pass of
+a model partially loaded with ComfyUI's op set."""
 
 from __future__ import annotations
 
@@ -57,7 +58,48 @@ raises(lambda: sample(class_list=""), "'tench' is not a class of this generator"
 print("dd chain ok")
 """
 
+PARTIAL = PREAMBLE + """
+import comfy.ops
+from nextscale.models.dd.model import DistilledVAR
+from test_dd import official_state_dict
+from test_partial_loading import FRACTIONS, META, DeviceAudit, partial_load
+
+weights = official_state_dict()
+g = torch.Generator().manual_seed(1)
+labels, x = torch.tensor([3, 10]), torch.randn(2, 30, 8, generator=g)
+plain = DistilledVAR.from_state_dict(dict(weights))(labels, x, 5)
+for storage in (None, torch.float8_e4m3fn):
+    for fraction in FRACTIONS:
+        compute = None if storage is None else torch.bfloat16
+        model = DistilledVAR.from_state_dict(dict(weights), operations=comfy.ops.manual_cast, compute_dtype=compute)
+        if storage is not None:
+            model = model.to(storage)
+        if fraction == 1.0 and storage is None:  # manual cast computes exactly what torch layers compute
+            assert all(torch.equal(a, b) for a, b in zip(model(labels, x, 5), plain))
+        partial_load([model], fraction)
+        placed = [t.device.type for t in (*model.parameters(), *model.buffers())]
+        assert "cpu" in placed and (("meta" in placed) == (fraction > 0)), (storage, fraction)
+        audit = DeviceAudit()
+        with torch.no_grad(), audit:
+            codes, logits = model(labels.to(META), x.to(META), 5)
+        assert not audit.violations, (storage, fraction, audit.violations[:8])
+        assert codes.device == META and codes.dtype == logits.dtype == torch.float32
+        assert tuple(codes.shape) == (2, 30, 8) and tuple(logits.shape) == (2, 30, 32)
+print("dd partial loading ok")
+"""
+
+
+def _run(script: str, tmp_path, needle: str) -> None:
+    result = run_in_comfyui_python(textwrap.dedent(script), cwd=tmp_path, timeout=600)
+    assert result.returncode == 0 and needle in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
 
 def test_the_dd_node_chain_runs_in_comfyui(tmp_path):
-    result = run_in_comfyui_python(textwrap.dedent(CHAIN), cwd=tmp_path, timeout=600)
-    assert result.returncode == 0 and "dd chain ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    _run(CHAIN, tmp_path, "dd chain ok")
+
+
+def test_dd_computes_on_the_load_device_when_partially_loaded(tmp_path):
+    """ComfyUI's manual-cast op set, the model loaded onto ``meta`` (a stand-in GPU) at 0x, 0.5x and 1x of its size,
+    fp32 and fp8 storage: one pass touches no tensor off the load device (tests/test_partial_loading.py's audit), and
+    the fully loaded fp32 build computes exactly what the torch build does."""
+    _run(PARTIAL, tmp_path, "dd partial loading ok")

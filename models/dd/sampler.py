@@ -30,6 +30,7 @@ import torch
 
 from ..core.errors import NextScaleError
 from ..core.hooks import SamplerHooks
+from ..core.sampling import item_generators
 from ..core.tokens import NextScaleTokens
 from .model import DistilledVAR
 
@@ -61,7 +62,7 @@ class DDOptions:
 
 
 def official_split(depth: int) -> int:
-    """Upstream's ``loss_split_t`` for a released depth (5 for d16, 4 for d20 and d24; 4 for any other depth)."""
+    """Upstream's ``loss_split_t`` for a released depth: 5 for d16, 4 for d20 and d24 (5 up to depth 16, 4 deeper)."""
     return 5 if depth <= 16 else 4
 
 
@@ -81,8 +82,7 @@ def check_inputs(generator: DistilledVAR, tokenizer) -> None:
 
 def noise(seed: int, batch: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """``(B, *shape)`` fp32 standard normals on ``device``, item ``i``'s drawn on the CPU with seed ``seed + i``."""
-    generators = [torch.Generator("cpu").manual_seed((seed + i) % 2**64) for i in range(batch)]
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    return torch.stack([torch.randn(shape, generator=g) for g in item_generators(seed, batch)]).to(device)
 
 
 def nearest_codes(codes_BLCv: torch.Tensor, codebook_VCv: torch.Tensor) -> torch.Tensor:
