@@ -151,14 +151,14 @@ def sample_dd(
     B, patch_nums = labels_B.shape[0], cfg.patch_nums
     codebook_VCv = tokenizer.quantize.codebook(device).float()
     noise_BLCv = noise(seed, B, (cfg.num_tokens, cfg.cvae), device)
-    x_BLCv, index_BL = noise_BLCv, None
+    x_BLCv = noise_BLCv
     for step, t in enumerate(options.steps):
         noisy_L = torch.arange(cfg.num_tokens, device=device) >= cfg.scale_start(t)
         x_BLCv = torch.where(noisy_L[:, None], noise_BLCv, x_BLCv)
         x_BLCv, index_BL = dd_step(generator, labels_B, x_BLCv, t, options.split, codebook_VCv)
+        f_hat = codes_to_fhat(tokenizer, x_BLCv, patch_nums)
         if hooks.callback is not None:
-            hooks.callback(step, len(options.steps), codes_to_fhat(tokenizer, x_BLCv, patch_nums))
-    f_hat = codes_to_fhat(tokenizer, x_BLCv, patch_nums)
+            hooks.callback(step, len(options.steps), f_hat)
     indices = [
         index_BL[:, cfg.scale_start(si) : cfg.scale_start(si + 1)].reshape(B, pn, pn)
         for si, pn in enumerate(patch_nums)
