@@ -11,6 +11,7 @@ from . import (
     accel,
     collaborative,
     control,
+    dd,
     editing,
     generator,
     images,
@@ -30,7 +31,7 @@ log = logging.getLogger("NextScale")
 
 FAMILIES = [
     schedule, tokenizer, generator, accel, editing, collaborative, control, kv, images, infinity, text_encoder, lora,
-    switti, upscale,
+    switti, upscale, dd,
 ]
 
 

@@ -14,6 +14,8 @@ InfinityModel = io.Custom("NEXTSCALE_INFINITY")
 SwittiModel = io.Custom("NEXTSCALE_SWITTI")
 # An NSARM super-resolution model, from NextScale Load NSARM.
 NSARMModel = io.Custom("NEXTSCALE_NSARM")
+# A Distilled Decoding transformer (VAR distilled to one or two steps), from NextScale Load Distilled Decoding.
+DDModel = io.Custom("NEXTSCALE_DD")
 Tokens = io.Custom("NEXTSCALE_TOKENS")
 SamplerOptions = io.Custom("NEXTSCALE_SAMPLER_OPTIONS")
 # An edit guide (models.var.editing.EditSpec): anything with bind(tokenizer, patch_nums, batch_size, device) -> Guide.

@@ -13,6 +13,7 @@ from nextscale.models.core.family import BUILTIN_FAMILIES, FAMILIES, Registry, W
 from nextscale.models.core.hooks import SamplerHooks
 from nextscale.models.core.kv_cache import KVCache, LayerKV
 from nextscale.models.core.schedule import SCHEDULE_512
+from nextscale.models.dd.model import DistilledVAR
 from nextscale.models.infinity.bsq import BSQConfig, BSQTokenizer
 from nextscale.models.infinity.sampler import InfinityOptions, TextCondition
 from nextscale.models.kv.policies import KVPolicySpec
@@ -21,6 +22,7 @@ from nextscale.models.var.model import VAR, VARConfig
 from nextscale.models.var.sampler import SamplingOptions
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from test_control import adapter_for, make_car, make_var4
+from test_dd import official_state_dict as dd_state_dict
 from test_infinity import SCHEDULE, prompts, tiny_model
 from test_kv_policies import make_pair
 from test_switti import official_state_dict
@@ -41,6 +43,7 @@ def test_every_file_is_identified_by_its_family_and_role():
         "var-generator": var, "var-tokenizer": vae, "var-control": make_car(),
         "infinity-generator": tiny_model(), "infinity-tokenizer": tiny_bsq(),
         "switti-generator": Switti.from_state_dict(official_state_dict()),
+        "dd-generator": DistilledVAR.from_state_dict(dd_state_dict()),  # every VAR key too: "dd" is listed first
     }
     for name, module in cases.items():
         assert str(identify(module.state_dict())) == name, name
@@ -67,7 +70,7 @@ def test_a_registered_family_identifies_its_files_and_joins_its_loaders():
     from toy_family import ToyGenerator
 
     registry = Registry(BUILTIN_FAMILIES)
-    assert [f.name for f in registry.families] == ["var", "nsarm", "infinity", "switti"]
+    assert [f.name for f in registry.families] == ["dd", "var", "nsarm", "infinity", "switti"]
     assert identify(ToyGenerator().state_dict()) is None  # not in the pack's registry
     registry.register(TOY)
     assert str(registry.identify(ToyGenerator().state_dict())) == "toy-generator"

@@ -5,7 +5,8 @@ Rules:
 - ``.safetensors`` is read with safetensors; pickles (``.pth``/``.pt``/``.ckpt``/``.bin``) only with
   ``torch.load(weights_only=True)``, which refuses any pickle that would construct arbitrary Python
   objects, so nothing in a file ever runs code.
-- Published files nest their weights in different places (``['trainer']['var_wo_ddp']``,
+- Published files nest their weights in different places (``['trainer']['var_wo_ddp']``, the EMA weights
+  ``['trainer']['ema_parameters']`` first where a file holds both (Distilled Decoding samples with those),
   ``['vae']``, ``['ema']``, ``['state_dict']``, ...); :func:`read_state_dict` unwraps them.
 - Every problem becomes a :class:`NextScaleError` that names the file, what was expected and what
   was found.
@@ -25,7 +26,10 @@ import torch
 from .errors import NextScaleError
 
 # Where published checkpoints keep their state dict, tried in order.
-NESTING_KEYS = ("trainer", "var_wo_ddp", "gpt_fsdp", "model", "state_dict", "module", "vae", "ema", "net", "params")
+NESTING_KEYS = (
+    "trainer", "ema_parameters", "var_wo_ddp", "gpt_fsdp", "model", "state_dict", "module", "vae", "ema", "net",
+    "params",
+)
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _HTML_STARTS = (b"<", b"\xef\xbb\xbf<")

@@ -36,8 +36,10 @@ from .errors import NextScaleError
 from .hooks import SamplerHooks
 from .kv_cache import KVPolicy
 
-# Sub-packages of models/ whose family.py defines FAMILY. Adding a family is one entry here.
-BUILTIN_FAMILIES = ("var", "nsarm", "infinity", "switti")  # NSARM before Infinity: its files hold Infinity keys too
+# Sub-packages of models/ whose family.py defines FAMILY. Adding a family is one entry here. The first family whose
+# detect claims a file wins, so a family whose files hold another's keys and more comes first: "dd" before "var" (a
+# Distilled Decoding file holds every key of a VAR one), "nsarm" before "infinity".
+BUILTIN_FAMILIES = ("dd", "var", "nsarm", "infinity", "switti")
 
 
 @dataclass(frozen=True)

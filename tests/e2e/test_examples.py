@@ -97,6 +97,10 @@ def test_workflow_needing_user_files_validates_up_to_them(comfy_server, object_i
         assert "infinity_2b_reg.pth" in loader and "FoundationVision/Infinity" in loader, loader
         encoder = json.dumps(errors[next(n for n in missing if prompt[n]["class_type"] == "NextScaleTextEncodeT5")])
         assert "text_encoders" in encoder and "google/flan-t5-xl" in encoder, encoder
+    if name == "nextscale_distilled_decoding":
+        loader = json.dumps(errors[next(n for n in missing if prompt[n]["class_type"] == "NextScaleLoadDD")])
+        assert "model not found" in loader and "dd-var-d16.pth" in loader, loader
+        assert "microsoft/distilled_decoding" in loader, loader
     if name == "nextscale_switti_t2i":
         loader = json.dumps(errors[next(n for n in missing if prompt[n]["class_type"] == "NextScaleLoadSwitti")])
         assert "model not found" in loader and "Switti-1024" in loader and "yresearch/Switti" in loader, loader

@@ -38,6 +38,7 @@ INPUT_DIR = WORKFLOWS_DIR / "input"
 SD_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 INFINITY_MODEL, INFINITY_TOKENIZER, FLAN_T5 = "infinity_2b_reg.pth", "infinity_vae_d32reg.pth", "flan-t5-xl"
 SWITTI_MODEL, SWITTI_VQVAE = "Switti-1024", "VQVAE-Switti"
+DD_MODEL, VAR_VQVAE = "dd-var-d16.pth", "vae_ch160v4096z32.pth"
 CLIP_L, CLIP_G = "clip_l.safetensors", "clip_g.safetensors"
 NSARM_MODEL, NSARM_TOKENIZER = "NSARM.pth", "infinity_vae_d56_f8_14_patchify.pth"
 NSARM_FILES = (
@@ -353,6 +354,23 @@ def sd_upscale() -> Example:
     )
 
 
+def distilled_decoding() -> Example:
+    g = Graph()
+    loader = g.add("NextScaleLoadDD", model_name=DD_MODEL, vqvae_name=VAR_VQVAE, dtype="auto")
+    tokens = g.add("NextScaleDDSampler", model=g.out(loader, 0), vqvae=g.out(loader, 1), class_name="golden retriever",
+                   seed=7, steps=2, refine_from_scale=0, batch_size=4, class_list="")
+    image = g.add("NextScaleDecode", tokenizer=g.out(loader, 1), tokens=g.out(tokens), scales=0)
+    grid = g.add("NextScaleImageGrid", images=g.out(image), columns=4, padding=2, pad_value=1.0)
+    g.add("SaveImage", images=g.out(grid), filename_prefix="NextScale/distilled_decoding")
+    return Example(
+        "nextscale_distilled_decoding", "NextScale: Distilled Decoding, VAR in two steps",
+        f"Four ImageNet pictures from VAR-d16 distilled to two transformer passes (Distilled Decoding). Needs your own "
+        f"files in models/nextscale: {DD_MODEL} (VAR-DD/var-d16.pth of microsoft/distilled_decoding, renamed) and "
+        f"{VAR_VQVAE} (FoundationVision/var).",
+        g.prompt, needs_user_files=["NextScaleLoadDD"],
+    )
+
+
 def control() -> Example:
     g = Graph()
     tok, gen = _models(g)
@@ -433,7 +451,8 @@ def lora() -> Example:
 
 EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), class_edit(), img2img(),
                                  image_inpaint(), control(), kv_policy(), collaborative(), sd_refine(),
-                                 infinity_t2i(), lora(), switti_t2i(), upscale(), sd_upscale())}
+                                 infinity_t2i(), lora(), switti_t2i(), upscale(), sd_upscale(),
+                                 distilled_decoding())}
 
 
 def example_image_bytes() -> bytes:

@@ -1,0 +1,1 @@
+"""Distilled Decoding (DD): VAR distilled to one or two steps from noise."""

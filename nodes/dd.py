@@ -1,0 +1,178 @@
+"""Distilled Decoding nodes: load a DD transformer with VAR's VQ-VAE, and sample in one or two steps.
+
+DD (microsoft/distilled_decoding) maps Gaussian noise to all of VAR's tokens in one transformer pass, and a second
+pass may redo the finer scales from the first pass's coarse ones. The tokens are VAR's: NextScale Decode decodes
+them with the VQ-VAE (from the sample's latent, since the finer scales are continuous codes, not codebook rows).
+"""
+
+from __future__ import annotations
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..models.core.errors import NextScaleError
+from ..models.core.family import Workload
+from ..models.core.hooks import SamplerHooks
+from ..models.dd.family import HINT, LOADER
+from ..models.dd.sampler import DDOptions, official_split
+from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
+from .generator import scale_callback
+from .model_files import FOLDER, model_choices
+from .service import DTYPES, NextScaleModel, load, not_found, ready
+from .sockets import CATEGORY, DDModel, Tokenizer, Tokens
+from .validation import check_file
+
+DD_CATEGORY = f"{CATEGORY}/distilled decoding"
+MAX_BATCH = 16
+DEFAULT_CLASS = "golden retriever"
+
+
+def vqvae_not_found(name: str) -> str:
+    folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
+    return (
+        f"model not found: VAR's VQ-VAE '{name}' is not in the NextScale model folder ({folders}). Put "
+        f"vae_ch160v4096z32.pth there and refresh the node. {HINT}"
+    )
+
+
+class NextScaleLoadDD(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleLoadDD",
+            display_name=LOADER,
+            category=DD_CATEGORY,
+            description="Loads a Distilled Decoding transformer (VAR-DD var-d16.pth, var-d20.pth, var-d24.pth: VAR "
+            "distilled to one or two steps) and VAR's VQ-VAE (vae_ch160v4096z32.pth) from models/nextscale. Sizes "
+            "are read from the files; loading is strict.",
+            inputs=[
+                io.Combo.Input(
+                    "model_name",
+                    options=model_choices(),
+                    tooltip="A DD transformer in ComfyUI/models/nextscale (microsoft/distilled_decoding, "
+                    "VAR-DD/var-d16.pth, var-d20.pth or var-d24.pth; rename them, e.g. dd-var-d16.pth, to keep "
+                    "them apart from VAR's own var_d16.pth).",
+                ),
+                io.Combo.Input(
+                    "vqvae_name",
+                    options=model_choices(),
+                    tooltip="VAR's VQ-VAE, vae_ch160v4096z32.pth (FoundationVision/var): DD draws its tokens.",
+                ),
+                io.Combo.Input(
+                    "dtype",
+                    options=DTYPES,
+                    default="auto",
+                    tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
+                    "(float32 on CPU, bfloat16 on recent GPUs). The VQ-VAE stays float32 (unless --fp16-vae / "
+                    "--bf16-vae); logits and codes are always float32.",
+                ),
+            ],
+            outputs=[
+                DDModel.Output("model", display_name="model"),
+                Tokenizer.Output("vqvae", display_name="vqvae"),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:
+        choices = model_choices()
+        return (
+            check_file(model_name, choices, lambda name: not_found(name, LOADER, "generator"))
+            or check_file(vqvae_name, choices, vqvae_not_found)
+            or True
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, vqvae_name: str, dtype: str) -> io.NodeOutput:
+        model = load(model_name, LOADER, "generator", dtype)
+        vqvae = load(vqvae_name, "NextScale Load Tokenizer", "tokenizer", "auto")
+        model.family.check_pair(model.module, vqvae.module)
+        return io.NodeOutput(model, vqvae)
+
+
+class NextScaleDDSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleDDSampler",
+            display_name="NextScale Distilled Decoding Sampler",
+            category=DD_CATEGORY,
+            description="Draws a picture of the chosen class from noise in one or two transformer passes "
+            "(Distilled Decoding): one pass predicts every scale at once; a second pass keeps the first pass's "
+            "coarse scales and redoes the finer ones from the same noise (better images, twice the time). No "
+            "guidance: the teacher's was distilled in. Batch item i uses seed + i.",
+            inputs=[
+                DDModel.Input("model", tooltip="From NextScale Load Distilled Decoding."),
+                Tokenizer.Input("vqvae", tooltip="VAR's VQ-VAE, from NextScale Load Distilled Decoding."),
+                io.Combo.Input(
+                    "class_name", options=list(imagenet_class_names()), default=DEFAULT_CLASS,
+                    tooltip="ImageNet-1k class to generate.",
+                ),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                    tooltip="Random seed of the noise. Batch item i uses seed + i.",
+                ),
+                io.Int.Input(
+                    "steps", default=1, min=1, max=2,
+                    tooltip="Transformer passes: 1 (fastest) or 2 (the released models' better setting).",
+                ),
+                io.Int.Input(
+                    "refine_from_scale", default=0, min=0, max=32,
+                    tooltip="The scale the second pass redoes from, which is also the first scale kept as a "
+                    "continuous prediction rather than the most likely code. 0: the released setting (5 for d16, "
+                    "4 for d20 and d24).",
+                ),
+                io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH, tooltip="Images per class."),
+                io.String.Input(
+                    "class_list", default="", optional=True,
+                    tooltip="Optional comma-separated classes (names or indices) for a mixed batch; overrides "
+                    "class_name. Each gets batch_size images.",
+                ),
+            ],
+            outputs=[Tokens.Output("tokens", display_name="tokens")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model: NextScaleModel,
+        vqvae: NextScaleModel,
+        class_name: str,
+        seed: int,
+        steps: int,
+        refine_from_scale: int,
+        batch_size: int,
+        class_list: str = "",
+    ) -> io.NodeOutput:
+        family = model.family
+        if str(vqvae.kind) != "var-tokenizer":
+            raise NextScaleError(
+                f"'{vqvae.name}' is {vqvae.kind.describe()}: connect VAR's VQ-VAE from NextScale Load Distilled "
+                f"Decoding"
+            )
+        family.check_pair(model.module, vqvae.module)
+        generator = model.module
+        names = family.class_names(generator)
+        classes = parse_class_list(class_list, names) or [class_index(class_name, names)]
+        if len(classes) * batch_size > MAX_BATCH:
+            raise NextScaleError(
+                f"{len(classes)} classes x batch size {batch_size} = {len(classes) * batch_size} images; at most "
+                f"{MAX_BATCH} per sampler node"
+            )
+        split = refine_from_scale or official_split(generator.depth)
+        options = DDOptions(steps=(0, split)[:steps], split=split)
+        options.check(generator.config.num_scales)
+        labels_B = torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
+        workload = Workload(
+            batch_size=len(labels_B), guided=False, dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype
+        )
+        ready(model, vqvae, memory=family.working_memory(generator, vqvae.module, workload))
+        hooks = SamplerHooks(callback=scale_callback(cls.hidden.unique_id, vqvae, steps, True))
+        tokens = family.sample(generator, vqvae.module, labels_B, seed=seed, options=options, hooks=hooks,
+                               device=model.device)
+        return io.NodeOutput(tokens.to("cpu"))
+
+
+NODES = [NextScaleLoadDD, NextScaleDDSampler]
