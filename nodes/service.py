@@ -10,6 +10,9 @@ registry (:mod:`..models.core.family`).
 - :func:`ready`: one ``comfy.model_management.load_models_gpu`` call for everything a node execution uses, with
   the run's working memory (its family's estimate: KV cache, activations, decoding) as ``memory_required``, so that
   ComfyUI makes room for the weights and the run together, unloading other models first.
+- :func:`ready_batch`: the planner of the sampler nodes: :func:`ready` with the whole batch's need, then the
+  images per sub-batch that fit the device's free memory (all of them when they fit), or one error before anything
+  is allocated that says what one image needs, what is free, and which KV settings would fit.
 
 Nothing is cached here: ComfyUI caches node outputs (a loader runs again only when its inputs change) and owns
 where the weights are.
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import comfy.model_management as mm
@@ -38,9 +43,15 @@ from torch import nn
 from ..models.core.checkpoint import read_sharded_state_dict, read_state_dict, shard_files
 from ..models.core.errors import NextScaleError
 from ..models.core.family import FAMILIES, Family, Kind, Role, describe, identify
+from ..models.core.memory import MemoryNeed, largest_batch, size
+from ..models.kv.policies import KVPolicySpec
 from .model_files import FOLDER, embedded_file
 
 log = logging.getLogger("NextScale")
+
+# The KV settings an out-of-memory message tries, the largest budget first: (policy, its name in NextScale KV Policy).
+FITTING_POLICIES = (("scalekv", "ScaleKV"), ("hack", "HACK"))
+FITTING_BUDGETS = (0.5, 0.25, 0.1)
 
 DTYPES = ["auto", "float32", "float16", "bfloat16"]
 CHOSEN = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -210,3 +221,60 @@ def ready(*models: NextScaleModel | None, memory: int = 0) -> None:
     (unloading other models), then loads what fits."""
     patchers = {id(m.module): m.patcher for m in models if m is not None}
     mm.load_models_gpu(list(patchers.values()), memory_required=memory)
+
+
+def ready_batch(
+    *models: NextScaleModel | None, batch: int, need: Callable[..., MemoryNeed], what: str
+) -> int:
+    """:func:`ready` declaring the working memory of the whole batch, then the images per sub-batch that fit the
+    compute device's free memory: ``batch`` when it fits, fewer when not (the node samples the batch in sub-batches;
+    each item's seed is the batch's seed plus its index, so the images are the unsplit batch's). ``need(images,
+    spec=None)`` is the run's :class:`MemoryNeed` for ``images`` at a KV policy spec (None: the run's own). When
+    one image does not fit, a :class:`NextScaleError` before anything is allocated says what it needs, what is free
+    and which KV settings would fit; the user's settings are never changed."""
+    ready(*models, memory=need(batch).working)
+    device = next(m.device for m in models if m is not None)
+    free = mm.get_free_memory(device)
+    images = largest_batch(lambda n: need(n).working, batch, free)
+    if images == 0:
+        raise NextScaleError(does_not_fit(what, need, free, device))
+    if images < batch:
+        log.info("NextScale: %s samples %d images in sub-batches of %d (%s free on %s)", what, batch, images,
+                 size(free), device)
+    return images
+
+
+def does_not_fit(what: str, need: Callable[..., MemoryNeed], free: int, device) -> str:
+    """The message when one image does not fit in ``free`` bytes: its need by part, and for each KV policy of
+    :data:`FITTING_POLICIES` the largest budget that fits, with its need."""
+    fits = []
+    for policy, title in FITTING_POLICIES:
+        for budget in FITTING_BUDGETS:
+            working = need(1, KVPolicySpec(policy, budget)).working
+            if working <= free:
+                fits.append(f"{title} at {budget:.0%} needs {size(working)}")
+                break
+    if fits:
+        hint = (f"settings that fit: {'; '.join(fits)} (a NextScale KV Policy node on the sampler's kv_policy "
+                f"input)")
+    else:
+        hint = (f"no KV budget down to {FITTING_BUDGETS[-1]:.0%} fits: choose a lower resolution, or free memory on "
+                f"the device (other programs using it)")
+    return (f"{what}: one image needs {need(1).describe()} beyond the weights, but {size(free)} are free on "
+            f"{device}; {hint}")
+
+
+@contextmanager
+def sub_batch_context(start: int, size: int, batch: int) -> Iterator[None]:
+    """Binding a guide or a control for images ``start .. start + size`` of ``batch``: an error names the sub-batch
+    (inputs that hold one image each cannot be split; a smaller ``batch_size`` samples them whole)."""
+    try:
+        yield
+    except NextScaleError as error:
+        if size == batch:
+            raise
+        raise NextScaleError(
+            f"the batch of {batch} images does not fit the free memory at once and is sampled in sub-batches of "
+            f"{size} (images {start + 1} to {start + size} here): {error}. Give one image to share, or lower "
+            f"batch_size to {size}"
+        ) from error

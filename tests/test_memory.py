@@ -140,5 +140,7 @@ def test_the_largest_batch_that_fits():
 def test_a_need_reads_by_part():
     need = MemoryNeed(weights=4 * GiB, kv_cache=8 * GiB, activations=GiB, preview=0, decode=2 * GiB)
     assert need.sampling == 9 * GiB and need.working == 9 * GiB and need.total == 13 * GiB
-    assert need.describe() == "13.0 GiB (weights 4.00, KV cache 8.00, activations 1.00, decoding 2.00)"
-    assert MemoryNeed(decode=3 * GiB, kv_cache=GiB).working == 3 * GiB
+    assert need.describe() == "9.00 GiB (KV cache 8.00 GiB, activations 1.00 GiB)"
+    decoding = MemoryNeed(decode=3 * GiB, kv_cache=GiB)
+    assert decoding.working == 3 * GiB and decoding.describe() == "3.00 GiB (decoding)"
+    assert MemoryNeed(kv_cache=300 * 2**20).describe() == "300 MiB (KV cache 300 MiB)"

@@ -53,16 +53,21 @@ class MemoryNeed:
         return self.weights + self.working
 
     def describe(self) -> str:
-        """``"14.1 GiB (weights 4.1, KV cache 8.2, activations 1.6, decoding 0.2)"``."""
-        parts = [("weights", self.weights), ("KV cache", self.kv_cache),
-                 ("activations", self.activations + self.preview), ("decoding", self.decode)]
-        listed = ", ".join(f"{name} {gib(n)}" for name, n in parts if n)
-        return f"{gib(self.total)} GiB ({listed})"
+        """The working memory by part: ``"14.1 GiB (KV cache 12.4 GiB, activations 1.68 GiB)"`` (decoding when it
+        is the larger)."""
+        if self.decode > self.sampling:
+            return f"{size(self.decode)} (decoding)"
+        parts = [("KV cache", self.kv_cache), ("activations", self.activations + self.preview)]
+        return f"{size(self.working)} ({', '.join(f'{name} {size(n)}' for name, n in parts if n)})"
 
 
-def gib(n: int) -> str:
-    """Bytes in GiB with two decimals (one above 10 GiB), as the messages and the table write them."""
-    return f"{n / GiB:.1f}" if n >= 10 * GiB else f"{n / GiB:.2f}"
+def size(n: int) -> str:
+    """Bytes as the messages and the table write them: ``"14.1 GiB"``, ``"5.14 GiB"``, ``"312 MiB"``."""
+    if n >= 10 * GiB:
+        return f"{n / GiB:.1f} GiB"
+    if n >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def weight_bytes(module: nn.Module, dtype: torch.dtype | None = None) -> int:
