@@ -18,7 +18,7 @@ from ..models.core.tokens import NextScaleTokens
 from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
 from ..models.var.sampler import CFG_SCHEDULES, SamplingOptions
 from .model_files import file_class_names, model_choices, read_embedded_card
-from .service import DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batch_context
+from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batch_context
 from .sockets import CATEGORY, Control, Generator, Guide, KVPolicy, SamplerOptions, Tokenizer, Tokens
 from .validation import check_combos, check_file, check_numbers
 
@@ -76,13 +76,14 @@ class NextScaleLoadGenerator(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "dtype",
-                    options=DTYPES,
+                    options=TRANSFORMER_DTYPES,
                     default="auto",
                     tooltip="Weight precision. auto: ComfyUI's choice for the device and its --force-fp32 / "
                     "--fp32-unet / --bf16-unet / --fp16-unet / --fp8_e4m3fn-unet flags (float32 on CPU, bfloat16 on "
                     "recent GPUs, float32 where float16 is broken). The residual stream and the logits stay float32 "
                     "whatever you pick. On a CPU with AMX or AVX512-BF16 (recent Xeons) bfloat16 samples several "
-                    "times faster, with slightly different images.",
+                    "times faster, with slightly different images. fp8_e4m3fn: weight matrices stored in 8 bits with "
+                    "ComfyUI's per-tensor scales (half of bfloat16's memory), computed in bfloat16/float16.",
                 ),
             ],
             outputs=[Generator.Output("generator", display_name="generator")],

@@ -20,7 +20,7 @@ from ..models.infinity.sampler import InfinityOptions, KeepScales, TextCondition
 from ..models.infinity.schedule import RESOLUTIONS, InfinitySchedule
 from .generator import bind_policy, check_pair, refuse_hooks, scale_callback
 from .model_files import model_choices
-from .service import DTYPES, NextScaleModel, load, not_found, ready_batch
+from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch
 from .sockets import CATEGORY, InfinityModel, KVPolicy, Tokenizer, Tokens
 from .text_encoder import check_text_width
 from .validation import check_combos, check_file, check_numbers
@@ -74,11 +74,12 @@ class NextScaleLoadInfinity(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "dtype",
-                    options=DTYPES,
+                    options=TRANSFORMER_DTYPES,
                     default="auto",
                     tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
                     "(float32 on CPU, bfloat16 on recent GPUs). The tokenizer stays float32 (unless --fp16-vae / "
-                    "--bf16-vae) and logits are always float32.",
+                    "--bf16-vae) and logits are always float32. fp8_e4m3fn: weight matrices stored in 8 bits with "
+                    "ComfyUI's per-tensor scales (half of bfloat16's memory), computed in bfloat16/float16.",
                 ),
             ],
             outputs=[

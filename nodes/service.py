@@ -54,7 +54,12 @@ FITTING_POLICIES = (("scalekv", "ScaleKV"), ("hack", "HACK"))
 FITTING_BUDGETS = (0.5, 0.25, 0.1)
 
 DTYPES = ["auto", "float32", "float16", "bfloat16"]
-CHOSEN = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The transformers' and control models' loaders offer fp8 storage too (appended: saved workflows keep their choice).
+TRANSFORMER_DTYPES = [*DTYPES, "fp8_e4m3fn"]
+CHOSEN = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
+}
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,13 @@ def precision(role: Role, choice: str, device: torch.device, parameters: int) ->
     elif choice in CHOSEN:
         weight = CHOSEN[choice]
     else:
-        raise NextScaleError(f"dtype '{choice}' is not one of {', '.join(DTYPES)}")
-    if choice != "auto" and mm.is_device_cpu(device):
+        raise NextScaleError(f"dtype '{choice}' is not one of {', '.join(TRANSFORMER_DTYPES)}")
+    if weight in FP8 and role.auto == "vae":
+        raise NextScaleError(
+            f"dtype '{choice}': {role.what}s are not stored in fp8 (they are small and precision-sensitive); "
+            f"choose auto, float32, float16 or bfloat16"
+        )
+    if choice != "auto" and mm.is_device_cpu(device) and weight not in FP8:
         compute = weight
     else:
         compute = mm.unet_manual_cast(weight, device, supported) or weight
@@ -177,8 +187,8 @@ def load(name: str, loader: str, role: str, dtype: str = "auto", path: str | Non
     """Load the choice ``name`` (or the file or folder ``path``) for the ``role`` input of the node ``loader``:
     refused with a message naming what the file is and which node loads it when it is something else."""
     kinds = expected(loader, role)
-    if dtype not in DTYPES:  # the loaders validate only their file input (nodes/validation.py)
-        raise NextScaleError(f"dtype = {dtype!r} is not one of the choices: {', '.join(DTYPES)}")
+    if dtype not in TRANSFORMER_DTYPES:  # the loaders validate only their file input (nodes/validation.py)
+        raise NextScaleError(f"dtype = {dtype!r} is not one of the choices: {', '.join(TRANSFORMER_DTYPES)}")
     path = path or resolve(name, loader, role)
     state_dict = _read(path, _what(kinds))
     kind = identify(state_dict)
@@ -190,12 +200,44 @@ def load(name: str, loader: str, role: str, dtype: str = "auto", path: str | Non
     device = mm.get_torch_device()
     parameters = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
     chosen = precision(kind.role, dtype, device, parameters)
+    scaled = chosen.weight_dtype in FP8  # built in the compute dtype, then its matrices stored in fp8 with scales
     module = kind.family.build(
-        kind.role, state_dict, path, dtype=chosen.weight_dtype, operations=chosen.operations,
-        compute_dtype=chosen.compute_dtype,
+        kind.role, state_dict, path, dtype=chosen.compute_dtype if scaled else chosen.weight_dtype,
+        operations=chosen.operations, compute_dtype=chosen.compute_dtype,
     )
+    if scaled:
+        store_scaled_fp8(module, chosen.weight_dtype)
     log.info("NextScale: loaded %s '%s' (%s)", role, name, chosen.weight_dtype)
     return _wrap(module, kind, name, path, chosen, device)
+
+
+def store_scaled_fp8(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store every manual-cast ``Linear`` of ``module`` (its matrices: almost all of a transformer's weights) in the
+    fp8 ``dtype`` as ComfyUI's scaled fp8 checkpoints are: the weight divided by a per-tensor fp32 ``scale_weight``
+    (its largest magnitude over the format's largest value, so that no weight saturates and small ones keep their
+    precision) and rounded. The layer becomes ComfyUI's scaled-fp8 ``Linear``, which multiplies the scale back on
+    every call (its LoRA and low-VRAM patches included); functional calls read it through ``ops.weight_and_bias``.
+    The other layers (norms, embeddings, biases) keep the compute dtype."""
+    linear = _scaled_fp8_linear()
+    for layer in module.modules():
+        if type(layer) is comfy.ops.manual_cast.Linear:
+            weight = layer.weight.float()
+            scale = weight.abs().amax().clamp_min(torch.finfo(torch.float32).tiny) / torch.finfo(dtype).max
+            layer.__class__ = linear  # a subclass of manual_cast.Linear: same state, plus the scales below
+            layer.weight = nn.Parameter((weight / scale).to(dtype), requires_grad=False)
+            layer.scale_weight = nn.Parameter(scale, requires_grad=False)
+            layer.scale_input = None
+    return module
+
+
+_SCALED_FP8: list[type] = []
+
+
+def _scaled_fp8_linear() -> type:
+    """ComfyUI's scaled-fp8 ``Linear`` (``comfy.ops.scaled_fp8_ops``), made once."""
+    if not _SCALED_FP8:
+        _SCALED_FP8.append(comfy.ops.scaled_fp8_ops().Linear)
+    return _SCALED_FP8[0]
 
 
 def adopt(module: nn.Module, name: str = "in memory") -> NextScaleModel:
