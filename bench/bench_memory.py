@@ -253,7 +253,7 @@ def fp8_logits() -> None:
     print("|---|---|---|")
     error, agree = agreement(got, ref)
     print(f"| VAR-d16 (init_weights, 256 px, 680 tokens) | {error:.4f} | {agree:.3f} |")
-    config = dataclasses.replace(InfinityConfig.official("2b"), depth=4)
+    config = dataclasses.replace(InfinityConfig.official("2b"), depth=4, block_chunks=4)
     torch.manual_seed(0)
     model = Infinity(config).eval().requires_grad_(False)
     model.init_weights()

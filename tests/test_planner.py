@@ -1,7 +1,8 @@
 """The sampler nodes' memory planner (nodes/service.py, ``ready_batch``) in ComfyUI's python, on a mocked amount of
 free memory: the whole batch's need is declared to ComfyUI, a batch that does not fit runs in sub-batches that give
 exactly the unsplit batch's images, and when one image does not fit one error says what it needs, what is free and
-which KV setting would fit, before anything is sampled."""
+which KV setting would fit, before anything is sampled. And the text encoder leaves the device when a run needs
+its room: ComfyUI's own management of the ``CLIP`` NextScale Text Encode returns, on a stand-in device (``meta``)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,51 @@ assert sampled == [1, 1, 1] and all(torch.equal(a, b) for a, b in zip(whole.bits
 print("Infinity sub-batches ok")
 print("planner ok")
 """
+
+
+TEXT_ENCODER = PREAMBLE + """
+from safetensors.torch import save_file
+from nextscale.models.core.family import Workload
+from nextscale.nodes import text_encoder as te
+from nextscale.nodes.service import adopt, ready
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from test_sampler import CVAE, PN, VOCAB, make_var
+from transformers import T5Config, T5EncoderModel
+
+meta = torch.device("meta")  # a stand-in GPU: ComfyUI frees memory only on devices other than the CPU
+CARD = 4 * 2**30  # ComfyUI keeps 1 GiB of inference memory and 0.4 GiB of reserve free on top of a run's need
+mm.get_torch_device = mm.text_encoder_device = lambda: meta
+mm.text_encoder_offload_device = lambda: meta  # meta tensors cannot move to the CPU: "offloaded" stays on meta
+loaded = lambda: sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.device == meta)
+free = lambda: CARD - loaded()
+mm.get_free_memory = lambda dev=None, torch_free_too=False: (free(), free()) if torch_free_too else free()
+
+path = os.path.join(folder, "t5.safetensors")
+t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                             feed_forward_proj="gated-gelu"))  # a tiny flan-T5 encoder (the real vocabulary)
+save_file({k: v.contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}, path)
+clip = te.load_flan_t5(path, dtype=torch.float32)
+mm.load_models_gpu([clip.patcher])  # as after NextScale Text Encode: the text encoder on the device
+def on_device(patcher):  # the share of its weights on the device
+    return sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.model is patcher) / patcher.model_size()
+
+assert on_device(clip.patcher) == 1
+
+torch.manual_seed(0)
+var = make_var()
+vae = MultiScaleVQVAE(TokenizerConfig(vocab_size=VOCAB, z_channels=CVAE, ch=32, ch_mult=(1, 1), num_res_blocks=1,
+                                      patch_nums=PN)).eval()
+gen, tok = adopt(var), adopt(vae)
+ready(gen, tok, memory=2**20)  # room for both: nothing is unloaded
+assert on_device(clip.patcher) == on_device(gen.patcher) == on_device(tok.patcher) == 1
+ready(gen, tok, memory=CARD - mm.extra_reserved_memory() - 4 * 2**20)  # needs the text encoder's 8.5 MB
+assert on_device(clip.patcher) < 0.01 and on_device(gen.patcher) == on_device(tok.patcher) == 1
+print("text encoder offloaded")
+"""
+
+
+def test_the_text_encoder_leaves_the_device_when_a_run_needs_its_room(tmp_path):
+    _run(TEXT_ENCODER, tmp_path, "text encoder offloaded")
 
 
 def test_the_planner_splits_batches_exactly_and_refuses_with_a_setting_that_fits(tmp_path):
