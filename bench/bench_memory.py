@@ -147,7 +147,7 @@ class Official:
         )
         workload = Workload(batch_size=batch, schedule=self.schedule, kv_policy=policy, dtype=torch.bfloat16)
         need = self.family.memory(self.generator, self.tokenizer, workload)
-        weights = weight_bytes(self.generator, FP8 if storage == "fp8" else torch.bfloat16)
+        weights = weight_bytes(self.generator, torch.bfloat16, FP8 if storage == "fp8" else None)
         return dataclasses.replace(need, weights=weights + weight_bytes(self.tokenizer))
 
     def decode(self) -> int:

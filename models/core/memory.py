@@ -70,14 +70,16 @@ def size(n: int) -> str:
     return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
-def weight_bytes(module: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Bytes of ``module``'s parameters and buffers with its floating-point ones stored in ``dtype`` (None: as they
-    are). fp8 storage adds one fp32 scale per weight matrix, as ComfyUI's scaled fp8 does. Works on ``meta``
-    modules: nothing is read."""
+def weight_bytes(module: nn.Module, dtype: torch.dtype | None = None, matrices: torch.dtype | None = None) -> int:
+    """Bytes of ``module``'s parameters and buffers, its floating-point ones stored in ``dtype`` (None: as they are)
+    and the weights of its ``Linear`` layers in ``matrices`` (None: as the others); fp8 matrices carry one fp32 scale
+    each, as the loaders' scaled fp8 stores them. Works on ``meta`` modules: nothing is read."""
+    linear = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
     total = 0
     for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.is_floating_point() and dtype is not None:
-            total += tensor.numel() * dtype.itemsize + (4 if dtype in FP8_DTYPES and tensor.dim() >= 2 else 0)
+        chosen = matrices if matrices is not None and id(tensor) in linear else dtype
+        if tensor.is_floating_point() and chosen is not None:
+            total += tensor.numel() * chosen.itemsize + (4 if chosen in FP8_DTYPES else 0)
         else:
             total += tensor.numel() * tensor.element_size()
     return total
