@@ -309,7 +309,7 @@ def does_not_fit(what: str, need: Callable[..., MemoryNeed], free: int, device) 
 @contextmanager
 def sub_batch_context(start: int, size: int, batch: int) -> Iterator[None]:
     """Binding a guide or a control for images ``start .. start + size`` of ``batch``: an error names the sub-batch
-    (inputs that hold one image each cannot be split; a smaller ``batch_size`` samples them whole)."""
+    (inputs that hold one image each cannot be split; a smaller batch samples them whole)."""
     try:
         yield
     except NextScaleError as error:
@@ -317,6 +317,6 @@ def sub_batch_context(start: int, size: int, batch: int) -> Iterator[None]:
             raise
         raise NextScaleError(
             f"the batch of {batch} images does not fit the free memory at once and is sampled in sub-batches of "
-            f"{size} (images {start + 1} to {start + size} here): {error}. Give one image to share, or lower "
-            f"batch_size to {size}"
+            f"{size} (images {start + 1} to {start + size} here): {error}. Give one input for every image, or "
+            f"sample at most {size} images per run"
         ) from error

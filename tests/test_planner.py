@@ -67,6 +67,16 @@ print(message)
 raises(lambda: run(sampler, 1000), "no KV budget down to 10% fits")
 print("VAR refusal ok")
 
+# a control image per image cannot be cut into sub-batches: the error names the sub-batch and the batch that fits
+from nextscale.nodes.control import NextScaleApplyControl
+from test_control import make_car, make_var4
+gen4 = adopt(make_var4())
+car = NextScaleApplyControl.execute(adopt(make_car()), torch.rand(5, 16, 16, 3), 1.0, 0, 0, 1.0).result[0]
+car_need = lambda images: var_family.memory(gen4.module, vae, Workload(batch_size=images, controls=(car.model.module,)))
+raises(lambda: run(sampler, car_need(2).working, generator=gen4, control=car),
+       "the batch of 5 images does not fit the free memory at once and is sampled in sub-batches of 2 (images 1 to 2",
+       "the control image batch has 5 images", "sample at most 2 images per run")
+
 model, bsq = tiny_model(), tiny_tokenizer()
 infinity, itok = adopt(model), adopt(bsq)
 text = [[torch.randn(1, 5, model.config.text_dim), {}]]
