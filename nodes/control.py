@@ -12,7 +12,7 @@ from ..models.control.maps import canny_edges, map_to_image, soft_silhouette
 from ..models.core.errors import NextScaleError
 from ..models.core.imageops import image_to_model
 from .model_files import model_choices
-from .service import DTYPES, NextScaleModel, load, not_found
+from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found
 from .sockets import CATEGORY, Control, ControlModel
 from .validation import check_file, check_numbers
 
@@ -80,10 +80,11 @@ class NextScaleLoadControl(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "dtype",
-                    options=DTYPES,
+                    options=TRANSFORMER_DTYPES,
                     default="auto",
                     tooltip="Weight precision; auto: ComfyUI's choice as for the generator (float32 on CPU, "
-                    "bfloat16 on recent GPUs). Pick the generator's precision.",
+                    "bfloat16 on recent GPUs; fp8_e4m3fn: 8-bit matrices with per-tensor scales). Pick the "
+                    "generator's precision.",
                 ),
             ],
             outputs=[ControlModel.Output("control_model", display_name="control_model")],

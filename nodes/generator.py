@@ -18,7 +18,7 @@ from ..models.core.tokens import NextScaleTokens
 from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
 from ..models.var.sampler import CFG_SCHEDULES, SamplingOptions
 from .model_files import file_class_names, model_choices, read_embedded_card
-from .service import DTYPES, NextScaleModel, load, not_found, ready
+from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batch_context
 from .sockets import CATEGORY, Accel, Control, Generator, Guide, KVPolicy, SamplerOptions, Tokenizer, Tokens
 from .validation import check_combos, check_file, check_numbers
 
@@ -78,13 +78,14 @@ class NextScaleLoadGenerator(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "dtype",
-                    options=DTYPES,
+                    options=TRANSFORMER_DTYPES,
                     default="auto",
                     tooltip="Weight precision. auto: ComfyUI's choice for the device and its --force-fp32 / "
                     "--fp32-unet / --bf16-unet / --fp16-unet / --fp8_e4m3fn-unet flags (float32 on CPU, bfloat16 on "
                     "recent GPUs, float32 where float16 is broken). The residual stream and the logits stay float32 "
                     "whatever you pick. On a CPU with AMX or AVX512-BF16 (recent Xeons) bfloat16 samples several "
-                    "times faster, with slightly different images.",
+                    "times faster, with slightly different images. fp8_e4m3fn: weight matrices stored in 8 bits with "
+                    "ComfyUI's per-tensor scales (half of bfloat16's memory), computed in bfloat16/float16.",
                 ),
             ],
             outputs=[Generator.Output("generator", display_name="generator")],
@@ -277,25 +278,37 @@ class NextScaleSampler(io.ComfyNode):
             generator, class_name, class_list, batch_size, cfg, top_k, top_p, more_smooth, options
         )
         B, device = len(labels_B), generator.device
-        policy = bind_policy(kv_policy, generator)
         controls = [] if control is None else control.models()
         workload = Workload(
-            batch_size=B, guided=sampling.cfg != 0, kv_policy=policy, dtype=generator.compute_dtype,
-            controls=tuple(m.module for m in controls), decode_dtype=tokenizer.compute_dtype,
+            guided=sampling.cfg != 0, dtype=generator.compute_dtype, controls=tuple(m.module for m in controls),
+            decode_dtype=tokenizer.compute_dtype,
         )
-        memory = family.working_memory(generator.module, tokenizer.module, workload)
-        ready(generator, tokenizer, *controls, memory=memory)
+
+        def need(images: int, spec=kv_policy):
+            policy = bind_policy(spec, generator)
+            return family.memory(generator.module, tokenizer.module, dataclasses.replace(
+                workload, batch_size=images, kv_policy=policy))
+
+        size = ready_batch(generator, tokenizer, *controls, batch=B, need=need, what="NextScale Sampler")
         scales = family.kv_geometry(generator.module).scales
-        hooks = SamplerHooks(
-            callback=scale_callback(cls.hidden.unique_id, tokenizer, len(scales), preview),
-            guide=None if guide is None else guide.bind(tokenizer.module, scales, B, device),
-            control=None if control is None else control.bind(generator.module, tokenizer.module, B, device),
-            kv_policy=policy,
-            accel=accel,
-        )
-        tokens: NextScaleTokens = family.sample(
-            generator.module, tokenizer.module, labels_B, seed=seed, options=sampling, hooks=hooks, device=device
-        )
+        parts = []
+        for start in range(0, B, size):  # item i's seed is seed + i in every sub-batch: the unsplit batch's images
+            labels = labels_B[start : start + size]
+            with sub_batch_context(start, len(labels), B):
+                hooks = SamplerHooks(
+                    callback=scale_callback(cls.hidden.unique_id, tokenizer, len(scales), preview),
+                    guide=None if guide is None else guide.bind(tokenizer.module, scales, len(labels), device),
+                    control=None if control is None else control.bind(
+                        generator.module, tokenizer.module, len(labels), device
+                    ),
+                    kv_policy=bind_policy(kv_policy, generator),
+                    accel=accel,
+                )
+            parts.append(family.sample(
+                generator.module, tokenizer.module, labels, seed=seed + start, options=sampling, hooks=hooks,
+                device=device,
+            ))
+        tokens: NextScaleTokens = parts[0] if len(parts) == 1 else NextScaleTokens.cat(parts)
         return io.NodeOutput(framed_like_reference(tokens, guide).to("cpu"))
 
 

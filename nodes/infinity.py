@@ -6,6 +6,8 @@ CONDITIONING; the tokens go to the usual NextScale Decode.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from comfy_api.latest import io
 
@@ -13,11 +15,12 @@ from ..models.core.errors import NextScaleError
 from ..models.core.family import Workload
 from ..models.core.hooks import SamplerHooks
 from ..models.core.imageops import image_to_model
+from ..models.core.tokens import NextScaleBitTokens
 from ..models.infinity.sampler import InfinityOptions, KeepScales, TextCondition, latent_scales
 from ..models.infinity.schedule import RESOLUTIONS, InfinitySchedule
 from .generator import bind_policy, check_pair, refuse_hooks, scale_callback
 from .model_files import model_choices
-from .service import DTYPES, NextScaleModel, load, not_found, ready
+from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch
 from .sockets import CATEGORY, Accel, InfinityModel, KVPolicy, Tokenizer, Tokens
 from .text_encoder import check_text_width
 from .validation import check_combos, check_file, check_numbers
@@ -73,11 +76,12 @@ class NextScaleLoadInfinity(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "dtype",
-                    options=DTYPES,
+                    options=TRANSFORMER_DTYPES,
                     default="auto",
                     tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
                     "(float32 on CPU, bfloat16 on recent GPUs). The tokenizer stays float32 (unless --fp16-vae / "
-                    "--bf16-vae) and logits are always float32.",
+                    "--bf16-vae) and logits are always float32. fp8_e4m3fn: weight matrices stored in 8 bits with "
+                    "ComfyUI's per-tensor scales (half of bfloat16's memory), computed in bfloat16/float16.",
                 ),
             ],
             outputs=[
@@ -245,28 +249,37 @@ class NextScaleTextSampler(io.ComfyNode):
         text_dim = model.module.config.text_dim
         text, mask = text_from_conditioning(positive, batch_size, text_dim, "positive")
         neg = None if negative is None else text_from_conditioning(negative, 1, text_dim, "negative")
-        policy = bind_policy(kv_policy, model, schedule)
         workload = Workload(
-            batch_size=batch_size, guided=cfg != 1, schedule=schedule, kv_policy=policy, dtype=model.compute_dtype,
-            decode_batch=1 if keep else 0, decode_dtype=tokenizer.compute_dtype,
+            guided=cfg != 1, schedule=schedule, dtype=model.compute_dtype, decode_batch=1 if keep else 0,
+            decode_dtype=tokenizer.compute_dtype, text_tokens=text.shape[1],
         )
-        ready(model, tokenizer, memory=family.working_memory(model.module, tokenizer.module, workload))
+
+        def need(images: int, spec=kv_policy):
+            policy = bind_policy(spec, model, schedule)
+            return family.memory(model.module, tokenizer.module, dataclasses.replace(
+                workload, batch_size=images, kv_policy=policy))
+
+        size = ready_batch(model, tokenizer, batch=batch_size, need=need, what="NextScale Sampler (Text)")
         guide = None
         if keep:
             latent = latent_scales(model.module, tokenizer.module, schedule)
             img = image_to_model(image[:1]).to(tokenizer.device)
             guide = KeepScales(family.encode(tokenizer.module, img, latent, "stretch").bits, keep_scales)
-        hooks = SamplerHooks(
-            callback=scale_callback(cls.hidden.unique_id, tokenizer, schedule.num_scales, True),
-            guide=guide,
-            kv_policy=policy,
-            accel=accel,
-        )
         options = InfinityOptions(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, schedule=schedule)
-        tokens = family.sample(
-            model.module, tokenizer.module, TextCondition(text, mask, neg), seed=seed, options=options, hooks=hooks,
-            device=model.device,
-        )
+        parts = []
+        for start in range(0, batch_size, size):  # item i's seed is seed + i in every sub-batch
+            hooks = SamplerHooks(
+                callback=scale_callback(cls.hidden.unique_id, tokenizer, schedule.num_scales, True),
+                guide=guide,
+                kv_policy=bind_policy(kv_policy, model, schedule),
+                accel=accel,
+            )
+            condition = TextCondition(text[start : start + size], mask[start : start + size], neg)
+            parts.append(family.sample(
+                model.module, tokenizer.module, condition, seed=seed + start, options=options, hooks=hooks,
+                device=model.device,
+            ))
+        tokens = parts[0] if len(parts) == 1 else NextScaleBitTokens.cat(parts)
         return io.NodeOutput(tokens.to("cpu"))
 
 

@@ -10,6 +10,9 @@ registry (:mod:`..models.core.family`).
 - :func:`ready`: one ``comfy.model_management.load_models_gpu`` call for everything a node execution uses, with
   the run's working memory (its family's estimate: KV cache, activations, decoding) as ``memory_required``, so that
   ComfyUI makes room for the weights and the run together, unloading other models first.
+- :func:`ready_batch`: the planner of the sampler nodes: :func:`ready` with the whole batch's need, then the
+  images per sub-batch that fit the device's free memory (all of them when they fit), or one error before anything
+  is allocated that says what one image needs, what is free, and which KV settings would fit.
 
 Nothing is cached here: ComfyUI caches node outputs (a loader runs again only when its inputs change) and owns
 where the weights are.
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import comfy.model_management as mm
@@ -38,12 +43,23 @@ from torch import nn
 from ..models.core.checkpoint import read_sharded_state_dict, read_state_dict, shard_files
 from ..models.core.errors import NextScaleError
 from ..models.core.family import FAMILIES, Family, Kind, Role, describe, identify
+from ..models.core.memory import MemoryNeed, largest_batch, size
+from ..models.kv.policies import KVPolicySpec
 from .model_files import FOLDER, embedded_file
 
 log = logging.getLogger("NextScale")
 
+# The KV settings an out-of-memory message tries, the largest budget first: (policy, its name in NextScale KV Policy).
+FITTING_POLICIES = (("scalekv", "ScaleKV"), ("hack", "HACK"))
+FITTING_BUDGETS = (0.5, 0.25, 0.1)
+
 DTYPES = ["auto", "float32", "float16", "bfloat16"]
-CHOSEN = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The transformers' and control models' loaders offer fp8 storage too (appended: saved workflows keep their choice).
+TRANSFORMER_DTYPES = [*DTYPES, "fp8_e4m3fn"]
+CHOSEN = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
+}
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
@@ -64,8 +80,13 @@ def precision(role: Role, choice: str, device: torch.device, parameters: int) ->
     elif choice in CHOSEN:
         weight = CHOSEN[choice]
     else:
-        raise NextScaleError(f"dtype '{choice}' is not one of {', '.join(DTYPES)}")
-    if choice != "auto" and mm.is_device_cpu(device):
+        raise NextScaleError(f"dtype '{choice}' is not one of {', '.join(TRANSFORMER_DTYPES)}")
+    if weight in FP8 and role.auto == "vae":
+        raise NextScaleError(
+            f"dtype '{choice}': {role.what}s are not stored in fp8 (they are small and precision-sensitive); "
+            f"choose auto, float32, float16 or bfloat16"
+        )
+    if choice != "auto" and mm.is_device_cpu(device) and weight not in FP8:
         compute = weight
     else:
         compute = mm.unet_manual_cast(weight, device, supported) or weight
@@ -166,8 +187,8 @@ def load(name: str, loader: str, role: str, dtype: str = "auto", path: str | Non
     """Load the choice ``name`` (or the file or folder ``path``) for the ``role`` input of the node ``loader``:
     refused with a message naming what the file is and which node loads it when it is something else."""
     kinds = expected(loader, role)
-    if dtype not in DTYPES:  # the loaders validate only their file input (nodes/validation.py)
-        raise NextScaleError(f"dtype = {dtype!r} is not one of the choices: {', '.join(DTYPES)}")
+    if dtype not in TRANSFORMER_DTYPES:  # the loaders validate only their file input (nodes/validation.py)
+        raise NextScaleError(f"dtype = {dtype!r} is not one of the choices: {', '.join(TRANSFORMER_DTYPES)}")
     path = path or resolve(name, loader, role)
     state_dict = _read(path, _what(kinds))
     kind = identify(state_dict)
@@ -179,12 +200,44 @@ def load(name: str, loader: str, role: str, dtype: str = "auto", path: str | Non
     device = mm.get_torch_device()
     parameters = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
     chosen = precision(kind.role, dtype, device, parameters)
+    scaled = chosen.weight_dtype in FP8  # built in the compute dtype, then its matrices stored in fp8 with scales
     module = kind.family.build(
-        kind.role, state_dict, path, dtype=chosen.weight_dtype, operations=chosen.operations,
-        compute_dtype=chosen.compute_dtype,
+        kind.role, state_dict, path, dtype=chosen.compute_dtype if scaled else chosen.weight_dtype,
+        operations=chosen.operations, compute_dtype=chosen.compute_dtype,
     )
+    if scaled:
+        store_scaled_fp8(module, chosen.weight_dtype)
     log.info("NextScale: loaded %s '%s' (%s)", role, name, chosen.weight_dtype)
     return _wrap(module, kind, name, path, chosen, device)
+
+
+def store_scaled_fp8(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store every manual-cast ``Linear`` of ``module`` (its matrices: almost all of a transformer's weights) in the
+    fp8 ``dtype`` as ComfyUI's scaled fp8 checkpoints are: the weight divided by a per-tensor fp32 ``scale_weight``
+    (its largest magnitude over the format's largest value, so that no weight saturates and small ones keep their
+    precision) and rounded. The layer becomes ComfyUI's scaled-fp8 ``Linear``, which multiplies the scale back on
+    every call (its LoRA and low-VRAM patches included); functional calls read it through ``ops.weight_and_bias``.
+    The other layers (norms, embeddings, biases) keep the compute dtype."""
+    linear = _scaled_fp8_linear()
+    for layer in module.modules():
+        if type(layer) is comfy.ops.manual_cast.Linear:
+            weight = layer.weight.float()
+            scale = weight.abs().amax().clamp_min(torch.finfo(torch.float32).tiny) / torch.finfo(dtype).max
+            layer.__class__ = linear  # a subclass of manual_cast.Linear: same state, plus the scales below
+            layer.weight = nn.Parameter((weight / scale).to(dtype), requires_grad=False)
+            layer.scale_weight = nn.Parameter(scale, requires_grad=False)
+            layer.scale_input = None
+    return module
+
+
+_SCALED_FP8: list[type] = []
+
+
+def _scaled_fp8_linear() -> type:
+    """ComfyUI's scaled-fp8 ``Linear`` (``comfy.ops.scaled_fp8_ops``), made once."""
+    if not _SCALED_FP8:
+        _SCALED_FP8.append(comfy.ops.scaled_fp8_ops().Linear)
+    return _SCALED_FP8[0]
 
 
 def adopt(module: nn.Module, name: str = "in memory") -> NextScaleModel:
@@ -210,3 +263,60 @@ def ready(*models: NextScaleModel | None, memory: int = 0) -> None:
     (unloading other models), then loads what fits."""
     patchers = {id(m.module): m.patcher for m in models if m is not None}
     mm.load_models_gpu(list(patchers.values()), memory_required=memory)
+
+
+def ready_batch(
+    *models: NextScaleModel | None, batch: int, need: Callable[..., MemoryNeed], what: str
+) -> int:
+    """:func:`ready` declaring the working memory of the whole batch, then the images per sub-batch that fit the
+    compute device's free memory: ``batch`` when it fits, fewer when not (the node samples the batch in sub-batches;
+    each item's seed is the batch's seed plus its index, so the images are the unsplit batch's). ``need(images,
+    spec=None)`` is the run's :class:`MemoryNeed` for ``images`` at a KV policy spec (None: the run's own). When
+    one image does not fit, a :class:`NextScaleError` before anything is allocated says what it needs, what is free
+    and which KV settings would fit; the user's settings are never changed."""
+    ready(*models, memory=need(batch).working)
+    device = next(m.device for m in models if m is not None)
+    free = mm.get_free_memory(device)
+    images = largest_batch(lambda n: need(n).working, batch, free)
+    if images == 0:
+        raise NextScaleError(does_not_fit(what, need, free, device))
+    if images < batch:
+        log.info("NextScale: %s samples %d images in sub-batches of %d (%s free on %s)", what, batch, images,
+                 size(free), device)
+    return images
+
+
+def does_not_fit(what: str, need: Callable[..., MemoryNeed], free: int, device) -> str:
+    """The message when one image does not fit in ``free`` bytes: its need by part, and for each KV policy of
+    :data:`FITTING_POLICIES` the largest budget that fits, with its need."""
+    fits = []
+    for policy, title in FITTING_POLICIES:
+        for budget in FITTING_BUDGETS:
+            working = need(1, KVPolicySpec(policy, budget)).working
+            if working <= free:
+                fits.append(f"{title} at {budget:.0%} needs {size(working)}")
+                break
+    if fits:
+        hint = (f"settings that fit: {'; '.join(fits)} (a NextScale KV Policy node on the sampler's kv_policy "
+                f"input)")
+    else:
+        hint = (f"no KV budget down to {FITTING_BUDGETS[-1]:.0%} fits: choose a lower resolution, or free memory on "
+                f"the device (other programs using it)")
+    return (f"{what}: one image needs {need(1).describe()} beyond the weights, but {size(free)} are free on "
+            f"{device}; {hint}")
+
+
+@contextmanager
+def sub_batch_context(start: int, size: int, batch: int) -> Iterator[None]:
+    """Binding a guide or a control for images ``start .. start + size`` of ``batch``: an error names the sub-batch
+    (inputs that hold one image each cannot be split; a smaller batch samples them whole)."""
+    try:
+        yield
+    except NextScaleError as error:
+        if size == batch:
+            raise
+        raise NextScaleError(
+            f"the batch of {batch} images does not fit the free memory at once and is sampled in sub-batches of "
+            f"{size} (images {start + 1} to {start + size} here): {error}. Give one input for every image, or "
+            f"sample at most {size} images per run"
+        ) from error

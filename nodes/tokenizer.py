@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..models.core.errors import NextScaleError
 from ..models.core.family import Workload
 from ..models.core.imageops import RESIZE_MODES, image_to_model, model_to_image
+from ..models.core.memory import largest_batch
 from ..models.var.editing import composite
 from .model_files import model_choices
 from .service import DTYPES, NextScaleModel, load, not_found, ready
@@ -113,11 +114,11 @@ class NextScaleEncode(io.ComfyNode):
         return io.NodeOutput(type(parts[0]).cat(parts))
 
 
-def decode_memory(tokenizer: NextScaleModel, tokens) -> int:
-    """Working memory of decoding ``tokens`` a chunk at a time."""
+def decode_memory(tokenizer: NextScaleModel, tokens, images: int | None = None) -> int:
+    """Working memory of decoding ``images`` of ``tokens`` at once (None: a chunk, the family's ``decode_chunk``)."""
     family = tokenizer.family
     workload = Workload(
-        schedule=tokens.schedule, decode_batch=min(family.decode_chunk, tokens.batch_size),
+        schedule=tokens.schedule, decode_batch=images or min(family.decode_chunk, tokens.batch_size),
         decode_dtype=tokenizer.compute_dtype,
     )
     return family.working_memory(None, tokenizer.module, workload)
@@ -125,11 +126,15 @@ def decode_memory(tokenizer: NextScaleModel, tokens) -> int:
 
 def decode_images(tokenizer: NextScaleModel, tokens, upto: int | None) -> torch.Tensor:
     """ComfyUI IMAGE of the tokens' first ``upto`` scales (None: all), decoded by the tokenizer's family a chunk at
-    a time; the tokenizer must be ready."""
+    a time: the family's ``decode_chunk`` images, fewer when they do not fit the device's free memory (one at
+    least: 1024 px BSQ decodes need about 4 GiB each). The tokenizer must be ready."""
     family, images = tokenizer.family, []
-    for b in range(0, tokens.batch_size, family.decode_chunk):
+    largest = min(family.decode_chunk, tokens.batch_size)
+    free = mm.get_free_memory(tokenizer.device)
+    chunk = max(1, largest_batch(lambda n: decode_memory(tokenizer, tokens, n), largest, free))
+    for b in range(0, tokens.batch_size, chunk):
         mm.throw_exception_if_processing_interrupted()
-        part = tokens.select(list(range(b, min(b + family.decode_chunk, tokens.batch_size)))).to(tokenizer.device)
+        part = tokens.select(list(range(b, min(b + chunk, tokens.batch_size)))).to(tokenizer.device)
         images.append(model_to_image(family.decode(tokenizer.module, part, upto)).to(mm.intermediate_device()))
     return torch.cat(images)
 

@@ -123,12 +123,22 @@ assert all(p.dtype == bf16 for p in model.module.parameters())
 # built from the chosen op set, so that a partial load can leave any layer's weights off the device
 linears = [m for m in model.module.modules() if isinstance(m, torch.nn.Linear)]
 assert linears and all(type(m) is plain.Linear for m in linears), {type(m) for m in linears}
-# fp8 storage: the layers cast per call (manual cast) and the model computes in bf16
-under("fp8_e4m3fn_unet")
-model = load("gen.safetensors", "NextScale Load Generator", "generator")
-assert model.module.compute_dtype == bf16 == model.compute_dtype, model.module.compute_dtype
-linears = [m for m in model.module.modules() if isinstance(m, torch.nn.Linear)]
-assert all(type(m) is manual.Linear and m.weight.dtype == fp8 for m in linears)
+# fp8 storage (--fp8_e4m3fn-unet, or the loaders' fp8_e4m3fn): every matrix in fp8 with ComfyUI's per-tensor scale,
+# cast per call, and the model computes in bf16; the weights are the file's within fp8's rounding (of the bf16 build)
+reference = make_var().state_dict()
+for how in ("flag", "choice"):
+    under("fp8_e4m3fn_unet" if how == "flag" else None)
+    model = load("gen.safetensors", "NextScale Load Generator", "generator", "auto" if how == "flag" else "fp8_e4m3fn")
+    assert model.module.compute_dtype == bf16 == model.compute_dtype and model.dtype == fp8, how
+    linears = {n: m for n, m in model.module.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert all(isinstance(m, manual.Linear) and m.weight.dtype == fp8 and m.scale_weight.dtype == fp32
+               for m in linears.values())
+    for name, m in linears.items():
+        w = reference[name + ".weight"]
+        largest = w.abs().max()  # maps to 448, e4m3fn's largest value; 3 mantissa bits below it
+        assert torch.isclose(m.scale_weight * 448, largest, rtol=1e-2), name
+        assert (m.weight.float() * m.scale_weight - w).abs().max() <= largest / 16, name
+raises(lambda: precision(TOKENIZER, "fp8_e4m3fn", cuda, params), "are not stored in fp8")
 print("precision ok")
 """
 

@@ -35,6 +35,7 @@ from torch import nn
 from .errors import NextScaleError
 from .hooks import SamplerHooks
 from .kv_cache import KVPolicy
+from .memory import MemoryNeed
 
 # Sub-packages of models/ whose family.py defines FAMILY. Adding a family is one entry here. The first family whose
 # detect claims a file wins, so a family whose files hold another's keys and more comes first: "dd" before "var" (a
@@ -108,7 +109,8 @@ class Workload:
     family's schedule (None: the generator's own); ``kv_policy`` the bound policy (None: the full cache);
     ``dtype`` the transformer's compute dtype (its cache and activations); ``step_tokens`` the most tokens the
     transformer runs at once (None: the largest scale); ``controls`` the control modules bound to the run;
-    ``decode_batch`` images encoded or decoded at once at the schedule's full size, in ``decode_dtype``.
+    ``decode_batch`` images encoded or decoded at once at the schedule's full size, in ``decode_dtype``;
+    ``text_tokens`` the prompt's tokens of a text-conditioned family (None: the most its generator takes).
     """
 
     batch_size: int = 1
@@ -120,30 +122,11 @@ class Workload:
     controls: tuple[nn.Module, ...] = ()
     decode_batch: int = 0
     decode_dtype: torch.dtype = torch.float32
+    text_tokens: int | None = None
 
     @property
     def rows(self) -> int:
         return self.batch_size * (2 if self.guided else 1)
-
-
-def transformer_step_bytes(rows: int, tokens: int, width: int, hidden: int, vocab: int, itemsize: int) -> int:
-    """Activation bytes of one transformer step of ``tokens`` new tokens per row: the fp32 residual stream and its
-    normalised copy, q/k/v and the attention's output and the MLP's hidden layer (before and after its activation)
-    in the compute dtype, and the fp32 logits with their guided and softmaxed copies. The attention is fused
-    (Triton, SDPA): it holds no score matrix."""
-    stream = 2 * rows * tokens * width * 4
-    attention = 4 * rows * tokens * width * itemsize
-    mlp = 2 * rows * tokens * hidden * itemsize
-    logits = 3 * rows * tokens * vocab * 4
-    return stream + attention + mlp + logits
-
-
-def conv_coder_bytes(batch: int, level_channels: Sequence[int], height: int, width: int, itemsize: int) -> int:
-    """Peak activation bytes of a convolutional encoder or decoder whose level ``i`` has ``level_channels[i]``
-    channels at ``1 / 2**i`` of the image size: the largest level's feature map, held about four times (input,
-    normalised copy, convolution output, residual sum)."""
-    largest = max(c * max(1, height >> i) * max(1, width >> i) for i, c in enumerate(level_channels))
-    return 4 * batch * largest * itemsize
 
 
 class Family(abc.ABC):
@@ -212,10 +195,15 @@ class Family(abc.ABC):
         """The KV cache's shape for ``schedule`` (None: the generator's own)."""
 
     @abc.abstractmethod
+    def memory(self, generator: nn.Module | None, tokenizer: nn.Module | None, workload: Workload) -> MemoryNeed:
+        """What a run holds on the device, by part (:class:`~.memory.MemoryNeed`): the weights of both models in
+        their storage dtype, the KV cache at the workload's policy and rows, the activations of its largest step,
+        the previews while sampling and ``decode_batch`` full images. ``generator`` None: the decoding alone.
+        Works on ``meta`` modules (official sizes from their configs)."""
+
     def working_memory(self, generator: nn.Module | None, tokenizer: nn.Module | None, workload: Workload) -> int:
-        """Bytes a run needs beyond the weights: the KV cache at the workload's policy and rows, the activations of
-        its largest step, and the decoding (previews while sampling, ``decode_batch`` full images). ``generator``
-        None: the decoding alone."""
+        """Bytes a run needs beyond the weights (``memory(...).working``): what the nodes declare to ComfyUI."""
+        return self.memory(generator, tokenizer, workload).working
 
     # -- capabilities some families lack ---------------------------------------------------------------------------
 

@@ -57,10 +57,14 @@ def weight_and_bias(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A layer's ``weight`` and ``bias`` (None without one) on ``device`` in ``dtype``, for a functional call: cast as
     the layer's own per-call cast does, with the patches a host attached to it (``weight_function`` and
-    ``bias_function``, ComfyUI's low-VRAM patches) applied after the cast."""
+    ``bias_function``, ComfyUI's low-VRAM patches) applied after the cast, then multiplied by its ``scale_weight``
+    when it has one (fp8 stored with a per-tensor scale, as ComfyUI's scaled fp8 layers multiply it back)."""
     weight = cast(layer.weight, device, dtype)
     for patch in getattr(layer, "weight_function", ()):
         weight = patch(weight)
+    scale = getattr(layer, "scale_weight", None)
+    if scale is not None:
+        weight = weight * cast(scale, device, dtype)
     bias = getattr(layer, "bias", None)
     if bias is not None:
         bias = cast(bias, device, dtype)

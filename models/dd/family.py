@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Set as AbstractSet
 
 from ..core.errors import NextScaleError
-from ..core.family import Family, KVGeometry, Role, Workload, conv_coder_bytes, transformer_step_bytes
+from ..core.family import Family, KVGeometry, Role, Workload
+from ..core.memory import MemoryNeed, conv_coder_bytes, transformer_step_bytes, weight_bytes
 from ..var.classes import default_class_names
+from ..var.family import DECODER_COPIES, PREVIEW_LATENT_SIDE
 from ..var.family import FAMILY as VAR
-from ..var.family import PREVIEW_LATENT_SIDE
 from ..var.tokenizer import MultiScaleVQVAE
 from .model import WHAT, DistilledVAR
 from .sampler import HOOKS, check_inputs, sample_dd
@@ -86,24 +87,28 @@ class DDFamily(Family):
         cfg = generator.config
         return KVGeometry(cfg.depth, cfg.num_heads, cfg.head_dim, tuple(schedule or cfg.patch_nums))
 
-    def working_memory(self, generator, tokenizer, workload: Workload) -> int:
+    def memory(self, generator, tokenizer, workload: Workload) -> MemoryNeed:
         """One pass over the whole sequence (``1 + L`` tokens, no guidance rows, no KV cache) with its dense
         attention mask, the previews, and the decoding."""
-        total = 0
+        activations = preview = decode = 0
         if generator is not None:
             cfg, rows, size = generator.config, workload.batch_size, workload.dtype.itemsize
             tokens = cfg.num_tokens + 1
-            total += transformer_step_bytes(rows, tokens, cfg.embed_dim, cfg.hidden_dim, cfg.vocab_size, size)
-            total += tokens * tokens * 4 + 3 * rows * cfg.num_tokens * cfg.cvae * 4  # mask; noise, codes, output
+            activations = transformer_step_bytes(rows, tokens, cfg.embed_dim, cfg.hidden_dim, cfg.vocab_size, size)
+            activations += tokens * tokens * 4 + 3 * rows * cfg.num_tokens * cfg.cvae * 4  # mask; noise, codes, output
             if tokenizer is not None:
                 side = PREVIEW_LATENT_SIDE * tokenizer.downsample
-                total += conv_coder_bytes(1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize)
+                preview = conv_coder_bytes(
+                    1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize, DECODER_COPIES
+                )
         if tokenizer is not None and workload.decode_batch:
             side = tokenizer.patch_nums[-1] * tokenizer.downsample
-            total += conv_coder_bytes(
-                workload.decode_batch, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize
+            decode = conv_coder_bytes(
+                workload.decode_batch, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize,
+                DECODER_COPIES,
             )
-        return total
+        weights = sum(weight_bytes(m) for m in (generator, tokenizer) if m is not None)
+        return MemoryNeed(weights, 0, activations, preview, decode)
 
 
 FAMILY = DDFamily()

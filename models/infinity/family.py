@@ -4,7 +4,7 @@
 Schedules: a run samples an :class:`~.schedule.InfinitySchedule` (the transformer's token grids); the tokenizer
 encodes and decodes on its latent grids (the same grids, twice as fine for a patchifying model such as the 8B:
 :func:`~.sampler.latent_scales`). :meth:`InfinityFamily.encode` takes latent grids, and
-:meth:`InfinityFamily.working_memory` reads ``workload.schedule`` as an ``InfinitySchedule`` when it is given a
+:meth:`InfinityFamily.memory` reads ``workload.schedule`` as an ``InfinitySchedule`` when it is given a
 generator and as the tokens' latent grids when it decodes alone.
 """
 
@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import NextScaleError
-from ..core.family import Family, KVGeometry, Role, Workload, conv_coder_bytes, transformer_step_bytes
+from ..core.family import Family, KVGeometry, Role, Workload
+from ..core.memory import MemoryNeed, block_bytes, conv_coder_bytes, draw_bytes, kv_cache_bytes, weight_bytes
 from ..core.tokens import NextScaleBitTokens
 from .bsq import WHAT as TOKENIZER_WHAT
 from .bsq import BSQTokenizer
@@ -26,6 +27,8 @@ from .sampler import latent_scales, patch_factor, sample_infinity
 from .schedule import InfinitySchedule
 
 PREVIEW_LATENT_SIDE = 16  # previews decode at most a 16x16 latent
+DECODER_COPIES = 8  # feature maps of its largest level held at once while decoding (measured)
+STREAM_COPIES = 6  # fp32 copies of the residual stream at a block's MLP, cross-attention's included (core/memory.py)
 HINT = (
     "Infinity's files are published in the Hugging Face repository FoundationVision/Infinity: put "
     "infinity_2b_reg.pth and infinity_vae_d32reg.pth (or the 8B's infinity_8b_weights folder and "
@@ -138,27 +141,35 @@ class InfinityFamily(Family):
         schedule = schedule or InfinitySchedule.from_template()
         return KVGeometry(cfg.depth, cfg.num_heads, cfg.head_dim, schedule.scales)
 
-    def working_memory(self, generator, tokenizer, workload: Workload) -> int:
-        total = 0
+    def memory(self, generator, tokenizer, workload: Workload) -> MemoryNeed:
+        kv = activations = preview = decode = 0
         latent = workload.schedule
         if generator is not None:
             schedule = workload.schedule or InfinitySchedule.from_template()
             geometry = self.kv_geometry(generator, schedule)
             cfg, rows, size = generator.config, workload.rows, workload.dtype.itemsize
-            total += geometry.cache_bytes(rows, size, workload.kv_policy)
+            text = workload.text_tokens or cfg.text_maxlen
+            kv = kv_cache_bytes(geometry, rows, size, workload.kv_policy)
+            kv += 2 * cfg.depth * rows * text * cfg.embed_dim * size  # every block's cross-attention keys, values
             step = workload.step_tokens or max(geometry.areas)
-            total += transformer_step_bytes(rows, step, cfg.embed_dim, cfg.hidden_dim, 2 * cfg.token_dim, size)
+            activations = max(
+                block_bytes(rows, step, cfg.embed_dim, cfg.hidden_dim, size, STREAM_COPIES),
+                draw_bytes(workload.batch_size, rows, step, cfg.embed_dim, 2 * cfg.token_dim, workload.guided),
+            )
             latent = latent_scales(generator, tokenizer, schedule) if tokenizer is not None else None
             if tokenizer is not None:
                 side = PREVIEW_LATENT_SIDE * tokenizer.downsample
-                total += conv_coder_bytes(1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize)
+                preview = conv_coder_bytes(
+                    1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize, DECODER_COPIES
+                )
         if tokenizer is not None and workload.decode_batch and latent:
             h, w = latent[-1]
-            total += conv_coder_bytes(
+            decode = conv_coder_bytes(
                 workload.decode_batch, _decoder_levels(tokenizer), h * tokenizer.downsample, w * tokenizer.downsample,
-                workload.decode_dtype.itemsize,
+                workload.decode_dtype.itemsize, DECODER_COPIES,
             )
-        return total
+        weights = sum(weight_bytes(m) for m in (generator, tokenizer) if m is not None)
+        return MemoryNeed(weights, kv, activations, preview, decode)
 
 
 FAMILY = InfinityFamily()

@@ -13,8 +13,9 @@ from collections.abc import Set as AbstractSet
 from dataclasses import replace
 
 from ..core.errors import NextScaleError
-from ..core.family import Role, Workload, conv_coder_bytes
-from ..infinity.family import InfinityFamily
+from ..core.family import Role, Workload
+from ..core.memory import MemoryNeed, conv_coder_bytes
+from ..infinity.family import DECODER_COPIES, InfinityFamily
 from .mapper import PREFIX
 from .model import NSARM, WHAT
 from .sampler import check_pair, input_size, sample_nsarm
@@ -62,22 +63,22 @@ class NSARMFamily(InfinityFamily):
     def kv_geometry(self, generator: NSARM, schedule=None):
         return super().kv_geometry(generator, schedule or generator.schedule())
 
-    def working_memory(self, generator, tokenizer, workload: Workload) -> int:
+    def memory(self, generator, tokenizer, workload: Workload) -> MemoryNeed:
         """Infinity's (cache, largest step, previews, decoding) on the model's schedule, plus encoding the input and
-        the transformation network's largest branch."""
+        the transformation network's largest branch, which run before the cache exists."""
         if generator is None:
-            return super().working_memory(None, tokenizer, workload)
-        total = super().working_memory(generator, tokenizer, replace(workload, schedule=generator.schedule()))
+            return super().memory(None, tokenizer, workload)
+        need = super().memory(generator, tokenizer, replace(workload, schedule=generator.schedule()))
         cfg, size = generator.mapper_config, workload.dtype.itemsize
         rows = workload.batch_size
         maps = 4 * rows * max(cfg.stem + cfg.widths) * cfg.grid * cfg.grid * size
         tokens = max(s * s * w * (cfg.mlp_ratio + 4) for s, w in zip(cfg.sides, cfg.widths))
-        total += maps + rows * tokens * size
+        mapping = maps + rows * tokens * size
         if tokenizer is not None:
             side = input_size(generator, tokenizer)
             levels = [tokenizer.config.base_ch * m for m in tokenizer.config.ch_mult]
-            total += conv_coder_bytes(rows, levels, side, side, workload.decode_dtype.itemsize)
-        return total
+            mapping += conv_coder_bytes(rows, levels, side, side, workload.decode_dtype.itemsize, DECODER_COPIES)
+        return replace(need, decode=max(need.decode, mapping))
 
 
 FAMILY = NSARMFamily()

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Set as AbstractSet
 
 from ..core.errors import NextScaleError
-from ..core.family import Family, KVGeometry, Role, Workload, conv_coder_bytes, transformer_step_bytes
+from ..core.family import Family, KVGeometry, Role, Workload
+from ..core.memory import MemoryNeed, conv_coder_bytes, kv_cache_bytes, transformer_step_bytes, weight_bytes
+from ..var.family import DECODER_COPIES, PREVIEW_LATENT_SIDE
 from ..var.family import FAMILY as VAR
-from ..var.family import PREVIEW_LATENT_SIDE
 from ..var.tokenizer import MultiScaleVQVAE
 from .model import CLIP_G_DIM, CLIP_L_DIM, TEXT_TOKENS, WHAT, Switti
 from .sampler import HOOKS, check_inputs, sample_switti
@@ -87,31 +88,35 @@ class SwittiFamily(Family):
         scales = tuple(schedule) if schedule is not None else cfg.patch_nums
         return KVGeometry(cfg.depth, cfg.num_heads, cfg.head_dim, scales)
 
-    def working_memory(self, generator, tokenizer, workload: Workload) -> int:
-        """Switti-AR's KV cache (none for Switti), every block's text keys and values, the largest step's
-        activations, and the decoding."""
-        total = 0
+    def memory(self, generator, tokenizer, workload: Workload) -> MemoryNeed:
+        """Switti-AR's KV cache (none for Switti) and every block's text keys and values, the largest step's
+        activations, the previews and the decoding."""
+        kv = activations = preview = decode = 0
         if generator is not None:
             cfg, rows = generator.config, workload.rows
             size = workload.dtype.itemsize
             geometry = self.kv_geometry(generator, workload.schedule)
             if cfg.causal:
-                total += geometry.cache_bytes(rows, size, workload.kv_policy)
+                kv += kv_cache_bytes(geometry, rows, size, workload.kv_policy)
             stream = max(size, 4)  # the text keys and values stay in the stream dtype (fp32 for half compute)
-            total += cfg.depth * 2 * rows * TEXT_TOKENS * cfg.embed_dim * stream
-            total += rows * TEXT_TOKENS * (CLIP_L_DIM + CLIP_G_DIM) * stream
+            kv += cfg.depth * 2 * rows * TEXT_TOKENS * cfg.embed_dim * stream
+            kv += rows * TEXT_TOKENS * (CLIP_L_DIM + CLIP_G_DIM) * stream
             step = workload.step_tokens or max(geometry.areas)
-            total += transformer_step_bytes(rows, step, cfg.embed_dim, cfg.ffn_dim, cfg.vocab_size, size)
+            activations = transformer_step_bytes(rows, step, cfg.embed_dim, cfg.ffn_dim, cfg.vocab_size, size)
             if tokenizer is not None:
                 side = PREVIEW_LATENT_SIDE * tokenizer.downsample
-                total += conv_coder_bytes(1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize)
+                preview = conv_coder_bytes(
+                    1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize, DECODER_COPIES
+                )
         if tokenizer is not None and workload.decode_batch:
             patch_nums = workload.schedule or (generator.patch_nums if generator is not None else tokenizer.patch_nums)
             side = patch_nums[-1] * tokenizer.downsample
-            total += conv_coder_bytes(
-                workload.decode_batch, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize
+            decode = conv_coder_bytes(
+                workload.decode_batch, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize,
+                DECODER_COPIES,
             )
-        return total
+        weights = sum(weight_bytes(m) for m in (generator, tokenizer) if m is not None)
+        return MemoryNeed(weights, kv, activations, preview, decode)
 
 
 FAMILY = SwittiFamily()

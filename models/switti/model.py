@@ -224,9 +224,7 @@ class SelfAttention(ComputeDtype, nn.Module):
         if kv is None:
             out_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, attn_mask)
         else:
-            k_BHSc, v_BHSc = kv.extend(k_BHLc, v_BHLc)
-            out_BHLc = attention(q_BHLc, k_BHSc, v_BHSc, kv.key_mask(attn_mask))
-            kv.after_attention(q_BHLc)
+            out_BHLc = kv.attend(q_BHLc, k_BHLc, v_BHLc, attn_mask)
         return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C).to(dtype))
 
 

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from ..control.adapters import ADAPTER_PREFIX, ADAPTER_WHAT, CAR_WHAT, AdapterConfig, CARControlNet, ControlAdapter
 from ..core.checkpoint import config_from_metadata
 from ..core.errors import NextScaleError
-from ..core.family import Family, KVGeometry, Role, Workload, conv_coder_bytes, transformer_step_bytes
+from ..core.family import Family, KVGeometry, Role, Workload
 from ..core.hooks import SamplerHooks
 from ..core.imageops import ImageFit, fit_square
+from ..core.memory import MemoryNeed, block_bytes, conv_coder_bytes, draw_bytes, kv_cache_bytes, weight_bytes
 from ..core.schedule import parse_schedule
 from ..core.tokens import NextScaleTokens
 from .classes import default_class_names
@@ -25,6 +26,8 @@ from .tokenizer import WHAT as TOKENIZER_WHAT
 from .tokenizer import MultiScaleVQVAE
 
 PREVIEW_LATENT_SIDE = 8  # previews decode at most an 8x8 latent: cheap even for the official tokenizer
+DECODER_COPIES = 5  # feature maps of its largest level held at once while decoding (measured)
+STREAM_COPIES = 4  # fp32 copies of the residual stream at a block's MLP (measured: core/memory.py)
 HINT = (
     "Official VAR files (vae_ch160v4096z32.pth, var_d16.pth ... var_d36.pth) are published in the Hugging Face "
     "repository FoundationVision/var"
@@ -169,28 +172,35 @@ class VARFamily(Family):
         scales = tuple(schedule) if schedule is not None else generator.patch_nums
         return KVGeometry(cfg.depth, cfg.num_heads, cfg.embed_dim // cfg.num_heads, scales)
 
-    def working_memory(self, generator, tokenizer, workload: Workload) -> int:
-        total = 0
+    def memory(self, generator, tokenizer, workload: Workload) -> MemoryNeed:
+        kv = activations = preview = decode = 0
         if generator is not None:
             geometry = self.kv_geometry(generator, workload.schedule)
             cfg, rows, size = generator.config, workload.rows, workload.dtype.itemsize
-            total += geometry.cache_bytes(rows, size, workload.kv_policy)
+            kv = kv_cache_bytes(geometry, rows, size, workload.kv_policy)
             for control in workload.controls:  # a CAR branch runs its blocks through its own full cache
                 if isinstance(control, CARControlNet):
                     branch = KVGeometry(len(control.car_blocks), geometry.heads, geometry.head_dim, geometry.scales)
-                    total += branch.cache_bytes(rows, size)
+                    kv += kv_cache_bytes(branch, rows, size)
             step = workload.step_tokens or max(geometry.areas)
-            total += transformer_step_bytes(rows, step, cfg.embed_dim, cfg.hidden_dim, cfg.vocab_size, size)
+            activations = max(
+                block_bytes(rows, step, cfg.embed_dim, cfg.hidden_dim, size, STREAM_COPIES),
+                draw_bytes(workload.batch_size, rows, step, cfg.embed_dim, cfg.vocab_size, workload.guided),
+            )
             if tokenizer is not None:
                 side = PREVIEW_LATENT_SIDE * tokenizer.downsample
-                total += conv_coder_bytes(1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize)
+                preview = conv_coder_bytes(
+                    1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize, DECODER_COPIES
+                )
         if tokenizer is not None and workload.decode_batch:
             patch_nums = workload.schedule or tokenizer.patch_nums
             side = patch_nums[-1] * tokenizer.downsample
-            total += conv_coder_bytes(
-                workload.decode_batch, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize
+            decode = conv_coder_bytes(
+                workload.decode_batch, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize,
+                DECODER_COPIES,
             )
-        return total
+        weights = sum(weight_bytes(m) for m in (generator, tokenizer, *workload.controls) if m is not None)
+        return MemoryNeed(weights, kv, activations, preview, decode)
 
 
 FAMILY = VARFamily()

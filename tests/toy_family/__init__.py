@@ -19,6 +19,7 @@ from nextscale.models.core.errors import NextScaleError
 from nextscale.models.core.family import Family, KVGeometry, Role, Workload
 from nextscale.models.core.hooks import SamplerHooks, refuse_unsupported
 from nextscale.models.core.imageops import fit_square
+from nextscale.models.core.memory import MemoryNeed
 from nextscale.models.core.sampling import categorical, item_generators
 from nextscale.models.core.schedule import parse_schedule
 from nextscale.models.core.tokens import NextScaleTokens
@@ -134,10 +135,11 @@ class ToyFamily(Family):
     def kv_geometry(self, generator, schedule=None):
         return KVGeometry(0, 1, 1, tuple(schedule or generator.scales))
 
-    def working_memory(self, generator, tokenizer, workload: Workload):
+    def memory(self, generator, tokenizer, workload: Workload):
         scales = workload.schedule or (generator.scales if generator is not None else (1,))
-        images = workload.batch_size if generator is not None else workload.decode_batch
-        return images * 3 * (scales[-1] * PIXELS) ** 2 * 4
+        if generator is None:
+            return MemoryNeed(decode=workload.decode_batch * 3 * (scales[-1] * PIXELS) ** 2 * 4)
+        return MemoryNeed(activations=workload.batch_size * 3 * (scales[-1] * PIXELS) ** 2 * 4)
 
 
 FAMILY = ToyFamily()

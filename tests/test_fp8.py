@@ -1,0 +1,61 @@
+"""fp8 storage with ComfyUI's per-tensor scales (nodes/service.py, ``store_scaled_fp8``), in ComfyUI's python on
+the CPU: a VAR and an Infinity transformer loaded with ``dtype = fp8_e4m3fn`` hold half of bf16's bytes in their
+matrices, compute through ComfyUI's scaled-fp8 layers and ``ops.weight_and_bias``, and give the logits of the same
+file loaded in float32 within fp8's rounding, where the plain cast without scales (``.to(fp8)``) loses the small
+weights of a trained-scale model."""
+
+from __future__ import annotations
+
+from test_service import PREAMBLE, _run
+
+FP8 = PREAMBLE + """
+from nextscale.models.core.checkpoint import save_safetensors
+from nextscale.models.core.family import FAMILIES
+from nextscale.models.core.memory import weight_bytes
+from nextscale.models.infinity.sampler import InfinityOptions, TextCondition
+from nextscale.nodes.service import load
+from test_infinity import SCHEDULE, prompts, tiny_model
+from test_infinity_sampler import tiny_tokenizer
+from test_sampler import make_var
+
+def relative_error(got, ref):
+    return ((got - ref).norm() / ref.norm()).item()
+
+torch.manual_seed(0)
+var = make_var()
+for p in var.parameters():
+    p.data.mul_(0.02)  # a trained model's magnitudes: most weights below fp8's smallest normal (2**-6)
+save_safetensors(var.state_dict(), os.path.join(folder, "gen.safetensors"))
+full = load("gen.safetensors", "NextScale Load Generator", "generator", "float32")
+fp8 = load("gen.safetensors", "NextScale Load Generator", "generator", "fp8_e4m3fn")
+assert fp8.dtype == torch.float8_e4m3fn and fp8.compute_dtype == torch.float32  # on the CPU it computes in fp32
+matrices = lambda m: sum(p.numel() * p.element_size() for p in m.parameters() if p.dim() == 2)
+assert matrices(fp8.module) < 0.27 * matrices(full.module)
+labels, inputs = torch.tensor([1, 2]), torch.randn(2, var.num_tokens - 1, var.config.cvae)
+with torch.inference_mode():
+    ref = full.module.forward_teacher(labels, inputs)
+    got = fp8.module.forward_teacher(labels, inputs)
+    unscaled = var.to(torch.float8_e4m3fn).float().forward_teacher(labels, inputs)  # a plain .to(fp8), no scales
+error, plain_error = relative_error(got, ref), relative_error(unscaled, ref)
+agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+print(f"VAR: scaled fp8 logit error {error:.4f}, greedy agreement {agree:.3f}; unscaled fp8 error {plain_error:.4f}")
+assert error < 0.05 and agree > 0.85 and plain_error > 2 * error
+
+save_safetensors(tiny_model().state_dict(), os.path.join(folder, "inf.safetensors"))
+full = load("inf.safetensors", "NextScale Load Infinity", "generator", "float32")
+fp8 = load("inf.safetensors", "NextScale Load Infinity", "generator", "fp8_e4m3fn")
+assert weight_bytes(fp8.module) < 0.5 * weight_bytes(full.module)
+text, mask = prompts()
+greedy = InfinityOptions(cfg=3.0, schedule=SCHEDULE, top_k=1)
+family, tok = FAMILIES.get("infinity"), tiny_tokenizer()
+ref = family.sample(full.module, tok, TextCondition(text, mask), seed=0, options=greedy)
+got = family.sample(fp8.module, tok, TextCondition(text, mask), seed=0, options=greedy)
+agree = torch.cat([(a == b).flatten() for a, b in zip(ref.bits, got.bits)]).float().mean().item()
+print(f"Infinity: greedy bit agreement {agree:.3f}")
+assert agree > 0.8
+print("fp8 ok")
+"""
+
+
+def test_fp8_storage_with_scales_keeps_the_logits(tmp_path):
+    _run(FP8, tmp_path, "fp8 ok")
