@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..models.core.accel import RESTORE_MODES, Acceleration
 from .sockets import CATEGORY, Accel
+from .validation import check_combos, check_numbers
 
 
 class NextScaleAcceleration(io.ComfyNode):
@@ -43,6 +44,10 @@ class NextScaleAcceleration(io.ComfyNode):
             ],
             outputs=[Accel.Output("accel", display_name="accel")],
         )
+
+    @classmethod
+    def validate_inputs(cls, keep_ratio: float, restore: str) -> bool | str:
+        return check_combos(restore=(restore, RESTORE_MODES)) or check_numbers(cls, keep_ratio=keep_ratio) or True
 
     @classmethod
     def execute(
