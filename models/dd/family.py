@@ -2,7 +2,7 @@
 protocol is :class:`~..core.family.Family`.
 
 DD samples VAR's tokens with VAR's VQ-VAE (``vae_ch160v4096z32``), so encoding, decoding and previews are VAR's
-(:data:`..var.family.FAMILY`); the tokenizer is a VAR tokenizer to the registry. A DD file holds every key of a
+(:class:`..var.family.VARTokensFamily`); the tokenizer is a VAR tokenizer to the registry. A DD file holds every key of a
 VAR transformer too, so :data:`~..core.family.BUILTIN_FAMILIES` lists this family before VAR's.
 """
 
@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Set as AbstractSet
 
 from ..core.errors import NextScaleError
-from ..core.family import Family, KVGeometry, Role, Workload
-from ..core.memory import MemoryNeed, conv_coder_bytes, transformer_step_bytes, weight_bytes
+from ..core.family import KVGeometry, Role, Workload
+from ..core.memory import MemoryNeed, transformer_step_bytes, weight_bytes
 from ..var.classes import default_class_names
-from ..var.family import DECODER_COPIES, PREVIEW_LATENT_SIDE
-from ..var.family import FAMILY as VAR
+from ..var.family import VARTokensFamily, decoding_bytes
 from ..var.tokenizer import MultiScaleVQVAE
 from .model import WHAT, DistilledVAR
 from .sampler import HOOKS, check_inputs, sample_dd
@@ -30,11 +29,7 @@ HINT = (
 GENERATOR = Role("generator", WHAT, "a Distilled Decoding generator (VAR distilled to one or two steps)", LOADER)
 
 
-def _decoder_levels(tokenizer: MultiScaleVQVAE) -> list[int]:
-    return [tokenizer.config.ch * m for m in tokenizer.config.ch_mult]
-
-
-class DDFamily(Family):
+class DDFamily(VARTokensFamily):
     name = "dd"
     title = "Distilled Decoding"
     roles = (GENERATOR,)
@@ -70,18 +65,6 @@ class DDFamily(Family):
     def sample(self, generator, tokenizer, condition, *, seed, options=None, hooks=None, device=None):
         return sample_dd(generator, tokenizer, condition, seed=seed, options=options, hooks=hooks, device=device)
 
-    def encode(self, tokenizer, images_B3HW, schedule=None, resize="center crop"):
-        return VAR.encode(tokenizer, images_B3HW, schedule, resize)
-
-    def check_tokens(self, tokenizer, tokens) -> None:
-        VAR.check_tokens(tokenizer, tokens)
-
-    def decode(self, tokenizer, tokens, upto=None):
-        return VAR.decode(tokenizer, tokens, upto)
-
-    def preview(self, tokenizer, latent):
-        return VAR.preview(tokenizer, latent)
-
     def kv_geometry(self, generator: DistilledVAR, schedule=None) -> KVGeometry:
         """The shape a cache of DD's tokens would have; DD keeps none (each step is one pass over the sequence)."""
         cfg = generator.config
@@ -96,17 +79,9 @@ class DDFamily(Family):
             tokens = cfg.num_tokens + 1
             activations = transformer_step_bytes(rows, tokens, cfg.embed_dim, cfg.hidden_dim, cfg.vocab_size, size)
             activations += tokens * tokens * 4 + 3 * rows * cfg.num_tokens * cfg.cvae * 4  # mask; noise, codes, output
-            if tokenizer is not None:
-                side = PREVIEW_LATENT_SIDE * tokenizer.downsample
-                preview = conv_coder_bytes(
-                    1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize, DECODER_COPIES
-                )
-        if tokenizer is not None and workload.decode_batch:
-            side = tokenizer.patch_nums[-1] * tokenizer.downsample
-            decode = conv_coder_bytes(
-                workload.decode_batch, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize,
-                DECODER_COPIES,
-            )
+        if tokenizer is not None:
+            last_scale = tokenizer.patch_nums[-1]
+            preview, decode = decoding_bytes(tokenizer, workload, last_scale, preview=generator is not None)
         weights = sum(weight_bytes(m) for m in (generator, tokenizer) if m is not None)
         return MemoryNeed(weights, 0, activations, preview, decode)
 

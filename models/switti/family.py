@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Set as AbstractSet
 
 from ..core.errors import NextScaleError
-from ..core.family import Family, KVGeometry, Role, Workload
-from ..core.memory import MemoryNeed, conv_coder_bytes, kv_cache_bytes, transformer_step_bytes, weight_bytes
-from ..var.family import DECODER_COPIES, PREVIEW_LATENT_SIDE
-from ..var.family import FAMILY as VAR
+from ..core.family import KVGeometry, Role, Workload
+from ..core.memory import MemoryNeed, kv_cache_bytes, transformer_step_bytes, weight_bytes
+from ..var.family import VARTokensFamily, decoding_bytes
 from ..var.tokenizer import MultiScaleVQVAE
 from .model import CLIP_G_DIM, CLIP_L_DIM, TEXT_TOKENS, WHAT, Switti
 from .sampler import HOOKS, check_inputs, sample_switti
@@ -31,11 +30,7 @@ HINT = (
 GENERATOR = Role("generator", WHAT, "a Switti transformer (text-to-image)", LOADER)
 
 
-def _decoder_levels(tokenizer: MultiScaleVQVAE) -> list[int]:
-    return [tokenizer.config.ch * m for m in tokenizer.config.ch_mult]
-
-
-class SwittiFamily(Family):
+class SwittiFamily(VARTokensFamily):
     name = "switti"
     title = "Switti"
     roles = (GENERATOR,)
@@ -71,18 +66,6 @@ class SwittiFamily(Family):
     def sample(self, generator, tokenizer, condition, *, seed, options=None, hooks=None, device=None):
         return sample_switti(generator, tokenizer, condition, seed=seed, options=options, hooks=hooks, device=device)
 
-    def encode(self, tokenizer, images_B3HW, schedule=None, resize="center crop"):
-        return VAR.encode(tokenizer, images_B3HW, schedule, resize)
-
-    def check_tokens(self, tokenizer, tokens) -> None:
-        VAR.check_tokens(tokenizer, tokens)
-
-    def decode(self, tokenizer, tokens, upto=None):
-        return VAR.decode(tokenizer, tokens, upto)
-
-    def preview(self, tokenizer, latent):
-        return VAR.preview(tokenizer, latent)
-
     def kv_geometry(self, generator: Switti, schedule=None) -> KVGeometry:
         cfg = generator.config
         scales = tuple(schedule) if schedule is not None else cfg.patch_nums
@@ -103,18 +86,9 @@ class SwittiFamily(Family):
             kv += rows * TEXT_TOKENS * (CLIP_L_DIM + CLIP_G_DIM) * stream
             step = workload.step_tokens or max(geometry.areas)
             activations = transformer_step_bytes(rows, step, cfg.embed_dim, cfg.ffn_dim, cfg.vocab_size, size)
-            if tokenizer is not None:
-                side = PREVIEW_LATENT_SIDE * tokenizer.downsample
-                preview = conv_coder_bytes(
-                    1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize, DECODER_COPIES
-                )
-        if tokenizer is not None and workload.decode_batch:
+        if tokenizer is not None:
             patch_nums = workload.schedule or (generator.patch_nums if generator is not None else tokenizer.patch_nums)
-            side = patch_nums[-1] * tokenizer.downsample
-            decode = conv_coder_bytes(
-                workload.decode_batch, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize,
-                DECODER_COPIES,
-            )
+            preview, decode = decoding_bytes(tokenizer, workload, patch_nums[-1], preview=generator is not None)
         weights = sum(weight_bytes(m) for m in (generator, tokenizer) if m is not None)
         return MemoryNeed(weights, kv, activations, preview, decode)
 

@@ -52,8 +52,15 @@ def _adapter_config(path: str) -> AdapterConfig:
     return config
 
 
-def _decoder_levels(tokenizer: MultiScaleVQVAE) -> list[int]:
-    return [tokenizer.config.ch * m for m in tokenizer.config.ch_mult]
+def decoding_bytes(tokenizer: MultiScaleVQVAE, workload: Workload, last_scale: int, preview: bool) -> tuple[int, int]:
+    """``(preview, decode)`` bytes of VAR's VQ-VAE decoder: one preview image while sampling (``preview``), and
+    ``workload.decode_batch`` full images whose latent is ``last_scale`` cells on a side."""
+    levels = [tokenizer.config.ch * m for m in tokenizer.config.ch_mult]
+    itemsize, side = workload.decode_dtype.itemsize, PREVIEW_LATENT_SIDE * tokenizer.downsample
+    shown = conv_coder_bytes(1, levels, side, side, itemsize, DECODER_COPIES) if preview else 0
+    side = last_scale * tokenizer.downsample
+    decoded = conv_coder_bytes(workload.decode_batch, levels, side, side, itemsize, DECODER_COPIES)
+    return shown, decoded
 
 
 class VARFamily(Family):
@@ -187,20 +194,28 @@ class VARFamily(Family):
                 block_bytes(rows, step, cfg.embed_dim, cfg.hidden_dim, size, STREAM_COPIES),
                 draw_bytes(workload.batch_size, rows, step, cfg.embed_dim, cfg.vocab_size, workload.guided),
             )
-            if tokenizer is not None:
-                side = PREVIEW_LATENT_SIDE * tokenizer.downsample
-                preview = conv_coder_bytes(
-                    1, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize, DECODER_COPIES
-                )
-        if tokenizer is not None and workload.decode_batch:
-            patch_nums = workload.schedule or tokenizer.patch_nums
-            side = patch_nums[-1] * tokenizer.downsample
-            decode = conv_coder_bytes(
-                workload.decode_batch, _decoder_levels(tokenizer), side, side, workload.decode_dtype.itemsize,
-                DECODER_COPIES,
-            )
+        if tokenizer is not None:
+            last_scale = (workload.schedule or tokenizer.patch_nums)[-1]
+            preview, decode = decoding_bytes(tokenizer, workload, last_scale, preview=generator is not None)
         weights = sum(weight_bytes(m) for m in (generator, tokenizer, *workload.controls) if m is not None)
         return MemoryNeed(weights, kv, activations, preview, decode)
+
+
+class VARTokensFamily(Family):
+    """The base of a family whose tokens are VAR's (its tokenizer is VAR's multi-scale VQ-VAE): encoding, checking,
+    decoding and previews are VAR's."""
+
+    def encode(self, tokenizer, images_B3HW, schedule=None, resize="center crop"):
+        return FAMILY.encode(tokenizer, images_B3HW, schedule, resize)
+
+    def check_tokens(self, tokenizer, tokens) -> None:
+        FAMILY.check_tokens(tokenizer, tokens)
+
+    def decode(self, tokenizer, tokens, upto=None):
+        return FAMILY.decode(tokenizer, tokens, upto)
+
+    def preview(self, tokenizer, latent):
+        return FAMILY.preview(tokenizer, latent)
 
 
 FAMILY = VARFamily()
