@@ -2,8 +2,8 @@
 protocol is :class:`~..core.family.Family`.
 
 DD samples VAR's tokens with VAR's VQ-VAE (``vae_ch160v4096z32``), so encoding, decoding and previews are VAR's
-(:class:`..var.family.VARTokensFamily`); the tokenizer is a VAR tokenizer to the registry. A DD file holds every key of a
-VAR transformer too, so :data:`~..core.family.BUILTIN_FAMILIES` lists this family before VAR's.
+(:class:`..var.family.VARTokensFamily`); the tokenizer is a VAR tokenizer to the registry. A DD file holds every key
+of a VAR transformer too, so :data:`~..core.family.BUILTIN_FAMILIES` lists this family before VAR's.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 Switti's VQ-VAE (``yresearch/VQVAE-Switti``) has VAR's tokenizer layout key for key (a fine-tuned
 ``vae_ch160v4096z32``), so it is a VAR tokenizer to the registry and is built by VAR's ``MultiScaleVQVAE``; the
 tokens are VAR's :class:`~..core.tokens.NextScaleTokens` on Switti's schedule. Encoding, decoding and previews are
-VAR's (:data:`..var.family.FAMILY`).
+VAR's (:class:`..var.family.VARTokensFamily`).
 """
 
 from __future__ import annotations
