@@ -173,6 +173,29 @@ def test_the_scale_loop_gives_the_logits_of_the_whole_sequence(causal):
     assert float((scaled - whole).abs().max() / whole.abs().max()) < 1e-6  # fp32 logits of a float64 model
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_after_guidance_stops_only_the_prompt_rows_run(causal):
+    """From guidance_stop on the null rows leave the batch (and Switti-AR's cache): the prompts' logits are still
+    those of the whole sequence at once, with the null rows run only while guidance is on."""
+    model = Switti.from_state_dict(official_state_dict(causal=causal)).double()
+    tok = tokenizer().double()
+    prompts = text(2, [5, 12])
+    original, rows, logits_per_scale = model.logits, [], []
+    model.logits = lambda x, cond: (out := original(x, cond), logits_per_scale.append(out[:2]))[0]
+    model_forward = model.forward_scale
+    model.forward_scale = lambda si, x, *a, **k: rows.append(x.shape[0]) or model_forward(si, x, *a, **k)
+    options = SwittiOptions(cfg=4.0, guidance_stop=2, top_k=0, top_p=0.0)
+    tokens = sample_switti(model, tok, SwittiCondition(prompts, text(1, [2], seed=2)), seed=3, options=options)
+    del model.logits, model.forward_scale
+    assert rows == [4, 4, 2, 2]
+    x_BLCv = tok.quantize.teacher_forcing_input(tokens.flat(), SMALL).double()
+    double = SwittiText(prompts.context_BTC.double(), prompts.pooled_BC.double(), prompts.bias_BT.double())
+    with torch.no_grad():
+        whole = model.forward_teacher(double, x_BLCv)
+    scaled = torch.cat(logits_per_scale, dim=1)
+    assert float((scaled - whole).abs().max() / whole.abs().max()) < 1e-6
+
+
 def test_guidance_window_seeds_and_temperature():
     model = Switti.from_state_dict(official_state_dict())
     tok, prompts, null = tokenizer(), text(2, [5, 12]), text(1, [2], seed=2)
@@ -245,8 +268,8 @@ def test_switti_ar_declares_the_kv_cache_its_run_allocates(monkeypatch, policy):
     )
     live = LiveKV(monkeypatch)
     tokens = family.sample(ar, tokenizer(), SwittiCondition(text(2, [3, 5]), text(1, [2])), seed=0,
-                           hooks=SamplerHooks(kv_policy=bound))
-    assert tokens.extra["kv_policy"] == (bound or KVPolicy()).name
+                           options=SwittiOptions(guidance_stop=3), hooks=SamplerHooks(kv_policy=bound))
+    assert tokens.extra["kv_policy"] == (bound or KVPolicy()).name  # the null rows left the cache after scale 2
     declared = geometry.cache_bytes(4, 4, bound)
     assert declared >= live.peak > 0
     assert family.working_memory(ar, None, Workload(batch_size=2, kv_policy=bound)) > declared

@@ -5,9 +5,9 @@ Per scale ``si`` of ``K``:
    guidance is on. Switti attends within the scale; Switti-AR through a KV cache of every earlier scale.
 2. Guidance on the fp32 logits for ``guidance_start <= si < guidance_stop``: ``(1 + t) * cond - t * null`` with
    VAR's ramp ``t = cfg * si / (K - 1)``; before ``guidance_start`` the conditional rows are used as they are.
-   From ``guidance_stop`` on, the null rows are dropped (Switti runs ``B`` rows; Switti-AR keeps computing them,
-   since its cache holds ``2B`` rows, and uses the conditional ones) and the logits are divided by
-   ``temperature`` (upstream's ``last_scale_temp``; 1 leaves them as they are).
+   From ``guidance_stop`` on, the null rows are dropped (from the batch, and from Switti-AR's KV cache and its
+   policy's state: :meth:`~..core.kv_cache.KVCache.keep_rows`) and the logits are divided by ``temperature``
+   (upstream's ``last_scale_temp``; 1 leaves them as they are).
 3. ``more_smooth`` (for ``smooth_start <= si < guidance_stop``): the code map is a Gumbel-softmax mixture of codes,
    ``softmax((logits * (1 + r) + gumbel) / tau)`` with ``r = si / (K - 1)`` and ``tau = max(0.27 (1 - 0.95 r),
    0.005)``, over the unfiltered logits (upstream); the recorded token is the mixture's heaviest code. Otherwise
@@ -150,8 +150,10 @@ def sample_switti(
         cond = model.condition(text)
         x_RlC = model.first_token_map(cond)
         for si, pn in enumerate(patch_nums):
-            if null_rows and not causal and si == options.guidance_stop:
-                cond, x_RlC = cond.rows(B), x_RlC[:B]  # Switti drops the null rows once guidance stops
+            if null_rows and si == options.guidance_stop:  # the null rows are dropped once guidance stops
+                cond, x_RlC = cond.rows(B), x_RlC[:B]
+                if cache is not None:
+                    cache.keep_rows(B)
             logits_RlV = model.forward_scale(si, x_RlC, cond, cache, patch_nums)
             logits_BlV, ratio = logits_RlV[:B], si / (K - 1)
             if options.guided(si):
