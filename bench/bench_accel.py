@@ -39,10 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 from packbootstrap import register_pack  # noqa: E402
 
 register_pack()
 
+from bench_sampler import randomise_  # noqa: E402
 from nextscale.models.core.accel import Acceleration  # noqa: E402
 from nextscale.models.core.hooks import SamplerHooks  # noqa: E402
 from nextscale.models.infinity.bsq import BSQConfig, BSQTokenizer  # noqa: E402
@@ -82,16 +84,6 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
-
-
-def randomise_(module: torch.nn.Module, seed: int) -> None:
-    """Weights at O(1) scale: unit-variance fan-in init, AdaLN gains 0.3, head gain 3 (var.md 3.7)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            fan_in = p.shape[-1] if p.dim() > 1 else 1
-            gain = 0.3 if "ada" in name else 3.0 if name.startswith("head.") else 1.0
-            p.copy_(torch.randn(p.shape, generator=g) * gain / fan_in**0.5)
 
 
 # -- flops ---------------------------------------------------------------------------------------------------------

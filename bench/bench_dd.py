@@ -23,20 +23,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from packbootstrap import register_pack
 
 register_pack()
 
+from bench_sampler import sync  # noqa: E402
 from nextscale.models.dd.model import DDConfig, DistilledVAR  # noqa: E402
 from nextscale.models.dd.sampler import DDOptions, official_split, sample_dd  # noqa: E402
 from nextscale.models.var.model import VAR, VARConfig  # noqa: E402
 from nextscale.models.var.sampler import sample  # noqa: E402
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> int:
