@@ -43,8 +43,8 @@ class NextScaleLoadHMAR(io.ComfyNode):
                 io.Combo.Input(
                     "model_name",
                     options=model_choices(),
-                    tooltip="An HMAR transformer in ComfyUI/models/nextscale (NVlabs/HMAR: hmar-d16.pth ... "
-                    "hmar-d30.pth). Its weights are under NVIDIA's non-commercial licence.",
+                    tooltip="An HMAR transformer in ComfyUI/models/nextscale (Hugging Face nvidia/HMAR: hmar-d16.pth "
+                    "... hmar-d30.pth). Its weights are under NVIDIA's non-commercial licence.",
                 ),
                 io.Combo.Input(
                     "vqvae_name",

@@ -25,8 +25,8 @@ from .sampler import HOOKS, check_inputs, sample_hmar
 LOADER = "NextScale Load HMAR"
 HINT = (
     "HMAR's files (hmar-d16.pth, hmar-d20.pth, hmar-d24.pth, hmar-d30.pth; NVIDIA's non-commercial licence) are "
-    "linked from github.com/NVlabs/HMAR; its tokenizer is VAR's vae_ch160v4096z32.pth from FoundationVision/var. Put "
-    "them in ComfyUI/models/nextscale"
+    "published on Hugging Face in nvidia/HMAR (linked from github.com/NVlabs/HMAR); its tokenizer is VAR's "
+    "vae_ch160v4096z32.pth from FoundationVision/var. Put them in ComfyUI/models/nextscale"
 )
 
 GENERATOR = Role("generator", WHAT, "an HMAR generator (VAR with next-scale and mask branches)", LOADER)
