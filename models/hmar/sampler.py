@@ -116,10 +116,13 @@ def check_inputs(generator: HMAR, tokenizer) -> None:
         )
 
 
-def _draw(logits_RlV: torch.Tensor, B: int, t: float, options: HMAROptions, generators) -> tuple:
-    """Guided, filtered logits drawn once per token: ``(idx_Bl, probs_BlV)``, the filtered distribution."""
-    logits_BlV = logits_RlV[:B] if t == 0 or logits_RlV.shape[0] == B else (1 + t) * logits_RlV[:B] - t * logits_RlV[B:]
-    probs_BlV = filter_top_k_top_p_(logits_BlV.clone(), options.top_k, options.top_p).softmax(dim=-1)
+def _draw(
+    logits_RlV: torch.Tensor, B: int, t: float, options: HMAROptions, generators
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw per token from the guided (``(1 + t) cond - t uncond`` over ``[cond; null]`` rows, the ``B`` rows as
+    they are without guidance), filtered logits: ``(idx_Bl, probs_BlV)``, ``probs`` the filtered distribution."""
+    guided_BlV = logits_RlV if logits_RlV.shape[0] == B else (1 + t) * logits_RlV[:B] - t * logits_RlV[B:]
+    probs_BlV = filter_top_k_top_p_(guided_BlV, options.top_k, options.top_p).softmax(dim=-1)
     return categorical(probs_BlV, generators), probs_BlV
 
 
