@@ -21,7 +21,7 @@ from .generator import scale_callback
 from .model_files import model_choices
 from .service import DTYPES, NextScaleModel, load, not_found, ready
 from .sockets import CATEGORY, Control, Guide, HMARModel, KVPolicy, Tokenizer, Tokens
-from .validation import check_file
+from .validation import check_file, check_numbers
 
 HMAR_CATEGORY = f"{CATEGORY}/hmar"
 MAX_BATCH = 16
@@ -146,6 +146,10 @@ class NextScaleHMARSampler(io.ComfyNode):
             outputs=[Tokens.Output("tokens", display_name="tokens")],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, cfg: float | None = None, top_p: float | None = None) -> bool | str:
+        return check_numbers(cls, cfg=cfg, top_p=top_p) or True
 
     @classmethod
     def execute(
