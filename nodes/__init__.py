@@ -14,6 +14,7 @@ from . import (
     dd,
     editing,
     generator,
+    hmar,
     images,
     infinity,
     kv,
@@ -31,7 +32,7 @@ log = logging.getLogger("NextScale")
 
 FAMILIES = [
     schedule, tokenizer, generator, accel, editing, collaborative, control, kv, images, infinity, text_encoder, lora,
-    switti, upscale, dd,
+    switti, upscale, dd, hmar,
 ]
 
 

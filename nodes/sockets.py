@@ -16,6 +16,8 @@ SwittiModel = io.Custom("NEXTSCALE_SWITTI")
 NSARMModel = io.Custom("NEXTSCALE_NSARM")
 # A Distilled Decoding transformer (VAR distilled to one or two steps), from NextScale Load Distilled Decoding.
 DDModel = io.Custom("NEXTSCALE_DD")
+# An HMAR transformer (VAR with next-scale and mask branches), from NextScale Load HMAR.
+HMARModel = io.Custom("NEXTSCALE_HMAR")
 Tokens = io.Custom("NEXTSCALE_TOKENS")
 SamplerOptions = io.Custom("NEXTSCALE_SAMPLER_OPTIONS")
 # An edit guide (models.var.editing.EditSpec): anything with bind(tokenizer, patch_nums, batch_size, device) -> Guide.

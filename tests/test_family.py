@@ -70,7 +70,7 @@ def test_a_registered_family_identifies_its_files_and_joins_its_loaders():
     from toy_family import ToyGenerator
 
     registry = Registry(BUILTIN_FAMILIES)
-    assert [f.name for f in registry.families] == ["dd", "var", "nsarm", "infinity", "switti"]
+    assert [f.name for f in registry.families] == ["dd", "var", "nsarm", "infinity", "switti", "hmar"]
     assert identify(ToyGenerator().state_dict()) is None  # not in the pack's registry
     registry.register(TOY)
     assert str(registry.identify(ToyGenerator().state_dict())) == "toy-generator"

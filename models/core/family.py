@@ -40,7 +40,7 @@ from .memory import MemoryNeed
 # Sub-packages of models/ whose family.py defines FAMILY. Adding a family is one entry here. The first family whose
 # detect claims a file wins, so a family whose files hold another's keys and more comes first: "dd" before "var" (a
 # Distilled Decoding file holds every key of a VAR one), "nsarm" before "infinity".
-BUILTIN_FAMILIES = ("dd", "var", "nsarm", "infinity", "switti")
+BUILTIN_FAMILIES = ("dd", "var", "nsarm", "infinity", "switti", "hmar")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ SD_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 INFINITY_MODEL, INFINITY_TOKENIZER, FLAN_T5 = "infinity_2b_reg.pth", "infinity_vae_d32reg.pth", "flan-t5-xl"
 SWITTI_MODEL, SWITTI_VQVAE = "Switti-1024", "VQVAE-Switti"
 DD_MODEL, VAR_VQVAE = "dd-var-d16.pth", "vae_ch160v4096z32.pth"
+HMAR_MODEL = "hmar-d16.pth"
 CLIP_L, CLIP_G = "clip_l.safetensors", "clip_g.safetensors"
 NSARM_MODEL, NSARM_TOKENIZER = "NSARM.pth", "infinity_vae_d56_f8_14_patchify.pth"
 NSARM_FILES = (
@@ -371,6 +372,25 @@ def distilled_decoding() -> Example:
     )
 
 
+def hmar() -> Example:
+    g = Graph()
+    loader = g.add("NextScaleLoadHMAR", model_name=HMAR_MODEL, vqvae_name=VAR_VQVAE, dtype="auto")
+    tokens = g.add("NextScaleHMARSampler", model=g.out(loader, 0), vqvae=g.out(loader, 1),
+                   class_name="golden retriever", seed=7, cfg=1.7, top_k=1000, top_p=0.99,
+                   refinement="1 | 1,3 | 1,1,2,5", batch_size=4, class_list="")
+    image = g.add("NextScaleDecode", tokenizer=g.out(loader, 1), tokens=g.out(tokens), scales=0)
+    grid = g.add("NextScaleImageGrid", images=g.out(image), columns=4, padding=2, pad_value=1.0)
+    g.add("SaveImage", images=g.out(grid), filename_prefix="NextScale/hmar")
+    return Example(
+        "nextscale_hmar", "NextScale: HMAR, Markovian VAR with masked refinement",
+        f"Four ImageNet pictures from HMAR-d16: each scale drawn from the previous ones' picture alone, then its least "
+        f"confident tokens redrawn (HMAR's refinement schedule). Needs your own files in models/nextscale: "
+        f"{HMAR_MODEL} (Hugging Face nvidia/HMAR; NVIDIA's non-commercial licence) and {VAR_VQVAE} "
+        f"(FoundationVision/var).",
+        g.prompt, needs_user_files=["NextScaleLoadHMAR"],
+    )
+
+
 def control() -> Example:
     g = Graph()
     tok, gen = _models(g)
@@ -452,7 +472,7 @@ def lora() -> Example:
 EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), class_edit(), img2img(),
                                  image_inpaint(), control(), kv_policy(), collaborative(), sd_refine(),
                                  infinity_t2i(), lora(), switti_t2i(), upscale(), sd_upscale(),
-                                 distilled_decoding())}
+                                 distilled_decoding(), hmar())}
 
 
 def example_image_bytes() -> bytes:

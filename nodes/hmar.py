@@ -1,0 +1,204 @@
+"""HMAR nodes: load an HMAR transformer with VAR's VQ-VAE, and sample with masked refinement passes per scale.
+
+HMAR (NVlabs/HMAR) is VAR split into shared base blocks and two branches: the next-scale branch draws a scale from
+its own input alone (no KV cache), and the mask branch redraws the least confident tokens of a scale. The tokens are
+VAR's: NextScale Decode decodes them, and VAR's inpaint and image-to-image guides edit them.
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..models.core.errors import NextScaleError
+from ..models.core.family import Workload
+from ..models.core.hooks import SamplerHooks
+from ..models.hmar.family import LOADER
+from ..models.hmar.sampler import REFUSED, HMAROptions, parse_refinement
+from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
+from .dd import vqvae_not_found
+from .generator import scale_callback
+from .model_files import model_choices
+from .service import DTYPES, NextScaleModel, load, not_found, ready
+from .sockets import CATEGORY, Control, Guide, HMARModel, KVPolicy, Tokenizer, Tokens
+from .validation import check_file, check_numbers
+
+HMAR_CATEGORY = f"{CATEGORY}/hmar"
+MAX_BATCH = 16
+DEFAULT_CLASS = "golden retriever"
+OFFICIAL_REFINEMENT = "1 | 1,3 | 1,1,2,5"
+
+
+class NextScaleLoadHMAR(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleLoadHMAR",
+            display_name=LOADER,
+            category=HMAR_CATEGORY,
+            description="Loads an HMAR transformer (hmar-d16.pth, hmar-d20.pth, hmar-d24.pth, hmar-d30.pth; NVIDIA's "
+            "non-commercial licence) and VAR's VQ-VAE (vae_ch160v4096z32.pth) from models/nextscale. Sizes are read "
+            "from the files; loading is strict.",
+            inputs=[
+                io.Combo.Input(
+                    "model_name",
+                    options=model_choices(),
+                    tooltip="An HMAR transformer in ComfyUI/models/nextscale (Hugging Face nvidia/HMAR: hmar-d16.pth "
+                    "... hmar-d30.pth). Its weights are under NVIDIA's non-commercial licence.",
+                ),
+                io.Combo.Input(
+                    "vqvae_name",
+                    options=model_choices(),
+                    tooltip="VAR's VQ-VAE, vae_ch160v4096z32.pth (FoundationVision/var): HMAR draws its tokens.",
+                ),
+                io.Combo.Input(
+                    "dtype",
+                    options=DTYPES,
+                    default="auto",
+                    tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
+                    "(float32 on CPU, bfloat16 on recent GPUs). The VQ-VAE stays float32 (unless --fp16-vae / "
+                    "--bf16-vae); logits are always float32.",
+                ),
+            ],
+            outputs=[
+                HMARModel.Output("model", display_name="model"),
+                Tokenizer.Output("vqvae", display_name="vqvae"),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:
+        choices = model_choices()
+        return (
+            check_file(model_name, choices, lambda name: not_found(name, LOADER, "generator"))
+            or check_file(vqvae_name, choices, vqvae_not_found)
+            or True
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, vqvae_name: str, dtype: str) -> io.NodeOutput:
+        model = load(model_name, LOADER, "generator", dtype)
+        vqvae = load(vqvae_name, "NextScale Load Tokenizer", "tokenizer", "auto")
+        model.family.check_pair(model.module, vqvae.module)
+        return io.NodeOutput(model, vqvae)
+
+
+class NextScaleHMARSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleHMARSampler",
+            display_name="NextScale HMAR Sampler",
+            category=HMAR_CATEGORY,
+            description="Draws a picture of the chosen class coarse to fine with HMAR: each scale is drawn from the "
+            "previous ones' picture alone (no KV cache), then its least confident tokens are masked and redrawn in "
+            "refinement passes. Guidance grows from coarse to fine as in VAR. Batch item i uses seed + i.",
+            inputs=[
+                HMARModel.Input("model", tooltip="From NextScale Load HMAR."),
+                Tokenizer.Input("vqvae", tooltip="VAR's VQ-VAE, from NextScale Load HMAR."),
+                io.Combo.Input(
+                    "class_name", options=list(imagenet_class_names()), default=DEFAULT_CLASS,
+                    tooltip="ImageNet-1k class to generate.",
+                ),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                    tooltip="Random seed. Batch item i uses seed + i.",
+                ),
+                io.Float.Input(
+                    "cfg", default=1.7, min=0.0, max=30.0, step=0.1, round=0.01,
+                    tooltip="Classifier-free guidance strength (HMAR's released setting: 1.7).",
+                ),
+                io.Int.Input(
+                    "top_k", default=1000, min=0, max=100000, tooltip="Keep the k most likely codes (0 = off)."
+                ),
+                io.Float.Input(
+                    "top_p", default=0.99, min=0.0, max=1.0, step=0.01,
+                    tooltip="Keep the smallest set of codes whose probability reaches p (0 = off).",
+                ),
+                io.String.Input(
+                    "refinement",
+                    default=OFFICIAL_REFINEMENT,
+                    tooltip="Masked refinement per scale, coarse to fine, scales separated by '|': the tokens each "
+                    "pass settles. '1 | 1,3 | 1,1,2,5' (HMAR's setting): the 1x1 scale in one pass; the 2x2 keeps its "
+                    "most confident token and redraws 3; the 3x3 keeps 1, then settles 1, 2 and 5 in three refinement "
+                    "passes. Scales not listed take one pass; empty: no refinement.",
+                ),
+                io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH, tooltip="Images per class."),
+                io.String.Input(
+                    "class_list", default="", optional=True,
+                    tooltip="Optional comma-separated classes (names or indices) for a mixed batch; overrides "
+                    "class_name. Each gets batch_size images.",
+                ),
+                Guide.Input(
+                    "guide", optional=True,
+                    tooltip="From NextScale Inpaint Guide or NextScale Image to Image Guide (the reference encoded "
+                    "with VAR's VQ-VAE): which tokens to keep at each scale, applied after the refinement passes.",
+                ),
+                Control.Input(
+                    "control", optional=True,
+                    tooltip="Refused: no control adapter was trained for HMAR's split transformer.",
+                ),
+                KVPolicy.Input(
+                    "kv_policy", optional=True,
+                    tooltip="Refused: HMAR keeps no KV cache (each scale attends only to its own tokens).",
+                ),
+            ],
+            outputs=[Tokens.Output("tokens", display_name="tokens")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, cfg: float | None = None, top_p: float | None = None) -> bool | str:
+        return check_numbers(cls, cfg=cfg, top_p=top_p) or True
+
+    @classmethod
+    def execute(
+        cls,
+        model: NextScaleModel,
+        vqvae: NextScaleModel,
+        class_name: str,
+        seed: int,
+        cfg: float,
+        top_k: int,
+        top_p: float,
+        refinement: str,
+        batch_size: int,
+        class_list: str = "",
+        guide=None,
+        control=None,
+        kv_policy=None,
+    ) -> io.NodeOutput:
+        for name, connected in (("control", control), ("kv_policy", kv_policy)):
+            if connected is not None:
+                raise NextScaleError(f"HMAR takes no {name}: {REFUSED[name]}; disconnect it")
+        family = model.family
+        if str(vqvae.kind) != "var-tokenizer":
+            raise NextScaleError(
+                f"'{vqvae.name}' is {vqvae.kind.describe()}: connect VAR's VQ-VAE from NextScale Load HMAR"
+            )
+        family.check_pair(model.module, vqvae.module)
+        generator = model.module
+        names = family.class_names(generator)
+        classes = parse_class_list(class_list, names) or [class_index(class_name, names)]
+        if len(classes) * batch_size > MAX_BATCH:
+            raise NextScaleError(
+                f"{len(classes)} classes x batch size {batch_size} = {len(classes) * batch_size} images; at most "
+                f"{MAX_BATCH} per sampler node"
+            )
+        patch_nums = generator.patch_nums
+        options = HMAROptions(cfg=cfg, top_k=top_k, top_p=top_p, refinement=parse_refinement(refinement, patch_nums))
+        labels_B = torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
+        workload = Workload(
+            batch_size=len(labels_B), guided=cfg != 0, dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype
+        )
+        ready(model, vqvae, memory=family.working_memory(generator, vqvae.module, workload))
+        hooks = SamplerHooks(
+            callback=scale_callback(cls.hidden.unique_id, vqvae, len(patch_nums), True),
+            guide=None if guide is None else guide.bind(vqvae.module, patch_nums, len(labels_B), model.device),
+        )
+        tokens = family.sample(generator, vqvae.module, labels_B, seed=seed, options=options, hooks=hooks,
+                               device=model.device)
+        return io.NodeOutput(tokens.to("cpu"))
+
+
+NODES = [NextScaleLoadHMAR, NextScaleHMARSampler]
