@@ -13,6 +13,7 @@ from . import (
     control,
     dd,
     editing,
+    flexvar,
     generator,
     images,
     infinity,
@@ -31,7 +32,7 @@ log = logging.getLogger("NextScale")
 
 FAMILIES = [
     schedule, tokenizer, generator, accel, editing, collaborative, control, kv, images, infinity, text_encoder, lora,
-    switti, upscale, dd,
+    switti, upscale, dd, flexvar,
 ]
 
 

@@ -16,6 +16,8 @@ SwittiModel = io.Custom("NEXTSCALE_SWITTI")
 NSARMModel = io.Custom("NEXTSCALE_NSARM")
 # A Distilled Decoding transformer (VAR distilled to one or two steps), from NextScale Load Distilled Decoding.
 DDModel = io.Custom("NEXTSCALE_DD")
+# A FlexVAR transformer (any resolution and number of steps), from NextScale Load FlexVAR.
+FlexVARModel = io.Custom("NEXTSCALE_FLEXVAR")
 Tokens = io.Custom("NEXTSCALE_TOKENS")
 SamplerOptions = io.Custom("NEXTSCALE_SAMPLER_OPTIONS")
 # An edit guide (models.var.editing.EditSpec): anything with bind(tokenizer, patch_nums, batch_size, device) -> Guide.

@@ -109,10 +109,16 @@ class FlexVARFamily(Family):
             )
 
     def decode(self, tokenizer: FlexVAE, tokens, upto=None):
-        """Scale ``upto - 1`` (the last by default) decoded on its own: each FlexVAR scale is a whole image."""
+        """Scale ``upto - 1`` (the last by default) decoded on its own, since each FlexVAR scale is a whole image;
+        an earlier scale's image is resized bicubically to the full size (as upstream's multi-scale
+        reconstruction), so every scale decodes to one size."""
         self.check_tokens(tokenizer, tokens)
+        side = tokens.patch_nums[-1] * tokenizer.downsample
         with torch.inference_mode():
-            return tokenizer.indices_to_img(tokens.indices[(upto or tokens.num_scales) - 1])
+            img = tokenizer.indices_to_img(tokens.indices[(upto or tokens.num_scales) - 1])
+            if img.shape[-1] == side:
+                return img
+            return F.interpolate(img, size=(side, side), mode="bicubic").clamp(-1, 1)
 
     def preview(self, tokenizer: FlexVAE, latent):
         side = min(PREVIEW_LATENT_SIDE, latent.shape[-1])

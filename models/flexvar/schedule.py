@@ -80,9 +80,8 @@ class ScheduleReport:
     def tokens(self) -> int:
         return token_count(self.patch_nums)
 
-    def text(self, kv_bytes_per_token: int | None = None) -> str:
-        """The schedule as a table: side, pixels, tokens, whether drawn or greedy; ``kv_bytes_per_token`` adds
-        the KV cache of one image (its guided rows included)."""
+    def text(self) -> str:
+        """The schedule as a table: each step's side, pixels, tokens, and whether it is drawn or greedy."""
         pn = self.patch_nums
         lines = [
             f"{len(pn)} steps, {pn[-1] * CELL_PX}x{pn[-1] * CELL_PX} px, {self.tokens} tokens",
@@ -92,8 +91,6 @@ class ScheduleReport:
         for si, side in enumerate(pn):
             how = "drawn (top-k/top-p)" if drawn(side, self.max_pn) else "greedy (side not trained or > max_pn)"
             lines.append(f"{si:>4}  {side:>4}  {side * CELL_PX:>4}  {side * side:>6}  {how}")
-        if kv_bytes_per_token is not None:
-            lines.append(f"KV cache per image: {kv_bytes_per_token * self.tokens / 2**20:.1f} MiB")
         return "\n".join(lines)
 
 

@@ -1,0 +1,73 @@
+"""FlexVAR's nodes inside ComfyUI's python: the chain on tiny models in the model folder (upstream's key layouts, the
+transformer nested as upstream's training checkpoints are): Load FlexVAR, FlexVAR Schedule, FlexVAR Sampler (a
+resolution and a step count, a typed schedule, a KV policy, class list, seeds), Decode, Decode Scales and Encode; the
+messages for a missing file, a file of another kind, a VAR tokenizer and a bad resolution."""
+
+from __future__ import annotations
+
+import textwrap
+
+from harness.testbed import run_in_comfyui_python
+from test_service import PREAMBLE
+
+CHAIN = PREAMBLE + """
+from safetensors.torch import save_file
+from nextscale.models.kv.policies import KVPolicySpec
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from nextscale.nodes import FAMILIES as NODE_MODULES
+from nextscale.nodes import flexvar
+from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleDecodeScales, NextScaleEncode
+from test_flexvar import generator_keys, random_state_dict, tokenizer_keys
+
+assert any(flexvar.NextScaleFlexVARSampler in m.NODES for m in NODE_MODULES)
+msg = flexvar.NextScaleLoadFlexVAR.validate_inputs("FlexVARd16-epo179.pth", "FlexVAE.pth", "auto")
+assert "model not found" in msg and folder in msg and "jiaosiyu1999/FlexVAR" in msg, msg
+
+torch.save({"trainer": {"var_wo_ddp": random_state_dict(generator_keys(depth=1))}},
+           os.path.join(folder, "flexvar-tiny.pth"))
+torch.save({"model": random_state_dict(tokenizer_keys())}, os.path.join(folder, "flexvae-tiny.pth"))
+vq = MultiScaleVQVAE(TokenizerConfig(vocab_size=16, z_channels=8, ch=32, ch_mult=(1, 1)))
+save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, os.path.join(folder, "var-vqvae.safetensors"))
+msg = flexvar.NextScaleLoadFlexVAR.validate_inputs("flexvar-tiny.pth", "vae.pth", "auto")
+assert "FlexVAE 'vae.pth'" in msg and "FlexVAE.pth" in msg, msg
+
+model, vae = flexvar.NextScaleLoadFlexVAR.execute("flexvar-tiny.pth", "flexvae-tiny.pth", "auto").result
+assert str(model.kind) == "flexvar-generator" and str(vae.kind) == "flexvar-tokenizer"
+raises(lambda: flexvar.NextScaleLoadFlexVAR.execute("flexvae-tiny.pth", "flexvae-tiny.pth", "auto"),
+       "'flexvae-tiny.pth' is a FlexVAE tokenizer", "this node expects a FlexVAR generator")
+raises(lambda: flexvar.NextScaleLoadFlexVAR.execute("flexvar-tiny.pth", "var-vqvae.safetensors", "auto"),
+       "is a VAR tokenizer")
+
+schedule, report, tokens = flexvar.NextScaleFlexVARSchedule.execute(256, 13).result
+assert schedule == "1,2,3,4,5,6,7,8,9,10,12,14,16" and tokens == 981 and "greedy" in report, report
+assert flexvar.NextScaleFlexVARSchedule.execute(96, 4).result[0] == "1,2,3,6"
+raises(lambda: flexvar.NextScaleFlexVARSchedule.execute(250, 10), "not a multiple of FlexVAE's 16 px")
+
+flexvar.NextScaleFlexVARSampler.hidden = io.HiddenHolder.from_dict({})
+def sample(**kw):
+    args = dict(model=model, vae=vae, class_name="tench", seed=3, resolution=64, steps=3, cfg=1.5, top_k=4,
+                top_p=0.9, batch_size=2, class_list="3")
+    return flexvar.NextScaleFlexVARSampler.execute(**{**args, **kw}).result[0]
+
+one = sample()
+assert one.batch_size == 2 and one.patch_nums == (1, 2, 4) and one.labels.tolist() == [3, 3]
+assert all(torch.equal(a, b) for a, b in zip(sample().indices, one.indices))
+assert not all(torch.equal(a, b) for a, b in zip(sample(seed=4).indices, one.indices))
+typed = sample(schedule="1,3,5", batch_size=1, class_list="1, 2", kv_policy=KVPolicySpec("recent", budget=0.5))
+assert typed.patch_nums == (1, 3, 5) and typed.labels.tolist() == [1, 2] and typed.extra["kv_policy"] != "full"
+images = NextScaleDecode.execute(vae, one, 0).result[0]
+assert tuple(images.shape) == (2, 8, 8, 3) and float(images.std()) > 0
+scales, K = NextScaleDecodeScales.execute(vae, typed).result
+assert K == 3 and tuple(scales.shape) == (6, 10, 10, 3)
+encoded = NextScaleEncode.execute(vae, images, "center crop", "1,2,4").result[0]
+assert encoded.patch_nums == (1, 2, 4) and encoded.batch_size == 2
+raises(lambda: NextScaleEncode.execute(vae, images, "center crop", ""), "FlexVAR has no fixed schedule")
+raises(lambda: sample(resolution=64, steps=5), "5 steps do not fit a 4x4 token grid")
+raises(lambda: sample(class_list=""), "'tench' is not a class of this generator")
+print("flexvar chain ok")
+"""
+
+
+def test_the_flexvar_node_chain_runs_in_comfyui(tmp_path):
+    result = run_in_comfyui_python(textwrap.dedent(CHAIN), cwd=tmp_path, timeout=600)
+    assert result.returncode == 0 and "flexvar chain ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
