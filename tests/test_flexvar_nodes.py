@@ -12,6 +12,7 @@ from test_service import PREAMBLE
 
 CHAIN = PREAMBLE + """
 from safetensors.torch import save_file
+from nextscale.models.core.family import Workload
 from nextscale.models.kv.policies import KVPolicySpec
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.nodes import FAMILIES as NODE_MODULES
@@ -64,10 +65,66 @@ assert encoded.patch_nums == (1, 2, 4) and encoded.batch_size == 2
 raises(lambda: NextScaleEncode.execute(vae, images, "center crop", ""), "FlexVAR has no fixed schedule")
 raises(lambda: sample(resolution=64, steps=5), "5 steps do not fit a 4x4 token grid")
 raises(lambda: sample(class_list=""), "'tench' is not a class of this generator")
+
+free = mm.get_free_memory
+one_image = model.family.memory(model.module, vae.module, Workload(batch_size=1, schedule=(1, 2, 4)))
+mm.get_free_memory = lambda dev=None, torch_free_too=False: (one_image.working,) * 2 if torch_free_too else \
+    one_image.working
+calls, real_sample = [], model.family.sample
+model.family.sample = lambda *a, **k: calls.append(len(a[2])) or real_sample(*a, **k)
+split = sample()  # one image at a time: the unsplit batch's images
+mm.get_free_memory, model.family.sample = free, real_sample
+assert calls == [1, 1], calls
+assert all(torch.equal(a, b) for a, b in zip(split.indices, one.indices)) and torch.equal(split.labels, one.labels)
 print("flexvar chain ok")
 """
 
+PARTIAL = PREAMBLE + """
+import comfy.ops
+from nextscale.models.flexvar.model import FlexVAR
+from nextscale.models.flexvar.tokenizer import FlexVAE
+from test_flexvar import generator_keys, random_state_dict, tokenizer_keys
+from test_partial_loading import FRACTIONS, META, DeviceAudit, partial_load
+
+gen_sd, tok_sd = random_state_dict(generator_keys()), random_state_dict(tokenizer_keys())
+g = torch.Generator().manual_seed(1)
+pn, labels = (1, 2, 4), torch.tensor([3, 10])
+indices = [torch.randint(16, (2, p, p), generator=g) for p in pn]
+plain_tok = FlexVAE.from_state_dict(dict(tok_sd))
+x = plain_tok.teacher_input(indices, pn)
+plain = FlexVAR.from_state_dict(dict(gen_sd))(labels, x, pn)
+for storage in (None, torch.float8_e4m3fn):
+    for fraction in FRACTIONS:
+        compute = None if storage is None else torch.bfloat16
+        model = FlexVAR.from_state_dict(dict(gen_sd), operations=comfy.ops.manual_cast, compute_dtype=compute)
+        tok = FlexVAE.from_state_dict(dict(tok_sd), operations=comfy.ops.manual_cast)
+        if storage is not None:
+            model = model.to(storage)
+        if fraction == 1.0 and storage is None:  # manual cast computes exactly what torch layers compute
+            assert torch.equal(model(labels, x, pn), plain)
+        partial_load([model, tok], fraction)
+        audit = DeviceAudit()
+        with torch.no_grad(), audit:
+            logits = model(labels.to(META), tok.teacher_input([i.to(META) for i in indices], pn), pn)
+            image = tok.indices_to_img(indices[-1].to(META))
+        assert not audit.violations, (storage, fraction, audit.violations[:8])
+        assert logits.device == META and logits.dtype == torch.float32 and tuple(logits.shape) == (2, 21, 16)
+        assert tuple(image.shape) == (2, 3, 8, 8)
+print("flexvar partial loading ok")
+"""
+
+
+def _run(script: str, tmp_path, needle: str) -> None:
+    result = run_in_comfyui_python(textwrap.dedent(script), cwd=tmp_path, timeout=600)
+    assert result.returncode == 0 and needle in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
 
 def test_the_flexvar_node_chain_runs_in_comfyui(tmp_path):
-    result = run_in_comfyui_python(textwrap.dedent(CHAIN), cwd=tmp_path, timeout=600)
-    assert result.returncode == 0 and "flexvar chain ok" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    """The chain, and a batch that does not fit at once sampled in sub-batches giving the same images."""
+    _run(CHAIN, tmp_path, "flexvar chain ok")
+
+
+def test_flexvar_computes_on_the_load_device_when_partially_loaded(tmp_path):
+    """ComfyUI's manual-cast op set, both models loaded onto ``meta`` (a stand-in GPU) at 0x, 0.5x and 1x of their
+    size, the transformer in fp32 and fp8: a teacher-forced pass and a decode touch no tensor off the load device."""
+    _run(PARTIAL, tmp_path, "flexvar partial loading ok")
