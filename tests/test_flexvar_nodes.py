@@ -39,6 +39,9 @@ raises(lambda: flexvar.NextScaleLoadFlexVAR.execute("flexvae-tiny.pth", "flexvae
 raises(lambda: flexvar.NextScaleLoadFlexVAR.execute("flexvar-tiny.pth", "var-vqvae.safetensors", "auto"),
        "is a VAR tokenizer")
 
+fp8, _ = flexvar.NextScaleLoadFlexVAR.execute("flexvar-tiny.pth", "flexvae-tiny.pth", "fp8_e4m3fn").result
+assert fp8.module.blocks[0].attn.mat_qkv.weight.dtype == torch.float8_e4m3fn
+
 schedule, report, tokens = flexvar.NextScaleFlexVARSchedule.execute(256, 13).result
 assert schedule == "1,2,3,4,5,6,7,8,9,10,12,14,16" and tokens == 981 and "greedy" in report, report
 assert flexvar.NextScaleFlexVARSchedule.execute(96, 4).result[0] == "1,2,3,6"
@@ -51,6 +54,7 @@ def sample(**kw):
     return flexvar.NextScaleFlexVARSampler.execute(**{**args, **kw}).result[0]
 
 one = sample()
+assert sample(model=fp8).patch_nums == (1, 2, 4)
 assert one.batch_size == 2 and one.patch_nums == (1, 2, 4) and one.labels.tolist() == [3, 3]
 assert all(torch.equal(a, b) for a, b in zip(sample().indices, one.indices))
 assert not all(torch.equal(a, b) for a, b in zip(sample(seed=4).indices, one.indices))
