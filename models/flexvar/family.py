@@ -10,6 +10,7 @@ detection looks for, and a FlexVAR transformer's are VAR's without ``lvl_embed``
 from __future__ import annotations
 
 from collections.abc import Set as AbstractSet
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +18,12 @@ import torch.nn.functional as F
 from ..core.errors import NextScaleError
 from ..core.family import Family, KVGeometry, Role, Workload
 from ..core.imageops import ImageFit, fit_square
-from ..core.memory import MemoryNeed, block_bytes, conv_coder_bytes, draw_bytes, kv_cache_bytes, weight_bytes
+from ..core.memory import MemoryNeed
 from ..core.schedule import SCHEDULE_256
 from ..core.tokens import NextScaleTokens
 from ..var.classes import default_class_names
-from ..var.family import DECODER_COPIES, PREVIEW_LATENT_SIDE, STREAM_COPIES
+from ..var.family import FAMILY as VAR_FAMILY
+from ..var.family import PREVIEW_LATENT_SIDE
 from .model import WHAT, FlexVAR
 from .sampler import HOOKS, check_inputs, sample_flexvar
 from .schedule import parse_sides
@@ -132,29 +134,9 @@ class FlexVARFamily(Family):
         return KVGeometry(cfg.depth, cfg.num_heads, cfg.head_dim, scales)
 
     def memory(self, generator, tokenizer, workload: Workload) -> MemoryNeed:
-        """VAR's accounting (:meth:`..var.family.VARFamily.memory`) on the workload's schedule, with FlexVAE's
-        decoder."""
-        kv = activations = preview = decode = 0
-        scales = tuple(workload.schedule or SCHEDULE_256)
-        if generator is not None:
-            geometry = self.kv_geometry(generator, scales)
-            cfg, rows, size = generator.config, workload.rows, workload.dtype.itemsize
-            kv = kv_cache_bytes(geometry, rows, size, workload.kv_policy)
-            step = workload.step_tokens or max(geometry.areas)
-            activations = max(
-                block_bytes(rows, step, cfg.embed_dim, cfg.hidden_dim, size, STREAM_COPIES),
-                draw_bytes(workload.batch_size, rows, step, cfg.embed_dim, cfg.vocab_size, workload.guided),
-            )
-        if tokenizer is not None:
-            levels = [tokenizer.config.ch * m for m in tokenizer.config.ch_mult]
-            itemsize, ds = workload.decode_dtype.itemsize, tokenizer.downsample
-            if generator is not None:
-                side = PREVIEW_LATENT_SIDE * ds
-                preview = conv_coder_bytes(1, levels, side, side, itemsize, DECODER_COPIES)
-            side = scales[-1] * ds
-            decode = conv_coder_bytes(workload.decode_batch, levels, side, side, itemsize, DECODER_COPIES)
-        weights = sum(weight_bytes(m) for m in (generator, tokenizer) if m is not None)
-        return MemoryNeed(weights, kv, activations, preview, decode)
+        """VAR's accounting (:meth:`..var.family.VARFamily.memory`: the same blocks, head, KV cache and decoder
+        shape) on the workload's schedule, upstream's 256-px training schedule when it has none."""
+        return VAR_FAMILY.memory(generator, tokenizer, replace(workload, schedule=workload.schedule or SCHEDULE_256))
 
 
 FAMILY = FlexVARFamily()

@@ -38,10 +38,9 @@ from ..core.checkpoint import (
     shapes_on_meta,
 )
 from ..core.errors import NextScaleError
-from ..core.kv_cache import KVCache
-from ..core.ops import ComputeDtype, TorchOps, cast, embed, weight_and_bias
+from ..core.ops import ComputeDtype, TorchOps, cast, embed
 from ..core.schedule import token_count, validate_schedule
-from ..var.model import Conditioning
+from ..var.model import VAR, Conditioning
 
 WHAT = "FlexVAR generator"
 MASK_KEY = "attn_bias_for_masking"
@@ -173,17 +172,9 @@ class FlexVAR(ComputeDtype, nn.Module):
         x_BlC = self.word_embed(next_BlCv.to(self.compute_dtype))
         return x_BlC + cond.lvl_pos_1LC[:, begin : begin + next_BlCv.shape[1]]
 
-    def logits(self, x_BLC: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """fp32 ``logits_BLV`` (head AdaLN and head in fp32)."""
-        h_BLC = self.head_nm(x_BLC, cond.head_B12C)
-        return F.linear(h_BLC, *weight_and_bias(self.head, h_BLC.device, torch.float32))
-
-    def forward_scale(self, si: int, x_BlC: torch.Tensor, cond: Conditioning, cache: KVCache) -> torch.Tensor:
-        """fp32 ``logits_BlV`` of scale ``si``, attending through ``cache`` to every earlier scale and to itself."""
-        cache.begin_scale(si)
-        for i, block in enumerate(self.blocks):
-            x_BlC = block(x_BlC, cond.ada_B16C[i], kv=cache[i])
-        return self.logits(x_BlC, cond)
+    # VAR's head and KV-cached scale step, unchanged: they read only the blocks, the head and the conditioning.
+    logits = VAR.logits
+    forward_scale = VAR.forward_scale
 
     def forward_teacher(self, label_B: torch.Tensor, x_BLCv: torch.Tensor, patch_nums: Sequence[int]) -> torch.Tensor:
         """fp32 ``logits_BLV`` of the whole schedule ``patch_nums`` at once with the block-causal mask; ``x_BLCv``
