@@ -375,17 +375,17 @@ def distilled_decoding() -> Example:
 def flexvar() -> Example:
     g = Graph()
     loader = g.add("NextScaleLoadFlexVAR", model_name=FLEXVAR_MODEL, vae_name=FLEXVAE, dtype="auto")
-    schedule = g.add("NextScaleFlexVARSchedule", resolution=256, steps=13, custom_schedule="", max_pn=16, depth=24)
     tokens = g.add("NextScaleFlexVARSampler", model=g.out(loader, 0), vae=g.out(loader, 1),
                    class_name="golden retriever", seed=11, resolution=256, steps=13, cfg=2.5, top_k=900, top_p=0.95,
-                   batch_size=4, schedule=g.out(schedule, 0), cfg_schedule="linear", max_pn=16, class_list="")
+                   batch_size=4, schedule="", cfg_schedule="linear", max_pn=16, class_list="")
     image = g.add("NextScaleDecode", tokenizer=g.out(loader, 1), tokens=g.out(tokens), scales=0)
     grid = g.add("NextScaleImageGrid", images=g.out(image), columns=4, padding=2, pad_value=1.0)
     g.add("SaveImage", images=g.out(grid), filename_prefix="NextScale/flexvar")
     return Example(
         "nextscale_flexvar", "NextScale: FlexVAR in 13 steps",
-        f"Four ImageNet pictures from FlexVAR-d24 in 13 steps, the schedule shown by NextScale FlexVAR Schedule "
-        f"(change its resolution and steps: 512 px works zero-shot). Needs your own files in models/nextscale: "
+        f"Four ImageNet pictures from FlexVAR-d24 at 256 px in 13 steps (change the resolution and steps: 512 px "
+        f"works zero-shot; NextScale FlexVAR Schedule shows the sides a choice implies). Needs your own files in "
+        f"models/nextscale: "
         f"{FLEXVAR_MODEL} and {FLEXVAE} (jiaosiyu1999/FlexVAR on Hugging Face).",
         g.prompt, needs_user_files=["NextScaleLoadFlexVAR"],
     )
