@@ -4,8 +4,9 @@ on any schedule.
 FlexVAR (jiaosiyu1999/FlexVAR) predicts each scale's whole image rather than VAR's residual, with positions from a
 resizable 2-D map, so the number of steps and the resolution change at inference. Its tokens decode with NextScale
 Decode (the last scale) and NextScale Decode Scales (each scale is a picture of its own); NextScale Encode encodes
-with FlexVAE on a typed schedule. VAR's edit guides, control models and accelerations act on VAR's residual tokens
-and hidden states, so they have no inputs here; KV policies do.
+with FlexVAE on a typed schedule. VAR's edit guides work in their "tokens" mode (each scale's tokens are the
+reference's where kept); KV policies bind to the run's schedule. Control models (trained on VAR's hidden states) and
+accelerations (built on VAR's residual sum) have no inputs here.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from ..models.flexvar.family import HINT, LOADER
 from ..models.flexvar.sampler import CFG_SCHEDULES, FlexVAROptions
 from ..models.flexvar.schedule import CELL_PX, MAX_SIDE, ScheduleReport, flex_schedule, parse_sides, resolution_side
 from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
-from .generator import bind_policy, refuse_hooks, scale_callback
+from .generator import bind_policy, framed_like_reference, refuse_hooks, scale_callback
 from .model_files import FOLDER, model_choices
-from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch
-from .sockets import CATEGORY, FlexVARModel, KVPolicy, Tokenizer, Tokens
+from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batch_context
+from .sockets import CATEGORY, FlexVARModel, Guide, KVPolicy, Tokenizer, Tokens
 from .validation import check_combos, check_file, check_numbers
 
 FLEXVAR_CATEGORY = f"{CATEGORY}/flexvar"
@@ -182,6 +183,9 @@ class NextScaleFlexVARSampler(io.ComfyNode):
                                 "overrides class_name. Each gets batch_size images."),
                 KVPolicy.Input("kv_policy", optional=True,
                                tooltip="What the KV cache keeps (NextScale KV Policy); default: everything."),
+                Guide.Input("guide", optional=True,
+                            tooltip="An edit (NextScale Inpaint Guide in 'tokens' mode, or Image to Image Guide) of "
+                            "tokens that NextScale Encode made with FlexVAE on this sampler's schedule."),
             ],
             outputs=[Tokens.Output("tokens", display_name="tokens")],
             hidden=[io.Hidden.unique_id],
@@ -195,13 +199,18 @@ class NextScaleFlexVARSampler(io.ComfyNode):
     def execute(
         cls, model: NextScaleModel, vae: NextScaleModel, class_name: str, seed: int, resolution: int, steps: int,
         cfg: float, top_k: int, top_p: float, batch_size: int, schedule: str = "", cfg_schedule: str = "linear",
-        max_pn: int = 16, class_list: str = "", kv_policy=None,
+        max_pn: int = 16, class_list: str = "", kv_policy=None, guide=None,
     ) -> io.NodeOutput:
         family = model.family
         if vae.family is not family:
             raise NextScaleError(f"'{vae.name}' is {vae.kind.describe()}: connect FlexVAE from {LOADER}")
         family.check_pair(model.module, vae.module)
-        refuse_hooks(family, kv_policy=kv_policy)
+        refuse_hooks(family, guide=guide, kv_policy=kv_policy)
+        if getattr(guide, "mode", "tokens") != "tokens":
+            raise NextScaleError(
+                f"FlexVAR keeps no running latent to blend (each scale is a whole image): set the guide's mode to "
+                f"'tokens', not '{guide.mode}'"
+            )
         names = family.class_names(model.module)
         classes = parse_class_list(class_list, names) or [class_index(class_name, names)]
         if len(classes) * batch_size > MAX_BATCH:
@@ -224,14 +233,17 @@ class NextScaleFlexVARSampler(io.ComfyNode):
         size = ready_batch(model, vae, batch=B, need=need, what=SAMPLER)
         parts = []
         for start in range(0, B, size):  # item i's seed is seed + i in every sub-batch
-            hooks = SamplerHooks(
-                callback=scale_callback(cls.hidden.unique_id, vae, len(patch_nums), True),
-                kv_policy=bind_policy(kv_policy, model, patch_nums),
-            )
-            parts.append(family.sample(model.module, vae.module, labels_B[start : start + size], seed=seed + start,
-                                       options=options, hooks=hooks, device=model.device))
+            labels = labels_B[start : start + size]
+            with sub_batch_context(start, len(labels), B):
+                hooks = SamplerHooks(
+                    callback=scale_callback(cls.hidden.unique_id, vae, len(patch_nums), True),
+                    guide=None if guide is None else guide.bind(vae.module, patch_nums, len(labels), model.device),
+                    kv_policy=bind_policy(kv_policy, model, patch_nums),
+                )
+            parts.append(family.sample(model.module, vae.module, labels, seed=seed + start, options=options,
+                                       hooks=hooks, device=model.device))
         tokens = parts[0] if len(parts) == 1 else NextScaleTokens.cat(parts)
-        return io.NodeOutput(tokens.to("cpu"))
+        return io.NodeOutput(framed_like_reference(tokens, guide).to("cpu"))
 
 
 NODES = [NextScaleLoadFlexVAR, NextScaleFlexVARSchedule, NextScaleFlexVARSampler]

@@ -19,6 +19,7 @@ from nextscale.models.flexvar.sampler import FlexVAROptions, sample_flexvar
 from nextscale.models.flexvar.schedule import PUBLISHED, ScheduleReport, flex_schedule, parse_sides, resolution_side
 from nextscale.models.flexvar.tokenizer import FlexVAE
 from nextscale.models.kv.policies import KVPolicySpec
+from nextscale.models.var.editing import inpaint
 from nextscale.models.var.model import VAR, VARConfig
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 
@@ -197,8 +198,23 @@ def test_the_sampler_draws_per_item_and_takes_untrained_sides_greedily():
     ramp = FlexVAROptions(patch_nums=PUBLISHED[(16, 13)], cfg=2.0)
     assert ramp.guidance(0) == 0 and ramp.guidance(9) == 2.0 and ramp.guidance(12) == pytest.approx(2.0 * 12 / 9)
     assert FlexVAROptions(patch_nums=PUBLISHED[(32, 15)], cfg=3.0).guidance(13) == 3.0  # side 23 > max_pn
-    with pytest.raises(NextScaleError, match="guide"):
-        sample_flexvar(gen, tok, torch.tensor([1]), seed=0, hooks=SamplerHooks(guide=object()))
+    with pytest.raises(NextScaleError, match="control"):
+        sample_flexvar(gen, tok, torch.tensor([1]), seed=0, hooks=SamplerHooks(control=object()))
+
+
+def test_an_inpaint_guide_keeps_the_reference_tokens_where_the_mask_keeps():
+    gen, tok = models()
+    options = FlexVAROptions(patch_nums=(1, 2, 4), cfg=1.5, top_k=0, top_p=0)
+    reference = sample_flexvar(gen, tok, torch.tensor([1]), seed=0, options=options)
+    regenerate = torch.zeros(1, 8, 8)
+    regenerate[:, :, 4:] = 1  # the right half
+    guide = inpaint(reference, regenerate).bind(tok, options.patch_nums, 2)
+    edited = sample_flexvar(gen, tok, torch.tensor([2, 5]), seed=9, options=options, hooks=SamplerHooks(guide=guide))
+    free = sample_flexvar(gen, tok, torch.tensor([2, 5]), seed=9, options=options)
+    assert torch.equal(edited.indices[0], reference.indices[0].expand(2, -1, -1))  # 1 token: kept whole
+    for si, kept in ((1, 1), (2, 2)):  # the left columns of the 2x2 and 4x4 maps
+        assert torch.equal(edited.indices[si][..., :kept], reference.indices[si][..., :kept].expand(2, -1, -1))
+    assert not all(torch.equal(a[..., 2:], b[..., 2:]) for a, b in zip(edited.indices[1:], free.indices[1:]))
 
 
 def test_a_kv_policy_and_the_callback_run_and_each_scale_decodes_on_its_own():

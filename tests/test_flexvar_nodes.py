@@ -1,7 +1,8 @@
 """FlexVAR's nodes inside ComfyUI's python: the chain on tiny models in the model folder (upstream's key layouts, the
-transformer nested as upstream's training checkpoints are): Load FlexVAR, FlexVAR Schedule, FlexVAR Sampler (a
-resolution and a step count, a typed schedule, a KV policy, class list, seeds), Decode, Decode Scales and Encode; the
-messages for a missing file, a file of another kind, a VAR tokenizer and a bad resolution."""
+transformer nested as upstream's training checkpoints are): Load FlexVAR (fp8 too), FlexVAR Schedule, FlexVAR Sampler
+(a resolution and a step count, a typed schedule, a KV policy, an edit guide, class list, seeds, sub-batches),
+Decode, Decode Scales and Encode; the messages for a missing file, a file of another kind, a VAR tokenizer, a
+latent-blend guide and a bad resolution; and a partially loaded model on a stand-in device."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ CHAIN = PREAMBLE + """
 from safetensors.torch import save_file
 from nextscale.models.core.family import Workload
 from nextscale.models.kv.policies import KVPolicySpec
+from nextscale.models.var.editing import image_to_image, inpaint
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.nodes import FAMILIES as NODE_MODULES
 from nextscale.nodes import flexvar
@@ -67,6 +69,11 @@ assert K == 3 and tuple(scales.shape) == (6, 10, 10, 3)
 encoded = NextScaleEncode.execute(vae, images, "center crop", "1,2,4").result[0]
 assert encoded.patch_nums == (1, 2, 4) and encoded.batch_size == 2
 raises(lambda: NextScaleEncode.execute(vae, images, "center crop", ""), "FlexVAR has no fixed schedule")
+varied = sample(guide=image_to_image(encoded, 2))  # the encoded images' first two scales, the rest sampled
+assert all(torch.equal(varied.indices[si], encoded.indices[si]) for si in (0, 1))
+assert varied.extra["fit"] == encoded.extra["fit"]
+raises(lambda: sample(guide=inpaint(encoded, torch.ones(1, 8, 8), mode="latent blend")),
+       "FlexVAR keeps no running latent", "'tokens'")
 raises(lambda: sample(resolution=64, steps=5), "5 steps do not fit a 4x4 token grid")
 raises(lambda: sample(class_list=""), "'tench' is not a class of this generator")
 

@@ -12,9 +12,13 @@ Per scale ``si`` of the schedule's ``K``:
 4. The drawn token map is the scale's image; its codes, bicubic-upsampled to the next side, are the next input.
 
 The result is the per-scale token maps (:class:`~..core.tokens.NextScaleTokens`); the last one decodes to the
-picture, any earlier one to the picture at that scale. Hooks: ``kv_policy`` (what the cache keeps) and
-``callback(si, K, codes_BChw)`` with the scale's code map; editing guides, control models and accelerations are
-made for VAR's residual tokens and are refused (:data:`HOOKS`).
+picture, any earlier one to the picture at that scale. Hooks (:data:`HOOKS`):
+- ``guide``: ``apply(si, idx_Bl)`` may replace the drawn tokens before they become the next input (inpaint, outpaint,
+  class edit, image to image: VAR's edit guides in their "tokens" mode, the reference encoded by FlexVAE on the
+  run's schedule). There is no running latent, so ``override_fhat`` is never asked.
+- ``kv_policy``: what the KV cache keeps.
+- ``callback(si, K, codes_BChw)`` with the scale's code map.
+Control models (trained on VAR's hidden states) and accelerations (built on VAR's residual sum) are refused.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ..core.schedule import SCHEDULE_256, token_count
 from ..core.tokens import NextScaleTokens
 from .schedule import check_schedule, drawn
 
-HOOKS = frozenset({"kv_policy", "callback"})
+HOOKS = frozenset({"guide", "kv_policy", "callback"})
 CFG_SCHEDULES = ("linear", "constant")
 RAMP_SCALES = 9  # the linear ramp's denominator caps at 9 (upstream)
 
@@ -118,7 +122,10 @@ def sample_flexvar(
             t = options.guidance(si) if guided else 0.0
             logits_BlV = (1 + t) * logits_RlV[:B] - t * logits_RlV[B:] if guided else logits_RlV
             logits_BlV = filter_top_k_top_p_(logits_BlV, options.top_k_at(si), options.top_p)
-            idx_Bhw = categorical(logits_BlV.softmax(dim=-1), generators).view(B, pn, pn)
+            idx_Bl = categorical(logits_BlV.softmax(dim=-1), generators)
+            if hooks.guide is not None:
+                idx_Bl = hooks.guide.apply(si, idx_Bl).to(device=device, dtype=torch.long)
+            idx_Bhw = idx_Bl.view(B, pn, pn)
             indices.append(idx_Bhw)
             if hooks.callback is not None:
                 hooks.callback(si, len(patch_nums), tokenizer.code_map(idx_Bhw))

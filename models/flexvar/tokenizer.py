@@ -93,6 +93,18 @@ def official_names(kit_key: str, levels: int) -> list[str]:
     return [key]
 
 
+class FlexQuantizer(nn.Module):
+    """FlexVAE's codebook, ``embedding (V, Cvae)`` (key ``quantize.embedding.weight``); codes are used normalised."""
+
+    def __init__(self, vocab_size: int, cvae: int, operations=TorchOps):
+        super().__init__()
+        self.embedding = operations.Embedding(vocab_size, cvae)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embedding.weight.shape[0]
+
+
 class FlexVAE(ComputeDtype, nn.Module):
     """FlexVAE with the kit's module names; build it from a file's state dict with :meth:`from_state_dict`.
     ``operations`` and ``compute_dtype`` as for the other tokenizers (:mod:`..core.ops`)."""
@@ -106,8 +118,7 @@ class FlexVAE(ComputeDtype, nn.Module):
                  "mid_attn": cfg.mid_attn}
         self.encoder = Encoder(kit, in_channels=cfg.in_channels, z_channels=cfg.z_channels, **shape)
         self.decoder = Decoder(kit, z_channels=cfg.z_channels, out_channels=cfg.in_channels, **shape)
-        self.quantize = nn.Module()
-        self.quantize.embedding = ops.Embedding(cfg.vocab_size, cfg.cvae)
+        self.quantize = FlexQuantizer(cfg.vocab_size, cfg.cvae, ops)
         self.quant_conv = kit.conv1(cfg.z_channels, cfg.cvae)
         self.post_quant_conv = kit.conv1(cfg.cvae, cfg.z_channels)
         self.compute_dtype = compute_dtype
