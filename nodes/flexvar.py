@@ -112,7 +112,7 @@ class NextScaleFlexVARSchedule(io.ComfyNode):
             "pixels and tokens, which sides are drawn and which are taken greedily (sides training never saw, or "
             "above max_pn), and the KV cache per image. Connect 'schedule' to the sampler's schedule input.",
             inputs=[
-                io.Int.Input("resolution", default=256, min=CELL_PX, max=MAX_SIDE * CELL_PX, step=CELL_PX,
+                io.Int.Input("resolution", default=256, min=2 * CELL_PX, max=MAX_SIDE * CELL_PX, step=CELL_PX,
                              tooltip="Image side in pixels (16 px per token). FlexVAR was trained at 256 px."),
                 io.Int.Input("steps", default=10, min=2, max=MAX_SIDE,
                              tooltip="Number of scales. 10 is training's; upstream's best FID at 256 px is 13."),
@@ -159,7 +159,7 @@ class NextScaleFlexVARSampler(io.ComfyNode):
                                tooltip="ImageNet-1k class to generate."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Random seed. Batch item i uses seed + i."),
-                io.Int.Input("resolution", default=256, min=CELL_PX, max=MAX_SIDE * CELL_PX, step=CELL_PX,
+                io.Int.Input("resolution", default=256, min=2 * CELL_PX, max=MAX_SIDE * CELL_PX, step=CELL_PX,
                              tooltip="Image side in pixels (16 px per token). Trained at 256 px; 512 works "
                              "zero-shot."),
                 io.Int.Input("steps", default=10, min=2, max=MAX_SIDE,

@@ -35,8 +35,10 @@ PUBLISHED = {
 
 def flex_schedule(side: int, steps: int) -> tuple[int, ...]:
     """The schedule of ``steps`` scales ending at a ``side x side`` token grid (module docstring)."""
-    if not 1 <= side <= MAX_SIDE:
-        raise NextScaleError(f"a FlexVAR image is 16 to {MAX_SIDE * CELL_PX} px on a side, got {side * CELL_PX} px")
+    if not 2 <= side <= MAX_SIDE:
+        raise NextScaleError(
+            f"a FlexVAR image is {2 * CELL_PX} to {MAX_SIDE * CELL_PX} px on a side, got {side * CELL_PX} px"
+        )
     if not 2 <= steps <= side:
         raise NextScaleError(
             f"{steps} steps do not fit a {side}x{side} token grid ({side * CELL_PX} px): use 2 to {side} steps, "
