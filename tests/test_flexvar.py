@@ -161,6 +161,8 @@ def test_schedules_for_a_resolution_and_steps():
         resolution_side(500)
     with pytest.raises(NextScaleError, match="use 2 to 4 steps"):
         flex_schedule(4, 6)
+    with pytest.raises(NextScaleError, match="32 to 1024 px on a side, got 16 px"):
+        flex_schedule(1, 2)
     assert parse_sides("1_2_3_4_5_7_10_13_16") == PUBLISHED[(16, 9)]
     report = ScheduleReport(PUBLISHED[(16, 13)]).text()
     assert "13 steps, 256x256 px, 981 tokens" in report
