@@ -13,6 +13,7 @@ from . import (
     control,
     dd,
     editing,
+    flexvar,
     generator,
     hmar,
     images,
@@ -32,7 +33,7 @@ log = logging.getLogger("NextScale")
 
 FAMILIES = [
     schedule, tokenizer, generator, accel, editing, collaborative, control, kv, images, infinity, text_encoder, lora,
-    switti, upscale, dd, hmar,
+    switti, upscale, dd, flexvar, hmar,
 ]
 
 

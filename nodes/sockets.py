@@ -18,6 +18,8 @@ NSARMModel = io.Custom("NEXTSCALE_NSARM")
 DDModel = io.Custom("NEXTSCALE_DD")
 # An HMAR transformer (VAR with next-scale and mask branches), from NextScale Load HMAR.
 HMARModel = io.Custom("NEXTSCALE_HMAR")
+# A FlexVAR transformer (any resolution and number of steps), from NextScale Load FlexVAR.
+FlexVARModel = io.Custom("NEXTSCALE_FLEXVAR")
 Tokens = io.Custom("NEXTSCALE_TOKENS")
 SamplerOptions = io.Custom("NEXTSCALE_SAMPLER_OPTIONS")
 # An edit guide (models.var.editing.EditSpec): anything with bind(tokenizer, patch_nums, batch_size, device) -> Guide.

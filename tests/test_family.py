@@ -23,6 +23,9 @@ from nextscale.models.var.sampler import SamplingOptions
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from test_control import adapter_for, make_car, make_var4
 from test_dd import official_state_dict as dd_state_dict
+from test_flexvar import models as flexvar_models
+from test_flexvar import random_state_dict as flexvae_state_dict
+from test_flexvar import tokenizer_keys
 from test_infinity import SCHEDULE, prompts, tiny_model
 from test_kv_policies import make_pair
 from test_switti import official_state_dict
@@ -44,9 +47,11 @@ def test_every_file_is_identified_by_its_family_and_role():
         "infinity-generator": tiny_model(), "infinity-tokenizer": tiny_bsq(),
         "switti-generator": Switti.from_state_dict(official_state_dict()),
         "dd-generator": DistilledVAR.from_state_dict(dd_state_dict()),  # every VAR key too: "dd" is listed first
+        "flexvar-generator": flexvar_models()[0],  # VAR's keys without lvl_embed: "flexvar" is listed before "var"
     }
     for name, module in cases.items():
         assert str(identify(module.state_dict())) == name, name
+    assert str(identify(flexvae_state_dict(tokenizer_keys()))) == "flexvar-tokenizer"  # LlamaGen's VQ layout
     adapter = identify(adapter_for(make_var4(), "add").state_dict())
     assert str(adapter) == "var-control" and adapter.role.description == "a NextScale control adapter"
     car_with_its_generator = {**make_var4().state_dict(), **make_car().state_dict()}
@@ -70,7 +75,7 @@ def test_a_registered_family_identifies_its_files_and_joins_its_loaders():
     from toy_family import ToyGenerator
 
     registry = Registry(BUILTIN_FAMILIES)
-    assert [f.name for f in registry.families] == ["dd", "var", "nsarm", "infinity", "switti", "hmar"]
+    assert [f.name for f in registry.families] == ["dd", "flexvar", "var", "nsarm", "infinity", "switti", "hmar"]
     assert identify(ToyGenerator().state_dict()) is None  # not in the pack's registry
     registry.register(TOY)
     assert str(registry.identify(ToyGenerator().state_dict())) == "toy-generator"

@@ -39,8 +39,9 @@ from .memory import MemoryNeed
 
 # Sub-packages of models/ whose family.py defines FAMILY. Adding a family is one entry here. The first family whose
 # detect claims a file wins, so a family whose files hold another's keys and more comes first: "dd" before "var" (a
-# Distilled Decoding file holds every key of a VAR one), "nsarm" before "infinity".
-BUILTIN_FAMILIES = ("dd", "var", "nsarm", "infinity", "switti", "hmar")
+# Distilled Decoding file holds every key of a VAR one), "flexvar" before "var" (FlexVAE holds the keys of VAR's
+# tokenizer detection), "nsarm" before "infinity".
+BUILTIN_FAMILIES = ("dd", "flexvar", "var", "nsarm", "infinity", "switti", "hmar")
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,10 @@ def test_workflow_needing_user_files_validates_up_to_them(comfy_server, object_i
         loader = json.dumps(errors[next(n for n in missing if prompt[n]["class_type"] == "NextScaleLoadDD")])
         assert "model not found" in loader and "dd-var-d16.pth" in loader, loader
         assert "microsoft/distilled_decoding" in loader, loader
+    if name == "nextscale_flexvar":
+        loader = json.dumps(errors[next(n for n in missing if prompt[n]["class_type"] == "NextScaleLoadFlexVAR")])
+        assert "model not found" in loader and "FlexVARd24-epo349.pth" in loader, loader
+        assert "jiaosiyu1999/FlexVAR" in loader, loader
     if name == "nextscale_switti_t2i":
         loader = json.dumps(errors[next(n for n in missing if prompt[n]["class_type"] == "NextScaleLoadSwitti")])
         assert "model not found" in loader and "Switti-1024" in loader and "yresearch/Switti" in loader, loader

@@ -40,6 +40,7 @@ INFINITY_MODEL, INFINITY_TOKENIZER, FLAN_T5 = "infinity_2b_reg.pth", "infinity_v
 SWITTI_MODEL, SWITTI_VQVAE = "Switti-1024", "VQVAE-Switti"
 DD_MODEL, VAR_VQVAE = "dd-var-d16.pth", "vae_ch160v4096z32.pth"
 HMAR_MODEL = "hmar-d16.pth"
+FLEXVAR_MODEL, FLEXVAE = "FlexVARd24-epo349.pth", "FlexVAE.pth"
 CLIP_L, CLIP_G = "clip_l.safetensors", "clip_g.safetensors"
 NSARM_MODEL, NSARM_TOKENIZER = "NSARM.pth", "infinity_vae_d56_f8_14_patchify.pth"
 NSARM_FILES = (
@@ -388,6 +389,22 @@ def hmar() -> Example:
         f"{HMAR_MODEL} (Hugging Face nvidia/HMAR; NVIDIA's non-commercial licence) and {VAR_VQVAE} "
         f"(FoundationVision/var).",
         g.prompt, needs_user_files=["NextScaleLoadHMAR"],
+def flexvar() -> Example:
+    g = Graph()
+    loader = g.add("NextScaleLoadFlexVAR", model_name=FLEXVAR_MODEL, vae_name=FLEXVAE, dtype="auto")
+    tokens = g.add("NextScaleFlexVARSampler", model=g.out(loader, 0), vae=g.out(loader, 1),
+                   class_name="golden retriever", seed=11, resolution=256, steps=13, cfg=2.5, top_k=900, top_p=0.95,
+                   batch_size=4, schedule="", cfg_schedule="linear", max_pn=16, class_list="")
+    image = g.add("NextScaleDecode", tokenizer=g.out(loader, 1), tokens=g.out(tokens), scales=0)
+    grid = g.add("NextScaleImageGrid", images=g.out(image), columns=4, padding=2, pad_value=1.0)
+    g.add("SaveImage", images=g.out(grid), filename_prefix="NextScale/flexvar")
+    return Example(
+        "nextscale_flexvar", "NextScale: FlexVAR in 13 steps",
+        f"Four ImageNet pictures from FlexVAR-d24 at 256 px in 13 steps (change the resolution and steps: 512 px "
+        f"works zero-shot; NextScale FlexVAR Schedule shows the sides a choice implies). Needs your own files in "
+        f"models/nextscale: "
+        f"{FLEXVAR_MODEL} and {FLEXVAE} (jiaosiyu1999/FlexVAR on Hugging Face).",
+        g.prompt, needs_user_files=["NextScaleLoadFlexVAR"],
     )
 
 
@@ -472,7 +489,7 @@ def lora() -> Example:
 EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), class_edit(), img2img(),
                                  image_inpaint(), control(), kv_policy(), collaborative(), sd_refine(),
                                  infinity_t2i(), lora(), switti_t2i(), upscale(), sd_upscale(),
-                                 distilled_decoding(), hmar())}
+                                 distilled_decoding(), hmar(), flexvar())}
 
 
 def example_image_bytes() -> bytes:

@@ -17,6 +17,7 @@ const SOCKET_COLOURS = {
   NEXTSCALE_NSARM: "#8f6fd0",
   NEXTSCALE_DD: "#b48ee8",
   NEXTSCALE_HMAR: "#a07cc0",
+  NEXTSCALE_FLEXVAR: "#7f7fe8",
   NEXTSCALE_TOKENIZER: "#e08a5c",
   NEXTSCALE_TOKENS: "#4fc4d8",
   NEXTSCALE_SAMPLER_OPTIONS: "#b0a08a",
@@ -29,7 +30,7 @@ const SOCKET_COLOURS = {
 };
 
 // Nodes whose ``ui.text`` output (ui.PreviewText) is shown in a read-only text box on the node.
-const TEXT_NODES = new Set(["NextScaleKVReport", "NextScaleSchedule"]);
+const TEXT_NODES = new Set(["NextScaleKVReport", "NextScaleSchedule", "NextScaleFlexVARSchedule"]);
 const TEXT_WIDGET = "shown_report";
 
 /** A colour table that keeps the pack's colours: the frontend resets every socket type to its palette's colour
