@@ -7,6 +7,8 @@ them with the VQ-VAE (from the sample's latent, since the finer scales are conti
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -14,12 +16,13 @@ from comfy_api.latest import io
 from ..models.core.errors import NextScaleError
 from ..models.core.family import Workload
 from ..models.core.hooks import SamplerHooks
+from ..models.core.tokens import NextScaleTokens
 from ..models.dd.family import HINT, LOADER
 from ..models.dd.sampler import DDOptions, official_split
 from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
 from .generator import scale_callback
 from .model_files import FOLDER, model_choices
-from .service import DTYPES, NextScaleModel, load, not_found, ready
+from .service import DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batches
 from .sockets import CATEGORY, DDModel, Tokenizer, Tokens
 from .validation import check_file
 
@@ -165,13 +168,19 @@ class NextScaleDDSampler(io.ComfyNode):
         options = DDOptions(steps=(0, split)[:steps], split=split)
         options.check(generator.config.num_scales)
         labels_B = torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
-        workload = Workload(
-            batch_size=len(labels_B), guided=False, dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype
+        B = len(labels_B)
+        workload = Workload(guided=False, dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype)
+        size = ready_batch(
+            model, vqvae, batch=B, what="NextScale Distilled Decoding Sampler", kv_settings=False,
+            need=lambda images, spec=None: family.memory(generator, vqvae.module, replace(workload, batch_size=images)),
         )
-        ready(model, vqvae, memory=family.working_memory(generator, vqvae.module, workload))
-        hooks = SamplerHooks(callback=scale_callback(cls.hidden.unique_id, vqvae, steps, True))
-        tokens = family.sample(generator, vqvae.module, labels_B, seed=seed, options=options, hooks=hooks,
-                               device=model.device)
+        parts = [
+            family.sample(generator, vqvae.module, labels_B[start:stop], seed=seed + start, options=options,
+                          hooks=SamplerHooks(callback=scale_callback(cls.hidden.unique_id, vqvae, steps, True)),
+                          device=model.device)
+            for start, stop in sub_batches(B, size)
+        ]
+        tokens = NextScaleTokens.cat(parts)
         return io.NodeOutput(tokens.to("cpu"))
 
 

@@ -11,6 +11,8 @@ decodes them with the VQ-VAE.
 
 from __future__ import annotations
 
+import dataclasses
+
 import comfy.sd1_clip
 import folder_paths
 import torch
@@ -20,12 +22,13 @@ from ..models.core.errors import NextScaleError
 from ..models.core.family import Workload
 from ..models.core.hooks import SamplerHooks
 from ..models.core.schedule import KNOWN_SCHEDULES
+from ..models.core.tokens import NextScaleTokens
 from ..models.switti.family import HINT, LOADER
 from ..models.switti.model import TEXT_TOKENS, SwittiText
 from ..models.switti.sampler import NO_CACHE, SwittiCondition, SwittiOptions
 from .generator import bind_policy, framed_like_reference, refuse_hooks, scale_callback
 from .model_files import FOLDER, model_choices
-from .service import DTYPES, NextScaleModel, load, not_found, ready
+from .service import DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batches
 from .sockets import CATEGORY, Guide, KVPolicy, SwittiModel, Tokenizer, Tokens
 from .validation import check_combos, check_file, check_numbers
 
@@ -197,6 +200,13 @@ def switti_text(conditioning, what: str) -> SwittiText:
     return SwittiText(entry[0].float(), extra["pooled_output"].float(), bias)
 
 
+def text_rows(text: SwittiText, start: int, stop: int) -> SwittiText:
+    """The rows ``start .. stop - 1`` of a sub-batch of one text per image; a single text serves every image."""
+    if text.context_BTC.shape[0] == 1:
+        return text
+    return SwittiText(text.context_BTC[start:stop], text.pooled_BC[start:stop], text.bias_BT[start:stop])
+
+
 class NextScaleSwittiSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -323,23 +333,33 @@ class NextScaleSwittiSampler(io.ComfyNode):
             guidance_start=cfg_start_scale, guidance_stop=cfg_stop_scale, temperature=temperature,
             schedule=schedule,
         )
-        condition = SwittiCondition(
-            switti_text(positive, "positive").expand(batch_size), switti_text(negative, "negative")
-        )
-        policy = bind_policy(kv_policy, model, schedule)
+        text, null = switti_text(positive, "positive").expand(batch_size), switti_text(negative, "negative")
         workload = Workload(
-            batch_size=batch_size, guided=options.has_null_rows(len(schedule)), schedule=schedule, kv_policy=policy,
-            dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype,
+            guided=options.has_null_rows(len(schedule)), schedule=schedule, dtype=model.compute_dtype,
+            decode_dtype=vqvae.compute_dtype,
         )
-        ready(model, vqvae, memory=family.working_memory(model.module, vqvae.module, workload))
+
+        def need(images: int, spec=kv_policy):
+            return family.memory(model.module, vqvae.module, dataclasses.replace(
+                workload, batch_size=images, kv_policy=bind_policy(spec, model, schedule)))
+
+        causal = model.module.config.causal  # Switti-AR: the one with a KV cache
+        size = ready_batch(model, vqvae, batch=batch_size, need=need, what="NextScale Switti Sampler",
+                           kv_settings=causal)
         device = model.device
-        hooks = SamplerHooks(
-            callback=scale_callback(cls.hidden.unique_id, vqvae, len(schedule), True),
-            guide=None if guide is None else guide.bind(vqvae.module, schedule, batch_size, device),
-            kv_policy=policy,
-        )
-        tokens = family.sample(model.module, vqvae.module, condition, seed=seed, options=options, hooks=hooks,
-                               device=device)
+        parts = []
+        for start, stop in sub_batches(batch_size, size):
+            hooks = SamplerHooks(
+                callback=scale_callback(cls.hidden.unique_id, vqvae, len(schedule), True),
+                guide=None if guide is None else guide.images(start, stop, batch_size).bind(
+                    vqvae.module, schedule, stop - start, device
+                ),
+                kv_policy=bind_policy(kv_policy, model, schedule),
+            )
+            condition = SwittiCondition(text_rows(text, start, stop), text_rows(null, start, stop))
+            parts.append(family.sample(model.module, vqvae.module, condition, seed=seed + start, options=options,
+                                       hooks=hooks, device=device))
+        tokens = NextScaleTokens.cat(parts)
         return io.NodeOutput(framed_like_reference(tokens, guide).to("cpu"))
 
 
