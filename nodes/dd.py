@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import folder_paths
 import torch
 from comfy_api.latest import io
 
@@ -21,22 +20,15 @@ from ..models.dd.family import HINT, LOADER
 from ..models.dd.sampler import DDOptions, official_split
 from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
 from .generator import scale_callback
-from .model_files import FOLDER, model_choices
-from .service import DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batches
+from .model_files import model_choices
+from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, DDModel, Tokenizer, Tokens
-from .validation import check_file
+from .vqvae_loaders import check_files, dtype_input, load_with_vqvae, vqvae_not_found
 
 DD_CATEGORY = f"{CATEGORY}/distilled decoding"
 MAX_BATCH = 16
 DEFAULT_CLASS = "golden retriever"
-
-
-def vqvae_not_found(name: str) -> str:
-    folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
-    return (
-        f"model not found: VAR's VQ-VAE '{name}' is not in the NextScale model folder ({folders}). Put "
-        f"vae_ch160v4096z32.pth there and refresh the node. {HINT}"
-    )
+MISSING_VQVAE = vqvae_not_found("VAR's VQ-VAE", "vae_ch160v4096z32.pth", HINT)
 
 
 class NextScaleLoadDD(io.ComfyNode):
@@ -62,14 +54,7 @@ class NextScaleLoadDD(io.ComfyNode):
                     options=model_choices(),
                     tooltip="VAR's VQ-VAE, vae_ch160v4096z32.pth (FoundationVision/var): DD draws its tokens.",
                 ),
-                io.Combo.Input(
-                    "dtype",
-                    options=DTYPES,
-                    default="auto",
-                    tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
-                    "(float32 on CPU, bfloat16 on recent GPUs). The VQ-VAE stays float32 (unless --fp16-vae / "
-                    "--bf16-vae); logits and codes are always float32.",
-                ),
+                dtype_input(),
             ],
             outputs=[
                 DDModel.Output("model", display_name="model"),
@@ -79,19 +64,11 @@ class NextScaleLoadDD(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:
-        choices = model_choices()
-        return (
-            check_file(model_name, choices, lambda name: not_found(name, LOADER, "generator"))
-            or check_file(vqvae_name, choices, vqvae_not_found)
-            or True
-        )
+        return check_files(model_name, vqvae_name, model_choices(), LOADER, MISSING_VQVAE)
 
     @classmethod
     def execute(cls, model_name: str, vqvae_name: str, dtype: str) -> io.NodeOutput:
-        model = load(model_name, LOADER, "generator", dtype)
-        vqvae = load(vqvae_name, "NextScale Load Tokenizer", "tokenizer", "auto")
-        model.family.check_pair(model.module, vqvae.module)
-        return io.NodeOutput(model, vqvae)
+        return load_with_vqvae(model_name, vqvae_name, dtype, LOADER)
 
 
 class NextScaleDDSampler(io.ComfyNode):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 
 import comfy.sd1_clip
-import folder_paths
 import torch
 from comfy_api.latest import io
 
@@ -27,23 +26,17 @@ from ..models.switti.family import HINT, LOADER
 from ..models.switti.model import TEXT_TOKENS, SwittiText
 from ..models.switti.sampler import NO_CACHE, SwittiCondition, SwittiOptions
 from .generator import bind_policy, framed_like_reference, refuse_hooks, scale_callback
-from .model_files import FOLDER, model_choices
-from .service import DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batches
+from .model_files import model_choices
+from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, Guide, KVPolicy, SwittiModel, Tokenizer, Tokens
-from .validation import check_combos, check_file, check_numbers
+from .validation import check_combos, check_numbers
+from .vqvae_loaders import check_files, dtype_input, load_with_vqvae, vqvae_not_found
 
 SWITTI_CATEGORY = f"{CATEGORY}/switti"
 MAX_BATCH = 16
 MARK = "nextscale_switti_text"  # the conditioning entry NextScale Switti Text Encode sets
 RESOLUTIONS = ["model's own", *KNOWN_SCHEDULES]
-
-
-def vqvae_not_found(name: str) -> str:
-    folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
-    return (
-        f"model not found: Switti's VQ-VAE '{name}' is not in the NextScale model folder ({folders}). Put it there "
-        f"and refresh the node. {HINT}"
-    )
+MISSING_VQVAE = vqvae_not_found("Switti's VQ-VAE", "it", HINT)
 
 
 class NextScaleLoadSwitti(io.ComfyNode):
@@ -69,14 +62,7 @@ class NextScaleLoadSwitti(io.ComfyNode):
                     options=model_choices(shards=True),
                     tooltip="Switti's VQ-VAE (yresearch/VQVAE-Switti: its folder or its model.safetensors).",
                 ),
-                io.Combo.Input(
-                    "dtype",
-                    options=DTYPES,
-                    default="auto",
-                    tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
-                    "(float32 on CPU, bfloat16 on recent GPUs). The VQ-VAE stays float32 (unless --fp16-vae / "
-                    "--bf16-vae) and logits are always float32.",
-                ),
+                dtype_input(),
             ],
             outputs=[
                 SwittiModel.Output("model", display_name="model"),
@@ -86,19 +72,11 @@ class NextScaleLoadSwitti(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:
-        choices = model_choices(shards=True)
-        return (
-            check_file(model_name, choices, lambda name: not_found(name, LOADER, "generator"))
-            or check_file(vqvae_name, choices, vqvae_not_found)
-            or True
-        )
+        return check_files(model_name, vqvae_name, model_choices(shards=True), LOADER, MISSING_VQVAE)
 
     @classmethod
     def execute(cls, model_name: str, vqvae_name: str, dtype: str) -> io.NodeOutput:
-        model = load(model_name, LOADER, "generator", dtype)
-        vqvae = load(vqvae_name, "NextScale Load Tokenizer", "tokenizer", "auto")
-        model.family.check_pair(model.module, vqvae.module)
-        return io.NodeOutput(model, vqvae)
+        return load_with_vqvae(model_name, vqvae_name, dtype, LOADER)
 
 
 def _one_chunk(chunks: list, special: dict) -> list:

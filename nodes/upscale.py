@@ -26,7 +26,7 @@ from .generator import bind_policy, preview_image, refuse_hooks
 from .infinity import LOADER as INFINITY_LOADER
 from .infinity import text_from_conditioning
 from .model_files import model_choices
-from .service import DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batches
+from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batches
 from .sockets import CATEGORY, KVPolicy, NSARMModel, Tokenizer
 from .validation import check_combos, check_file, check_numbers
 
@@ -56,9 +56,11 @@ class NextScaleLoadNSARM(io.ComfyNode):
                     tooltip="infinity_vae_d56_f8_14_patchify.pth (Hugging Face FoundationVision/Infinity).",
                 ),
                 io.Combo.Input(
-                    "dtype", options=DTYPES, default="auto",
+                    "dtype", options=TRANSFORMER_DTYPES, default="auto",
                     tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
-                    "(bfloat16 on recent GPUs, as upstream runs it). The tokenizer stays float32.",
+                    "(bfloat16 on recent GPUs, as upstream runs it; fp8_e4m3fn under --fp8_e4m3fn-unet); "
+                    "fp8_e4m3fn: 8-bit matrices with per-tensor scales, computing in bfloat16/float16 (about half of "
+                    "bfloat16's memory). The tokenizer stays float32.",
                 ),
             ],
             outputs=[
