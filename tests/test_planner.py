@@ -288,3 +288,37 @@ print("node planners ok")
 
 def test_every_sampler_node_plans_sub_batches_with_per_image_inputs(tmp_path):
     _run(NODES, tmp_path, "node planners ok", timeout=900)
+
+
+BANDED_DECODE = PREAMBLE + """
+from nextscale.models.core.family import Workload
+from nextscale.models.core.tokens import NextScaleBitTokens
+from nextscale.nodes.service import adopt
+from nextscale.nodes.tokenizer import NextScaleDecode
+from test_infinity_sampler import tiny_tokenizer
+
+free = [2**40]
+mm.get_free_memory = lambda dev=None, torch_free_too=False: (free[0], free[0]) if torch_free_too else free[0]
+tok = adopt(tiny_tokenizer())
+scales = [(1, 1), (2, 2), (4, 4), (8, 8), (12, 12)]
+g = torch.Generator().manual_seed(0)
+tokens = NextScaleBitTokens(bits=[torch.rand(3, h, w, tok.module.codebook_dim, generator=g) > 0.5 for h, w in scales],
+                            scales=scales)
+need = lambda bands: tok.family.memory(None, tok.module, Workload(decode_batch=1, schedule=scales,
+                                                                  decode_bands=bands)).decode
+decoded = []
+real_decode = tok.family.decode
+tok.family.decode = lambda *a, **k: decoded.append(k.get("bands", 1)) or real_decode(*a, **k)
+whole = NextScaleDecode.execute(tok, tokens, 0).result[0]
+assert decoded == [1], decoded  # the whole batch at once
+decoded.clear()
+free[0] = need(4)  # one image does not fit whole; in 4 bands it does
+banded = NextScaleDecode.execute(tok, tokens, 0).result[0]
+assert decoded == [4, 4, 4], decoded  # one image at a time, in the fewest bands that fit
+assert whole.shape == banded.shape and (whole - banded).abs().max() < 1e-5
+print("banded decode ok")
+"""
+
+
+def test_decode_splits_one_image_into_bands_of_rows_when_it_does_not_fit(tmp_path):
+    _run(BANDED_DECODE, tmp_path, "banded decode ok")
