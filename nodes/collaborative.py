@@ -11,6 +11,7 @@ from ..models.core.hooks import SamplerHooks
 from ..models.core.tokens import NextScaleTokens
 from .generator import (
     NextScaleSampler,
+    bind_images,
     bind_policy,
     check_pair,
     class_choices,
@@ -145,12 +146,7 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
         for start, stop in sub_batches(B, size):
             hooks = SamplerHooks(
                 callback=scale_callback(cls.hidden.unique_id, tokenizer, len(scales), preview),
-                guide=None if guide is None else guide.images(start, stop, B).bind(
-                    tokenizer.module, scales, stop - start, device
-                ),
-                control=None if control is None else control.images(start, stop, B).bind(
-                    refiner.module, tokenizer.module, stop - start, device
-                ),
+                **bind_images(guide, control, start, stop, B, refiner, tokenizer, scales),
                 kv_policy=bind_policy(kv_policy, refiner),
                 accel=accel,
             )

@@ -296,12 +296,7 @@ class NextScaleSampler(io.ComfyNode):
             labels = labels_B[start:stop]
             hooks = SamplerHooks(
                 callback=scale_callback(cls.hidden.unique_id, tokenizer, len(scales), preview),
-                guide=None if guide is None else guide.images(start, stop, B).bind(
-                    tokenizer.module, scales, len(labels), device
-                ),
-                control=None if control is None else control.images(start, stop, B).bind(
-                    generator.module, tokenizer.module, len(labels), device
-                ),
+                **bind_images(guide, control, start, stop, B, generator, tokenizer, scales),
                 kv_policy=bind_policy(kv_policy, generator),
                 accel=accel,
             )
@@ -311,6 +306,22 @@ class NextScaleSampler(io.ComfyNode):
             ))
         tokens: NextScaleTokens = parts[0] if len(parts) == 1 else NextScaleTokens.cat(parts)
         return io.NodeOutput(framed_like_reference(tokens, guide).to("cpu"))
+
+
+def bind_images(
+    guide, control, start: int, stop: int, batch: int, generator: NextScaleModel, tokenizer: NextScaleModel, scales
+) -> dict:
+    """``guide`` and ``control`` (None: absent) of images ``start .. stop - 1`` of the batch, bound for a run on
+    those images (a sub-batch of :func:`~.service.ready_batch`, or the whole batch)."""
+    images, device = stop - start, generator.device
+    return {
+        "guide": None if guide is None else guide.images(start, stop, batch).bind(
+            tokenizer.module, scales, images, device
+        ),
+        "control": None if control is None else control.images(start, stop, batch).bind(
+            generator.module, tokenizer.module, images, device
+        ),
+    }
 
 
 def framed_like_reference(tokens, guide):
