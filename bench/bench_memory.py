@@ -115,6 +115,12 @@ def measured_rows() -> list[tuple[str, int, int]]:
             INFINITY_FAMILY.decode(tok, NextScaleBitTokens(bits=tokens.bits, scales=tokens.scales))
         decode = INFINITY_FAMILY.memory(None, tok, Workload(decode_batch=batch, schedule=tokens.scales)).decode
         rows.append((f"BSQ tokenizer f4 (128 px), decode, batch {batch}", decode, meter.peak))
+        for bands in (4, 16) if batch == 1 else ():  # one image that does not fit whole: decoded in bands of rows
+            with PeakMeter() as meter:
+                INFINITY_FAMILY.decode(tok, NextScaleBitTokens(bits=tokens.bits, scales=tokens.scales), bands=bands)
+            decode = INFINITY_FAMILY.memory(None, tok, Workload(decode_batch=1, schedule=tokens.scales,
+                                                                decode_bands=bands)).decode
+            rows.append((f"BSQ tokenizer f4 (128 px), decode in {bands} bands, batch 1", decode, meter.peak))
     return rows
 
 

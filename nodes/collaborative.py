@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from comfy_api.latest import io
 
 from ..models.core.family import Workload
 from ..models.core.hooks import SamplerHooks
+from ..models.core.tokens import NextScaleTokens
 from .generator import (
     NextScaleSampler,
+    bind_images,
     bind_policy,
     check_pair,
     class_choices,
@@ -16,7 +20,7 @@ from .generator import (
     sampling_inputs,
     scale_callback,
 )
-from .service import NextScaleModel, ready
+from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, Accel, Control, Generator, KVPolicy, Tokenizer, Tokens
 from .validation import check_combos, check_numbers
 
@@ -116,33 +120,44 @@ class NextScaleCollaborativeSampler(io.ComfyNode):
             refiner, class_name, class_list, batch_size, cfg, top_k, top_p, more_smooth, options
         )
         B, device = len(labels_B), refiner.device
-        policy, drafter_policy = bind_policy(kv_policy, refiner), bind_policy(kv_policy, drafter)
         controls = [] if control is None else control.models()
         geometry = family.kv_geometry(refiner.module)
         scales, prefill = geometry.scales, sum(geometry.areas[: draft_scales + 1])
-        draft_memory = family.working_memory(drafter.module, tokenizer.module, Workload(
-            batch_size=B, guided=sampling.cfg != 0, kv_policy=drafter_policy, dtype=drafter.compute_dtype,
-            decode_dtype=tokenizer.compute_dtype,
-        ))
-        refine_memory = family.working_memory(refiner.module, tokenizer.module, Workload(
-            batch_size=B, guided=sampling.cfg != 0, kv_policy=policy, dtype=refiner.compute_dtype,
-            step_tokens=prefill, controls=tuple(m.module for m in controls), decode_dtype=tokenizer.compute_dtype,
-        ))
-        # the drafter's cache is freed before the refiner's is filled: the larger of the two runs at once
-        ready(drafter, refiner, tokenizer, *controls, memory=max(draft_memory, refine_memory))
-        hooks = SamplerHooks(
-            callback=scale_callback(cls.hidden.unique_id, tokenizer, len(scales), preview),
-            guide=None if guide is None else guide.bind(tokenizer.module, scales, B, device),
-            control=None if control is None else control.bind(refiner.module, tokenizer.module, B, device),
-            kv_policy=policy,
-            accel=accel,
+        draft_workload = Workload(
+            guided=sampling.cfg != 0, dtype=drafter.compute_dtype, decode_dtype=tokenizer.compute_dtype
         )
+        refine_workload = Workload(
+            guided=sampling.cfg != 0, dtype=refiner.compute_dtype, step_tokens=prefill,
+            controls=tuple(m.module for m in controls), decode_dtype=tokenizer.compute_dtype,
+        )
+
+        def need(images: int, spec=kv_policy):
+            """The larger of the two models' runs: the drafter's cache is freed before the refiner's is filled."""
+            draft = family.memory(drafter.module, tokenizer.module, dataclasses.replace(
+                draft_workload, batch_size=images, kv_policy=bind_policy(spec, drafter)))
+            refine = family.memory(refiner.module, tokenizer.module, dataclasses.replace(
+                refine_workload, batch_size=images, kv_policy=bind_policy(spec, refiner)))
+            return max(draft, refine, key=lambda n: n.working)
+
+        size = ready_batch(drafter, refiner, tokenizer, *controls, batch=B, need=need,
+                           what="NextScale Collaborative Sampler (VAR)")
         same_model = drafter.module is refiner.module
-        drafter_hooks = SamplerHooks(control=hooks.control if same_model else None, kv_policy=drafter_policy)
-        tokens = family.sample_collaborative(
-            drafter.module, refiner.module, tokenizer.module, labels_B, draft_scales=draft_scales, seed=seed,
-            options=sampling, hooks=hooks, drafter_hooks=drafter_hooks, device=device,
-        )
+        parts = []
+        for start, stop in sub_batches(B, size):
+            hooks = SamplerHooks(
+                callback=scale_callback(cls.hidden.unique_id, tokenizer, len(scales), preview),
+                **bind_images(guide, control, start, stop, B, refiner, tokenizer, scales),
+                kv_policy=bind_policy(kv_policy, refiner),
+                accel=accel,
+            )
+            drafter_hooks = SamplerHooks(
+                control=hooks.control if same_model else None, kv_policy=bind_policy(kv_policy, drafter)
+            )
+            parts.append(family.sample_collaborative(
+                drafter.module, refiner.module, tokenizer.module, labels_B[start:stop], draft_scales=draft_scales,
+                seed=seed + start, options=sampling, hooks=hooks, drafter_hooks=drafter_hooks, device=device,
+            ))
+        tokens = NextScaleTokens.cat(parts)
         return io.NodeOutput(framed_like_reference(tokens, guide).to("cpu"))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from comfy_api.latest import io
@@ -41,6 +41,22 @@ class ControlSpec:
     def models(self) -> list[NextScaleModel]:
         """The control models of the chain, first applied first: the sampler makes them ready with the others."""
         return ([] if self.previous is None else self.previous.models()) + [self.model]
+
+    def images(self, start: int, stop: int, batch_size: int) -> ControlSpec:
+        """The control of images ``start .. stop - 1`` of a run of ``batch_size`` (a sub-batch), chained controls
+        included: a control image batch with one image per sampled image is cut to those images; a single control
+        image serves every image."""
+        count = self.image_BHWC.shape[0]
+        if count not in (1, batch_size):
+            raise NextScaleError(
+                f"the control image batch has {count} images but the sampler makes {batch_size}: give one control "
+                f"image, or one per sampled image"
+            )
+        return replace(
+            self,
+            image_BHWC=self.image_BHWC if count == 1 else self.image_BHWC[start:stop],
+            previous=None if self.previous is None else self.previous.images(start, stop, batch_size),
+        )
 
     def bind(self, generator, tokenizer, batch_size: int, device):
         """The run's control for the ``generator`` module (chained controls in order)."""

@@ -7,33 +7,28 @@ them with the VQ-VAE (from the sample's latent, since the finer scales are conti
 
 from __future__ import annotations
 
-import folder_paths
+from dataclasses import replace
+
 import torch
 from comfy_api.latest import io
 
 from ..models.core.errors import NextScaleError
 from ..models.core.family import Workload
 from ..models.core.hooks import SamplerHooks
+from ..models.core.tokens import NextScaleTokens
 from ..models.dd.family import HINT, LOADER
 from ..models.dd.sampler import DDOptions, official_split
 from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
 from .generator import scale_callback
-from .model_files import FOLDER, model_choices
-from .service import DTYPES, NextScaleModel, load, not_found, ready
+from .model_files import model_choices
+from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, DDModel, Tokenizer, Tokens
-from .validation import check_file
+from .vqvae_loaders import check_files, dtype_input, load_with_vqvae, vqvae_not_found
 
 DD_CATEGORY = f"{CATEGORY}/distilled decoding"
 MAX_BATCH = 16
 DEFAULT_CLASS = "golden retriever"
-
-
-def vqvae_not_found(name: str) -> str:
-    folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
-    return (
-        f"model not found: VAR's VQ-VAE '{name}' is not in the NextScale model folder ({folders}). Put "
-        f"vae_ch160v4096z32.pth there and refresh the node. {HINT}"
-    )
+MISSING_VQVAE = vqvae_not_found("VAR's VQ-VAE", "vae_ch160v4096z32.pth", HINT)
 
 
 class NextScaleLoadDD(io.ComfyNode):
@@ -59,14 +54,7 @@ class NextScaleLoadDD(io.ComfyNode):
                     options=model_choices(),
                     tooltip="VAR's VQ-VAE, vae_ch160v4096z32.pth (FoundationVision/var): DD draws its tokens.",
                 ),
-                io.Combo.Input(
-                    "dtype",
-                    options=DTYPES,
-                    default="auto",
-                    tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
-                    "(float32 on CPU, bfloat16 on recent GPUs). The VQ-VAE stays float32 (unless --fp16-vae / "
-                    "--bf16-vae); logits and codes are always float32.",
-                ),
+                dtype_input(),
             ],
             outputs=[
                 DDModel.Output("model", display_name="model"),
@@ -76,19 +64,11 @@ class NextScaleLoadDD(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:
-        choices = model_choices()
-        return (
-            check_file(model_name, choices, lambda name: not_found(name, LOADER, "generator"))
-            or check_file(vqvae_name, choices, vqvae_not_found)
-            or True
-        )
+        return check_files(model_name, vqvae_name, model_choices(), LOADER, MISSING_VQVAE)
 
     @classmethod
     def execute(cls, model_name: str, vqvae_name: str, dtype: str) -> io.NodeOutput:
-        model = load(model_name, LOADER, "generator", dtype)
-        vqvae = load(vqvae_name, "NextScale Load Tokenizer", "tokenizer", "auto")
-        model.family.check_pair(model.module, vqvae.module)
-        return io.NodeOutput(model, vqvae)
+        return load_with_vqvae(model_name, vqvae_name, dtype, LOADER)
 
 
 class NextScaleDDSampler(io.ComfyNode):
@@ -165,13 +145,19 @@ class NextScaleDDSampler(io.ComfyNode):
         options = DDOptions(steps=(0, split)[:steps], split=split)
         options.check(generator.config.num_scales)
         labels_B = torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
-        workload = Workload(
-            batch_size=len(labels_B), guided=False, dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype
+        B = len(labels_B)
+        workload = Workload(guided=False, dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype)
+        size = ready_batch(
+            model, vqvae, batch=B, what="NextScale Distilled Decoding Sampler", kv_settings=False,
+            need=lambda images, spec=None: family.memory(generator, vqvae.module, replace(workload, batch_size=images)),
         )
-        ready(model, vqvae, memory=family.working_memory(generator, vqvae.module, workload))
-        hooks = SamplerHooks(callback=scale_callback(cls.hidden.unique_id, vqvae, steps, True))
-        tokens = family.sample(generator, vqvae.module, labels_B, seed=seed, options=options, hooks=hooks,
-                               device=model.device)
+        parts = [
+            family.sample(generator, vqvae.module, labels_B[start:stop], seed=seed + start, options=options,
+                          hooks=SamplerHooks(callback=scale_callback(cls.hidden.unique_id, vqvae, steps, True)),
+                          device=model.device)
+            for start, stop in sub_batches(B, size)
+        ]
+        tokens = NextScaleTokens.cat(parts)
         return io.NodeOutput(tokens.to("cpu"))
 
 

@@ -18,7 +18,7 @@ from ..models.core.tokens import NextScaleTokens
 from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
 from ..models.var.sampler import CFG_SCHEDULES, SamplingOptions
 from .model_files import file_class_names, model_choices, read_embedded_card
-from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batch_context
+from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batches
 from .sockets import CATEGORY, Accel, Control, Generator, Guide, KVPolicy, SamplerOptions, Tokenizer, Tokens
 from .validation import check_combos, check_file, check_numbers
 
@@ -292,24 +292,36 @@ class NextScaleSampler(io.ComfyNode):
         size = ready_batch(generator, tokenizer, *controls, batch=B, need=need, what="NextScale Sampler")
         scales = family.kv_geometry(generator.module).scales
         parts = []
-        for start in range(0, B, size):  # item i's seed is seed + i in every sub-batch: the unsplit batch's images
-            labels = labels_B[start : start + size]
-            with sub_batch_context(start, len(labels), B):
-                hooks = SamplerHooks(
-                    callback=scale_callback(cls.hidden.unique_id, tokenizer, len(scales), preview),
-                    guide=None if guide is None else guide.bind(tokenizer.module, scales, len(labels), device),
-                    control=None if control is None else control.bind(
-                        generator.module, tokenizer.module, len(labels), device
-                    ),
-                    kv_policy=bind_policy(kv_policy, generator),
-                    accel=accel,
-                )
+        for start, stop in sub_batches(B, size):
+            labels = labels_B[start:stop]
+            hooks = SamplerHooks(
+                callback=scale_callback(cls.hidden.unique_id, tokenizer, len(scales), preview),
+                **bind_images(guide, control, start, stop, B, generator, tokenizer, scales),
+                kv_policy=bind_policy(kv_policy, generator),
+                accel=accel,
+            )
             parts.append(family.sample(
                 generator.module, tokenizer.module, labels, seed=seed + start, options=sampling, hooks=hooks,
                 device=device,
             ))
         tokens: NextScaleTokens = parts[0] if len(parts) == 1 else NextScaleTokens.cat(parts)
         return io.NodeOutput(framed_like_reference(tokens, guide).to("cpu"))
+
+
+def bind_images(
+    guide, control, start: int, stop: int, batch: int, generator: NextScaleModel, tokenizer: NextScaleModel, scales
+) -> dict:
+    """``guide`` and ``control`` (None: absent) of images ``start .. stop - 1`` of the batch, bound for a run on
+    those images (a sub-batch of :func:`~.service.ready_batch`, or the whole batch)."""
+    images, device = stop - start, generator.device
+    return {
+        "guide": None if guide is None else guide.images(start, stop, batch).bind(
+            tokenizer.module, scales, images, device
+        ),
+        "control": None if control is None else control.images(start, stop, batch).bind(
+            generator.module, tokenizer.module, images, device
+        ),
+    }
 
 
 def framed_like_reference(tokens, guide):

@@ -20,7 +20,7 @@ from ..models.infinity.sampler import InfinityOptions, KeepScales, TextCondition
 from ..models.infinity.schedule import RESOLUTIONS, InfinitySchedule
 from .generator import bind_policy, check_pair, refuse_hooks, scale_callback
 from .model_files import model_choices
-from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch
+from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batches
 from .sockets import CATEGORY, Accel, InfinityModel, KVPolicy, Tokenizer, Tokens
 from .text_encoder import check_text_width
 from .validation import check_combos, check_file, check_numbers
@@ -267,14 +267,14 @@ class NextScaleTextSampler(io.ComfyNode):
             guide = KeepScales(family.encode(tokenizer.module, img, latent, "stretch").bits, keep_scales)
         options = InfinityOptions(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, schedule=schedule)
         parts = []
-        for start in range(0, batch_size, size):  # item i's seed is seed + i in every sub-batch
+        for start, stop in sub_batches(batch_size, size):
             hooks = SamplerHooks(
                 callback=scale_callback(cls.hidden.unique_id, tokenizer, schedule.num_scales, True),
                 guide=guide,
                 kv_policy=bind_policy(kv_policy, model, schedule),
                 accel=accel,
             )
-            condition = TextCondition(text[start : start + size], mask[start : start + size], neg)
+            condition = TextCondition(text[start:stop], mask[start:stop], neg)
             parts.append(family.sample(
                 model.module, tokenizer.module, condition, seed=seed + start, options=options, hooks=hooks,
                 device=model.device,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -15,11 +16,11 @@ from ..models.core.errors import NextScaleError
 from ..models.core.family import Workload
 from ..models.kv.policies import POLICIES, KVPolicySpec
 from ..models.kv.profile import KVProfile, calibrate
-from ..models.kv.report import kv_report
+from ..models.kv.report import KVReport, kv_report
 from ..models.var.classes import class_index, parse_class_list
 from ..models.var.sampler import SamplingOptions
 from .generator import check_pair
-from .service import NextScaleModel, ready
+from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, Generator, KVPolicy, Tokenizer
 from .sockets import KVProfile as KVProfileSocket
 from .validation import check_combos, check_numbers
@@ -146,7 +147,9 @@ class NextScaleKVCalibrate(io.ComfyNode):
         labels = [classes[i % len(classes)] for i in range(samples)]
         workload = Workload(batch_size=1, guided=cfg != 0, dtype=generator.compute_dtype,
                             decode_dtype=tokenizer.compute_dtype)
-        ready(generator, tokenizer, memory=family.working_memory(generator.module, tokenizer.module, workload))
+        # one image per run, with the full cache whose attention it records: only the refusal can apply
+        ready_batch(generator, tokenizer, batch=1, what="NextScale KV Calibrate", kv_settings=False,
+                    need=lambda images, spec=None: family.memory(generator.module, tokenizer.module, workload))
         num_scales = len(family.kv_geometry(generator.module).scales)
         pbar = comfy.utils.ProgressBar(len(labels) * num_scales, node_id=cls.hidden.unique_id)
 
@@ -205,22 +208,31 @@ class NextScaleKVReport(io.ComfyNode):
         family = generator.family
         label = class_index(class_name, family.class_names(generator.module))
         labels = torch.full((batch_size,), label, dtype=torch.long)
-        # the runs follow each other: the larger cache of the two (a packed cache exceeds the full one near budget 1);
-        # both runs' images are decoded at once
         geometry = family.kv_geometry(generator.module)
-        policy = kv_policy.bind_scales(geometry.layers, geometry.heads, geometry.scales)
-        memory = max(
-            family.working_memory(generator.module, tokenizer.module, Workload(
-                batch_size=batch_size, guided=cfg != 0, kv_policy=run_policy, dtype=generator.compute_dtype,
-                decode_batch=batch_size, decode_dtype=tokenizer.compute_dtype,
-            ))
-            for run_policy in (None, policy)
-        )
-        ready(generator, tokenizer, memory=memory)
-        report = kv_report(generator.module, tokenizer.module, labels, seed, kv_policy, SamplingOptions(cfg=cfg),
-                           generator.device, family=family)
+        workload = Workload(guided=cfg != 0, dtype=generator.compute_dtype, decode_dtype=tokenizer.compute_dtype)
+
+        def need(images: int, spec=kv_policy):
+            """The larger of the two runs, which follow each other (a packed cache exceeds the full one near budget
+            1); both runs' images are decoded at once."""
+            policy = spec.bind_scales(geometry.layers, geometry.heads, geometry.scales)
+            runs = (
+                dataclasses.replace(workload, batch_size=images, kv_policy=run_policy, decode_batch=images)
+                for run_policy in (None, policy)
+            )
+            return max((family.memory(generator.module, tokenizer.module, run) for run in runs),
+                       key=lambda n: n.working)
+
+        size = ready_batch(generator, tokenizer, batch=batch_size, need=need, what="NextScale KV Report",
+                           kv_settings=False)  # the full-cache run it compares with needs its whole cache
+        report = KVReport.merge([
+            kv_report(generator.module, tokenizer.module, labels[start:stop], seed + start, kv_policy,
+                      SamplingOptions(cfg=cfg), generator.device, family=family)
+            for start, stop in sub_batches(batch_size, size)
+        ])
         images = torch.cat((report.full_images, report.images), dim=2)
         text = report.text()
+        if size < batch_size:
+            text += f"\nsampled in sub-batches of {size} images: the KV bytes are one sub-batch's"
         return io.NodeOutput(text, images, ui=ui.PreviewText(text))
 
 

@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import comfy.model_management as mm
@@ -266,31 +265,34 @@ def ready(*models: NextScaleModel | None, memory: int = 0) -> None:
 
 
 def ready_batch(
-    *models: NextScaleModel | None, batch: int, need: Callable[..., MemoryNeed], what: str
+    *models: NextScaleModel | None, batch: int, need: Callable[..., MemoryNeed], what: str, kv_settings: bool = True
 ) -> int:
     """:func:`ready` declaring the working memory of the whole batch, then the images per sub-batch that fit the
     compute device's free memory: ``batch`` when it fits, fewer when not (the node samples the batch in sub-batches;
     each item's seed is the batch's seed plus its index, so the images are the unsplit batch's). ``need(images,
     spec=None)`` is the run's :class:`MemoryNeed` for ``images`` at a KV policy spec (None: the run's own). When
     one image does not fit, a :class:`NextScaleError` before anything is allocated says what it needs, what is free
-    and which KV settings would fit; the user's settings are never changed."""
+    and which KV settings would fit (``kv_settings``; False for a run without a KV policy input, such as
+    calibration or a sampler without a cache); the user's settings are never changed."""
     ready(*models, memory=need(batch).working)
     device = next(m.device for m in models if m is not None)
     free = mm.get_free_memory(device)
     images = largest_batch(lambda n: need(n).working, batch, free)
     if images == 0:
-        raise NextScaleError(does_not_fit(what, need, free, device))
+        raise NextScaleError(does_not_fit(what, need, free, device, kv_settings))
     if images < batch:
         log.info("NextScale: %s samples %d images in sub-batches of %d (%s free on %s)", what, batch, images,
                  size(free), device)
     return images
 
 
-def does_not_fit(what: str, need: Callable[..., MemoryNeed], free: int, device) -> str:
-    """The message when one image does not fit in ``free`` bytes: its need by part, and for each KV policy of
-    :data:`FITTING_POLICIES` the largest budget that fits, with its need."""
+def does_not_fit(
+    what: str, need: Callable[..., MemoryNeed], free: int, device, kv_settings: bool = True
+) -> str:
+    """The message when one image does not fit in ``free`` bytes: its need by part, and (``kv_settings``) for each
+    KV policy of :data:`FITTING_POLICIES` the largest budget that fits, with its need."""
     fits = []
-    for policy, title in FITTING_POLICIES:
+    for policy, title in FITTING_POLICIES if kv_settings else ():
         for budget in FITTING_BUDGETS:
             working = need(1, KVPolicySpec(policy, budget)).working
             if working <= free:
@@ -299,24 +301,19 @@ def does_not_fit(what: str, need: Callable[..., MemoryNeed], free: int, device) 
     if fits:
         hint = (f"settings that fit: {'; '.join(fits)} (a NextScale KV Policy node on the sampler's kv_policy "
                 f"input)")
-    else:
+    elif kv_settings:
         hint = (f"no KV budget down to {FITTING_BUDGETS[-1]:.0%} fits: choose a lower resolution, or free memory on "
                 f"the device (other programs using it)")
+    else:
+        hint = ("choose a lower resolution, store the transformer in fp8_e4m3fn (its loader's dtype), or free memory "
+                "on the device (other programs using it)")
     return (f"{what}: one image needs {need(1).describe()} beyond the weights, but {size(free)} are free on "
             f"{device}; {hint}")
 
 
-@contextmanager
-def sub_batch_context(start: int, size: int, batch: int) -> Iterator[None]:
-    """Binding a guide or a control for images ``start .. start + size`` of ``batch``: an error names the sub-batch
-    (inputs that hold one image each cannot be split; a smaller batch samples them whole)."""
-    try:
-        yield
-    except NextScaleError as error:
-        if size == batch:
-            raise
-        raise NextScaleError(
-            f"the batch of {batch} images does not fit the free memory at once and is sampled in sub-batches of "
-            f"{size} (images {start + 1} to {start + size} here): {error}. Give one input for every image, or "
-            f"sample at most {size} images per run"
-        ) from error
+def sub_batches(batch: int, size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each sub-batch of at most ``size`` images (:func:`ready_batch`'s) of ``batch``, in order.
+    A sampler run on images ``start .. stop - 1`` takes the seed ``seed + start`` and the per-image inputs of those
+    images (the guides' and controls' ``images(start, stop, batch)``): item ``i`` keeps its seed and its inputs, so
+    the sub-batches give the unsplit batch's images."""
+    return [(start, min(start + size, batch)) for start in range(0, batch, size)]

@@ -11,8 +11,9 @@ decodes them with the VQ-VAE.
 
 from __future__ import annotations
 
+import dataclasses
+
 import comfy.sd1_clip
-import folder_paths
 import torch
 from comfy_api.latest import io
 
@@ -20,27 +21,22 @@ from ..models.core.errors import NextScaleError
 from ..models.core.family import Workload
 from ..models.core.hooks import SamplerHooks
 from ..models.core.schedule import KNOWN_SCHEDULES
+from ..models.core.tokens import NextScaleTokens
 from ..models.switti.family import HINT, LOADER
 from ..models.switti.model import TEXT_TOKENS, SwittiText
 from ..models.switti.sampler import NO_CACHE, SwittiCondition, SwittiOptions
 from .generator import bind_policy, framed_like_reference, refuse_hooks, scale_callback
-from .model_files import FOLDER, model_choices
-from .service import DTYPES, NextScaleModel, load, not_found, ready
+from .model_files import model_choices
+from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, Guide, KVPolicy, SwittiModel, Tokenizer, Tokens
-from .validation import check_combos, check_file, check_numbers
+from .validation import check_combos, check_numbers
+from .vqvae_loaders import check_files, dtype_input, load_with_vqvae, vqvae_not_found
 
 SWITTI_CATEGORY = f"{CATEGORY}/switti"
 MAX_BATCH = 16
 MARK = "nextscale_switti_text"  # the conditioning entry NextScale Switti Text Encode sets
 RESOLUTIONS = ["model's own", *KNOWN_SCHEDULES]
-
-
-def vqvae_not_found(name: str) -> str:
-    folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
-    return (
-        f"model not found: Switti's VQ-VAE '{name}' is not in the NextScale model folder ({folders}). Put it there "
-        f"and refresh the node. {HINT}"
-    )
+MISSING_VQVAE = vqvae_not_found("Switti's VQ-VAE", "it", HINT)
 
 
 class NextScaleLoadSwitti(io.ComfyNode):
@@ -66,14 +62,7 @@ class NextScaleLoadSwitti(io.ComfyNode):
                     options=model_choices(shards=True),
                     tooltip="Switti's VQ-VAE (yresearch/VQVAE-Switti: its folder or its model.safetensors).",
                 ),
-                io.Combo.Input(
-                    "dtype",
-                    options=DTYPES,
-                    default="auto",
-                    tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
-                    "(float32 on CPU, bfloat16 on recent GPUs). The VQ-VAE stays float32 (unless --fp16-vae / "
-                    "--bf16-vae) and logits are always float32.",
-                ),
+                dtype_input(),
             ],
             outputs=[
                 SwittiModel.Output("model", display_name="model"),
@@ -83,19 +72,11 @@ class NextScaleLoadSwitti(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:
-        choices = model_choices(shards=True)
-        return (
-            check_file(model_name, choices, lambda name: not_found(name, LOADER, "generator"))
-            or check_file(vqvae_name, choices, vqvae_not_found)
-            or True
-        )
+        return check_files(model_name, vqvae_name, model_choices(shards=True), LOADER, MISSING_VQVAE)
 
     @classmethod
     def execute(cls, model_name: str, vqvae_name: str, dtype: str) -> io.NodeOutput:
-        model = load(model_name, LOADER, "generator", dtype)
-        vqvae = load(vqvae_name, "NextScale Load Tokenizer", "tokenizer", "auto")
-        model.family.check_pair(model.module, vqvae.module)
-        return io.NodeOutput(model, vqvae)
+        return load_with_vqvae(model_name, vqvae_name, dtype, LOADER)
 
 
 def _one_chunk(chunks: list, special: dict) -> list:
@@ -195,6 +176,13 @@ def switti_text(conditioning, what: str) -> SwittiText:
     mask = extra["attention_mask"].reshape(entry[0].shape[:2]).bool()
     bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
     return SwittiText(entry[0].float(), extra["pooled_output"].float(), bias)
+
+
+def text_rows(text: SwittiText, start: int, stop: int) -> SwittiText:
+    """The rows ``start .. stop - 1`` of a sub-batch of one text per image; a single text serves every image."""
+    if text.context_BTC.shape[0] == 1:
+        return text
+    return SwittiText(text.context_BTC[start:stop], text.pooled_BC[start:stop], text.bias_BT[start:stop])
 
 
 class NextScaleSwittiSampler(io.ComfyNode):
@@ -323,23 +311,33 @@ class NextScaleSwittiSampler(io.ComfyNode):
             guidance_start=cfg_start_scale, guidance_stop=cfg_stop_scale, temperature=temperature,
             schedule=schedule,
         )
-        condition = SwittiCondition(
-            switti_text(positive, "positive").expand(batch_size), switti_text(negative, "negative")
-        )
-        policy = bind_policy(kv_policy, model, schedule)
+        text, null = switti_text(positive, "positive").expand(batch_size), switti_text(negative, "negative")
         workload = Workload(
-            batch_size=batch_size, guided=options.has_null_rows(len(schedule)), schedule=schedule, kv_policy=policy,
-            dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype,
+            guided=options.has_null_rows(len(schedule)), schedule=schedule, dtype=model.compute_dtype,
+            decode_dtype=vqvae.compute_dtype,
         )
-        ready(model, vqvae, memory=family.working_memory(model.module, vqvae.module, workload))
+
+        def need(images: int, spec=kv_policy):
+            return family.memory(model.module, vqvae.module, dataclasses.replace(
+                workload, batch_size=images, kv_policy=bind_policy(spec, model, schedule)))
+
+        causal = model.module.config.causal  # Switti-AR: the one with a KV cache
+        size = ready_batch(model, vqvae, batch=batch_size, need=need, what="NextScale Switti Sampler",
+                           kv_settings=causal)
         device = model.device
-        hooks = SamplerHooks(
-            callback=scale_callback(cls.hidden.unique_id, vqvae, len(schedule), True),
-            guide=None if guide is None else guide.bind(vqvae.module, schedule, batch_size, device),
-            kv_policy=policy,
-        )
-        tokens = family.sample(model.module, vqvae.module, condition, seed=seed, options=options, hooks=hooks,
-                               device=device)
+        parts = []
+        for start, stop in sub_batches(batch_size, size):
+            hooks = SamplerHooks(
+                callback=scale_callback(cls.hidden.unique_id, vqvae, len(schedule), True),
+                guide=None if guide is None else guide.images(start, stop, batch_size).bind(
+                    vqvae.module, schedule, stop - start, device
+                ),
+                kv_policy=bind_policy(kv_policy, model, schedule),
+            )
+            condition = SwittiCondition(text_rows(text, start, stop), text_rows(null, start, stop))
+            parts.append(family.sample(model.module, vqvae.module, condition, seed=seed + start, options=options,
+                                       hooks=hooks, device=device))
+        tokens = NextScaleTokens.cat(parts)
         return io.NodeOutput(framed_like_reference(tokens, guide).to("cpu"))
 
 

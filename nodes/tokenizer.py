@@ -3,6 +3,8 @@ family)."""
 
 from __future__ import annotations
 
+import logging
+
 import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
@@ -10,7 +12,7 @@ from comfy_api.latest import io
 from ..models.core.errors import NextScaleError
 from ..models.core.family import Workload
 from ..models.core.imageops import RESIZE_MODES, image_to_model, model_to_image
-from ..models.core.memory import largest_batch
+from ..models.core.memory import largest_batch, size
 from ..models.var.editing import composite
 from .model_files import model_choices
 from .service import DTYPES, NextScaleModel, load, not_found, ready
@@ -20,6 +22,9 @@ from .validation import check_combos, check_file
 LOADER = "NextScale Load Tokenizer"
 FEATHER_PX = 4  # Decode's default soft edge of a composite, in pixels of the picture
 ENCODE_CHUNK = 8  # images encoded at once: bounds peak memory on large batches
+MAX_BANDS = 64  # the most bands of rows one image is decoded in when it does not fit whole
+
+log = logging.getLogger("NextScale")
 
 
 class NextScaleLoadTokenizer(io.ComfyNode):
@@ -114,28 +119,48 @@ class NextScaleEncode(io.ComfyNode):
         return io.NodeOutput(type(parts[0]).cat(parts))
 
 
-def decode_memory(tokenizer: NextScaleModel, tokens, images: int | None = None) -> int:
-    """Working memory of decoding ``images`` of ``tokens`` at once (None: a chunk, the family's ``decode_chunk``)."""
+def decode_memory(tokenizer: NextScaleModel, tokens, images: int | None = None, bands: int = 1) -> int:
+    """Working memory of decoding ``images`` of ``tokens`` at once (None: a chunk, the family's ``decode_chunk``),
+    each in ``bands`` bands of rows."""
     family = tokenizer.family
     workload = Workload(
         schedule=tokens.schedule, decode_batch=images or min(family.decode_chunk, tokens.batch_size),
-        decode_dtype=tokenizer.compute_dtype,
+        decode_dtype=tokenizer.compute_dtype, decode_bands=bands,
     )
     return family.working_memory(None, tokenizer.module, workload)
 
 
+def decode_bands(tokenizer: NextScaleModel, tokens, free: int) -> int:
+    """The fewest bands of rows (a power of two up to :data:`MAX_BANDS`) whose decode of one image fits ``free``
+    bytes, for a family with ``banded_decode``; the most when none does (1: no banded decode)."""
+    if not tokenizer.family.banded_decode:
+        return 1
+    bands = 2
+    while bands < MAX_BANDS and decode_memory(tokenizer, tokens, 1, bands) > free:
+        bands *= 2
+    return bands
+
+
 def decode_images(tokenizer: NextScaleModel, tokens, upto: int | None) -> torch.Tensor:
     """ComfyUI IMAGE of the tokens' first ``upto`` scales (None: all), decoded by the tokenizer's family a chunk at
-    a time: the family's ``decode_chunk`` images, fewer when they do not fit the device's free memory (one at
-    least: 1024 px BSQ decodes need about 4 GiB each). The tokenizer must be ready."""
+    a time: the family's ``decode_chunk`` images, fewer when they do not fit the device's free memory; one image
+    that does not fit is decoded in bands of rows where the family can (:func:`decode_bands`; BSQ: the same image
+    up to fp32 rounding). The tokenizer must be ready."""
     family, images = tokenizer.family, []
     largest = min(family.decode_chunk, tokens.batch_size)
     free = mm.get_free_memory(tokenizer.device)
-    chunk = max(1, largest_batch(lambda n: decode_memory(tokenizer, tokens, n), largest, free))
+    chunk = largest_batch(lambda n: decode_memory(tokenizer, tokens, n), largest, free)
+    bands = decode_bands(tokenizer, tokens, free) if chunk == 0 else 1
+    if bands > 1:
+        log.info("NextScale: decoding one image at a time in %d bands of rows (%s free on %s)", bands, size(free),
+                 tokenizer.device)
+    banded = {"bands": bands} if bands > 1 else {}
+    chunk = max(1, chunk)
     for b in range(0, tokens.batch_size, chunk):
         mm.throw_exception_if_processing_interrupted()
         part = tokens.select(list(range(b, min(b + chunk, tokens.batch_size)))).to(tokenizer.device)
-        images.append(model_to_image(family.decode(tokenizer.module, part, upto)).to(mm.intermediate_device()))
+        decoded = family.decode(tokenizer.module, part, upto, **banded)
+        images.append(model_to_image(decoded).to(mm.intermediate_device()))
     return torch.cat(images)
 
 

@@ -7,6 +7,8 @@ scale of every tile, with a preview of the tile being made; an interrupt is hono
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import comfy.model_management as mm
 import comfy.utils
 import torch
@@ -24,7 +26,7 @@ from .generator import bind_policy, preview_image, refuse_hooks
 from .infinity import LOADER as INFINITY_LOADER
 from .infinity import text_from_conditioning
 from .model_files import model_choices
-from .service import DTYPES, NextScaleModel, load, not_found, ready
+from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batches
 from .sockets import CATEGORY, KVPolicy, NSARMModel, Tokenizer
 from .validation import check_combos, check_file, check_numbers
 
@@ -54,9 +56,11 @@ class NextScaleLoadNSARM(io.ComfyNode):
                     tooltip="infinity_vae_d56_f8_14_patchify.pth (Hugging Face FoundationVision/Infinity).",
                 ),
                 io.Combo.Input(
-                    "dtype", options=DTYPES, default="auto",
+                    "dtype", options=TRANSFORMER_DTYPES, default="auto",
                     tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
-                    "(bfloat16 on recent GPUs, as upstream runs it). The tokenizer stays float32.",
+                    "(bfloat16 on recent GPUs, as upstream runs it; fp8_e4m3fn under --fp8_e4m3fn-unet); "
+                    "fp8_e4m3fn: 8-bit matrices with per-tensor scales, computing in bfloat16/float16 (about half of "
+                    "bfloat16's memory). The tokenizer stays float32.",
                 ),
             ],
             outputs=[
@@ -214,12 +218,16 @@ class NextScaleUpscale(io.ComfyNode):
         if positive is not None:
             text, mask = text_from_conditioning(positive, B, net.config.text_dim, "positive")
         schedule = net.schedule()
-        policy = bind_policy(kv_policy, model, schedule)
         workload = Workload(
-            batch_size=B, guided=cfg != 1, schedule=schedule, kv_policy=policy, dtype=model.compute_dtype,
-            decode_batch=B, decode_dtype=tokenizer.compute_dtype,
+            guided=cfg != 1, schedule=schedule, dtype=model.compute_dtype, decode_dtype=tokenizer.compute_dtype
         )
-        ready(model, tokenizer, memory=family.working_memory(net, tokenizer.module, workload))
+
+        def need(images: int, spec=kv_policy):
+            """One tile of ``images`` images: sampled, then decoded."""
+            return family.memory(net, tokenizer.module, replace(
+                workload, batch_size=images, decode_batch=images, kv_policy=bind_policy(spec, model, schedule)))
+
+        per_run = ready_batch(model, tokenizer, batch=B, need=need, what="NextScale Upscale")
         K = schedule.num_scales
         pbar = comfy.utils.ProgressBar(tiles * K, node_id=cls.hidden.unique_id)
         options = UpscaleOptions(cfg=cfg, tau=tau, input_scales=input_scales)
@@ -229,11 +237,20 @@ class NextScaleUpscale(io.ComfyNode):
                 mm.throw_exception_if_processing_interrupted()
                 pbar.update_absolute(index * K + si + 1, tiles * K, preview_image(tokenizer, latent))
 
-            hooks = SamplerHooks(control=InterruptBetweenBlocks(), kv_policy=policy, callback=on_scale)
-            condition = UpscaleCondition(tile_B3SS.to(tokenizer.device), text, mask)
-            tokens = family.sample(net, tokenizer.module, condition, seed=seed, options=options, hooks=hooks,
-                                   device=model.device)
-            return tokenizer.family.decode(tokenizer.module, tokens).cpu()
+            parts = []
+            for start, stop in sub_batches(B, per_run):
+                hooks = SamplerHooks(
+                    control=InterruptBetweenBlocks(), kv_policy=bind_policy(kv_policy, model, schedule),
+                    callback=on_scale,
+                )
+                condition = UpscaleCondition(
+                    tile_B3SS[start:stop].to(tokenizer.device),
+                    None if text is None else text[start:stop], None if mask is None else mask[start:stop],
+                )
+                tokens = family.sample(net, tokenizer.module, condition, seed=seed + start, options=options,
+                                       hooks=hooks, device=model.device)
+                parts.append(tokenizer.family.decode(tokenizer.module, tokens).cpu())
+            return torch.cat(parts)
 
         if tiling == "whole image":
             out = upscale_whole(run, images, size, tile_in)

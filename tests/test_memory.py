@@ -95,6 +95,21 @@ def test_bsq_decoding_is_predicted_within_10_percent():
     assert within_10_percent(predicted, meter.peak), (predicted, meter.peak)
 
 
+@pytest.mark.parametrize("bands", [2, 4, 8])
+def test_bsq_decoding_in_bands_is_predicted_within_10_percent_and_needs_less(bands):
+    tok = small_bsq(8, (1, 2, 2))
+    g = torch.Generator().manual_seed(0)
+    bits = [torch.rand(1, h, w, 8, generator=g) > 0.5 for h, w in SCHEDULE.scales]
+    tokens = NextScaleBitTokens(bits=bits, scales=SCHEDULE.scales)
+    with PeakMeter() as meter:
+        INFINITY_FAMILY.decode(tok, tokens, bands=bands)
+    need = lambda n: INFINITY_FAMILY.memory(  # noqa: E731
+        None, tok, Workload(decode_batch=1, schedule=SCHEDULE.scales, decode_bands=n)
+    ).decode
+    assert within_10_percent(need(bands), meter.peak), (need(bands), meter.peak)
+    assert need(bands) < need(1)
+
+
 def small_bsq(codebook_dim: int, ch_mult: tuple[int, ...]) -> BSQTokenizer:
     torch.manual_seed(3)
     return BSQTokenizer(BSQConfig(codebook_dim=codebook_dim, base_ch=32, ch_mult=ch_mult, num_res_blocks=1)).eval()

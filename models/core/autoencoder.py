@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops import weight_and_bias
+
 
 @dataclass(frozen=True)
 class BlockKit:
@@ -194,3 +196,97 @@ class Decoder(nn.Module):
             if i > 0:
                 h = self.up[i].upsample(h)
         return self.conv_out(self.act(self.norm_out(h)))
+
+
+# -- decoding a band of rows at a time ---------------------------------------------------------------------
+# A decoder without attention computes every output row from a few rows around it, except for its GroupNorms,
+# whose statistics span the whole feature map. Decoding in bands therefore runs the decoder layer by layer: each
+# norm's statistics are summed over the whole map first (fp32, band by band), then every convolution is computed a
+# band of rows at a time from the band and one row above and below it (the 3x3 kernels' reach; the image's own
+# borders keep their zero padding), so no seam exists. The result is the whole decode up to fp32 rounding (the
+# statistics are summed in another order); the peak is three feature maps of the largest level (a block's input,
+# its inner map and its output) plus one band's temporaries, instead of about eight whole maps.
+
+
+def _group_norm(module: nn.Module) -> nn.GroupNorm:
+    """The GroupNorm of a kit's norm (BSQ keeps it one level deeper, under ``.norm``)."""
+    return module if isinstance(module, nn.GroupNorm) else module.norm
+
+
+def _statistics(norm: nn.GroupNorm, x_BChw: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(mean, 1 / std)`` per image and group, ``(B, G, 1, 1, 1)``, of the whole map, summed a band at a time."""
+    B, C, H, W = x_BChw.shape
+    G = norm.num_groups
+    total = torch.zeros(B, G, dtype=torch.float32, device=x_BChw.device)
+    squares = torch.zeros_like(total)
+    for r in range(0, H, rows):
+        band = x_BChw[:, :, r : r + rows].float().reshape(B, G, -1)
+        total += band.sum(-1)
+        squares += band.square().sum(-1)
+    count = C // G * H * W
+    mean = total / count
+    var = (squares / count - mean.square()).clamp_min(0)
+    return mean.view(B, G, 1, 1, 1), (var + norm.eps).rsqrt().view(B, G, 1, 1, 1)
+
+
+def _normalised(norm: nn.GroupNorm, stats, band_BCrw: torch.Tensor) -> torch.Tensor:
+    """``norm(band)`` with the whole map's statistics, in the band's dtype."""
+    B, C, r, W = band_BCrw.shape
+    mean, rstd = stats
+    x = (band_BCrw.float().view(B, norm.num_groups, -1, r, W) - mean).mul_(rstd).view(B, C, r, W)
+    weight, bias = weight_and_bias(norm, band_BCrw.device, torch.float32)
+    return x.mul_(weight.view(1, C, 1, 1)).add_(bias.view(1, C, 1, 1)).to(band_BCrw.dtype)
+
+
+def _by_bands(
+    rows: int, height: int, scale: int, compute: Callable[[int, int], torch.Tensor]
+) -> torch.Tensor:
+    """A map of ``height * scale`` rows filled a band of ``rows`` input rows at a time: ``compute(lo, hi)`` returns
+    the output rows of the input rows ``lo .. hi - 1``, which hold the band and its neighbour row on each side
+    (fewer at the borders)."""
+    out = None
+    for start in range(0, height, rows):
+        stop = min(start + rows, height)
+        lo, hi = max(start - 1, 0), min(stop + 1, height)
+        band = compute(lo, hi)[:, :, (start - lo) * scale : (stop - lo) * scale]
+        if out is None:
+            out = band.new_empty(*band.shape[:2], height * scale, band.shape[3])
+        out[:, :, start * scale : stop * scale] = band
+    return out
+
+
+def _block_in_bands(block: ResnetBlock, x_BChw: torch.Tensor, rows: int) -> torch.Tensor:
+    """``block(x)`` a band of ``rows`` rows at a time."""
+    H = x_BChw.shape[2]
+    norm1, norm2 = _group_norm(block.norm1), _group_norm(block.norm2)
+    stats = _statistics(norm1, x_BChw, rows)
+    h = _by_bands(rows, H, 1, lambda lo, hi: block.conv1(block.act(_normalised(norm1, stats, x_BChw[:, :, lo:hi]))))
+    stats = _statistics(norm2, h, rows)
+    return _by_bands(rows, H, 1, lambda lo, hi: block.nin_shortcut(x_BChw[:, :, lo:hi]) + block.conv2(
+        block.act(_normalised(norm2, stats, h[:, :, lo:hi]))))
+
+
+def _upsample_in_bands(upsample: Upsample, x_BChw: torch.Tensor, rows: int) -> torch.Tensor:
+    """``upsample(x)`` a band of ``rows`` input rows at a time."""
+    return _by_bands(rows, x_BChw.shape[2], 2, lambda lo, hi: upsample.conv(
+        F.interpolate(x_BChw[:, :, lo:hi], scale_factor=2.0, mode="nearest")))
+
+
+def decode_in_bands(decoder: Decoder, z_BChw: torch.Tensor, bands: int) -> torch.Tensor:
+    """``decoder(z)`` computed in ``bands`` bands of rows at every layer (the comment above): the same images up to
+    fp32 rounding, at about three feature maps' peak. For decoders without attention (BSQ's)."""
+    if any(isinstance(m, AttnBlock) for m in decoder.modules()):
+        raise ValueError("a decoder that attends cannot decode in bands")
+    rows = lambda x: -(-x.shape[2] // bands)  # noqa: E731
+    h = decoder.conv_in(z_BChw)
+    for block in (decoder.mid.block_1, decoder.mid.block_2):
+        h = _block_in_bands(block, h, rows(h))
+    for i in reversed(range(len(decoder.up))):
+        for block in decoder.up[i].block:
+            h = _block_in_bands(block, h, rows(h))
+        if i > 0:
+            h = _upsample_in_bands(decoder.up[i].upsample, h, rows(h))
+    norm = _group_norm(decoder.norm_out)
+    stats = _statistics(norm, h, rows(h))
+    return _by_bands(rows(h), h.shape[2], 1,
+                     lambda lo, hi: decoder.conv_out(decoder.act(_normalised(norm, stats, h[:, :, lo:hi]))))

@@ -111,7 +111,8 @@ class Workload:
     ``dtype`` the transformer's compute dtype (its cache and activations); ``step_tokens`` the most tokens the
     transformer runs at once (None: the largest scale); ``controls`` the control modules bound to the run;
     ``decode_batch`` images encoded or decoded at once at the schedule's full size, in ``decode_dtype``;
-    ``text_tokens`` the prompt's tokens of a text-conditioned family (None: the most its generator takes).
+    ``text_tokens`` the prompt's tokens of a text-conditioned family (None: the most its generator takes);
+    ``decode_bands`` the bands of rows one image is decoded in (1: whole; more only where ``Family.banded_decode``).
     """
 
     batch_size: int = 1
@@ -124,6 +125,7 @@ class Workload:
     decode_batch: int = 0
     decode_dtype: torch.dtype = torch.float32
     text_tokens: int | None = None
+    decode_bands: int = 1
 
     @property
     def rows(self) -> int:
@@ -140,6 +142,8 @@ class Family(abc.ABC):
     hooks: frozenset[str]  # the SamplerHooks fields the sampler honours; any other hook is refused
     files_hint: str  # where the official files are published, for "file not found" messages
     decode_chunk: int = 8  # images the nodes decode at once
+    # its ``decode(..., bands=n)`` decodes an image n bands of rows at a time, for less memory (the same images)
+    banded_decode: bool = False
 
     # -- files ----------------------------------------------------------------------------------------------------
 

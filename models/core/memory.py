@@ -134,6 +134,22 @@ def conv_coder_bytes(
     return copies * batch * largest * itemsize
 
 
+def banded_decoder_bytes(
+    batch: int, level_channels: Sequence[int], height: int, width: int, itemsize: int, copies: int, bands: int
+) -> int:
+    """Peak activation bytes of ``autoencoder.decode_in_bands`` (levels as in :func:`conv_coder_bytes`): at each
+    level a block holds its input (the width of the level below, upsampled, at a level's first block), its inner
+    map and its output whole, and ``copies`` maps of the wider of the two a band high (with a neighbour row on each
+    side)."""
+    peak = 0
+    for i, c in enumerate(level_channels):
+        h, w = max(1, height >> i), max(1, width >> i)
+        c_in = level_channels[min(i + 1, len(level_channels) - 1)]
+        band = min(h, -(-h // bands) + 2)
+        peak = max(peak, (c_in + 2 * c) * h * w + copies * max(c_in, c) * band * w)
+    return batch * peak * itemsize
+
+
 def largest_batch(need: Callable[[int], int], batch: int, free: int) -> int:
     """The largest ``b <= batch`` whose ``need(b)`` (growing with ``b``) fits in ``free`` bytes; 0 when one does
     not."""

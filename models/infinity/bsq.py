@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.autoencoder import BlockKit, Decoder, Encoder
+from ..core.autoencoder import BlockKit, Decoder, Encoder, decode_in_bands
 from ..core.checkpoint import (
     CONFIG_METADATA_KEY,
     check_state_dict,
@@ -414,10 +414,13 @@ class BSQTokenizer(ComputeDtype, nn.Module):
         self.latent_size(*img_B3HW.shape[-2:])
         return self.encoder(img_B3HW.to(self.compute_dtype)).float()
 
-    def decode(self, summed_BdHW: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 3, H*ds, W*ds)`` in [-1, 1] (clamped) from summed codes."""
+    def decode(self, summed_BdHW: torch.Tensor, bands: int = 1) -> torch.Tensor:
+        """Images ``(B, 3, H*ds, W*ds)`` in [-1, 1] (clamped) from summed codes; ``bands > 1``: computed that many
+        bands of rows at a time (``autoencoder.decode_in_bands``: the same images up to fp32 rounding, at about
+        three feature maps' peak instead of eight)."""
         self._check_codes(summed_BdHW, "summed codes")
-        return self.decoder(summed_BdHW.to(self.compute_dtype)).clamp(-1, 1)
+        z = summed_BdHW.to(self.compute_dtype)
+        return (self.decoder(z) if bands == 1 else decode_in_bands(self.decoder, z, bands)).clamp(-1, 1)
 
     # -- latent <-> bits -----------------------------------------------------------------------------
 

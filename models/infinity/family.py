@@ -17,7 +17,15 @@ import torch.nn.functional as F
 
 from ..core.errors import NextScaleError
 from ..core.family import Family, KVGeometry, Role, Workload
-from ..core.memory import MemoryNeed, block_bytes, conv_coder_bytes, draw_bytes, kv_cache_bytes, weight_bytes
+from ..core.memory import (
+    MemoryNeed,
+    banded_decoder_bytes,
+    block_bytes,
+    conv_coder_bytes,
+    draw_bytes,
+    kv_cache_bytes,
+    weight_bytes,
+)
 from ..core.tokens import NextScaleBitTokens
 from .bsq import WHAT as TOKENIZER_WHAT
 from .bsq import BSQTokenizer
@@ -28,6 +36,7 @@ from .schedule import InfinitySchedule
 
 PREVIEW_LATENT_SIDE = 16  # previews decode at most a 16x16 latent
 DECODER_COPIES = 8  # feature maps of its largest level held at once while decoding (measured)
+BAND_COPIES = 3  # band-sized maps a block holds at once while decoding in bands (measured)
 STREAM_COPIES = 6  # fp32 copies of the residual stream at a block's MLP, cross-attention's included (core/memory.py)
 HINT = (
     "Infinity's files are published in the Hugging Face repository FoundationVision/Infinity: put "
@@ -59,6 +68,7 @@ class InfinityFamily(Family):
     hooks = frozenset({"guide", "control", "kv_policy", "accel", "callback"})
     files_hint = HINT
     decode_chunk = 4
+    banded_decode = True
 
     def detect(self, keys: AbstractSet[str]) -> Role | None:
         if any(k.startswith("block_chunks.") for k in keys) or "cfg_uncond" in keys or any(
@@ -119,14 +129,16 @@ class InfinityFamily(Family):
                 f"{tokenizer.codebook_dim}: decode with the tokenizer they were made with"
             )
 
-    def decode(self, tokenizer: BSQTokenizer, tokens, upto=None):
+    def decode(self, tokenizer: BSQTokenizer, tokens, upto=None, bands: int = 1):
+        """As :meth:`Family.decode`; ``bands > 1`` decodes each image that many bands of rows at a time (the BSQ
+        decoder has no attention), the same images up to fp32 rounding at less memory."""
         self.check_tokens(tokenizer, tokens)
         with torch.inference_mode():
             if upto is None and tokens.summed_codes is not None:
                 summed = tokens.summed_codes
             else:
                 summed = tokenizer.bits_to_summed_codes(tokens.bits[: upto or tokens.num_scales], tokens.scales[-1])
-            return tokenizer.decode(summed)
+            return tokenizer.decode(summed, bands)
 
     def preview(self, tokenizer: BSQTokenizer, latent):
         H, W = latent.shape[-2:]
@@ -164,10 +176,12 @@ class InfinityFamily(Family):
                 )
         if tokenizer is not None and workload.decode_batch and latent:
             h, w = latent[-1]
-            decode = conv_coder_bytes(
-                workload.decode_batch, _decoder_levels(tokenizer), h * tokenizer.downsample, w * tokenizer.downsample,
-                workload.decode_dtype.itemsize, DECODER_COPIES,
-            )
+            size = (workload.decode_batch, _decoder_levels(tokenizer), h * tokenizer.downsample,
+                    w * tokenizer.downsample, workload.decode_dtype.itemsize)
+            if workload.decode_bands > 1:
+                decode = banded_decoder_bytes(*size, BAND_COPIES, workload.decode_bands)
+            else:
+                decode = conv_coder_bytes(*size, DECODER_COPIES)
         weights = sum(weight_bytes(m) for m in (generator, tokenizer) if m is not None)
         return MemoryNeed(weights, kv, activations, preview, decode)
 

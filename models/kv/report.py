@@ -11,7 +11,8 @@ images in 0..1.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,6 +37,29 @@ class KVReport:
     psnr: float  # dB; inf when the images are equal
     full_images: torch.Tensor  # (B, H, W, 3) in 0..1
     images: torch.Tensor
+
+    @classmethod
+    def merge(cls, parts: Sequence[KVReport]) -> KVReport:
+        """One report of runs on consecutive sub-batches (same policy): the images in order, agreement and MSE
+        averaged over the images (so equal to one run's on the whole batch), and the KV bytes of the largest run."""
+        counts = [p.images.shape[0] for p in parts]
+        total = sum(counts)
+        mse = sum(p.mse * n for p, n in zip(parts, counts)) / total
+        return replace(
+            parts[0],
+            full_peak_bytes=max(p.full_peak_bytes for p in parts),
+            peak_bytes=max(p.peak_bytes for p in parts),
+            full_carried_bytes=max(p.full_carried_bytes for p in parts),
+            carried_bytes=max(p.carried_bytes for p in parts),
+            token_agreement=[
+                sum(a * n for a, n in zip(scale, counts)) / total
+                for scale in zip(*(p.token_agreement for p in parts))
+            ],
+            mse=mse,
+            psnr=psnr_db(mse),
+            full_images=torch.cat([p.full_images for p in parts]),
+            images=torch.cat([p.images for p in parts]),
+        )
 
     @property
     def peak_ratio(self) -> float:
@@ -62,7 +86,12 @@ class KVReport:
 def psnr_mse(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """MSE and PSNR (peak 1) of two image batches in 0..1."""
     mse = float((a.float() - b.float()).pow(2).mean())
-    return mse, (math.inf if mse == 0 else 10 * math.log10(1.0 / mse))
+    return mse, psnr_db(mse)
+
+
+def psnr_db(mse: float) -> float:
+    """PSNR in dB (peak 1) of a mean squared error; inf when it is 0."""
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def decode(tokenizer, tokens, family: Family = VAR_FAMILY) -> torch.Tensor:

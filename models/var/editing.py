@@ -31,7 +31,7 @@ Conventions:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +159,19 @@ class EditSpec:
             f"EditSpec({self.mode!r}, scales {self.scales.start}..{self.scales.stop - 1}, {mask}, "
             f"reference B={self.reference.batch_size})"
         )
+
+    def images(self, start: int, stop: int, batch_size: int) -> EditSpec:
+        """The edit of images ``start .. stop - 1`` of a run of ``batch_size`` (a sub-batch): a reference or mask
+        that holds one entry per image is cut to those images; one that holds a single entry serves every image."""
+        _check_batch("reference tokens", self.reference.batch_size, batch_size)
+        reference, regenerate = self.reference, self.regenerate
+        if reference.batch_size > 1:
+            reference = reference.select(list(range(start, stop)))
+        if regenerate is not None:
+            _check_batch("mask", regenerate.shape[0], batch_size)
+            if regenerate.shape[0] > 1:
+                regenerate = regenerate[start:stop]
+        return replace(self, reference=reference, regenerate=regenerate)
 
     def keep_masks(self, patch_nums: Sequence[int], pixel_side: int) -> list[torch.Tensor]:
         """Bool ``(Bm, pn, pn)`` per scale of the whole schedule (the scale range is not applied);

@@ -1,0 +1,62 @@
+"""The shared part of the two-file loaders of the families that draw VAR's tokens with their own transformer
+(NextScale Load Switti, NextScale Load Distilled Decoding): the transformer, stored in the chosen dtype (fp8 too),
+and its multi-scale VQ-VAE, a ``var-tokenizer`` kept in ComfyUI's VAE precision, checked as a pair."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import folder_paths
+from comfy_api.latest import io
+
+from .model_files import FOLDER
+from .service import TRANSFORMER_DTYPES, load, not_found
+from .validation import check_file
+
+VQVAE_LOADER = "NextScale Load Tokenizer"  # the loader whose role a VQ-VAE file plays (the registry's name for it)
+
+
+def dtype_input() -> io.Combo.Input:
+    """The transformer's ``dtype`` widget (the VQ-VAE's precision is ComfyUI's VAE rule)."""
+    return io.Combo.Input(
+        "dtype",
+        options=TRANSFORMER_DTYPES,
+        default="auto",
+        tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags (float32 on "
+        "CPU, bfloat16 on recent GPUs, fp8_e4m3fn under --fp8_e4m3fn-unet); fp8_e4m3fn: 8-bit matrices with "
+        "per-tensor scales, computing in bfloat16/float16 (half of bfloat16's memory). The VQ-VAE stays float32 "
+        "(unless --fp16-vae / --bf16-vae); logits are always float32.",
+    )
+
+
+def vqvae_not_found(what: str, put: str, hint: str) -> Callable[[str], str]:
+    """The message for a VQ-VAE choice missing from the model folder: ``what`` it is, ``put`` which file there."""
+
+    def message(name: str) -> str:
+        folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
+        return (
+            f"model not found: {what} '{name}' is not in the NextScale model folder ({folders}). Put {put} there "
+            f"and refresh the node. {hint}"
+        )
+
+    return message
+
+
+def check_files(
+    model_name: str, vqvae_name: str, choices: list[str], loader: str, missing_vqvae: Callable[[str], str]
+) -> bool | str:
+    """``validate_inputs`` of a two-file loader: both choices are in the model folder."""
+    return (
+        check_file(model_name, choices, lambda name: not_found(name, loader, "generator"))
+        or check_file(vqvae_name, choices, missing_vqvae)
+        or True
+    )
+
+
+def load_with_vqvae(model_name: str, vqvae_name: str, dtype: str, loader: str) -> io.NodeOutput:
+    """The transformer of ``loader``'s family in ``dtype`` and the VQ-VAE in ComfyUI's VAE precision, refused
+    together when they do not work together."""
+    model = load(model_name, loader, "generator", dtype)
+    vqvae = load(vqvae_name, VQVAE_LOADER, "tokenizer", "auto")
+    model.family.check_pair(model.module, vqvae.module)
+    return io.NodeOutput(model, vqvae)
