@@ -27,7 +27,7 @@ from ..models.flexvar.schedule import CELL_PX, MAX_SIDE, ScheduleReport, flex_sc
 from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
 from .generator import bind_policy, framed_like_reference, refuse_hooks, scale_callback
 from .model_files import FOLDER, model_choices
-from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batch_context
+from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batches
 from .sockets import CATEGORY, FlexVARModel, Guide, KVPolicy, Tokenizer, Tokens
 from .validation import check_combos, check_file, check_numbers
 
@@ -232,14 +232,15 @@ class NextScaleFlexVARSampler(io.ComfyNode):
 
         size = ready_batch(model, vae, batch=B, need=need, what=SAMPLER)
         parts = []
-        for start in range(0, B, size):  # item i's seed is seed + i in every sub-batch
-            labels = labels_B[start : start + size]
-            with sub_batch_context(start, len(labels), B):
-                hooks = SamplerHooks(
-                    callback=scale_callback(cls.hidden.unique_id, vae, len(patch_nums), True),
-                    guide=None if guide is None else guide.bind(vae.module, patch_nums, len(labels), model.device),
-                    kv_policy=bind_policy(kv_policy, model, patch_nums),
-                )
+        for start, stop in sub_batches(B, size):  # item i keeps its seed, seed + i, and its guide images
+            labels = labels_B[start:stop]
+            hooks = SamplerHooks(
+                callback=scale_callback(cls.hidden.unique_id, vae, len(patch_nums), True),
+                guide=None if guide is None else guide.images(start, stop, B).bind(
+                    vae.module, patch_nums, len(labels), model.device
+                ),
+                kv_policy=bind_policy(kv_policy, model, patch_nums),
+            )
             parts.append(family.sample(model.module, vae.module, labels, seed=seed + start, options=options,
                                        hooks=hooks, device=model.device))
         tokens = parts[0] if len(parts) == 1 else NextScaleTokens.cat(parts)

@@ -389,6 +389,9 @@ def hmar() -> Example:
         f"{HMAR_MODEL} (Hugging Face nvidia/HMAR; NVIDIA's non-commercial licence) and {VAR_VQVAE} "
         f"(FoundationVision/var).",
         g.prompt, needs_user_files=["NextScaleLoadHMAR"],
+    )
+
+
 def flexvar() -> Example:
     g = Graph()
     loader = g.add("NextScaleLoadFlexVAR", model_name=FLEXVAR_MODEL, vae_name=FLEXVAE, dtype="auto")
