@@ -6,7 +6,8 @@
 Random weights (the trainers' initialisations), so the timings are those of the trained model with the same shapes:
 sampling draws the same number of tokens whatever the weights. Reported: the fp16 bytes of the generator and the T5
 encoder and the fp32 bytes of the tokenizer (what the recipe exports), the median wall time of four images (one
-batch, guidance on, decoding included) over ``--runs`` runs, and the median time of a training step of the joint
+batch, guidance on, decoding included) over ``--runs`` runs with its split (the T5 encoder, the tokenizer's decoder,
+the rest: the transformer's scale loop), and the median time of a training step of the joint
 trainer at ``--batch-size`` (forward and backward of T5 + transformer; the tokenizer is not run, its bits are
 cached). Everything runs on one thread. Not a test: numbers go to bench/RESULTS.md with the CPU, command and date.
 """
@@ -14,6 +15,7 @@ cached). Everything runs on one thread. Not a test: numbers go to bench/RESULTS.
 from __future__ import annotations
 
 import argparse
+import collections
 import platform
 import statistics
 import sys
@@ -35,6 +37,22 @@ def fp_bytes(module: torch.nn.Module, bytes_per: int) -> int:
                for t in module.state_dict().values())
 
 
+class PhaseTimer:
+    """Seconds spent in wrapped callables, summed per name."""
+
+    def __init__(self):
+        self.seconds: collections.Counter[str] = collections.Counter()
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds[name] += time.perf_counter() - t0
+            return out
+
+        return timed
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -54,11 +72,16 @@ def main(argv=None) -> None:
 
     model.eval()
     train_t2i.generate(model, tokenizer, prompts, ptok, seed=0)  # warm-up
+    timer = PhaseTimer()
+    model.text.forward = timer.wrap("text encoder", model.text.forward)
+    tokenizer.decode = timer.wrap("decoder", tokenizer.decode)
     times = []
     for r in range(known.runs):
         t0 = time.perf_counter()
         train_t2i.generate(model, tokenizer, prompts, ptok, seed=r + 1)
         times.append(time.perf_counter() - t0)
+    split = {name: s / known.runs for name, s in timer.seconds.items()}
+    split["transformer"] = sum(times) / known.runs - sum(split.values())
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -83,7 +106,8 @@ def main(argv=None) -> None:
           f"schedule {[h for h, _ in SCHEDULE.scales]} ({SCHEDULE.num_tokens} tokens), {d} bits")
     print("bytes: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sizes.items())
           + f", total {sum(sizes.values()) / 2**20:.2f} MiB")
-    print(f"four images: median {statistics.median(times):.2f} s ({', '.join(f'{t:.2f}' for t in times)})")
+    print(f"four images: median {statistics.median(times):.2f} s ({', '.join(f'{t:.2f}' for t in times)}); mean "
+          "split " + ", ".join(f"{name} {s:.2f} s" for name, s in split.items()))
     print(f"training step, batch {B}: median {statistics.median(step_times):.2f} s "
           f"({', '.join(f'{t:.2f}' for t in step_times)})")
 

@@ -11,6 +11,7 @@ from nextscale.kernels.attention import (
     available_backends,
     block_causal_mask,
 )
+from nextscale.models.infinity.model import block_causal
 
 PATCH_NUMS = (1, 2, 3, 5)  # L = 39: odd lengths and uneven scales
 
@@ -47,28 +48,30 @@ def test_sdpa_matches_reference_with_block_causal_mask():
 
 
 def test_sdpa_splits_a_prefix_interval_mask_on_the_cpu(monkeypatch):
-    """The block-causal IntervalMask runs as one unmasked call per scale, to the masked result and gradients."""
-    L = sum(pn * pn for pn in PATCH_NUMS)
-    mask = IntervalMask.block_causal(block_causal_mask(PATCH_NUMS), PATCH_NUMS)
+    """Infinity's block-causal IntervalMask runs as three calls (scales 0-4 masked, 5 and 6 unmasked), to the masked
+    result and gradients; intervals not starting at key 0 keep the whole mask."""
+    counts = (1, 4, 16, 36, 64, 144, 256)
+    L = sum(counts)
+    mask = block_causal(list(counts))
     calls = []
     sdpa = attention_module.F.scaled_dot_product_attention
     monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: calls.append((q.shape[-2], k.shape[-2], kw.get("attn_mask"))) or sdpa(
-                            q, k, v, **kw))
-    q, k, v = (t.requires_grad_() for t in _qkv(2, 3, L, L, 16, seed=4))
+                        lambda q, k, v, **kw: calls.append((q.shape[-2], k.shape[-2], kw["attn_mask"] is not None))
+                        or sdpa(q, k, v, **kw))
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, L, L, 8, seed=4))
     out = attention(q, k, v, mask, backend="sdpa")
-    assert calls == [(1, 1, None), (4, 5, None), (9, 14, None), (25, 39, None)]
+    assert calls == [(121, 121, True), (144, 265, False), (256, 521, False)]
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     q0, k0, v0 = (t.detach().requires_grad_() for t in (q, k, v))
     ref = attention(q0, k0, v0, mask.as_subclass(torch.Tensor), backend="torch")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for g, g0 in zip(grads, torch.autograd.grad(ref.square().sum(), (q0, k0, v0)), strict=True):
         torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-4)
-    calls.clear()  # intervals that do not start at key 0 keep the mask
+    calls.clear()
     start, end = mask.bounds
     shifted = IntervalMask(torch.zeros(L, L), torch.ones_like(start), torch.full_like(end, L))
     attention(q0, k0, v0, shifted, backend="sdpa")
-    assert len(calls) == 1 and calls[0][2] is not None
+    assert calls == [(L, L, True)]
 
 
 def test_softmax_scale_is_one():
