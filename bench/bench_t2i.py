@@ -9,7 +9,8 @@ encoder and the fp32 bytes of the tokenizer (what the recipe exports), the media
 batch, guidance on, decoding included) over ``--runs`` runs with its split (the T5 encoder, the tokenizer's decoder,
 the rest: the transformer's scale loop), and the median time of a training step of the joint
 trainer at ``--batch-size`` (forward and backward of T5 + transformer; the tokenizer is not run, its bits are
-cached). Everything runs on one thread. Not a test: numbers go to bench/RESULTS.md with the CPU, command and date.
+cached), alternating the attention's split of the block-causal mask (docs/kernels.md) with the whole mask.
+Everything runs on one thread. Not a test: numbers go to bench/RESULTS.md with the CPU, command and date.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -89,16 +89,21 @@ def main(argv=None) -> None:
     bits = torch.rand(B, SCHEDULE.num_tokens, d) > 0.5
     ids, mask = ptok.batch(["a caption of a few words, category, folder"] * B, gen_cfg.text_maxlen)
     x = train_t2i.teacher_inputs(tokenizer, bits)
-    step_times = []
+    infinity_model = sys.modules[type(model.generator).__module__]
+    interval_mask = infinity_model.block_causal
+    masks = {"split": interval_mask,
+             "whole mask": lambda counts, device=None: interval_mask(counts, device).as_subclass(torch.Tensor)}
+    step_times = {name: [] for name in masks}
     for _ in range(known.train_steps):
-        t0 = time.perf_counter()
-        text = model.features(ids, mask)
-        logits = model.generator.forward_teacher(model.generator.condition(text, mask, guided=False), x, SCHEDULE)
-        loss = F.cross_entropy(logits.view(-1, 2), bits.long().view(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        step_times.append(time.perf_counter() - t0)
+        for name, block_causal in masks.items():  # alternated, so that both see the same load
+            infinity_model.block_causal = block_causal
+            t0 = time.perf_counter()
+            loss, _ = train_t2i.bit_loss(train_t2i.teacher_logits(model, ids, mask, None, x), bits.long())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step_times[name].append(time.perf_counter() - t0)
+    infinity_model.block_causal = interval_mask
 
     print(f"cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread")
     print(f"generator depth {gen_cfg.depth} width {gen_cfg.embed_dim} heads {gen_cfg.num_heads} "
@@ -108,8 +113,9 @@ def main(argv=None) -> None:
           + f", total {sum(sizes.values()) / 2**20:.2f} MiB")
     print(f"four images: median {statistics.median(times):.2f} s ({', '.join(f'{t:.2f}' for t in times)}); mean "
           "split " + ", ".join(f"{name} {s:.2f} s" for name, s in split.items()))
-    print(f"training step, batch {B}: median {statistics.median(step_times):.2f} s "
-          f"({', '.join(f'{t:.2f}' for t in step_times)})")
+    for name, ts in step_times.items():
+        print(f"training step, batch {B}, {name}: median {statistics.median(ts):.2f} s "
+              f"({', '.join(f'{t:.2f}' for t in ts)})")
 
 
 if __name__ == "__main__":
