@@ -44,11 +44,66 @@ def attention_torch(q_BHLc, k_BHSc, v_BHSc, attn_mask=None) -> torch.Tensor:
     return (scores_BHLS.softmax(dim=-1) @ v_BHSc.float()).to(q_BHLc.dtype)
 
 
+SPLIT_CALL_COST = 16  # an extra SDPA call of a split costs about as much as 16 keys per query (AVX2 core, training)
+SPLIT_MAX_RUNS = 32  # masks with more key intervals than this (not a scale schedule) are not split
+
+
 def attention_sdpa(q_BHLc, k_BHSc, v_BHSc, attn_mask=None) -> torch.Tensor:
-    """PyTorch's fused attention (flash / memory-efficient / math, chosen by PyTorch) with softmax scale 1."""
+    """PyTorch's fused attention (flash / memory-efficient / math, chosen by PyTorch) with softmax scale 1.
+
+    On the CPU, where PyTorch's kernels compute every masked score, an :class:`IntervalMask` of key prefixes (the
+    block-causal mask) runs as the query groups of :func:`_prefix_groups`, each over the keys its queries may see:
+    the keys hidden from a whole group are never computed, and a group whose queries all see the same keys reads no
+    mask."""
+    groups = _prefix_groups(q_BHLc, k_BHSc, attn_mask)
+    if groups is not None:
+        parts = [
+            F.scaled_dot_product_attention(
+                q_BHLc[..., a:b, :], k_BHSc[..., :e, :], v_BHSc[..., :e, :],
+                attn_mask=attn_mask[a:b, :e].to(q_BHLc.dtype) if masked else None, scale=1.0,
+            )
+            for a, b, e, masked in groups
+        ]
+        return torch.cat(parts, dim=-2)
     if attn_mask is not None:
         attn_mask = attn_mask.to(q_BHLc.dtype)
     return F.scaled_dot_product_attention(q_BHLc, k_BHSc, v_BHSc, attn_mask=attn_mask, scale=1.0)
+
+
+def _prefix_groups(q_BHLc, k_BHSc, attn_mask) -> list[tuple[int, int, int, bool]] | None:
+    """``(query start, query end, key end, masked)`` of consecutive query groups for an :class:`IntervalMask` of
+    non-empty key prefixes ``[0, end)`` on the CPU; ``None`` for any other mask or device (reading the bounds there
+    would wait for the accelerator). The groups minimise the query-key pairs computed plus
+    :data:`SPLIT_CALL_COST` keys per query and call; a group needs the mask unless its queries share one prefix.
+    For Infinity's 521-token schedule: scales 0-4 masked, then scale 5 and scale 6 unmasked (69 % of the pairs)."""
+    if not isinstance(attn_mask, IntervalMask) or q_BHLc.device.type != "cpu":
+        return None
+    L, S = q_BHLc.shape[-2], k_BHSc.shape[-2]
+    if tuple(attn_mask.shape) != (L, S):
+        return None
+    start_L, end_L = attn_mask.bounds
+    if bool(start_L.any()) or not bool(end_L.all()):
+        return None
+    runs, a = [], 0  # (query start, query end, key end) of each run of queries with the same prefix
+    for end, run in itertools.groupby(end_L.tolist()):
+        b = a + len(list(run))
+        runs.append((a, b, end))
+        a = b
+    if len(runs) > SPLIT_MAX_RUNS:
+        return None
+    best = [(0, 0)]  # best[j]: the least cost of covering runs[:j], and where its last group starts
+    for j in range(1, len(runs) + 1):
+        costs = []
+        for i in range(j):
+            keys = max(e for _, _, e in runs[i:j])
+            costs.append((best[i][0] + (runs[j - 1][1] - runs[i][0]) * keys + SPLIT_CALL_COST * S, i))
+        best.append(min(costs))
+    groups, j = [], len(runs)
+    while j:
+        i = best[j][1]
+        groups.append((runs[i][0], runs[j - 1][1], max(e for _, _, e in runs[i:j]), j - i > 1))
+        j = i
+    return groups[::-1]
 
 
 def attention_triton(q_BHLc, k_BHSc, v_BHSc, attn_mask=None) -> torch.Tensor:
@@ -130,9 +185,10 @@ class IntervalMask(torch.Tensor):
 
     The Triton backend takes the bounds and never reads the mask: no device sync, and no version counter to
     consult (tensors made under ``torch.inference_mode``, as ComfyUI runs every prompt, have none). The bounds are
-    the caller's statement about the mask (:meth:`block_causal` takes them from the schedule); torch and SDPA use
-    the mask itself. Like ``nn.Parameter``, it is a tensor whose operations return plain tensors: a sum with
-    another mask, a slice or a cast loses the bounds and is read like any mask.
+    the caller's statement about the mask (:meth:`block_causal` takes them from the schedule); torch uses the
+    mask itself, SDPA the bounds on the CPU (:func:`attention_sdpa`) and the mask elsewhere. Like ``nn.Parameter``,
+    it is a tensor whose operations return plain tensors: a sum with another mask, a slice or a cast loses the
+    bounds and is read like any mask.
     """
 
     __torch_function__ = torch._C._disabled_torch_function_impl

@@ -3,7 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from nextscale.kernels.attention import ENV_BACKEND, attention, available_backends, block_causal_mask
+from nextscale.kernels import attention as attention_module
+from nextscale.kernels.attention import (
+    ENV_BACKEND,
+    IntervalMask,
+    attention,
+    available_backends,
+    block_causal_mask,
+)
+from nextscale.models.infinity.model import block_causal
 
 PATCH_NUMS = (1, 2, 3, 5)  # L = 39: odd lengths and uneven scales
 
@@ -37,6 +45,33 @@ def test_sdpa_matches_reference_with_block_causal_mask():
     torch.testing.assert_close(attention(q, k, v, mask, backend="sdpa"), ref, rtol=1e-5, atol=1e-5)
     # a prefix of the mask is the mask of a prefix: scale 0 sees only itself
     torch.testing.assert_close(ref[:, :, :1], attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], backend="torch"))
+
+
+def test_sdpa_splits_a_prefix_interval_mask_on_the_cpu(monkeypatch):
+    """Infinity's block-causal IntervalMask runs as three calls (scales 0-4 masked, 5 and 6 unmasked), to the masked
+    result and gradients; intervals not starting at key 0 keep the whole mask."""
+    counts = (1, 4, 16, 36, 64, 144, 256)
+    L = sum(counts)
+    mask = block_causal(list(counts))
+    calls = []
+    sdpa = attention_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: calls.append((q.shape[-2], k.shape[-2], kw["attn_mask"] is not None))
+                        or sdpa(q, k, v, **kw))
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, L, L, 8, seed=4))
+    out = attention(q, k, v, mask, backend="sdpa")
+    assert calls == [(121, 121, True), (144, 265, False), (256, 521, False)]
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    q0, k0, v0 = (t.detach().requires_grad_() for t in (q, k, v))
+    ref = attention(q0, k0, v0, mask.as_subclass(torch.Tensor), backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, g0 in zip(grads, torch.autograd.grad(ref.square().sum(), (q0, k0, v0)), strict=True):
+        torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-4)
+    calls.clear()
+    start, end = mask.bounds
+    shifted = IntervalMask(torch.zeros(L, L), torch.ones_like(start), torch.full_like(end, L))
+    attention(q0, k0, v0, shifted, backend="sdpa")
+    assert calls == [(L, L, True)]
 
 
 def test_softmax_scale_is_one():

@@ -7,6 +7,7 @@ import os
 import random
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from harness.testbed import run_in_comfyui_python
@@ -81,6 +82,38 @@ def test_teacher_inputs_are_the_tokenizer_sums(tokenizer_file):
         torch.testing.assert_close(inputs[:, start:start + h * w], want)
         start += h * w
     assert start == inputs.shape[1]
+
+
+def test_a_step_from_the_token_cache_is_a_step_from_the_images(data_args, tokenizer_file, tmp_path):
+    """The cached bits give the loss the images give; a changed tokenizer file replaces the cache."""
+    args = train_t2i.build_parser().parse_args([*data_args, *GENERATOR, "--tokenizer", tokenizer_file])
+    ds = t2i_data.load_from_args(args)
+    tok = BSQTokenizer.from_file(tokenizer_file)
+    log = common.RunLog(str(tmp_path), quiet=True)
+    train_t2i.cached_tokens(str(tmp_path), tokenizer_file, tok, ds, log)
+    (cache,) = tmp_path.glob("tokens_*.npz")
+    packed = train_t2i.cached_tokens(str(tmp_path), tokenizer_file, tok, ds, log)  # read back from the file
+    idx = ds.split_indices("train")[:2]
+    captions, drop = train_t2i.step_captions(ds.captions(idx), seed=0, step=3, text_drop=0.5)
+    t5_cfg, gen_cfg = train_t2i.configs_from_args(args, tok.codebook_dim)
+    torch.manual_seed(0)
+    model = train_t2i.TextToImage(t5_cfg, gen_cfg)
+    ptok = t2i_text.PromptTokenizer(None)
+    losses = []
+    for rows in (packed[idx], train_t2i.encode_images(tok, ds.images[idx])):
+        ids, mask, drop, x, bits = train_t2i.step_batch(tok, ptok, rows, captions, drop, gen_cfg.text_maxlen)
+        losses.append(train_t2i.bit_loss(train_t2i.teacher_logits(model, ids, mask, drop, x), bits)[0])
+    assert losses[0] > 0 and torch.equal(losses[0], losses[1])
+
+    changed = BSQTokenizer.from_file(tokenizer_file)
+    with torch.no_grad():
+        next(changed.encoder.parameters()).mul_(-1)
+    changed_file = str(tmp_path / "changed.safetensors")
+    changed.save(changed_file)
+    repacked = train_t2i.cached_tokens(str(tmp_path), changed_file, changed, ds, log)
+    (new_cache,) = tmp_path.glob("tokens_*.npz")
+    assert new_cache != cache and not np.array_equal(repacked, packed)
+    assert np.array_equal(repacked, train_t2i.encode_images(changed, ds.images))
 
 
 def test_caption_augmentation_is_a_function_of_seed_and_step():

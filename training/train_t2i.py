@@ -141,11 +141,14 @@ def encode_images(tokenizer: BSQTokenizer, images_uint8: np.ndarray, batch_size:
 
 def cached_tokens(run_dir: str, tokenizer_path: str, tokenizer: BSQTokenizer, ds: t2i_data.T2IData,
                   log: common.RunLog) -> np.ndarray:
-    """:func:`encode_images` of the whole set, cached per tokenizer file and data set."""
+    """:func:`encode_images` of the whole set, cached in ``<run_dir>/tokens_<key>.npz``, the key a hash of the
+    tokenizer file's bytes and of the data set's description: a changed tokenizer or data set encodes anew and
+    replaces the cache of the old one."""
     with open(tokenizer_path, "rb") as f:
         digest = hashlib.sha1(f.read())
     digest.update(json.dumps(ds.meta, sort_keys=True).encode())
-    path = os.path.join(run_dir, f"tokens_{digest.hexdigest()[:10]}.npz")
+    name = f"tokens_{digest.hexdigest()[:10]}.npz"
+    path = os.path.join(run_dir, name)
     if os.path.exists(path):
         with np.load(path) as f:
             return f["bits"]
@@ -154,6 +157,9 @@ def cached_tokens(run_dir: str, tokenizer_path: str, tokenizer: BSQTokenizer, ds
     os.makedirs(run_dir, exist_ok=True)
     np.savez(path + ".tmp.npz", bits=packed)
     os.replace(path + ".tmp.npz", path)
+    for stale in os.listdir(run_dir):
+        if stale.startswith("tokens_") and stale.endswith(".npz") and stale != name:
+            os.remove(os.path.join(run_dir, stale))
     log.log("tokens", path=path, images=len(packed), sec=round(time.time() - t0, 1))
     return packed
 
@@ -176,6 +182,30 @@ def teacher_inputs(tokenizer: BSQTokenizer, bits_BLd: torch.Tensor) -> torch.Ten
         codes = tokenizer.bits_to_codes(bits_BLd[:, sl].reshape(B, h, w, d))
         summed = summed + tokenizer.upsample_codes(codes, full)
     return torch.cat(inputs, 1)
+
+
+def step_batch(tokenizer: BSQTokenizer, prompt_tokenizer, packed_rows: np.ndarray, captions: list[str],
+               drop: torch.Tensor, text_maxlen: int) -> tuple[torch.Tensor, ...]:
+    """``(ids, mask, drop, x, bits)`` of a step: the T5 tokens of ``captions``, the teacher inputs and the int64 bit
+    labels ``(B, L, d)`` of the images whose bits are ``packed_rows`` (rows of :func:`encode_images`)."""
+    bits = unpack_bits(packed_rows, tokenizer.codebook_dim)
+    ids, mask = prompt_tokenizer.batch(captions, text_maxlen)
+    return ids, mask, drop, teacher_inputs(tokenizer, bits), bits.long()
+
+
+def teacher_logits(model: TextToImage, ids_BT: torch.Tensor, mask_BT: torch.Tensor, drop_B: torch.Tensor | None,
+                   x_BLCv: torch.Tensor) -> torch.Tensor:
+    """fp32 ``(B, L, 2 d)``: the logits of every scale's bits under teacher forcing, the trainer's forward."""
+    text_BTC = model.features(ids_BT, mask_BT, drop_B)
+    ctx = model.generator.condition(text_BTC, mask_BT, guided=False)
+    return model.generator.forward_teacher(ctx, x_BLCv, SCHEDULE).float()
+
+
+def bit_loss(logits_BLV: torch.Tensor, bits_BLd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean cross-entropy over bits and the bit accuracy."""
+    logits = logits_BLV.view(*bits_BLd.shape, 2)
+    loss = F.cross_entropy(logits.reshape(-1, 2), bits_BLd.reshape(-1))
+    return loss, (logits.argmax(-1) == bits_BLd).float().mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,13 +294,10 @@ def _train(args, d: distributed.Distributed) -> dict:
     ema = common.EMA(model, args.ema)
     if ck is not None:
         ema.load_state_dict(ck["ema"])
-    d_bits = tokenizer.codebook_dim
 
     def forward(ids, mask, drop, x_BLCv):
         with common.autocast(device, precision):
-            text = model.features(ids, mask, drop)
-            ctx = model.generator.condition(text, mask, guided=False)
-            return model.generator.forward_teacher(ctx, x_BLCv, SCHEDULE).float()
+            return teacher_logits(model, ids, mask, drop, x_BLCv)
 
     train_step = d.wrap(model, forward)
     opt = common.adamw(model, args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
@@ -289,14 +316,7 @@ def _train(args, d: distributed.Distributed) -> dict:
     held_eval = held_idx[:: max(1, len(held_idx) // args.eval_count)][: args.eval_count]
 
     def batch_of(indices: np.ndarray, captions: list[str], drop: torch.Tensor):
-        bits = unpack_bits(packed[indices], d_bits)
-        ids, mask = prompt_tokenizer.batch(captions, gen_cfg.text_maxlen)
-        return ids, mask, drop, teacher_inputs(tokenizer, bits), bits.long()
-
-    def loss_of(logits_BLV: torch.Tensor, bits_BLd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = logits_BLV.view(*bits_BLd.shape, 2)
-        loss = F.cross_entropy(logits.reshape(-1, 2), bits_BLd.reshape(-1))
-        return loss, (logits.argmax(-1) == bits_BLd).float().mean()
+        return step_batch(tokenizer, prompt_tokenizer, packed[indices], captions, drop, gen_cfg.text_maxlen)
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -309,7 +329,7 @@ def _train(args, d: distributed.Distributed) -> dict:
             idx = held_eval[i:i + 64]
             batch = batch_of(idx, ds.captions(idx), torch.zeros(len(idx), dtype=torch.bool))
             ids, mask, drop, x, bits = (t.to(device) for t in batch)
-            loss, acc = loss_of(forward(ids, mask, drop, x), bits)
+            loss, acc = bit_loss(forward(ids, mask, drop, x), bits)
             losses.append(float(loss) * len(idx))
             accs.append(float(acc) * len(idx))
         prompts = ds.captions(held_idx[:: max(1, len(held_idx) // 8)][:8])
@@ -338,7 +358,7 @@ def _train(args, d: distributed.Distributed) -> dict:
         idx = idx.numpy()
         captions, drop = step_captions(ds.captions(idx), args.seed, step, args.text_drop)
         ids, mask, drop, x, bits = d.rows(*batch_of(idx, captions, drop))
-        loss, acc = loss_of(train_step(ids, mask, drop, x), bits)
+        loss, acc = bit_loss(train_step(ids, mask, drop, x), bits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)

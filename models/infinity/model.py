@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.attention import IntervalMask
 from ..core.blocks import FFN, AdaLNBeforeHead, AdaLNBlock, SelfAttention, stream_dtype
 from ..core.checkpoint import (
     CONFIG_METADATA_KEY,
@@ -251,11 +252,15 @@ def key_mask(mask_BT: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return out[:, None, None]
 
 
-def block_causal(counts: list[int], device=None) -> torch.Tensor:
-    """Additive ``(L, L)`` mask: a token sees every token of its own and earlier scales."""
-    scale_L = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+def block_causal(counts: list[int], device=None) -> IntervalMask:
+    """Additive ``(L, L)`` mask: a token sees every token of its own and earlier scales, with each query's key
+    interval (:class:`~...kernels.attention.IntervalMask`: the attention backends skip the masked keys)."""
+    counts_S = torch.tensor(counts, device=device)
+    scale_L = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_S)
     visible = scale_L[:, None] >= scale_L[None, :]
-    return torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
+    mask_LL = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
+    end_L = torch.repeat_interleave(counts_S.cumsum(0), counts_S).int()
+    return IntervalMask(mask_LL, torch.zeros_like(end_L), end_L)
 
 
 class Infinity(ComputeDtype, nn.Module):
