@@ -37,8 +37,8 @@ from training import common
 # (step, module, its options); the run folder, the data folder, the inputs and the outputs are added by commands().
 RECIPE: list[tuple[str, str, list[str]]] = [
     ("data", "training.t2i_data", []),
-    ("tokenizer", "training.train_bsq", ["--steps", "6000"]),
-    ("generator", "training.train_t2i", ["--steps", "12000"]),
+    ("tokenizer", "training.train_bsq", ["--steps", "9000"]),
+    ("generator", "training.train_t2i", ["--steps", "8000"]),
     ("evaluate", "training.t2i_evaluate", ["--cfg", "3", "--also-cfg", "1.5"]),
 ]
 STEPS = tuple(name for name, _, _ in RECIPE)
