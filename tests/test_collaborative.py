@@ -212,14 +212,6 @@ def test_released_pairs_load_with_the_generator_loader(tmp_path):
 
 NODE_CHECK = textwrap.dedent(
     """
-    import sys
-    comfy_dir, root = sys.argv[1], sys.argv[2]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
     import torch
     from comfy_api.latest import io
     from nextscale.models.core.errors import NextScaleError

@@ -328,14 +328,7 @@ def test_soft_silhouette():
 
 NODE_CHECK = textwrap.dedent(
     """
-    import sys
-    comfy_dir, root, tmp = sys.argv[1], sys.argv[2], sys.argv[3]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
+    tmp = script_args[0]
     import os, torch, folder_paths
     from comfy_api.latest import io
     from nextscale.models.core.errors import NextScaleError

@@ -323,14 +323,8 @@ def test_fidelity_ordering():
 
 NODE_CHECK = textwrap.dedent(
     """
-    import os, sys
-    comfy_dir, root, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
+    import os
+    out = script_args[0]
     import torch
     import folder_paths
     from comfy_api.latest import io

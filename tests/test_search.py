@@ -18,14 +18,8 @@ SEARCHES = {
 
 NODE_CHECK = textwrap.dedent(
     """
-    import json, sys
-    comfy_dir, root, searches = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
+    import json
+    searches = json.loads(script_args[0])
     from nextscale.nodes import FAMILIES
 
     def words(text):

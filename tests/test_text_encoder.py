@@ -65,14 +65,7 @@ def test_config_builds_flan_t5_xl_in_transformers():
 
 
 PREAMBLE = """
-import sys, os, json, tempfile
-comfy_dir, root = sys.argv[1], sys.argv[2]
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-import comfy.options
-comfy.options.enable_args_parsing()
-from packbootstrap import register_pack
-register_pack(root)
+import os, json, tempfile
 import torch
 from safetensors.torch import save_file
 from transformers import T5Config, T5ForConditionalGeneration

@@ -9,14 +9,7 @@ from nextscale.models.core.errors import NextScaleError
 
 NODE_CHECK = textwrap.dedent(
     """
-    import inspect, math, os, sys, tempfile
-    comfy_dir, root = sys.argv[1], sys.argv[2]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
+    import inspect, math, os, tempfile
     import folder_paths
     from comfy_api.latest import io
     from nextscale.nodes import FAMILIES

@@ -154,20 +154,13 @@ def compare(old: dict[str, dict], new: dict[str, dict]) -> list[str]:
 
 def _bootstrap() -> None:
     """Make ComfyUI and the pack importable (this file is run with ComfyUI's python)."""
-    sys.path[:0] = [str(REPO_ROOT / "tests"), str(REPO_ROOT / "scripts")]
-    from harness.testbed import find_testbed
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from harness.testbed import boot_comfyui, find_testbed
 
     tb, why = find_testbed()
     if tb is None:
         raise SystemExit(why)
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path.insert(0, str(tb.comfy_dir))
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-
-    register_pack(str(REPO_ROOT))
+    boot_comfyui(str(tb.comfy_dir), str(REPO_ROOT))
 
 
 def main() -> int:
