@@ -218,13 +218,13 @@ NODE_CHECK = textwrap.dedent(
     from nextscale.models.var.sampler import SamplingOptions, sample
     from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
     from nextscale.models.var.model import VAR, VARConfig
-    from nextscale.nodes import FAMILIES
+    from nextscale.nodes import NODE_MODULES
     from nextscale.nodes.collaborative import NextScaleCollaborativeSampler
     from nextscale.nodes.generator import NextScaleSampler
     from test_sampler import CVAE, PN, VOCAB, make_var, randomize_
 
     schema = NextScaleCollaborativeSampler.define_schema()
-    assert any(NextScaleCollaborativeSampler in f.NODES for f in FAMILIES)
+    assert any(NextScaleCollaborativeSampler in m.NODES for m in NODE_MODULES)
     assert schema.node_id == "NextScaleCollaborativeSampler" and schema.outputs[0].io_type == "NEXTSCALE_TOKENS"
     sampler_inputs = {i.id: i for i in NextScaleSampler.define_schema().inputs}
     ids = [i.id for i in schema.inputs]

@@ -333,7 +333,7 @@ NODE_CHECK = textwrap.dedent(
     from comfy_api.latest import io
     from nextscale.models.core.errors import NextScaleError
     from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
-    from nextscale.nodes import FAMILIES
+    from nextscale.nodes import NODE_MODULES
     from nextscale.nodes.control import (NextScaleApplyControl, NextScaleEdgePreprocessor, NextScaleLoadControl,
                                          NextScaleSilhouettePreprocessor)
     from nextscale.nodes.generator import NextScaleSampler
@@ -341,7 +341,7 @@ NODE_CHECK = textwrap.dedent(
     from test_control import adapter_for, make_car, make_var4
 
     for node in (NextScaleLoadControl, NextScaleApplyControl, NextScaleEdgePreprocessor, NextScaleSilhouettePreprocessor):
-        assert any(node in f.NODES for f in FAMILIES), node
+        assert any(node in m.NODES for m in NODE_MODULES), node
         schema = node.define_schema()
         assert schema.description and all(i.tooltip for i in schema.inputs), node
     assert NextScaleApplyControl.define_schema().outputs[0].io_type == "NEXTSCALE_CONTROL"

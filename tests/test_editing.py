@@ -352,7 +352,7 @@ NODE_CHECK = textwrap.dedent(
     from nextscale.models.core.errors import NextScaleError
     from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
     from nextscale.models.core.tokens import NextScaleTokens
-    from nextscale.nodes import FAMILIES
+    from nextscale.nodes import NODE_MODULES
     from nextscale.nodes.editing import NextScaleImageToImageGuide, NextScaleInpaintGuide
     from nextscale.nodes.generator import NextScaleSampler
     from nextscale.nodes.tokenizer import NextScaleDecode
@@ -365,7 +365,7 @@ NODE_CHECK = textwrap.dedent(
                                     ("composite_image", True), ("composite_mask", True), ("feather", True)]
     assert ids(NextScaleInpaintGuide) == [("tokens", False), ("mask", False), ("invert", False), ("mode", False),
                                           ("start_scale", False), ("end_scale", False)]
-    assert any(NextScaleInpaintGuide in f.NODES for f in FAMILIES)
+    assert any(NextScaleInpaintGuide in m.NODES for m in NODE_MODULES)
     assert NextScaleInpaintGuide.define_schema().outputs[0].io_type == "NEXTSCALE_GUIDE"
 
     from nextscale.nodes.service import adopt  # a module as the NextScaleModel a socket carries

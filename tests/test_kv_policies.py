@@ -331,13 +331,13 @@ NODE_CHECK = textwrap.dedent(
     from nextscale.models.core.errors import NextScaleError
     from nextscale.models.kv.policies import KVPolicySpec
     from nextscale.models.kv.profile import KVProfile
-    from nextscale.nodes import FAMILIES
+    from nextscale.nodes import NODE_MODULES
     from nextscale.nodes.generator import NextScaleSampler
     from nextscale.nodes.kv import NextScaleKVCalibrate, NextScaleKVPolicy, NextScaleKVReport
     from test_kv_policies import make_pair
 
     folder_paths.set_output_directory(out)
-    assert all(any(n in f.NODES for f in FAMILIES) for n in (NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport))
+    assert all(any(n in m.NODES for m in NODE_MODULES) for n in (NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport))
     for node in (NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport):
         schema = node.define_schema()
         assert schema.node_id.startswith("NextScale") and schema.category == "NextScale/kv" and schema.description

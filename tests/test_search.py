@@ -20,13 +20,13 @@ NODE_CHECK = textwrap.dedent(
     """
     import json
     searches = json.loads(script_args[0])
-    from nextscale.nodes import FAMILIES
+    from nextscale.nodes import NODE_MODULES
 
     def words(text):
         return text.lower().replace("-", "").replace("(", " ").replace(")", " ").replace(",", " ").split()
 
     names = {}
-    for node in (n for f in FAMILIES for n in f.NODES):
+    for node in (n for m in NODE_MODULES for n in m.NODES):
         schema = node.define_schema()
         names[schema.node_id] = words(schema.node_id) + words(schema.display_name)
     for query, node_id in searches.items():

@@ -255,7 +255,7 @@ from nextscale.models.core.checkpoint import save_safetensors
 from nextscale.models.core.family import FAMILIES
 from nextscale.models.core.hooks import SamplerHooks
 from nextscale.models.kv.policies import KVPolicySpec
-from nextscale.nodes import FAMILIES as NODE_MODULES
+from nextscale.nodes import NODE_MODULES
 from nextscale.nodes.generator import NextScaleLoadGenerator, NextScaleSampler
 from nextscale.nodes.service import adopt
 from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleDecodeScales, NextScaleEncode, NextScaleLoadTokenizer

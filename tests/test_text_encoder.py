@@ -181,7 +181,7 @@ ENCODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
 
 NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     """
-    from nextscale.nodes import FAMILIES  # the pack imports with this family present
+    from nextscale.nodes import NODE_MODULES  # the pack imports with this module present
 
     model, full, encoder = tiny_t5()
     base = os.path.join(tempfile.mkdtemp(), "text_encoders")

@@ -12,7 +12,7 @@ NODE_CHECK = textwrap.dedent(
     import inspect, math, os, tempfile
     import folder_paths
     from comfy_api.latest import io
-    from nextscale.nodes import FAMILIES
+    from nextscale.nodes import NODE_MODULES
 
     def defaults(node):
         # every input the node's validate_inputs names, at its default (a combo: its default or first option)
@@ -28,7 +28,7 @@ NODE_CHECK = textwrap.dedent(
         return values
 
     floats_checked = 0
-    for node in [n for f in FAMILIES for n in f.NODES]:
+    for node in [n for m in NODE_MODULES for n in m.NODES]:
         floats = [i for i in node.define_schema().inputs if isinstance(i, io.Float.Input)]
         if not floats:
             continue

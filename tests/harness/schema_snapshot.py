@@ -40,12 +40,12 @@ ALSO_DYNAMIC = {
 
 def _node_infos(file_list: list[str]) -> dict[str, dict]:
     import folder_paths
-    from nextscale.nodes import FAMILIES
+    from nextscale.nodes import NODE_MODULES
 
     original = folder_paths.get_filename_list
     folder_paths.get_filename_list = lambda folder: list(file_list) if folder == "nextscale" else original(folder)
     try:
-        return {node.GET_NODE_INFO_V1()["name"]: node.GET_NODE_INFO_V1() for f in FAMILIES for node in f.NODES}
+        return {node.GET_NODE_INFO_V1()["name"]: node.GET_NODE_INFO_V1() for m in NODE_MODULES for node in m.NODES}
     finally:
         folder_paths.get_filename_list = original
 
