@@ -157,8 +157,12 @@ def block_causal_mask(patch_nums: Sequence[int], device=None, dtype: torch.dtype
     """Additive ``(L, L)`` mask: 0 where the key's scale is at or below the query's, -inf elsewhere
     (causal across scales, bidirectional within one). VAR stores it as ``attn_bias_for_masking (1, 1, L, L)``."""
     level_L = torch.tensor([si for si, pn in enumerate(patch_nums) for _ in range(pn * pn)], device=device)
-    allowed_LL = level_L[None, :] <= level_L[:, None]
-    return torch.zeros(allowed_LL.shape, dtype=dtype, device=device).masked_fill_(~allowed_LL, float("-inf"))
+    return additive_mask(level_L[None, :] <= level_L[:, None], dtype)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The additive mask of the bool ``allowed``: 0 where it is True, -inf elsewhere, on its device."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 @functools.lru_cache(maxsize=32)

@@ -31,7 +31,8 @@ from .routes import register_routes
 
 log = logging.getLogger("NextScale")
 
-FAMILIES = [
+# The node modules, each with its NODES list (not the model families: models.core.family.FAMILIES).
+NODE_MODULES = [
     schedule, tokenizer, generator, accel, editing, collaborative, control, kv, images, infinity, text_encoder, lora,
     switti, upscale, dd, flexvar, hmar,
 ]
@@ -45,4 +46,4 @@ class NextScaleExtension(ComfyExtension):
         available, detail = triton_status()
         if not available:
             log.warning("NextScale: Triton is not available (%s); attention and quantizer kernels use PyTorch.", detail)
-        return [node for family in FAMILIES for node in family.NODES]
+        return [node for module in NODE_MODULES for node in module.NODES]

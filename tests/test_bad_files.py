@@ -227,14 +227,8 @@ def test_explicit_config_of_another_depth(tmp_path):
 
 NODE_LOADERS = textwrap.dedent(
     """
-    import json, sys
-    comfy_dir, root, cases_json = sys.argv[1], sys.argv[2], sys.argv[3]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
+    import json
+    cases_json = script_args[0]
     import os
     from nextscale.nodes.service import load
     nodes = {"generator": "NextScale Load Generator", "tokenizer": "NextScale Load Tokenizer"}

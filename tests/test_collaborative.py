@@ -212,27 +212,19 @@ def test_released_pairs_load_with_the_generator_loader(tmp_path):
 
 NODE_CHECK = textwrap.dedent(
     """
-    import sys
-    comfy_dir, root = sys.argv[1], sys.argv[2]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
     import torch
     from comfy_api.latest import io
     from nextscale.models.core.errors import NextScaleError
     from nextscale.models.var.sampler import SamplingOptions, sample
     from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
     from nextscale.models.var.model import VAR, VARConfig
-    from nextscale.nodes import FAMILIES
+    from nextscale.nodes import NODE_MODULES
     from nextscale.nodes.collaborative import NextScaleCollaborativeSampler
     from nextscale.nodes.generator import NextScaleSampler
     from test_sampler import CVAE, PN, VOCAB, make_var, randomize_
 
     schema = NextScaleCollaborativeSampler.define_schema()
-    assert any(NextScaleCollaborativeSampler in f.NODES for f in FAMILIES)
+    assert any(NextScaleCollaborativeSampler in m.NODES for m in NODE_MODULES)
     assert schema.node_id == "NextScaleCollaborativeSampler" and schema.outputs[0].io_type == "NEXTSCALE_TOKENS"
     sampler_inputs = {i.id: i for i in NextScaleSampler.define_schema().inputs}
     ids = [i.id for i in schema.inputs]

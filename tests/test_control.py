@@ -328,19 +328,12 @@ def test_soft_silhouette():
 
 NODE_CHECK = textwrap.dedent(
     """
-    import sys
-    comfy_dir, root, tmp = sys.argv[1], sys.argv[2], sys.argv[3]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
+    tmp = script_args[0]
     import os, torch, folder_paths
     from comfy_api.latest import io
     from nextscale.models.core.errors import NextScaleError
     from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
-    from nextscale.nodes import FAMILIES
+    from nextscale.nodes import NODE_MODULES
     from nextscale.nodes.control import (NextScaleApplyControl, NextScaleEdgePreprocessor, NextScaleLoadControl,
                                          NextScaleSilhouettePreprocessor)
     from nextscale.nodes.generator import NextScaleSampler
@@ -348,7 +341,7 @@ NODE_CHECK = textwrap.dedent(
     from test_control import adapter_for, make_car, make_var4
 
     for node in (NextScaleLoadControl, NextScaleApplyControl, NextScaleEdgePreprocessor, NextScaleSilhouettePreprocessor):
-        assert any(node in f.NODES for f in FAMILIES), node
+        assert any(node in m.NODES for m in NODE_MODULES), node
         schema = node.define_schema()
         assert schema.description and all(i.tooltip for i in schema.inputs), node
     assert NextScaleApplyControl.define_schema().outputs[0].io_type == "NEXTSCALE_CONTROL"

@@ -14,7 +14,7 @@ CHAIN = PREAMBLE + """
 from safetensors.torch import save_file
 from nextscale.models.core.schedule import SCHEDULE_256
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.nodes import FAMILIES as NODE_MODULES
+from nextscale.nodes import NODE_MODULES
 from nextscale.nodes import dd
 from nextscale.nodes.tokenizer import NextScaleDecode
 from test_dd import official_state_dict

@@ -346,21 +346,13 @@ def test_inpaint_composite_end_to_end(var, vae, reference):
 
 NODE_CHECK = textwrap.dedent(
     """
-    import sys
-    comfy_dir, root = sys.argv[1], sys.argv[2]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
     import torch
     from comfy_api.latest import io
     from nextscale.models.var.editing import EditSpec
     from nextscale.models.core.errors import NextScaleError
     from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
     from nextscale.models.core.tokens import NextScaleTokens
-    from nextscale.nodes import FAMILIES
+    from nextscale.nodes import NODE_MODULES
     from nextscale.nodes.editing import NextScaleImageToImageGuide, NextScaleInpaintGuide
     from nextscale.nodes.generator import NextScaleSampler
     from nextscale.nodes.tokenizer import NextScaleDecode
@@ -373,7 +365,7 @@ NODE_CHECK = textwrap.dedent(
                                     ("composite_image", True), ("composite_mask", True), ("feather", True)]
     assert ids(NextScaleInpaintGuide) == [("tokens", False), ("mask", False), ("invert", False), ("mode", False),
                                           ("start_scale", False), ("end_scale", False)]
-    assert any(NextScaleInpaintGuide in f.NODES for f in FAMILIES)
+    assert any(NextScaleInpaintGuide in m.NODES for m in NODE_MODULES)
     assert NextScaleInpaintGuide.define_schema().outputs[0].io_type == "NEXTSCALE_GUIDE"
 
     from nextscale.nodes.service import adopt  # a module as the NextScaleModel a socket carries

@@ -17,7 +17,7 @@ from nextscale.models.core.family import Workload
 from nextscale.models.kv.policies import KVPolicySpec
 from nextscale.models.var.editing import image_to_image, inpaint
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.nodes import FAMILIES as NODE_MODULES
+from nextscale.nodes import NODE_MODULES
 from nextscale.nodes import flexvar
 from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleDecodeScales, NextScaleEncode
 from test_flexvar import generator_keys, random_state_dict, tokenizer_keys

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from nextscale.models.core.schedule import SCHEDULE_256
 from nextscale.models.kv.policies import KVPolicySpec
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.nodes import FAMILIES as NODE_MODULES
+from nextscale.nodes import NODE_MODULES
 from nextscale.nodes import hmar
 from nextscale.nodes.editing import NextScaleInpaintGuide
 from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleEncode

@@ -17,12 +17,12 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     from nextscale.models.core.imageops import image_to_model
     from nextscale.models.core.tokens import NextScaleBitTokens
     from nextscale.models.infinity.sampler import latent_scales
-    from nextscale.nodes import FAMILIES, infinity as inf
+    from nextscale.nodes import NODE_MODULES, infinity as inf
     from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleDecodeScales, NextScaleEncode
     from nextscale.nodes.generator import NextScaleSampler
 
-    assert any(inf.NextScaleTextSampler in f.NODES for f in FAMILIES)
-    assert any(te.NextScaleTextEncodeT5 in f.NODES for f in FAMILIES)
+    assert any(inf.NextScaleTextSampler in m.NODES for m in NODE_MODULES)
+    assert any(te.NextScaleTextEncodeT5 in m.NODES for m in NODE_MODULES)
     tmp = tempfile.mkdtemp()
     models, encoders = os.path.join(tmp, "nextscale"), os.path.join(tmp, "text_encoders")
     os.makedirs(models), os.makedirs(encoders)

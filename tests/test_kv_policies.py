@@ -323,27 +323,21 @@ def test_fidelity_ordering():
 
 NODE_CHECK = textwrap.dedent(
     """
-    import os, sys
-    comfy_dir, root, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
+    import os
+    out = script_args[0]
     import torch
     import folder_paths
     from comfy_api.latest import io
     from nextscale.models.core.errors import NextScaleError
     from nextscale.models.kv.policies import KVPolicySpec
     from nextscale.models.kv.profile import KVProfile
-    from nextscale.nodes import FAMILIES
+    from nextscale.nodes import NODE_MODULES
     from nextscale.nodes.generator import NextScaleSampler
     from nextscale.nodes.kv import NextScaleKVCalibrate, NextScaleKVPolicy, NextScaleKVReport
     from test_kv_policies import make_pair
 
     folder_paths.set_output_directory(out)
-    assert all(any(n in f.NODES for f in FAMILIES) for n in (NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport))
+    assert all(any(n in m.NODES for m in NODE_MODULES) for n in (NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport))
     for node in (NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport):
         schema = node.define_schema()
         assert schema.node_id.startswith("NextScale") and schema.category == "NextScale/kv" and schema.description

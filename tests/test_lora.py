@@ -289,14 +289,8 @@ def test_infinity_lora_trains_on_captions(tmp_path):
 
 NODE_CHECK = textwrap.dedent(
     """
-    import sys, os, shutil, tempfile
-    comfy_dir, root, lora_file, infinity_lora_file = sys.argv[1:5]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
+    import os, shutil, tempfile
+    lora_file, infinity_lora_file = script_args
     import torch
     import folder_paths
     from comfy_api.latest import io

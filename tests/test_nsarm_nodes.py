@@ -16,10 +16,10 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     from nextscale.models.nsarm.mapper import MapperConfig
     from nextscale.models.nsarm.model import NSARM, NSARMConfig
     from nextscale.models.kv.policies import KVPolicySpec
-    from nextscale.nodes import FAMILIES, infinity as inf, upscale as up
+    from nextscale.nodes import NODE_MODULES, infinity as inf, upscale as up
     from test_nsarm import randomised
 
-    assert any(up.NextScaleUpscale in f.NODES for f in FAMILIES)
+    assert any(up.NextScaleUpscale in m.NODES for m in NODE_MODULES)
     tmp = tempfile.mkdtemp()
     models, encoders = os.path.join(tmp, "nextscale"), os.path.join(tmp, "text_encoders")
     os.makedirs(models), os.makedirs(encoders)

@@ -301,14 +301,7 @@ def audit_report() -> dict:
 
 SCRIPT = textwrap.dedent(
     """
-    import importlib.util, json, sys
-    comfy_dir, root = sys.argv[1], sys.argv[2]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
+    import importlib.util, json
     spec = importlib.util.spec_from_file_location("partial_loading", root + "/tests/test_partial_loading.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

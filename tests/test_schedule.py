@@ -11,8 +11,10 @@ from nextscale.models.core.schedule import (
     parse_schedule,
     phi_index,
     phi_ticks,
+    scale_levels,
     scale_slices,
     schedule_from_counts,
+    schedule_from_level_buffer,
     schedule_from_levels,
     token_count,
     validate_schedule,
@@ -60,10 +62,22 @@ def test_parse_and_validate():
 
 
 def test_schedule_recovery():
-    levels = [si for si, pn in enumerate(SCHEDULE_512) for _ in range(pn * pn)]
+    levels = scale_levels(SCHEDULE_512)
+    assert len(levels) == token_count(SCHEDULE_512) and levels[:6] == (0, 1, 1, 1, 1, 2)
     assert schedule_from_levels(levels) == SCHEDULE_512
     assert schedule_from_counts(680, 10) == SCHEDULE_256
     with pytest.raises(NextScaleError, match="no known schedule"):
         schedule_from_counts(123, 4)
     with pytest.raises(NextScaleError, match="not a square"):
         schedule_from_levels([0, 1, 1])
+
+
+def test_schedule_from_a_level_buffer_is_checked_against_the_file():
+    levels = list(scale_levels((1, 2, 3)))
+    assert schedule_from_level_buffer(levels, 3, 14, "'pos_1LC'") == (1, 2, 3)
+    assert schedule_from_level_buffer(levels, 3, None, "the mask") == (1, 2, 3)
+    # a class token's level in front (Distilled Decoding): one more level and token than the schedule's
+    with_class = [0] + [level + 1 for level in levels]
+    assert schedule_from_level_buffer(with_class, 4, 15, "'pos_1LC'", lead=1) == (1, 2, 3)
+    with pytest.raises(NextScaleError, match=r"describes 3 scales and 14 tokens, but .* 4 scales and 'pos_1LC' 15"):
+        schedule_from_level_buffer(levels, 4, 15, "'pos_1LC'")

@@ -18,21 +18,15 @@ SEARCHES = {
 
 NODE_CHECK = textwrap.dedent(
     """
-    import json, sys
-    comfy_dir, root, searches = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
-    from nextscale.nodes import FAMILIES
+    import json
+    searches = json.loads(script_args[0])
+    from nextscale.nodes import NODE_MODULES
 
     def words(text):
         return text.lower().replace("-", "").replace("(", " ").replace(")", " ").replace(",", " ").split()
 
     names = {}
-    for node in (n for f in FAMILIES for n in f.NODES):
+    for node in (n for m in NODE_MODULES for n in m.NODES):
         schema = node.define_schema()
         names[schema.node_id] = words(schema.node_id) + words(schema.display_name)
     for query, node_id in searches.items():

@@ -9,14 +9,7 @@ import textwrap
 from harness.testbed import run_in_comfyui_python
 
 PREAMBLE = """
-import sys, os, tempfile
-comfy_dir, root = sys.argv[1], sys.argv[2]
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-import comfy.options
-comfy.options.enable_args_parsing()
-from packbootstrap import register_pack
-register_pack(root)
+import os, tempfile
 import torch
 import folder_paths
 import comfy.model_management as mm
@@ -262,7 +255,7 @@ from nextscale.models.core.checkpoint import save_safetensors
 from nextscale.models.core.family import FAMILIES
 from nextscale.models.core.hooks import SamplerHooks
 from nextscale.models.kv.policies import KVPolicySpec
-from nextscale.nodes import FAMILIES as NODE_MODULES
+from nextscale.nodes import NODE_MODULES
 from nextscale.nodes.generator import NextScaleLoadGenerator, NextScaleSampler
 from nextscale.nodes.service import adopt
 from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleDecodeScales, NextScaleEncode, NextScaleLoadTokenizer

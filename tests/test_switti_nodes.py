@@ -109,7 +109,7 @@ from nextscale.models.core.schedule import SCHEDULE_256
 from nextscale.models.kv.policies import KVPolicySpec
 from nextscale.models.var.editing import image_to_image
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.nodes import FAMILIES as NODE_MODULES
+from nextscale.nodes import NODE_MODULES
 from nextscale.nodes import switti as sw
 from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleEncode
 from test_switti import official_state_dict

@@ -204,14 +204,9 @@ def test_data_args_reach_the_cache(data_args):
 
 COMFY_T5_CHECK = textwrap.dedent(
     """
-    import sys, os, json, tempfile
-    comfy_dir, root, cfg_json = sys.argv[1], sys.argv[2], sys.argv[3]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
+    import os, json, tempfile
+    cfg_json = script_args[0]
+    sys.path.append(root)  # training/ as ``training``
     import torch
     from nextscale.nodes import text_encoder as te
     from training import t2i_text

@@ -65,14 +65,7 @@ def test_config_builds_flan_t5_xl_in_transformers():
 
 
 PREAMBLE = """
-import sys, os, json, tempfile
-comfy_dir, root = sys.argv[1], sys.argv[2]
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-import comfy.options
-comfy.options.enable_args_parsing()
-from packbootstrap import register_pack
-register_pack(root)
+import os, json, tempfile
 import torch
 from safetensors.torch import save_file
 from transformers import T5Config, T5ForConditionalGeneration
@@ -188,7 +181,7 @@ ENCODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
 
 NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     """
-    from nextscale.nodes import FAMILIES  # the pack imports with this family present
+    from nextscale.nodes import NODE_MODULES  # the pack imports with this module present
 
     model, full, encoder = tiny_t5()
     base = os.path.join(tempfile.mkdtemp(), "text_encoders")

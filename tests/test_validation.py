@@ -9,17 +9,10 @@ from nextscale.models.core.errors import NextScaleError
 
 NODE_CHECK = textwrap.dedent(
     """
-    import inspect, math, os, sys, tempfile
-    comfy_dir, root = sys.argv[1], sys.argv[2]
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path[:0] = [comfy_dir, root + "/scripts", root + "/tests"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-    register_pack(root)
+    import inspect, math, os, tempfile
     import folder_paths
     from comfy_api.latest import io
-    from nextscale.nodes import FAMILIES
+    from nextscale.nodes import NODE_MODULES
 
     def defaults(node):
         # every input the node's validate_inputs names, at its default (a combo: its default or first option)
@@ -35,7 +28,7 @@ NODE_CHECK = textwrap.dedent(
         return values
 
     floats_checked = 0
-    for node in [n for f in FAMILIES for n in f.NODES]:
+    for node in [n for m in NODE_MODULES for n in m.NODES]:
         floats = [i for i in node.define_schema().inputs if isinstance(i, io.Float.Input)]
         if not floats:
             continue

@@ -17,9 +17,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 import zipfile
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, fields
+from typing import ClassVar
 
 import torch
 
@@ -312,6 +315,34 @@ def config_from_metadata(path: str, from_dict, what: str):
         raise NextScaleError(
             f"{what} file '{path}' has an invalid '{CONFIG_METADATA_KEY}' metadata entry: {e}"
         ) from None
+
+
+class SavedConfig:
+    """Mixin of the frozen dataclass configs a model saves in its file's metadata: :meth:`to_dict` (tuples as lists,
+    for JSON) and :meth:`from_dict`, which names the model (``name``) in its refusals."""
+
+    name: ClassVar[str]
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping):
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise NextScaleError(f"{cls.name} config has unknown field(s): {', '.join(sorted(unknown))}")
+        try:
+            return cls(**d)
+        except TypeError as e:  # a required field is missing
+            raise NextScaleError(f"{cls.name} config is incomplete: {e}") from None
+
+
+def block_depth(state_dict: Mapping[str, torch.Tensor], path: str, what: str) -> int:
+    """The number of transformer blocks, whose keys must run ``blocks.0.* .. blocks.<depth-1>.*`` without a gap."""
+    blocks = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if not blocks or blocks != list(range(len(blocks))):
+        raise NextScaleError(f"{what} file '{path}' has blocks {blocks[:8]}...; expected blocks.0 ... blocks.<depth-1>")
+    return len(blocks)
 
 
 def shapes_on_meta(build) -> dict[str, tuple[int, ...]]:

@@ -127,6 +127,27 @@ def schedule_from_levels(levels: Sequence[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
+def scale_levels(patch_nums: Sequence[int]) -> tuple[int, ...]:
+    """The scale of each of the ``L`` tokens, scale by scale (the values of VAR's ``lvl_1L`` buffer)."""
+    return tuple(si for si, pn in enumerate(patch_nums) for _ in range(pn * pn))
+
+
+def schedule_from_level_buffer(
+    levels: Sequence[int], num_scales: int, num_tokens: int | None, tokens_key: str, lead: int = 0
+) -> tuple[int, ...]:
+    """The schedule a file's ``lvl_1L`` lists (after ``lead`` levels in front of the first scale, as DD's class
+    token), checked against the ``num_scales`` rows of ``lvl_embed.weight`` and the ``num_tokens`` of
+    ``tokens_key`` (not checked when None)."""
+    patch_nums = schedule_from_levels([level - lead for level in levels[lead:]])
+    scales, tokens = len(patch_nums) + lead, token_count(patch_nums) + lead
+    if scales != num_scales or (num_tokens is not None and tokens != num_tokens):
+        raise NextScaleError(
+            f"key 'lvl_1L' describes {scales} scales and {tokens} tokens, but 'lvl_embed.weight' has {num_scales} "
+            f"scales and {tokens_key} {num_tokens} tokens"
+        )
+    return patch_nums
+
+
 def schedule_from_counts(num_tokens: int, num_scales: int) -> tuple[int, ...]:
     """The known schedule with ``L = num_tokens`` and ``K = num_scales`` (used when no level buffer is stored)."""
     for pn in KNOWN_SCHEDULES.values():

@@ -31,18 +31,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels.attention import attention
+from ...kernels.attention import additive_mask, attention
 from ..core.blocks import stream_dtype
 from ..core.checkpoint import (
     CONFIG_METADATA_KEY,
+    SavedConfig,
+    block_depth,
     check_state_dict,
     check_tensors,
     config_from_metadata,
@@ -60,8 +62,9 @@ from ..core.rope import apply_rope
 from ..core.schedule import (
     KNOWN_SCHEDULES,
     SCHEDULE_512,
+    scale_levels,
     schedule_from_counts,
-    schedule_from_levels,
+    schedule_from_level_buffer,
     token_count,
     validate_schedule,
 )
@@ -77,7 +80,7 @@ _HUB_FIELDS = {"rope_theta": "rope_theta", "rope_size": "rope_size", "use_ar": "
 
 
 @dataclass(frozen=True)
-class SwittiConfig:
+class SwittiConfig(SavedConfig):
     """Architecture of a Switti transformer. Upstream's released models have ``num_heads = depth`` heads of 64
     channels, a SwiGLU FFN of ``int(8 C / 3)`` channels, RoPE (theta 10000, size 128) and the crop condition;
     ``causal`` is Switti-AR. ``patch_nums``: 512 px (Switti, Switti-AR) or 1024 px (the -1024 models)."""
@@ -94,6 +97,8 @@ class SwittiConfig:
     rope_theta: float = 10000.0
     rope_size: float = 128.0
     norm_eps: float = 1e-6
+
+    name: ClassVar[str] = "Switti"  # the model's name in error messages
 
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
@@ -120,20 +125,10 @@ class SwittiConfig:
     def num_scales(self) -> int:
         return len(self.patch_nums)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["patch_nums"] = list(self.patch_nums)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> SwittiConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise NextScaleError(f"Switti config has unknown field(s): {', '.join(sorted(unknown))}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise NextScaleError(f"Switti config is incomplete: {e}") from None
+    def visible(self, lvl_L: torch.Tensor) -> torch.Tensor:
+        """``(l, l)`` bool: which tokens each token attends to, from their scales ``lvl_L``: its own scale (Switti)
+        or its own and every earlier one (Switti-AR)."""
+        return lvl_L[None, :] <= lvl_L[:, None] if self.causal else lvl_L[None, :] == lvl_L[:, None]
 
 
 @dataclass
@@ -462,9 +457,7 @@ class Switti(ComputeDtype, nn.Module):
     def teacher_mask(self, l: int, device: torch.device) -> torch.Tensor:
         """The additive mask ``(l, l)`` of the first ``l`` tokens: each token sees its own scale (Switti) or its own
         and every earlier scale (Switti-AR)."""
-        lvl_L = cast(self.lvl_1L, device)[0, :l]
-        allowed = lvl_L[None, :] <= lvl_L[:, None] if self.config.causal else lvl_L[None, :] == lvl_L[:, None]
-        return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
+        return additive_mask(self.config.visible(cast(self.lvl_1L, device)[0, :l]))
 
     def forward_teacher(self, text: SwittiText, x_BLCv: torch.Tensor) -> torch.Tensor:
         """fp32 ``logits_BLV`` of the whole sequence at once (upstream ``Switti.forward``, no KV cache).
@@ -494,12 +487,8 @@ class Switti(ComputeDtype, nn.Module):
     def rebuilt_buffers(config: SwittiConfig, device=None) -> dict[str, torch.Tensor]:
         """``lvl_1L`` (int64 scale per token, ``(1, L)``) and ``attn_bias_for_masking`` (``(1, 1, L, L)``, 0 / -inf:
         block-diagonal for Switti, block-causal for Switti-AR)."""
-        lvl_L = torch.tensor(
-            [si for si, pn in enumerate(config.patch_nums) for _ in range(pn * pn)], dtype=torch.long, device=device
-        )
-        allowed = lvl_L[None, :] <= lvl_L[:, None] if config.causal else lvl_L[None, :] == lvl_L[:, None]
-        mask = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
-        return {"lvl_1L": lvl_L[None], "attn_bias_for_masking": mask[None, None]}
+        lvl_L = torch.tensor(scale_levels(config.patch_nums), dtype=torch.long, device=device)
+        return {"lvl_1L": lvl_L[None], "attn_bias_for_masking": additive_mask(config.visible(lvl_L))[None, None]}
 
     @staticmethod
     def expected_shapes(config: SwittiConfig) -> dict[str, tuple[int, ...]]:
@@ -517,23 +506,14 @@ class Switti(ComputeDtype, nn.Module):
             return key_shape(state_dict, key, ndim, path, WHAT, ": it is not a Switti transformer")
 
         C = shape("word_embed.weight", 2)[0]
-        blocks = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
-        if not blocks or blocks != list(range(len(blocks))):
-            raise NextScaleError(
-                f"{WHAT} file '{path}' has blocks {blocks[:8]}...; expected blocks.0 ... blocks.<depth-1>"
-            )
+        depth = block_depth(state_dict, path, WHAT)
         K = shape("lvl_embed.weight", 2)[0]
         mask = state_dict.get("attn_bias_for_masking")
         lvl = state_dict.get("lvl_1L")
         L = mask.shape[-1] if mask is not None else lvl.shape[-1] if lvl is not None else None
         try:
             if lvl is not None and not lvl.is_meta:
-                patch_nums = schedule_from_levels(lvl.reshape(-1).tolist())
-                if len(patch_nums) != K or (L is not None and token_count(patch_nums) != L):
-                    raise NextScaleError(
-                        f"key 'lvl_1L' describes {len(patch_nums)} scales and {token_count(patch_nums)} tokens, but "
-                        f"'lvl_embed.weight' has {K} scales and the mask {L} tokens"
-                    )
+                patch_nums = schedule_from_level_buffer(lvl.reshape(-1).tolist(), K, L, "the mask")
             elif L is not None:
                 patch_nums = schedule_from_counts(L, K)
             else:
@@ -547,9 +527,9 @@ class Switti(ComputeDtype, nn.Module):
             if mask is not None and not mask.is_meta and mask.dim() == 4 and patch_nums[0] ** 2 < mask.shape[-1]:
                 causal = bool(torch.isfinite(mask[0, 0, -1, 0]))  # the last token sees the first: block-causal
             inferred = dict(
-                depth=len(blocks),
+                depth=depth,
                 embed_dim=C,
-                num_heads=len(blocks),
+                num_heads=depth,
                 ffn_dim=shape("blocks.0.ffn.up_proj.weight", 2)[0],
                 vocab_size=shape("head.weight", 2)[0],
                 cvae=shape("word_embed.weight", 2)[1],

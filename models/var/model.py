@@ -22,17 +22,19 @@ Conventions (upstream ``models/var.py``; key layout in docs/architecture.md):
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ...kernels.attention import IntervalMask, block_causal_mask
+from ...kernels.attention import IntervalMask, additive_mask
 from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn
 from ..core.checkpoint import (
     CONFIG_METADATA_KEY,
+    SavedConfig,
+    block_depth,
     check_state_dict,
     check_tensors,
     config_from_metadata,
@@ -49,8 +51,9 @@ from ..core.ops import ComputeDtype, TorchOps, cast, embed, weight_and_bias
 from ..core.schedule import (
     SCHEDULE_256,
     SCHEDULE_512,
+    scale_levels,
     schedule_from_counts,
-    schedule_from_levels,
+    schedule_from_level_buffer,
     token_count,
     validate_schedule,
 )
@@ -59,7 +62,7 @@ WHAT = "VAR generator"
 
 
 @dataclass(frozen=True)
-class VARConfig:
+class VARConfig(SavedConfig):
     """Architecture of a VAR transformer. Official models: :meth:`official`. ``class_names`` (optional, one per
     class) travels with self-trained models; official checkpoints carry none."""
 
@@ -75,6 +78,8 @@ class VARConfig:
     norm_eps: float = 1e-6
     class_names: tuple[str, ...] | None = None
 
+    name: ClassVar[str] = "VAR"  # the model's name in error messages
+
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
         if self.class_names is not None:
@@ -83,11 +88,15 @@ class VARConfig:
             min(self.depth, self.embed_dim, self.num_heads, self.num_classes, self.vocab_size, self.cvae) < 1
             or self.mlp_ratio <= 0
         ):
-            raise NextScaleError(f"VAR config has a non-positive size: {self}")
+            raise NextScaleError(f"{self.name} config has a non-positive size: {self}")
         if self.embed_dim % self.num_heads:
-            raise NextScaleError(f"VAR config: width {self.embed_dim} is not divisible by {self.num_heads} heads")
+            raise NextScaleError(
+                f"{self.name} config: width {self.embed_dim} is not divisible by {self.num_heads} heads"
+            )
         if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise NextScaleError(f"VAR config lists {len(self.class_names)} class names for {self.num_classes} classes")
+            raise NextScaleError(
+                f"{self.name} config lists {len(self.class_names)} class names for {self.num_classes} classes"
+            )
         validate_schedule(self.patch_nums)
 
     @classmethod
@@ -114,21 +123,19 @@ class VARConfig:
     def hidden_dim(self) -> int:
         return round(self.embed_dim * self.mlp_ratio)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["patch_nums"] = list(self.patch_nums)
-        d["class_names"] = None if self.class_names is None else list(self.class_names)
-        return d
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
 
-    @classmethod
-    def from_dict(cls, d: Mapping) -> VARConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise NextScaleError(f"VAR config has unknown field(s): {', '.join(sorted(unknown))}")
-        try:
-            return cls(**d)
-        except TypeError as e:  # a required field is missing
-            raise NextScaleError(f"VAR config is incomplete: {e}") from None
+    @property
+    def token_levels(self) -> tuple[int, ...]:
+        """The level of each token of the transformer's sequence: its scale (``lvl_1L``, ``lvl_embed``'s row)."""
+        return scale_levels(self.patch_nums)
+
+    def scale_start(self, si: int) -> int:
+        """The first token of scale ``si`` (``L`` for ``si = K``)."""
+        return token_count(self.patch_nums[:si])
+
 
 
 @dataclass
@@ -150,13 +157,23 @@ class VAR(ComputeDtype, nn.Module):
     """VAR transformer with the official key layout; build it with :meth:`from_file` / :meth:`from_state_dict`.
 
     ``operations``: the op set its layers come from (default: plain torch); ``compute_dtype``: the dtype it computes
-    in (default: its weights' dtype; see :class:`~..core.ops.ComputeDtype`)."""
+    in (default: its weights' dtype; see :class:`~..core.ops.ComputeDtype`).
+
+    Subclasses that keep VAR's key layout and add to it (Distilled Decoding) set the class attributes below, the
+    config's ``token_levels``, :meth:`visible` and :meth:`add_modules`."""
+
+    config_type: ClassVar[type[VARConfig]] = VARConfig
+    what: ClassVar[str] = WHAT  # the file's name in error messages
+    file_kind: ClassVar[str] = "var-generator"  # the family a file must be identified as by :meth:`from_file`
+    block_type: ClassVar[type[AdaLNSelfAttn]] = AdaLNSelfAttn
+    class_levels: ClassVar[int] = 0  # levels in front of the first scale's (DD's class token has one)
 
     def __init__(self, config: VARConfig, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = cfg = config
         ops = operations or TorchOps
-        C, L, K = cfg.embed_dim, cfg.num_tokens, cfg.num_scales
+        levels = cfg.token_levels
+        C, L, K = cfg.embed_dim, len(levels), levels[-1] + 1
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
         self.pos_1LC = nn.Parameter(torch.zeros(1, L, C))
         for name, value in self.rebuilt_buffers(cfg, top_level_only=True).items():
@@ -167,12 +184,18 @@ class VAR(ComputeDtype, nn.Module):
         if cfg.shared_aln:
             self.shared_ada_lin = nn.Sequential(nn.SiLU(), ops.Linear(C, 6 * C))
         self.blocks = nn.ModuleList(
-            AdaLNSelfAttn(C, cfg.num_heads, cfg.hidden_dim, cfg.norm_eps, cfg.shared_aln, ops) for _ in range(cfg.depth)
+            self.block_type(C, cfg.num_heads, cfg.hidden_dim, cfg.norm_eps, cfg.shared_aln, ops)
+            for _ in range(cfg.depth)
         )
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps, ops)
         self.head = ops.Linear(C, cfg.vocab_size)
+        self.add_modules(ops)
         self.init_weights()
         self.compute_dtype = compute_dtype
+
+    def add_modules(self, operations) -> None:
+        """The modules a subclass adds to VAR's, built with ``operations`` before the weights are initialised (none
+        in VAR)."""
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -228,7 +251,7 @@ class VAR(ComputeDtype, nn.Module):
 
     def scale_input(self, si: int, next_BlCv: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """``x_BlC``, the input of scale ``si >= 1`` from the tokenizer's next-scale input ``(B, pn_si**2, Cvae)``."""
-        begin = token_count(self.patch_nums[:si])
+        begin = self.config.scale_start(si)
         x_BlC = self.word_embed(next_BlCv.to(self.compute_dtype))
         return x_BlC + cond.lvl_pos_1LC[:, begin : begin + next_BlCv.shape[1]]
 
@@ -237,12 +260,16 @@ class VAR(ComputeDtype, nn.Module):
         h_BLC = self.head_nm(x_BLC, cond.head_B12C)
         return nn.functional.linear(h_BLC, *weight_and_bias(self.head, h_BLC.device, torch.float32))
 
+    @staticmethod
+    def visible(lvl_L: torch.Tensor) -> torch.Tensor:
+        """``(l, l)`` bool: which tokens each token attends to in the whole-sequence pass, from their levels
+        ``lvl_L``. VAR's rule is block-causal: every token of its own and of earlier levels."""
+        return lvl_L[None, :] <= lvl_L[:, None]
+
     def teacher_mask(self, l: int, device: torch.device) -> torch.Tensor:
-        """The block-causal additive mask ``(l, l)`` of the first ``l`` tokens (0 / -inf, fp32) on ``device``: the
-        values of ``attn_bias_for_masking``, built from the scale of each token (``lvl_1L``)."""
-        lvl_L = cast(self.lvl_1L, device)[0, :l]
-        allowed_LL = lvl_L[None, :] <= lvl_L[:, None]
-        return torch.zeros(allowed_LL.shape, device=device).masked_fill_(~allowed_LL, float("-inf"))
+        """The additive mask ``(l, l)`` of the first ``l`` tokens (0 / -inf, fp32) on ``device``: the values of
+        ``attn_bias_for_masking``, built from the level of each token (``lvl_1L``)."""
+        return additive_mask(self.visible(cast(self.lvl_1L, device)[0, :l]))
 
     def forward_scale(
         self, si: int, x_BlC: torch.Tensor, cond: Conditioning, cache: KVCache, control=None, pruning=None
@@ -321,29 +348,30 @@ class VAR(ComputeDtype, nn.Module):
 
     # -- checkpoints --------------------------------------------------------------------------------
 
-    @staticmethod
-    def rebuilt_buffers(config: VARConfig, top_level_only: bool = False, device=None) -> dict[str, torch.Tensor]:
-        """The deterministic buffers of a model with ``config``: ``lvl_1L`` (int64 scale id per token),
-        ``attn_bias_for_masking`` (block-causal, 0 / -inf) and, unless ``top_level_only``, every ``zero_k_bias``."""
-        lvl_L = torch.tensor(
-            [si for si, pn in enumerate(config.patch_nums) for _ in range(pn * pn)], dtype=torch.long, device=device
-        )
-        out = {
-            "lvl_1L": lvl_L[None],
-            "attn_bias_for_masking": block_causal_mask(config.patch_nums, device=device)[None, None],
-        }
+    @classmethod
+    def rebuilt_buffers(cls, config: VARConfig, top_level_only: bool = False, device=None) -> dict[str, torch.Tensor]:
+        """The deterministic buffers of a model with ``config``: ``lvl_1L`` (int64 level per token),
+        ``attn_bias_for_masking`` (the mask of :meth:`visible`, 0 / -inf) and, unless ``top_level_only``, every
+        ``zero_k_bias``."""
+        lvl_L = torch.tensor(config.token_levels, dtype=torch.long, device=device)
+        out = {"lvl_1L": lvl_L[None], "attn_bias_for_masking": additive_mask(cls.visible(lvl_L))[None, None]}
         if not top_level_only:
             for i in range(config.depth):
                 out[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(config.embed_dim, device=device)
         return out
 
-    @staticmethod
-    def expected_shapes(config: VARConfig) -> dict[str, tuple[int, ...]]:
+    @classmethod
+    def expected_shapes(cls, config: VARConfig) -> dict[str, tuple[int, ...]]:
         """Every state-dict key of a model with ``config`` and its shape, in state-dict order (meta device)."""
-        return shapes_on_meta(lambda: VAR(config))
+        return shapes_on_meta(lambda: cls(config))
 
     @staticmethod
-    def infer_config(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> VARConfig:
+    def config_fields(state_dict: Mapping[str, torch.Tensor], path: str) -> dict:
+        """The config fields that only a subclass's keys tell (VAR: ``shared_aln``)."""
+        return {"shared_aln": "shared_ada_lin.1.weight" in state_dict}
+
+    @classmethod
+    def infer_config(cls, state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> VARConfig:
         """The config implied by the keys and shapes of ``state_dict``. The schedule comes from
         ``lvl_1L`` when present (and readable), else from ``(L, K)`` among the known schedules."""
 
@@ -351,30 +379,22 @@ class VAR(ComputeDtype, nn.Module):
         hint = " It looks like a VAR tokenizer; load it as the tokenizer." if is_tokenizer else ""
 
         def shape(key: str, ndim: int) -> tuple[int, ...]:
-            return key_shape(state_dict, key, ndim, path, WHAT, f": it is not a VAR transformer.{hint}")
+            return key_shape(state_dict, key, ndim, path, cls.what, f": it is not a {cls.what}.{hint}")
 
         rows, C = shape("class_emb.weight", 2)
-        blocks = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
-        if not blocks or blocks != list(range(len(blocks))):
-            raise NextScaleError(
-                f"{WHAT} file '{path}' has blocks {blocks[:8]}...; expected blocks.0 ... blocks.<depth-1>"
-            )
+        depth = block_depth(state_dict, path, cls.what)
         num_heads = shape("blocks.0.attn.scale_mul_1H11", 4)[1]
         hidden = shape("blocks.0.ffn.fc1.weight", 2)[0]
         K, L = shape("lvl_embed.weight", 2)[0], shape("pos_1LC", 3)[1]
-        lvl = state_dict.get("lvl_1L")
+        extra = cls.config_fields(state_dict, path)
+        lvl, lead = state_dict.get("lvl_1L"), cls.class_levels
         try:
             if lvl is not None and not lvl.is_meta:
-                patch_nums = schedule_from_levels(lvl.reshape(-1).tolist())
-                if len(patch_nums) != K or token_count(patch_nums) != L:
-                    raise NextScaleError(
-                        f"key 'lvl_1L' describes {len(patch_nums)} scales and {token_count(patch_nums)} tokens, but "
-                        f"'lvl_embed.weight' has {K} scales and 'pos_1LC' {L} tokens"
-                    )
+                patch_nums = schedule_from_level_buffer(lvl.reshape(-1).tolist(), K, L, "'pos_1LC'", lead)
             else:
-                patch_nums = schedule_from_counts(L, K)
-            return VARConfig(
-                depth=len(blocks),
+                patch_nums = schedule_from_counts(L - lead, K - lead)
+            return cls.config_type(
+                depth=depth,
                 embed_dim=C,
                 num_heads=num_heads,
                 num_classes=rows - 1,
@@ -382,10 +402,10 @@ class VAR(ComputeDtype, nn.Module):
                 cvae=shape("word_embed.weight", 2)[1],
                 patch_nums=patch_nums,
                 mlp_ratio=hidden / C,
-                shared_aln="shared_ada_lin.1.weight" in state_dict,
+                **extra,
             )
         except NextScaleError as e:
-            raise NextScaleError(f"{WHAT} file '{path}': {e}") from None
+            raise NextScaleError(f"{cls.what} file '{path}': {e}") from None
 
     @classmethod
     def from_state_dict(
@@ -400,31 +420,31 @@ class VAR(ComputeDtype, nn.Module):
         """A frozen fp32 model in eval mode holding ``state_dict``, checked strictly against ``config`` (inferred
         when not given), built with ``operations`` to compute in ``compute_dtype`` (see :class:`VAR`). Built on the
         meta device and taking the tensors over: loading never holds two copies."""
-        check_tensors(state_dict, path, WHAT, integer_keys=["lvl_1L"])
+        check_tensors(state_dict, path, cls.what, integer_keys=["lvl_1L"])
         cfg = config or cls.infer_config(state_dict, path)
-        blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-        if config is not None and blocks and len(blocks) != cfg.depth:
+        depth = block_depth(state_dict, path, cls.what) if config is not None else cfg.depth
+        if depth != cfg.depth:
             raise NextScaleError(
-                f"{WHAT} file '{path}' holds a depth-{len(blocks)} transformer ({len(blocks)} blocks), but its "
+                f"{cls.what} file '{path}' holds a depth-{depth} transformer ({depth} blocks), but its "
                 f"config expects depth {cfg.depth}: the file and its config do not belong together"
             )
         rebuildable = cls.rebuilt_buffers(cfg, device="meta").keys()  # names only: nothing allocated before the check
-        check_state_dict(state_dict, cls.expected_shapes(cfg), path, WHAT, optional=rebuildable)
+        check_state_dict(state_dict, cls.expected_shapes(cfg), path, cls.what, optional=rebuildable)
         anchor = state_dict.get("class_emb.weight")
         rebuilt = cls.rebuilt_buffers(cfg, device=None if anchor is None else anchor.device)
         return load_on_meta(lambda: cls(cfg, operations, compute_dtype), {**state_dict, **rebuilt})
 
-    @staticmethod
-    def config_from_file(path: str) -> VARConfig | None:
+    @classmethod
+    def config_from_file(cls, path: str) -> VARConfig | None:
         """The config stored under the safetensors metadata key ``nextscale_config``, or None."""
-        return config_from_metadata(path, VARConfig.from_dict, WHAT)
+        return config_from_metadata(path, cls.config_type.from_dict, cls.what)
 
     @classmethod
     def from_file(cls, path: str, *, operations=None, compute_dtype: torch.dtype | None = None) -> VAR:
         """Load a ``.safetensors`` or ``.pth`` generator (official or saved by :meth:`save`); ``operations`` and
         ``compute_dtype`` as for :class:`VAR`."""
-        state_dict = read_state_dict(path, WHAT)
-        expect_kind(state_dict, path, "var-generator", WHAT)
+        state_dict = read_state_dict(path, cls.what)
+        expect_kind(state_dict, path, cls.file_kind, cls.what)
         return cls.from_state_dict(
             state_dict, path, cls.config_from_file(path), operations=operations, compute_dtype=compute_dtype
         )

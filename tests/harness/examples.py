@@ -114,6 +114,13 @@ def _side_by_side(g: Graph, *images) -> list:
     return g.out(g.add("NextScaleImageGrid", images=batch, columns=0, padding=2, pad_value=1.0))
 
 
+def _two_rows(g: Graph, tok, first, second, prefix: str) -> None:
+    """Save the images of two sampler runs of four pictures each, decoded, as a sheet: ``first`` above ``second``."""
+    images = [g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=t, scales=0)) for t in (first, second)]
+    both = g.out(g.add("ImageBatch", image1=images[0], image2=images[1]))
+    _save(g, g.out(g.add("NextScaleImageGrid", images=both, columns=4, padding=2, pad_value=1.0)), prefix)
+
+
 def _rect_mask(g: Graph, x: int, y: int, w: int, h: int, size: int = 64) -> list:
     """A MASK that is 1 inside the rectangle: core Solid Mask + Mask Composite."""
     canvas = g.add("SolidMask", value=0.0, width=size, height=size)
@@ -479,9 +486,7 @@ def lora() -> Example:
     plain = _sampler(g, tok, gen, "circle", seed=40, class_list=shapes)
     styled_gen = g.out(g.add("NextScaleLoadLoRA", model=gen, lora_name="nextscale-embedded-outline", strength=1.0))
     styled = _sampler(g, tok, styled_gen, "circle", seed=40, class_list=shapes)
-    images = [g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=t, scales=0)) for t in (plain, styled)]
-    both = g.out(g.add("ImageBatch", image1=images[0], image2=images[1]))
-    _save(g, g.out(g.add("NextScaleImageGrid", images=both, columns=4, padding=2, pad_value=1.0)), "lora")
+    _two_rows(g, tok, plain, styled, "lora")
     return Example(
         "nextscale_lora", "NextScale: a LoRA on the embedded generator",
         "The same seeds without and with the pack's example LoRA (outlines instead of filled shapes, trained with "
@@ -489,10 +494,28 @@ def lora() -> Example:
     )
 
 
+def acceleration() -> Example:
+    g = Graph()
+    tok, gen = _models(g)
+    shapes = "star, heart, arrow, crescent"
+    accel = g.add("NextScaleAcceleration", prune_scales=0, keep_ratio=0.5, prune_from_layer=3, restore="cached",
+                  unguided_scales=2, shortcut_scales=0)
+    plain = _sampler(g, tok, gen, "star", seed=21, class_list=shapes)
+    fast = _sampler(g, tok, gen, "star", seed=21, class_list=shapes, accel=g.out(accel))
+    _two_rows(g, tok, plain, fast, "accel")
+    return Example(
+        "nextscale_accel", "NextScale: training-free acceleration",
+        "The same seeds without and with NextScale Acceleration at its recommended setting (the last two scales "
+        "sampled without guidance, which halves their work): the first row plain, the second accelerated. The "
+        "coarse scales are the same, the last two may differ in detail. docs/performance.md has the speed and cost "
+        "of every setting.", g.prompt,
+    )
+
+
 EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), class_edit(), img2img(),
                                  image_inpaint(), control(), kv_policy(), collaborative(), sd_refine(),
                                  infinity_t2i(), lora(), switti_t2i(), upscale(), sd_upscale(),
-                                 distilled_decoding(), hmar(), flexvar())}
+                                 distilled_decoding(), hmar(), flexvar(), acceleration())}
 
 
 def example_image_bytes() -> bytes:

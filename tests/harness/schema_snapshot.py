@@ -40,12 +40,12 @@ ALSO_DYNAMIC = {
 
 def _node_infos(file_list: list[str]) -> dict[str, dict]:
     import folder_paths
-    from nextscale.nodes import FAMILIES
+    from nextscale.nodes import NODE_MODULES
 
     original = folder_paths.get_filename_list
     folder_paths.get_filename_list = lambda folder: list(file_list) if folder == "nextscale" else original(folder)
     try:
-        return {node.GET_NODE_INFO_V1()["name"]: node.GET_NODE_INFO_V1() for f in FAMILIES for node in f.NODES}
+        return {node.GET_NODE_INFO_V1()["name"]: node.GET_NODE_INFO_V1() for m in NODE_MODULES for node in m.NODES}
     finally:
         folder_paths.get_filename_list = original
 
@@ -154,20 +154,13 @@ def compare(old: dict[str, dict], new: dict[str, dict]) -> list[str]:
 
 def _bootstrap() -> None:
     """Make ComfyUI and the pack importable (this file is run with ComfyUI's python)."""
-    sys.path[:0] = [str(REPO_ROOT / "tests"), str(REPO_ROOT / "scripts")]
-    from harness.testbed import find_testbed
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from harness.testbed import boot_comfyui, find_testbed
 
     tb, why = find_testbed()
     if tb is None:
         raise SystemExit(why)
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path.insert(0, str(tb.comfy_dir))
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    from packbootstrap import register_pack
-
-    register_pack(str(REPO_ROOT))
+    boot_comfyui(str(tb.comfy_dir), str(REPO_ROOT))
 
 
 def main() -> int:

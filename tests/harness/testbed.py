@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,10 +68,38 @@ def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def boot_comfyui(comfy_dir: str, root: str) -> None:
+    """Set up ComfyUI's modules in this interpreter as ``main.py --cpu`` would (its argument parser on, so
+    ``comfy.cli_args.args`` holds the defaults plus ``--cpu``) and register the pack at ``root`` as ``nextscale``.
+    ``comfy_dir``, ``scripts/`` and ``tests/`` go first on ``sys.path``, in that order."""
+    import sys
+
+    sys.argv = [sys.argv[0], "--cpu"]
+    sys.path[:0] = [comfy_dir, os.path.join(root, "scripts"), os.path.join(root, "tests")]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    from packbootstrap import register_pack
+
+    register_pack(root)
+
+
+# What every script run by :func:`run_in_comfyui_python` starts with: ``comfy_dir``, ``root`` and ``script_args`` (the
+# script's own arguments) from the command line, then :func:`boot_comfyui`.
+COMFYUI_BOOT = """\
+import sys
+comfy_dir, root, *script_args = sys.argv[1:]
+sys.path.insert(0, root + "/tests")
+from harness.testbed import boot_comfyui
+boot_comfyui(comfy_dir, root)
+"""
+
+
 def run_in_comfyui_python(script: str, *args: str, cwd: Path, timeout: float = 300.0):
-    """Run ``python -c script comfy_dir repo_root *args`` with the test bed's interpreter (node code that needs
-    ComfyUI's modules, called directly); the ``CompletedProcess``, output captured. Without a test bed the calling
-    test is skipped, or fails when NEXTSCALE_REQUIRE_E2E is set (``scripts/test.sh``, CI)."""
+    """Run ``script`` (node code that needs ComfyUI's modules, called directly) after :data:`COMFYUI_BOOT` as
+    ``python -c ... comfy_dir repo_root *args`` with the test bed's interpreter; the script sees ``comfy_dir``,
+    ``root`` and ``args`` as ``script_args``. Returns the ``CompletedProcess``, output captured. Without a test bed
+    the calling test is skipped, or fails when NEXTSCALE_REQUIRE_E2E is set (``scripts/test.sh``, CI)."""
     import subprocess
 
     import pytest
@@ -81,7 +110,7 @@ def run_in_comfyui_python(script: str, *args: str, cwd: Path, timeout: float = 3
             pytest.fail(f"{why} (NEXTSCALE_REQUIRE_E2E is set)", pytrace=False)
         pytest.skip(why)
     return subprocess.run(
-        [str(tb.python), "-c", script, str(tb.comfy_dir), str(REPO_ROOT), *args],
+        [str(tb.python), "-c", COMFYUI_BOOT + textwrap.dedent(script), str(tb.comfy_dir), str(REPO_ROOT), *args],
         check=False, cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONPATH": ""},
     )  # fmt: skip
