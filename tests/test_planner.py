@@ -2,9 +2,10 @@
 free memory: the whole batch's need is declared to ComfyUI, a batch that does not fit runs in sub-batches that give
 exactly the unsplit batch's images (per-image masks, control images and prompts cut per sub-batch), and when one
 image does not fit one error says what it needs, what is free and which KV setting would fit, before anything is
-sampled; in every sampler node (NextScale Sampler and Sampler (Text), Collaborative, KV Report and Calibrate, Switti,
-Distilled Decoding, Upscale per tile). And the text encoder leaves the device when a run needs
-its room: ComfyUI's own management of the ``CLIP`` NextScale Text Encode returns, on a stand-in device (``meta``)."""
+sampled; in every sampler node (NextScale Sampler and Sampler (Text), Collaborative (with a CAR control too), KV
+Report and Calibrate, Switti, Distilled Decoding, HMAR, FlexVAR, Upscale per tile). And the text encoder leaves the
+device when a run needs its room: ComfyUI's own management of the ``CLIP`` NextScale Text Encode returns, on a
+stand-in device (``meta``)."""
 
 from __future__ import annotations
 
