@@ -6,6 +6,7 @@ import textwrap
 import pytest
 import torch
 from harness.testbed import run_in_comfyui_python
+from nextscale.models.control.adapters import ControlStack
 from nextscale.models.core.checkpoint import read_state_dict
 from nextscale.models.core.errors import NextScaleError
 from nextscale.models.core.family import identify
@@ -17,7 +18,6 @@ from nextscale.models.var.editing import inpaint
 from nextscale.models.var.model import VAR, VARConfig
 from nextscale.models.var.sampler import SamplingOptions, sample
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.models.control.adapters import ControlStack
 from test_control import car_teacher, control_image, make_car, make_var4
 from test_editing import hole, random_reference
 from test_sampler import CVAE, NUM_CLASSES, PN, VOCAB, RecordLogits, make_var, randomize_, teacher_logits
