@@ -73,8 +73,9 @@ class NextScaleLoadFlexVAR(io.ComfyNode):
                 io.Combo.Input(
                     "dtype", options=TRANSFORMER_DTYPES, default="auto",
                     tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
-                    "(float32 on CPU, bfloat16 on recent GPUs). FlexVAE stays float32 (unless --fp16-vae / "
-                    "--bf16-vae); logits are always float32.",
+                    "(float32 on CPU, bfloat16 on recent GPUs, fp8_e4m3fn under --fp8_e4m3fn-unet); fp8_e4m3fn: "
+                    "8-bit matrices with per-tensor scales, computing in bfloat16/float16 (half of bfloat16's "
+                    "memory). FlexVAE stays float32 (unless --fp16-vae / --bf16-vae); logits are always float32.",
                 ),
             ],
             outputs=[

@@ -7,26 +7,30 @@ VAR's: NextScale Decode decodes them, and VAR's inpaint and image-to-image guide
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from comfy_api.latest import io
 
 from ..models.core.errors import NextScaleError
 from ..models.core.family import Workload
 from ..models.core.hooks import SamplerHooks
-from ..models.hmar.family import LOADER
+from ..models.core.tokens import NextScaleTokens
+from ..models.hmar.family import HINT, LOADER
 from ..models.hmar.sampler import REFUSED, HMAROptions, parse_refinement
 from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
-from .dd import vqvae_not_found
-from .generator import scale_callback
+from .generator import bind_images, framed_like_reference, scale_callback
 from .model_files import model_choices
-from .service import DTYPES, NextScaleModel, load, not_found, ready
+from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, Control, Guide, HMARModel, KVPolicy, Tokenizer, Tokens
-from .validation import check_file, check_numbers
+from .validation import check_numbers
+from .vqvae_loaders import check_files, dtype_input, load_with_vqvae, vqvae_not_found
 
 HMAR_CATEGORY = f"{CATEGORY}/hmar"
 MAX_BATCH = 16
 DEFAULT_CLASS = "golden retriever"
 OFFICIAL_REFINEMENT = "1 | 1,3 | 1,1,2,5"
+MISSING_VQVAE = vqvae_not_found("VAR's VQ-VAE", "vae_ch160v4096z32.pth", HINT)
 
 
 class NextScaleLoadHMAR(io.ComfyNode):
@@ -51,14 +55,7 @@ class NextScaleLoadHMAR(io.ComfyNode):
                     options=model_choices(),
                     tooltip="VAR's VQ-VAE, vae_ch160v4096z32.pth (FoundationVision/var): HMAR draws its tokens.",
                 ),
-                io.Combo.Input(
-                    "dtype",
-                    options=DTYPES,
-                    default="auto",
-                    tooltip="Transformer precision. auto: ComfyUI's choice for the device and its --*-unet flags "
-                    "(float32 on CPU, bfloat16 on recent GPUs). The VQ-VAE stays float32 (unless --fp16-vae / "
-                    "--bf16-vae); logits are always float32.",
-                ),
+                dtype_input(),
             ],
             outputs=[
                 HMARModel.Output("model", display_name="model"),
@@ -68,19 +65,11 @@ class NextScaleLoadHMAR(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:
-        choices = model_choices()
-        return (
-            check_file(model_name, choices, lambda name: not_found(name, LOADER, "generator"))
-            or check_file(vqvae_name, choices, vqvae_not_found)
-            or True
-        )
+        return check_files(model_name, vqvae_name, model_choices(), LOADER, MISSING_VQVAE)
 
     @classmethod
     def execute(cls, model_name: str, vqvae_name: str, dtype: str) -> io.NodeOutput:
-        model = load(model_name, LOADER, "generator", dtype)
-        vqvae = load(vqvae_name, "NextScale Load Tokenizer", "tokenizer", "auto")
-        model.family.check_pair(model.module, vqvae.module)
-        return io.NodeOutput(model, vqvae)
+        return load_with_vqvae(model_name, vqvae_name, dtype, LOADER)
 
 
 class NextScaleHMARSampler(io.ComfyNode):
@@ -188,17 +177,22 @@ class NextScaleHMARSampler(io.ComfyNode):
         patch_nums = generator.patch_nums
         options = HMAROptions(cfg=cfg, top_k=top_k, top_p=top_p, refinement=parse_refinement(refinement, patch_nums))
         labels_B = torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
-        workload = Workload(
-            batch_size=len(labels_B), guided=cfg != 0, dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype
+        B = len(labels_B)
+        workload = Workload(guided=cfg != 0, dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype)
+        size = ready_batch(
+            model, vqvae, batch=B, what="NextScale HMAR Sampler", kv_settings=False,
+            need=lambda images, spec=None: family.memory(generator, vqvae.module, replace(workload, batch_size=images)),
         )
-        ready(model, vqvae, memory=family.working_memory(generator, vqvae.module, workload))
-        hooks = SamplerHooks(
-            callback=scale_callback(cls.hidden.unique_id, vqvae, len(patch_nums), True),
-            guide=None if guide is None else guide.bind(vqvae.module, patch_nums, len(labels_B), model.device),
-        )
-        tokens = family.sample(generator, vqvae.module, labels_B, seed=seed, options=options, hooks=hooks,
-                               device=model.device)
-        return io.NodeOutput(tokens.to("cpu"))
+        parts = []
+        for start, stop in sub_batches(B, size):  # item i keeps its seed, seed + i, and its guide images
+            hooks = SamplerHooks(
+                callback=scale_callback(cls.hidden.unique_id, vqvae, len(patch_nums), True),
+                **bind_images(guide, None, start, stop, B, model, vqvae, patch_nums),
+            )
+            parts.append(family.sample(generator, vqvae.module, labels_B[start:stop], seed=seed + start,
+                                       options=options, hooks=hooks, device=model.device))
+        tokens = NextScaleTokens.cat(parts)
+        return io.NodeOutput(framed_like_reference(tokens, guide).to("cpu"))
 
 
 NODES = [NextScaleLoadHMAR, NextScaleHMARSampler]

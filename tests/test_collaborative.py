@@ -6,6 +6,7 @@ import textwrap
 import pytest
 import torch
 from harness.testbed import run_in_comfyui_python
+from nextscale.models.control.adapters import ControlStack
 from nextscale.models.core.checkpoint import read_state_dict
 from nextscale.models.core.errors import NextScaleError
 from nextscale.models.core.family import identify
@@ -17,6 +18,7 @@ from nextscale.models.var.editing import inpaint
 from nextscale.models.var.model import VAR, VARConfig
 from nextscale.models.var.sampler import SamplingOptions, sample
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from test_control import car_teacher, control_image, make_car, make_var4
 from test_editing import hole, random_reference
 from test_sampler import CVAE, NUM_CLASSES, PN, VOCAB, RecordLogits, make_var, randomize_, teacher_logits
 
@@ -107,6 +109,35 @@ def test_each_model_predicts_its_scales(var, vae, N):
                 t = opts.guidance(si, K)
                 guided_BlV = (1 + t) * cond_BLV[:, sl] - t * null_BLV[:, sl]
                 torch.testing.assert_close(seen.seen[si], guided_BlV, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("N", [1, 2, K - 1])
+def test_a_car_control_through_the_refiners_prefill(vae, N):
+    """CAR runs its own branch scale by scale: the refiner's block-causal prefill over the drafted scales gives each
+    scale's segment that scale's branch output. One image, one control image: the same generator as drafter and
+    refiner (the control on both, as the node binds it) draws the plain sampler's tokens, and with another drafter
+    the refiner's guided logits are CAR's teacher-forced ones on the final tokens."""
+    var4, car, img = make_var4(), make_car(), control_image()
+    labels, opts = torch.tensor([4]), SamplingOptions(cfg=2.0, top_k=0, top_p=0.0)
+    plain = sample(var4, vae, labels, seed=3, options=opts, hooks=SamplerHooks(control=car.bind(var4, img)))
+    control = car.bind(var4, img)
+    out = sample_collaborative(var4, var4, vae, labels, draft_scales=N, seed=3, options=opts,
+                               hooks=SamplerHooks(control=control), drafter_control=control)
+    assert_same(out, plain, atol=1e-4)
+
+    seen = RecordLogits()
+    out = sample_collaborative(make_var4(seed=1), var4, vae, labels, draft_scales=N, seed=3, options=opts,
+                               hooks=SamplerHooks(control=ControlStack([car.bind(var4, img), seen])))
+    x_BLCv = vae.quantize.teacher_forcing_input(out.flat(), PN)
+    with torch.no_grad():
+        cond_BLV = car_teacher(var4, car, labels, x_BLCv, img)
+        null_BLV = car_teacher(var4, car, torch.full_like(labels, NUM_CLASSES), x_BLCv, img)
+    assert sorted(seen.seen) == list(range(N, K))
+    for si, sl in enumerate(scale_slices(PN)):
+        if si in seen.seen:
+            t = opts.guidance(si, K)
+            torch.testing.assert_close(seen.seen[si], (1 + t) * cond_BLV[:, sl] - t * null_BLV[:, sl],
+                                       rtol=1e-4, atol=1e-4)
 
 
 class CountingPolicy(KVPolicy):

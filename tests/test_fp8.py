@@ -2,8 +2,9 @@
 the CPU: a VAR and an Infinity transformer loaded with ``dtype = fp8_e4m3fn`` hold half of bf16's bytes in their
 matrices, compute through ComfyUI's scaled-fp8 layers and ``ops.weight_and_bias``, and give the logits of the same
 file loaded in float32 within fp8's rounding, where the plain cast without scales (``.to(fp8)``) loses the small
-weights of a trained-scale model. The loaders of Switti, Distilled Decoding and NSARM offer the same storage for
-their transformer (their tokenizer keeps its precision) and give the fp32 model's tokens."""
+weights of a trained-scale model. The loaders of Switti, Distilled Decoding, NSARM and HMAR offer the same storage
+for their transformer (their tokenizer keeps its precision) and give the fp32 model's tokens; FlexVAR's offers the
+same choices."""
 
 from __future__ import annotations
 
@@ -65,14 +66,16 @@ def test_fp8_storage_with_scales_keeps_the_logits(tmp_path):
 LOADERS = PREAMBLE + """
 from safetensors.torch import save_file
 from nextscale.models.core.schedule import SCHEDULE_256
+from nextscale.models.hmar.sampler import HMAROptions
 from nextscale.models.infinity.bsq import BSQConfig, BSQTokenizer
 from nextscale.models.nsarm.model import NSARM
 from nextscale.models.nsarm.sampler import UpscaleCondition, UpscaleOptions
 from nextscale.models.switti.sampler import SwittiCondition, SwittiOptions
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.nodes import dd, switti, upscale
+from nextscale.nodes import dd, flexvar, hmar, switti, upscale
 from nextscale.nodes.service import TRANSFORMER_DTYPES
 from test_dd import official_state_dict as dd_state_dict
+from test_hmar import official_state_dict as hmar_state_dict
 from test_nsarm import TINY, images, randomised
 from test_switti import official_state_dict as switti_state_dict, text
 
@@ -88,6 +91,7 @@ save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, os.path.join(
 save_file(gain(switti_state_dict(depth=1, width=32, patch_nums=SCHEDULE_256)), os.path.join(folder, "sw.safetensors"))
 torch.save({"trainer": {"ema_parameters": gain(dd_state_dict(depth=1, width=32, patch_nums=SCHEDULE_256))}},
            os.path.join(folder, "dd.pth"))
+torch.save(gain(hmar_state_dict(width=32, patch_nums=SCHEDULE_256)), os.path.join(folder, "hmar.pth"))
 randomised(NSARM(TINY), 0).save(os.path.join(folder, "nsarm.safetensors"))
 BSQTokenizer(BSQConfig(codebook_dim=4, base_ch=32, ch_mult=(1, 2), num_res_blocks=1)).save(
     os.path.join(folder, "bsq.safetensors"))
@@ -96,13 +100,16 @@ loaders = {
     "switti": lambda dtype: switti.NextScaleLoadSwitti.execute("sw.safetensors", "vqvae.safetensors", dtype).result,
     "dd": lambda dtype: dd.NextScaleLoadDD.execute("dd.pth", "vqvae.safetensors", dtype).result,
     "nsarm": lambda dtype: upscale.NextScaleLoadNSARM.execute("nsarm.safetensors", "bsq.safetensors", dtype).result,
+    "hmar": lambda dtype: hmar.NextScaleLoadHMAR.execute("hmar.pth", "vqvae.safetensors", dtype).result,
 }
 conditions = {
     "switti": (SwittiCondition(text(2, [5, 9]), text(1, [1], seed=2)), SwittiOptions(cfg=4.0, top_k=1)),
     "dd": (torch.tensor([1, 2]), None),
     "nsarm": (UpscaleCondition(images(2)), UpscaleOptions(cfg=3.0, input_scales=2)),
+    "hmar": (torch.tensor([1, 2]), HMAROptions(cfg=1.7, top_k=1)),
 }
-for node in (switti.NextScaleLoadSwitti, dd.NextScaleLoadDD, upscale.NextScaleLoadNSARM):
+for node in (switti.NextScaleLoadSwitti, dd.NextScaleLoadDD, upscale.NextScaleLoadNSARM, hmar.NextScaleLoadHMAR,
+             flexvar.NextScaleLoadFlexVAR):
     dtype = next(i for i in node.define_schema().inputs if i.id == "dtype")
     assert dtype.options == TRANSFORMER_DTYPES and dtype.default == "auto", (node, dtype.options)
 for name, loader in loaders.items():
@@ -121,5 +128,5 @@ print("fp8 loaders ok")
 """
 
 
-def test_the_switti_dd_and_nsarm_loaders_store_their_transformer_in_fp8(tmp_path):
+def test_the_switti_dd_nsarm_and_hmar_loaders_store_their_transformer_in_fp8(tmp_path):
     _run(LOADERS, tmp_path, "fp8 loaders ok")

@@ -26,6 +26,8 @@ msg = hmar.NextScaleLoadHMAR.validate_inputs("hmar-d16.pth", "vae_ch160v4096z32.
 assert "model not found" in msg and folder in msg and "NVlabs/HMAR" in msg and "non-commercial" in msg, msg
 
 torch.save(official_state_dict(width=32, patch_nums=SCHEDULE_256), os.path.join(folder, "hmar-tiny.pth"))
+msg = hmar.NextScaleLoadHMAR.validate_inputs("hmar-tiny.pth", "vae.pth")
+assert "VAR's VQ-VAE 'vae.pth'" in msg and "Put vae_ch160v4096z32.pth there" in msg and "NVlabs/HMAR" in msg, msg
 torch.manual_seed(0)
 vq = MultiScaleVQVAE(TokenizerConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1)))
 save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, os.path.join(folder, "vqvae.safetensors"))

@@ -2,9 +2,10 @@
 free memory: the whole batch's need is declared to ComfyUI, a batch that does not fit runs in sub-batches that give
 exactly the unsplit batch's images (per-image masks, control images and prompts cut per sub-batch), and when one
 image does not fit one error says what it needs, what is free and which KV setting would fit, before anything is
-sampled; in every sampler node (NextScale Sampler and Sampler (Text), Collaborative, KV Report and Calibrate, Switti,
-Distilled Decoding, Upscale per tile). And the text encoder leaves the device when a run needs
-its room: ComfyUI's own management of the ``CLIP`` NextScale Text Encode returns, on a stand-in device (``meta``)."""
+sampled; in every sampler node (NextScale Sampler and Sampler (Text), Collaborative (with a CAR control too), KV
+Report and Calibrate, Switti, Distilled Decoding, HMAR, FlexVAR, Upscale per tile). And the text encoder leaves the
+device when a run needs its room: ComfyUI's own management of the ``CLIP`` NextScale Text Encode returns, on a
+stand-in device (``meta``)."""
 
 from __future__ import annotations
 
@@ -137,32 +138,9 @@ def test_the_planner_splits_batches_exactly_and_refuses_with_a_setting_that_fits
     _run(PLANNER, tmp_path, "planner ok")
 
 
-NODES = PREAMBLE + """
-from dataclasses import replace
+PLANNED = PREAMBLE + """
 import nextscale.nodes.service as service
 from nextscale.models.core.family import FAMILIES
-from nextscale.models.core.schedule import SCHEDULE_256
-from nextscale.models.dd.model import DistilledVAR
-from nextscale.models.kv.policies import KVPolicySpec
-from nextscale.models.nsarm.model import NSARM
-from nextscale.models.switti.model import Switti
-from nextscale.models.var.editing import inpaint
-from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
-from nextscale.nodes import switti as sw
-from nextscale.nodes.collaborative import NextScaleCollaborativeSampler
-from nextscale.nodes.control import NextScaleApplyControl
-from nextscale.nodes.dd import NextScaleDDSampler
-from nextscale.nodes.generator import NextScaleSampler
-from nextscale.nodes.kv import NextScaleKVCalibrate, NextScaleKVReport
-from nextscale.nodes.service import adopt
-from nextscale.nodes.tokenizer import NextScaleEncode
-from nextscale.nodes.upscale import NextScaleUpscale
-from test_control import adapter_for, make_car, make_var4
-from test_dd import official_state_dict as dd_state_dict
-from test_infinity_sampler import tiny_tokenizer
-from test_nsarm import TINY as NSARM_TINY, randomised
-from test_sampler import CVAE, PN, VOCAB, make_var
-from test_switti import official_state_dict as switti_state_dict, text as switti_text_rows
 
 fits, runs, free = [], [], [0]
 real_largest = service.largest_batch
@@ -178,9 +156,6 @@ for family in FAMILIES.families:
                 runs.append(k["seed"])
                 return _sample(*a, **k)
             setattr(family, name, counting)
-for node in (NextScaleSampler, NextScaleCollaborativeSampler, NextScaleKVCalibrate, NextScaleDDSampler,
-             sw.NextScaleSwittiSampler, NextScaleUpscale):
-    node.hidden = io.HiddenHolder.from_dict({})
 
 def planned(name, run, batch, images, same):
     # run() with room for everything, then with room for ``images`` images: the first runs the batch at once, the
@@ -205,6 +180,37 @@ def planned(name, run, batch, images, same):
     return message
 
 same_tokens = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.indices, b.indices))
+"""
+
+
+NODES = PLANNED + """
+from dataclasses import replace
+from nextscale.models.core.schedule import SCHEDULE_256
+from nextscale.models.dd.model import DistilledVAR
+from nextscale.models.kv.policies import KVPolicySpec
+from nextscale.models.nsarm.model import NSARM
+from nextscale.models.switti.model import Switti
+from nextscale.models.var.editing import inpaint
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from nextscale.nodes import switti as sw
+from nextscale.nodes.collaborative import NextScaleCollaborativeSampler
+from nextscale.nodes.control import NextScaleApplyControl
+from nextscale.nodes.dd import NextScaleDDSampler
+from nextscale.nodes.generator import NextScaleSampler
+from nextscale.nodes.kv import NextScaleKVCalibrate, NextScaleKVReport
+from nextscale.nodes.service import adopt
+from nextscale.nodes.tokenizer import NextScaleEncode
+from nextscale.nodes.upscale import NextScaleUpscale
+from test_control import adapter_for, make_car, make_var4
+from test_dd import official_state_dict as dd_state_dict
+from test_infinity_sampler import tiny_tokenizer
+from test_nsarm import TINY as NSARM_TINY, randomised
+from test_sampler import CVAE, PN, VOCAB, make_var
+from test_switti import official_state_dict as switti_state_dict, text as switti_text_rows
+
+for node in (NextScaleSampler, NextScaleCollaborativeSampler, NextScaleKVCalibrate, NextScaleDDSampler,
+             sw.NextScaleSwittiSampler, NextScaleUpscale):
+    node.hidden = io.HiddenHolder.from_dict({})
 torch.manual_seed(0)
 vae = MultiScaleVQVAE(TokenizerConfig(vocab_size=VOCAB, z_channels=CVAE, ch=32, ch_mult=(1, 1), num_res_blocks=1,
                                       patch_nums=PN)).eval()
@@ -288,6 +294,70 @@ print("node planners ok")
 
 def test_every_sampler_node_plans_sub_batches_with_per_image_inputs(tmp_path):
     _run(NODES, tmp_path, "node planners ok", timeout=900)
+
+
+NEWEST = PLANNED + """
+from nextscale.models.core.schedule import SCHEDULE_256
+from nextscale.models.hmar.model import HMAR
+from nextscale.models.var.editing import inpaint
+from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from nextscale.nodes import flexvar, hmar
+from nextscale.nodes.collaborative import NextScaleCollaborativeSampler
+from nextscale.nodes.control import NextScaleApplyControl
+from nextscale.nodes.service import adopt
+from nextscale.nodes.tokenizer import NextScaleEncode
+from test_control import make_car, make_var4
+from test_flexvar import generator_keys, random_state_dict, tokenizer_keys
+from test_hmar import official_state_dict as hmar_state_dict
+from test_sampler import CVAE, PN, VOCAB
+
+for node in (hmar.NextScaleHMARSampler, flexvar.NextScaleFlexVARSampler, NextScaleCollaborativeSampler):
+    node.hidden = io.HiddenHolder.from_dict({})
+
+def masked(reference, side):  # an inpaint guide with another mask per image
+    masks = torch.zeros(3, side, side)
+    for i in range(3):
+        masks[i, : 1 + i] = 1
+    return inpaint(reference, masks)
+
+# HMAR: no cache, so no KV setting is offered; an inpaint mask per image
+model = adopt(HMAR.from_state_dict(hmar_state_dict(width=32, patch_nums=SCHEDULE_256)))
+torch.manual_seed(0)
+vq = adopt(MultiScaleVQVAE(TokenizerConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1))).eval())
+reference = NextScaleEncode.execute(vq, torch.rand(3, 32, 32, 3), "center crop",
+                                    ",".join(map(str, SCHEDULE_256))).result[0]
+hmar_guide = masked(reference, 32)
+run_hmar = lambda: hmar.NextScaleHMARSampler.execute(model, vq, "tench", 3, 1.7, 1000, 0.99, hmar.OFFICIAL_REFINEMENT,
+                                                     1, "1, 2, 3", guide=hmar_guide).result[0]
+message = planned("hmar", run_hmar, 3, 2, same_tokens)
+assert "ScaleKV" not in message and "fp8_e4m3fn" in message, message
+
+# FlexVAR: a KV cache over the run's schedule; an inpaint mask per image
+torch.save({"trainer": {"var_wo_ddp": random_state_dict(generator_keys(depth=1))}}, os.path.join(folder, "flex.pth"))
+torch.save({"model": random_state_dict(tokenizer_keys())}, os.path.join(folder, "flexvae.pth"))
+flex, flexvae = flexvar.NextScaleLoadFlexVAR.execute("flex.pth", "flexvae.pth", "auto").result
+reference = NextScaleEncode.execute(flexvae, torch.rand(3, 8, 8, 3), "center crop", "1,2,4").result[0]
+flex_guide = masked(reference, 8)
+run_flexvar = lambda: flexvar.NextScaleFlexVARSampler.execute(flex, flexvae, "tench", 3, 64, 3, 1.5, 4, 0.9, 1,
+                                                              class_list="1, 2, 3", guide=flex_guide).result[0]
+message = planned("flexvar", run_flexvar, 3, 2, same_tokens)
+assert "ScaleKV at" in message or "no KV budget" in message, message
+
+# Collaborative with a CAR control on the refiner: a control image per image through the refiner's prefill
+torch.manual_seed(0)
+tok = adopt(MultiScaleVQVAE(TokenizerConfig(vocab_size=VOCAB, z_channels=CVAE, ch=32, ch_mult=(1, 1),
+                                            num_res_blocks=1, patch_nums=PN)).eval())
+car = NextScaleApplyControl.execute(adopt(make_car()), torch.rand(3, 16, 16, 3), 1.0, 0, 0, 1.0).result[0]
+drafter, refiner = adopt(make_var4(seed=1)), adopt(make_var4())
+controlled = lambda: NextScaleCollaborativeSampler.execute(drafter, refiner, tok, 2, "3", 5, 2.0, 0, 0.9, False, 1,
+                                                           "1, 2, 3", control=car).result[0]
+planned("collaborative + CAR", controlled, 3, 2, same_tokens)
+print("newest planners ok")
+"""
+
+
+def test_hmar_flexvar_and_a_collaborative_car_run_plan_sub_batches(tmp_path):
+    _run(NEWEST, tmp_path, "newest planners ok")
 
 
 BANDED_DECODE = PREAMBLE + """

@@ -21,6 +21,9 @@ CAR (MiracleDance/CAR, VAR-d16 canny/HED/depth/normal/sketch files ``car_*_d16.p
 - NextScale extensions (not in CAR): ``strength`` ``x <- x + s (fused - x)`` (1 = CAR, 0 = no control, exactly) and
   a scale range ``[start, end)`` outside which the generator's blocks are untouched (the branch still runs on
   earlier scales to build its cache; it stops after the last active scale).
+- The branch's outputs are kept per scale until the generator's last block has taken them, so a pass that goes
+  block by block over several scales' segments (collaborative decoding's refiner prefill: block 0 sees every
+  drafted scale before block 1 sees any) fuses each segment with its own scale's outputs.
 
 Adapters (NextScale's own, trained by ``training/train_control.py`` on a frozen generator):
 - One interface, :class:`ControlAdapter`: a small conv encoder maps the control image to a feature grid, average-
@@ -290,7 +293,7 @@ class CARControl(ScaleWindow):
         self.control_B3HW = _check_control_image(control_B3HW, batch_size)
         self.begins = [token_count(var.patch_nums[:si]) for si in range(len(var.patch_nums))]
         self.cache: KVCache | None = None
-        self.outs: list[torch.Tensor] = []
+        self.outs: dict[int, list[torch.Tensor]] = {}  # scale -> the branch's block outputs, until fused
         self.ada: list[torch.Tensor] = []
 
     def _branch(self, si: int, x_RlC: torch.Tensor) -> list[torch.Tensor]:
@@ -326,11 +329,12 @@ class CARControl(ScaleWindow):
 
     def block_input(self, si: int, layer: int, x_BlC: torch.Tensor) -> torch.Tensor:
         if layer == 0 and si < self.end:
-            self.outs = self._branch(si, x_BlC)
+            self.outs[si] = self._branch(si, x_BlC)
+        outs = self.outs.pop(si, None) if layer == self.var.depth - 1 else self.outs.get(si)
         if layer < self.half or not self.active(si):
             return x_BlC
         j = layer - self.half
-        fused = self.car.fuse(j, x_BlC, self.outs[len(self.outs) - 1 - j])
+        fused = self.car.fuse(j, x_BlC, outs[len(outs) - 1 - j])
         return fused if self.strength == 1 else x_BlC + self.strength * (fused - x_BlC)
 
     def finish(self) -> None:

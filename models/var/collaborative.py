@@ -94,7 +94,8 @@ def prefill(
 ) -> torch.Tensor:
     """fp32 logits of scale ``upto`` after one block-causal pass over the inputs ``x_RPC`` of scales ``0..upto``
     (``P = token_count(patch_nums[:upto + 1])`` tokens), writing every position's keys and values into the empty
-    ``cache``. ``control.block_input`` sees each scale's segment with its own scale index."""
+    ``cache``. ``control.block_input`` sees each scale's segment with its own scale index, block by block: block 0
+    sees every scale before block 1 sees any, so a control's state between blocks is kept per scale (CAR's is)."""
     P = x_RPC.shape[1]
     slices = scale_slices(var.patch_nums)[: upto + 1]
     if P != slices[-1].stop:
