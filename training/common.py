@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -300,6 +300,18 @@ class EMA:
         model.load_state_dict(sd)
 
 
+def resume_weights(model: torch.nn.Module, ck: Mapping | None, device: torch.device, decay: float) -> EMA:
+    """``model`` with the checkpoint ``ck``'s weights where resuming, trainable on ``device``, and its EMA (the
+    checkpoint's where resuming)."""
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+    model.to(device).train().requires_grad_(True)
+    ema = EMA(model, decay)
+    if ck is not None:
+        ema.load_state_dict(ck["ema"])
+    return ema
+
+
 @contextlib.contextmanager
 def ema_weights(model: torch.nn.Module, ema: EMA) -> Iterator[torch.nn.Module]:
     """``model`` in eval mode with the EMA weights inside the block, its live weights and train mode after it."""
@@ -421,9 +433,30 @@ def log_due(step: int, args) -> bool:
     return step % args.log_every == 0 or step == args.steps or step == 1
 
 
+def stop_due(step: int, args) -> bool:
+    """``--stop-after`` is reached: the trainer saves and returns as if interrupted (how the tests resume)."""
+    return bool(args.stop_after) and step >= args.stop_after
+
+
 def eval_due(step: int, args) -> bool:
     """A trainer evaluates and saves every ``--eval-every`` steps and after its last (``--steps``)."""
     return step % args.eval_every == 0 or step == args.steps
+
+
+def after_step(step: int, args, evaluate: Callable[[], dict | None], save: Callable[[], None],
+               log: RunLog) -> dict | None:
+    """The end of a trainer's step ``step`` (counted from 1): at an evaluation step (:func:`eval_due`) the figures of
+    ``evaluate()`` (None on a rank that does not evaluate) are logged and returned, then ``save()`` writes
+    ``last.pt``; otherwise ``save()`` runs every ``--save-every`` steps and None is returned."""
+    if eval_due(step, args):
+        metrics = evaluate()
+        if metrics is not None:
+            log.log("eval", step=step, **metrics)
+        save()
+        return metrics
+    if step % args.save_every == 0:
+        save()
+    return None
 
 
 def _fmt(v) -> str:

@@ -247,6 +247,14 @@ class Distributed:
         if self.is_main:
             self.barrier()
 
+    def start(self, args) -> common.RunLog:
+        """A trainer's opening on every rank: ``--batch-size`` checked against the processes, the run log (written by
+        rank 0) made and returned, ``--seed`` set."""
+        self.check_batch(args.batch_size)
+        log = common.RunLog(args.run_dir, enabled=self.is_main)
+        torch.manual_seed(args.seed)
+        return log
+
     def load_resume(self, run_dir: str, resume: str | None) -> tuple[str | None, dict | None]:
         """``(path, checkpoint)`` of the run's resume point (:meth:`resume_path`), ``(None, None)`` without one."""
         path = self.resume_path(run_dir, resume)

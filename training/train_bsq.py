@@ -113,10 +113,8 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
+    log = d.start(args)
     precision = common.resolve_precision(args.precision, device)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
     with d.main_first():
         ds = t2i_data.load_from_args(args)
     train_idx, held_idx = ds.split_indices("train"), ds.split_indices("heldout")
@@ -155,17 +153,27 @@ def _train(args, d: distributed.Distributed) -> dict:
     def build() -> BSQTokenizer:
         return BSQTokenizer(cfg)
 
-    def save(path):
+    def save():
         state = {"model": d.full_state(tok.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
                  "config": cfg.to_dict(), "best": best, "args": json.dumps(vars(args)), "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
+
+    def held_out() -> dict | None:
+        """The held-out figures of the whole tokenizer on rank 0 (None on the others; a collective)."""
+        nonlocal best
+        whole = d.whole(tok, build)
+        if whole is None:
+            return None
+        metrics = evaluate_bsq(whole, held_eval, scales, device=device)
+        best = max(best or 0.0, metrics["psnr"])
+        return metrics
 
     bar = common.Progress(args.steps, start=step, desc="bsq", enabled=not args.no_progress and d.is_main)
     t0, metrics = time.time(), {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
         common.schedule_lr(opt, step, args)
         (xb,) = batches.batch(step)
@@ -182,17 +190,9 @@ def _train(args, d: distributed.Distributed) -> dict:
             log.log("train", step=step, loss=figures["loss"], commit=figures["commit"], batch_psnr=figures["psnr"],
                     lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1),
                     **{k: figures[k] for k in parts})
-        if common.eval_due(step, args):
-            whole = d.whole(tok, build)
-            if whole is not None:
-                metrics = evaluate_bsq(whole, held_eval, scales, device=device)
-                best = max(best or 0.0, metrics["psnr"])
-                log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, held_out, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     whole = d.whole(tok, build) if args.out else None
     if whole is not None:
         whole.save(args.out)

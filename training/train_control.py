@@ -125,9 +125,7 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
+    log = d.start(args)
     tokenizer = MultiScaleVQVAE.from_file(args.tokenizer).to(device).eval().requires_grad_(False)
     var = VAR.from_file(args.generator).to(device).eval().requires_grad_(False)
     if tokenizer.config.image_size != args.resolution:
@@ -180,18 +178,23 @@ def _train(args, d: distributed.Distributed) -> dict:
     def build() -> ControlAdapter:
         return ControlAdapter(cfg)
 
-    def save(path):
+    def save():
         state = {"model": d.full_state(adapter.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
                  "config": cfg.to_dict(), "gen_state": gen.get_state(), "generator": os.path.abspath(args.generator),
                  "args": json.dumps(vars(args)), "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
+
+    def held_out() -> dict | None:
+        """The held-out figures of the whole adapter on rank 0 (None on the others; a collective)."""
+        whole = d.whole(adapter, build)
+        return None if whole is None else evaluate(var, whole, tokenizer, idx_held, lab_held, ctrl_held, device)
 
     bar = common.Progress(args.steps, start=step, desc="control", enabled=progress)
     t0, metrics = time.time(), {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
         common.schedule_lr(opt, step, args)
         idx, lab, ctrl = batches.batch(step)
@@ -212,16 +215,9 @@ def _train(args, d: distributed.Distributed) -> dict:
         if logged:
             log.log("train", step=step, loss=figures["loss"], token_acc=figures["token_acc"], grad_norm=gnorm,
                     lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
-        if common.eval_due(step, args):
-            whole = d.whole(adapter, build)
-            if whole is not None:
-                metrics = evaluate(var, whole, tokenizer, idx_held, lab_held, ctrl_held, device)
-                log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, held_out, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     whole = d.whole(adapter, build) if args.out else None
     if whole is not None:
         whole.eval().save(args.out)

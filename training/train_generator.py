@@ -188,9 +188,7 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
+    log = d.start(args)
     tokenizer = MultiScaleVQVAE.from_file(args.tokenizer).to(device)
     tcfg = tokenizer.config
     if tcfg.image_size != args.resolution:
@@ -246,20 +244,26 @@ def _train(args, d: distributed.Distributed) -> dict:
     batches = common.StepBatches((idx_train, lab_train), args.batch_size, args.seed, weights=item_weights)
     drop_p = common.label_drop_per_class(args.label_drop, lab_train, item_weights, cfg.num_classes)
 
-    def save(path):
+    def save():
         state = {"model": d.full_state(var.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
                  "config": cfg.to_dict(), "ema": {"decay": ema.decay, "shadow": d.full_state(ema.shadow)}
                  if ema else None, "gen_state": gen.get_state(), "tokenizer": os.path.abspath(args.tokenizer),
                  "args": json.dumps(vars(args)), "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
+
+    def held_out() -> dict | None:
+        """The teacher-forced held-out figures of the whole model (EMA weights where kept) on rank 0 (None on the
+        others; a collective)."""
+        model = d.whole(var, lambda: VAR(cfg), ema.shadow if ema else None)
+        return None if model is None else evaluate_teacher(model, tokenizer, idx_held, lab_held, device=device)
 
     bar = common.Progress(args.steps, start=step, desc="generator", enabled=progress)
     t0 = time.time()
     metrics = {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
         common.schedule_lr(opt, step, args)
         idx, lab = batches.batch(step)
@@ -281,16 +285,9 @@ def _train(args, d: distributed.Distributed) -> dict:
         if logged:
             log.log("train", step=step, loss=figures["loss"], token_acc=figures["token_acc"], grad_norm=gnorm,
                     lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
-        if common.eval_due(step, args):
-            model = d.whole(var, lambda: VAR(cfg), ema.shadow if ema else None)
-            if model is not None:
-                metrics = evaluate_teacher(model, tokenizer, idx_held, lab_held, device=device)
-                log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, held_out, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     model = d.whole(var, lambda: VAR(cfg), ema.shadow if ema else None) if args.out else None
     if model is not None:
         export(model, args.out, args.export_dtype)

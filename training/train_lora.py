@@ -297,9 +297,7 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
+    log = d.start(args)
     task = make_task(args, device)
     model = task.model
     images, texts, paths = data.captioned_folder(args.data, task.size)
@@ -349,12 +347,12 @@ def _train(args, d: distributed.Distributed) -> dict:
     def lora_state() -> dict[str, torch.Tensor]:
         return d.full_state({k: v for k, v in model.state_dict().items() if lora.is_lora_parameter(k)})
 
-    def save(path):
+    def save():
         state = {"lora": lora_state(), "optimizer": d.optimizer_state(opt), "step": step, "config": config,
                  "data": digest, "gen_state": gen.get_state(), "args": json.dumps(vars(args)),
                  "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
 
     @torch.no_grad()
     def heldout_loss() -> dict[str, float]:
@@ -387,8 +385,8 @@ def _train(args, d: distributed.Distributed) -> dict:
     bar = common.Progress(args.steps, start=step, desc="lora", enabled=not args.no_progress and d.is_main)
     t0, metrics = time.time(), {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
         common.schedule_lr(opt, step, args)
         batch = task.conditions(batches.batch(step), gen)
@@ -401,14 +399,9 @@ def _train(args, d: distributed.Distributed) -> dict:
         if common.log_due(step, args):
             log.log("train", step=step, loss=figures["loss"], acc=figures["acc"], grad_norm=gnorm,
                     lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
-        if common.eval_due(step, args):
-            metrics = evaluate()
-            log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, evaluate, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     weights = lora.lora_weights(lora_state(), alpha) if args.out else None
     if weights is not None and d.is_main:
         trained_on = {"steps": step, "images": int((~held).sum())}

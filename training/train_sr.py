@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from training import common, data, distributed, sr_data, t2i_data
 from training.train_bsq import SCHEDULE
-from training.train_t2i import cached_tokens, scale_slices, teacher_inputs, unpack_bits
+from training.train_t2i import scale_slices, teacher_inputs, token_data, unpack_bits
 from training.train_tokenizer import psnr
 
 common.import_pack()
@@ -144,25 +144,15 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
+    log = d.start(args)
     precision = common.resolve_precision(args.precision, device)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
-    tokenizer = BSQTokenizer.from_file(args.tokenizer).to(device)
-    with d.main_first():
-        ds = t2i_data.load_from_args(args)
-        packed = cached_tokens(args.run_dir, args.tokenizer, tokenizer, ds, log)
+    tokenizer, ds, packed = token_data(args, d, log)
     train_idx, held_idx = ds.split_indices("train"), ds.split_indices("heldout")
     cfg = config_from_args(args, tokenizer)
     ckpt_path, ck = d.load_resume(args.run_dir, args.resume)
     cfg = common.checkpoint_config(ck, "config", cfg, log)
     model = NSARM(cfg)
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-    model.to(device).train().requires_grad_(True)
-    ema = common.EMA(model, args.ema)
-    if ck is not None:
-        ema.load_state_dict(ck["ema"])
+    ema = common.resume_weights(model, ck, device, args.ema)
     d_bits = tokenizer.codebook_dim
     area = AreaNextInput(tokenizer)
 
@@ -198,8 +188,10 @@ def _train(args, d: distributed.Distributed) -> dict:
         return ar, mapped, (logits.argmax(-1) == target).float().mean(), map_acc
 
     @torch.no_grad()
-    def evaluate() -> dict:
-        """Held-out teacher-forced figures and upscale PSNR of the EMA weights."""
+    def evaluate() -> dict | None:
+        """Held-out teacher-forced figures and upscale PSNR of the EMA weights, on rank 0 (None on the others)."""
+        if not d.is_main:
+            return None
         with common.ema_weights(model, ema):
             sums = np.zeros(4)
             for i in range(0, len(held_eval), 64):
@@ -215,18 +207,18 @@ def _train(args, d: distributed.Distributed) -> dict:
                 "heldout_map_bit_accuracy": map_acc, "psnr": float(psnr(up, hr).mean()),
                 "bicubic_psnr": float(psnr(sr_data.bicubic(lr), hr).mean())}
 
-    def save(path):
+    def save():
         state = {"model": d.full_state(model.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
                  "ema": ema.state_dict(), "config": cfg.to_dict(), "args": json.dumps(vars(args)),
                  "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
 
     bar = common.Progress(args.steps, start=step, desc="sr", enabled=not args.no_progress and d.is_main)
     t0, metrics = time.time(), {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
         common.schedule_lr(opt, step, args)
         (idx,) = batches.batch(step)
@@ -241,15 +233,9 @@ def _train(args, d: distributed.Distributed) -> dict:
         bar.update(loss=figures["loss"], map_acc=figures["map_bit_accuracy"])
         if common.log_due(step, args):
             log.log("train", step=step, **figures, lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
-        if common.eval_due(step, args):
-            if d.is_main:
-                metrics = evaluate()
-                log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, evaluate, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     if d.is_main and args.out:
         ema.copy_to(model)
         log.log("export", out=args.out, bytes=export(model, args.out))

@@ -180,6 +180,17 @@ def teacher_inputs(tokenizer: BSQTokenizer, bits_BLd: torch.Tensor) -> torch.Ten
     return torch.cat(inputs, 1)
 
 
+def token_data(args, d: distributed.Distributed,
+               log: common.RunLog) -> tuple[BSQTokenizer, t2i_data.T2IData, np.ndarray]:
+    """``(tokenizer, data set, packed bits of every image)`` of a trainer on the frozen ``--tokenizer``'s bits (the
+    set and the token cache made by rank 0 first)."""
+    tokenizer = BSQTokenizer.from_file(args.tokenizer).to(d.device)
+    with d.main_first():
+        ds = t2i_data.load_from_args(args)
+        packed = cached_tokens(args.run_dir, args.tokenizer, tokenizer, ds, log)
+    return tokenizer, ds, packed
+
+
 def step_batch(tokenizer: BSQTokenizer, prompt_tokenizer, packed_rows: np.ndarray, captions: list[str],
                drop: torch.Tensor, text_maxlen: int) -> tuple[torch.Tensor, ...]:
     """``(ids, mask, drop, x, bits)`` of a step: the T5 tokens of ``captions``, the teacher inputs and the int64 bit
@@ -267,27 +278,17 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
+    log = d.start(args)
     precision = common.resolve_precision(args.precision, device)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
-    tokenizer = BSQTokenizer.from_file(args.tokenizer).to(device)
+    tokenizer, ds, packed = token_data(args, d, log)
     prompt_tokenizer = t2i_text.PromptTokenizer(args.t5_tokenizer)
-    with d.main_first():
-        ds = t2i_data.load_from_args(args)
-        packed = cached_tokens(args.run_dir, args.tokenizer, tokenizer, ds, log)
     train_idx, held_idx = ds.split_indices("train"), ds.split_indices("heldout")
     t5_cfg, gen_cfg = configs_from_args(args, tokenizer.codebook_dim)
     ckpt_path, ck = d.load_resume(args.run_dir, args.resume)
     t5_cfg = common.checkpoint_config(ck, "t5_config", t5_cfg, log)
     gen_cfg = common.checkpoint_config(ck, "generator_config", gen_cfg, log)
     model = TextToImage(t5_cfg, gen_cfg)
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-    model.to(device).train().requires_grad_(True)
-    ema = common.EMA(model, args.ema)
-    if ck is not None:
-        ema.load_state_dict(ck["ema"])
+    ema = common.resume_weights(model, ck, device, args.ema)
 
     def forward(ids, mask, drop, x_BLCv):
         with common.autocast(device, precision):
@@ -308,8 +309,11 @@ def _train(args, d: distributed.Distributed) -> dict:
         return step_batch(tokenizer, prompt_tokenizer, packed[indices], captions, drop, gen_cfg.text_maxlen)
 
     @torch.no_grad()
-    def evaluate() -> dict:
-        """Teacher-forced held-out loss and bit accuracy of the EMA weights, and a sample grid."""
+    def evaluate() -> dict | None:
+        """Teacher-forced held-out loss and bit accuracy of the EMA weights, and a sample grid, on rank 0 (None on
+        the others)."""
+        if not d.is_main:
+            return None
         with common.ema_weights(model, ema):
             losses, accs = [], []
             for i in range(0, len(held_eval), 64):
@@ -325,18 +329,18 @@ def _train(args, d: distributed.Distributed) -> dict:
         n = len(held_eval)
         return {"heldout_loss": sum(losses) / n, "heldout_bit_accuracy": sum(accs) / n, "prompts": prompts}
 
-    def save(path):
+    def save():
         state = {"model": d.full_state(model.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
                  "ema": ema.state_dict(), "t5_config": t5_cfg.to_dict(), "generator_config": gen_cfg.to_dict(),
                  "args": json.dumps(vars(args)), "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
 
     bar = common.Progress(args.steps, start=step, desc="t2i", enabled=not args.no_progress and d.is_main)
     t0, metrics = time.time(), {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
         common.schedule_lr(opt, step, args)
         (idx,) = batches.batch(step)
@@ -351,15 +355,9 @@ def _train(args, d: distributed.Distributed) -> dict:
         bar.update(loss=figures["loss"], acc=figures["bit_accuracy"])
         if common.log_due(step, args):
             log.log("train", step=step, **figures, lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
-        if common.eval_due(step, args):
-            if d.is_main:
-                metrics = evaluate()
-                log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, evaluate, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     if d.is_main and (args.out or args.text_encoder_out):
         ema.copy_to(model)
         sizes = export(model, args.out, args.text_encoder_out)

@@ -204,9 +204,7 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
+    log = d.start(args)
     with d.main_first():
         train_ds, held_ds = data.load_datasets(args.data, args.resolution, args.seed, args.train_count,
                                                args.heldout_count, args.cache_dir)
@@ -263,19 +261,29 @@ def _train(args, d: distributed.Distributed) -> dict:
     def build() -> MultiScaleVQVAE:
         return MultiScaleVQVAE(cfg)
 
-    def save(path):
+    def save():
         state = {"model": d.full_state(model.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
                  "config": cfg.to_dict(), "best": best, "gen_state": gen.get_state(), "args": json.dumps(vars(args)),
                  "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
+
+    def held_out() -> dict | None:
+        """The held-out figures of the whole tokenizer on rank 0 (None on the others; a collective)."""
+        nonlocal best
+        whole = d.whole(model, build)
+        if whole is None:
+            return None
+        metrics = evaluate_tokenizer(whole, held_eval, device=device)
+        best = max(best or 0.0, metrics["psnr"])
+        return metrics
 
     bar = common.Progress(args.steps, start=step, desc="tokenizer", enabled=not args.no_progress and d.is_main)
     t0, restarts = time.time(), 0
     metrics = {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
         common.schedule_lr(opt, step, args)
         (xb,) = batches.batch(step)
@@ -301,17 +309,9 @@ def _train(args, d: distributed.Distributed) -> dict:
                     restarts=restarts, lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1),
                     **{k: figures[k] for k in parts})
             restarts = 0
-        if common.eval_due(step, args):
-            whole = d.whole(model, build)
-            if whole is not None:
-                metrics = evaluate_tokenizer(whole, held_eval, device=device)
-                best = max(best or 0.0, metrics["psnr"])
-                log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, held_out, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     whole = d.whole(model, build) if args.out else None
     if whole is not None:
         export(whole, args.out, args.export_dtype)
