@@ -8,45 +8,22 @@ import textwrap
 
 import numpy as np
 import pytest
+import test_t2i_training as t2i_tests
 import torch
 from harness.testbed import run_in_comfyui_python
 from nextscale.models.core.family import FAMILIES
 from nextscale.models.infinity.bsq import BSQTokenizer
 from nextscale.models.nsarm.model import NSARM
 from nextscale.models.nsarm.sampler import check_pair, input_size, output_size
-from test_t2i_data import make_tree
 from test_text_encoder import PREAMBLE
 
-from training import common, sr, sr_data, sr_evaluate, train_bsq, train_sr
+from training import common, sr, sr_data, sr_evaluate, train_sr
 
-TOKENIZER = ["--codebook-dim", "4", "--base-ch", "24", "--ch-mult", "1,1,1", "--batch-size", "2"]
 MODEL = ["--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--text-dim", "16", "--map-width", "16",
          "--map-layers", "1", "--map-heads", "2", "--map-stem", "8", "--batch-size", "2", "--eval-count", "3"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data_args(tmp_path_factory):
-    root = make_tree(tmp_path_factory.mktemp("openclipart"))
-    cache = str(tmp_path_factory.mktemp("cache"))
-    return ["--data-dir", cache, "--clipart-root", root, "--emoji-font", "", "--variants", "2"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(data_args, tmp_path_factory):
-    run = tmp_path_factory.mktemp("bsq")
-    out = run / "tok.safetensors"
-    train_bsq.train(train_bsq.build_parser().parse_args(
-        [*data_args, *TOKENIZER, "--run-dir", str(run), "--no-progress", "--threads", "1", "--eval-count", "2",
-         "--steps", "1", "--eval-every", "1", "--out", str(out)]))
-    return str(out)
+# the text-to-image trainer's tests' fixtures: one thread, the tiny clip-art set and a BSQ tokenizer trained on it
+_single_thread, data_args, tokenizer_file = t2i_tests._single_thread, t2i_tests.data_args, t2i_tests.tokenizer_file
 
 
 def _train(data_args, tokenizer_file, run_dir, *extra):
@@ -115,8 +92,7 @@ def test_trainer_resumes_evaluates_and_exports_strictly(data_args, tokenizer_fil
     assert set(exported) == set(model.state_dict()) and {v.dtype for v in exported.values()} == {torch.float16}
 
 
-# the files come after ComfyUI's folder and the repository root; the preamble resets sys.argv
-NODE_CHECK = "import sys\nmodel_file, tokenizer_file = sys.argv[3:5]\n" + textwrap.dedent(PREAMBLE) + textwrap.dedent(
+NODE_CHECK = "model_file, tokenizer_file = script_args\n" + textwrap.dedent(PREAMBLE) + textwrap.dedent(
     """
     import shutil
     from comfy_api.latest import io

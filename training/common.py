@@ -8,14 +8,16 @@ Exported weights are safetensors whose metadata key ``nextscale_config`` holds t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 CONFIG_KEY = "nextscale_config"
@@ -166,6 +168,11 @@ class StepBatches:
         return step * self.batch_size / self.n
 
 
+def spread(indices: np.ndarray, count: int) -> np.ndarray:
+    """At most ``count`` of ``indices``, evenly spaced from the first: a fixed held-out subset."""
+    return indices[:: max(1, len(indices) // count)][:count]
+
+
 def class_item_weights(labels: torch.Tensor, class_names, specs) -> torch.Tensor | None:
     """Per-item sampling weights from ``NAME=W`` strings (``--class-weight``): items of class ``NAME`` are drawn
     ``W`` times as often as the others (weight 1). ``None`` when ``specs`` is empty (plain epochs)."""
@@ -228,6 +235,33 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def add_schedule_args(ap, steps: int, batch_size: int, lr: float, warmup: int, min_lr_ratio: float = 0.05) -> None:
+    """``--steps``, ``--batch-size``, ``--lr``, ``--warmup`` and ``--min-lr-ratio`` with a trainer's defaults: the
+    options :func:`schedule_lr` reads."""
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--min-lr-ratio", type=float, default=min_lr_ratio)
+
+
+def schedule_lr(optimizer: torch.optim.Optimizer, step: int, args) -> None:
+    """Set the learning rate of ``step`` (:func:`lr_at`) from a trainer's ``--lr``, ``--warmup``, ``--min-lr-ratio``
+    and ``--steps``."""
+    set_lr(optimizer, lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_ratio))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: Iterable[torch.nn.Parameter],
+                   max_norm: float) -> torch.Tensor:
+    """Back-propagate ``loss`` into cleared gradients, clip their norm to ``max_norm`` and step; returns
+    ``clip_grad_norm_``'s result (the norm before clipping)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    return norm
+
+
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.05, betas=(0.9, 0.95)) -> torch.optim.AdamW:
     """AdamW with no weight decay on biases, norms, embeddings of size < 2-D and gains."""
     decay, no_decay = [], []
@@ -266,6 +300,31 @@ class EMA:
         model.load_state_dict(sd)
 
 
+def resume_weights(model: torch.nn.Module, ck: Mapping | None, device: torch.device, decay: float) -> EMA:
+    """``model`` with the checkpoint ``ck``'s weights where resuming, trainable on ``device``, and its EMA (the
+    checkpoint's where resuming)."""
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+    model.to(device).train().requires_grad_(True)
+    ema = EMA(model, decay)
+    if ck is not None:
+        ema.load_state_dict(ck["ema"])
+    return ema
+
+
+@contextlib.contextmanager
+def ema_weights(model: torch.nn.Module, ema: EMA) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode with the EMA weights inside the block, its live weights and train mode after it."""
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    ema.copy_to(model)
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.load_state_dict(live)
+        model.train()
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints and exports
 
@@ -280,6 +339,15 @@ def save_checkpoint(path: str, state: Mapping[str, Any]) -> None:
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def checkpoint_config(ck: Mapping | None, key: str, cfg, log: RunLog):
+    """``cfg``, or the config the checkpoint ``ck`` holds under ``key`` where the two differ (a resumed run keeps its
+    architecture; the difference is logged as a warning)."""
+    if ck is None or ck[key] == cfg.to_dict():
+        return cfg
+    log.log("warn", message=f"{key} of the checkpoint differs from the arguments; the checkpoint's wins")
+    return type(cfg).from_dict(ck[key])
 
 
 def resume_path(run_dir: str, resume: str | None) -> str | None:
@@ -311,6 +379,14 @@ def export_safetensors(path: str, state_dict: Mapping[str, torch.Tensor], config
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(tensors, path, metadata={CONFIG_KEY: json.dumps(dict(config), sort_keys=True)})
     return os.path.getsize(path)
+
+
+def write_json(path: str, value: Any) -> None:
+    """``value`` as JSON indented by one space at ``path`` (its folder made), ending in a newline."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+        f.write("\n")
 
 
 def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -350,6 +426,37 @@ class RunLog:
             shown = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
             Progress.clear_line()
             print(f"[{kind}] {shown}", flush=True)
+
+
+def log_due(step: int, args) -> bool:
+    """A trainer logs after its first step, every ``--log-every`` steps and after its last (``--steps``)."""
+    return step % args.log_every == 0 or step == args.steps or step == 1
+
+
+def stop_due(step: int, args) -> bool:
+    """``--stop-after`` is reached: the trainer saves and returns as if interrupted (how the tests resume)."""
+    return bool(args.stop_after) and step >= args.stop_after
+
+
+def eval_due(step: int, args) -> bool:
+    """A trainer evaluates and saves every ``--eval-every`` steps and after its last (``--steps``)."""
+    return step % args.eval_every == 0 or step == args.steps
+
+
+def after_step(step: int, args, evaluate: Callable[[], dict | None], save: Callable[[], None],
+               log: RunLog) -> dict | None:
+    """The end of a trainer's step ``step`` (counted from 1): at an evaluation step (:func:`eval_due`) the figures of
+    ``evaluate()`` (None on a rank that does not evaluate) are logged and returned, then ``save()`` writes
+    ``last.pt``; otherwise ``save()`` runs every ``--save-every`` steps and None is returned."""
+    if eval_due(step, args):
+        metrics = evaluate()
+        if metrics is not None:
+            log.log("eval", step=step, **metrics)
+        save()
+        return metrics
+    if step % args.save_every == 0:
+        save()
+    return None
 
 
 def _fmt(v) -> str:

@@ -247,6 +247,27 @@ class Distributed:
         if self.is_main:
             self.barrier()
 
+    def start(self, args) -> common.RunLog:
+        """A trainer's opening on every rank: ``--batch-size`` checked against the processes, the run log (written by
+        rank 0) made and returned, ``--seed`` set."""
+        self.check_batch(args.batch_size)
+        log = common.RunLog(args.run_dir, enabled=self.is_main)
+        torch.manual_seed(args.seed)
+        return log
+
+    def load_resume(self, run_dir: str, resume: str | None) -> tuple[str | None, dict | None]:
+        """``(path, checkpoint)`` of the run's resume point (:meth:`resume_path`), ``(None, None)`` without one."""
+        path = self.resume_path(run_dir, resume)
+        return path, (common.load_checkpoint(path) if path else None)
+
+    def resume_step(self, opt: torch.optim.Optimizer, ck: Mapping, path: str, log) -> int:
+        """Load the checkpoint ``ck`` (read from ``path``)'s optimizer state into ``opt``, log the resume to the
+        :class:`~training.common.RunLog` ``log`` and return the checkpoint's step."""
+        self.load_optimizer_state(opt, ck["optimizer"])
+        step = int(ck["step"])
+        log.log("resume", path=path, step=step, saved_by_processes=ck.get("world_size", 1), processes=self.world_size)
+        return step
+
     def resume_path(self, run_dir: str, resume: str | None) -> str | None:
         """:func:`training.common.resume_path` as rank 0 sees it; a rank that cannot read that file stops with the
         reason (every machine must see the run folder)."""

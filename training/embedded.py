@@ -207,9 +207,7 @@ def install(run_dir: str, weights_dir: str | None = None) -> list[str]:
     with open(os.path.join(weights_dir, SHIPPED["card"]), encoding="utf-8") as f:
         card = json.load(f)
     card["files"].update({key: SHIPPED[key] for key in ("tokenizer", "generator", "control")})
-    with open(os.path.join(weights_dir, SHIPPED["card"]), "w", encoding="utf-8") as f:
-        json.dump(card, f, indent=1)
-        f.write("\n")
+    common.write_json(os.path.join(weights_dir, SHIPPED["card"]), card)
     return written
 
 

@@ -173,9 +173,7 @@ def write_card(path: str, tokenizer_path: str, generator_path: str, metrics: dic
         "metrics": metrics,
         "notes": notes,
     }
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(card, f, indent=1)
-        f.write("\n")
+    common.write_json(path, card)
     return card
 
 

@@ -35,7 +35,7 @@ import torch
 
 from training import classifier as clf
 from training import common, data, sr_data, t2i_data
-from training.t2i_evaluate import Labelled, category_sets
+from training.t2i_evaluate import add_measure_args, measuring_stick
 from training.train_bsq import SCHEDULE, evaluate_bsq
 from training.train_sr import upscale
 from training.train_tokenizer import psnr
@@ -63,7 +63,7 @@ def evaluate(args) -> dict:
     model = NSARM.from_file(args.model).float().eval()
     held = ds.split_indices("heldout")
     if args.count:
-        held = held[:: max(1, len(held) // args.count)][: args.count]
+        held = common.spread(held, args.count)
     lr = data.to_tensor(sr_data.degrade_batch(ds.images, held, args.seed, sr_data.HELDOUT_VARIANT))
     hr = data.to_tensor(ds.images[held])
     images = {"model": upscale(model, tokenizer, lr, seed=args.seed, tau=args.tau)}
@@ -73,11 +73,7 @@ def evaluate(args) -> dict:
     result["psnr"]["tokenizer_ceiling"] = evaluate_bsq(tokenizer, ds.images[held], list(SCHEDULE.scales))["psnr"]
     log.log("psnr", **result["psnr"])
 
-    names, sets, labels = category_sets(ds, args.categories)
-    train_set = Labelled(ds.images[sets["train"]], labels[sets["train"]], names)
-    held_set = Labelled(ds.images[sets["heldout"]], labels[sets["heldout"]], names)
-    stick, real_acc = clf.train_classifier(train_set, held_set, args.classifier_steps, seed=args.seed, log=log,
-                                           progress=not args.no_progress)
+    stick, real_acc, (names, _, _) = measuring_stick(ds, args, log)
     stick.eval()
     result["classifier"] = {"categories": len(names), "heldout_accuracy": real_acc}
     result["feature_distance"] = {k: feature_distances(stick, v, hr) for k, v in images.items()}
@@ -133,10 +129,7 @@ def write_card(path: str, result: dict, files: dict[str, str], commands: list[st
         "metrics": card_metrics(result),
         "bars": BARS,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(card, f, indent=1)
-        f.write("\n")
+    common.write_json(path, card)
     return card
 
 
@@ -147,13 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", required=True, help="training/train_sr.py's export")
     ap.add_argument("--count", type=int, default=0, help="held-out images (0: all)")
     ap.add_argument("--tau", type=float, default=0.5)
-    ap.add_argument("--categories", type=int, default=24, help="the classifier's categories (the most common)")
-    ap.add_argument("--classifier-steps", type=int, default=1500)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--run-dir", default=os.path.join(common.repo_root(), "runs", "sr_evaluate"))
-    ap.add_argument("--out", default=None, help="write the results here (JSON)")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--no-progress", action="store_true")
+    add_measure_args(ap, "sr_evaluate")
     return ap
 
 
@@ -162,9 +149,7 @@ def main(argv=None) -> dict:
     common.set_threads(args.threads)
     result = evaluate(args)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        common.write_json(args.out, result)
     print(json.dumps(result, indent=1))
     return result
 

@@ -70,6 +70,32 @@ def category_sets(ds: t2i_data.T2IData, count: int) -> tuple[list[str], dict[str
                    for split in t2i_data.SPLITS}, labels
 
 
+def measuring_stick(ds: t2i_data.T2IData, args, log: common.RunLog):
+    """The classifier trained on the training renders of the ``--categories`` most common categories
+    (``--classifier-steps``, ``--seed``), its accuracy on their held-out renders, and :func:`category_sets`'s
+    ``(categories, sets, labels)``."""
+    names, sets, labels = category_sets(ds, args.categories)
+    if not len(sets["heldout"]):
+        raise SystemExit(f"no held-out drawing falls in the {len(names)} most common categories: raise --categories")
+    train_set = Labelled(ds.images[sets["train"]], labels[sets["train"]], names)
+    held_set = Labelled(ds.images[sets["heldout"]], labels[sets["heldout"]], names)
+    stick, accuracy = clf.train_classifier(train_set, held_set, args.classifier_steps, seed=args.seed, log=log,
+                                           progress=not args.no_progress)
+    return stick, accuracy, (names, sets, labels)
+
+
+def add_measure_args(ap: argparse.ArgumentParser, run_name: str) -> None:
+    """The options every measurement of an embedded model shares: the measuring stick's, the seed, the run folder
+    (``runs/<run_name>``), the results file, threads and progress."""
+    ap.add_argument("--categories", type=int, default=24, help="the classifier's categories (the most common)")
+    ap.add_argument("--classifier-steps", type=int, default=1500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run-dir", default=os.path.join(common.repo_root(), "runs", run_name))
+    ap.add_argument("--out", default=None, help="write the results here (JSON)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+
+
 def matched_real(labels: np.ndarray, pool: np.ndarray, want: np.ndarray, seed: int) -> np.ndarray:
     """Indices from ``pool`` with as many images per category as ``want`` has (fewer where the pool runs out)."""
     rng = np.random.default_rng(seed)
@@ -115,13 +141,7 @@ def evaluate(args) -> dict:
     result["tokenizer"]["images"] = len(held)
     log.log("tokenizer", **result["tokenizer"])
 
-    names, sets, labels = category_sets(ds, args.categories)
-    if not len(sets["heldout"]):
-        raise SystemExit(f"no held-out drawing falls in the {len(names)} most common categories: raise --categories")
-    train_set = Labelled(ds.images[sets["train"]], labels[sets["train"]], names)
-    held_set = Labelled(ds.images[sets["heldout"]], labels[sets["heldout"]], names)
-    stick, real_acc = clf.train_classifier(train_set, held_set, args.classifier_steps, seed=args.seed, log=log,
-                                           progress=not args.no_progress)
+    stick, real_acc, (names, sets, labels) = measuring_stick(ds, args, log)
     result["classifier"] = {"categories": names, "heldout_accuracy": real_acc, "train_images": len(sets["train"]),
                             "heldout_images": len(sets["heldout"])}
     log.log("classifier", heldout_accuracy=real_acc, categories=len(names))
@@ -205,9 +225,7 @@ def write_card(path: str, result: dict, files: dict[str, str], commands: list[st
         "metrics": card_metrics(result, files),
         "bars": BARS,
     }
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(card, f, indent=1)
-        f.write("\n")
+    common.write_json(path, card)
     return card
 
 
@@ -218,17 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--generator", default=None, help="without it: the tokenizer and the classifier only")
     ap.add_argument("--text-encoder", default=None)
     ap.add_argument("--t5-tokenizer", default=None, help="ComfyUI's t5_tokenizer/tokenizer.json (default: found)")
-    ap.add_argument("--categories", type=int, default=24, help="the classifier's categories (the most common)")
-    ap.add_argument("--classifier-steps", type=int, default=1500)
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--also-cfg", type=float, nargs="*", default=[1.5])
     ap.add_argument("--tau", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--run-dir", default=os.path.join(common.repo_root(), "runs", "t2i_evaluate"))
-    ap.add_argument("--out", default=None, help="write the results here (JSON)")
     ap.add_argument("--grid", default=None, help="write the prompt-following grid here (PNG)")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--no-progress", action="store_true")
+    add_measure_args(ap, "t2i_evaluate")
     return ap
 
 
@@ -239,9 +251,7 @@ def main(argv=None):
     common.set_threads(args.threads)
     result = evaluate(args)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        common.write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "classifier"}, indent=1))
 
 

@@ -55,11 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--base-ch", type=int, default=32)
     ap.add_argument("--ch-mult", type=_ints, default=(1, 1, 2), help="one level per entry; 2**(n-1) px cells")
     ap.add_argument("--num-res-blocks", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=6000)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--min-lr-ratio", type=float, default=0.05)
+    common.add_schedule_args(ap, steps=6000, batch_size=8, lr=5e-4, warmup=200)
     ap.add_argument("--commit", type=float, default=0.25, help="weight of the commitment term")
     ap.add_argument("--edge-weight", type=float, default=0.5, help="L1 on image gradients (sharper edges)")
     ap.add_argument("--seed", type=int, default=0)
@@ -117,19 +113,14 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
+    log = d.start(args)
     precision = common.resolve_precision(args.precision, device)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
     with d.main_first():
         ds = t2i_data.load_from_args(args)
     train_idx, held_idx = ds.split_indices("train"), ds.split_indices("heldout")
     cfg = config_from_args(args)
-    ckpt_path = d.resume_path(args.run_dir, args.resume)
-    ck = common.load_checkpoint(ckpt_path) if ckpt_path else None
-    if ck is not None and ck["config"] != cfg.to_dict():
-        log.log("warn", message="config of the checkpoint differs from the arguments; the checkpoint's wins")
-        cfg = BSQConfig.from_dict(ck["config"])
+    ckpt_path, ck = d.load_resume(args.run_dir, args.resume)
+    cfg = common.checkpoint_config(ck, "config", cfg, log)
     scales = list(SCHEDULE.scales)
     if SCHEDULE.scales[-1][0] * cfg.downsample != t2i_data.RESOLUTION:
         raise SystemExit(f"--ch-mult {cfg.ch_mult} gives {cfg.downsample} px cells: the schedule's last "
@@ -151,61 +142,57 @@ def _train(args, d: distributed.Distributed) -> dict:
     opt = common.adamw(tok, args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     step, best = 0, None
     if ck is not None:
-        d.load_optimizer_state(opt, ck["optimizer"])
-        step, best = int(ck["step"]), ck.get("best")
-        log.log("resume", path=ckpt_path, step=step, saved_by_processes=ck.get("world_size", 1),
-                processes=d.world_size)
+        step, best = d.resume_step(opt, ck, ckpt_path, log), ck.get("best")
     log.log("start", device=str(device), precision=precision, params=sum(p.numel() for p in tok.parameters()),
             config=cfg.to_dict(), scales=scales, args=vars(args), data=ds.meta, train=len(train_idx),
             heldout=len(held_idx), processes=d.describe())
 
     batches = common.StepBatches((torch.from_numpy(ds.images[train_idx]),), args.batch_size, args.seed)
-    held_eval = ds.images[held_idx[:: max(1, len(held_idx) // args.eval_count)][: args.eval_count]]
+    held_eval = ds.images[common.spread(held_idx, args.eval_count)]
 
     def build() -> BSQTokenizer:
         return BSQTokenizer(cfg)
 
-    def save(path):
+    def save():
         state = {"model": d.full_state(tok.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
                  "config": cfg.to_dict(), "best": best, "args": json.dumps(vars(args)), "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
+
+    def held_out() -> dict | None:
+        """The held-out figures of the whole tokenizer on rank 0 (None on the others; a collective)."""
+        nonlocal best
+        whole = d.whole(tok, build)
+        if whole is None:
+            return None
+        metrics = evaluate_bsq(whole, held_eval, scales, device=device)
+        best = max(best or 0.0, metrics["psnr"])
+        return metrics
 
     bar = common.Progress(args.steps, start=step, desc="bsq", enabled=not args.no_progress and d.is_main)
     t0, metrics = time.time(), {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
-        common.set_lr(opt, common.lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_ratio))
+        common.schedule_lr(opt, step, args)
         (xb,) = batches.batch(step)
         (x,) = d.rows(data.to_tensor(xb.numpy()))
         y, commit = train_step(x)
         rec, parts = reconstruction_loss(y, x, args.edge_weight)
         loss = rec + args.commit * commit
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tok.parameters(), 2.0)
-        opt.step()
+        common.optimizer_step(opt, loss, tok.parameters(), 2.0)
         step += 1
         figures = d.mean({"loss": loss.item(), "commit": commit.item(), "psnr": float(psnr(y.detach(), x).mean()),
                           **parts})
         bar.update(loss=figures["loss"], psnr=figures["psnr"])
-        if step % args.log_every == 0 or step == args.steps or step == 1:
+        if common.log_due(step, args):
             log.log("train", step=step, loss=figures["loss"], commit=figures["commit"], batch_psnr=figures["psnr"],
                     lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1),
                     **{k: figures[k] for k in parts})
-        if step % args.eval_every == 0 or step == args.steps:
-            whole = d.whole(tok, build)
-            if whole is not None:
-                metrics = evaluate_bsq(whole, held_eval, scales, device=device)
-                best = max(best or 0.0, metrics["psnr"])
-                log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, held_out, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     whole = d.whole(tok, build) if args.out else None
     if whole is not None:
         whole.save(args.out)

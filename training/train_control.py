@@ -63,11 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--feat-dim", type=int, default=128)
     ap.add_argument("--image-size", type=int, default=0, help="control image side for the encoder (0: resolution)")
     # optimisation
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--min-lr-ratio", type=float, default=0.05)
+    common.add_schedule_args(ap, steps=2000, batch_size=32, lr=1e-3, warmup=100)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--label-drop", type=float, default=0.1)
     ap.add_argument("--control-drop", type=float, default=0.0, help="probability of training a row without control")
@@ -129,9 +125,7 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
+    log = d.start(args)
     tokenizer = MultiScaleVQVAE.from_file(args.tokenizer).to(device).eval().requires_grad_(False)
     var = VAR.from_file(args.generator).to(device).eval().requires_grad_(False)
     if tokenizer.config.image_size != args.resolution:
@@ -142,8 +136,7 @@ def _train(args, d: distributed.Distributed) -> dict:
         feat_dim=args.feat_dim, image_size=args.image_size or args.resolution, control_type=args.control,
     )
     adapter = ControlAdapter(cfg).to(device).train()
-    ckpt_path = d.resume_path(args.run_dir, args.resume)
-    ck = common.load_checkpoint(ckpt_path) if ckpt_path else None
+    ckpt_path, ck = d.load_resume(args.run_dir, args.resume)
     if ck is not None:
         if ck["config"] != cfg.to_dict():
             raise SystemExit(f"{ckpt_path} was trained with another adapter ({ck['config']}); "
@@ -155,11 +148,8 @@ def _train(args, d: distributed.Distributed) -> dict:
     gen = torch.Generator().manual_seed(args.seed + 17)
     step = 0
     if ck is not None:
-        d.load_optimizer_state(opt, ck["optimizer"])
-        step = int(ck["step"])
+        step = d.resume_step(opt, ck, ckpt_path, log)
         gen.set_state(ck["gen_state"])
-        log.log("resume", path=ckpt_path, step=step, saved_by_processes=ck.get("world_size", 1),
-                processes=d.world_size)
 
     with d.main_first():
         train_ds, held_ds = data.load_datasets(args.data, args.resolution, args.seed, args.train_count,
@@ -188,20 +178,25 @@ def _train(args, d: distributed.Distributed) -> dict:
     def build() -> ControlAdapter:
         return ControlAdapter(cfg)
 
-    def save(path):
+    def save():
         state = {"model": d.full_state(adapter.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
                  "config": cfg.to_dict(), "gen_state": gen.get_state(), "generator": os.path.abspath(args.generator),
                  "args": json.dumps(vars(args)), "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
+
+    def held_out() -> dict | None:
+        """The held-out figures of the whole adapter on rank 0 (None on the others; a collective)."""
+        whole = d.whole(adapter, build)
+        return None if whole is None else evaluate(var, whole, tokenizer, idx_held, lab_held, ctrl_held, device)
 
     bar = common.Progress(args.steps, start=step, desc="control", enabled=progress)
     t0, metrics = time.time(), {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
-        common.set_lr(opt, common.lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_ratio))
+        common.schedule_lr(opt, step, args)
         idx, lab, ctrl = batches.batch(step)
         drop = torch.rand(lab.shape, generator=gen) < args.label_drop
         lab = torch.where(drop, torch.full_like(lab, var.num_classes), lab)
@@ -209,12 +204,9 @@ def _train(args, d: distributed.Distributed) -> dict:
         idx, lab, ctrl, keep = d.rows(idx, lab, ctrl, keep)
         with common.autocast(device, args.precision):
             loss, logits = train_step(idx, lab, ctrl, keep)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = d.grad_norm(torch.nn.utils.clip_grad_norm_(adapter.parameters(), 2.0))
-        opt.step()
+        gnorm = d.grad_norm(common.optimizer_step(opt, loss, adapter.parameters(), 2.0))
         step += 1
-        logged = step % args.log_every == 0 or step == args.steps or step == 1
+        logged = common.log_due(step, args)
         figures = {"loss": loss.item()}
         if logged:
             figures["token_acc"] = float((logits.detach().argmax(-1) == idx.long()).float().mean())
@@ -223,16 +215,9 @@ def _train(args, d: distributed.Distributed) -> dict:
         if logged:
             log.log("train", step=step, loss=figures["loss"], token_acc=figures["token_acc"], grad_norm=gnorm,
                     lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
-        if step % args.eval_every == 0 or step == args.steps:
-            whole = d.whole(adapter, build)
-            if whole is not None:
-                metrics = evaluate(var, whole, tokenizer, idx_held, lab_held, ctrl_held, device)
-                log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, held_out, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     whole = d.whole(adapter, build) if args.out else None
     if whole is not None:
         whole.eval().save(args.out)

@@ -71,11 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start from this generator's weights (.safetensors, e.g. an --out of an earlier run) "
                          "instead of random ones: a new run with its own warm-up and cosine (fine-tuning); the "
                          "architecture options must match it. Ignored when the run folder resumes")
-    ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--min-lr-ratio", type=float, default=0.05)
+    common.add_schedule_args(ap, steps=4000, batch_size=32, lr=1e-3, warmup=200)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--label-drop", type=float, default=0.1, help="probability of the null class (for CFG)")
     ap.add_argument("--label-smoothing", type=float, default=0.0)
@@ -192,9 +188,7 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
+    log = d.start(args)
     tokenizer = MultiScaleVQVAE.from_file(args.tokenizer).to(device)
     tcfg = tokenizer.config
     if tcfg.image_size != args.resolution:
@@ -213,8 +207,7 @@ def _train(args, d: distributed.Distributed) -> dict:
                     patch_nums=tcfg.patch_nums, mlp_ratio=args.mlp_ratio, shared_aln=args.shared_aln,
                     class_names=tuple(train_ds.class_names))
     var = VAR(cfg).to(device).train().requires_grad_(True)
-    ckpt_path = d.resume_path(args.run_dir, args.resume)
-    ck = common.load_checkpoint(ckpt_path) if ckpt_path else None
+    ckpt_path, ck = d.load_resume(args.run_dir, args.resume)
     if ck is not None:
         if ck["config"] != cfg.to_dict():
             raise SystemExit(f"{ckpt_path} was trained with another architecture ({ck['config']}); "
@@ -230,14 +223,11 @@ def _train(args, d: distributed.Distributed) -> dict:
     gen = torch.Generator().manual_seed(args.seed + 11)
     step = 0
     if ck is not None:
-        d.load_optimizer_state(opt, ck["optimizer"])
         if ema is not None and ck.get("ema") is not None:
             ema.load_state_dict(ck["ema"])
             ema.shadow = d.shard_state(ema.shadow, var.state_dict())
-        step = int(ck["step"])
+        step = d.resume_step(opt, ck, ckpt_path, log)
         gen.set_state(ck["gen_state"])
-        log.log("resume", path=ckpt_path, step=step, saved_by_processes=ck.get("world_size", 1),
-                processes=d.world_size)
     n_params = sum(p.numel() for p in var.parameters())
     log.log("start", device=str(device), params=n_params, config=cfg.to_dict(), args=vars(args),
             train=len(train_ds), heldout=len(held_ds), tokens=cfg.num_tokens, processes=d.describe())
@@ -254,36 +244,39 @@ def _train(args, d: distributed.Distributed) -> dict:
     batches = common.StepBatches((idx_train, lab_train), args.batch_size, args.seed, weights=item_weights)
     drop_p = common.label_drop_per_class(args.label_drop, lab_train, item_weights, cfg.num_classes)
 
-    def save(path):
+    def save():
         state = {"model": d.full_state(var.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
                  "config": cfg.to_dict(), "ema": {"decay": ema.decay, "shadow": d.full_state(ema.shadow)}
                  if ema else None, "gen_state": gen.get_state(), "tokenizer": os.path.abspath(args.tokenizer),
                  "args": json.dumps(vars(args)), "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
+
+    def held_out() -> dict | None:
+        """The teacher-forced held-out figures of the whole model (EMA weights where kept) on rank 0 (None on the
+        others; a collective)."""
+        model = d.whole(var, lambda: VAR(cfg), ema.shadow if ema else None)
+        return None if model is None else evaluate_teacher(model, tokenizer, idx_held, lab_held, device=device)
 
     bar = common.Progress(args.steps, start=step, desc="generator", enabled=progress)
     t0 = time.time()
     metrics = {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
-        common.set_lr(opt, common.lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_ratio))
+        common.schedule_lr(opt, step, args)
         idx, lab = batches.batch(step)
         drop = torch.rand(lab.shape, generator=gen) < drop_p[lab]
         lab = torch.where(drop, torch.full_like(lab, cfg.num_classes), lab)
         idx, lab = d.rows(idx, lab)
         with common.autocast(device, args.precision):
             loss, logits = train_step(idx, lab)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = d.grad_norm(torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0))
-        opt.step()
+        gnorm = d.grad_norm(common.optimizer_step(opt, loss, var.parameters(), 2.0))
         if ema is not None:
             ema.update(var, step)
         step += 1
-        logged = step % args.log_every == 0 or step == args.steps or step == 1
+        logged = common.log_due(step, args)
         figures = {"loss": loss.item()}
         if logged:
             figures["token_acc"] = float((logits.detach().argmax(-1) == idx.long()).float().mean())
@@ -292,16 +285,9 @@ def _train(args, d: distributed.Distributed) -> dict:
         if logged:
             log.log("train", step=step, loss=figures["loss"], token_acc=figures["token_acc"], grad_norm=gnorm,
                     lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
-        if step % args.eval_every == 0 or step == args.steps:
-            model = d.whole(var, lambda: VAR(cfg), ema.shadow if ema else None)
-            if model is not None:
-                metrics = evaluate_teacher(model, tokenizer, idx_held, lab_held, device=device)
-                log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, held_out, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     model = d.whole(var, lambda: VAR(cfg), ema.shadow if ema else None) if args.out else None
     if model is not None:
         export(model, args.out, args.export_dtype)

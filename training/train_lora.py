@@ -83,11 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"layer groups to adapt, from {', '.join(lora.GROUPS)} (groups a model lacks are skipped)")
     ap.add_argument("--blocks", default="", help="blocks to adapt, e.g. '0-3,6' (default: all)")
     # optimisation
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--min-lr-ratio", type=float, default=0.1)
+    common.add_schedule_args(ap, steps=1000, batch_size=16, lr=5e-4, warmup=50, min_lr_ratio=0.1)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--label-drop", type=float, default=0.1, help="VAR: probability of the null class (guidance)")
     ap.add_argument("--text-drop", type=float, default=0.1, help="Infinity: probability of the unconditional text")
@@ -301,9 +297,7 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
+    log = d.start(args)
     task = make_task(args, device)
     model = task.model
     images, texts, paths = data.captioned_folder(args.data, task.size)
@@ -327,8 +321,7 @@ def _train(args, d: distributed.Distributed) -> dict:
               "blocks": list(lora.parse_blocks(args.blocks)), "weights": len(keys)}
     gen = torch.Generator().manual_seed(args.seed + 23)
     lora.add_lora(model, keys, args.rank, alpha, torch.Generator().manual_seed(args.seed))
-    ckpt_path = d.resume_path(args.run_dir, args.resume)
-    ck = common.load_checkpoint(ckpt_path) if ckpt_path else None
+    ckpt_path, ck = d.load_resume(args.run_dir, args.resume)
     if ck is not None:
         if ck["config"] != config:
             raise SystemExit(f"{ckpt_path} trains another LoRA ({ck['config']}); use the same arguments or another "
@@ -343,11 +336,8 @@ def _train(args, d: distributed.Distributed) -> dict:
     opt = common.adamw(model, args.lr, weight_decay=args.weight_decay)
     step = 0
     if ck is not None:
-        d.load_optimizer_state(opt, ck["optimizer"])
-        step = int(ck["step"])
+        step = d.resume_step(opt, ck, ckpt_path, log)
         gen.set_state(ck["gen_state"])
-        log.log("resume", path=ckpt_path, step=step, saved_by_processes=ck.get("world_size", 1),
-                processes=d.world_size)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.log("start", device=str(device), family=task.family, lora_params=trained, weights=len(keys), args=vars(args),
             train=int((~held).sum()), heldout=int(held.sum()), processes=d.describe())
@@ -357,12 +347,12 @@ def _train(args, d: distributed.Distributed) -> dict:
     def lora_state() -> dict[str, torch.Tensor]:
         return d.full_state({k: v for k, v in model.state_dict().items() if lora.is_lora_parameter(k)})
 
-    def save(path):
+    def save():
         state = {"lora": lora_state(), "optimizer": d.optimizer_state(opt), "step": step, "config": config,
                  "data": digest, "gen_state": gen.get_state(), "args": json.dumps(vars(args)),
                  "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
 
     @torch.no_grad()
     def heldout_loss() -> dict[str, float]:
@@ -395,31 +385,23 @@ def _train(args, d: distributed.Distributed) -> dict:
     bar = common.Progress(args.steps, start=step, desc="lora", enabled=not args.no_progress and d.is_main)
     t0, metrics = time.time(), {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
-        common.set_lr(opt, common.lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_ratio))
+        common.schedule_lr(opt, step, args)
         batch = task.conditions(batches.batch(step), gen)
         with common.autocast(device, args.precision):
             loss, acc = train_step(*d.rows(*batch))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = d.grad_norm(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0))
-        opt.step()
+        gnorm = d.grad_norm(common.optimizer_step(opt, loss, [p for p in model.parameters() if p.requires_grad], 1.0))
         step += 1
         figures = d.mean({"loss": loss.item(), "acc": acc.item()})
         bar.update(loss=figures["loss"])
-        if step % args.log_every == 0 or step == args.steps or step == 1:
+        if common.log_due(step, args):
             log.log("train", step=step, loss=figures["loss"], acc=figures["acc"], grad_norm=gnorm,
                     lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
-        if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate()
-            log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, evaluate, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     weights = lora.lora_weights(lora_state(), alpha) if args.out else None
     if weights is not None and d.is_main:
         trained_on = {"steps": step, "images": int((~held).sum())}

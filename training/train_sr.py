@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from training import common, data, distributed, sr_data, t2i_data
 from training.train_bsq import SCHEDULE
-from training.train_t2i import cached_tokens, scale_slices, teacher_inputs, unpack_bits
+from training.train_t2i import scale_slices, teacher_inputs, token_data, unpack_bits
 from training.train_tokenizer import psnr
 
 common.import_pack()
@@ -78,11 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--map-stem", type=int, default=64, help="hidden widths of the feature extractor")
     ap.add_argument("--map-weight", type=float, default=1.0, help="weight of the network's loss")
     # optimisation
-    ap.add_argument("--steps", type=int, default=8000)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--warmup", type=int, default=300)
-    ap.add_argument("--min-lr-ratio", type=float, default=0.05)
+    common.add_schedule_args(ap, steps=8000, batch_size=16, lr=6e-4, warmup=300)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=0)
@@ -148,28 +144,15 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
+    log = d.start(args)
     precision = common.resolve_precision(args.precision, device)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
-    tokenizer = BSQTokenizer.from_file(args.tokenizer).to(device)
-    with d.main_first():
-        ds = t2i_data.load_from_args(args)
-        packed = cached_tokens(args.run_dir, args.tokenizer, tokenizer, ds, log)
+    tokenizer, ds, packed = token_data(args, d, log)
     train_idx, held_idx = ds.split_indices("train"), ds.split_indices("heldout")
     cfg = config_from_args(args, tokenizer)
-    ckpt_path = d.resume_path(args.run_dir, args.resume)
-    ck = common.load_checkpoint(ckpt_path) if ckpt_path else None
-    if ck is not None and ck["config"] != cfg.to_dict():
-        log.log("warn", message="config of the checkpoint differs from the arguments; the checkpoint's wins")
-        cfg = NSARMConfig.from_dict(ck["config"])
+    ckpt_path, ck = d.load_resume(args.run_dir, args.resume)
+    cfg = common.checkpoint_config(ck, "config", cfg, log)
     model = NSARM(cfg)
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-    model.to(device).train().requires_grad_(True)
-    ema = common.EMA(model, args.ema)
-    if ck is not None:
-        ema.load_state_dict(ck["ema"])
+    ema = common.resume_weights(model, ck, device, args.ema)
     d_bits = tokenizer.codebook_dim
     area = AreaNextInput(tokenizer)
 
@@ -185,17 +168,12 @@ def _train(args, d: distributed.Distributed) -> dict:
 
     train_step = d.wrap(model, forward)
     opt = common.adamw(model, args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    step = 0
-    if ck is not None:
-        d.load_optimizer_state(opt, ck["optimizer"])
-        step = int(ck["step"])
-        log.log("resume", path=ckpt_path, step=step, saved_by_processes=ck.get("world_size", 1),
-                processes=d.world_size)
+    step = d.resume_step(opt, ck, ckpt_path, log) if ck is not None else 0
     log.log("start", device=str(device), precision=precision, params=sum(p.numel() for p in model.parameters()),
             network_params=sum(p.numel() for p in model.map_transformer.parameters()), config=cfg.to_dict(),
             args=vars(args), data=ds.meta, train=len(train_idx), heldout=len(held_idx), processes=d.describe())
     batches = common.StepBatches((torch.from_numpy(train_idx),), args.batch_size, args.seed)
-    held_eval = held_idx[:: max(1, len(held_idx) // args.eval_count)][: args.eval_count]
+    held_eval = common.spread(held_idx, args.eval_count)
 
     def batch_of(indices: np.ndarray, variant: int):
         bits = unpack_bits(packed[indices], d_bits)
@@ -210,65 +188,54 @@ def _train(args, d: distributed.Distributed) -> dict:
         return ar, mapped, (logits.argmax(-1) == target).float().mean(), map_acc
 
     @torch.no_grad()
-    def evaluate() -> dict:
-        """Held-out teacher-forced figures and upscale PSNR of the EMA weights."""
-        live = {k: v.clone() for k, v in model.state_dict().items()}
-        ema.copy_to(model)
-        model.eval()
-        sums = np.zeros(4)
-        for i in range(0, len(held_eval), 64):
-            idx = held_eval[i:i + 64]
-            lr, x, bits = (t.to(device) for t in batch_of(idx, sr_data.HELDOUT_VARIANT))
-            figures = losses_of(*forward(lr, x), bits)
-            sums += np.array([float(f) for f in figures]) * len(idx)
-        lr = data.to_tensor(sr_data.degrade_batch(ds.images, held_eval, args.seed, sr_data.HELDOUT_VARIANT))
-        hr = data.to_tensor(ds.images[held_eval])
-        up = upscale(model, tokenizer, lr, seed=args.seed)
-        model.load_state_dict(live)
-        model.train()
+    def evaluate() -> dict | None:
+        """Held-out teacher-forced figures and upscale PSNR of the EMA weights, on rank 0 (None on the others)."""
+        if not d.is_main:
+            return None
+        with common.ema_weights(model, ema):
+            sums = np.zeros(4)
+            for i in range(0, len(held_eval), 64):
+                idx = held_eval[i:i + 64]
+                lr, x, bits = (t.to(device) for t in batch_of(idx, sr_data.HELDOUT_VARIANT))
+                figures = losses_of(*forward(lr, x), bits)
+                sums += np.array([float(f) for f in figures]) * len(idx)
+            lr = data.to_tensor(sr_data.degrade_batch(ds.images, held_eval, args.seed, sr_data.HELDOUT_VARIANT))
+            hr = data.to_tensor(ds.images[held_eval])
+            up = upscale(model, tokenizer, lr, seed=args.seed)
         loss, map_loss, acc, map_acc = sums / len(held_eval)
         return {"heldout_loss": loss, "heldout_map_loss": map_loss, "heldout_bit_accuracy": acc,
                 "heldout_map_bit_accuracy": map_acc, "psnr": float(psnr(up, hr).mean()),
                 "bicubic_psnr": float(psnr(sr_data.bicubic(lr), hr).mean())}
 
-    def save(path):
+    def save():
         state = {"model": d.full_state(model.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
                  "ema": ema.state_dict(), "config": cfg.to_dict(), "args": json.dumps(vars(args)),
                  "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
 
     bar = common.Progress(args.steps, start=step, desc="sr", enabled=not args.no_progress and d.is_main)
     t0, metrics = time.time(), {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
-        common.set_lr(opt, common.lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_ratio))
+        common.schedule_lr(opt, step, args)
         (idx,) = batches.batch(step)
         lr, x, bits = d.rows(*batch_of(idx.numpy(), step))
         ar, mapped, acc, map_acc = losses_of(*train_step(lr, x), bits)
         loss = ar + args.map_weight * mapped
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        opt.step()
+        common.optimizer_step(opt, loss, model.parameters(), 2.0)
         ema.update(model, step)
         step += 1
         figures = d.mean({"loss": loss.item(), "ar_loss": ar.item(), "map_loss": mapped.item(),
                           "bit_accuracy": acc.item(), "map_bit_accuracy": float(map_acc)})
         bar.update(loss=figures["loss"], map_acc=figures["map_bit_accuracy"])
-        if step % args.log_every == 0 or step == args.steps or step == 1:
+        if common.log_due(step, args):
             log.log("train", step=step, **figures, lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
-        if step % args.eval_every == 0 or step == args.steps:
-            if d.is_main:
-                metrics = evaluate()
-                log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, evaluate, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     if d.is_main and args.out:
         ema.copy_to(model)
         log.log("export", out=args.out, bytes=export(model, args.out))

@@ -67,11 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-heads", type=int, default=3)
     ap.add_argument("--mlp-ratio", type=float, default=3.0)
     # optimisation
-    ap.add_argument("--steps", type=int, default=8000)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--warmup", type=int, default=500)
-    ap.add_argument("--min-lr-ratio", type=float, default=0.05)
+    common.add_schedule_args(ap, steps=8000, batch_size=8, lr=6e-4, warmup=500)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--text-drop", type=float, default=0.1, help="share of rows trained unconditionally")
     ap.add_argument("--ema", type=float, default=0.999)
@@ -184,6 +180,17 @@ def teacher_inputs(tokenizer: BSQTokenizer, bits_BLd: torch.Tensor) -> torch.Ten
     return torch.cat(inputs, 1)
 
 
+def token_data(args, d: distributed.Distributed,
+               log: common.RunLog) -> tuple[BSQTokenizer, t2i_data.T2IData, np.ndarray]:
+    """``(tokenizer, data set, packed bits of every image)`` of a trainer on the frozen ``--tokenizer``'s bits (the
+    set and the token cache made by rank 0 first)."""
+    tokenizer = BSQTokenizer.from_file(args.tokenizer).to(d.device)
+    with d.main_first():
+        ds = t2i_data.load_from_args(args)
+        packed = cached_tokens(args.run_dir, args.tokenizer, tokenizer, ds, log)
+    return tokenizer, ds, packed
+
+
 def step_batch(tokenizer: BSQTokenizer, prompt_tokenizer, packed_rows: np.ndarray, captions: list[str],
                drop: torch.Tensor, text_maxlen: int) -> tuple[torch.Tensor, ...]:
     """``(ids, mask, drop, x, bits)`` of a step: the T5 tokens of ``captions``, the teacher inputs and the int64 bit
@@ -271,29 +278,17 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
+    log = d.start(args)
     precision = common.resolve_precision(args.precision, device)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
-    tokenizer = BSQTokenizer.from_file(args.tokenizer).to(device)
+    tokenizer, ds, packed = token_data(args, d, log)
     prompt_tokenizer = t2i_text.PromptTokenizer(args.t5_tokenizer)
-    with d.main_first():
-        ds = t2i_data.load_from_args(args)
-        packed = cached_tokens(args.run_dir, args.tokenizer, tokenizer, ds, log)
     train_idx, held_idx = ds.split_indices("train"), ds.split_indices("heldout")
     t5_cfg, gen_cfg = configs_from_args(args, tokenizer.codebook_dim)
-    ckpt_path = d.resume_path(args.run_dir, args.resume)
-    ck = common.load_checkpoint(ckpt_path) if ckpt_path else None
-    if ck is not None and (ck["t5_config"], ck["generator_config"]) != (t5_cfg.to_dict(), gen_cfg.to_dict()):
-        log.log("warn", message="configs of the checkpoint differ from the arguments; the checkpoint's win")
-        t5_cfg, gen_cfg = t2i_text.T5Config.from_dict(ck["t5_config"]), InfinityConfig.from_dict(ck["generator_config"])
+    ckpt_path, ck = d.load_resume(args.run_dir, args.resume)
+    t5_cfg = common.checkpoint_config(ck, "t5_config", t5_cfg, log)
+    gen_cfg = common.checkpoint_config(ck, "generator_config", gen_cfg, log)
     model = TextToImage(t5_cfg, gen_cfg)
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-    model.to(device).train().requires_grad_(True)
-    ema = common.EMA(model, args.ema)
-    if ck is not None:
-        ema.load_state_dict(ck["ema"])
+    ema = common.resume_weights(model, ck, device, args.ema)
 
     def forward(ids, mask, drop, x_BLCv):
         with common.autocast(device, precision):
@@ -301,83 +296,68 @@ def _train(args, d: distributed.Distributed) -> dict:
 
     train_step = d.wrap(model, forward)
     opt = common.adamw(model, args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    step = 0
-    if ck is not None:
-        d.load_optimizer_state(opt, ck["optimizer"])
-        step = int(ck["step"])
-        log.log("resume", path=ckpt_path, step=step, saved_by_processes=ck.get("world_size", 1),
-                processes=d.world_size)
+    step = d.resume_step(opt, ck, ckpt_path, log) if ck is not None else 0
     n_text = sum(p.numel() for p in model.text.parameters())
     n_gen = sum(p.numel() for p in model.generator.parameters())
     log.log("start", device=str(device), precision=precision, text_params=n_text, generator_params=n_gen,
             t5_config=t5_cfg.to_dict(), generator_config=gen_cfg.to_dict(), args=vars(args), data=ds.meta,
             train=len(train_idx), heldout=len(held_idx), processes=d.describe())
     batches = common.StepBatches((torch.from_numpy(train_idx),), args.batch_size, args.seed)
-    held_eval = held_idx[:: max(1, len(held_idx) // args.eval_count)][: args.eval_count]
+    held_eval = common.spread(held_idx, args.eval_count)
 
     def batch_of(indices: np.ndarray, captions: list[str], drop: torch.Tensor):
         return step_batch(tokenizer, prompt_tokenizer, packed[indices], captions, drop, gen_cfg.text_maxlen)
 
     @torch.no_grad()
-    def evaluate() -> dict:
-        """Teacher-forced held-out loss and bit accuracy of the EMA weights, and a sample grid."""
-        live = {k: v.clone() for k, v in model.state_dict().items()}
-        ema.copy_to(model)
-        model.eval()
-        losses, accs = [], []
-        for i in range(0, len(held_eval), 64):
-            idx = held_eval[i:i + 64]
-            batch = batch_of(idx, ds.captions(idx), torch.zeros(len(idx), dtype=torch.bool))
-            ids, mask, drop, x, bits = (t.to(device) for t in batch)
-            loss, acc = bit_loss(forward(ids, mask, drop, x), bits)
-            losses.append(float(loss) * len(idx))
-            accs.append(float(acc) * len(idx))
-        prompts = ds.captions(held_idx[:: max(1, len(held_idx) // 8)][:8])
-        grid = generate(model, tokenizer, prompts, prompt_tokenizer, seed=args.seed)
-        data.save_grid(data.to_uint8(grid), os.path.join(args.run_dir, f"samples_{step:06d}.png"), cols=8)
-        model.load_state_dict(live)
-        model.train()
+    def evaluate() -> dict | None:
+        """Teacher-forced held-out loss and bit accuracy of the EMA weights, and a sample grid, on rank 0 (None on
+        the others)."""
+        if not d.is_main:
+            return None
+        with common.ema_weights(model, ema):
+            losses, accs = [], []
+            for i in range(0, len(held_eval), 64):
+                idx = held_eval[i:i + 64]
+                batch = batch_of(idx, ds.captions(idx), torch.zeros(len(idx), dtype=torch.bool))
+                ids, mask, drop, x, bits = (t.to(device) for t in batch)
+                loss, acc = bit_loss(forward(ids, mask, drop, x), bits)
+                losses.append(float(loss) * len(idx))
+                accs.append(float(acc) * len(idx))
+            prompts = ds.captions(common.spread(held_idx, 8))
+            grid = generate(model, tokenizer, prompts, prompt_tokenizer, seed=args.seed)
+            data.save_grid(data.to_uint8(grid), os.path.join(args.run_dir, f"samples_{step:06d}.png"), cols=8)
         n = len(held_eval)
         return {"heldout_loss": sum(losses) / n, "heldout_bit_accuracy": sum(accs) / n, "prompts": prompts}
 
-    def save(path):
+    def save():
         state = {"model": d.full_state(model.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
                  "ema": ema.state_dict(), "t5_config": t5_cfg.to_dict(), "generator_config": gen_cfg.to_dict(),
                  "args": json.dumps(vars(args)), "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
 
     bar = common.Progress(args.steps, start=step, desc="t2i", enabled=not args.no_progress and d.is_main)
     t0, metrics = time.time(), {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
-        common.set_lr(opt, common.lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_ratio))
+        common.schedule_lr(opt, step, args)
         (idx,) = batches.batch(step)
         idx = idx.numpy()
         captions, drop = step_captions(ds.captions(idx), args.seed, step, args.text_drop)
         ids, mask, drop, x, bits = d.rows(*batch_of(idx, captions, drop))
         loss, acc = bit_loss(train_step(ids, mask, drop, x), bits)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        opt.step()
+        common.optimizer_step(opt, loss, model.parameters(), 2.0)
         ema.update(model, step)
         step += 1
         figures = d.mean({"loss": loss.item(), "bit_accuracy": acc.item()})
         bar.update(loss=figures["loss"], acc=figures["bit_accuracy"])
-        if step % args.log_every == 0 or step == args.steps or step == 1:
+        if common.log_due(step, args):
             log.log("train", step=step, **figures, lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1))
-        if step % args.eval_every == 0 or step == args.steps:
-            if d.is_main:
-                metrics = evaluate()
-                log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, evaluate, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     if d.is_main and (args.out or args.text_encoder_out):
         ema.copy_to(model)
         sizes = export(model, args.out, args.text_encoder_out)

@@ -59,11 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--patch-nums", type=_ints, default=(1, 2, 3, 4, 6, 8))
     ap.add_argument("--attn", action="store_true", help="self-attention at the lowest level and mid (VAR's layout)")
     # optimisation
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=4e-4)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--min-lr-ratio", type=float, default=0.05)
+    common.add_schedule_args(ap, steps=3000, batch_size=32, lr=4e-4, warmup=100)
     ap.add_argument("--beta", type=float, default=0.25, help="commitment weight")
     ap.add_argument("--vq-weight", type=float, default=1.0)
     ap.add_argument("--edge-weight", type=float, default=0.5, help="L1 on image gradients (sharper edges)")
@@ -208,9 +204,7 @@ def train(args) -> dict:
 
 def _train(args, d: distributed.Distributed) -> dict:
     device = d.device
-    d.check_batch(args.batch_size)
-    log = common.RunLog(args.run_dir, enabled=d.is_main)
-    torch.manual_seed(args.seed)
+    log = d.start(args)
     with d.main_first():
         train_ds, held_ds = data.load_datasets(args.data, args.resolution, args.seed, args.train_count,
                                                args.heldout_count, args.cache_dir)
@@ -224,11 +218,8 @@ def _train(args, d: distributed.Distributed) -> dict:
     if cfg.image_size != args.resolution:
         raise SystemExit(f"schedule {cfg.patch_nums} with downsampling {cfg.downsample} gives {cfg.image_size} px "
                          f"images, but --resolution is {args.resolution}")
-    ckpt_path = d.resume_path(args.run_dir, args.resume)
-    ck = common.load_checkpoint(ckpt_path) if ckpt_path else None
-    if ck is not None and ck["config"] != cfg.to_dict():
-        log.log("warn", message="config of the checkpoint differs from the arguments; the checkpoint's wins")
-        cfg = TokenizerConfig.from_dict(ck["config"])
+    ckpt_path, ck = d.load_resume(args.run_dir, args.resume)
+    cfg = common.checkpoint_config(ck, "config", cfg, log)
     model = MultiScaleVQVAE(cfg)
     if ck is not None:
         model.load_state_dict(ck["model"])
@@ -257,11 +248,8 @@ def _train(args, d: distributed.Distributed) -> dict:
     gen = torch.Generator().manual_seed(args.seed + 7)
     step, best = 0, None
     if ck is not None:
-        d.load_optimizer_state(opt, ck["optimizer"])
-        step, best = int(ck["step"]), ck.get("best")
+        step, best = d.resume_step(opt, ck, ckpt_path, log), ck.get("best")
         gen.set_state(ck["gen_state"])
-        log.log("resume", path=ckpt_path, step=step, saved_by_processes=ck.get("world_size", 1),
-                processes=d.world_size)
     n_params = sum(p.numel() for p in model.parameters())
     log.log("start", device=str(device), params=n_params, config=cfg.to_dict(), args=vars(args),
             train=len(train_ds), heldout=len(held_ds), processes=d.describe())
@@ -273,31 +261,38 @@ def _train(args, d: distributed.Distributed) -> dict:
     def build() -> MultiScaleVQVAE:
         return MultiScaleVQVAE(cfg)
 
-    def save(path):
+    def save():
         state = {"model": d.full_state(model.state_dict()), "optimizer": d.optimizer_state(opt), "step": step,
                  "config": cfg.to_dict(), "best": best, "gen_state": gen.get_state(), "args": json.dumps(vars(args)),
                  "world_size": d.world_size}
         if d.is_main:
-            common.save_checkpoint(path, state)
+            common.save_checkpoint(os.path.join(args.run_dir, "last.pt"), state)
+
+    def held_out() -> dict | None:
+        """The held-out figures of the whole tokenizer on rank 0 (None on the others; a collective)."""
+        nonlocal best
+        whole = d.whole(model, build)
+        if whole is None:
+            return None
+        metrics = evaluate_tokenizer(whole, held_eval, device=device)
+        best = max(best or 0.0, metrics["psnr"])
+        return metrics
 
     bar = common.Progress(args.steps, start=step, desc="tokenizer", enabled=not args.no_progress and d.is_main)
     t0, restarts = time.time(), 0
     metrics = {}
     while step < args.steps:
-        if args.stop_after and step >= args.stop_after:
-            save(os.path.join(args.run_dir, "last.pt"))
+        if common.stop_due(step, args):
+            save()
             return {"step": step, "stopped": True}
-        common.set_lr(opt, common.lr_at(step, args.steps, args.lr, args.warmup, args.min_lr_ratio))
+        common.schedule_lr(opt, step, args)
         (xb,) = batches.batch(step)
         (x,) = d.rows(data.to_tensor(xb.numpy()))
         y, vq_loss, idx_list, f = train_step(x)
         y, vq_loss = y.float(), vq_loss.float()
         rec, parts = reconstruction_loss(y, x, args.edge_weight)
         loss = rec + args.vq_weight * vq_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        opt.step()
+        common.optimizer_step(opt, loss, model.parameters(), 2.0)
         step += 1
         if not args.decoder_only:  # code usage and restarts see the whole global batch on every rank
             idx_list = [d.gather_rows(idx) for idx in idx_list]
@@ -309,22 +304,14 @@ def _train(args, d: distributed.Distributed) -> dict:
         figures = d.mean({"loss": loss.item(), "vq": vq_loss.item(), "psnr": float(psnr(y.detach(), x).mean()),
                           **parts})
         bar.update(loss=figures["loss"], psnr=figures["psnr"])
-        if step % args.log_every == 0 or step == args.steps or step == 1:
+        if common.log_due(step, args):
             log.log("train", step=step, loss=figures["loss"], vq=figures["vq"], batch_psnr=figures["psnr"],
                     restarts=restarts, lr=opt.param_groups[0]["lr"], sec=round(time.time() - t0, 1),
                     **{k: figures[k] for k in parts})
             restarts = 0
-        if step % args.eval_every == 0 or step == args.steps:
-            whole = d.whole(model, build)
-            if whole is not None:
-                metrics = evaluate_tokenizer(whole, held_eval, device=device)
-                best = max(best or 0.0, metrics["psnr"])
-                log.log("eval", step=step, **metrics)
-            save(os.path.join(args.run_dir, "last.pt"))
-        elif step % args.save_every == 0:
-            save(os.path.join(args.run_dir, "last.pt"))
+        metrics = common.after_step(step, args, held_out, save, log) or metrics
     bar.close()
-    save(os.path.join(args.run_dir, "last.pt"))
+    save()
     whole = d.whole(model, build) if args.out else None
     if whole is not None:
         export(whole, args.out, args.export_dtype)
