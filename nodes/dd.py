@@ -9,21 +9,19 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
 from comfy_api.latest import io
 
-from ..models.core.errors import NextScaleError
 from ..models.core.family import Workload
 from ..models.core.hooks import SamplerHooks
 from ..models.core.tokens import NextScaleTokens
 from ..models.dd.family import HINT, LOADER
 from ..models.dd.sampler import DDOptions, official_split
-from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
-from .generator import scale_callback
+from ..models.var.classes import imagenet_class_names
+from .generator import class_labels, scale_callback
 from .model_files import model_choices
 from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, DDModel, Tokenizer, Tokens
-from .vqvae_loaders import check_files, dtype_input, load_with_vqvae, vqvae_not_found
+from .vqvae_loaders import check_files, check_var_vqvae, dtype_input, load_with_vqvae, vqvae_not_found
 
 DD_CATEGORY = f"{CATEGORY}/distilled decoding"
 MAX_BATCH = 16
@@ -127,24 +125,12 @@ class NextScaleDDSampler(io.ComfyNode):
         class_list: str = "",
     ) -> io.NodeOutput:
         family = model.family
-        if str(vqvae.kind) != "var-tokenizer":
-            raise NextScaleError(
-                f"'{vqvae.name}' is {vqvae.kind.describe()}: connect VAR's VQ-VAE from NextScale Load Distilled "
-                f"Decoding"
-            )
-        family.check_pair(model.module, vqvae.module)
+        check_var_vqvae(model, vqvae, LOADER)
         generator = model.module
-        names = family.class_names(generator)
-        classes = parse_class_list(class_list, names) or [class_index(class_name, names)]
-        if len(classes) * batch_size > MAX_BATCH:
-            raise NextScaleError(
-                f"{len(classes)} classes x batch size {batch_size} = {len(classes) * batch_size} images; at most "
-                f"{MAX_BATCH} per sampler node"
-            )
+        labels_B = class_labels(model, class_name, class_list, batch_size, MAX_BATCH)
         split = refine_from_scale or official_split(generator.depth)
         options = DDOptions(steps=(0, split)[:steps], split=split)
         options.check(generator.config.num_scales)
-        labels_B = torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
         B = len(labels_B)
         workload = Workload(guided=False, dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype)
         size = ready_batch(

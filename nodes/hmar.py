@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
 from comfy_api.latest import io
 
 from ..models.core.errors import NextScaleError
@@ -18,13 +17,13 @@ from ..models.core.hooks import SamplerHooks
 from ..models.core.tokens import NextScaleTokens
 from ..models.hmar.family import HINT, LOADER
 from ..models.hmar.sampler import REFUSED, HMAROptions, parse_refinement
-from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
-from .generator import bind_images, framed_like_reference, scale_callback
+from ..models.var.classes import imagenet_class_names
+from .generator import bind_images, class_labels, framed_like_reference, scale_callback
 from .model_files import model_choices
 from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, Control, Guide, HMARModel, KVPolicy, Tokenizer, Tokens
 from .validation import check_numbers
-from .vqvae_loaders import check_files, dtype_input, load_with_vqvae, vqvae_not_found
+from .vqvae_loaders import check_files, check_var_vqvae, dtype_input, load_with_vqvae, vqvae_not_found
 
 HMAR_CATEGORY = f"{CATEGORY}/hmar"
 MAX_BATCH = 16
@@ -161,22 +160,11 @@ class NextScaleHMARSampler(io.ComfyNode):
             if connected is not None:
                 raise NextScaleError(f"HMAR takes no {name}: {REFUSED[name]}; disconnect it")
         family = model.family
-        if str(vqvae.kind) != "var-tokenizer":
-            raise NextScaleError(
-                f"'{vqvae.name}' is {vqvae.kind.describe()}: connect VAR's VQ-VAE from NextScale Load HMAR"
-            )
-        family.check_pair(model.module, vqvae.module)
+        check_var_vqvae(model, vqvae, LOADER)
         generator = model.module
-        names = family.class_names(generator)
-        classes = parse_class_list(class_list, names) or [class_index(class_name, names)]
-        if len(classes) * batch_size > MAX_BATCH:
-            raise NextScaleError(
-                f"{len(classes)} classes x batch size {batch_size} = {len(classes) * batch_size} images; at most "
-                f"{MAX_BATCH} per sampler node"
-            )
+        labels_B = class_labels(model, class_name, class_list, batch_size, MAX_BATCH)
         patch_nums = generator.patch_nums
         options = HMAROptions(cfg=cfg, top_k=top_k, top_p=top_p, refinement=parse_refinement(refinement, patch_nums))
-        labels_B = torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
         B = len(labels_B)
         workload = Workload(guided=cfg != 0, dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype)
         size = ready_batch(

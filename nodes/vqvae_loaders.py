@@ -9,6 +9,7 @@ from collections.abc import Callable
 import folder_paths
 from comfy_api.latest import io
 
+from ..models.core.errors import NextScaleError
 from .model_files import FOLDER
 from .service import TRANSFORMER_DTYPES, load, not_found
 from .validation import check_file
@@ -60,3 +61,11 @@ def load_with_vqvae(model_name: str, vqvae_name: str, dtype: str, loader: str) -
     vqvae = load(vqvae_name, VQVAE_LOADER, "tokenizer", "auto")
     model.family.check_pair(model.module, vqvae.module)
     return io.NodeOutput(model, vqvae)
+
+
+def check_var_vqvae(model, vqvae, loader: str, which: str = "VAR's VQ-VAE") -> None:
+    """Refuses a ``vqvae`` input that is not a VAR-style VQ-VAE (``which``, from ``loader``), or one that does not
+    fit ``model``."""
+    if str(vqvae.kind) != "var-tokenizer":
+        raise NextScaleError(f"'{vqvae.name}' is {vqvae.kind.describe()}: connect {which} from {loader}")
+    model.family.check_pair(model.module, vqvae.module)

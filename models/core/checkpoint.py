@@ -337,11 +337,17 @@ class SavedConfig:
             raise NextScaleError(f"{cls.name} config is incomplete: {e}") from None
 
 
-def block_depth(state_dict: Mapping[str, torch.Tensor], path: str, what: str) -> int:
-    """The number of transformer blocks, whose keys must run ``blocks.0.* .. blocks.<depth-1>.*`` without a gap."""
-    blocks = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
-    if not blocks or blocks != list(range(len(blocks))):
-        raise NextScaleError(f"{what} file '{path}' has blocks {blocks[:8]}...; expected blocks.0 ... blocks.<depth-1>")
+def block_depth(
+    state_dict: Mapping[str, torch.Tensor], path: str, what: str, prefix: str = "blocks", required: bool = True
+) -> int:
+    """The number of blocks named ``prefix``, whose keys must run ``<prefix>.0.* .. <prefix>.<n-1>.*`` without a gap
+    (and hold at least one block when ``required``)."""
+    pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
+    blocks = sorted({int(m.group(1)) for k in state_dict if (m := pattern.match(k))})
+    if (required and not blocks) or blocks != list(range(len(blocks))):
+        raise NextScaleError(
+            f"{what} file '{path}' has {prefix} {blocks[:8]}...; expected {prefix}.0 ... {prefix}.<n-1>"
+        )
     return len(blocks)
 
 
@@ -359,3 +365,37 @@ def load_on_meta(build, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Modu
         module = build()
     module.load_state_dict(state_dict, strict=True, assign=True)
     return module.float().eval().requires_grad_(False)
+
+
+def load_checked(
+    build,
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    rebuild,
+    path: str,
+    what: str,
+    anchor: str = "class_emb.weight",
+) -> torch.nn.Module:
+    """:func:`load_on_meta` of ``state_dict`` after checking it strictly against the ``expected`` shapes. The
+    deterministic buffers ``rebuild(device)`` may be missing from the file: their names are taken on the meta
+    device (nothing allocated before the check), their values made on the device of the tensor ``anchor``."""
+    check_state_dict(state_dict, expected, path, what, optional=rebuild("meta").keys())
+    tensor = state_dict.get(anchor)
+    return load_on_meta(build, {**state_dict, **rebuild(None if tensor is None else tensor.device)})
+
+
+class SavedModel:
+    """Mixin of the models that keep their config in their safetensors metadata: ``what`` names the model in
+    refusals, ``config_type`` (a :class:`SavedConfig`) parses the stored config, ``self.config`` is saved."""
+
+    what: ClassVar[str]
+    config_type: ClassVar[type]
+
+    @classmethod
+    def config_from_file(cls, path: str):
+        """The config stored under the safetensors metadata key ``nextscale_config`` (by :meth:`save`), or None."""
+        return config_from_metadata(path, cls.config_type.from_dict, cls.what)
+
+    def save(self, path: str) -> None:
+        """Save as safetensors with the config in the metadata."""
+        save_safetensors(self.state_dict(), path, {CONFIG_METADATA_KEY: self.config.to_dict()})

@@ -17,9 +17,9 @@ and ``blocks.i.attn.zero_k_bias`` are optional in a file, of any shape for the f
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +28,12 @@ from torch import nn
 from ...kernels.attention import IntervalMask, block_causal_mask
 from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn
 from ..core.checkpoint import (
-    CONFIG_METADATA_KEY,
-    check_state_dict,
+    SavedConfig,
+    SavedModel,
+    block_depth,
     check_tensors,
-    config_from_metadata,
     key_shape,
-    load_on_meta,
-    save_safetensors,
+    load_checked,
     shapes_on_meta,
 )
 from ..core.errors import NextScaleError
@@ -47,8 +46,10 @@ MASK_KEY = "attn_bias_for_masking"
 
 
 @dataclass(frozen=True)
-class FlexVARConfig:
+class FlexVARConfig(SavedConfig):
     """Architecture of a FlexVAR transformer; ``pos_side`` is the side of the 2-D position map."""
+
+    name: ClassVar[str] = "FlexVAR"
 
     depth: int
     embed_dim: int
@@ -82,19 +83,6 @@ class FlexVARConfig:
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> FlexVARConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise NextScaleError(f"FlexVAR config has unknown field(s): {', '.join(sorted(unknown))}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise NextScaleError(f"FlexVAR config is incomplete: {e}") from None
-
 
 def sincos_positions(side: int, width: int) -> torch.Tensor:
     """Upstream's initial ``pos_1LC`` ``(1, width, side, side)``: even channels ``sin(row * f)``, odd channels
@@ -107,9 +95,12 @@ def sincos_positions(side: int, width: int) -> torch.Tensor:
     return pos.permute(2, 0, 1)[None]
 
 
-class FlexVAR(ComputeDtype, nn.Module):
+class FlexVAR(SavedModel, ComputeDtype, nn.Module):
     """FlexVAR transformer with the official key layout; build it with :meth:`from_state_dict`. ``operations``:
     the op set of its layers; ``compute_dtype``: what it computes in (logits always fp32)."""
+
+    config_type: ClassVar[type[FlexVARConfig]] = FlexVARConfig
+    what: ClassVar[str] = WHAT
 
     def __init__(self, config: FlexVARConfig, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
@@ -212,17 +203,13 @@ class FlexVAR(ComputeDtype, nn.Module):
             return key_shape(state_dict, key, ndim, path, WHAT, ": it is not a FlexVAR transformer.")
 
         rows, C = shape("class_emb.weight", 2)
-        blocks = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
-        if not blocks or blocks != list(range(len(blocks))):
-            raise NextScaleError(
-                f"{WHAT} file '{path}' has blocks {blocks[:8]}...; expected blocks.0 ... blocks.<depth-1>"
-            )
+        depth = block_depth(state_dict, path, WHAT)
         pos = shape("pos_1LC", 4)
         if pos[2] != pos[3]:
             raise NextScaleError(f"{WHAT} file '{path}': key 'pos_1LC' has shape {pos}, expected (1, C, side, side)")
         try:
             return FlexVARConfig(
-                depth=len(blocks),
+                depth=depth,
                 embed_dim=C,
                 num_heads=shape("blocks.0.attn.scale_mul_1H11", 4)[1],
                 num_classes=rows - 1,
@@ -245,21 +232,10 @@ class FlexVAR(ComputeDtype, nn.Module):
         check_tensors(state_dict, path, WHAT)
         cfg = config or cls.infer_config(state_dict, path)
         sd = {k: v for k, v in state_dict.items() if k != MASK_KEY}
-        expected = shapes_on_meta(lambda: cls(cfg))
-        buffers = cls.zero_k_biases(cfg, device="meta")
-        check_state_dict(sd, expected, path, WHAT, optional=buffers.keys())
-        anchor = sd.get("class_emb.weight")
-        rebuilt = cls.zero_k_biases(cfg, device=None if anchor is None else anchor.device)
-        return load_on_meta(lambda: cls(cfg, operations, compute_dtype), {**sd, **rebuilt})
-
-    @staticmethod
-    def config_from_file(path: str) -> FlexVARConfig | None:
-        """The config stored under the safetensors metadata key ``nextscale_config`` (by :meth:`save`), or None."""
-        return config_from_metadata(path, FlexVARConfig.from_dict, WHAT)
-
-    def save(self, path: str) -> None:
-        """Save as safetensors with the config in the metadata."""
-        save_safetensors(self.state_dict(), path, {CONFIG_METADATA_KEY: self.config.to_dict()})
+        return load_checked(
+            lambda: cls(cfg, operations, compute_dtype), sd, shapes_on_meta(lambda: cls(cfg)),
+            lambda device: cls.zero_k_biases(cfg, device), path, WHAT,
+        )
 
     def extra_repr(self) -> str:
         c = self.config

@@ -21,28 +21,19 @@ Conventions (upstream; key layout in docs/hmar.md):
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn
-from ..core.checkpoint import (
-    CONFIG_METADATA_KEY,
-    check_state_dict,
-    check_tensors,
-    config_from_metadata,
-    key_shape,
-    load_on_meta,
-    save_safetensors,
-    shapes_on_meta,
-)
+from ..core.checkpoint import SavedModel, block_depth, check_tensors, key_shape, load_checked, shapes_on_meta
 from ..core.errors import NextScaleError
 from ..core.ops import ComputeDtype, TorchOps, cast, embed, weight_and_bias
-from ..core.schedule import schedule_from_counts, schedule_from_levels, token_count
+from ..core.schedule import schedule_from_counts, schedule_from_level_buffer, token_count
 from ..var.model import VARConfig
 
 WHAT = "HMAR generator"
@@ -89,11 +80,14 @@ class HMARConditioning:
     lvl_pos_1LC: torch.Tensor  # lvl_embed(scale of each token) + pos_1LC
 
 
-class HMAR(ComputeDtype, nn.Module):
+class HMAR(SavedModel, ComputeDtype, nn.Module):
     """HMAR transformer with the official key layout; build it with :meth:`from_state_dict`.
 
     ``operations``: the op set its layers come from (default: plain torch); ``compute_dtype``: the dtype it computes
     in (default: its weights' dtype; see :class:`~..core.ops.ComputeDtype`)."""
+
+    config_type: ClassVar[type[HMARConfig]] = HMARConfig
+    what: ClassVar[str] = WHAT
 
     def __init__(self, config: HMARConfig, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
@@ -255,14 +249,7 @@ class HMAR(ComputeDtype, nn.Module):
             return key_shape(state_dict, key, ndim, path, WHAT, ": it is not an HMAR transformer")
 
         rows, C = shape("class_emb.weight", 2)
-        counts = {}
-        for name in BRANCHES:
-            found = sorted({int(m.group(1)) for k in state_dict if (m := re.match(rf"{name}\.(\d+)\.", k))})
-            if found != list(range(len(found))):
-                raise NextScaleError(
-                    f"{WHAT} file '{path}' has {name} {found[:8]}...; expected {name}.0 ... {name}.<n-1>"
-                )
-            counts[name] = len(found)
+        counts = {name: block_depth(state_dict, path, WHAT, prefix=name, required=False) for name in BRANCHES}
         if not counts["ns_blocks"] or counts["ns_blocks"] != counts["mask_blocks"]:
             raise NextScaleError(
                 f"{WHAT} file '{path}' has {counts['ns_blocks']} ns_blocks and {counts['mask_blocks']} mask_blocks; "
@@ -275,12 +262,7 @@ class HMAR(ComputeDtype, nn.Module):
         lvl = state_dict.get("lvl_1L")
         try:
             if lvl is not None and not lvl.is_meta:
-                patch_nums = schedule_from_levels(lvl.reshape(-1).tolist())
-                if len(patch_nums) != K or token_count(patch_nums) != L:
-                    raise NextScaleError(
-                        f"key 'lvl_1L' describes {len(patch_nums)} scales and {token_count(patch_nums)} tokens, but "
-                        f"'lvl_embed.weight' has {K} scales and 'pos_1LC' {L} tokens"
-                    )
+                patch_nums = schedule_from_level_buffer(lvl.reshape(-1).tolist(), K, L, "'pos_1LC'")
             else:
                 patch_nums = schedule_from_counts(L, K)
             return HMARConfig(
@@ -311,10 +293,10 @@ class HMAR(ComputeDtype, nn.Module):
         against ``config`` (inferred when not given); built on the meta device, taking the tensors over."""
         check_tensors(state_dict, path, WHAT, integer_keys=["lvl_1L"])
         cfg = config or cls.infer_config(state_dict, path)
-        check_state_dict(state_dict, cls.expected_shapes(cfg), path, WHAT, optional=cls.optional_keys(cfg))
-        anchor = state_dict.get("class_emb.weight")
-        rebuilt = cls.expected_buffers(cfg, device=None if anchor is None else anchor.device)
-        return load_on_meta(lambda: cls(cfg, operations, compute_dtype), {**state_dict, **rebuilt})
+        return load_checked(
+            lambda: cls(cfg, operations, compute_dtype), state_dict, cls.expected_shapes(cfg),
+            lambda device: cls.expected_buffers(cfg, device), path, WHAT,
+        )
 
     @classmethod
     def expected_buffers(cls, config: HMARConfig, device=None) -> dict[str, torch.Tensor]:
@@ -322,15 +304,6 @@ class HMAR(ComputeDtype, nn.Module):
         blocks = [k for k in cls.optional_keys(config) if k.endswith("zero_k_bias")]
         zeros = {k: torch.zeros(config.embed_dim, device=device) for k in blocks}
         return {**cls.rebuilt_buffers(config, device), **zeros}
-
-    @staticmethod
-    def config_from_file(path: str) -> HMARConfig | None:
-        """The config stored under the safetensors metadata key ``nextscale_config``, or None."""
-        return config_from_metadata(path, HMARConfig.from_dict, WHAT)
-
-    def save(self, path: str) -> None:
-        """Save as safetensors with the config in the metadata."""
-        save_safetensors(self.state_dict(), path, {CONFIG_METADATA_KEY: self.config.to_dict()})
 
     def extra_repr(self) -> str:
         c = self.config

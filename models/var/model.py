@@ -32,16 +32,13 @@ from torch import nn
 from ...kernels.attention import IntervalMask, additive_mask
 from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn
 from ..core.checkpoint import (
-    CONFIG_METADATA_KEY,
     SavedConfig,
+    SavedModel,
     block_depth,
-    check_state_dict,
     check_tensors,
-    config_from_metadata,
     key_shape,
-    load_on_meta,
+    load_checked,
     read_state_dict,
-    save_safetensors,
     shapes_on_meta,
 )
 from ..core.errors import NextScaleError
@@ -153,7 +150,7 @@ class Conditioning:
                             self.lvl_pos_1LC)
 
 
-class VAR(ComputeDtype, nn.Module):
+class VAR(SavedModel, ComputeDtype, nn.Module):
     """VAR transformer with the official key layout; build it with :meth:`from_file` / :meth:`from_state_dict`.
 
     ``operations``: the op set its layers come from (default: plain torch); ``compute_dtype``: the dtype it computes
@@ -428,16 +425,10 @@ class VAR(ComputeDtype, nn.Module):
                 f"{cls.what} file '{path}' holds a depth-{depth} transformer ({depth} blocks), but its "
                 f"config expects depth {cfg.depth}: the file and its config do not belong together"
             )
-        rebuildable = cls.rebuilt_buffers(cfg, device="meta").keys()  # names only: nothing allocated before the check
-        check_state_dict(state_dict, cls.expected_shapes(cfg), path, cls.what, optional=rebuildable)
-        anchor = state_dict.get("class_emb.weight")
-        rebuilt = cls.rebuilt_buffers(cfg, device=None if anchor is None else anchor.device)
-        return load_on_meta(lambda: cls(cfg, operations, compute_dtype), {**state_dict, **rebuilt})
-
-    @classmethod
-    def config_from_file(cls, path: str) -> VARConfig | None:
-        """The config stored under the safetensors metadata key ``nextscale_config``, or None."""
-        return config_from_metadata(path, cls.config_type.from_dict, cls.what)
+        return load_checked(
+            lambda: cls(cfg, operations, compute_dtype), state_dict, cls.expected_shapes(cfg),
+            lambda device: cls.rebuilt_buffers(cfg, device=device), path, cls.what,
+        )
 
     @classmethod
     def from_file(cls, path: str, *, operations=None, compute_dtype: torch.dtype | None = None) -> VAR:
@@ -448,10 +439,6 @@ class VAR(ComputeDtype, nn.Module):
         return cls.from_state_dict(
             state_dict, path, cls.config_from_file(path), operations=operations, compute_dtype=compute_dtype
         )
-
-    def save(self, path: str) -> None:
-        """Save as safetensors with the config (and class names) in the metadata."""
-        save_safetensors(self.state_dict(), path, {CONFIG_METADATA_KEY: self.config.to_dict()})
 
     def extra_repr(self) -> str:
         c = self.config
