@@ -367,29 +367,50 @@ def load_on_meta(build, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Modu
     return module.float().eval().requires_grad_(False)
 
 
-def load_checked(
-    build,
-    state_dict: Mapping[str, torch.Tensor],
-    expected: Mapping[str, tuple[int, ...]],
-    rebuild,
-    path: str,
-    what: str,
-    anchor: str = "class_emb.weight",
-) -> torch.nn.Module:
-    """:func:`load_on_meta` of ``state_dict`` after checking it strictly against the ``expected`` shapes. The
-    deterministic buffers ``rebuild(device)`` may be missing from the file: their names are taken on the meta
-    device (nothing allocated before the check), their values made on the device of the tensor ``anchor``."""
-    check_state_dict(state_dict, expected, path, what, optional=rebuild("meta").keys())
-    tensor = state_dict.get(anchor)
-    return load_on_meta(build, {**state_dict, **rebuild(None if tensor is None else tensor.device)})
-
 
 class SavedModel:
-    """Mixin of the models that keep their config in their safetensors metadata: ``what`` names the model in
-    refusals, ``config_type`` (a :class:`SavedConfig`) parses the stored config, ``self.config`` is saved."""
+    """Mixin of the models read from official files and saved with their config in the safetensors metadata.
+
+    A model class sets ``what`` (its name in refusals) and ``config_type`` (a :class:`SavedConfig`) and provides
+    ``infer_config(state_dict, path)`` and ``rebuilt_buffers(config, device=None)``, the deterministic buffers a
+    file may omit; :meth:`loadable` is where it drops or checks keys beyond those."""
 
     what: ClassVar[str]
     config_type: ClassVar[type]
+    integer_keys: ClassVar[tuple[str, ...]] = ()  # keys that hold integers (``lvl_1L``), not floats
+    anchor: ClassVar[str] = "class_emb.weight"  # the rebuilt buffers go to this tensor's device
+
+    @classmethod
+    def expected_shapes(cls, config) -> dict[str, tuple[int, ...]]:
+        """Every state-dict key of a model with ``config`` and its shape, in state-dict order (meta device)."""
+        return shapes_on_meta(lambda: cls(config))
+
+    @classmethod
+    def loadable(cls, state_dict: Mapping[str, torch.Tensor], config, path: str) -> Mapping[str, torch.Tensor]:
+        """The part of ``state_dict`` that is checked against ``config`` and loaded (all of it by default)."""
+        return state_dict
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, torch.Tensor],
+        path: str = "<state dict>",
+        config=None,
+        *,
+        operations=None,
+        compute_dtype: torch.dtype | None = None,
+    ):
+        """A frozen fp32 model in eval mode holding ``state_dict``, checked strictly (key for key, every shape)
+        against ``config`` (inferred when not given), built with ``operations`` to compute in ``compute_dtype``.
+        Built on the meta device and taking the tensors over: loading never holds two copies."""
+        check_tensors(state_dict, path, cls.what, integer_keys=list(cls.integer_keys))
+        cfg = config or cls.infer_config(state_dict, path)
+        sd = cls.loadable(state_dict, cfg, path)
+        rebuildable = cls.rebuilt_buffers(cfg, device="meta").keys()  # names only: nothing allocated before the check
+        check_state_dict(sd, cls.expected_shapes(cfg), path, cls.what, optional=rebuildable)
+        anchor = sd.get(cls.anchor)
+        rebuilt = cls.rebuilt_buffers(cfg, device=None if anchor is None else anchor.device)
+        return load_on_meta(lambda: cls(cfg, operations, compute_dtype), {**sd, **rebuilt})
 
     @classmethod
     def config_from_file(cls, path: str):

@@ -31,10 +31,7 @@ from ..core.checkpoint import (
     SavedConfig,
     SavedModel,
     block_depth,
-    check_tensors,
     key_shape,
-    load_checked,
-    shapes_on_meta,
 )
 from ..core.errors import NextScaleError
 from ..core.ops import ComputeDtype, TorchOps, cast, embed
@@ -190,8 +187,8 @@ class FlexVAR(SavedModel, ComputeDtype, nn.Module):
     # -- checkpoints --------------------------------------------------------------------------------
 
     @staticmethod
-    def zero_k_biases(config: FlexVARConfig, device=None) -> dict[str, torch.Tensor]:
-        """The deterministic ``blocks.i.attn.zero_k_bias`` buffers."""
+    def rebuilt_buffers(config: FlexVARConfig, device=None) -> dict[str, torch.Tensor]:
+        """The deterministic ``blocks.i.attn.zero_k_bias`` buffers, optional in a file."""
         return {f"blocks.{i}.attn.zero_k_bias": torch.zeros(config.embed_dim, device=device)
                 for i in range(config.depth)}
 
@@ -223,19 +220,9 @@ class FlexVAR(SavedModel, ComputeDtype, nn.Module):
             raise NextScaleError(f"{WHAT} file '{path}': {e}") from None
 
     @classmethod
-    def from_state_dict(
-        cls, state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>", config: FlexVARConfig | None = None,
-        *, operations=None, compute_dtype: torch.dtype | None = None,
-    ) -> FlexVAR:
-        """A frozen model in eval mode holding ``state_dict``, checked key for key against ``config`` (inferred when
-        not given). Built on the meta device and taking the tensors over."""
-        check_tensors(state_dict, path, WHAT)
-        cfg = config or cls.infer_config(state_dict, path)
-        sd = {k: v for k, v in state_dict.items() if k != MASK_KEY}
-        return load_checked(
-            lambda: cls(cfg, operations, compute_dtype), sd, shapes_on_meta(lambda: cls(cfg)),
-            lambda device: cls.zero_k_biases(cfg, device), path, WHAT,
-        )
+    def loadable(cls, state_dict: Mapping[str, torch.Tensor], config: FlexVARConfig, path: str):
+        """``state_dict`` without ``attn_bias_for_masking`` (upstream's last training mask, of any shape)."""
+        return {k: v for k, v in state_dict.items() if k != MASK_KEY}
 
     def extra_repr(self) -> str:
         c = self.config

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn
-from ..core.checkpoint import SavedModel, block_depth, check_tensors, key_shape, load_checked, shapes_on_meta
+from ..core.checkpoint import SavedModel, block_depth, key_shape
 from ..core.errors import NextScaleError
 from ..core.ops import ComputeDtype, TorchOps, cast, embed, weight_and_bias
 from ..core.schedule import schedule_from_counts, schedule_from_level_buffer, token_count
@@ -88,6 +88,7 @@ class HMAR(SavedModel, ComputeDtype, nn.Module):
 
     config_type: ClassVar[type[HMARConfig]] = HMARConfig
     what: ClassVar[str] = WHAT
+    integer_keys = ("lvl_1L",)
 
     def __init__(self, config: HMARConfig, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
@@ -96,7 +97,7 @@ class HMAR(SavedModel, ComputeDtype, nn.Module):
         C = cfg.embed_dim
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
         self.pos_1LC = nn.Parameter(torch.zeros(1, cfg.num_tokens, C))
-        for name, value in self.rebuilt_buffers(cfg).items():
+        for name, value in self.top_level_buffers(cfg).items():
             self.register_buffer(name, value)
         self.class_emb = ops.Embedding(cfg.num_classes + 1, C)
         self.lvl_embed = ops.Embedding(cfg.num_scales, C)
@@ -216,7 +217,7 @@ class HMAR(SavedModel, ComputeDtype, nn.Module):
     # -- checkpoints --------------------------------------------------------------------------------
 
     @staticmethod
-    def rebuilt_buffers(config: HMARConfig, device=None) -> dict[str, torch.Tensor]:
+    def top_level_buffers(config: HMARConfig, device=None) -> dict[str, torch.Tensor]:
         """The deterministic top-level buffers: ``lvl_1L`` (scale per token) and ``attn_bias_for_masking`` (0 within
         a scale, -inf across scales)."""
         lvl_L = torch.tensor(
@@ -227,18 +228,13 @@ class HMAR(SavedModel, ComputeDtype, nn.Module):
         return {"lvl_1L": lvl_L[None], "attn_bias_for_masking": bias_LL[None, None]}
 
     @classmethod
-    def optional_keys(cls, config: HMARConfig) -> set[str]:
-        """Keys a file may omit (deterministic buffers, rebuilt on load)."""
-        blocks = {
-            f"{name}.{i}.attn.zero_k_bias"
-            for name, count in zip(BRANCHES, (config.base_depth, config.branch_depth, config.branch_depth))
-            for i in range(count)
-        }
-        return set(cls.rebuilt_buffers(config, device="meta")) | blocks
-
-    @staticmethod
-    def expected_shapes(config: HMARConfig) -> dict[str, tuple[int, ...]]:
-        return shapes_on_meta(lambda: HMAR(config))
+    def rebuilt_buffers(cls, config: HMARConfig, device=None) -> dict[str, torch.Tensor]:
+        """Every deterministic buffer, optional in a file: the top-level ones and each block's ``zero_k_bias``."""
+        out = cls.top_level_buffers(config, device)
+        for name, count in zip(BRANCHES, (config.base_depth, config.branch_depth, config.branch_depth)):
+            for i in range(count):
+                out[f"{name}.{i}.attn.zero_k_bias"] = torch.zeros(config.embed_dim, device=device)
+        return out
 
     @staticmethod
     def infer_config(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> HMARConfig:
@@ -278,32 +274,6 @@ class HMAR(SavedModel, ComputeDtype, nn.Module):
             )
         except NextScaleError as e:
             raise NextScaleError(f"{WHAT} file '{path}': {e}") from None
-
-    @classmethod
-    def from_state_dict(
-        cls,
-        state_dict: Mapping[str, torch.Tensor],
-        path: str = "<state dict>",
-        config: HMARConfig | None = None,
-        *,
-        operations=None,
-        compute_dtype: torch.dtype | None = None,
-    ) -> HMAR:
-        """A frozen fp32 model in eval mode holding ``state_dict``, checked strictly (key for key, every shape)
-        against ``config`` (inferred when not given); built on the meta device, taking the tensors over."""
-        check_tensors(state_dict, path, WHAT, integer_keys=["lvl_1L"])
-        cfg = config or cls.infer_config(state_dict, path)
-        return load_checked(
-            lambda: cls(cfg, operations, compute_dtype), state_dict, cls.expected_shapes(cfg),
-            lambda device: cls.expected_buffers(cfg, device), path, WHAT,
-        )
-
-    @classmethod
-    def expected_buffers(cls, config: HMARConfig, device=None) -> dict[str, torch.Tensor]:
-        """Every deterministic buffer's value: the top-level ones and each block's ``zero_k_bias``."""
-        blocks = [k for k in cls.optional_keys(config) if k.endswith("zero_k_bias")]
-        zeros = {k: torch.zeros(config.embed_dim, device=device) for k in blocks}
-        return {**cls.rebuilt_buffers(config, device), **zeros}
 
     def extra_repr(self) -> str:
         c = self.config

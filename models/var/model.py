@@ -35,11 +35,8 @@ from ..core.checkpoint import (
     SavedConfig,
     SavedModel,
     block_depth,
-    check_tensors,
     key_shape,
-    load_checked,
     read_state_dict,
-    shapes_on_meta,
 )
 from ..core.errors import NextScaleError
 from ..core.family import expect_kind
@@ -161,6 +158,7 @@ class VAR(SavedModel, ComputeDtype, nn.Module):
 
     config_type: ClassVar[type[VARConfig]] = VARConfig
     what: ClassVar[str] = WHAT  # the file's name in error messages
+    integer_keys = ("lvl_1L",)
     file_kind: ClassVar[str] = "var-generator"  # the family a file must be identified as by :meth:`from_file`
     block_type: ClassVar[type[AdaLNSelfAttn]] = AdaLNSelfAttn
     class_levels: ClassVar[int] = 0  # levels in front of the first scale's (DD's class token has one)
@@ -357,11 +355,6 @@ class VAR(SavedModel, ComputeDtype, nn.Module):
                 out[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(config.embed_dim, device=device)
         return out
 
-    @classmethod
-    def expected_shapes(cls, config: VARConfig) -> dict[str, tuple[int, ...]]:
-        """Every state-dict key of a model with ``config`` and its shape, in state-dict order (meta device)."""
-        return shapes_on_meta(lambda: cls(config))
-
     @staticmethod
     def config_fields(state_dict: Mapping[str, torch.Tensor], path: str) -> dict:
         """The config fields that only a subclass's keys tell (VAR: ``shared_aln``)."""
@@ -405,30 +398,15 @@ class VAR(SavedModel, ComputeDtype, nn.Module):
             raise NextScaleError(f"{cls.what} file '{path}': {e}") from None
 
     @classmethod
-    def from_state_dict(
-        cls,
-        state_dict: Mapping[str, torch.Tensor],
-        path: str = "<state dict>",
-        config: VARConfig | None = None,
-        *,
-        operations=None,
-        compute_dtype: torch.dtype | None = None,
-    ) -> VAR:
-        """A frozen fp32 model in eval mode holding ``state_dict``, checked strictly against ``config`` (inferred
-        when not given), built with ``operations`` to compute in ``compute_dtype`` (see :class:`VAR`). Built on the
-        meta device and taking the tensors over: loading never holds two copies."""
-        check_tensors(state_dict, path, cls.what, integer_keys=["lvl_1L"])
-        cfg = config or cls.infer_config(state_dict, path)
-        depth = block_depth(state_dict, path, cls.what) if config is not None else cfg.depth
-        if depth != cfg.depth:
+    def loadable(cls, state_dict: Mapping[str, torch.Tensor], config: VARConfig, path: str):
+        """``state_dict`` once its blocks match the depth of ``config``."""
+        depth = block_depth(state_dict, path, cls.what)
+        if depth != config.depth:
             raise NextScaleError(
                 f"{cls.what} file '{path}' holds a depth-{depth} transformer ({depth} blocks), but its "
-                f"config expects depth {cfg.depth}: the file and its config do not belong together"
+                f"config expects depth {config.depth}: the file and its config do not belong together"
             )
-        return load_checked(
-            lambda: cls(cfg, operations, compute_dtype), state_dict, cls.expected_shapes(cfg),
-            lambda device: cls.rebuilt_buffers(cfg, device=device), path, cls.what,
-        )
+        return state_dict
 
     @classmethod
     def from_file(cls, path: str, *, operations=None, compute_dtype: torch.dtype | None = None) -> VAR:
