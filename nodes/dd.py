@@ -21,7 +21,7 @@ from .generator import class_labels, scale_callback
 from .model_files import model_choices
 from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, DDModel, Tokenizer, Tokens
-from .vqvae_loaders import check_files, check_var_vqvae, dtype_input, load_with_vqvae, vqvae_not_found
+from .vqvae_loaders import VQVAELoader, check_var_vqvae, dtype_input, vqvae_not_found
 
 DD_CATEGORY = f"{CATEGORY}/distilled decoding"
 MAX_BATCH = 16
@@ -29,7 +29,10 @@ DEFAULT_CLASS = "golden retriever"
 MISSING_VQVAE = vqvae_not_found("VAR's VQ-VAE", "vae_ch160v4096z32.pth", HINT)
 
 
-class NextScaleLoadDD(io.ComfyNode):
+class NextScaleLoadDD(VQVAELoader):
+    LOADER = LOADER
+    MISSING_VQVAE = MISSING_VQVAE
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -59,14 +62,6 @@ class NextScaleLoadDD(io.ComfyNode):
                 Tokenizer.Output("vqvae", display_name="vqvae"),
             ],
         )
-
-    @classmethod
-    def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:
-        return check_files(model_name, vqvae_name, model_choices(), LOADER, MISSING_VQVAE)
-
-    @classmethod
-    def execute(cls, model_name: str, vqvae_name: str, dtype: str) -> io.NodeOutput:
-        return load_with_vqvae(model_name, vqvae_name, dtype, LOADER)
 
 
 class NextScaleDDSampler(io.ComfyNode):

@@ -23,7 +23,7 @@ from .model_files import model_choices
 from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, Control, Guide, HMARModel, KVPolicy, Tokenizer, Tokens
 from .validation import check_numbers
-from .vqvae_loaders import check_files, check_var_vqvae, dtype_input, load_with_vqvae, vqvae_not_found
+from .vqvae_loaders import VQVAELoader, check_var_vqvae, dtype_input, vqvae_not_found
 
 HMAR_CATEGORY = f"{CATEGORY}/hmar"
 MAX_BATCH = 16
@@ -32,7 +32,10 @@ OFFICIAL_REFINEMENT = "1 | 1,3 | 1,1,2,5"
 MISSING_VQVAE = vqvae_not_found("VAR's VQ-VAE", "vae_ch160v4096z32.pth", HINT)
 
 
-class NextScaleLoadHMAR(io.ComfyNode):
+class NextScaleLoadHMAR(VQVAELoader):
+    LOADER = LOADER
+    MISSING_VQVAE = MISSING_VQVAE
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -61,14 +64,6 @@ class NextScaleLoadHMAR(io.ComfyNode):
                 Tokenizer.Output("vqvae", display_name="vqvae"),
             ],
         )
-
-    @classmethod
-    def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:
-        return check_files(model_name, vqvae_name, model_choices(), LOADER, MISSING_VQVAE)
-
-    @classmethod
-    def execute(cls, model_name: str, vqvae_name: str, dtype: str) -> io.NodeOutput:
-        return load_with_vqvae(model_name, vqvae_name, dtype, LOADER)
 
 
 class NextScaleHMARSampler(io.ComfyNode):

@@ -30,7 +30,7 @@ from .model_files import model_choices
 from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, Guide, KVPolicy, SwittiModel, Tokenizer, Tokens
 from .validation import check_combos, check_numbers
-from .vqvae_loaders import check_files, dtype_input, load_with_vqvae, vqvae_not_found
+from .vqvae_loaders import VQVAELoader, dtype_input, vqvae_not_found
 
 SWITTI_CATEGORY = f"{CATEGORY}/switti"
 MAX_BATCH = 16
@@ -39,7 +39,11 @@ RESOLUTIONS = ["model's own", *KNOWN_SCHEDULES]
 MISSING_VQVAE = vqvae_not_found("Switti's VQ-VAE", "it", HINT)
 
 
-class NextScaleLoadSwitti(io.ComfyNode):
+class NextScaleLoadSwitti(VQVAELoader):
+    LOADER = LOADER
+    MISSING_VQVAE = MISSING_VQVAE
+    SHARDS = True
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -69,14 +73,6 @@ class NextScaleLoadSwitti(io.ComfyNode):
                 Tokenizer.Output("vqvae", display_name="vqvae"),
             ],
         )
-
-    @classmethod
-    def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:
-        return check_files(model_name, vqvae_name, model_choices(shards=True), LOADER, MISSING_VQVAE)
-
-    @classmethod
-    def execute(cls, model_name: str, vqvae_name: str, dtype: str) -> io.NodeOutput:
-        return load_with_vqvae(model_name, vqvae_name, dtype, LOADER)
 
 
 def _one_chunk(chunks: list, special: dict) -> list:

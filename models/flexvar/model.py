@@ -117,14 +117,9 @@ class FlexVAR(SavedModel, ComputeDtype, nn.Module):
         self.head = ops.Linear(C, cfg.vocab_size)
         self.compute_dtype = compute_dtype
 
-    @property
-    def depth(self) -> int:
-        return self.config.depth
-
-    @property
-    def num_classes(self) -> int:
-        """Number of real classes; label ``num_classes`` is the null class."""
-        return self.config.num_classes
+    # VAR's properties, read from the config.
+    depth = VAR.depth
+    num_classes = VAR.num_classes
 
     # -- forward paths ------------------------------------------------------------------------------
 

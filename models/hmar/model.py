@@ -34,7 +34,7 @@ from ..core.checkpoint import SavedModel, block_depth, key_shape
 from ..core.errors import NextScaleError
 from ..core.ops import ComputeDtype, TorchOps, cast, embed, weight_and_bias
 from ..core.schedule import schedule_from_counts, schedule_from_level_buffer, token_count
-from ..var.model import VARConfig
+from ..var.model import VAR, VARConfig
 
 WHAT = "HMAR generator"
 BRANCHES = ("base_blocks", "ns_blocks", "mask_blocks")
@@ -115,19 +115,10 @@ class HMAR(SavedModel, ComputeDtype, nn.Module):
         self.init_weights()
         self.compute_dtype = compute_dtype
 
-    @property
-    def depth(self) -> int:
-        """Blocks on either path: base plus one branch."""
-        return self.config.depth
-
-    @property
-    def num_classes(self) -> int:
-        """Number of real classes; label ``num_classes`` is the null class."""
-        return self.config.num_classes
-
-    @property
-    def patch_nums(self) -> tuple[int, ...]:
-        return self.config.patch_nums
+    # VAR's properties, read from the config; ``depth`` counts the blocks on either path (base plus one branch).
+    depth = VAR.depth
+    num_classes = VAR.num_classes
+    patch_nums = VAR.patch_nums
 
     # -- forward passes -----------------------------------------------------------------------------
 
