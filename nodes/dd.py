@@ -18,10 +18,9 @@ from ..models.dd.family import HINT, LOADER
 from ..models.dd.sampler import DDOptions, official_split
 from ..models.var.classes import imagenet_class_names
 from .generator import class_labels, scale_callback
-from .model_files import model_choices
 from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, DDModel, Tokenizer, Tokens
-from .vqvae_loaders import VQVAELoader, check_var_vqvae, dtype_input, vqvae_not_found
+from .vqvae_loaders import VQVAELoader, check_var_vqvae, vqvae_not_found
 
 DD_CATEGORY = f"{CATEGORY}/distilled decoding"
 MAX_BATCH = 16
@@ -35,32 +34,17 @@ class NextScaleLoadDD(VQVAELoader):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.loader_schema(
             node_id="NextScaleLoadDD",
-            display_name=LOADER,
             category=DD_CATEGORY,
             description="Loads a Distilled Decoding transformer (VAR-DD var-d16.pth, var-d20.pth, var-d24.pth: VAR "
             "distilled to one or two steps) and VAR's VQ-VAE (vae_ch160v4096z32.pth) from models/nextscale. Sizes "
             "are read from the files; loading is strict.",
-            inputs=[
-                io.Combo.Input(
-                    "model_name",
-                    options=model_choices(),
-                    tooltip="A DD transformer in ComfyUI/models/nextscale (microsoft/distilled_decoding, "
-                    "VAR-DD/var-d16.pth, var-d20.pth or var-d24.pth; rename them, e.g. dd-var-d16.pth, to keep "
-                    "them apart from VAR's own var_d16.pth).",
-                ),
-                io.Combo.Input(
-                    "vqvae_name",
-                    options=model_choices(),
-                    tooltip="VAR's VQ-VAE, vae_ch160v4096z32.pth (FoundationVision/var): DD draws its tokens.",
-                ),
-                dtype_input(),
-            ],
-            outputs=[
-                DDModel.Output("model", display_name="model"),
-                Tokenizer.Output("vqvae", display_name="vqvae"),
-            ],
+            model=DDModel,
+            model_tooltip="A DD transformer in ComfyUI/models/nextscale (microsoft/distilled_decoding, "
+            "VAR-DD/var-d16.pth, var-d20.pth or var-d24.pth; rename them, e.g. dd-var-d16.pth, to keep "
+            "them apart from VAR's own var_d16.pth).",
+            vqvae_tooltip="VAR's VQ-VAE, vae_ch160v4096z32.pth (FoundationVision/var): DD draws its tokens.",
         )
 
 

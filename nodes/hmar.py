@@ -19,11 +19,10 @@ from ..models.hmar.family import HINT, LOADER
 from ..models.hmar.sampler import REFUSED, HMAROptions, parse_refinement
 from ..models.var.classes import imagenet_class_names
 from .generator import bind_images, class_labels, framed_like_reference, scale_callback
-from .model_files import model_choices
 from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, Control, Guide, HMARModel, KVPolicy, Tokenizer, Tokens
 from .validation import check_numbers
-from .vqvae_loaders import VQVAELoader, check_var_vqvae, dtype_input, vqvae_not_found
+from .vqvae_loaders import VQVAELoader, check_var_vqvae, vqvae_not_found
 
 HMAR_CATEGORY = f"{CATEGORY}/hmar"
 MAX_BATCH = 16
@@ -38,31 +37,16 @@ class NextScaleLoadHMAR(VQVAELoader):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.loader_schema(
             node_id="NextScaleLoadHMAR",
-            display_name=LOADER,
             category=HMAR_CATEGORY,
             description="Loads an HMAR transformer (hmar-d16.pth, hmar-d20.pth, hmar-d24.pth, hmar-d30.pth; NVIDIA's "
             "non-commercial licence) and VAR's VQ-VAE (vae_ch160v4096z32.pth) from models/nextscale. Sizes are read "
             "from the files; loading is strict.",
-            inputs=[
-                io.Combo.Input(
-                    "model_name",
-                    options=model_choices(),
-                    tooltip="An HMAR transformer in ComfyUI/models/nextscale (Hugging Face nvidia/HMAR: hmar-d16.pth "
-                    "... hmar-d30.pth). Its weights are under NVIDIA's non-commercial licence.",
-                ),
-                io.Combo.Input(
-                    "vqvae_name",
-                    options=model_choices(),
-                    tooltip="VAR's VQ-VAE, vae_ch160v4096z32.pth (FoundationVision/var): HMAR draws its tokens.",
-                ),
-                dtype_input(),
-            ],
-            outputs=[
-                HMARModel.Output("model", display_name="model"),
-                Tokenizer.Output("vqvae", display_name="vqvae"),
-            ],
+            model=HMARModel,
+            model_tooltip="An HMAR transformer in ComfyUI/models/nextscale (Hugging Face nvidia/HMAR: hmar-d16.pth "
+            "... hmar-d30.pth). Its weights are under NVIDIA's non-commercial licence.",
+            vqvae_tooltip="VAR's VQ-VAE, vae_ch160v4096z32.pth (FoundationVision/var): HMAR draws its tokens.",
         )
 
 

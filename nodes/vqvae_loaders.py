@@ -14,6 +14,7 @@ from comfy_api.latest import io
 from ..models.core.errors import NextScaleError
 from .model_files import FOLDER, model_choices
 from .service import TRANSFORMER_DTYPES, load, not_found
+from .sockets import Tokenizer
 from .validation import check_file
 
 VQVAE_LOADER = "NextScale Load Tokenizer"  # the loader whose role a VQ-VAE file plays (the registry's name for it)
@@ -54,6 +55,25 @@ class VQVAELoader(io.ComfyNode):
     LOADER: ClassVar[str]
     MISSING_VQVAE: ClassVar[Callable[[str], str]]
     SHARDS: ClassVar[bool] = False
+
+    @classmethod
+    def loader_schema(
+        cls, node_id: str, category: str, description: str, model, model_tooltip: str, vqvae_tooltip: str
+    ) -> io.Schema:
+        """The schema of a two-file loader whose transformer leaves on the socket type ``model``."""
+        choices = model_choices(shards=cls.SHARDS)
+        return io.Schema(
+            node_id=node_id,
+            display_name=cls.LOADER,
+            category=category,
+            description=description,
+            inputs=[
+                io.Combo.Input("model_name", options=choices, tooltip=model_tooltip),
+                io.Combo.Input("vqvae_name", options=choices, tooltip=vqvae_tooltip),
+                dtype_input(),
+            ],
+            outputs=[model.Output("model", display_name="model"), Tokenizer.Output("vqvae", display_name="vqvae")],
+        )
 
     @classmethod
     def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:

@@ -34,9 +34,9 @@ from ..core.checkpoint import (
     key_shape,
 )
 from ..core.errors import NextScaleError
-from ..core.ops import ComputeDtype, TorchOps, cast, embed
+from ..core.ops import ComputeDtype, TorchOps, cast
 from ..core.schedule import token_count, validate_schedule
-from ..var.model import VAR, Conditioning
+from ..var.model import VAR, Conditioning, VARConfig
 
 WHAT = "FlexVAR generator"
 MASK_KEY = "attn_bias_for_masking"
@@ -72,13 +72,9 @@ class FlexVARConfig(SavedConfig):
         """Upstream ``build_vae_var(depth=d)`` (d16, d20, d24 released): ``d`` heads of 64 channels."""
         return cls(depth=depth, embed_dim=64 * depth, num_heads=depth)
 
-    @property
-    def hidden_dim(self) -> int:
-        return round(self.embed_dim * self.mlp_ratio)
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
+    # VARConfig's derived sizes, from the same fields.
+    hidden_dim = VARConfig.hidden_dim
+    head_dim = VARConfig.head_dim
 
 
 def sincos_positions(side: int, width: int) -> torch.Tensor:
@@ -133,22 +129,13 @@ class FlexVAR(SavedModel, ComputeDtype, nn.Module):
 
     def condition(self, label_B: torch.Tensor, patch_nums: Sequence[int]) -> Conditioning:
         """The per-run conditioning of rows with classes ``label_B`` over the schedule ``patch_nums``."""
-        cond_BD = embed(self.class_emb, label_B, self.compute_dtype)
-        if self.config.shared_aln:
-            ada_input = self.shared_ada_lin(cond_BD).view(-1, 1, 6, self.config.embed_dim)
-        else:
-            ada_input = cond_BD
-        return Conditioning(
-            cond_BD=cond_BD,
-            ada_B16C=[block.modulation(ada_input) for block in self.blocks],
-            head_B12C=self.head_nm.modulation(cond_BD),
-            lvl_pos_1LC=self.positions(patch_nums, label_B.device),
-        )
+        return self.class_conditioning(label_B, self.positions(patch_nums, label_B.device))
 
-    def first_token_map(self, cond: Conditioning) -> torch.Tensor:
-        """``x_B1C``: class embedding + ``pos_start`` + the 1x1 scale's position."""
-        pos_start = cast(self.pos_start, cond.cond_BD.device, self.compute_dtype)
-        return cond.cond_BD[:, None] + pos_start + cond.lvl_pos_1LC[:, :1]
+    # VAR's conditioning from the class and the positions, and its input of scale 0 (class embedding + ``pos_start``
+    # + the 1x1 scale's position): they read the same parameters.
+    class_conditioning = VAR.class_conditioning
+    start_token = VAR.start_token
+    first_token_map = VAR.first_token_map
 
     def scale_input(self, begin: int, next_BlCv: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """``x_BlC`` of the scale whose tokens start at ``begin`` from its input codes ``(B, l, Cvae)``."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn
+from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn, init_trunc_normal
 from ..core.checkpoint import SavedModel, block_depth, key_shape
 from ..core.errors import NextScaleError
 from ..core.ops import ComputeDtype, TorchOps, cast, embed, weight_and_bias
@@ -63,10 +63,6 @@ class HMARConfig(VARConfig):
     @property
     def base_depth(self) -> int:
         return self.depth - self.branch_depth
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
 
 
 @dataclass
@@ -135,10 +131,9 @@ class HMAR(SavedModel, ComputeDtype, nn.Module):
             lvl_pos_1LC=lvl_pos_1LC,
         )
 
-    def first_token_map(self, cond: HMARConditioning) -> torch.Tensor:
-        """``x_R1C``, the input of scale 0: class embedding + ``pos_start`` + level/position."""
-        start_R1C = cond.cond_BD[:, None] + cast(self.pos_start, cond.cond_BD.device, self.compute_dtype)
-        return start_R1C + cond.lvl_pos_1LC[:, :1]
+    # VAR's input of scale 0 (class embedding + ``pos_start`` + level/position), from the same parameters.
+    start_token = VAR.start_token
+    first_token_map = VAR.first_token_map
 
     def _embed_codes(self, x_BlCv: torch.Tensor) -> torch.Tensor:
         return self.word_embed(x_BlCv.to(self.compute_dtype))
@@ -190,15 +185,7 @@ class HMAR(SavedModel, ComputeDtype, nn.Module):
     def init_weights(self, std: float | None = None) -> None:
         """Random weights of VAR's initialisation scale (truncated normals of std ``sqrt(1 / 3C)``, biases zero,
         residual projections divided by ``sqrt(2 depth)``): the tests and the parity bench use them."""
-        C = self.config.embed_dim
-        std = std if std is not None else (1 / (3 * C)) ** 0.5
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-        for p in (self.pos_start, self.pos_1LC):
-            nn.init.trunc_normal_(p, std=std)
+        init_trunc_normal(self, self.config.embed_dim, std, (self.pos_start, self.pos_1LC))
         for name in BRANCHES:
             for block in getattr(self, name):
                 block.attn.scale_mul_1H11.fill_(math.log(4.0))

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.attention import IntervalMask
-from ..core.blocks import FFN, AdaLNBeforeHead, AdaLNBlock, SelfAttention, stream_dtype
+from ..core.blocks import FFN, AdaLNBeforeHead, AdaLNBlock, SelfAttention, init_trunc_normal, stream_dtype
 from ..core.checkpoint import (
     SavedModel,
     check_state_dict,
@@ -454,14 +454,7 @@ class Infinity(SavedModel, ComputeDtype, nn.Module):
         upstream's ``cfg_uncond`` init (std 1.2, divided by ``sqrt(Ct)``), gammas scaled by ``adaln_gamma`` so every
         block starts near identity, the head by ``head``. Random-weight models for tests; checkpoints replace it."""
         cfg = self.config
-        std = std if std is not None else (1 / (3 * cfg.embed_dim)) ** 0.5
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-        nn.init.trunc_normal_(self.pos_start, std=std)
-        nn.init.trunc_normal_(self.text_proj_for_sos.ca.mat_q, std=std)
+        init_trunc_normal(self, cfg.embed_dim, std, (self.pos_start, self.text_proj_for_sos.ca.mat_q))
         nn.init.trunc_normal_(self.cfg_uncond, std=1.2).div_(cfg.text_dim**0.5)
         for block in self.block_list():
             nn.init.normal_(block.ada_gss, std=cfg.embed_dim**-0.5)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ...kernels.attention import IntervalMask, additive_mask
-from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn
+from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn, init_trunc_normal
 from ..core.checkpoint import (
     SavedConfig,
     SavedModel,
@@ -219,6 +219,10 @@ class VAR(SavedModel, ComputeDtype, nn.Module):
 
     def condition(self, label_B: torch.Tensor) -> Conditioning:
         """The per-run conditioning of rows with classes ``label_B`` (``num_classes`` = null class), on their device."""
+        return self.class_conditioning(label_B, self.level_positions(label_B.device))
+
+    def class_conditioning(self, label_B: torch.Tensor, lvl_pos_1LC: torch.Tensor) -> Conditioning:
+        """The conditioning of rows with classes ``label_B`` whose tokens take the embeddings ``lvl_pos_1LC``."""
         cond_BD = embed(self.class_emb, label_B, self.compute_dtype)
         if self.config.shared_aln:  # one modulation for all blocks, each adds its own ada_gss
             ada_input = self.shared_ada_lin(cond_BD).view(-1, 1, 6, self.config.embed_dim)
@@ -228,7 +232,7 @@ class VAR(SavedModel, ComputeDtype, nn.Module):
             cond_BD=cond_BD,
             ada_B16C=[block.modulation(ada_input) for block in self.blocks],
             head_B12C=self.head_nm.modulation(cond_BD),
-            lvl_pos_1LC=self.level_positions(label_B.device),
+            lvl_pos_1LC=lvl_pos_1LC,
         )
 
     def level_positions(self, device: torch.device) -> torch.Tensor:
@@ -317,14 +321,7 @@ class VAR(SavedModel, ComputeDtype, nn.Module):
         and positions (biases zero); residual projections divided by ``sqrt(2 depth)``; AdaLN gains scaled by
         ``adaln`` (gammas by ``adaln_gamma``, so every block starts near identity); head weights by ``head``."""
         C = self.config.embed_dim
-        std = std if std is not None else (1 / (3 * C)) ** 0.5
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-        for p in (self.pos_start, self.pos_1LC):
-            nn.init.trunc_normal_(p, std=std)
+        init_trunc_normal(self, C, std, (self.pos_start, self.pos_1LC))
         self.head.weight.mul_(head)
         self.head_nm.ada_lin[1].weight.mul_(adaln)
         for block in self.blocks:
