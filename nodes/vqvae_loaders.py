@@ -94,9 +94,9 @@ class VQVAELoader(io.ComfyNode):
         return io.NodeOutput(model, vqvae)
 
 
-def check_var_vqvae(model, vqvae, loader: str, which: str = "VAR's VQ-VAE") -> None:
-    """Refuses a ``vqvae`` input that is not a VAR-style VQ-VAE (``which``, from ``loader``), or one that does not
+def check_var_vqvae(model, vqvae, loader: str) -> None:
+    """Refuses a sampler's ``vqvae`` input that is not VAR's VQ-VAE (as ``loader`` gives it), or one that does not
     fit ``model``."""
     if str(vqvae.kind) != "var-tokenizer":
-        raise NextScaleError(f"'{vqvae.name}' is {vqvae.kind.describe()}: connect {which} from {loader}")
+        raise NextScaleError(f"'{vqvae.name}' is {vqvae.kind.describe()}: connect VAR's VQ-VAE from {loader}")
     model.family.check_pair(model.module, vqvae.module)

@@ -367,13 +367,12 @@ def load_on_meta(build, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Modu
     return module.float().eval().requires_grad_(False)
 
 
-
 class SavedModel:
     """Mixin of the models read from official files and saved with their config in the safetensors metadata.
 
-    A model class sets ``what`` (its name in refusals) and ``config_type`` (a :class:`SavedConfig`) and provides
-    ``infer_config(state_dict, path)`` and ``rebuilt_buffers(config, device=None)``, the deterministic buffers a
-    file may omit; :meth:`loadable` is where it drops or checks keys beyond those."""
+    A model class sets ``what`` (its name in refusals) and ``config_type`` (with ``from_dict``, as a
+    :class:`SavedConfig`) and provides ``infer_config(state_dict, path)`` and ``rebuilt_buffers(config, device=None)``,
+    the deterministic buffers a file may omit; :meth:`loadable` is where it drops or checks keys beyond those."""
 
     what: ClassVar[str]
     config_type: ClassVar[type]
