@@ -9,21 +9,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
 from comfy_api.latest import io
 
-from ..models.core.errors import NextScaleError
 from ..models.core.family import Workload
 from ..models.core.hooks import SamplerHooks
 from ..models.core.tokens import NextScaleTokens
 from ..models.dd.family import HINT, LOADER
 from ..models.dd.sampler import DDOptions, official_split
-from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
-from .generator import scale_callback
-from .model_files import model_choices
+from ..models.var.classes import imagenet_class_names
+from .generator import class_labels, scale_callback
 from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, DDModel, Tokenizer, Tokens
-from .vqvae_loaders import check_files, dtype_input, load_with_vqvae, vqvae_not_found
+from .vqvae_loaders import VQVAELoader, check_var_vqvae, vqvae_not_found
 
 DD_CATEGORY = f"{CATEGORY}/distilled decoding"
 MAX_BATCH = 16
@@ -31,44 +28,24 @@ DEFAULT_CLASS = "golden retriever"
 MISSING_VQVAE = vqvae_not_found("VAR's VQ-VAE", "vae_ch160v4096z32.pth", HINT)
 
 
-class NextScaleLoadDD(io.ComfyNode):
+class NextScaleLoadDD(VQVAELoader):
+    LOADER = LOADER
+    MISSING_VQVAE = MISSING_VQVAE
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.loader_schema(
             node_id="NextScaleLoadDD",
-            display_name=LOADER,
             category=DD_CATEGORY,
             description="Loads a Distilled Decoding transformer (VAR-DD var-d16.pth, var-d20.pth, var-d24.pth: VAR "
             "distilled to one or two steps) and VAR's VQ-VAE (vae_ch160v4096z32.pth) from models/nextscale. Sizes "
             "are read from the files; loading is strict.",
-            inputs=[
-                io.Combo.Input(
-                    "model_name",
-                    options=model_choices(),
-                    tooltip="A DD transformer in ComfyUI/models/nextscale (microsoft/distilled_decoding, "
-                    "VAR-DD/var-d16.pth, var-d20.pth or var-d24.pth; rename them, e.g. dd-var-d16.pth, to keep "
-                    "them apart from VAR's own var_d16.pth).",
-                ),
-                io.Combo.Input(
-                    "vqvae_name",
-                    options=model_choices(),
-                    tooltip="VAR's VQ-VAE, vae_ch160v4096z32.pth (FoundationVision/var): DD draws its tokens.",
-                ),
-                dtype_input(),
-            ],
-            outputs=[
-                DDModel.Output("model", display_name="model"),
-                Tokenizer.Output("vqvae", display_name="vqvae"),
-            ],
+            model=DDModel,
+            model_tooltip="A DD transformer in ComfyUI/models/nextscale (microsoft/distilled_decoding, "
+            "VAR-DD/var-d16.pth, var-d20.pth or var-d24.pth; rename them, e.g. dd-var-d16.pth, to keep "
+            "them apart from VAR's own var_d16.pth).",
+            vqvae_tooltip="VAR's VQ-VAE, vae_ch160v4096z32.pth (FoundationVision/var): DD draws its tokens.",
         )
-
-    @classmethod
-    def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:
-        return check_files(model_name, vqvae_name, model_choices(), LOADER, MISSING_VQVAE)
-
-    @classmethod
-    def execute(cls, model_name: str, vqvae_name: str, dtype: str) -> io.NodeOutput:
-        return load_with_vqvae(model_name, vqvae_name, dtype, LOADER)
 
 
 class NextScaleDDSampler(io.ComfyNode):
@@ -127,24 +104,12 @@ class NextScaleDDSampler(io.ComfyNode):
         class_list: str = "",
     ) -> io.NodeOutput:
         family = model.family
-        if str(vqvae.kind) != "var-tokenizer":
-            raise NextScaleError(
-                f"'{vqvae.name}' is {vqvae.kind.describe()}: connect VAR's VQ-VAE from NextScale Load Distilled "
-                f"Decoding"
-            )
-        family.check_pair(model.module, vqvae.module)
+        check_var_vqvae(model, vqvae, LOADER)
         generator = model.module
-        names = family.class_names(generator)
-        classes = parse_class_list(class_list, names) or [class_index(class_name, names)]
-        if len(classes) * batch_size > MAX_BATCH:
-            raise NextScaleError(
-                f"{len(classes)} classes x batch size {batch_size} = {len(classes) * batch_size} images; at most "
-                f"{MAX_BATCH} per sampler node"
-            )
+        labels_B = class_labels(model, class_name, class_list, batch_size, MAX_BATCH)
         split = refine_from_scale or official_split(generator.depth)
         options = DDOptions(steps=(0, split)[:steps], split=split)
         options.check(generator.config.num_scales)
-        labels_B = torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
         B = len(labels_B)
         workload = Workload(guided=False, dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype)
         size = ready_batch(

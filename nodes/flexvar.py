@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 
 import folder_paths
-import torch
 from comfy_api.latest import io, ui
 
 from ..models.core.errors import NextScaleError
@@ -24,8 +23,8 @@ from ..models.core.tokens import NextScaleTokens
 from ..models.flexvar.family import HINT, LOADER
 from ..models.flexvar.sampler import CFG_SCHEDULES, FlexVAROptions
 from ..models.flexvar.schedule import CELL_PX, MAX_SIDE, ScheduleReport, flex_schedule, parse_sides, resolution_side
-from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
-from .generator import bind_policy, framed_like_reference, refuse_hooks, scale_callback
+from ..models.var.classes import imagenet_class_names
+from .generator import bind_policy, class_labels, framed_like_reference, refuse_hooks, scale_callback
 from .model_files import FOLDER, model_choices
 from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batches
 from .sockets import CATEGORY, FlexVARModel, Guide, KVPolicy, Tokenizer, Tokens
@@ -212,16 +211,9 @@ class NextScaleFlexVARSampler(io.ComfyNode):
                 f"FlexVAR keeps no running latent to blend (each scale is a whole image): set the guide's mode to "
                 f"'tokens', not '{guide.mode}'"
             )
-        names = family.class_names(model.module)
-        classes = parse_class_list(class_list, names) or [class_index(class_name, names)]
-        if len(classes) * batch_size > MAX_BATCH:
-            raise NextScaleError(
-                f"{len(classes)} classes x batch size {batch_size} = {len(classes) * batch_size} images; at most "
-                f"{MAX_BATCH} per sampler node"
-            )
         options = FlexVAROptions(run_schedule(resolution, steps, schedule), cfg, cfg_schedule, top_k, top_p, max_pn)
         patch_nums = options.patch_nums
-        labels_B = torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
+        labels_B = class_labels(model, class_name, class_list, batch_size, MAX_BATCH)
         B = len(labels_B)
         workload = Workload(guided=cfg != 0, schedule=patch_nums, dtype=model.compute_dtype,
                             decode_dtype=vae.compute_dtype)

@@ -333,20 +333,28 @@ def framed_like_reference(tokens, guide):
     return tokens
 
 
+def class_labels(
+    generator: NextScaleModel, class_name: str, class_list: str, batch_size: int, max_batch: int
+) -> torch.Tensor:
+    """``labels_B``: each class of ``class_list`` (names or indices; ``class_name`` when empty) ``batch_size`` times,
+    refused past ``max_batch`` images."""
+    names = generator.family.class_names(generator.module)
+    classes = parse_class_list(class_list, names) or [class_index(class_name, names)]
+    if len(classes) * batch_size > max_batch:
+        raise NextScaleError(
+            f"{len(classes)} classes x batch size {batch_size} = {len(classes) * batch_size} images; "
+            f"at most {max_batch} per sampler node"
+        )
+    return torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
+
+
 def sampling_inputs(
     generator: NextScaleModel, class_name: str, class_list: str, batch_size: int, cfg: float, top_k: int,
     top_p: float, more_smooth: bool, options: dict | None,
 ) -> tuple[torch.Tensor, SamplingOptions, bool]:
     """The sampler node's inputs as ``(labels_B, SamplingOptions, preview)``, checked against the generator."""
     family = generator.family
-    names = family.class_names(generator.module)
-    classes = parse_class_list(class_list, names) or [class_index(class_name, names)]
-    if len(classes) * batch_size > MAX_BATCH:
-        raise NextScaleError(
-            f"{len(classes)} classes x batch size {batch_size} = {len(classes) * batch_size} images; "
-            f"at most {MAX_BATCH} per sampler node"
-        )
-    labels_B = torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
+    labels_B = class_labels(generator, class_name, class_list, batch_size, MAX_BATCH)
     extras = dict(options or {})
     preview = extras.pop("preview", True)
     sampling = dataclasses.replace(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
 from comfy_api.latest import io
 
 from ..models.core.errors import NextScaleError
@@ -18,13 +17,12 @@ from ..models.core.hooks import SamplerHooks
 from ..models.core.tokens import NextScaleTokens
 from ..models.hmar.family import HINT, LOADER
 from ..models.hmar.sampler import REFUSED, HMAROptions, parse_refinement
-from ..models.var.classes import class_index, imagenet_class_names, parse_class_list
-from .generator import bind_images, framed_like_reference, scale_callback
-from .model_files import model_choices
+from ..models.var.classes import imagenet_class_names
+from .generator import bind_images, class_labels, framed_like_reference, scale_callback
 from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, Control, Guide, HMARModel, KVPolicy, Tokenizer, Tokens
 from .validation import check_numbers
-from .vqvae_loaders import check_files, dtype_input, load_with_vqvae, vqvae_not_found
+from .vqvae_loaders import VQVAELoader, check_var_vqvae, vqvae_not_found
 
 HMAR_CATEGORY = f"{CATEGORY}/hmar"
 MAX_BATCH = 16
@@ -33,43 +31,23 @@ OFFICIAL_REFINEMENT = "1 | 1,3 | 1,1,2,5"
 MISSING_VQVAE = vqvae_not_found("VAR's VQ-VAE", "vae_ch160v4096z32.pth", HINT)
 
 
-class NextScaleLoadHMAR(io.ComfyNode):
+class NextScaleLoadHMAR(VQVAELoader):
+    LOADER = LOADER
+    MISSING_VQVAE = MISSING_VQVAE
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.loader_schema(
             node_id="NextScaleLoadHMAR",
-            display_name=LOADER,
             category=HMAR_CATEGORY,
             description="Loads an HMAR transformer (hmar-d16.pth, hmar-d20.pth, hmar-d24.pth, hmar-d30.pth; NVIDIA's "
             "non-commercial licence) and VAR's VQ-VAE (vae_ch160v4096z32.pth) from models/nextscale. Sizes are read "
             "from the files; loading is strict.",
-            inputs=[
-                io.Combo.Input(
-                    "model_name",
-                    options=model_choices(),
-                    tooltip="An HMAR transformer in ComfyUI/models/nextscale (Hugging Face nvidia/HMAR: hmar-d16.pth "
-                    "... hmar-d30.pth). Its weights are under NVIDIA's non-commercial licence.",
-                ),
-                io.Combo.Input(
-                    "vqvae_name",
-                    options=model_choices(),
-                    tooltip="VAR's VQ-VAE, vae_ch160v4096z32.pth (FoundationVision/var): HMAR draws its tokens.",
-                ),
-                dtype_input(),
-            ],
-            outputs=[
-                HMARModel.Output("model", display_name="model"),
-                Tokenizer.Output("vqvae", display_name="vqvae"),
-            ],
+            model=HMARModel,
+            model_tooltip="An HMAR transformer in ComfyUI/models/nextscale (Hugging Face nvidia/HMAR: hmar-d16.pth "
+            "... hmar-d30.pth). Its weights are under NVIDIA's non-commercial licence.",
+            vqvae_tooltip="VAR's VQ-VAE, vae_ch160v4096z32.pth (FoundationVision/var): HMAR draws its tokens.",
         )
-
-    @classmethod
-    def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:
-        return check_files(model_name, vqvae_name, model_choices(), LOADER, MISSING_VQVAE)
-
-    @classmethod
-    def execute(cls, model_name: str, vqvae_name: str, dtype: str) -> io.NodeOutput:
-        return load_with_vqvae(model_name, vqvae_name, dtype, LOADER)
 
 
 class NextScaleHMARSampler(io.ComfyNode):
@@ -161,22 +139,11 @@ class NextScaleHMARSampler(io.ComfyNode):
             if connected is not None:
                 raise NextScaleError(f"HMAR takes no {name}: {REFUSED[name]}; disconnect it")
         family = model.family
-        if str(vqvae.kind) != "var-tokenizer":
-            raise NextScaleError(
-                f"'{vqvae.name}' is {vqvae.kind.describe()}: connect VAR's VQ-VAE from NextScale Load HMAR"
-            )
-        family.check_pair(model.module, vqvae.module)
+        check_var_vqvae(model, vqvae, LOADER)
         generator = model.module
-        names = family.class_names(generator)
-        classes = parse_class_list(class_list, names) or [class_index(class_name, names)]
-        if len(classes) * batch_size > MAX_BATCH:
-            raise NextScaleError(
-                f"{len(classes)} classes x batch size {batch_size} = {len(classes) * batch_size} images; at most "
-                f"{MAX_BATCH} per sampler node"
-            )
+        labels_B = class_labels(model, class_name, class_list, batch_size, MAX_BATCH)
         patch_nums = generator.patch_nums
         options = HMAROptions(cfg=cfg, top_k=top_k, top_p=top_p, refinement=parse_refinement(refinement, patch_nums))
-        labels_B = torch.tensor(classes, dtype=torch.long).repeat_interleave(batch_size)
         B = len(labels_B)
         workload = Workload(guided=cfg != 0, dtype=model.compute_dtype, decode_dtype=vqvae.compute_dtype)
         size = ready_batch(

@@ -26,11 +26,10 @@ from ..models.switti.family import HINT, LOADER
 from ..models.switti.model import TEXT_TOKENS, SwittiText
 from ..models.switti.sampler import NO_CACHE, SwittiCondition, SwittiOptions
 from .generator import bind_policy, framed_like_reference, refuse_hooks, scale_callback
-from .model_files import model_choices
 from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, Guide, KVPolicy, SwittiModel, Tokenizer, Tokens
 from .validation import check_combos, check_numbers
-from .vqvae_loaders import check_files, dtype_input, load_with_vqvae, vqvae_not_found
+from .vqvae_loaders import VQVAELoader, vqvae_not_found
 
 SWITTI_CATEGORY = f"{CATEGORY}/switti"
 MAX_BATCH = 16
@@ -39,44 +38,25 @@ RESOLUTIONS = ["model's own", *KNOWN_SCHEDULES]
 MISSING_VQVAE = vqvae_not_found("Switti's VQ-VAE", "it", HINT)
 
 
-class NextScaleLoadSwitti(io.ComfyNode):
+class NextScaleLoadSwitti(VQVAELoader):
+    LOADER = LOADER
+    MISSING_VQVAE = MISSING_VQVAE
+    SHARDS = True
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return cls.loader_schema(
             node_id="NextScaleLoadSwitti",
-            display_name=LOADER,
             category=SWITTI_CATEGORY,
             description="Loads a Switti text-to-image transformer (Switti, Switti-AR, Switti-1024, Switti-1024-AR: "
             "the Hugging Face folder with model.safetensors and config.json, or the file) and Switti's VQ-VAE "
             "(VQVAE-Switti) from models/nextscale. Sizes are read from the files; loading is strict.",
-            inputs=[
-                io.Combo.Input(
-                    "model_name",
-                    options=model_choices(shards=True),
-                    tooltip="A Switti transformer in ComfyUI/models/nextscale: a folder as downloaded from Hugging "
-                    "Face (yresearch/Switti, Switti-AR, Switti-1024, Switti-1024-AR), or its model.safetensors "
-                    "renamed, with config.json renamed alike beside it (switti_ar.safetensors + switti_ar.json).",
-                ),
-                io.Combo.Input(
-                    "vqvae_name",
-                    options=model_choices(shards=True),
-                    tooltip="Switti's VQ-VAE (yresearch/VQVAE-Switti: its folder or its model.safetensors).",
-                ),
-                dtype_input(),
-            ],
-            outputs=[
-                SwittiModel.Output("model", display_name="model"),
-                Tokenizer.Output("vqvae", display_name="vqvae"),
-            ],
+            model=SwittiModel,
+            model_tooltip="A Switti transformer in ComfyUI/models/nextscale: a folder as downloaded from Hugging "
+            "Face (yresearch/Switti, Switti-AR, Switti-1024, Switti-1024-AR), or its model.safetensors "
+            "renamed, with config.json renamed alike beside it (switti_ar.safetensors + switti_ar.json).",
+            vqvae_tooltip="Switti's VQ-VAE (yresearch/VQVAE-Switti: its folder or its model.safetensors).",
         )
-
-    @classmethod
-    def validate_inputs(cls, model_name: str, vqvae_name: str) -> bool | str:
-        return check_files(model_name, vqvae_name, model_choices(shards=True), LOADER, MISSING_VQVAE)
-
-    @classmethod
-    def execute(cls, model_name: str, vqvae_name: str, dtype: str) -> io.NodeOutput:
-        return load_with_vqvae(model_name, vqvae_name, dtype, LOADER)
 
 
 def _one_chunk(chunks: list, special: dict) -> list:

@@ -23,6 +23,18 @@ torch.set_num_threads(1)
 SMALL = (1, 2, 3, 4)
 
 
+def block_keys(b: str, C: int, heads: int) -> dict[str, tuple]:
+    """The keys of one of upstream VAR's ``AdaLNSelfAttn`` blocks under the prefix ``b`` (width ``C``)."""
+    return {
+        b + "attn.scale_mul_1H11": (1, heads, 1, 1), b + "attn.q_bias": (C,), b + "attn.v_bias": (C,),
+        b + "attn.zero_k_bias": (C,), b + "attn.mat_qkv.weight": (3 * C, C),
+        b + "attn.proj.weight": (C, C), b + "attn.proj.bias": (C,),
+        b + "ffn.fc1.weight": (4 * C, C), b + "ffn.fc1.bias": (4 * C,),
+        b + "ffn.fc2.weight": (C, 4 * C), b + "ffn.fc2.bias": (C,),
+        b + "ada_lin.1.weight": (6 * C, C), b + "ada_lin.1.bias": (6 * C,),
+    }
+
+
 def official_keys(depth: int, width: int, vocab: int, cvae: int, patch_nums, layerwise: bool) -> dict[str, tuple]:
     """Every key of upstream's ``DD_Model`` (VAR's, one more level and position for the class token, DD's parts)."""
     C, L, K = width, token_count(patch_nums) + 1, len(patch_nums) + 1
@@ -35,15 +47,7 @@ def official_keys(depth: int, width: int, vocab: int, cvae: int, patch_nums, lay
         "final_layer_conti.linear.bias": (cvae,),
     }
     for i in range(depth):
-        b = f"blocks.{i}."
-        keys.update({
-            b + "attn.scale_mul_1H11": (1, depth, 1, 1), b + "attn.q_bias": (C,), b + "attn.v_bias": (C,),
-            b + "attn.zero_k_bias": (C,), b + "attn.mat_qkv.weight": (3 * C, C),
-            b + "attn.proj.weight": (C, C), b + "attn.proj.bias": (C,),
-            b + "ffn.fc1.weight": (4 * C, C), b + "ffn.fc1.bias": (4 * C,),
-            b + "ffn.fc2.weight": (C, 4 * C), b + "ffn.fc2.bias": (C,),
-            b + "ada_lin.1.weight": (6 * C, C), b + "ada_lin.1.bias": (6 * C,),
-        })
+        keys.update(block_keys(f"blocks.{i}.", C, heads=depth))
     if layerwise:
         for i in range(depth + 1):
             keys.update({f"layerwise_n_d_embed.{i}.weight": (C, C), f"layerwise_n_d_embed.{i}.bias": (C,)})

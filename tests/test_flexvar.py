@@ -22,6 +22,7 @@ from nextscale.models.kv.policies import KVPolicySpec
 from nextscale.models.var.editing import inpaint
 from nextscale.models.var.model import VAR, VARConfig
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
+from test_dd import block_keys
 
 torch.set_num_threads(1)
 VOCAB, CVAE = 16, 8
@@ -37,15 +38,7 @@ def generator_keys(depth=2, width=64, classes=10, pos_side=8) -> dict[str, tuple
         "attn_bias_for_masking": (1, 1, 30, 30),  # whatever schedule upstream's last training step drew
     }
     for i in range(depth):
-        b = f"blocks.{i}."
-        keys.update({
-            b + "attn.scale_mul_1H11": (1, depth, 1, 1), b + "attn.q_bias": (C,), b + "attn.v_bias": (C,),
-            b + "attn.zero_k_bias": (C,), b + "attn.mat_qkv.weight": (3 * C, C),
-            b + "attn.proj.weight": (C, C), b + "attn.proj.bias": (C,),
-            b + "ffn.fc1.weight": (4 * C, C), b + "ffn.fc1.bias": (4 * C,),
-            b + "ffn.fc2.weight": (C, 4 * C), b + "ffn.fc2.bias": (C,),
-            b + "ada_lin.1.weight": (6 * C, C), b + "ada_lin.1.bias": (6 * C,),
-        })
+        keys.update(block_keys(f"blocks.{i}.", C, heads=depth))
     return keys
 
 

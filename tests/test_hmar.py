@@ -15,7 +15,7 @@ from nextscale.models.hmar.model import HMAR, HMARConfig
 from nextscale.models.hmar.sampler import HMAROptions, parse_refinement, refinement_for, sample_hmar
 from nextscale.models.kv.policies import KVPolicySpec
 from nextscale.models.var.model import VAR
-from test_dd import tokenizer
+from test_dd import block_keys, tokenizer
 
 torch.set_num_threads(1)
 SMALL = (1, 2, 3, 4)
@@ -34,15 +34,7 @@ def official_keys(base: int, branch: int, width: int, vocab: int, cvae: int, pat
                      f"{head}_head.weight": (vocab, C), f"{head}_head.bias": (vocab,)})
     for name, count in (("base_blocks", base), ("ns_blocks", branch), ("mask_blocks", branch)):
         for i in range(count):
-            b = f"{name}.{i}."
-            keys.update({
-                b + "attn.scale_mul_1H11": (1, heads, 1, 1), b + "attn.q_bias": (C,), b + "attn.v_bias": (C,),
-                b + "attn.zero_k_bias": (C,), b + "attn.mat_qkv.weight": (3 * C, C),
-                b + "attn.proj.weight": (C, C), b + "attn.proj.bias": (C,),
-                b + "ffn.fc1.weight": (4 * C, C), b + "ffn.fc1.bias": (4 * C,),
-                b + "ffn.fc2.weight": (C, 4 * C), b + "ffn.fc2.bias": (C,),
-                b + "ada_lin.1.weight": (6 * C, C), b + "ada_lin.1.bias": (6 * C,),
-            })
+            keys.update(block_keys(f"{name}.{i}.", C, heads))
     return keys
 
 

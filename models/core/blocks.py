@@ -35,6 +35,20 @@ def stream_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(compute_dtype, torch.float32)
 
 
+@torch.no_grad()
+def init_trunc_normal(module: nn.Module, width: int, std: float | None = None, extra=()) -> None:
+    """VAR's initialisation scale: truncated normals of std ``std`` (default ``sqrt(1 / 3 width)``) for the weight
+    of every ``nn.Linear`` and ``nn.Embedding`` in ``module`` (their biases zero), then for the tensors ``extra``."""
+    std = std if std is not None else (1 / (3 * width)) ** 0.5
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+    for p in extra:
+        nn.init.trunc_normal_(p, std=std)
+
+
 class SelfAttention(ComputeDtype, nn.Module):
     """Keys ``scale_mul_1H11 (1, H, 1, 1)``, ``q_bias``/``v_bias (C)``, buffer ``zero_k_bias (C)``,
     ``mat_qkv.weight (3C, C)`` (no bias key), ``proj.weight/.bias``."""

@@ -337,11 +337,17 @@ class SavedConfig:
             raise NextScaleError(f"{cls.name} config is incomplete: {e}") from None
 
 
-def block_depth(state_dict: Mapping[str, torch.Tensor], path: str, what: str) -> int:
-    """The number of transformer blocks, whose keys must run ``blocks.0.* .. blocks.<depth-1>.*`` without a gap."""
-    blocks = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
-    if not blocks or blocks != list(range(len(blocks))):
-        raise NextScaleError(f"{what} file '{path}' has blocks {blocks[:8]}...; expected blocks.0 ... blocks.<depth-1>")
+def block_depth(
+    state_dict: Mapping[str, torch.Tensor], path: str, what: str, prefix: str = "blocks", required: bool = True
+) -> int:
+    """The number of blocks named ``prefix``, whose keys must run ``<prefix>.0.* .. <prefix>.<n-1>.*`` without a gap
+    (and hold at least one block when ``required``)."""
+    pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
+    blocks = sorted({int(m.group(1)) for k in state_dict if (m := pattern.match(k))})
+    if (required and not blocks) or blocks != list(range(len(blocks))):
+        raise NextScaleError(
+            f"{what} file '{path}' has {prefix} {blocks[:8]}...; expected {prefix}.0 ... {prefix}.<n-1>"
+        )
     return len(blocks)
 
 
@@ -359,3 +365,57 @@ def load_on_meta(build, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Modu
         module = build()
     module.load_state_dict(state_dict, strict=True, assign=True)
     return module.float().eval().requires_grad_(False)
+
+
+class SavedModel:
+    """Mixin of the models read from official files and saved with their config in the safetensors metadata.
+
+    A model class sets ``what`` (its name in refusals) and ``config_type`` (with ``from_dict``, as a
+    :class:`SavedConfig`) and provides ``infer_config(state_dict, path)`` and ``rebuilt_buffers(config, device=None)``,
+    the deterministic buffers a file may omit; :meth:`loadable` is where it drops or checks keys beyond those."""
+
+    what: ClassVar[str]
+    config_type: ClassVar[type]
+    integer_keys: ClassVar[tuple[str, ...]] = ()  # keys that hold integers (``lvl_1L``), not floats
+    anchor: ClassVar[str] = "class_emb.weight"  # the rebuilt buffers go to this tensor's device
+
+    @classmethod
+    def expected_shapes(cls, config) -> dict[str, tuple[int, ...]]:
+        """Every state-dict key of a model with ``config`` and its shape, in state-dict order (meta device)."""
+        return shapes_on_meta(lambda: cls(config))
+
+    @classmethod
+    def loadable(cls, state_dict: Mapping[str, torch.Tensor], config, path: str) -> Mapping[str, torch.Tensor]:
+        """The part of ``state_dict`` that is checked against ``config`` and loaded (all of it by default)."""
+        return state_dict
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, torch.Tensor],
+        path: str = "<state dict>",
+        config=None,
+        *,
+        operations=None,
+        compute_dtype: torch.dtype | None = None,
+    ):
+        """A frozen fp32 model in eval mode holding ``state_dict``, checked strictly (key for key, every shape)
+        against ``config`` (inferred when not given), built with ``operations`` to compute in ``compute_dtype``.
+        Built on the meta device and taking the tensors over: loading never holds two copies."""
+        check_tensors(state_dict, path, cls.what, integer_keys=list(cls.integer_keys))
+        cfg = config or cls.infer_config(state_dict, path)
+        sd = cls.loadable(state_dict, cfg, path)
+        rebuildable = cls.rebuilt_buffers(cfg, device="meta").keys()  # names only: nothing allocated before the check
+        check_state_dict(sd, cls.expected_shapes(cfg), path, cls.what, optional=rebuildable)
+        anchor = sd.get(cls.anchor)
+        rebuilt = cls.rebuilt_buffers(cfg, device=None if anchor is None else anchor.device)
+        return load_on_meta(lambda: cls(cfg, operations, compute_dtype), {**sd, **rebuilt})
+
+    @classmethod
+    def config_from_file(cls, path: str):
+        """The config stored under the safetensors metadata key ``nextscale_config`` (by :meth:`save`), or None."""
+        return config_from_metadata(path, cls.config_type.from_dict, cls.what)
+
+    def save(self, path: str) -> None:
+        """Save as safetensors with the config in the metadata."""
+        save_safetensors(self.state_dict(), path, {CONFIG_METADATA_KEY: self.config.to_dict()})

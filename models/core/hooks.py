@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .accel import Acceleration
 from .errors import NextScaleError
@@ -30,6 +31,20 @@ class Guide:
     def override_fhat(self, si: int, f_hat: torch.Tensor) -> torch.Tensor | None:
         """A replacement for ``f_hat (B, Cvae, side, side)`` after scale ``si``'s update, or None to keep it."""
         return None
+
+
+def guided_fhat(
+    guide: Guide | None, si: int, patch_nums, f_hat: torch.Tensor, next_BChw: torch.Tensor
+) -> tuple[torch.Tensor, bool]:
+    """Applies ``guide.override_fhat`` after scale ``si``'s update of ``f_hat``: the replacement is copied into
+    ``f_hat`` (the accumulator; the guide's tensor is never updated in place) and the next scale's input remade from
+    it as the tokenizer makes it, area-downsampled. ``(next_BChw, replaced)``."""
+    if guide is None or (replaced := guide.override_fhat(si, f_hat)) is None:
+        return next_BChw, False
+    f_hat.copy_(replaced)
+    if si < len(patch_nums) - 1:
+        next_BChw = F.interpolate(f_hat, size=(patch_nums[si + 1],) * 2, mode="area")
+    return next_BChw, True
 
 
 class Control:

@@ -17,9 +17,9 @@ and ``blocks.i.attn.zero_k_bias`` are optional in a file, of any shape for the f
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,27 +28,25 @@ from torch import nn
 from ...kernels.attention import IntervalMask, block_causal_mask
 from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn
 from ..core.checkpoint import (
-    CONFIG_METADATA_KEY,
-    check_state_dict,
-    check_tensors,
-    config_from_metadata,
+    SavedConfig,
+    SavedModel,
+    block_depth,
     key_shape,
-    load_on_meta,
-    save_safetensors,
-    shapes_on_meta,
 )
 from ..core.errors import NextScaleError
-from ..core.ops import ComputeDtype, TorchOps, cast, embed
+from ..core.ops import ComputeDtype, TorchOps, cast
 from ..core.schedule import token_count, validate_schedule
-from ..var.model import VAR, Conditioning
+from ..var.model import VAR, Conditioning, VARConfig
 
 WHAT = "FlexVAR generator"
 MASK_KEY = "attn_bias_for_masking"
 
 
 @dataclass(frozen=True)
-class FlexVARConfig:
+class FlexVARConfig(SavedConfig):
     """Architecture of a FlexVAR transformer; ``pos_side`` is the side of the 2-D position map."""
+
+    name: ClassVar[str] = "FlexVAR"
 
     depth: int
     embed_dim: int
@@ -74,26 +72,9 @@ class FlexVARConfig:
         """Upstream ``build_vae_var(depth=d)`` (d16, d20, d24 released): ``d`` heads of 64 channels."""
         return cls(depth=depth, embed_dim=64 * depth, num_heads=depth)
 
-    @property
-    def hidden_dim(self) -> int:
-        return round(self.embed_dim * self.mlp_ratio)
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> FlexVARConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise NextScaleError(f"FlexVAR config has unknown field(s): {', '.join(sorted(unknown))}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise NextScaleError(f"FlexVAR config is incomplete: {e}") from None
+    # VARConfig's derived sizes, from the same fields.
+    hidden_dim = VARConfig.hidden_dim
+    head_dim = VARConfig.head_dim
 
 
 def sincos_positions(side: int, width: int) -> torch.Tensor:
@@ -107,9 +88,12 @@ def sincos_positions(side: int, width: int) -> torch.Tensor:
     return pos.permute(2, 0, 1)[None]
 
 
-class FlexVAR(ComputeDtype, nn.Module):
+class FlexVAR(SavedModel, ComputeDtype, nn.Module):
     """FlexVAR transformer with the official key layout; build it with :meth:`from_state_dict`. ``operations``:
     the op set of its layers; ``compute_dtype``: what it computes in (logits always fp32)."""
+
+    config_type: ClassVar[type[FlexVARConfig]] = FlexVARConfig
+    what: ClassVar[str] = WHAT
 
     def __init__(self, config: FlexVARConfig, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
@@ -129,14 +113,9 @@ class FlexVAR(ComputeDtype, nn.Module):
         self.head = ops.Linear(C, cfg.vocab_size)
         self.compute_dtype = compute_dtype
 
-    @property
-    def depth(self) -> int:
-        return self.config.depth
-
-    @property
-    def num_classes(self) -> int:
-        """Number of real classes; label ``num_classes`` is the null class."""
-        return self.config.num_classes
+    # VAR's properties, read from the config.
+    depth = VAR.depth
+    num_classes = VAR.num_classes
 
     # -- forward paths ------------------------------------------------------------------------------
 
@@ -150,22 +129,13 @@ class FlexVAR(ComputeDtype, nn.Module):
 
     def condition(self, label_B: torch.Tensor, patch_nums: Sequence[int]) -> Conditioning:
         """The per-run conditioning of rows with classes ``label_B`` over the schedule ``patch_nums``."""
-        cond_BD = embed(self.class_emb, label_B, self.compute_dtype)
-        if self.config.shared_aln:
-            ada_input = self.shared_ada_lin(cond_BD).view(-1, 1, 6, self.config.embed_dim)
-        else:
-            ada_input = cond_BD
-        return Conditioning(
-            cond_BD=cond_BD,
-            ada_B16C=[block.modulation(ada_input) for block in self.blocks],
-            head_B12C=self.head_nm.modulation(cond_BD),
-            lvl_pos_1LC=self.positions(patch_nums, label_B.device),
-        )
+        return self.class_conditioning(label_B, self.positions(patch_nums, label_B.device))
 
-    def first_token_map(self, cond: Conditioning) -> torch.Tensor:
-        """``x_B1C``: class embedding + ``pos_start`` + the 1x1 scale's position."""
-        pos_start = cast(self.pos_start, cond.cond_BD.device, self.compute_dtype)
-        return cond.cond_BD[:, None] + pos_start + cond.lvl_pos_1LC[:, :1]
+    # VAR's conditioning from the class and the positions, and its input of scale 0 (class embedding + ``pos_start``
+    # + the 1x1 scale's position): they read the same parameters.
+    class_conditioning = VAR.class_conditioning
+    start_token = VAR.start_token
+    first_token_map = VAR.first_token_map
 
     def scale_input(self, begin: int, next_BlCv: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """``x_BlC`` of the scale whose tokens start at ``begin`` from its input codes ``(B, l, Cvae)``."""
@@ -199,8 +169,8 @@ class FlexVAR(ComputeDtype, nn.Module):
     # -- checkpoints --------------------------------------------------------------------------------
 
     @staticmethod
-    def zero_k_biases(config: FlexVARConfig, device=None) -> dict[str, torch.Tensor]:
-        """The deterministic ``blocks.i.attn.zero_k_bias`` buffers."""
+    def rebuilt_buffers(config: FlexVARConfig, device=None) -> dict[str, torch.Tensor]:
+        """The deterministic ``blocks.i.attn.zero_k_bias`` buffers, optional in a file."""
         return {f"blocks.{i}.attn.zero_k_bias": torch.zeros(config.embed_dim, device=device)
                 for i in range(config.depth)}
 
@@ -212,17 +182,13 @@ class FlexVAR(ComputeDtype, nn.Module):
             return key_shape(state_dict, key, ndim, path, WHAT, ": it is not a FlexVAR transformer.")
 
         rows, C = shape("class_emb.weight", 2)
-        blocks = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
-        if not blocks or blocks != list(range(len(blocks))):
-            raise NextScaleError(
-                f"{WHAT} file '{path}' has blocks {blocks[:8]}...; expected blocks.0 ... blocks.<depth-1>"
-            )
+        depth = block_depth(state_dict, path, WHAT)
         pos = shape("pos_1LC", 4)
         if pos[2] != pos[3]:
             raise NextScaleError(f"{WHAT} file '{path}': key 'pos_1LC' has shape {pos}, expected (1, C, side, side)")
         try:
             return FlexVARConfig(
-                depth=len(blocks),
+                depth=depth,
                 embed_dim=C,
                 num_heads=shape("blocks.0.attn.scale_mul_1H11", 4)[1],
                 num_classes=rows - 1,
@@ -236,30 +202,9 @@ class FlexVAR(ComputeDtype, nn.Module):
             raise NextScaleError(f"{WHAT} file '{path}': {e}") from None
 
     @classmethod
-    def from_state_dict(
-        cls, state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>", config: FlexVARConfig | None = None,
-        *, operations=None, compute_dtype: torch.dtype | None = None,
-    ) -> FlexVAR:
-        """A frozen model in eval mode holding ``state_dict``, checked key for key against ``config`` (inferred when
-        not given). Built on the meta device and taking the tensors over."""
-        check_tensors(state_dict, path, WHAT)
-        cfg = config or cls.infer_config(state_dict, path)
-        sd = {k: v for k, v in state_dict.items() if k != MASK_KEY}
-        expected = shapes_on_meta(lambda: cls(cfg))
-        buffers = cls.zero_k_biases(cfg, device="meta")
-        check_state_dict(sd, expected, path, WHAT, optional=buffers.keys())
-        anchor = sd.get("class_emb.weight")
-        rebuilt = cls.zero_k_biases(cfg, device=None if anchor is None else anchor.device)
-        return load_on_meta(lambda: cls(cfg, operations, compute_dtype), {**sd, **rebuilt})
-
-    @staticmethod
-    def config_from_file(path: str) -> FlexVARConfig | None:
-        """The config stored under the safetensors metadata key ``nextscale_config`` (by :meth:`save`), or None."""
-        return config_from_metadata(path, FlexVARConfig.from_dict, WHAT)
-
-    def save(self, path: str) -> None:
-        """Save as safetensors with the config in the metadata."""
-        save_safetensors(self.state_dict(), path, {CONFIG_METADATA_KEY: self.config.to_dict()})
+    def loadable(cls, state_dict: Mapping[str, torch.Tensor], config: FlexVARConfig, path: str):
+        """``state_dict`` without ``attn_bias_for_masking`` (upstream's last training mask, of any shape)."""
+        return {k: v for k, v in state_dict.items() if k != MASK_KEY}
 
     def extra_repr(self) -> str:
         c = self.config

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.autoencoder import Decoder, Encoder
-from ..core.checkpoint import check_state_dict, check_tensors, key_shape, load_on_meta, shapes_on_meta
+from ..core.checkpoint import SavedConfig, check_state_dict, check_tensors, key_shape, load_on_meta, shapes_on_meta
 from ..core.errors import NextScaleError
 from ..core.ops import ComputeDtype, TorchOps, cast
 from ..core.schedule import validate_schedule
@@ -42,8 +43,10 @@ USAGE_KEY = "quantize.codebook_used"
 
 
 @dataclass(frozen=True)
-class FlexVAEConfig:
+class FlexVAEConfig(SavedConfig):
     """Architecture of a FlexVAE (defaults: the released ``FlexVAE.pth``)."""
+
+    name: ClassVar[str] = "FlexVAE"
 
     vocab_size: int = 8912
     cvae: int = 32
@@ -64,18 +67,6 @@ class FlexVAEConfig:
     def downsample(self) -> int:
         """Pixels per token side."""
         return 2 ** (len(self.ch_mult) - 1)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["ch_mult"] = list(self.ch_mult)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> FlexVAEConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise NextScaleError(f"FlexVAE config has unknown field(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
 
 
 def official_names(kit_key: str, levels: int) -> list[str]:

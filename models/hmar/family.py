@@ -15,9 +15,9 @@ from collections.abc import Set as AbstractSet
 
 from ..core.errors import NextScaleError
 from ..core.family import KVGeometry, Role, Workload
-from ..core.memory import MemoryNeed, block_bytes, draw_bytes, weight_bytes
+from ..core.memory import MemoryNeed
 from ..var.classes import default_class_names
-from ..var.family import STREAM_COPIES, VARTokensFamily, decoding_bytes
+from ..var.family import VARTokensFamily, scale_memory
 from ..var.tokenizer import MultiScaleVQVAE
 from .model import HMAR, WHAT
 from .sampler import HOOKS, check_inputs, sample_hmar
@@ -81,21 +81,12 @@ class HMARFamily(VARTokensFamily):
     def memory(self, generator, tokenizer, workload: Workload) -> MemoryNeed:
         """VAR's per-scale activations at the largest scale, the keys and values of one layer of it (no cache), the
         previews and the decoding."""
-        kv = activations = preview = decode = 0
+        kv = step = 0
         if generator is not None:
             geometry = self.kv_geometry(generator, workload.schedule)
-            cfg, rows, size = generator.config, workload.rows, workload.dtype.itemsize
-            kv = markovian_kv_bytes(geometry, rows, size)
+            kv = markovian_kv_bytes(geometry, workload.rows, workload.dtype.itemsize)
             step = max(geometry.areas)
-            activations = max(
-                block_bytes(rows, step, cfg.embed_dim, cfg.hidden_dim, size, STREAM_COPIES),
-                draw_bytes(workload.batch_size, rows, step, cfg.embed_dim, cfg.vocab_size, workload.guided),
-            )
-        if tokenizer is not None:
-            last_scale = (workload.schedule or tokenizer.patch_nums)[-1]
-            preview, decode = decoding_bytes(tokenizer, workload, last_scale, preview=generator is not None)
-        weights = sum(weight_bytes(m) for m in (generator, tokenizer) if m is not None)
-        return MemoryNeed(weights, kv, activations, preview, decode)
+        return scale_memory(generator, tokenizer, workload, kv, step)
 
 
 FAMILY = HMARFamily()

@@ -21,29 +21,20 @@ Conventions (upstream; key layout in docs/hmar.md):
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn
-from ..core.checkpoint import (
-    CONFIG_METADATA_KEY,
-    check_state_dict,
-    check_tensors,
-    config_from_metadata,
-    key_shape,
-    load_on_meta,
-    save_safetensors,
-    shapes_on_meta,
-)
+from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn, init_trunc_normal
+from ..core.checkpoint import SavedModel, block_depth, key_shape
 from ..core.errors import NextScaleError
 from ..core.ops import ComputeDtype, TorchOps, cast, embed, weight_and_bias
-from ..core.schedule import schedule_from_counts, schedule_from_levels, token_count
-from ..var.model import VARConfig
+from ..core.schedule import schedule_from_counts, schedule_from_level_buffer, token_count
+from ..var.model import VAR, VARConfig
 
 WHAT = "HMAR generator"
 BRANCHES = ("base_blocks", "ns_blocks", "mask_blocks")
@@ -73,10 +64,6 @@ class HMARConfig(VARConfig):
     def base_depth(self) -> int:
         return self.depth - self.branch_depth
 
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
 
 @dataclass
 class HMARConditioning:
@@ -89,11 +76,15 @@ class HMARConditioning:
     lvl_pos_1LC: torch.Tensor  # lvl_embed(scale of each token) + pos_1LC
 
 
-class HMAR(ComputeDtype, nn.Module):
+class HMAR(SavedModel, ComputeDtype, nn.Module):
     """HMAR transformer with the official key layout; build it with :meth:`from_state_dict`.
 
     ``operations``: the op set its layers come from (default: plain torch); ``compute_dtype``: the dtype it computes
     in (default: its weights' dtype; see :class:`~..core.ops.ComputeDtype`)."""
+
+    config_type: ClassVar[type[HMARConfig]] = HMARConfig
+    what: ClassVar[str] = WHAT
+    integer_keys = ("lvl_1L",)
 
     def __init__(self, config: HMARConfig, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
@@ -102,7 +93,7 @@ class HMAR(ComputeDtype, nn.Module):
         C = cfg.embed_dim
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
         self.pos_1LC = nn.Parameter(torch.zeros(1, cfg.num_tokens, C))
-        for name, value in self.rebuilt_buffers(cfg).items():
+        for name, value in self.top_level_buffers(cfg).items():
             self.register_buffer(name, value)
         self.class_emb = ops.Embedding(cfg.num_classes + 1, C)
         self.lvl_embed = ops.Embedding(cfg.num_scales, C)
@@ -120,19 +111,10 @@ class HMAR(ComputeDtype, nn.Module):
         self.init_weights()
         self.compute_dtype = compute_dtype
 
-    @property
-    def depth(self) -> int:
-        """Blocks on either path: base plus one branch."""
-        return self.config.depth
-
-    @property
-    def num_classes(self) -> int:
-        """Number of real classes; label ``num_classes`` is the null class."""
-        return self.config.num_classes
-
-    @property
-    def patch_nums(self) -> tuple[int, ...]:
-        return self.config.patch_nums
+    # VAR's properties, read from the config; ``depth`` counts the blocks on either path (base plus one branch).
+    depth = VAR.depth
+    num_classes = VAR.num_classes
+    patch_nums = VAR.patch_nums
 
     # -- forward passes -----------------------------------------------------------------------------
 
@@ -149,10 +131,9 @@ class HMAR(ComputeDtype, nn.Module):
             lvl_pos_1LC=lvl_pos_1LC,
         )
 
-    def first_token_map(self, cond: HMARConditioning) -> torch.Tensor:
-        """``x_R1C``, the input of scale 0: class embedding + ``pos_start`` + level/position."""
-        start_R1C = cond.cond_BD[:, None] + cast(self.pos_start, cond.cond_BD.device, self.compute_dtype)
-        return start_R1C + cond.lvl_pos_1LC[:, :1]
+    # VAR's input of scale 0 (class embedding + ``pos_start`` + level/position), from the same parameters.
+    start_token = VAR.start_token
+    first_token_map = VAR.first_token_map
 
     def _embed_codes(self, x_BlCv: torch.Tensor) -> torch.Tensor:
         return self.word_embed(x_BlCv.to(self.compute_dtype))
@@ -204,15 +185,7 @@ class HMAR(ComputeDtype, nn.Module):
     def init_weights(self, std: float | None = None) -> None:
         """Random weights of VAR's initialisation scale (truncated normals of std ``sqrt(1 / 3C)``, biases zero,
         residual projections divided by ``sqrt(2 depth)``): the tests and the parity bench use them."""
-        C = self.config.embed_dim
-        std = std if std is not None else (1 / (3 * C)) ** 0.5
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-        for p in (self.pos_start, self.pos_1LC):
-            nn.init.trunc_normal_(p, std=std)
+        init_trunc_normal(self, self.config.embed_dim, std, (self.pos_start, self.pos_1LC))
         for name in BRANCHES:
             for block in getattr(self, name):
                 block.attn.scale_mul_1H11.fill_(math.log(4.0))
@@ -222,7 +195,7 @@ class HMAR(ComputeDtype, nn.Module):
     # -- checkpoints --------------------------------------------------------------------------------
 
     @staticmethod
-    def rebuilt_buffers(config: HMARConfig, device=None) -> dict[str, torch.Tensor]:
+    def top_level_buffers(config: HMARConfig, device=None) -> dict[str, torch.Tensor]:
         """The deterministic top-level buffers: ``lvl_1L`` (scale per token) and ``attn_bias_for_masking`` (0 within
         a scale, -inf across scales)."""
         lvl_L = torch.tensor(
@@ -233,18 +206,13 @@ class HMAR(ComputeDtype, nn.Module):
         return {"lvl_1L": lvl_L[None], "attn_bias_for_masking": bias_LL[None, None]}
 
     @classmethod
-    def optional_keys(cls, config: HMARConfig) -> set[str]:
-        """Keys a file may omit (deterministic buffers, rebuilt on load)."""
-        blocks = {
-            f"{name}.{i}.attn.zero_k_bias"
-            for name, count in zip(BRANCHES, (config.base_depth, config.branch_depth, config.branch_depth))
-            for i in range(count)
-        }
-        return set(cls.rebuilt_buffers(config, device="meta")) | blocks
-
-    @staticmethod
-    def expected_shapes(config: HMARConfig) -> dict[str, tuple[int, ...]]:
-        return shapes_on_meta(lambda: HMAR(config))
+    def rebuilt_buffers(cls, config: HMARConfig, device=None) -> dict[str, torch.Tensor]:
+        """Every deterministic buffer, optional in a file: the top-level ones and each block's ``zero_k_bias``."""
+        out = cls.top_level_buffers(config, device)
+        for name, count in zip(BRANCHES, (config.base_depth, config.branch_depth, config.branch_depth)):
+            for i in range(count):
+                out[f"{name}.{i}.attn.zero_k_bias"] = torch.zeros(config.embed_dim, device=device)
+        return out
 
     @staticmethod
     def infer_config(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> HMARConfig:
@@ -255,14 +223,7 @@ class HMAR(ComputeDtype, nn.Module):
             return key_shape(state_dict, key, ndim, path, WHAT, ": it is not an HMAR transformer")
 
         rows, C = shape("class_emb.weight", 2)
-        counts = {}
-        for name in BRANCHES:
-            found = sorted({int(m.group(1)) for k in state_dict if (m := re.match(rf"{name}\.(\d+)\.", k))})
-            if found != list(range(len(found))):
-                raise NextScaleError(
-                    f"{WHAT} file '{path}' has {name} {found[:8]}...; expected {name}.0 ... {name}.<n-1>"
-                )
-            counts[name] = len(found)
+        counts = {name: block_depth(state_dict, path, WHAT, prefix=name, required=False) for name in BRANCHES}
         if not counts["ns_blocks"] or counts["ns_blocks"] != counts["mask_blocks"]:
             raise NextScaleError(
                 f"{WHAT} file '{path}' has {counts['ns_blocks']} ns_blocks and {counts['mask_blocks']} mask_blocks; "
@@ -275,12 +236,7 @@ class HMAR(ComputeDtype, nn.Module):
         lvl = state_dict.get("lvl_1L")
         try:
             if lvl is not None and not lvl.is_meta:
-                patch_nums = schedule_from_levels(lvl.reshape(-1).tolist())
-                if len(patch_nums) != K or token_count(patch_nums) != L:
-                    raise NextScaleError(
-                        f"key 'lvl_1L' describes {len(patch_nums)} scales and {token_count(patch_nums)} tokens, but "
-                        f"'lvl_embed.weight' has {K} scales and 'pos_1LC' {L} tokens"
-                    )
+                patch_nums = schedule_from_level_buffer(lvl.reshape(-1).tolist(), K, L, "'pos_1LC'")
             else:
                 patch_nums = schedule_from_counts(L, K)
             return HMARConfig(
@@ -296,41 +252,6 @@ class HMAR(ComputeDtype, nn.Module):
             )
         except NextScaleError as e:
             raise NextScaleError(f"{WHAT} file '{path}': {e}") from None
-
-    @classmethod
-    def from_state_dict(
-        cls,
-        state_dict: Mapping[str, torch.Tensor],
-        path: str = "<state dict>",
-        config: HMARConfig | None = None,
-        *,
-        operations=None,
-        compute_dtype: torch.dtype | None = None,
-    ) -> HMAR:
-        """A frozen fp32 model in eval mode holding ``state_dict``, checked strictly (key for key, every shape)
-        against ``config`` (inferred when not given); built on the meta device, taking the tensors over."""
-        check_tensors(state_dict, path, WHAT, integer_keys=["lvl_1L"])
-        cfg = config or cls.infer_config(state_dict, path)
-        check_state_dict(state_dict, cls.expected_shapes(cfg), path, WHAT, optional=cls.optional_keys(cfg))
-        anchor = state_dict.get("class_emb.weight")
-        rebuilt = cls.expected_buffers(cfg, device=None if anchor is None else anchor.device)
-        return load_on_meta(lambda: cls(cfg, operations, compute_dtype), {**state_dict, **rebuilt})
-
-    @classmethod
-    def expected_buffers(cls, config: HMARConfig, device=None) -> dict[str, torch.Tensor]:
-        """Every deterministic buffer's value: the top-level ones and each block's ``zero_k_bias``."""
-        blocks = [k for k in cls.optional_keys(config) if k.endswith("zero_k_bias")]
-        zeros = {k: torch.zeros(config.embed_dim, device=device) for k in blocks}
-        return {**cls.rebuilt_buffers(config, device), **zeros}
-
-    @staticmethod
-    def config_from_file(path: str) -> HMARConfig | None:
-        """The config stored under the safetensors metadata key ``nextscale_config``, or None."""
-        return config_from_metadata(path, HMARConfig.from_dict, WHAT)
-
-    def save(self, path: str) -> None:
-        """Save as safetensors with the config in the metadata."""
-        save_safetensors(self.state_dict(), path, {CONFIG_METADATA_KEY: self.config.to_dict()})
 
     def extra_repr(self) -> str:
         c = self.config

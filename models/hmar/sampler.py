@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import NextScaleError
-from ..core.hooks import SamplerHooks
+from ..core.hooks import SamplerHooks, guided_fhat
 from ..core.sampling import categorical, filter_top_k_top_p_, item_generators
 from ..core.schedule import SCHEDULE_256
 from ..core.tokens import NextScaleTokens
@@ -198,11 +198,8 @@ def sample_hmar(
             idx_Bl = guide.apply(si, idx_Bl).to(device=device, dtype=torch.long).reshape(B, pn * pn)
         indices.append(idx_Bl.view(B, pn, pn))
         f_hat, next_BChw = quant.next_input(si, patch_nums, f_hat, quant.embed(idx_Bl, pn))
-        if guide is not None and (replaced := guide.override_fhat(si, f_hat)) is not None:
-            f_hat.copy_(replaced)
-            fhat_from_indices = False
-            if si < K - 1:
-                next_BChw = F.interpolate(f_hat, size=(patch_nums[si + 1],) * 2, mode="area")
+        next_BChw, replaced = guided_fhat(guide, si, patch_nums, f_hat, next_BChw)
+        fhat_from_indices &= not replaced
         if hooks.callback is not None:
             hooks.callback(si, K, f_hat)
         if si < K - 1:

@@ -32,23 +32,21 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.attention import IntervalMask
-from ..core.blocks import FFN, AdaLNBeforeHead, AdaLNBlock, SelfAttention, stream_dtype
+from ..core.blocks import FFN, AdaLNBeforeHead, AdaLNBlock, SelfAttention, init_trunc_normal, stream_dtype
 from ..core.checkpoint import (
-    CONFIG_METADATA_KEY,
+    SavedModel,
     check_state_dict,
     check_tensors,
-    config_from_metadata,
     key_shape,
     load_on_meta,
     read_weights,
-    save_safetensors,
-    shapes_on_meta,
 )
 from ..core.errors import NextScaleError
 from ..core.family import expect_kind
@@ -263,11 +261,14 @@ def block_causal(counts: list[int], device=None) -> IntervalMask:
     return IntervalMask(mask_LL, torch.zeros_like(end_L), end_L)
 
 
-class Infinity(ComputeDtype, nn.Module):
+class Infinity(SavedModel, ComputeDtype, nn.Module):
     """Infinity transformer with the official key layout; build it with :meth:`from_file` / :meth:`from_state_dict`.
 
     ``operations``: the op set its layers come from (default: plain torch); ``compute_dtype``: the dtype it computes
     in (default: its weights' dtype; see :class:`~..core.ops.ComputeDtype`)."""
+
+    config_type: ClassVar[type[InfinityConfig]] = InfinityConfig
+    what: ClassVar[str] = WHAT
 
     def __init__(self, config: InfinityConfig, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
@@ -453,14 +454,7 @@ class Infinity(ComputeDtype, nn.Module):
         upstream's ``cfg_uncond`` init (std 1.2, divided by ``sqrt(Ct)``), gammas scaled by ``adaln_gamma`` so every
         block starts near identity, the head by ``head``. Random-weight models for tests; checkpoints replace it."""
         cfg = self.config
-        std = std if std is not None else (1 / (3 * cfg.embed_dim)) ** 0.5
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-        nn.init.trunc_normal_(self.pos_start, std=std)
-        nn.init.trunc_normal_(self.text_proj_for_sos.ca.mat_q, std=std)
+        init_trunc_normal(self, cfg.embed_dim, std, (self.pos_start, self.text_proj_for_sos.ca.mat_q))
         nn.init.trunc_normal_(self.cfg_uncond, std=1.2).div_(cfg.text_dim**0.5)
         for block in self.block_list():
             nn.init.normal_(block.ada_gss, std=cfg.embed_dim**-0.5)
@@ -486,11 +480,6 @@ class Infinity(ComputeDtype, nn.Module):
             out[prefix + "sa.zero_k_bias"] = zeros
             out[prefix + "ca.zero_k_bias"] = zeros
         return out
-
-    @staticmethod
-    def expected_shapes(config: InfinityConfig) -> dict[str, tuple[int, ...]]:
-        """Every state-dict key of a model with ``config`` and its shape (meta device, no memory)."""
-        return shapes_on_meta(lambda: Infinity(config))
 
     @staticmethod
     def infer_config(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> InfinityConfig:
@@ -571,10 +560,6 @@ class Infinity(ComputeDtype, nn.Module):
         check_state_dict(state_dict, cls.expected_shapes(cfg), path, WHAT, optional=rebuilt)
         return load_on_meta(lambda: cls(cfg, operations, compute_dtype), {**state_dict, **rebuilt})
 
-    @staticmethod
-    def config_from_file(path: str) -> InfinityConfig | None:
-        return config_from_metadata(path, InfinityConfig.from_dict, WHAT)
-
     @classmethod
     def from_file(cls, path: str, *, operations=None, compute_dtype: torch.dtype | None = None) -> Infinity:
         """Load ``infinity_2b_reg.pth``-style files (``.pth`` read with ``weights_only=True``), safetensors, or a
@@ -584,9 +569,6 @@ class Infinity(ComputeDtype, nn.Module):
         return cls.from_state_dict(
             state_dict, path, cls.config_from_file(path), operations=operations, compute_dtype=compute_dtype
         )
-
-    def save(self, path: str) -> None:
-        save_safetensors(self.state_dict(), path, {CONFIG_METADATA_KEY: self.config.to_dict()})
 
     def extra_repr(self) -> str:
         c = self.config

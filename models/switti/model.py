@@ -42,17 +42,14 @@ from torch import nn
 from ...kernels.attention import additive_mask, attention
 from ..core.blocks import stream_dtype
 from ..core.checkpoint import (
-    CONFIG_METADATA_KEY,
     SavedConfig,
+    SavedModel,
     block_depth,
     check_state_dict,
     check_tensors,
-    config_from_metadata,
     key_shape,
     load_on_meta,
     read_state_dict,
-    save_safetensors,
-    shapes_on_meta,
 )
 from ..core.errors import NextScaleError
 from ..core.family import expect_kind
@@ -323,9 +320,12 @@ class Conditioning:
         )
 
 
-class Switti(ComputeDtype, nn.Module):
+class Switti(SavedModel, ComputeDtype, nn.Module):
     """Switti with the official key layout; build it with :meth:`from_file` / :meth:`from_state_dict`.
     ``operations`` and ``compute_dtype`` as for VAR (:mod:`..core.ops`)."""
+
+    config_type: ClassVar[type[SwittiConfig]] = SwittiConfig
+    what: ClassVar[str] = WHAT
 
     def __init__(self, config: SwittiConfig, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
@@ -491,11 +491,6 @@ class Switti(ComputeDtype, nn.Module):
         return {"lvl_1L": lvl_L[None], "attn_bias_for_masking": additive_mask(config.visible(lvl_L))[None, None]}
 
     @staticmethod
-    def expected_shapes(config: SwittiConfig) -> dict[str, tuple[int, ...]]:
-        """Every state-dict key of a model with ``config`` and its shape (meta device)."""
-        return shapes_on_meta(lambda: Switti(config))
-
-    @staticmethod
     def infer_config(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>", **known) -> SwittiConfig:
         """The config implied by the keys and shapes of ``state_dict``, with the fields in ``known`` (from a config
         file) taking precedence. Heads: upstream's ``depth`` heads. The schedule: the known one with the stored
@@ -563,12 +558,6 @@ class Switti(ComputeDtype, nn.Module):
         return load_on_meta(lambda: cls(cfg, operations, compute_dtype), {**state_dict, **rebuilt})
 
     @staticmethod
-    def config_from_file(path: str) -> SwittiConfig | None:
-        """The config stored under the safetensors metadata key ``nextscale_config`` (written by :meth:`save`), or
-        None."""
-        return config_from_metadata(path, SwittiConfig.from_dict, WHAT)
-
-    @staticmethod
     def hub_fields(path: str) -> dict:
         """The fields upstream's hub config sets (``use_ar``, ``rope_theta``, ``rope_size``, ``use_crop_cond``), read
         from ``config.json`` in a model folder (the Hugging Face download as it is) or ``<file stem>.json`` beside a
@@ -600,10 +589,6 @@ class Switti(ComputeDtype, nn.Module):
             state_dict, path, cls.config_from_file(path), known=cls.hub_fields(path), operations=operations,
             compute_dtype=compute_dtype,
         )
-
-    def save(self, path: str) -> None:
-        """Save as safetensors with the config in the metadata."""
-        save_safetensors(self.state_dict(), path, {CONFIG_METADATA_KEY: self.config.to_dict()})
 
     def extra_repr(self) -> str:
         c = self.config

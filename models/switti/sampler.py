@@ -30,10 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..core.errors import NextScaleError
-from ..core.hooks import SamplerHooks, refuse_unsupported
+from ..core.hooks import SamplerHooks, guided_fhat, refuse_unsupported
 from ..core.kv_cache import KVCache, KVPolicy
 from ..core.sampling import categorical, filter_top_k_top_p_, gumbel, item_generators
 from ..core.schedule import token_count
@@ -181,11 +180,8 @@ def sample_switti(
             indices.append(idx_Bl.view(B, pn, pn))
             h_BChw = _code_map(quant, idx_Bl, pn, soft_BlV, forced_Bl)
             f_hat, next_BChw = quant.next_input(si, patch_nums, f_hat, h_BChw)
-            if guide is not None and (replaced := guide.override_fhat(si, f_hat)) is not None:
-                f_hat.copy_(replaced)
-                fhat_from_indices = False
-                if si < K - 1:
-                    next_BChw = F.interpolate(f_hat, size=(patch_nums[si + 1],) * 2, mode="area")
+            next_BChw, replaced = guided_fhat(guide, si, patch_nums, f_hat, next_BChw)
+            fhat_from_indices &= not replaced
             if hooks.callback is not None:
                 hooks.callback(si, K, f_hat)
             if si < K - 1:

@@ -63,6 +63,24 @@ def decoding_bytes(tokenizer: MultiScaleVQVAE, workload: Workload, last_scale: i
     return shown, decoded
 
 
+def scale_memory(generator, tokenizer, workload: Workload, kv: int, step: int) -> MemoryNeed:
+    """The need of a VAR-shaped generator holding ``kv`` bytes of keys and values: the larger of a block's and the
+    draw's peak for ``step`` new tokens per row, the VQ-VAE's preview and decoding (on the workload's schedule),
+    and the weights, the workload's controls' included."""
+    activations = preview = decode = 0
+    if generator is not None:
+        cfg, rows, size = generator.config, workload.rows, workload.dtype.itemsize
+        activations = max(
+            block_bytes(rows, step, cfg.embed_dim, cfg.hidden_dim, size, STREAM_COPIES),
+            draw_bytes(workload.batch_size, rows, step, cfg.embed_dim, cfg.vocab_size, workload.guided),
+        )
+    if tokenizer is not None:
+        last_scale = (workload.schedule or tokenizer.patch_nums)[-1]
+        preview, decode = decoding_bytes(tokenizer, workload, last_scale, preview=generator is not None)
+    weights = sum(weight_bytes(m) for m in (generator, tokenizer, *workload.controls) if m is not None)
+    return MemoryNeed(weights, kv, activations, preview, decode)
+
+
 class VARFamily(Family):
     name = "var"
     title = "VAR"
@@ -180,25 +198,17 @@ class VARFamily(Family):
         return KVGeometry(cfg.depth, cfg.num_heads, cfg.embed_dim // cfg.num_heads, scales)
 
     def memory(self, generator, tokenizer, workload: Workload) -> MemoryNeed:
-        kv = activations = preview = decode = 0
+        kv = step = 0
         if generator is not None:
             geometry = self.kv_geometry(generator, workload.schedule)
-            cfg, rows, size = generator.config, workload.rows, workload.dtype.itemsize
+            rows, size = workload.rows, workload.dtype.itemsize
             kv = kv_cache_bytes(geometry, rows, size, workload.kv_policy)
             for control in workload.controls:  # a CAR branch runs its blocks through its own full cache
                 if isinstance(control, CARControlNet):
                     branch = KVGeometry(len(control.car_blocks), geometry.heads, geometry.head_dim, geometry.scales)
                     kv += kv_cache_bytes(branch, rows, size)
             step = workload.step_tokens or max(geometry.areas)
-            activations = max(
-                block_bytes(rows, step, cfg.embed_dim, cfg.hidden_dim, size, STREAM_COPIES),
-                draw_bytes(workload.batch_size, rows, step, cfg.embed_dim, cfg.vocab_size, workload.guided),
-            )
-        if tokenizer is not None:
-            last_scale = (workload.schedule or tokenizer.patch_nums)[-1]
-            preview, decode = decoding_bytes(tokenizer, workload, last_scale, preview=generator is not None)
-        weights = sum(weight_bytes(m) for m in (generator, tokenizer, *workload.controls) if m is not None)
-        return MemoryNeed(weights, kv, activations, preview, decode)
+        return scale_memory(generator, tokenizer, workload, kv, step)
 
 
 class VARTokensFamily(Family):

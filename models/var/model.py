@@ -30,19 +30,13 @@ import torch
 from torch import nn
 
 from ...kernels.attention import IntervalMask, additive_mask
-from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn
+from ..core.blocks import AdaLNBeforeHead, AdaLNSelfAttn, init_trunc_normal
 from ..core.checkpoint import (
-    CONFIG_METADATA_KEY,
     SavedConfig,
+    SavedModel,
     block_depth,
-    check_state_dict,
-    check_tensors,
-    config_from_metadata,
     key_shape,
-    load_on_meta,
     read_state_dict,
-    save_safetensors,
-    shapes_on_meta,
 )
 from ..core.errors import NextScaleError
 from ..core.family import expect_kind
@@ -153,7 +147,7 @@ class Conditioning:
                             self.lvl_pos_1LC)
 
 
-class VAR(ComputeDtype, nn.Module):
+class VAR(SavedModel, ComputeDtype, nn.Module):
     """VAR transformer with the official key layout; build it with :meth:`from_file` / :meth:`from_state_dict`.
 
     ``operations``: the op set its layers come from (default: plain torch); ``compute_dtype``: the dtype it computes
@@ -164,6 +158,7 @@ class VAR(ComputeDtype, nn.Module):
 
     config_type: ClassVar[type[VARConfig]] = VARConfig
     what: ClassVar[str] = WHAT  # the file's name in error messages
+    integer_keys = ("lvl_1L",)
     file_kind: ClassVar[str] = "var-generator"  # the family a file must be identified as by :meth:`from_file`
     block_type: ClassVar[type[AdaLNSelfAttn]] = AdaLNSelfAttn
     class_levels: ClassVar[int] = 0  # levels in front of the first scale's (DD's class token has one)
@@ -224,6 +219,10 @@ class VAR(ComputeDtype, nn.Module):
 
     def condition(self, label_B: torch.Tensor) -> Conditioning:
         """The per-run conditioning of rows with classes ``label_B`` (``num_classes`` = null class), on their device."""
+        return self.class_conditioning(label_B, self.level_positions(label_B.device))
+
+    def class_conditioning(self, label_B: torch.Tensor, lvl_pos_1LC: torch.Tensor) -> Conditioning:
+        """The conditioning of rows with classes ``label_B`` whose tokens take the embeddings ``lvl_pos_1LC``."""
         cond_BD = embed(self.class_emb, label_B, self.compute_dtype)
         if self.config.shared_aln:  # one modulation for all blocks, each adds its own ada_gss
             ada_input = self.shared_ada_lin(cond_BD).view(-1, 1, 6, self.config.embed_dim)
@@ -233,7 +232,7 @@ class VAR(ComputeDtype, nn.Module):
             cond_BD=cond_BD,
             ada_B16C=[block.modulation(ada_input) for block in self.blocks],
             head_B12C=self.head_nm.modulation(cond_BD),
-            lvl_pos_1LC=self.level_positions(label_B.device),
+            lvl_pos_1LC=lvl_pos_1LC,
         )
 
     def level_positions(self, device: torch.device) -> torch.Tensor:
@@ -322,14 +321,7 @@ class VAR(ComputeDtype, nn.Module):
         and positions (biases zero); residual projections divided by ``sqrt(2 depth)``; AdaLN gains scaled by
         ``adaln`` (gammas by ``adaln_gamma``, so every block starts near identity); head weights by ``head``."""
         C = self.config.embed_dim
-        std = std if std is not None else (1 / (3 * C)) ** 0.5
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-        for p in (self.pos_start, self.pos_1LC):
-            nn.init.trunc_normal_(p, std=std)
+        init_trunc_normal(self, C, std, (self.pos_start, self.pos_1LC))
         self.head.weight.mul_(head)
         self.head_nm.ada_lin[1].weight.mul_(adaln)
         for block in self.blocks:
@@ -359,11 +351,6 @@ class VAR(ComputeDtype, nn.Module):
             for i in range(config.depth):
                 out[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(config.embed_dim, device=device)
         return out
-
-    @classmethod
-    def expected_shapes(cls, config: VARConfig) -> dict[str, tuple[int, ...]]:
-        """Every state-dict key of a model with ``config`` and its shape, in state-dict order (meta device)."""
-        return shapes_on_meta(lambda: cls(config))
 
     @staticmethod
     def config_fields(state_dict: Mapping[str, torch.Tensor], path: str) -> dict:
@@ -408,36 +395,15 @@ class VAR(ComputeDtype, nn.Module):
             raise NextScaleError(f"{cls.what} file '{path}': {e}") from None
 
     @classmethod
-    def from_state_dict(
-        cls,
-        state_dict: Mapping[str, torch.Tensor],
-        path: str = "<state dict>",
-        config: VARConfig | None = None,
-        *,
-        operations=None,
-        compute_dtype: torch.dtype | None = None,
-    ) -> VAR:
-        """A frozen fp32 model in eval mode holding ``state_dict``, checked strictly against ``config`` (inferred
-        when not given), built with ``operations`` to compute in ``compute_dtype`` (see :class:`VAR`). Built on the
-        meta device and taking the tensors over: loading never holds two copies."""
-        check_tensors(state_dict, path, cls.what, integer_keys=["lvl_1L"])
-        cfg = config or cls.infer_config(state_dict, path)
-        depth = block_depth(state_dict, path, cls.what) if config is not None else cfg.depth
-        if depth != cfg.depth:
+    def loadable(cls, state_dict: Mapping[str, torch.Tensor], config: VARConfig, path: str):
+        """``state_dict`` once its blocks match the depth of ``config``."""
+        depth = block_depth(state_dict, path, cls.what)
+        if depth != config.depth:
             raise NextScaleError(
                 f"{cls.what} file '{path}' holds a depth-{depth} transformer ({depth} blocks), but its "
-                f"config expects depth {cfg.depth}: the file and its config do not belong together"
+                f"config expects depth {config.depth}: the file and its config do not belong together"
             )
-        rebuildable = cls.rebuilt_buffers(cfg, device="meta").keys()  # names only: nothing allocated before the check
-        check_state_dict(state_dict, cls.expected_shapes(cfg), path, cls.what, optional=rebuildable)
-        anchor = state_dict.get("class_emb.weight")
-        rebuilt = cls.rebuilt_buffers(cfg, device=None if anchor is None else anchor.device)
-        return load_on_meta(lambda: cls(cfg, operations, compute_dtype), {**state_dict, **rebuilt})
-
-    @classmethod
-    def config_from_file(cls, path: str) -> VARConfig | None:
-        """The config stored under the safetensors metadata key ``nextscale_config``, or None."""
-        return config_from_metadata(path, cls.config_type.from_dict, cls.what)
+        return state_dict
 
     @classmethod
     def from_file(cls, path: str, *, operations=None, compute_dtype: torch.dtype | None = None) -> VAR:
@@ -448,10 +414,6 @@ class VAR(ComputeDtype, nn.Module):
         return cls.from_state_dict(
             state_dict, path, cls.config_from_file(path), operations=operations, compute_dtype=compute_dtype
         )
-
-    def save(self, path: str) -> None:
-        """Save as safetensors with the config (and class names) in the metadata."""
-        save_safetensors(self.state_dict(), path, {CONFIG_METADATA_KEY: self.config.to_dict()})
 
     def extra_repr(self) -> str:
         c = self.config

@@ -46,11 +46,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..core.accel import Acceleration, TokenPruning, upsample_tokens
 from ..core.errors import NextScaleError
-from ..core.hooks import SamplerHooks
+from ..core.hooks import SamplerHooks, guided_fhat
 from ..core.kv_cache import KVCache, KVPolicy
 from ..core.sampling import categorical, filter_top_k_top_p_, gumbel, item_generators
 from ..core.tokens import NextScaleTokens
@@ -193,11 +192,8 @@ class ScaleSampler:
         h_BChw = _code_map(quant, idx_Bl, pn, soft_BlV, forced_Bl)
         f_hat, next_BChw = quant.next_input(si, self.patch_nums, self.f_hat, h_BChw)
         self.f_hat = f_hat
-        if guide is not None and (replaced := guide.override_fhat(si, f_hat)) is not None:
-            f_hat.copy_(replaced)  # into the accumulator: the guide's tensor is never updated in place
-            self.fhat_from_indices = False
-            if si < K - 1:  # the next input as the tokenizer makes it: area-downsampled f_hat
-                next_BChw = F.interpolate(f_hat, size=(self.patch_nums[si + 1],) * 2, mode="area")
+        next_BChw, replaced = guided_fhat(guide, si, self.patch_nums, f_hat, next_BChw)
+        self.fhat_from_indices &= not replaced
         if self.hooks.callback is not None:
             self.hooks.callback(si, K, f_hat)
         if si < K - 1 and not self.accel.shortcut(si + 1, K):
