@@ -101,12 +101,7 @@ class Recorder:
             drawn = self.original(logits_BlV, rng=rng, top_k=top_k, top_p=top_p, num_samples=num_samples)
             if self.generators is None:
                 return drawn
-            default = torch.get_default_dtype()
-            torch.set_default_dtype(torch.float32)  # the uniforms as NextScale draws them, outside float64 mode
-            try:
-                return categorical(logits_BlV.softmax(dim=-1), self.generators)[..., None]
-            finally:
-                torch.set_default_dtype(default)
+            return categorical(logits_BlV.softmax(dim=-1), self.generators)[..., None]
 
         def ours(logits_BlV, top_k=0, top_p=0.0):
             self.ours.append(logits_BlV.clone())

@@ -101,6 +101,18 @@ def test_item_b_draws_from_its_own_generator():
         assert torch.equal(batch[b], categorical(probs_BlV[b : b + 1], item_generators((2**64 - 2 + b) % 2**64, 1))[0])
 
 
+def test_uniforms_are_float32_whatever_the_default_dtype():
+    """A float64 default (as the parity benches set) changes neither the uniforms' dtype nor their values."""
+    drawn32 = sampling.uniform(item_generators(5, 2), (3,), torch.device("cpu"))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        drawn64 = sampling.uniform(item_generators(5, 2), (3,), torch.device("cpu"))
+    finally:
+        torch.set_default_dtype(default)
+    assert drawn64.dtype == torch.float32 and torch.equal(drawn64, drawn32)
+
+
 def test_draws_are_made_on_the_cpu_and_applied_on_the_sampling_device():
     """``meta`` stands in for a GPU: the results are on it, the generators stay on the CPU and advance as on a CPU."""
     probs_BlV = torch.full((2, 5, 4), 0.25)

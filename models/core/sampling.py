@@ -38,7 +38,7 @@ def item_generators(seed: int, batch: int) -> list[torch.Generator]:
 def uniform(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """``(B, *shape)`` float32 uniforms in ``[0, 1)`` on ``device``, item ``b``'s drawn on the CPU from
     ``generators[b]``."""
-    drawn = torch.stack([torch.rand(shape, generator=g, device=g.device) for g in generators])
+    drawn = torch.stack([torch.rand(shape, generator=g, device=g.device, dtype=torch.float32) for g in generators])
     return drawn.to(device, non_blocking=True)
 
 
