@@ -191,7 +191,7 @@ def test_callback_per_step_and_refusals():
     ]:
         with pytest.raises(NextScaleError, match=re.escape(needle)):
             sample_dd(model, tok, torch.tensor([1]), seed=0, options=options)
-    with pytest.raises(NextScaleError, match=r"classes in 0\.\.10"):
+    with pytest.raises(NextScaleError, match=r"labels must lie in 0\.\.10"):
         sample_dd(model, tok, torch.tensor([11]), seed=0, options=DDOptions(split=2))
     with pytest.raises(NextScaleError, match="DD uses VAR's VQ-VAE"):
         FAMILIES.get("dd").check_pair(model, tokenizer(vocab=16))

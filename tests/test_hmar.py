@@ -189,7 +189,7 @@ def test_guide_callback_and_refusals():
         sample(model, tok, hooks=SamplerHooks(kv_policy=policy))
     with pytest.raises(NextScaleError, match="no control adapter was trained for HMAR"):
         sample(model, tok, hooks=SamplerHooks(control=object()))
-    with pytest.raises(NextScaleError, match=r"classes in 0\.\.10"):
+    with pytest.raises(NextScaleError, match=r"labels must lie in 0\.\.10"):
         sample(model, tok, labels=(11,))
     with pytest.raises(NextScaleError, match="HMAR uses VAR's VQ-VAE"):
         FAMILIES.get("hmar").check_pair(model, tokenizer(vocab=16))

@@ -32,6 +32,7 @@ from ..core.errors import NextScaleError
 from ..core.hooks import SamplerHooks
 from ..core.sampling import item_generators
 from ..core.tokens import NextScaleTokens
+from ..var.sampler import check_labels
 from .model import DistilledVAR
 
 HOOKS = frozenset({"callback"})
@@ -143,10 +144,7 @@ def sample_dd(
     options.check(cfg.num_scales)
     check_inputs(generator, tokenizer)
     labels_B = torch.as_tensor(labels_B, device=device)
-    if labels_B.dim() != 1 or labels_B.numel() == 0 or not 0 <= int(labels_B.min()) <= int(labels_B.max()) <= (
-        cfg.num_classes
-    ):
-        raise NextScaleError(f"DD labels must be a non-empty (B,) of classes in 0..{cfg.num_classes}")
+    check_labels(labels_B, cfg.num_classes)
     device = labels_B.device
     B, patch_nums = labels_B.shape[0], cfg.patch_nums
     codebook_VCv = tokenizer.quantize.codebook(device).float()

@@ -33,6 +33,7 @@ from ..core.kv_cache import KVCache, KVPolicy
 from ..core.sampling import categorical, filter_top_k_top_p_, item_generators
 from ..core.schedule import SCHEDULE_256, token_count
 from ..core.tokens import NextScaleTokens
+from ..var.sampler import check_labels
 from .schedule import check_schedule, drawn
 
 HOOKS = frozenset({"guide", "kv_policy", "callback"})
@@ -80,15 +81,6 @@ def check_inputs(generator, tokenizer) -> None:
             f"the tokenizer's codebook is {codebook[0]} codes x {codebook[1]} channels but the FlexVAR generator "
             f"predicts {cfg.vocab_size} codes x {cfg.cvae} channels: use FlexVAE.pth, the tokenizer it was trained "
             f"with"
-        )
-
-
-def check_labels(labels_B: torch.Tensor, num_classes: int) -> None:
-    if labels_B.dim() != 1 or labels_B.numel() == 0 or labels_B.is_floating_point():
-        raise NextScaleError(f"labels must be a non-empty 1-D integer tensor, got shape {tuple(labels_B.shape)}")
-    if int(labels_B.min()) < 0 or int(labels_B.max()) > num_classes:
-        raise NextScaleError(
-            f"labels must lie in 0..{num_classes} ({num_classes} = unconditional), got {labels_B.tolist()}"
         )
 
 

@@ -39,6 +39,7 @@ from ..core.hooks import SamplerHooks, guided_fhat
 from ..core.sampling import categorical, filter_top_k_top_p_, item_generators
 from ..core.schedule import SCHEDULE_256
 from ..core.tokens import NextScaleTokens
+from ..var.sampler import check_labels
 from .model import HMAR
 
 HOOKS = frozenset({"guide", "callback"})
@@ -157,10 +158,7 @@ def sample_hmar(
     check_inputs(generator, tokenizer)
     refinement = refinement_for(cfg.patch_nums, options.refinement)
     labels_B = torch.as_tensor(labels_B, device=device)
-    if labels_B.dim() != 1 or labels_B.numel() == 0 or labels_B.is_floating_point() or not (
-        0 <= int(labels_B.min()) <= int(labels_B.max()) <= cfg.num_classes
-    ):
-        raise NextScaleError(f"HMAR labels must be a non-empty (B,) of classes in 0..{cfg.num_classes}")
+    check_labels(labels_B, cfg.num_classes)
     device, B, patch_nums, K = labels_B.device, labels_B.shape[0], cfg.patch_nums, cfg.num_scales
     quant, guide, generators = tokenizer.quantize, hooks.guide, item_generators(seed, B)
     guided = options.cfg != 0

@@ -124,11 +124,17 @@ def _check_inputs(var, tokenizer, labels_B: torch.Tensor) -> None:
             f"the tokenizer's codebook is {codebook[0]} codes x {codebook[1]} channels but the generator predicts "
             f"{cfg.vocab_size} codes x {cfg.cvae} channels: use the tokenizer the generator was trained with"
         )
+    check_labels(labels_B, cfg.num_classes)
+
+
+def check_labels(labels_B: torch.Tensor, num_classes: int) -> None:
+    """Class labels of a class-conditional run: a non-empty 1-D integer tensor of classes in ``0..num_classes``
+    (``num_classes``: the unconditional row)."""
     if labels_B.dim() != 1 or labels_B.numel() == 0 or labels_B.is_floating_point():
         raise NextScaleError(f"labels must be a non-empty 1-D integer tensor, got shape {tuple(labels_B.shape)}")
-    if int(labels_B.min()) < 0 or int(labels_B.max()) > cfg.num_classes:
+    if int(labels_B.min()) < 0 or int(labels_B.max()) > num_classes:
         raise NextScaleError(
-            f"labels must lie in 0..{cfg.num_classes} ({cfg.num_classes} = unconditional), got {labels_B.tolist()}"
+            f"labels must lie in 0..{num_classes} ({num_classes} = unconditional), got {labels_B.tolist()}"
         )
 
 
