@@ -27,7 +27,7 @@ FACTORIES = {"tensor", "as_tensor", "zeros", "ones", "full", "empty", "arange", 
              "randint"}
 # (file, function) of the pack: the only places that may read back or create a tensor without a device
 ALLOWED = {
-    ("models/var/sampler.py", "_check_inputs"),  # the label range, once per run before the loop
+    ("models/var/sampler.py", "check_labels"),  # the label range, one read per run before the loop
     ("models/infinity/model.py", "condition"),  # the prompt lengths, once per run before the loop
 }
 

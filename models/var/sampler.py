@@ -132,7 +132,7 @@ def check_labels(labels_B: torch.Tensor, num_classes: int) -> None:
     (``num_classes``: the unconditional row)."""
     if labels_B.dim() != 1 or labels_B.numel() == 0 or labels_B.is_floating_point():
         raise NextScaleError(f"labels must be a non-empty 1-D integer tensor, got shape {tuple(labels_B.shape)}")
-    if int(labels_B.min()) < 0 or int(labels_B.max()) > num_classes:
+    if bool(((labels_B < 0) | (labels_B > num_classes)).any()):  # one read back, before the loop
         raise NextScaleError(
             f"labels must lie in 0..{num_classes} ({num_classes} = unconditional), got {labels_B.tolist()}"
         )
