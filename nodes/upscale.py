@@ -136,7 +136,8 @@ class NextScaleUpscale(io.ComfyNode):
                 io.Int.Input(
                     "input_scales", default=7, min=0, max=13,
                     tooltip="How many coarse scales come from the input image (the released model maps 7; fewer "
-                    "lets the model redraw more of the layout and colours).",
+                    "lets the model redraw more of the layout and colours). More than the model maps takes every "
+                    "mapped scale.",
                 ),
                 io.Combo.Input(
                     "tiling", options=list(TILINGS), default="tiles",
@@ -204,9 +205,7 @@ class NextScaleUpscale(io.ComfyNode):
         family = model.family
         refuse_hooks(family, kv_policy=kv_policy)
         net = model.module
-        mapped = net.mapper_config.num_scales
-        if not 0 <= input_scales <= mapped:
-            raise NextScaleError(f"input_scales = {input_scales}: this model maps 0..{mapped} scales from the input")
+        input_scales = min(input_scales, net.mapper_config.num_scales)  # the default, 7, is the 8B's: cap it
         images = image_to_model(image)
         B, _, H, W = images.shape
         size = (round(H * scale_by), round(W * scale_by))

@@ -65,7 +65,8 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     assert tuple(upscale(scale_by=2.5, positive=positive, kv_policy=KVPolicySpec("scalekv", 0.5)).shape) == (2, 25, 48, 3)
     assert not torch.equal(out, upscale(positive=positive))
     assert tuple(upscale(tiling="whole image", color_fix="none").shape) == (2, 40, 76, 3)
-    raises(lambda: upscale(input_scales=5), "input_scales = 5", "0..3")
+    assert torch.equal(upscale(input_scales=7), out)  # more than the 3 mapped scales: every mapped one
+    assert not torch.equal(upscale(input_scales=1), out)
     raises(lambda: upscale(tokenizer=model), "connect the model and tokenizer outputs of NextScale Load NSARM")
     wide = [[torch.zeros(1, 4, 4096), {"pooled_output": None}]]
     raises(lambda: upscale(positive=wide), "4096-wide", "expects 64-wide")
