@@ -16,6 +16,7 @@ import os
 import folder_paths
 
 from ..models.core.checkpoint import read_safetensors_metadata, shard_files
+from ..models.core.errors import NextScaleError
 from ..models.infinity import family as infinity
 from ..models.var import family as var
 
@@ -82,12 +83,25 @@ def embedded_choices(loader: str | None, role: str | None) -> list[str]:
     return [choice] if path is not None and os.path.isfile(path) else []
 
 
-def embedded_missing(name: str, path: str) -> str:
-    """The message for an embedded choice whose file is not in the pack."""
+def embedded_missing(loader: str, role: str, name: str) -> str | None:
+    """The message for ``name`` when it is the embedded choice of the ``role`` input of the node ``loader`` (its
+    file is not in the pack); None otherwise."""
+    path = embedded_file(loader, role, name)
+    if path is None:
+        return None
     return (
         f"the embedded model '{name}' is not installed: {path} is missing. Update or reinstall NextScale (or point "
         f"NEXTSCALE_EMBEDDED_DIR at a folder holding its files)"
     )
+
+
+def resolve_embedded(loader: str, role: str, name: str) -> str | None:
+    """The file of the embedded choice ``name`` of the ``role`` input of the node ``loader``, refused when it is not
+    in the pack; None when ``name`` is no embedded choice there."""
+    path = embedded_file(loader, role, name)
+    if path is not None and not os.path.isfile(path):
+        raise NextScaleError(embedded_missing(loader, role, name))
+    return path
 
 
 def model_choices(loader: str | None = None, role: str | None = None, shards: bool = False) -> list[str]:

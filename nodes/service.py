@@ -44,7 +44,7 @@ from ..models.core.errors import NextScaleError
 from ..models.core.family import FAMILIES, Family, Kind, Role, describe, identify
 from ..models.core.memory import MemoryNeed, largest_batch, size
 from ..models.kv.policies import KVPolicySpec
-from .model_files import FOLDER, embedded_file, embedded_missing
+from .model_files import FOLDER, embedded_missing, resolve_embedded
 
 log = logging.getLogger("NextScale")
 
@@ -149,9 +149,9 @@ def _hint(kinds: list[Kind]) -> str:
 def not_found(name: str, loader: str, role: str) -> str:
     """The message for a choice that is not in the NextScale folder: which folder, and where the files come from
     (for an embedded choice of ``loader``: which file of the pack is missing)."""
-    embedded = embedded_file(loader, role, name)
-    if embedded is not None:
-        return embedded_missing(name, embedded)
+    missing = embedded_missing(loader, role, name)
+    if missing is not None:
+        return missing
     kinds = expected(loader, role)
     folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
     return (
@@ -163,10 +163,8 @@ def not_found(name: str, loader: str, role: str) -> str:
 def resolve(name: str, loader: str, role: str) -> str:
     """The path of a combo choice: the pack's embedded file, a file in the NextScale folder, or a folder of shards
     there."""
-    embedded = embedded_file(loader, role, name)
+    embedded = resolve_embedded(loader, role, name)
     if embedded is not None:
-        if not os.path.isfile(embedded):
-            raise NextScaleError(embedded_missing(name, embedded))
         return embedded
     path = folder_paths.get_full_path(FOLDER, name)
     if path is not None:

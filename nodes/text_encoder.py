@@ -42,7 +42,7 @@ from transformers import T5TokenizerFast
 from ..models.core.checkpoint import check_state_dict, check_tensors, read_state_dict
 from ..models.core.errors import NextScaleError
 from ..models.core.family import describe, identify
-from .model_files import TEXT_ENCODE_NODE, embedded_choices, embedded_file, embedded_missing
+from .model_files import TEXT_ENCODE_NODE, embedded_choices, embedded_missing, resolve_embedded
 from .sockets import CATEGORY
 from .validation import check_file
 
@@ -146,19 +146,17 @@ def text_encoder_choices() -> list[str]:
 
 
 def _not_found(name: str) -> str:
-    embedded = embedded_file(TEXT_ENCODE_NODE, "text_encoder", name)
-    if embedded is not None:
-        return embedded_missing(name, embedded)
+    missing = embedded_missing(TEXT_ENCODE_NODE, "text_encoder", name)
+    if missing is not None:
+        return missing
     folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
     return f"text encoder model not found: '{name}' is not in models/text_encoders ({folders}). {HINT}"
 
 
 def resolve_text_encoder(name: str) -> str:
     """Full path of a combo choice: the embedded T5's file, a file, or a Hugging Face folder."""
-    embedded = embedded_file(TEXT_ENCODE_NODE, "text_encoder", name)
+    embedded = resolve_embedded(TEXT_ENCODE_NODE, "text_encoder", name)
     if embedded is not None:
-        if not os.path.isfile(embedded):
-            raise NextScaleError(embedded_missing(name, embedded))
         return embedded
     path = folder_paths.get_full_path(FOLDER, name)
     if path is not None and os.path.isfile(path):
