@@ -22,7 +22,7 @@ MAX_SCALES = 64
 
 def control_choices() -> list[str]:
     """The embedded edge adapter (when shipped) first, then every file in the model folder."""
-    return model_choices("control")
+    return model_choices(LOADER, "control")
 
 
 @dataclass

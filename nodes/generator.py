@@ -72,7 +72,7 @@ class NextScaleLoadGenerator(io.ComfyNode):
                 io.Combo.Input(
                     "generator_name",
                     display_name="generator",
-                    options=model_choices("generator"),
+                    options=model_choices(LOADER, "generator"),
                     tooltip="File in ComfyUI/models/nextscale (.safetensors or .pth). 'nextscale-embedded' is the "
                     "pack's own small class-conditional model (64 px glyphs and shapes).",
                 ),
@@ -94,7 +94,7 @@ class NextScaleLoadGenerator(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, generator_name: str) -> bool | str:
         return check_file(
-            generator_name, model_choices("generator"), lambda name: not_found(name, LOADER, "generator")
+            generator_name, model_choices(LOADER, "generator"), lambda name: not_found(name, LOADER, "generator")
         ) or True
 
     @classmethod

@@ -59,20 +59,23 @@ class NextScaleLoadInfinity(io.ComfyNode):
             category=INFINITY_CATEGORY,
             description="Loads an Infinity text-to-image transformer (infinity_2b_reg.pth, or the 8B's folder of "
             "shards) and its BSQ tokenizer (infinity_vae_d32reg.pth; the 8B's infinity_vae_d56_f8_14_patchify.pth) "
-            "from models/nextscale. Sizes are read from the files; loading is strict.",
+            "from models/nextscale, or the pack's small embedded text-to-image model (nextscale-embedded-t2i, 64 px). "
+            "Sizes are read from the files; loading is strict.",
             inputs=[
                 io.Combo.Input(
                     "model_name",
                     display_name="model",
-                    options=model_choices(shards=True),
+                    options=model_choices(LOADER, "generator", shards=True),
                     tooltip="Transformer file (.pth or .safetensors) or folder of shards in ComfyUI/models/nextscale, "
-                    "from the Hugging Face repository FoundationVision/Infinity.",
+                    "from the Hugging Face repository FoundationVision/Infinity. 'nextscale-embedded-t2i' is the "
+                    "pack's own small 64 px model (sample it at resolution 0.06M, 1:1, with its text encoder).",
                 ),
                 io.Combo.Input(
                     "tokenizer_name",
                     display_name="tokenizer",
-                    options=model_choices(),
-                    tooltip="The BSQ tokenizer that goes with the transformer (2B: infinity_vae_d32reg.pth).",
+                    options=model_choices(LOADER, "tokenizer"),
+                    tooltip="The BSQ tokenizer that goes with the transformer (2B: infinity_vae_d32reg.pth; "
+                    "'nextscale-embedded-t2i' with the embedded model).",
                 ),
                 io.Combo.Input(
                     "dtype",
@@ -93,8 +96,13 @@ class NextScaleLoadInfinity(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, model_name: str, tokenizer_name: str) -> bool | str:
         return (
-            check_file(model_name, model_choices(shards=True), lambda name: not_found(name, LOADER, "generator"))
-            or check_file(tokenizer_name, model_choices(), lambda name: not_found(name, LOADER, "tokenizer"))
+            check_file(
+                model_name, model_choices(LOADER, "generator", shards=True),
+                lambda name: not_found(name, LOADER, "generator"),
+            )
+            or check_file(
+                tokenizer_name, model_choices(LOADER, "tokenizer"), lambda name: not_found(name, LOADER, "tokenizer")
+            )
             or True
         )
 
@@ -126,6 +134,19 @@ def text_from_conditioning(
             f"the {what} conditioning holds {cond.shape[0]} prompts; use one prompt, or batch_size = {cond.shape[0]}"
         )
     return cond.float(), mask
+
+
+def check_levels(model: NextScaleModel, resolution: str, num_scales: int) -> None:
+    """Refuse a resolution with more scales than the transformer has level embeddings (the embedded text-to-image
+    model has 7: resolution 0.06M only)."""
+    levels = model.module.config.num_levels
+    if num_scales > levels:
+        fitting = [r for r, n in RESOLUTIONS.items() if n <= levels]
+        fix = f"choose resolution {' or '.join(fitting)}" if fitting else "no resolution of this node fits it"
+        raise NextScaleError(
+            f"resolution {resolution} samples {num_scales} scales, but '{model.name}' was trained for at most "
+            f"{levels}: {fix}"
+        )
 
 
 class NextScaleTextSampler(io.ComfyNode):
@@ -244,6 +265,7 @@ class NextScaleTextSampler(io.ComfyNode):
         keep = image is not None and keep_scales > 0
         refuse_hooks(family, kv_policy=kv_policy, accel=accel)
         schedule = InfinitySchedule.from_template(ASPECTS[aspect_ratio], resolution)
+        check_levels(model, resolution, schedule.num_scales)
         if keep and keep_scales > schedule.num_scales:
             raise NextScaleError(f"keep_scales = {keep_scales}, but this resolution has {schedule.num_scales} scales")
         text_dim = model.module.config.text_dim

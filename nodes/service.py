@@ -1,8 +1,8 @@
 """The loading service: every model a node uses is resolved, loaded and made ready here, through the family
 registry (:mod:`..models.core.family`).
 
-- :func:`resolve`: a combo choice to a path (the pack's embedded file, a file in the NextScale folder, or a folder
-  of shards there).
+- :func:`resolve`: a combo choice to a path (the pack's embedded file of that loader and role, a file in the
+  NextScale folder, or a folder of shards there).
 - :func:`load`: a file to a :class:`NextScaleModel`: identified by its family, stored and computed in the
   precision ComfyUI's rules choose (:func:`precision`), built by its family with ComfyUI's op set, and wrapped in a
   ``comfy.model_patcher.ModelPatcher`` (load device ``get_torch_device()``, offload device
@@ -44,7 +44,7 @@ from ..models.core.errors import NextScaleError
 from ..models.core.family import FAMILIES, Family, Kind, Role, describe, identify
 from ..models.core.memory import MemoryNeed, largest_batch, size
 from ..models.kv.policies import KVPolicySpec
-from .model_files import FOLDER, embedded_file
+from .model_files import FOLDER, embedded_missing, resolve_embedded
 
 log = logging.getLogger("NextScale")
 
@@ -147,7 +147,11 @@ def _hint(kinds: list[Kind]) -> str:
 
 
 def not_found(name: str, loader: str, role: str) -> str:
-    """The message for a choice that is not in the NextScale folder: which folder, and where the files come from."""
+    """The message for a choice that is not in the NextScale folder: which folder, and where the files come from
+    (for an embedded choice of ``loader``: which file of the pack is missing)."""
+    missing = embedded_missing(loader, role, name)
+    if missing is not None:
+        return missing
     kinds = expected(loader, role)
     folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
     return (
@@ -159,12 +163,8 @@ def not_found(name: str, loader: str, role: str) -> str:
 def resolve(name: str, loader: str, role: str) -> str:
     """The path of a combo choice: the pack's embedded file, a file in the NextScale folder, or a folder of shards
     there."""
-    embedded = embedded_file(role, name)
+    embedded = resolve_embedded(loader, role, name)
     if embedded is not None:
-        if not os.path.isfile(embedded):
-            raise NextScaleError(
-                f"the embedded {role} is missing from the pack: expected {embedded}; reinstall NextScale"
-            )
         return embedded
     path = folder_paths.get_full_path(FOLDER, name)
     if path is not None:

@@ -16,6 +16,8 @@ nothing is padded.
   ``cond`` float32 ``(1, tokens, 2048)`` on ComfyUI's intermediate device; no attention mask (every token is real).
 
 Files live in ``ComfyUI/models/text_encoders/``: a single weights file, or a Hugging Face folder (listed by its name).
+The embedded text-to-image model's own T5 (``nextscale-embedded-t2i``, :mod:`.model_files`) is listed first while
+its file is in the pack, and loads the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from transformers import T5TokenizerFast
 from ..models.core.checkpoint import check_state_dict, check_tensors, read_state_dict
 from ..models.core.errors import NextScaleError
 from ..models.core.family import describe, identify
+from .model_files import TEXT_ENCODE_NODE, embedded_choices, embedded_missing, resolve_embedded
 from .sockets import CATEGORY
 from .validation import check_file
 
@@ -126,8 +129,9 @@ def _hf_folders(base: str, max_depth: int = 2) -> list[str]:
 
 
 def text_encoder_choices() -> list[str]:
-    """Weight files in ComfyUI's ``text_encoders`` folder plus its Hugging Face sub-folders (by folder name); the
-    files inside such a folder are represented by the folder. Names containing 'flan' come first."""
+    """The embedded text-to-image model's T5 (while its file is there), then the weight files in ComfyUI's
+    ``text_encoders`` folder plus its Hugging Face sub-folders (by folder name); the files inside such a folder are
+    represented by the folder. Of those, names containing 'flan' come first."""
     folders: list[str] = []
     for base in folder_paths.get_folder_paths(FOLDER):
         folders.extend(f for f in _hf_folders(base) if f not in folders)
@@ -137,16 +141,23 @@ def text_encoder_choices() -> list[str]:
         for f in folder_paths.get_filename_list(FOLDER)
         if f.lower().endswith(EXTENSIONS) and not f.replace(os.sep, "/").startswith(inside)
     ]
-    return sorted(folders + files, key=lambda n: "flan" not in n.lower())
+    embedded = embedded_choices(TEXT_ENCODE_NODE, "text_encoder")
+    return embedded + sorted((n for n in folders + files if n not in embedded), key=lambda n: "flan" not in n.lower())
 
 
 def _not_found(name: str) -> str:
+    missing = embedded_missing(TEXT_ENCODE_NODE, "text_encoder", name)
+    if missing is not None:
+        return missing
     folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
     return f"text encoder model not found: '{name}' is not in models/text_encoders ({folders}). {HINT}"
 
 
 def resolve_text_encoder(name: str) -> str:
-    """Full path of a combo choice: a file, or a Hugging Face folder."""
+    """Full path of a combo choice: the embedded T5's file, a file, or a Hugging Face folder."""
+    embedded = resolve_embedded(TEXT_ENCODE_NODE, "text_encoder", name)
+    if embedded is not None:
+        return embedded
     path = folder_paths.get_full_path(FOLDER, name)
     if path is not None and os.path.isfile(path):
         return path
@@ -504,19 +515,21 @@ class NextScaleTextEncodeT5(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="NextScaleTextEncodeT5",
-            display_name="NextScale Text Encode (T5)",
+            display_name=TEXT_ENCODE_NODE,
             category=TEXT_CATEGORY,
             description="Encodes a prompt with flan-t5-xl, the text encoder of Infinity (text-to-image): at most 512 "
             "tokens (longer prompts are cut, as upstream), no padding, features of the encoder's last layer (2048 "
             "wide). Gives standard conditioning for a sampler's positive or negative input; ComfyUI's (word:1.2) "
-            "weighting works. Nodes using the same file share one loaded encoder.",
+            "weighting works. Nodes using the same file share one loaded encoder. The pack's embedded text-to-image "
+            "model has its own small T5 (nextscale-embedded-t2i, 128 wide), encoded the same way.",
             inputs=[
                 io.Combo.Input(
                     "text_encoder",
                     options=text_encoder_choices(),
                     tooltip="From ComfyUI/models/text_encoders/: flan-t5-xl from the Hugging Face repository "
                     "google/flan-t5-xl, either its folder (listed by folder name) or a single .safetensors file of "
-                    "its encoder.",
+                    "its encoder. 'nextscale-embedded-t2i' is the T5 the pack's embedded text-to-image model was "
+                    "trained with (for that model only).",
                 ),
                 io.String.Input(
                     "text",
@@ -529,8 +542,8 @@ class NextScaleTextEncodeT5(io.ComfyNode):
                 io.Conditioning.Output(
                     "conditioning",
                     display_name="conditioning",
-                    tooltip="The prompt's T5 features (1 x tokens x 2048, no padding) for the sampler's positive or "
-                    "negative input."
+                    tooltip="The prompt's T5 features (1 x tokens x 2048 with flan-t5-xl, no padding) for the "
+                    "sampler's positive or negative input."
                 )
             ],
         )

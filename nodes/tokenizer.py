@@ -40,7 +40,7 @@ class NextScaleLoadTokenizer(io.ComfyNode):
                 io.Combo.Input(
                     "tokenizer_name",
                     display_name="tokenizer",
-                    options=model_choices("tokenizer"),
+                    options=model_choices(LOADER, "tokenizer"),
                     tooltip="File in ComfyUI/models/nextscale (.safetensors or .pth). 'nextscale-embedded' is the "
                     "pack's own small 64 px model.",
                 ),
@@ -58,7 +58,7 @@ class NextScaleLoadTokenizer(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, tokenizer_name: str) -> bool | str:
         return check_file(
-            tokenizer_name, model_choices("tokenizer"), lambda name: not_found(name, LOADER, "tokenizer")
+            tokenizer_name, model_choices(LOADER, "tokenizer"), lambda name: not_found(name, LOADER, "tokenizer")
         ) or True
 
     @classmethod

@@ -52,8 +52,10 @@ class NextScaleLoadNSARM(io.ComfyNode):
                     "ComfyUI/models/nextscale.",
                 ),
                 io.Combo.Input(
-                    "tokenizer_name", options=model_choices(),
-                    tooltip="infinity_vae_d56_f8_14_patchify.pth (Hugging Face FoundationVision/Infinity).",
+                    "tokenizer_name", options=model_choices(INFINITY_LOADER, "tokenizer"),
+                    tooltip="infinity_vae_d56_f8_14_patchify.pth (Hugging Face FoundationVision/Infinity). "
+                    "'nextscale-embedded-t2i' is the embedded text-to-image model's tokenizer, the one models trained "
+                    "by python -m training.sr use.",
                 ),
                 io.Combo.Input(
                     "dtype", options=TRANSFORMER_DTYPES, default="auto",
@@ -73,7 +75,10 @@ class NextScaleLoadNSARM(io.ComfyNode):
     def validate_inputs(cls, model_name: str, tokenizer_name: str) -> bool | str:
         return (
             check_file(model_name, model_choices(), lambda name: not_found(name, LOADER, "upscaler"))
-            or check_file(tokenizer_name, model_choices(), lambda name: not_found(name, INFINITY_LOADER, "tokenizer"))
+            or check_file(
+                tokenizer_name, model_choices(INFINITY_LOADER, "tokenizer"),
+                lambda name: not_found(name, INFINITY_LOADER, "tokenizer"),
+            )
             or True
         )
 
