@@ -295,7 +295,6 @@ NODE_CHECK = textwrap.dedent(
     import folder_paths
     from comfy_api.latest import io
     from nextscale.models.core import lora as core
-    from nextscale.models.core.errors import NextScaleError
     from nextscale.models.infinity.bsq import BSQConfig, BSQTokenizer
     from nextscale.models.infinity.model import Infinity, InfinityConfig
     from nextscale.nodes import infinity as inf
@@ -303,13 +302,7 @@ NODE_CHECK = textwrap.dedent(
     from nextscale.nodes.generator import NextScaleLoadGenerator, NextScaleSampler
     from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleLoadTokenizer
 
-    def raises(fn, *needles):
-        try:
-            fn()
-        except NextScaleError as e:
-            assert all(n in str(e) for n in needles), (needles, str(e))
-            return
-        raise AssertionError(f"no NextScaleError (wanted {needles})")
+    from harness.checks import raises
 
     tmp = tempfile.mkdtemp()
     loras, models = os.path.join(tmp, "loras"), os.path.join(tmp, "nextscale")

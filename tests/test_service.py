@@ -14,15 +14,8 @@ import torch
 import folder_paths
 import comfy.model_management as mm
 from comfy_api.latest import io
-from nextscale.models.core.errors import NextScaleError
 
-def raises(fn, *needles):
-    try:
-        fn()
-    except NextScaleError as e:
-        assert all(n in str(e) for n in needles), (str(e), needles)
-        return str(e)
-    raise AssertionError(f"no NextScaleError saying {needles}")
+from harness.checks import raises
 
 folder = tempfile.mkdtemp()
 folder_paths.add_model_folder_path("nextscale", folder, is_default=True)

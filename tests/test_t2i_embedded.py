@@ -59,7 +59,6 @@ CHECK = textwrap.dedent(
     sys.path.append(root)  # training/ as ``training``
     import torch
     from comfy_api.latest import io
-    from nextscale.models.core.errors import NextScaleError
     from nextscale.models.core.tokens import NextScaleBitTokens
     from nextscale.nodes import model_files as mf, service, text_encoder as te
     from nextscale.nodes.control import NextScaleLoadControl
@@ -85,13 +84,7 @@ CHECK = textwrap.dedent(
             "text encoder": combos(te.NextScaleTextEncodeT5)["text_encoder"],
         }
 
-    def raises(fn, *needles):
-        try:
-            fn()
-        except NextScaleError as e:
-            assert all(n in str(e) for n in needles), (needles, str(e))
-            return
-        raise AssertionError(f"no NextScaleError (wanted {needles})")
+    from harness.checks import raises
 
     # files absent: no choice anywhere, and a saved workflow naming it is told which file is missing
     assert all(T2I not in options for options in combo_choices().values()), combo_choices()

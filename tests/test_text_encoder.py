@@ -70,7 +70,6 @@ import torch
 from safetensors.torch import save_file
 from transformers import T5Config, T5ForConditionalGeneration
 import folder_paths
-from nextscale.models.core.errors import NextScaleError
 from nextscale.nodes import text_encoder as te
 
 def tiny_t5(seed=0):
@@ -83,14 +82,7 @@ def tiny_t5(seed=0):
     encoder.pop("encoder.embed_tokens.weight", None)
     return model, full, encoder
 
-def raises(fn, *needles):
-    try:
-        fn()
-    except NextScaleError as e:
-        for n in needles:
-            assert n in str(e), (n, str(e))
-        return str(e)
-    raise AssertionError(f"no NextScaleError (wanted {needles})")
+from harness.checks import raises
 """
 
 ENCODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
