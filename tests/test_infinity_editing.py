@@ -1,7 +1,7 @@
 """Inpainting with a prompt on Infinity: VAR's edit guides with a reference encoded by the BSQ tokenizer, bound
 bitwise (models/infinity/editing.py) on a tiny random model: kept bits, the all-keep and all-regenerate limits, the
-scale range, latent blend, per-image masks through sub-batches, the Infinity schedule of NextScale Encode, and the
-refusals."""
+scale range, latent blend, per-image masks through sub-batches, an aspect ratio's grids and composite, the Infinity
+schedule of NextScale Encode, and the refusals."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pytest
 import torch
 from nextscale.models.core.errors import NextScaleError
 from nextscale.models.core.hooks import SamplerHooks
+from nextscale.models.core.imageops import model_to_image
 from nextscale.models.core.tokens import NextScaleTokens
 from nextscale.models.infinity.editing import bind_bits
 from nextscale.models.infinity.family import FAMILY
 from nextscale.models.infinity.schedule import InfinitySchedule
-from nextscale.models.var.editing import EditSpec, image_to_image, inpaint, keep_masks
+from nextscale.models.var.editing import EditSpec, composite, image_to_image, inpaint, keep_masks
 from test_infinity import prompts, tiny_model
 from test_infinity_sampler import run, tiny_tokenizer
 
@@ -132,6 +133,29 @@ def test_per_image_masks_and_references_survive_sub_batches(model, tok):
     whole, first, rest = part(0, 3), part(0, 1), part(1, 3)
     assert all(torch.equal(w, torch.cat([a, b])) for w, a, b in zip(whole.bits, first.bits, rest.bits))
     assert all(torch.equal(whole.bits[si][2], refs.bits[si][2]) for si in range(K))  # image 2 keeps everything
+
+
+def test_an_aspect_ratios_grids_take_a_stretched_mask_and_the_composite_stretches_back(model, tok):
+    """A 2:1 schedule: the picture and its mask are stretched onto the grids (no fit recorded), the kept bits are
+    the reference's, and Decode's composite stretches the decoded picture back onto the original."""
+    wide = InfinitySchedule.custom([(1, 1), (2, 2), (2, 4), (4, 8)])
+    picture = torch.rand(1, 10, 20, 3, generator=torch.Generator().manual_seed(3))
+    ref = FAMILY.encode(tok, picture.permute(0, 3, 1, 2) * 2 - 1, wide.scales, "stretch")
+    regenerate = torch.zeros(1, 10, 20)
+    regenerate[:, :, 10:] = 1
+    spec = inpaint(ref, regenerate)
+    text, mask = prompts()
+    out = run(model, tok, text, mask, seed=1, schedule=wide,
+              hooks=SamplerHooks(guide=bind_bits(spec, tok, wide.scales, 2)))
+    for si, kept in enumerate(keep_masks(1 - regenerate, wide.scales)):
+        assert torch.equal(out.bits[si][:, kept[0]], ref.bits[si][:, kept[0]].expand(2, -1, -1)), si
+    decoded = model_to_image(tok.decode(out.summed_codes))
+    assert tuple(decoded.shape) == (2, 8, 16, 3)
+    pasted = composite(decoded, picture, regenerate)
+    assert tuple(pasted.shape) == (2, 10, 20, 3)
+    assert torch.equal(pasted[:, :, :10], picture[:, :, :10].expand(2, -1, -1, -1))
+    same_size = composite(decoded, decoded, torch.ones(1, 8, 16))
+    assert torch.equal(same_size, decoded)
 
 
 def test_infinity_schedules_for_nextscale_encode(tok):

@@ -117,7 +117,8 @@ class EditSpec:
         threshold: a token is kept when its cell's average keep value is above this.
         small_tokens: scales with at most this many tokens are kept whole (for images that keep anything).
         resize: how the image was fitted to the model's square (NextScale Encode's mode), used to fit a mask that
-            is not square; None: a mask must be square.
+            is not square; None: a mask must be square, unless the grids are not (an Infinity aspect ratio's, onto
+            which the mask is stretched as the image was).
     """
 
     reference: NextScaleTokens | NextScaleBitTokens
@@ -148,7 +149,7 @@ class EditSpec:
         mask = _as_mask_batch(self.regenerate, "the mask")
         object.__setattr__(self, "regenerate", mask)
         Bm, H, W = mask.shape
-        if H != W and self.resize is None:
+        if H != W and self.resize is None and len(set(grid_hw(self.reference.schedule[-1]))) == 1:
             raise NextScaleError(
                 f"the mask is {W}x{H} px but the tokens are a square grid, and how the image was fitted to a square "
                 f"is unknown: encode the image with NextScale Encode (it records the fit), or give a square mask"
@@ -192,7 +193,7 @@ class EditSpec:
         if self.regenerate is None:
             return [torch.ones(1, *grid_hw(g), dtype=torch.bool) for g in grids]
         regenerate = self.regenerate
-        if regenerate.shape[1] != regenerate.shape[2]:
+        if regenerate.shape[1] != regenerate.shape[2] and self.resize is not None:
             regenerate = fit_mask(regenerate, pixel_side, self.resize)
         return keep_masks(1 - regenerate, grids, self.threshold, self.small_tokens)
 
@@ -355,20 +356,21 @@ def composite(
     """The decoded squares pasted into ``image`` at the image's own size, in ComfyUI's IMAGE layout.
 
     ``fit`` is how NextScale Encode fitted the image to the model's square (None: its default, centre crop, which
-    for a square image is a plain resize); the decoded square is laid back onto the image's pixels by undoing it,
-    upscaled where the image is larger. ``mask`` (1 = decoded, 0 = image, in between a blend) has the image's size
-    or its aspect ratio, softened by :func:`feather` over ``feather_px`` pixels; where a centre crop cut the image
-    off, the image is kept. With ``feather_px`` 0 the result is exactly ``image`` where the mask is 0 and, for an
-    image of the decoded size, exactly ``decoded`` where it is 1. ``image`` and ``mask`` hold 1 item or as many as
-    ``decoded``."""
-    B, S, _, _ = decoded_BHWC.shape
+    for a square image is a plain resize; a decoded picture that is not square, of an Infinity aspect ratio, is
+    stretched onto the image, as Encode fits those); the decoded square is laid back onto the image's pixels by
+    undoing it, upscaled where the image is larger. ``mask`` (1 = decoded, 0 = image, in between a blend) has the
+    image's size or its aspect ratio, softened by :func:`feather` over ``feather_px`` pixels; where a centre crop
+    cut the image off, the image is kept. With ``feather_px`` 0 the result is exactly ``image`` where the mask is 0
+    and, for an image of the decoded size, exactly ``decoded`` where it is 1. ``image`` and ``mask`` hold 1 item or
+    as many as ``decoded``."""
+    B, side_h, side_w, _ = decoded_BHWC.shape  # square, or an Infinity aspect ratio's
     if image_BHWC.dim() != 4 or image_BHWC.shape[-1] not in (1, 3, 4):
         raise NextScaleError(
             f"composite_image must be an IMAGE [batch, height, width, 1/3/4 channels], got {list(image_BHWC.shape)}"
         )
     mask_BHW = _as_mask_batch(mask_BHW, "composite_mask")
     h, w = image_BHWC.shape[1:3]
-    fit = fit or ImageFit(h, w, S, "center crop")
+    fit = fit or ImageFit(h, w, side_h, "center crop" if side_h == side_w else "stretch")
     if not fit.same_aspect(h, w):
         raise NextScaleError(
             f"composite_image is {w}x{h} px but NextScale Encode fitted a {fit.width}x{fit.height} px image: "
@@ -388,7 +390,7 @@ def composite(
             raise NextScaleError(f"{what} holds {n} items but {B} images were decoded: give 1 or exactly {B}")
     device, dtype = decoded_BHWC.device, decoded_BHWC.dtype
     weight_BHW = feather(mask_BHW.to(device=device, dtype=dtype), feather_px)
-    if (h, w) == (S, S):
+    if (h, w) == (side_h, side_w):
         decoded = decoded_BHWC
     else:
         square, covered_hw = fit.undo(decoded_BHWC.permute(0, 3, 1, 2))
