@@ -303,19 +303,19 @@ class NextScaleTextSampler(io.ComfyNode):
                 workload, batch_size=images, kv_policy=policy))
 
         size = ready_batch(model, tokenizer, batch=batch_size, need=need, what="NextScale Sampler (Text)")
-        kept = None
+        bit_guide = None
         if keep:
             img = image_to_model(image[:1]).to(tokenizer.device)
-            kept = KeepScales(family.encode(tokenizer.module, img, latent, "stretch").bits, keep_scales)
+            bit_guide = KeepScales(family.encode(tokenizer.module, img, latent, "stretch").bits, keep_scales)
         options = InfinityOptions(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, schedule=schedule)
         parts = []
         for start, stop in sub_batches(batch_size, size):
             if guide is not None:
                 spec = guide.images(start, stop, batch_size)
-                kept = bind_bits(spec, tokenizer.module, latent, stop - start, model.device)
+                bit_guide = bind_bits(spec, tokenizer.module, latent, stop - start, model.device)
             hooks = SamplerHooks(
                 callback=scale_callback(cls.hidden.unique_id, tokenizer, schedule.num_scales, True),
-                guide=kept,
+                guide=bit_guide,
                 kv_policy=bind_policy(kv_policy, model, schedule),
                 accel=accel,
             )

@@ -119,9 +119,13 @@ def test_latent_blend_holds_the_kept_area_of_the_summed_codes_to_the_reference(m
 
 
 def test_per_image_masks_and_references_survive_sub_batches(model, tok):
-    """A run of 3 split as [0], [1, 2] (the memory planner's sub-batches, seed + start) gives the whole run's bits."""
+    """A run of 3 split as [0], [1, 2] (the memory planner's sub-batches, seed + start) gives the whole run's bits;
+    image 1 keeps no cell of the 2x2 scale, which the others keep, and latent blend still resets its kept area."""
     refs = reference(tok, B=3, seed=7)
-    masks = torch.stack([hole()[0], hole()[0].flip(-1), torch.zeros(16, 16)])
+    top = torch.zeros(16, 16)
+    top[:12] = 1
+    masks = torch.stack([hole()[0], top, torch.zeros(16, 16)])
+    assert [bool(m.any()) for m in keep_masks(1 - masks, SQUARE.scales)[1]] == [True, False, True]
     spec = inpaint(refs, masks, mode="latent blend")
     text, mask = prompts(B=3)
 

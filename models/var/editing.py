@@ -201,20 +201,18 @@ class EditSpec:
         self, grids: Sequence[int | Sequence[int]], pixel_side: int
     ) -> tuple[list[torch.Tensor | None], dict[int, torch.Tensor]]:
         """What a run keeps, for every family's binding: per scale the bool ``(Bm, h, w)`` kept cells (None: the
-        scale is outside the range or keeps nothing), and in latent-blend mode, per scale that blends, the bool
-        ``(Bm, 1, H, W)`` area of the final latent grid reset to the reference's cumulative latent (the last
-        scale's kept cells, everywhere at a small scale kept whole)."""
+        scale is outside the range or keeps nothing), and in latent-blend mode, per scale in range, the bool
+        ``(Bm, 1, H, W)`` area of the final latent grid reset to the reference's cumulative latent after it (the
+        last scale's kept cells, everywhere at a small scale kept whole; absent where that is nowhere)."""
         masks = self.keep_masks(grids, pixel_side)
         in_range = set(self.scales)
         keep = [m if si in in_range and bool(m.any()) else None for si, m in enumerate(masks)]
         blend = {}
         if self.mode == "latent blend":
             latent_B1HW = masks[-1][:, None]  # the last scale's grid is the latent grid
-            for si, m in enumerate(keep):
-                if m is None:
-                    continue
-                h, w = m.shape[1:]
-                whole_B111 = m.flatten(1).all(dim=1).view(-1, 1, 1, 1)  # a small-scale (whole) mask
+            for si in self.scales:  # every scale in range, each image on its own masks (sub-batches give the same)
+                h, w = masks[si].shape[1:]
+                whole_B111 = masks[si].flatten(1).all(dim=1).view(-1, 1, 1, 1)  # a small-scale (whole) mask
                 where_B1HW = latent_B1HW | whole_B111 if h * w <= self.small_tokens else latent_B1HW
                 if bool(where_B1HW.any()):
                     blend[si] = where_B1HW
