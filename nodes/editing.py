@@ -25,8 +25,9 @@ class NextScaleInpaintGuide(io.ComfyNode):
             "reference image's tokens outside the mask at every scale and generates the masked area to fit them. "
             "Mask 1 = regenerate (ComfyUI's convention: the mask editor's painted area, the new border of Pad "
             "Image for Outpainting). Class edit: mask an object and pick another class on the sampler. Connect "
-            "to NextScale Sampler's 'guide'; for a seamless result also connect the image and mask to NextScale "
-            "Decode's composite inputs.",
+            "to NextScale Sampler's 'guide' (or, for an image encoded with an Infinity tokenizer, NextScale Sampler "
+            "(Text)'s 'guide': inpaint with a prompt); for a seamless result also connect the image and mask to "
+            "NextScale Decode's composite inputs.",
             inputs=[
                 Tokens.Input("tokens", tooltip="The image to edit, from NextScale Encode (batch 1, or one per image)."),
                 io.Mask.Input(
@@ -114,7 +115,7 @@ class NextScaleImageToImageGuide(io.ComfyNode):
             category=CATEGORY,
             description="Image to image without training: the sampler copies the reference's first 'strength' "
             "scales (coarse layout and colours) and generates the finer scales. Connect to NextScale Sampler's "
-            "'guide'.",
+            "'guide' (an Infinity encoding: NextScale Sampler (Text)'s).",
             inputs=[
                 Tokens.Input(
                     "tokens", tooltip="The reference image, from NextScale Encode (batch 1, or one per image)."

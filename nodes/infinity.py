@@ -16,12 +16,14 @@ from ..models.core.family import Workload
 from ..models.core.hooks import SamplerHooks
 from ..models.core.imageops import image_to_model
 from ..models.core.tokens import NextScaleBitTokens
+from ..models.infinity.editing import bind_bits, check_reference
 from ..models.infinity.sampler import InfinityOptions, KeepScales, TextCondition, latent_scales
 from ..models.infinity.schedule import RESOLUTIONS, InfinitySchedule
-from .generator import bind_policy, check_pair, refuse_hooks, scale_callback
+from ..models.var.editing import EditSpec
+from .generator import bind_policy, check_pair, framed_like_reference, refuse_hooks, scale_callback
 from .model_files import model_choices
 from .service import TRANSFORMER_DTYPES, NextScaleModel, load, not_found, ready_batch, sub_batches
-from .sockets import CATEGORY, Accel, InfinityModel, KVPolicy, Tokenizer, Tokens
+from .sockets import CATEGORY, Accel, Guide, InfinityModel, KVPolicy, Tokenizer, Tokens
 from .text_encoder import check_text_width
 from .validation import check_combos, check_file, check_numbers
 
@@ -158,7 +160,8 @@ class NextScaleTextSampler(io.ComfyNode):
             category=INFINITY_CATEGORY,
             description="Generates bitwise token maps coarse to fine with an Infinity model from a text prompt: "
             "constant classifier-free guidance on the logits, temperature tau, top-k/top-p per bit, one progress "
-            "step and preview per scale. Optionally keeps the first scales of an input image (image to image). "
+            "step and preview per scale. Optionally keeps the first scales of an input image (image to image), "
+            "or, through 'guide', an encoded image outside a mask (inpaint and outpaint with a prompt). "
             "Batch item i uses seed + i.",
             inputs=[
                 InfinityModel.Input("model", tooltip="From NextScale Load Infinity."),
@@ -224,6 +227,14 @@ class NextScaleTextSampler(io.ComfyNode):
                     tooltip="From NextScale Acceleration: token pruning, guidance stop and shortcut at the last "
                     "scales (default: off, the exact sampler).",
                 ),
+                Guide.Input(
+                    "guide",
+                    optional=True,
+                    tooltip="Inpaint / outpaint with the prompt: NextScale Inpaint Guide (or Image to Image Guide) "
+                    "of an image encoded by NextScale Encode with this tokenizer, its schedule set to this "
+                    "resolution and aspect ratio (e.g. '0.06M'). The bits outside the mask are kept at every scale, "
+                    "the masked area is drawn from the prompt to fit them. Use it instead of image + keep_scales.",
+                ),
             ],
             outputs=[Tokens.Output("tokens", display_name="tokens")],
             hidden=[io.Hidden.unique_id],
@@ -259,6 +270,7 @@ class NextScaleTextSampler(io.ComfyNode):
         image: torch.Tensor | None = None,
         keep_scales: int = 0,
         accel=None,
+        guide: EditSpec | None = None,
     ) -> io.NodeOutput:
         check_pair(model, tokenizer)
         family = model.family
@@ -268,6 +280,15 @@ class NextScaleTextSampler(io.ComfyNode):
         check_levels(model, resolution, schedule.num_scales)
         if keep and keep_scales > schedule.num_scales:
             raise NextScaleError(f"keep_scales = {keep_scales}, but this resolution has {schedule.num_scales} scales")
+        latent = latent_scales(model.module, tokenizer.module, schedule)
+        if guide is not None:
+            if keep:
+                raise NextScaleError(
+                    "both 'guide' and image + keep_scales are connected: use one. For image to image from an "
+                    "encoded image, NextScale Image to Image Guide into 'guide'; or disconnect 'guide' to keep the "
+                    "first keep_scales scales of 'image'"
+                )
+            check_reference(guide, latent, tokenizer.module.codebook_dim, batch_size)
         text_dim = model.module.config.text_dim
         text, mask = text_from_conditioning(positive, batch_size, text_dim, "positive")
         neg = None if negative is None else text_from_conditioning(negative, 1, text_dim, "negative")
@@ -282,17 +303,19 @@ class NextScaleTextSampler(io.ComfyNode):
                 workload, batch_size=images, kv_policy=policy))
 
         size = ready_batch(model, tokenizer, batch=batch_size, need=need, what="NextScale Sampler (Text)")
-        guide = None
+        bit_guide = None
         if keep:
-            latent = latent_scales(model.module, tokenizer.module, schedule)
             img = image_to_model(image[:1]).to(tokenizer.device)
-            guide = KeepScales(family.encode(tokenizer.module, img, latent, "stretch").bits, keep_scales)
+            bit_guide = KeepScales(family.encode(tokenizer.module, img, latent, "stretch").bits, keep_scales)
         options = InfinityOptions(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, schedule=schedule)
         parts = []
         for start, stop in sub_batches(batch_size, size):
+            if guide is not None:
+                spec = guide.images(start, stop, batch_size)
+                bit_guide = bind_bits(spec, tokenizer.module, latent, stop - start, model.device)
             hooks = SamplerHooks(
                 callback=scale_callback(cls.hidden.unique_id, tokenizer, schedule.num_scales, True),
-                guide=guide,
+                guide=bit_guide,
                 kv_policy=bind_policy(kv_policy, model, schedule),
                 accel=accel,
             )
@@ -302,7 +325,7 @@ class NextScaleTextSampler(io.ComfyNode):
                 device=model.device,
             ))
         tokens = parts[0] if len(parts) == 1 else NextScaleBitTokens.cat(parts)
-        return io.NodeOutput(tokens.to("cpu"))
+        return io.NodeOutput(framed_like_reference(tokens, guide).to("cpu"))
 
 
 NODES = [NextScaleLoadInfinity, NextScaleTextSampler]

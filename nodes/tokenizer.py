@@ -74,8 +74,9 @@ class NextScaleEncode(io.ComfyNode):
             display_name="NextScale Encode",
             category=CATEGORY,
             description="Encodes images into per-scale token maps (1x1 up to the full latent grid) with the "
-            "tokenizer's residual quantizer. Images are fitted to the schedule's square resolution first, and the "
-            "tokens record how, so the guides and Decode's composite work at the picture's own size.",
+            "tokenizer's residual quantizer (an Infinity tokenizer: bits per scale, for the guides of NextScale "
+            "Sampler (Text)). Images are fitted to the schedule's square resolution first, and the tokens record "
+            "how, so the guides and Decode's composite work at the picture's own size.",
             inputs=[
                 Tokenizer.Input("tokenizer", tooltip="From NextScale Load Tokenizer."),
                 io.Image.Input("image", tooltip="Images to encode; any size, resized with the mode below."),
@@ -91,7 +92,9 @@ class NextScaleEncode(io.ComfyNode):
                     default="",
                     optional=True,
                     tooltip="Scale schedule, e.g. '512' or '1,2,3,4,6,9,13,18,24,32'. Empty: the tokenizer's "
-                    "default. The last side times the downsampling factor is the resolution.",
+                    "default. The last side times the downsampling factor is the resolution. With an Infinity "
+                    "tokenizer: NextScale Sampler (Text)'s resolution and aspect ratio width:height, e.g. '0.06M' "
+                    "(the embedded model) or '1M 4:3' (empty: '1M', 1:1); resize modes other than stretch need 1:1.",
                 ),
             ],
             outputs=[Tokens.Output("tokens", display_name="tokens")],

@@ -1,5 +1,6 @@
 """Infinity's nodes inside ComfyUI's python: load a tiny random Infinity + BSQ tokenizer from models/nextscale and a
-tiny T5 from models/text_encoders, encode a prompt, sample (with a KV policy and image to image), decode."""
+tiny T5 from models/text_encoders, encode a prompt, sample (with a KV policy, image to image, and inpainting with a
+prompt: Encode -> Inpaint Guide -> the sampler's guide -> Decode's composite), decode."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     from nextscale.models.infinity.model import Infinity, InfinityConfig
     from nextscale.models.kv.policies import KVPolicySpec
     from nextscale.models.core.imageops import image_to_model
-    from nextscale.models.core.tokens import NextScaleBitTokens
+    from nextscale.models.core.tokens import NextScaleBitTokens, NextScaleTokens
     from nextscale.models.infinity.sampler import latent_scales
     from nextscale.nodes import NODE_MODULES, infinity as inf
     from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleDecodeScales, NextScaleEncode
     from nextscale.nodes.generator import NextScaleSampler
+    from nextscale.nodes.editing import NextScaleImageToImageGuide, NextScaleInpaintGuide
 
     assert any(inf.NextScaleTextSampler in m.NODES for m in NODE_MODULES)
     assert any(te.NextScaleTextEncodeT5 in m.NODES for m in NODE_MODULES)
@@ -73,7 +75,7 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     assert all(torch.equal(kept.bits[si][0], encoded[si][0]) for si in range(3))
 
     # mis-wiring and bad input give clear errors
-    raises(lambda: NextScaleEncode.execute(loaded_tok, image, "center crop"), "NextScale Sampler (Text)")
+    raises(lambda: NextScaleEncode.execute(loaded_tok, image, "center crop", "512"), "'0.06M' (the embedded model)")
     raises(lambda: NextScaleSampler.execute(loaded_model, loaded_tok, "3", 0, 4.0, 900, 0.95, False, 1),
            "NextScale Sampler (Text)")
     wide = [[torch.zeros(1, 4, 4096), {"pooled_output": None}]]
@@ -82,6 +84,35 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     nan = inf.NextScaleTextSampler.validate_inputs("1:1", inf.RESOLUTION_CHOICES[0], cfg=float("nan"))
     assert nan.startswith("cfg = nan is not a number"), nan
     assert "not one of the choices" in inf.NextScaleTextSampler.validate_inputs("16:9", "1M")
+
+    # inpaint with a prompt: Encode (Infinity schedule) -> Inpaint Guide -> the Text Sampler's guide -> Decode's composite
+    picture = torch.rand(2, 40, 40, 3)
+    encoded = NextScaleEncode.execute(loaded_tok, picture, "center crop", "0.06M").result[0]
+    assert isinstance(encoded, NextScaleBitTokens) and encoded.scales[-1] == (16, 16) and encoded.extra["fit"].side == 32
+    paint = torch.zeros(2, 40, 40)
+    paint[0, 10:30, 20:] = 1
+    paint[1, :20] = 1
+    spec = NextScaleInpaintGuide.execute(encoded, paint, False, "latent blend", 0, 0).result[0]
+    edited = sample(aspect_ratio="1:1", guide=spec)
+    keep = spec.keep_masks(encoded.scales, 32)
+    for si, kept in enumerate(keep):
+        for i in range(2):
+            assert torch.equal(edited.bits[si][i][kept[i]], encoded.bits[si][i][kept[i]]), (si, i)
+    assert not torch.equal(edited.bits[-1], encoded.bits[-1]) and edited.extra["fit"] == encoded.extra["fit"]
+    pasted = NextScaleDecode.execute(loaded_tok, edited, 0, picture, paint, 0).result[0]
+    assert tuple(pasted.shape) == (2, 40, 40, 3) and torch.equal(pasted[paint == 0], picture[paint == 0])
+    assert not torch.equal(pasted[paint == 1], picture[paint == 1])
+    whole = sample(aspect_ratio="1:1", guide=NextScaleImageToImageGuide.execute(encoded, 7).result[0])
+    assert all(torch.equal(a, b) for a, b in zip(whole.bits, encoded.bits))
+    var_tokens = NextScaleTokens([torch.zeros(1, pn, pn, dtype=torch.long) for pn in (1, 2, 4)], (1, 2, 4))
+    var_guide = NextScaleInpaintGuide.execute(var_tokens, paint[:1, :32, :32], False, "tokens", 0, 0).result[0]
+    raises(lambda: sample(aspect_ratio="1:1", guide=var_guide), "encoded by a VAR tokenizer")
+    wide = NextScaleEncode.execute(loaded_tok, picture, "stretch", "0.06M 2:1").result[0]
+    wide_guide = NextScaleImageToImageGuide.execute(wide, 3).result[0]
+    raises(lambda: sample(aspect_ratio="1:1", guide=wide_guide), "encoded on the latent grids", "schedule")
+    one = NextScaleInpaintGuide.execute(encoded.select([0]), paint, False, "tokens", 0, 0).result[0]
+    raises(lambda: sample(aspect_ratio="1:1", guide=one, batch_size=3), "the mask holds 2 images but the sampler makes 3")
+    raises(lambda: sample(aspect_ratio="1:1", guide=spec, image=image[:1], keep_scales=2), "both 'guide' and image")
     print("infinity nodes ok")
     """  # noqa: E501 (lines of the script above; wrapping them would change the string)
 )

@@ -3,7 +3,8 @@ free memory: the whole batch's need is declared to ComfyUI, a batch that does no
 exactly the unsplit batch's images (per-image masks, control images and prompts cut per sub-batch), and when one
 image does not fit one error says what it needs, what is free and which KV setting would fit, before anything is
 sampled; in every sampler node (NextScale Sampler and Sampler (Text), Collaborative (with a CAR control too), KV
-Report and Calibrate, Switti, Distilled Decoding, HMAR, FlexVAR, Upscale per tile). And the text encoder leaves the
+Report and Calibrate, Switti, Distilled Decoding, HMAR, FlexVAR, Upscale per tile; Sampler (Text) with an inpaint
+mask per image too). And the text encoder leaves the
 device when a run needs its room: ComfyUI's own management of the ``CLIP`` NextScale Text Encode returns, on a
 stand-in device (``meta``)."""
 
@@ -85,6 +86,23 @@ assert one == inf_need(3).working, (one, inf_need(3))
 split = run(text_sampler, inf_need(1).working)
 assert sampled == [1, 1, 1] and all(torch.equal(a, b) for a, b in zip(whole.bits, split.bits))
 print("Infinity sub-batches ok")
+
+from nextscale.models.var.editing import inpaint
+from nextscale.nodes.tokenizer import NextScaleEncode
+reference = NextScaleEncode.execute(itok, torch.rand(3, 32, 32, 3), "center crop", "0.06M").result[0]
+masks = torch.zeros(3, 32, 32)
+for i in range(3):
+    masks[i, : 8 * (i + 1)] = 1
+guide = inpaint(reference, masks, mode="latent blend")
+inpainted = lambda: NextScaleTextSampler.execute(infinity, itok, text, 1, 3.0, 1.0, 0, 0.9, "1:1", "0.06M", 3,
+                                                 guide=guide).result[0]
+whole = run(inpainted, 2**40)
+split = run(inpainted, inf_need(1).working)
+assert sampled == [1, 1, 1] and all(torch.equal(a, b) for a, b in zip(whole.bits, split.bits))
+keep = guide.keep_masks(reference.scales, 32)
+for si, kept in enumerate(keep):
+    assert all(torch.equal(split.bits[si][i][kept[i]], reference.bits[si][i][kept[i]]) for i in range(3)), si
+print("Infinity inpaint sub-batches ok")
 print("planner ok")
 """
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..core.errors import NextScaleError
 from ..core.family import Family, KVGeometry, Role, Workload
+from ..core.imageops import ImageFit, fit_square
 from ..core.memory import (
     MemoryNeed,
     banded_decoder_bytes,
@@ -32,7 +33,7 @@ from .bsq import BSQTokenizer
 from .model import WHAT as GENERATOR_WHAT
 from .model import Infinity
 from .sampler import latent_scales, patch_factor, sample_infinity
-from .schedule import InfinitySchedule
+from .schedule import RESOLUTIONS, InfinitySchedule
 
 PREVIEW_LATENT_SIDE = 16  # previews decode at most a 16x16 latent
 DECODER_COPIES = 8  # feature maps of its largest level held at once while decoding (measured)
@@ -45,9 +46,9 @@ HINT = (
     "ComfyUI/models/text_encoders"
 )
 
-ENCODE_ELSEWHERE = (
-    "this is an Infinity tokenizer: Infinity encodes images inside NextScale Sampler (Text) (connect the image "
-    "there and set keep_scales)"
+SCHEDULE_FORMAT = (
+    "an Infinity schedule is the Text Sampler's resolution ({resolutions}) with an optional aspect ratio "
+    "width:height, e.g. '0.06M' (the embedded model) or '1M 4:3'"
 )
 
 GENERATOR = Role("generator", GENERATOR_WHAT, "an Infinity transformer (text-to-image)", "NextScale Load Infinity")
@@ -99,24 +100,46 @@ class InfinityFamily(Family):
     def class_names(self, generator: Infinity) -> tuple[str, ...]:
         raise NextScaleError("Infinity models take a text prompt, not a class: use NextScale Sampler (Text)")
 
-    def parse_schedule(self, text: str):
-        raise NextScaleError(ENCODE_ELSEWHERE)
+    def parse_schedule(self, text: str) -> tuple[tuple[int, int], ...]:
+        """The latent grids of a resolution and optional aspect ratio, e.g. '0.06M' or '1M 4:3' (the Text Sampler's
+        choices; 1:1 when none is given), for a tokenizer that does not patchify (Infinity-2B's, the embedded
+        model's)."""
+        words = text.replace(",", " ").split()
+        fmt = SCHEDULE_FORMAT.format(resolutions=", ".join(RESOLUTIONS))
+        if not words or words[0] not in RESOLUTIONS:
+            raise NextScaleError(f"schedule '{text}' is not understood: {fmt}")
+        h_div_w = 1.0
+        if len(words) > 1:
+            width, _, height = words[1].partition(":")
+            if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+                raise NextScaleError(f"schedule '{text}' is not understood: {fmt}")
+            h_div_w = int(height) / int(width)
+        return InfinitySchedule.from_template(h_div_w, words[0]).scales
 
     def sample(self, generator, tokenizer, condition, *, seed, options=None, hooks=None, device=None):
         return sample_infinity(generator, tokenizer, condition, seed=seed, options=options, hooks=hooks, device=device)
 
     def encode(self, tokenizer: BSQTokenizer, images_B3HW, schedule=None, resize="stretch"):
-        """Bits of the images stretched (bicubic) to the size of the latent grids ``schedule``."""
-        if schedule is None:
-            raise NextScaleError(ENCODE_ELSEWHERE)
-        if resize != "stretch":
-            raise NextScaleError(f"Infinity images are stretched to the schedule's size; resize '{resize}' is not used")
-        scales = tuple((int(h), int(w)) for h, w in schedule)
+        """Bits of the images on the latent grids ``schedule`` (None: 1:1 at 1M, the Text Sampler's default).
+        Images are stretched (bicubic) to the grids' size; onto a square grid they may also be centre-cropped or
+        padded (:func:`~..core.imageops.fit_square`), and the tokens record the fit (``extra["fit"]``) for the
+        guides' masks and Decode's composite."""
+        scales = tuple((int(h), int(w)) for h, w in (schedule or InfinitySchedule.from_template().scales))
         size = (scales[-1][0] * tokenizer.downsample, scales[-1][1] * tokenizer.downsample)
-        img = F.interpolate(images_B3HW, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+        square = size[0] == size[1]
+        if resize != "stretch" and not square:
+            raise NextScaleError(
+                f"images are fitted to a {size[1]}x{size[0]} px Infinity schedule by stretching only; resize "
+                f"'{resize}' fits squares (1:1 schedules): choose resize 'stretch'"
+            )
+        if resize == "stretch":
+            img = F.interpolate(images_B3HW, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+        else:
+            img = fit_square(images_B3HW, size[0], resize)
         with torch.inference_mode():
             bits = tokenizer.encode_bits(img, scales)
-        return NextScaleBitTokens(bits=bits, scales=scales, source="encoded")
+        extra = {"fit": ImageFit(images_B3HW.shape[-2], images_B3HW.shape[-1], size[0], resize)} if square else {}
+        return NextScaleBitTokens(bits=bits, scales=scales, source="encoded", extra=extra)
 
     def check_tokens(self, tokenizer: BSQTokenizer, tokens) -> None:
         if not isinstance(tokens, NextScaleBitTokens):
@@ -155,7 +178,7 @@ class InfinityFamily(Family):
 
     def memory(self, generator, tokenizer, workload: Workload) -> MemoryNeed:
         kv = activations = preview = decode = 0
-        latent = workload.schedule
+        latent = workload.schedule or InfinitySchedule.from_template().scales
         if generator is not None:
             schedule = workload.schedule or InfinitySchedule.from_template()
             geometry = self.kv_geometry(generator, schedule)

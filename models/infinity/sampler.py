@@ -19,7 +19,9 @@ gives the same bits on every device and item ``i`` of a batch those of a batch-o
 
 Hooks (:class:`~nextscale.models.core.hooks.SamplerHooks`, the same as VAR's loop): ``guide`` must be a
 :class:`BitGuide`, whose ``apply(si, bits_Bhwd)`` may replace a scale's bits (teacher forcing: image-to-image keeps
-the early scales of an encoded image, upstream's ``gt_leak``; a token guide of VAR's is refused);
+the early scales of an encoded image, upstream's ``gt_leak``; inpainting keeps the reference's cells outside the
+mask, :mod:`.editing`) and whose ``override_summed(si, summed_BdHW)`` may replace the summed codes after the scale
+is added (latent blend); the next scale's input is made from them. A token guide of VAR's is refused;
 ``control.block_input(si, layer, x)`` may change the hidden state before each block; ``kv_policy`` decides what the
 cache keeps; ``accel`` (:class:`~nextscale.models.core.accel.Acceleration`) prunes tokens, stops guidance or skips
 the last scales (default: off); ``callback(si, num_scales, summed_codes)`` runs once per scale (progress, previews,
@@ -83,10 +85,15 @@ class TextCondition:
 
 
 class BitGuide:
-    """Base of bitwise guides (``hooks.guide`` of an Infinity run); the default changes nothing."""
+    """Base of bitwise guides (``hooks.guide`` of an Infinity run); the defaults change nothing."""
 
     def apply(self, si: int, bits_Bhwd: torch.Tensor) -> torch.Tensor:
+        """The bits to use at scale ``si`` given the drawn ones ``(B, h, w, d)``."""
         return bits_Bhwd
+
+    def override_summed(self, si: int, summed_BdHW: torch.Tensor) -> torch.Tensor | None:
+        """A replacement for the summed codes ``(B, d, H, W)`` after scale ``si`` is added, or None to keep them."""
+        return None
 
 
 class KeepScales(BitGuide):
@@ -161,9 +168,9 @@ def sample_infinity(
     guide = hooks.guide
     if guide is not None and not isinstance(guide, BitGuide):
         raise NextScaleError(
-            "Infinity samples bits: its guide must be a bitwise guide (image to image through keep_scales of "
-            "NextScale Sampler (Text)); the token guides of NextScale Inpaint Guide and Image to Image Guide are "
-            "for VAR"
+            "Infinity samples bits: its guide must be a bitwise guide (models/infinity/editing.py's bind_bits binds "
+            "NextScale Inpaint Guide's and Image to Image Guide's output; NextScale Sampler (Text) does it for its "
+            "'guide' input)"
         )
     schedule = options.schedule or InfinitySchedule.from_template()
     text_BTC, mask_BT = condition.text_BTC, condition.mask_BT
@@ -204,6 +211,8 @@ def sample_infinity(
                 bits_Bhwd = guide.apply(si, bits_Bhwd).bool()
             bits_list.append(bits_Bhwd)
             summed_BdHW += tokenizer.upsample_codes(tokenizer.bits_to_codes(bits_Bhwd).to(device), latent[-1])
+            if guide is not None and (replaced := guide.override_summed(si, summed_BdHW)) is not None:
+                summed_BdHW.copy_(replaced)
             if hooks.callback is not None:
                 hooks.callback(si, K, summed_BdHW)
             if si < K - 1 and not accel.shortcut(si + 1, K):

@@ -25,7 +25,8 @@ Conventions:
 - The reference's indices are used (never its soft ``f_hat``): teacher forcing needs tokens.
 
 :class:`EditSpec` is what flows on the NEXTSCALE_GUIDE socket: device-free and never modified. A sampler run calls
-``spec.bind(tokenizer, patch_nums, batch_size, device)`` for the :class:`~.sampler.Guide` it uses.
+``spec.bind(tokenizer, patch_nums, batch_size, device)`` for the :class:`~.sampler.Guide` it uses; Infinity's
+sampler binds a spec whose reference is bits with :func:`~..infinity.editing.bind_bits` (the same masks, bitwise).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from ..core.errors import NextScaleError
 from ..core.hooks import Guide
 from ..core.imageops import RESIZE_MODES, ImageFit, fit_square
-from ..core.tokens import NextScaleTokens
+from ..core.tokens import NextScaleBitTokens, NextScaleTokens
 
 EDIT_MODES = ("tokens", "latent blend")
 KEEP_THRESHOLD = 0.5
@@ -55,7 +56,8 @@ def _as_mask_batch(mask: torch.Tensor, what: str) -> torch.Tensor:
     return mask.detach().to(device="cpu", dtype=torch.float32).clamp(0, 1)
 
 
-def _check_batch(what: str, size: int, batch_size: int) -> None:
+def check_batch(what: str, size: int, batch_size: int) -> None:
+    """Refuse a reference or mask of ``size`` images for a run of ``batch_size`` (1 or ``batch_size`` fit)."""
     if size not in (1, batch_size):
         raise NextScaleError(
             f"the {what} holds {size} images but the sampler makes {batch_size}: give 1 (used for every image) "
@@ -70,25 +72,34 @@ def fit_mask(mask_BHW: torch.Tensor, side: int, resize: str) -> torch.Tensor:
     return fit_square(img_B3HW, side, resize)[:, 0].add(1).mul(0.5).clamp(0, 1)
 
 
+def grid_hw(grid: int | Sequence[int]) -> tuple[int, int]:
+    """``(h, w)`` of a scale's grid written as a square side (VAR) or as ``(h, w)`` (Infinity)."""
+    if isinstance(grid, int):
+        return grid, grid
+    h, w = grid
+    return int(h), int(w)
+
+
 def keep_masks(
     keep_BHW: torch.Tensor,
-    patch_nums: Sequence[int],
+    grids: Sequence[int | Sequence[int]],
     threshold: float = KEEP_THRESHOLD,
     small_tokens: int = SMALL_SCALE_TOKENS,
 ) -> list[torch.Tensor]:
-    """Bool ``(B, pn, pn)`` per scale, True where the reference's token is kept (see the module docstring).
+    """Bool ``(B, h, w)`` per scale, True where the reference's token is kept (see the module docstring).
 
-    ``keep_BHW`` is a square mask in 0..1, 1 = keep, at any resolution.
+    ``keep_BHW`` is a mask in 0..1, 1 = keep, at any resolution, stretched onto each grid; ``grids`` are square
+    sides or ``(h, w)`` pairs.
     """
     keep_B1HW = keep_BHW.float()[:, None]
-    side = patch_nums[-1]
-    keeps_any_B = (F.interpolate(keep_B1HW, size=(side, side), mode="area") > threshold).flatten(1).any(dim=1)
+    grids = [grid_hw(g) for g in grids]
+    keeps_any_B = (F.interpolate(keep_B1HW, size=grids[-1], mode="area") > threshold).flatten(1).any(dim=1)
     masks = []
-    for pn in patch_nums:
-        if pn * pn <= small_tokens:
-            masks.append(keeps_any_B.view(-1, 1, 1).expand(-1, pn, pn).clone())
+    for h, w in grids:
+        if h * w <= small_tokens:
+            masks.append(keeps_any_B.view(-1, 1, 1).expand(-1, h, w).clone())
         else:
-            masks.append(F.interpolate(keep_B1HW, size=(pn, pn), mode="area")[:, 0] > threshold)
+            masks.append(F.interpolate(keep_B1HW, size=(h, w), mode="area")[:, 0] > threshold)
     return masks
 
 
@@ -98,17 +109,19 @@ class EditSpec:
     :func:`image_to_image`.
 
     Attributes:
-        reference: the tokens to keep (NextScale Encode's output, or any sampled tokens).
+        reference: the tokens to keep (NextScale Encode's output, or any sampled tokens): VAR's token maps, or an
+            Infinity tokenizer's bits (bound by :func:`~..infinity.editing.bind_bits` for Infinity's sampler).
         regenerate: ``(B, H, W)`` mask in 0..1, 1 = regenerate; None keeps everything (in the scale range).
         mode: "tokens" or "latent blend".
         start_scale, end_scale: the guide acts on scales ``start_scale <= si < end_scale`` (None: to the end).
         threshold: a token is kept when its cell's average keep value is above this.
         small_tokens: scales with at most this many tokens are kept whole (for images that keep anything).
         resize: how the image was fitted to the model's square (NextScale Encode's mode), used to fit a mask that
-            is not square; None: a mask must be square.
+            is not square; None: a mask must be square, unless the grids are not (an Infinity aspect ratio's, onto
+            which the mask is stretched as the image was).
     """
 
-    reference: NextScaleTokens
+    reference: NextScaleTokens | NextScaleBitTokens
     regenerate: torch.Tensor | None = None
     mode: str = "tokens"
     start_scale: int = 0
@@ -136,7 +149,7 @@ class EditSpec:
         mask = _as_mask_batch(self.regenerate, "the mask")
         object.__setattr__(self, "regenerate", mask)
         Bm, H, W = mask.shape
-        if H != W and self.resize is None:
+        if H != W and self.resize is None and len(set(grid_hw(self.reference.schedule[-1]))) == 1:
             raise NextScaleError(
                 f"the mask is {W}x{H} px but the tokens are a square grid, and how the image was fitted to a square "
                 f"is unknown: encode the image with NextScale Encode (it records the fit), or give a square mask"
@@ -163,25 +176,47 @@ class EditSpec:
     def images(self, start: int, stop: int, batch_size: int) -> EditSpec:
         """The edit of images ``start .. stop - 1`` of a run of ``batch_size`` (a sub-batch): a reference or mask
         that holds one entry per image is cut to those images; one that holds a single entry serves every image."""
-        _check_batch("reference tokens", self.reference.batch_size, batch_size)
+        check_batch("reference tokens", self.reference.batch_size, batch_size)
         reference, regenerate = self.reference, self.regenerate
         if reference.batch_size > 1:
             reference = reference.select(list(range(start, stop)))
         if regenerate is not None:
-            _check_batch("mask", regenerate.shape[0], batch_size)
+            check_batch("mask", regenerate.shape[0], batch_size)
             if regenerate.shape[0] > 1:
                 regenerate = regenerate[start:stop]
         return replace(self, reference=reference, regenerate=regenerate)
 
-    def keep_masks(self, patch_nums: Sequence[int], pixel_side: int) -> list[torch.Tensor]:
-        """Bool ``(Bm, pn, pn)`` per scale of the whole schedule (the scale range is not applied);
-        ``pixel_side`` is the model's image side, used only to fit a non-square mask."""
+    def keep_masks(self, grids: Sequence[int | Sequence[int]], pixel_side: int) -> list[torch.Tensor]:
+        """Bool ``(Bm, h, w)`` per scale of the whole schedule (the scale range is not applied); ``grids`` are
+        square sides or ``(h, w)`` pairs; ``pixel_side`` is the model's image side, used only to fit a non-square
+        mask."""
         if self.regenerate is None:
-            return [torch.ones(1, pn, pn, dtype=torch.bool) for pn in patch_nums]
+            return [torch.ones(1, *grid_hw(g), dtype=torch.bool) for g in grids]
         regenerate = self.regenerate
-        if regenerate.shape[1] != regenerate.shape[2]:
+        if regenerate.shape[1] != regenerate.shape[2] and self.resize is not None:
             regenerate = fit_mask(regenerate, pixel_side, self.resize)
-        return keep_masks(1 - regenerate, patch_nums, self.threshold, self.small_tokens)
+        return keep_masks(1 - regenerate, grids, self.threshold, self.small_tokens)
+
+    def scale_masks(
+        self, grids: Sequence[int | Sequence[int]], pixel_side: int
+    ) -> tuple[list[torch.Tensor | None], dict[int, torch.Tensor]]:
+        """What a run keeps, for every family's binding: per scale the bool ``(Bm, h, w)`` kept cells (None: the
+        scale is outside the range or keeps nothing), and in latent-blend mode, per scale in range, the bool
+        ``(Bm, 1, H, W)`` area of the final latent grid reset to the reference's cumulative latent after it (the
+        last scale's kept cells, everywhere at a small scale kept whole; absent where that is nowhere)."""
+        masks = self.keep_masks(grids, pixel_side)
+        in_range = set(self.scales)
+        keep = [m if si in in_range and bool(m.any()) else None for si, m in enumerate(masks)]
+        blend = {}
+        if self.mode == "latent blend":
+            latent_B1HW = masks[-1][:, None]  # the last scale's grid is the latent grid
+            for si in self.scales:  # every scale in range, each image on its own masks (sub-batches give the same)
+                h, w = masks[si].shape[1:]
+                whole_B111 = masks[si].flatten(1).all(dim=1).view(-1, 1, 1, 1)  # a small-scale (whole) mask
+                where_B1HW = latent_B1HW | whole_B111 if h * w <= self.small_tokens else latent_B1HW
+                if bool(where_B1HW.any()):
+                    blend[si] = where_B1HW
+        return keep, blend
 
     def bind(
         self, tokenizer, patch_nums: Sequence[int], batch_size: int, device: str | torch.device | None = None
@@ -191,14 +226,19 @@ class EditSpec:
         sampling device; default: the reference tokens')."""
         patch_nums = tuple(int(p) for p in patch_nums)
         ref = self.reference
+        if not isinstance(ref, NextScaleTokens):
+            raise NextScaleError(
+                "the guide's reference tokens are bits of an Infinity (BSQ) tokenizer: connect the guide to NextScale "
+                "Sampler (Text), or encode the image with the tokenizer of this generator"
+            )
         if patch_nums != ref.patch_nums:
             raise NextScaleError(
                 f"the reference tokens have the schedule {ref.patch_nums} but the generator samples {patch_nums}: "
                 f"encode the image with the generator's schedule"
             )
-        _check_batch("reference tokens", ref.batch_size, batch_size)
+        check_batch("reference tokens", ref.batch_size, batch_size)
         if self.regenerate is not None:
-            _check_batch("mask", self.regenerate.shape[0], batch_size)
+            check_batch("mask", self.regenerate.shape[0], batch_size)
         quant = tokenizer.quantize
         top = max(int(i.max()) for i in ref.indices)
         if top >= quant.vocab_size:
@@ -207,27 +247,19 @@ class EditSpec:
                 f"encode the image with the tokenizer the generator uses"
             )
         device = torch.device(device) if device is not None else ref.indices[0].device
-        in_range = set(self.scales)
-        masks = self.keep_masks(patch_nums, patch_nums[-1] * tokenizer.downsample)
-        keep = [
-            m.flatten(1).expand(batch_size, -1).contiguous().to(device) if si in in_range and bool(m.any()) else None
-            for si, m in enumerate(masks)
-        ]
+        masks, blend = self.scale_masks(patch_nums, patch_nums[-1] * tokenizer.downsample)
+        keep = [None if m is None else m.flatten(1).expand(batch_size, -1).contiguous().to(device) for m in masks]
         ref_Bl = [idx.flatten(1).expand(batch_size, -1).contiguous().to(device) for idx in ref.indices]
-        blend, ref_fhat = {}, {}
-        if self.mode == "latent blend" and any(k is not None for k in keep):
-            latent_B1hw = masks[-1][:, None]  # the last scale's grid is the latent grid
+        ref_fhat = {}
+        if blend:
             f_hat = torch.zeros(
                 ref.batch_size, quant.channels, patch_nums[-1], patch_nums[-1], dtype=torch.float32, device=device
             )
-            for si, pn in enumerate(patch_nums[: max(in_range) + 1]):
+            for si, pn in enumerate(patch_nums[: max(blend) + 1]):
                 f_hat.add_(quant.contribution(si, patch_nums, quant.embed(ref.indices[si].to(device), pn)))
-                if keep[si] is None:
-                    continue
-                whole_B111 = masks[si].flatten(1).all(dim=1).view(-1, 1, 1, 1)  # a small-scale (whole) mask
-                where_B1hw = latent_B1hw | whole_B111 if pn * pn <= self.small_tokens else latent_B1hw
-                if bool(where_B1hw.any()):
-                    blend[si], ref_fhat[si] = where_B1hw.to(device), f_hat.clone()
+                if si in blend:
+                    ref_fhat[si] = f_hat.clone()
+        blend = {si: where.to(device) for si, where in blend.items()}
         return EditGuide(keep, ref_Bl, patch_nums, batch_size, blend, ref_fhat)
 
 
@@ -268,7 +300,7 @@ class EditGuide(Guide):
 
 
 def inpaint(
-    reference: NextScaleTokens,
+    reference: NextScaleTokens | NextScaleBitTokens,
     mask: torch.Tensor,
     *,
     invert: bool = False,
@@ -290,7 +322,7 @@ def inpaint(
     )
 
 
-def image_to_image(reference: NextScaleTokens, strength: int) -> EditSpec:
+def image_to_image(reference: NextScaleTokens | NextScaleBitTokens, strength: int) -> EditSpec:
     """Keep every token of the first ``strength`` scales of the reference and sample the rest."""
     K = reference.num_scales
     if not 0 <= strength <= K:
@@ -322,20 +354,21 @@ def composite(
     """The decoded squares pasted into ``image`` at the image's own size, in ComfyUI's IMAGE layout.
 
     ``fit`` is how NextScale Encode fitted the image to the model's square (None: its default, centre crop, which
-    for a square image is a plain resize); the decoded square is laid back onto the image's pixels by undoing it,
-    upscaled where the image is larger. ``mask`` (1 = decoded, 0 = image, in between a blend) has the image's size
-    or its aspect ratio, softened by :func:`feather` over ``feather_px`` pixels; where a centre crop cut the image
-    off, the image is kept. With ``feather_px`` 0 the result is exactly ``image`` where the mask is 0 and, for an
-    image of the decoded size, exactly ``decoded`` where it is 1. ``image`` and ``mask`` hold 1 item or as many as
-    ``decoded``."""
-    B, S, _, _ = decoded_BHWC.shape
+    for a square image is a plain resize; a decoded picture that is not square, of an Infinity aspect ratio, is
+    stretched onto the image, as Encode fits those); the decoded square is laid back onto the image's pixels by
+    undoing it, upscaled where the image is larger. ``mask`` (1 = decoded, 0 = image, in between a blend) has the
+    image's size or its aspect ratio, softened by :func:`feather` over ``feather_px`` pixels; where a centre crop
+    cut the image off, the image is kept. With ``feather_px`` 0 the result is exactly ``image`` where the mask is 0
+    and, for an image of the decoded size, exactly ``decoded`` where it is 1. ``image`` and ``mask`` hold 1 item or
+    as many as ``decoded``."""
+    B, side_h, side_w, _ = decoded_BHWC.shape  # square, or an Infinity aspect ratio's
     if image_BHWC.dim() != 4 or image_BHWC.shape[-1] not in (1, 3, 4):
         raise NextScaleError(
             f"composite_image must be an IMAGE [batch, height, width, 1/3/4 channels], got {list(image_BHWC.shape)}"
         )
     mask_BHW = _as_mask_batch(mask_BHW, "composite_mask")
     h, w = image_BHWC.shape[1:3]
-    fit = fit or ImageFit(h, w, S, "center crop")
+    fit = fit or ImageFit(h, w, side_h, "center crop" if side_h == side_w else "stretch")
     if not fit.same_aspect(h, w):
         raise NextScaleError(
             f"composite_image is {w}x{h} px but NextScale Encode fitted a {fit.width}x{fit.height} px image: "
@@ -355,7 +388,7 @@ def composite(
             raise NextScaleError(f"{what} holds {n} items but {B} images were decoded: give 1 or exactly {B}")
     device, dtype = decoded_BHWC.device, decoded_BHWC.dtype
     weight_BHW = feather(mask_BHW.to(device=device, dtype=dtype), feather_px)
-    if (h, w) == (S, S):
+    if (h, w) == (side_h, side_w):
         decoded = decoded_BHWC
     else:
         square, covered_hw = fit.undo(decoded_BHWC.permute(0, 3, 1, 2))
