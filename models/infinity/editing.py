@@ -25,7 +25,7 @@ import torch
 
 from ..core.errors import NextScaleError
 from ..core.tokens import NextScaleBitTokens
-from ..var.editing import EditSpec, check_batch
+from ..var.editing import EditSpec
 from .bsq import BSQTokenizer
 from .sampler import BitGuide
 
@@ -80,9 +80,7 @@ def check_reference(spec: EditSpec, scales: Sequence[Sequence[int]], codebook_di
             f"the guide's reference has {ref.codebook_dim} bits per cell but this tokenizer codes {codebook_dim}: "
             f"encode the image with the tokenizer the sampler uses"
         )
-    check_batch("reference tokens", ref.batch_size, batch_size)
-    if spec.regenerate is not None:
-        check_batch("mask", spec.regenerate.shape[0], batch_size)
+    spec.check_batch(batch_size)
 
 
 def bind_bits(

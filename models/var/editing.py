@@ -173,17 +173,21 @@ class EditSpec:
             f"reference B={self.reference.batch_size})"
         )
 
+    def check_batch(self, batch_size: int) -> None:
+        """Refuse a reference or mask that is neither one image nor ``batch_size`` images."""
+        check_batch("reference tokens", self.reference.batch_size, batch_size)
+        if self.regenerate is not None:
+            check_batch("mask", self.regenerate.shape[0], batch_size)
+
     def images(self, start: int, stop: int, batch_size: int) -> EditSpec:
         """The edit of images ``start .. stop - 1`` of a run of ``batch_size`` (a sub-batch): a reference or mask
         that holds one entry per image is cut to those images; one that holds a single entry serves every image."""
-        check_batch("reference tokens", self.reference.batch_size, batch_size)
+        self.check_batch(batch_size)
         reference, regenerate = self.reference, self.regenerate
         if reference.batch_size > 1:
             reference = reference.select(list(range(start, stop)))
-        if regenerate is not None:
-            check_batch("mask", regenerate.shape[0], batch_size)
-            if regenerate.shape[0] > 1:
-                regenerate = regenerate[start:stop]
+        if regenerate is not None and regenerate.shape[0] > 1:
+            regenerate = regenerate[start:stop]
         return replace(self, reference=reference, regenerate=regenerate)
 
     def keep_masks(self, grids: Sequence[int | Sequence[int]], pixel_side: int) -> list[torch.Tensor]:
@@ -236,9 +240,7 @@ class EditSpec:
                 f"the reference tokens have the schedule {ref.patch_nums} but the generator samples {patch_nums}: "
                 f"encode the image with the generator's schedule"
             )
-        check_batch("reference tokens", ref.batch_size, batch_size)
-        if self.regenerate is not None:
-            check_batch("mask", self.regenerate.shape[0], batch_size)
+        self.check_batch(batch_size)
         quant = tokenizer.quantize
         top = max(int(i.max()) for i in ref.indices)
         if top >= quant.vocab_size:
