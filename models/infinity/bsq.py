@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -508,6 +508,14 @@ class BSQTokenizer(ComputeDtype, nn.Module):
     ) -> torch.Tensor:
         """fp32 ``summed_BdHW``: the codes of every scale brought to ``size_hw`` (default: the last scale's grid) and
         added in order; with the first k scales and the full size it gives the partial image of k scales."""
+        *_, summed = self.running_summed_codes(bits_list, size_hw)
+        return summed
+
+    def running_summed_codes(
+        self, bits_list: Sequence[torch.Tensor], size_hw: Sequence[int] | None = None
+    ) -> Iterator[torch.Tensor]:
+        """The summed codes after each scale in turn (:meth:`bits_to_summed_codes` of the first 1, 2, ... scales),
+        each a new tensor."""
         if not bits_list:
             raise NextScaleError("no scales to sum: the bit list is empty")
         size = _size(size_hw if size_hw is not None else bits_list[-1].shape[1:3], "the target size")
@@ -515,4 +523,4 @@ class BSQTokenizer(ComputeDtype, nn.Module):
         for bits in bits_list:
             up = self.upsample_codes(self.bits_to_codes(bits), size)
             summed = up if summed is None else summed + up
-        return summed
+            yield summed

@@ -101,10 +101,8 @@ def bind_bits(
     reference_bits = [b.to(device, torch.bool).expand(batch_size, -1, -1, -1) for b in ref.bits]
     reference_summed = {}
     if blend:
-        summed_BdHW = None
-        for si, bits in enumerate(ref.bits[: max(blend) + 1]):
-            codes = tokenizer.upsample_codes(tokenizer.bits_to_codes(bits.to(device)), ref.scales[-1])
-            summed_BdHW = codes if summed_BdHW is None else summed_BdHW + codes
+        bits = [b.to(device) for b in ref.bits[: max(blend) + 1]]
+        for si, summed_BdHW in enumerate(tokenizer.running_summed_codes(bits, ref.scales[-1])):
             if si in blend:
                 reference_summed[si] = summed_BdHW.expand(batch_size, -1, -1, -1)
     blend = {si: where.to(device).expand(batch_size, -1, -1, -1) for si, where in blend.items()}
