@@ -182,6 +182,25 @@ def test_evaluation_and_card(data_args, tokenizer_file, t2i_run, tmp_path):
     assert [r["cfg"] for r in metrics["frechet_ratio"]] == [3.0, 1.0]
 
 
+def test_measuring_stick_is_kept_and_reused_only_for_the_same_settings(data_args, tmp_path):
+    def stick(*extra):
+        args = t2i_evaluate.build_parser().parse_args(
+            [*data_args, "--tokenizer", "unused", "--categories", "4", "--run-dir", str(tmp_path), "--no-progress",
+             *extra])
+        log = common.RunLog(args.run_dir)
+        model, acc, (names, _, _) = t2i_evaluate.measuring_stick(t2i_data.load_from_args(args), args, log)
+        return model, acc, names, [json.loads(line)["kind"] for line in open(log.path, encoding="utf-8")]
+
+    trained, acc, names, kinds = stick("--classifier-steps", "3")
+    assert "classifier_reused" not in kinds and os.path.exists(tmp_path / t2i_evaluate.STICK_FILE)
+    reused, acc2, names2, kinds = stick("--classifier-steps", "3")
+    assert kinds[-1] == "classifier_reused" and (acc2, names2) == (acc, names)
+    for k, v in trained.state_dict().items():
+        torch.testing.assert_close(reused.state_dict()[k], v.to(reused.state_dict()[k].dtype), msg=k)
+    _, _, _, kinds = stick("--classifier-steps", "4")  # other settings: trained again
+    assert "classifier_stale" in kinds and kinds[-1] != "classifier_reused"
+
+
 def test_auto_precision_is_bf16_only_with_amx_or_avx512_bf16(tmp_path):
     cpu = torch.device("cpu")
     infos = {"avx2": "flags\t\t: fpu sse avx avx2 fma\n", "amx": "flags\t\t: avx2 avx512f amx_bf16 amx_tile\n",

@@ -61,6 +61,9 @@ class Labelled:
         return data.to_tensor(self.images), torch.from_numpy(self.labels).long()
 
 
+STICK_FILE = "measuring_stick.safetensors"
+
+
 def category_sets(ds: t2i_data.T2IData, count: int) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
     """``(categories, {split: image indices of those categories}, label of every image (-1 outside them))``."""
     names = ds.top_categories(count)
@@ -73,14 +76,28 @@ def category_sets(ds: t2i_data.T2IData, count: int) -> tuple[list[str], dict[str
 def measuring_stick(ds: t2i_data.T2IData, args, log: common.RunLog):
     """The classifier trained on the training renders of the ``--categories`` most common categories
     (``--classifier-steps``, ``--seed``), its accuracy on their held-out renders, and :func:`category_sets`'s
-    ``(categories, sets, labels)``."""
+    ``(categories, sets, labels)``.
+
+    The trained classifier is kept in the run folder (``measuring_stick.safetensors``, fp32) with what it was trained
+    on; a later measurement in the same folder on the same data and settings reuses it instead of training it again
+    (an evaluation that stopped, or one run while the generator was still training)."""
     names, sets, labels = category_sets(ds, args.categories)
     if not len(sets["heldout"]):
         raise SystemExit(f"no held-out drawing falls in the {len(names)} most common categories: raise --categories")
+    trained_on = {"class_names": names, "steps": args.classifier_steps, "seed": args.seed, "data": ds.meta}
+    path = os.path.join(args.run_dir, STICK_FILE)
+    if os.path.exists(path):
+        stick, cfg = clf.load_classifier(path)
+        if {k: cfg.get(k) for k in trained_on} == json.loads(json.dumps(trained_on)):
+            log.log("classifier_reused", path=path, heldout_accuracy=cfg["heldout_accuracy"])
+            return stick, cfg["heldout_accuracy"], (names, sets, labels)
+        log.log("classifier_stale", path=path)
     train_set = Labelled(ds.images[sets["train"]], labels[sets["train"]], names)
     held_set = Labelled(ds.images[sets["heldout"]], labels[sets["heldout"]], names)
     stick, accuracy = clf.train_classifier(train_set, held_set, args.classifier_steps, seed=args.seed, log=log,
                                            progress=not args.no_progress)
+    os.makedirs(args.run_dir, exist_ok=True)
+    common.export_safetensors(path, stick.state_dict(), {**stick.config(), **trained_on, "heldout_accuracy": accuracy})
     return stick, accuracy, (names, sets, labels)
 
 
