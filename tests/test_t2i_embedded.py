@@ -1,11 +1,12 @@
-"""The embedded text-to-image model in the nodes, before its weights ship: its three files are built at a tiny size
-by the training code's own export path (training/train_bsq.py's tokenizer save, training/train_t2i.py's ``export``)
-and its card by training/t2i_evaluate.py's ``write_card``, into a folder that NEXTSCALE_EMBEDDED_DIR points the pack
-at. Inside ComfyUI's python: ``nextscale-embedded-t2i`` is no choice while the files are absent (and a saved workflow
-naming it gets a message naming the missing file); once they are there it is the first choice of Load Infinity (both
-inputs), Load NSARM's tokenizer and Text Encode (T5), and a prompt encoded by Text Encode (T5), sampled by the Text
-Sampler at 0.06M and decoded gives 64 px images. ComfyUI's T5 gives the trainer's features from the exported file.
-The VAR embedded choice still resolves to the VAR files, and neither loader reaches the other's files."""
+"""The embedded text-to-image model in the nodes, apart from the shipped weights: its three files are built at a tiny
+size by the training code's own export path (training/train_bsq.py's tokenizer save, training/train_t2i.py's
+``export``) and its card by training/t2i_evaluate.py's ``write_card``, into a folder that NEXTSCALE_EMBEDDED_DIR
+points the pack at. Inside ComfyUI's python: ``nextscale-embedded-t2i`` is no choice while the files are absent (and
+a saved workflow naming it gets a message naming the missing file); once they are there it is the first choice of
+Load Infinity (both inputs), Load NSARM's tokenizer and Text Encode (T5), and a prompt encoded by Text Encode (T5),
+sampled by the Text Sampler at 0.06M and decoded gives 64 px images. ComfyUI's T5 gives the trainer's features from
+the exported file. The VAR embedded choice still resolves to the VAR files, and neither loader reaches the other's
+files."""
 
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ if __package__ in (None, ""):
 from harness.testbed import REPO_ROOT, WORKFLOWS_DIR
 
 EMBEDDED = "nextscale-embedded"
+EMBEDDED_T2I = "nextscale-embedded-t2i"
 CLASSES = "circle, square, triangle, star, heart, cross, crescent, arrow, letter A, digit 7"
 EXAMPLE_IMAGE = "nextscale_example.png"
 INPUT_DIR = WORKFLOWS_DIR / "input"
@@ -295,6 +296,76 @@ def infinity_t2i() -> Example:
     )
 
 
+def _t2i_models(g: Graph) -> tuple[list, list]:
+    """The embedded text-to-image model: ``(model, tokenizer)`` of NextScale Load Infinity."""
+    loader = g.add("NextScaleLoadInfinity", model_name=EMBEDDED_T2I, tokenizer_name=EMBEDDED_T2I, dtype="auto")
+    return g.out(loader, 0), g.out(loader, 1)
+
+
+def _t2i_sample(g: Graph, model, tok, text: str, seed: int, batch_size: int = 1, **extra) -> list:
+    """Tokens of the embedded text-to-image model for ``text`` at its recommended settings (docs/text-to-image.md):
+    64 px (0.06M, 1:1), cfg 3, tau 1."""
+    prompt = g.add("NextScaleTextEncodeT5", text_encoder=EMBEDDED_T2I, text=text)
+    return g.out(g.add(
+        "NextScaleTextSampler", model=model, tokenizer=tok, positive=g.out(prompt), seed=seed, cfg=3.0, tau=1.0,
+        top_k=900, top_p=0.97, aspect_ratio="1:1", resolution="0.06M", batch_size=batch_size, **extra,
+    ))
+
+
+def t2i() -> Example:
+    g = Graph()
+    model, tok = _t2i_models(g)
+    prompts = ("red star", "yellow car", "black cat", "blue fish")
+    images = [g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=_t2i_sample(g, model, tok, text, seed=i),
+                          scales=0)) for i, text in enumerate(prompts)]
+    batch = images[0]
+    for image in images[1:]:
+        batch = g.out(g.add("ImageBatch", image1=batch, image2=image))
+    _save(g, g.out(g.add("NextScaleImageGrid", images=batch, columns=2, padding=2, pad_value=1.0)), "t2i")
+    return Example(
+        "nextscale_t2i", "NextScale: text to image with the embedded model",
+        f"Four prompts ({', '.join(prompts)}), one 64 px drawing each, as a 2 x 2 sheet: the pack's own small "
+        "text-to-image model (nextscale-embedded-t2i) with its T5 encoder, at its recommended settings (resolution "
+        "0.06M, cfg 3, tau 1).", g.prompt,
+    )
+
+
+def t2i_inpaint() -> Example:
+    g = Graph()
+    model, tok = _t2i_models(g)
+    source_tokens = _t2i_sample(g, model, tok, "red apple, emoji", seed=5)
+    source = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=source_tokens, scales=0))
+    mask = _rect_mask(g, 32, 0, 32, 64)
+    encoded = g.add("NextScaleEncode", tokenizer=tok, image=source, resize="center crop", schedule="0.06M")
+    guide = g.add("NextScaleInpaintGuide", tokens=g.out(encoded), mask=mask, invert=False, mode="tokens",
+                  start_scale=0, end_scale=0)
+    tokens = _t2i_sample(g, model, tok, "green apple, emoji", seed=6, batch_size=3, guide=g.out(guide))
+    result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=source,
+                         composite_mask=mask))
+    _save(g, _side_by_side(g, source, result), "t2i_inpaint")
+    return Example(
+        "nextscale_t2i_inpaint", "NextScale: inpaint with a prompt",
+        "Redraws the right half of a drawing from a new prompt, three times: NextScale Encode turns the source (here "
+        "a red apple the model drew; any image works, with a mask from the mask editor) into bits on the 0.06M "
+        "schedule, Inpaint Guide keeps them outside the mask at every scale, the Text Sampler draws the masked half "
+        "from 'green apple, emoji' to fit, and Decode pastes it into the source. First image: the source.",
+        g.prompt, fixed_seeds=[source_tokens[0]],
+    )
+
+
+def t2i_upscale() -> Example:
+    g = Graph()
+    model, tok = _t2i_models(g)
+    tokens = _t2i_sample(g, model, tok, "purple butterfly", seed=2)
+    image = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0))
+    g.add("SaveImage", images=_upscale(g, image), filename_prefix="NextScale/t2i_upscale")
+    return Example(
+        "nextscale_t2i_upscale", "NextScale: text to image, then upscale with NSARM",
+        f"A 64 px drawing of the embedded text-to-image model upscaled 4x by NextScale Upscale. {NSARM_FILES}",
+        g.prompt, needs_user_files=["NextScaleLoadNSARM"],
+    )
+
+
 def switti_t2i() -> Example:
     g = Graph()
     loader = g.add("NextScaleLoadSwitti", model_name=SWITTI_MODEL, vqvae_name=SWITTI_VQVAE, dtype="auto")
@@ -515,7 +586,8 @@ def acceleration() -> Example:
 EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), class_edit(), img2img(),
                                  image_inpaint(), control(), kv_policy(), collaborative(), sd_refine(),
                                  infinity_t2i(), lora(), switti_t2i(), upscale(), sd_upscale(),
-                                 distilled_decoding(), hmar(), flexvar(), acceleration())}
+                                 distilled_decoding(), hmar(), flexvar(), acceleration(), t2i(), t2i_inpaint(),
+                                 t2i_upscale())}
 
 
 def example_image_bytes() -> bytes:
