@@ -23,6 +23,7 @@ import io
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +123,17 @@ def _two_rows(g: Graph, tok, first, second, prefix: str) -> None:
     _save(g, g.out(g.add("NextScaleImageGrid", images=both, columns=4, padding=2, pad_value=1.0)), prefix)
 
 
+def _inpainted(g: Graph, tok, reference, mask, source, sample: Callable[[list], list], prefix: str) -> None:
+    """The tail every inpainting example shares: Inpaint Guide of ``reference`` (tokens) and ``mask`` (1 = redraw),
+    ``sample(guide)`` for the tokens, Decode composited onto ``source`` under the mask, saved beside ``source``."""
+    guide = g.add("NextScaleInpaintGuide", tokens=reference, mask=mask, invert=False, mode="tokens", start_scale=0,
+                  end_scale=0)
+    tokens = sample(g.out(guide))
+    result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=source,
+                         composite_mask=mask))
+    _save(g, _side_by_side(g, source, result), prefix)
+
+
 def _rect_mask(g: Graph, x: int, y: int, w: int, h: int, size: int = 64) -> list:
     """A MASK that is 1 inside the rectangle: core Solid Mask + Mask Composite."""
     canvas = g.add("SolidMask", value=0.0, width=size, height=size)
@@ -161,12 +173,8 @@ def inpaint() -> Example:
     source_tokens = _sampler(g, tok, gen, "heart", seed=5)
     source = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=source_tokens, scales=0))
     mask = _rect_mask(g, 32, 0, 32, 64)
-    guide = g.add("NextScaleInpaintGuide", tokens=source_tokens, mask=mask, invert=False, mode="tokens",
-                  start_scale=0, end_scale=0)
-    tokens = _sampler(g, tok, gen, "heart", seed=6, batch_size=3, guide=g.out(guide))
-    result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=source,
-                         composite_mask=mask))
-    _save(g, _side_by_side(g, source, result), "inpaint")
+    _inpainted(g, tok, source_tokens, mask, source,
+               lambda guide: _sampler(g, tok, gen, "heart", seed=6, batch_size=3, guide=guide), "inpaint")
     return Example(
         "nextscale_inpaint", "NextScale: inpaint",
         "Regenerates the right half of a heart three times; the left half is kept (token forcing at every scale, "
@@ -183,12 +191,8 @@ def outpaint() -> Example:
     # the frontend rounds these widgets to multiples of 8
     padded = g.add("ImagePadForOutpaint", image=shrunk, left=16, top=16, right=16, bottom=16, feathering=0)
     encoded = g.add("NextScaleEncode", tokenizer=tok, image=g.out(padded, 0), resize="stretch", schedule="")
-    guide = g.add("NextScaleInpaintGuide", tokens=g.out(encoded), mask=g.out(padded, 1), invert=False,
-                  mode="tokens", start_scale=0, end_scale=0)
-    tokens = _sampler(g, tok, gen, "arrow", seed=9, batch_size=3, guide=g.out(guide))
-    result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=g.out(padded, 0),
-                         composite_mask=g.out(padded, 1)))
-    _save(g, _side_by_side(g, g.out(padded, 0), result), "outpaint")
+    _inpainted(g, tok, g.out(encoded), g.out(padded, 1), g.out(padded, 0),
+               lambda guide: _sampler(g, tok, gen, "arrow", seed=9, batch_size=3, guide=guide), "outpaint")
     return Example(
         "nextscale_outpaint", "NextScale: outpaint",
         "Shrinks an image, pads it with core Pad Image for Outpainting and lets the model fill the border "
@@ -202,13 +206,8 @@ def class_edit() -> Example:
     source_tokens = _sampler(g, tok, gen, "square", seed=4)
     source = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=source_tokens, scales=0))
     mask = _rect_mask(g, 8, 8, 48, 48)
-    guide = g.add("NextScaleInpaintGuide", tokens=source_tokens, mask=mask, invert=False, mode="tokens",
-                  start_scale=0, end_scale=0)
-    tokens = _sampler(g, tok, gen, "square", seed=7, batch_size=1, class_list="circle, star, heart",
-                      guide=g.out(guide))
-    result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=source,
-                         composite_mask=mask))
-    _save(g, _side_by_side(g, source, result), "class_edit")
+    _inpainted(g, tok, source_tokens, mask, source, lambda guide: _sampler(
+        g, tok, gen, "square", seed=7, batch_size=1, class_list="circle, star, heart", guide=guide), "class_edit")
     return Example(
         "nextscale_class_edit", "NextScale: class edit",
         "Keeps the border of a square's image and regenerates its middle as a circle, a star and a heart "
@@ -237,12 +236,8 @@ def image_inpaint() -> Example:
     tok, gen = _models(g)
     loaded = g.add("LoadImage", image=EXAMPLE_IMAGE)
     encoded = g.add("NextScaleEncode", tokenizer=tok, image=g.out(loaded, 0), resize="center crop", schedule="")
-    guide = g.add("NextScaleInpaintGuide", tokens=g.out(encoded), mask=g.out(loaded, 1), invert=False,
-                  mode="tokens", start_scale=0, end_scale=0)
-    tokens = _sampler(g, tok, gen, "star", seed=11, batch_size=3, guide=g.out(guide))
-    result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=g.out(loaded, 0),
-                         composite_mask=g.out(loaded, 1)))
-    _save(g, _side_by_side(g, g.out(loaded, 0), result), "image_inpaint")
+    _inpainted(g, tok, g.out(encoded), g.out(loaded, 1), g.out(loaded, 0),
+               lambda guide: _sampler(g, tok, gen, "star", seed=11, batch_size=3, guide=guide), "image_inpaint")
     return Example(
         "nextscale_image_inpaint", "NextScale: inpaint an image from any source",
         f"Loads an image whose transparent area is the mask (here {EXAMPLE_IMAGE} from workflows/input; any image "
@@ -337,12 +332,8 @@ def t2i_inpaint() -> Example:
     source = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=source_tokens, scales=0))
     mask = _rect_mask(g, 32, 0, 32, 64)
     encoded = g.add("NextScaleEncode", tokenizer=tok, image=source, resize="center crop", schedule="0.06M")
-    guide = g.add("NextScaleInpaintGuide", tokens=g.out(encoded), mask=mask, invert=False, mode="tokens",
-                  start_scale=0, end_scale=0)
-    tokens = _t2i_sample(g, model, tok, "green apple, emoji", seed=6, batch_size=3, guide=g.out(guide))
-    result = g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=tokens, scales=0, composite_image=source,
-                         composite_mask=mask))
-    _save(g, _side_by_side(g, source, result), "t2i_inpaint")
+    _inpainted(g, tok, g.out(encoded), mask, source, lambda guide: _t2i_sample(
+        g, model, tok, "green apple, emoji", seed=6, batch_size=3, guide=guide), "t2i_inpaint")
     return Example(
         "nextscale_t2i_inpaint", "NextScale: inpaint with a prompt",
         "Redraws the right half of a drawing from a new prompt, three times: NextScale Encode turns the source (here "
