@@ -108,12 +108,12 @@ def _save(g: Graph, image, prefix: str, scale: float = 4.0) -> None:
     g.add("SaveImage", images=g.out(big), filename_prefix=f"NextScale/{prefix}")
 
 
-def _side_by_side(g: Graph, *images) -> list:
-    """Images of one size as a row: a core Image Batch chain into NextScale Image Grid."""
+def _side_by_side(g: Graph, *images, columns: int = 0) -> list:
+    """Images of one size as a sheet (``columns`` 0: one row): a core Image Batch chain into NextScale Image Grid."""
     batch = images[0]
     for image in images[1:]:
         batch = g.out(g.add("ImageBatch", image1=batch, image2=image))
-    return g.out(g.add("NextScaleImageGrid", images=batch, columns=0, padding=2, pad_value=1.0))
+    return g.out(g.add("NextScaleImageGrid", images=batch, columns=columns, padding=2, pad_value=1.0))
 
 
 def _two_rows(g: Graph, tok, first, second, prefix: str) -> None:
@@ -313,10 +313,7 @@ def t2i() -> Example:
     prompts = ("red star", "yellow car", "black cat", "blue fish")
     images = [g.out(g.add("NextScaleDecode", tokenizer=tok, tokens=_t2i_sample(g, model, tok, text, seed=i),
                           scales=0)) for i, text in enumerate(prompts)]
-    batch = images[0]
-    for image in images[1:]:
-        batch = g.out(g.add("ImageBatch", image1=batch, image2=image))
-    _save(g, g.out(g.add("NextScaleImageGrid", images=batch, columns=2, padding=2, pad_value=1.0)), "t2i")
+    _save(g, _side_by_side(g, *images, columns=2), "t2i")
     return Example(
         "nextscale_t2i", "NextScale: text to image with the embedded model",
         f"Four prompts ({', '.join(prompts)}), one 64 px drawing each, as a 2 x 2 sheet: the pack's own small "
