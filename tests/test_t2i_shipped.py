@@ -15,7 +15,7 @@ from nextscale.models.infinity.model import Infinity
 from test_t2i_embedded import CARD
 from test_t2i_embedded import FILES as EMBEDDED_NAMES  # the names the nodes are checked to resolve
 
-from training import common, t2i_evaluate, t2i_text, train_t2i
+from training import common, t2i, t2i_evaluate, t2i_text, train_t2i
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
 FILES = {role: os.path.join(WEIGHTS, name) for role, name in EMBEDDED_NAMES.items()}
@@ -34,6 +34,9 @@ def test_card_describes_the_shipped_files(card):
     assert card["tokenizer_config"] == BSQTokenizer.config_from_file(FILES["tokenizer"]).to_dict()
     assert card["generator_config"] == Infinity.config_from_file(FILES["generator"]).to_dict()
     assert card["text_encoder_config"] == common.read_safetensors(FILES["text_encoder"])[1]
+    assert {role: name for role, name in t2i.SHIPPED.items() if role != "card"} == card["files"]
+    # the card records the recipe that made the files
+    assert card["training_commands"][1:] == t2i.shell_lines(os.path.join(common.repo_root(), "runs", "t2i"))
 
 
 def test_card_meets_every_bar(card):

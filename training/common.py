@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -379,6 +380,27 @@ def export_safetensors(path: str, state_dict: Mapping[str, torch.Tensor], config
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(tensors, path, metadata={CONFIG_KEY: json.dumps(dict(config), sort_keys=True)})
     return os.path.getsize(path)
+
+
+def install(outputs: Mapping[str, str], shipped: Mapping[str, str], recipe: str,
+            weights_dir: str | None = None) -> list[str]:
+    """Copies a recipe's outputs (``outputs[key]``) over the shipped files (``<weights_dir>/shipped[key]``, default
+    the pack's ``weights/``); ``shipped["card"]`` is the card, whose ``files`` then name the shipped files instead of
+    the run folder's. ``recipe``: the command that makes a missing output. Returns the paths written."""
+    weights_dir = weights_dir or os.path.join(repo_root(), "weights")
+    for key in shipped:
+        if not os.path.isfile(outputs[key]):
+            raise SystemExit(f"--install: {outputs[key]} is missing; run `{recipe}` to the end first")
+    written = []
+    for key, name in shipped.items():
+        written.append(os.path.join(weights_dir, name))
+        shutil.copyfile(outputs[key], written[-1])
+    card_path = os.path.join(weights_dir, shipped["card"])
+    with open(card_path, encoding="utf-8") as f:
+        card = json.load(f)
+    card["files"].update({key: name for key, name in shipped.items() if key != "card"})
+    write_json(card_path, card)
+    return written
 
 
 def write_json(path: str, value: Any) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -195,20 +194,7 @@ def run(run_dir: str, only: str | None = None) -> dict[str, str]:
 
 def install(run_dir: str, weights_dir: str | None = None) -> list[str]:
     """Copies the recipe's outputs over the shipped files in ``weights/``; returns the paths written."""
-    weights_dir = weights_dir or os.path.join(common.repo_root(), "weights")
-    out, written = outputs(run_dir), []
-    for key, name in SHIPPED.items():
-        if not os.path.isfile(out[key]):
-            raise SystemExit(f"--install: {out[key]} is missing; run `python -m training.embedded` to the end first")
-        dst = os.path.join(weights_dir, name)
-        shutil.copyfile(out[key], dst)
-        written.append(dst)
-    # the card names the shipped files, not the run's
-    with open(os.path.join(weights_dir, SHIPPED["card"]), encoding="utf-8") as f:
-        card = json.load(f)
-    card["files"].update({key: SHIPPED[key] for key in ("tokenizer", "generator", "control")})
-    common.write_json(os.path.join(weights_dir, SHIPPED["card"]), card)
-    return written
+    return common.install(outputs(run_dir), SHIPPED, "python -m training.embedded", weights_dir)
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ encoder and the generator together, measures them and writes the card.
     python -m training.t2i --run-dir /path/to/run    # elsewhere (a run of hours: keep it out of a temporary tree)
     python -m training.t2i --only generator          # one step (its inputs must exist)
     python -m training.t2i --print                   # the commands, one per step
+    python -m training.t2i --install                 # everything, then copy the three files and the card to weights/
 
 The steps (:data:`RECIPE`), each resumable from its run folder and skipped once its output exists:
 
@@ -47,6 +48,11 @@ ARCHITECTURE = {
     "tokenizer": ("codebook_dim", "base_ch", "ch_mult", "num_res_blocks"),
     "generator": ("depth", "embed_dim", "num_heads", "hidden_dim", "token_dim", "text_dim", "text_maxlen"),
 }
+
+
+# the recipe's outputs under the names the loaders look for in weights/ (nodes/model_files.py)
+SHIPPED = {"tokenizer": "nextscale_t2i_tokenizer.safetensors", "generator": "nextscale_t2i_generator.safetensors",
+           "text_encoder": "nextscale_t2i_text_encoder.safetensors", "card": "nextscale_t2i.json"}
 
 
 def outputs(run_dir: str) -> dict[str, str]:
@@ -173,17 +179,26 @@ def run(run_dir: str, only: str | None = None, threads: int = 0) -> dict[str, st
     return outputs(run_dir)
 
 
+def install(run_dir: str, weights_dir: str | None = None) -> list[str]:
+    """Copies the recipe's outputs over the shipped files in ``weights/``; returns the paths written."""
+    return common.install(outputs(run_dir), SHIPPED, "python -m training.t2i", weights_dir)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Train the embedded text-to-image model from scratch")
     ap.add_argument("--run-dir", default=os.path.join(common.repo_root(), "runs", "t2i"))
     ap.add_argument("--only", default=None, help=f"run this step only: one of {', '.join(STEPS)}")
     ap.add_argument("--threads", type=int, default=0, help="threads of every step (0: torch's default)")
+    ap.add_argument("--install", action="store_true", help="copy the results into weights/ at the end")
     ap.add_argument("--print", action="store_true", help="print the recipe's commands and exit")
     args = ap.parse_args(argv)
     if args.print:
         print("\n".join(shell_lines(args.run_dir)))
         return
     run(args.run_dir, args.only, args.threads)
+    if args.install:
+        for path in install(args.run_dir):
+            print(f"[t2i] installed {path}")
 
 
 if __name__ == "__main__":
