@@ -209,6 +209,8 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
         f.write(data[: len(data) // 2])
 
     choices = te.text_encoder_choices()
+    assert choices[0] == "nextscale-embedded-t2i", choices  # the pack's own T5 (weights/) comes first
+    choices = choices[1:]
     assert choices[0] == "flan-t5-tiny" and "incomplete" in choices, choices
     assert "tiny_encoder.safetensors" in choices and "full_t5.bin" in choices
     assert not any(c.startswith(("flan-t5-tiny/", "incomplete/")) for c in choices), choices
