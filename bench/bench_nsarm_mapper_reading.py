@@ -1,5 +1,6 @@
 """How fast a small NSARM transformation network learns under upstream's reading of its outputs, against a spatially
-aligned reading (a diagnostic for the embedded super-resolution model; the pack keeps upstream's reading).
+aligned reading (a diagnostic for the embedded super-resolution model: upstream's reading stays the default, and
+``MapperConfig.reading = "tokens"`` is the aligned one, which the embedded model's recipe trains with).
 
     python bench/bench_nsarm_mapper_reading.py [--width 64 --layers 1 --heads 2 --steps 2000]
 
@@ -34,16 +35,15 @@ def train(reading: str, args) -> list[tuple[int, float, float]]:
     """``(step, loss, bit accuracy of that batch)`` four times over the run."""
     torch.manual_seed(args.seed)
     net = ScaleMapper(MapperConfig(channels=D, grid=GRID, sides=(SIDE,), widths=(args.width,), layers=(args.layers,),
-                                   heads=(args.heads,), stem=(32, 32), resolution="0.06M"))
+                                   heads=(args.heads,), stem=(32, 32), resolution="0.06M",
+                                   reading={"upstream": "reshape", "aligned": "tokens"}[reading]))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     data = torch.Generator().manual_seed(args.seed + 1)
     rows = []
     for step in range(1, args.steps + 1):
         latent = torch.randn(BATCH, D, GRID, GRID, generator=data)
         target = (latent > 0).float()
-        out = net(latent)[0]
-        codes = out.reshape(BATCH, D, SIDE, SIDE) if reading == "upstream" else out.transpose(1, 2).reshape(
-            BATCH, D, SIDE, SIDE)
+        codes = net.code_map(net(latent)[0])
         loss = F.binary_cross_entropy_with_logits(codes, target)
         opt.zero_grad()
         loss.backward()

@@ -122,6 +122,25 @@ def test_the_network_has_upstreams_keys_and_computes_as_torchs_encoder_layers():
     assert torch.equal(bits[2], (codes.reshape(2, D, 4, 4) > 0).permute(0, 2, 3, 1))  # a reshape, not a transpose
 
 
+def test_the_tokens_reading_gives_each_token_its_own_cells_channels(tmp_path, model):
+    import dataclasses
+
+    cfg = dataclasses.replace(TINY.mapper, reading="tokens")
+    net = ScaleMapper(cfg)
+    net.load_state_dict(model.map_transformer.state_dict())
+    x = torch.randn(2, D, cfg.grid, cfg.grid)
+    with torch.no_grad():
+        codes, bits = net(x)[2], net.bits(x)[2]
+    assert torch.equal(bits, (codes > 0).reshape(2, 4, 4, D))  # token y*4 + x is cell (y, x), its D channels
+    assert not torch.equal(bits, model.map_transformer.bits(x)[2])  # same weights, upstream's reading differs
+    assert MapperConfig.from_dict(cfg.to_dict()) == cfg and MapperConfig().reading == "reshape"
+    path = str(tmp_path / "tokens.safetensors")
+    NSARM(dataclasses.replace(TINY, mapper=cfg)).save(path)
+    assert NSARM.from_file(path).setup.mapper.reading == "tokens"  # the file's metadata carries it
+    with pytest.raises(NextScaleError, match=r"reading 'columns' is not one of reshape, tokens"):
+        dataclasses.replace(cfg, reading="columns")
+
+
 def official_state_dict() -> dict[str, torch.Tensor]:
     """Every key of the released NSARM.pth with its shape (meta tensors): Infinity-8B and the 8B's network as
     upstream builds them."""

@@ -74,6 +74,28 @@ def test_config_maps_every_scale_the_input_grid_holds(tokenizer_file):
     assert (input_size(model, tok), output_size(model, tok)) == (32, 64)
 
 
+@pytest.mark.parametrize("reading", ["tokens", "reshape"])
+def test_the_network_is_trained_to_the_bits_the_sampler_reads(tokenizer_file, reading):
+    args = train_sr.build_parser().parse_args(["--data-dir", "unused", "--tokenizer", tokenizer_file, *MODEL,
+                                               "--map-reading", reading])
+    tok = BSQTokenizer.from_file(tokenizer_file)
+    mapper = NSARM(train_sr.config_from_args(args, tok)).map_transformer
+    assert mapper.config.reading == reading
+    g = torch.Generator().manual_seed(0)
+    bits_BLd = torch.rand(2, sum(h * w for h, w in train_sr.SCHEDULE.scales), tok.codebook_dim, generator=g) > 0.5
+    # outputs whose reading is those bits: the loss is at its floor and every bit is right, whatever the reading
+    codes = []
+    for (side, _), sl in zip(train_sr.SCHEDULE.scales[:mapper.config.num_scales], train_sr.scale_slices(),
+                             strict=False):
+        map_Bdss = (bits_BLd[:, sl].float() * 20 - 10).reshape(2, side, side, -1).permute(0, 3, 1, 2)
+        tokens = map_Bdss.flatten(2).transpose(1, 2) if reading == "tokens" else map_Bdss.reshape(2, side * side, -1)
+        codes.append(tokens)
+        assert torch.equal(mapper.code_map(codes[-1]), map_Bdss)
+    loss, accuracy = train_sr.mapper_loss(mapper, codes, bits_BLd)
+    assert float(accuracy) == 1.0 and float(loss) < 1e-3
+    assert float(train_sr.mapper_loss(mapper, [-c for c in codes], bits_BLd)[1]) == 0.0
+
+
 def test_trainer_resumes_evaluates_and_exports_strictly(data_args, tokenizer_file, sr_run, tmp_path):
     run, out, result = sr_run
     assert result["step"] == 3 and 0 < result["heldout_bit_accuracy"] <= 1 and 0 < result["heldout_map_bit_accuracy"]

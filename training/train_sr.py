@@ -13,8 +13,9 @@ A step, both parts trained together on the same batch:
 - Tokens: every high-quality image's bits on the schedule, encoded once by the frozen tokenizer and cached
   (training/train_t2i.py's ``cached_tokens``).
 - Network: the degraded inputs are encoded to latents; each mapped scale's output, read as the sampler reads it
-  (a ``(B, s*s, d)`` output reshaped to ``(B, d, s, s)``, bit ``j`` set where channel ``j`` is positive), is
-  trained to those bits with a logistic loss on the channel values (``--map-weight``).
+  (``--map-reading``, :meth:`ScaleMapper.code_map`: ``tokens``, the default, makes token ``t`` cell ``t``;
+  ``reshape`` is upstream's memory-order reading, which a small network learns slowly), bit ``j`` set where channel
+  ``j`` is positive, is trained to those bits with a logistic loss on the channel values (``--map-weight``).
 - Transformer: the cross-entropy over every scale's bits under teacher forcing, with the summed codes brought down
   to each grid by ``area`` as NSARM's sampler does (:class:`~nextscale.models.nsarm.sampler.AreaNextInput`).
 
@@ -54,7 +55,7 @@ from training.train_tokenizer import psnr
 common.import_pack()
 from nextscale.models.infinity.bsq import BSQTokenizer  # noqa: E402
 from nextscale.models.infinity.model import InfinityConfig  # noqa: E402
-from nextscale.models.nsarm.mapper import MapperConfig  # noqa: E402
+from nextscale.models.nsarm.mapper import READINGS, MapperConfig, ScaleMapper  # noqa: E402
 from nextscale.models.nsarm.model import NSARM, NSARMConfig  # noqa: E402
 from nextscale.models.nsarm.sampler import AreaNextInput, UpscaleCondition, UpscaleOptions, sample_nsarm  # noqa: E402
 
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--map-layers", type=int, default=2, help="encoder layers of every branch")
     ap.add_argument("--map-heads", type=int, default=4)
     ap.add_argument("--map-stem", type=int, default=64, help="hidden widths of the feature extractor")
+    ap.add_argument("--map-reading", choices=READINGS, default="tokens",
+                    help="how a branch's tokens become a code map: 'tokens' (token t is cell t; a small network "
+                    "learns it quickly) or 'reshape' (upstream's memory-order reading, the released NSARM's)")
     ap.add_argument("--map-weight", type=float, default=1.0, help="weight of the network's loss")
     # optimisation
     common.add_schedule_args(ap, steps=8000, batch_size=16, lr=6e-4, warmup=300)
@@ -101,18 +105,19 @@ def config_from_args(args, tokenizer: BSQTokenizer) -> NSARMConfig:
     n = len(sides)
     mapper = MapperConfig(channels=d, grid=grid, sides=sides, widths=(args.map_width,) * n,
                           layers=(args.map_layers,) * n, heads=(args.map_heads,) * n,
-                          stem=(args.map_stem, args.map_stem), resolution=RESOLUTION)
+                          stem=(args.map_stem, args.map_stem), resolution=RESOLUTION, reading=args.map_reading)
     return NSARMConfig(infinity, mapper)
 
 
-def mapper_loss(codes: list[torch.Tensor], bits_BLd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logistic loss, bit accuracy)`` of the network's outputs against the bits of the scales they map."""
+def mapper_loss(mapper: ScaleMapper, codes: list[torch.Tensor], bits_BLd: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logistic loss, bit accuracy)`` of the network's outputs, read as the sampler reads them
+    (:meth:`ScaleMapper.code_map`), against the bits of the scales they map."""
     losses, hits, total = [], 0.0, 0
     for out_BLd, sl in zip(codes, scale_slices(), strict=False):
-        B, n, d = out_BLd.shape
-        side = round(n**0.5)
+        logits = mapper.code_map(out_BLd)
+        B, d, side, _ = logits.shape
         target = bits_BLd[:, sl].reshape(B, side, side, d).permute(0, 3, 1, 2).float()
-        logits = out_BLd.reshape(B, d, side, side)
         losses.append(F.binary_cross_entropy_with_logits(logits, target, reduction="sum"))
         hits += float(((logits > 0) == target.bool()).sum())
         total += target.numel()
@@ -184,7 +189,7 @@ def _train(args, d: distributed.Distributed) -> dict:
         logits = logits_BLV.view(*bits_BLd.shape, 2)
         target = bits_BLd.long()
         ar = F.cross_entropy(logits.reshape(-1, 2), target.reshape(-1))
-        mapped, map_acc = mapper_loss(codes, bits_BLd)
+        mapped, map_acc = mapper_loss(model.map_transformer, codes, bits_BLd)
         return ar, mapped, (logits.argmax(-1) == target).float().mean(), map_acc
 
     @torch.no_grad()

@@ -12,9 +12,14 @@ Architecture (keys under ``map_transformer.`` in ``NSARM.pth``):
   ``torch.nn.TransformerEncoderLayer``'s keys), and ``output_projs.i`` (``Linear(w, w/2)``, LayerNorm, GELU,
   ``Linear(w/2, d)``): ``(B, s_i * s_i, d)``.
 
-The branch outputs are the mapped scales' residual codes. Their bits (:meth:`ScaleMapper.bits`) follow upstream's
-reading of them: the ``(B, s*s, d)`` output is reinterpreted in memory order as a ``(B, d, s, s)`` code map (a
-reshape, not a transpose), and a cell's bit ``j`` is set where channel ``j`` is positive.
+The branch outputs are the mapped scales' residual codes, a cell's bit ``j`` set where channel ``j`` is positive.
+How a ``(B, s*s, d)`` output becomes a ``(B, d, s, s)`` code map is ``MapperConfig.reading``:
+
+- ``"reshape"`` (upstream's, the released NSARM's and the default): the output reinterpreted in memory order, so
+  token ``t`` carries channel ``(t*d + j) // s^2`` at cell ``(t*d + j) % s^2``: every token gathers other cells'
+  content, a routing a small network learns slowly (bench/bench_nsarm_mapper_reading.py);
+- ``"tokens"`` (NextScale's small models may choose it): token ``t`` is cell ``t`` and its ``d`` values are that
+  cell's channels (a transpose). Same modules and keys; only the reading differs, recorded in the file's metadata.
 
 Head counts and the sides are not in the keys: a file saved by NextScale carries them in its metadata, a file
 without metadata must have the 8B's branch widths and gets the 8B's (:meth:`MapperConfig.official`).
@@ -37,13 +42,15 @@ from ..core.ops import ComputeDtype, TorchOps, cast
 WHAT = "NSARM transformation network"
 PREFIX = "map_transformer."
 RESOLUTIONS = ("0.06M", "0.25M", "0.60M", "1M")
+READINGS = ("reshape", "tokens")
 
 
 @dataclass(frozen=True)
 class MapperConfig:
     """Architecture of the transformation network. ``sides``/``widths``/``layers``/``heads``: one entry per mapped
     scale; ``stem``: the two hidden widths of the feature extractor; ``grid``: the input latent side;
-    ``resolution``: the 1:1 Infinity schedule the model samples ('1M' for NSARM: 13 scales, 1024 px)."""
+    ``resolution``: the 1:1 Infinity schedule the model samples ('1M' for NSARM: 13 scales, 1024 px); ``reading``:
+    how a branch's tokens become a code map (module docstring)."""
 
     channels: int = 14
     grid: int = 32
@@ -54,6 +61,7 @@ class MapperConfig:
     stem: tuple[int, int] = (64, 128)
     mlp_ratio: int = 4
     resolution: str = "1M"
+    reading: str = "reshape"
 
     def __post_init__(self):
         for name in ("sides", "widths", "layers", "heads", "stem"):
@@ -70,6 +78,8 @@ class MapperConfig:
             problems.append(f"sides {self.sides} must lie in 1..{self.grid} (the input grid)")
         if self.resolution not in RESOLUTIONS:
             problems.append(f"resolution '{self.resolution}' is not one of {', '.join(RESOLUTIONS)}")
+        if self.reading not in READINGS:
+            problems.append(f"reading '{self.reading}' is not one of {', '.join(READINGS)}")
         if problems:
             raise NextScaleError("invalid NSARM transformation network config: " + "; ".join(problems))
 
@@ -185,13 +195,17 @@ class ScaleMapper(ComputeDtype, nn.Module):
             out.append(self.output_projs[i](seq))
         return out
 
+    def code_map(self, codes_BLd: torch.Tensor) -> torch.Tensor:
+        """A branch's output ``(B, s*s, d)`` read as the code map ``(B, d, s, s)`` (``config.reading``)."""
+        B, L, d = codes_BLd.shape
+        side = round(L**0.5)
+        if self.config.reading == "tokens":
+            return codes_BLd.transpose(1, 2).reshape(B, d, side, side)
+        return codes_BLd.reshape(B, d, side, side)
+
     def bits(self, latent_BdGG: torch.Tensor, count: int | None = None) -> list[torch.Tensor]:
         """Bool ``bits_Bhwd (B, s, s, d)`` of the first ``count`` mapped scales (module docstring)."""
-        d = self.config.channels
-        return [
-            (codes.reshape(codes.shape[0], d, side, side) > 0).permute(0, 2, 3, 1).contiguous()
-            for codes, side in zip(self(latent_BdGG, count), self.config.sides)
-        ]
+        return [(self.code_map(codes) > 0).permute(0, 2, 3, 1).contiguous() for codes in self(latent_BdGG, count)]
 
     @staticmethod
     def infer_config(state_dict: Mapping[str, torch.Tensor], path: str = "<state dict>") -> MapperConfig:
