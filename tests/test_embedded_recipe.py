@@ -1,6 +1,6 @@
 """training/embedded.py, the one-command recipe of the shipped embedded model: every step's options parse with its
 trainer, the steps are wired to each other's outputs, the shipped files match what the recipe builds, and
-``--install`` copies the results under the names the loaders look for."""
+``--install`` (this recipe's and the text-to-image one's) copies the results under the names the loaders look for."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from training import common, embedded  # noqa: E402
+from training import common, embedded, t2i  # noqa: E402
 
 common.import_pack()
 from nextscale.models.core.checkpoint import CONFIG_METADATA_KEY, save_safetensors  # noqa: E402
@@ -66,24 +66,29 @@ def test_shipped_weights_are_what_the_recipe_builds():
     assert card["metrics"]["evaluated_images"] == 500
 
 
-def test_install_copies_under_the_shipped_names(tmp_path):
+@pytest.mark.parametrize("recipe", [embedded, t2i], ids=["embedded", "t2i"])
+def test_install_copies_under_the_shipped_names(tmp_path, recipe):
+    """Both embedded models' ``--install``: every output copied under the name the loaders read, the card's
+    ``files`` renamed to them, a missing output named with the command that makes it."""
     run, weights = tmp_path / "run", tmp_path / "weights"
     run.mkdir()
     weights.mkdir()
-    out = embedded.outputs(str(run))
-    with pytest.raises(SystemExit, match=r"tokenizer.safetensors is missing"):
-        embedded.install(str(run), str(weights))
-    for key in ("tokenizer", "generator", "control"):
+    out = recipe.outputs(str(run))
+    files = [key for key in recipe.SHIPPED if key != "card"]
+    with pytest.raises(SystemExit, match=rf"{os.path.basename(out[files[0]])} is missing; run `python -m "
+                                         rf"{recipe.__name__}`"):
+        recipe.install(str(run), str(weights))
+    for key in files:
         with open(out[key], "wb") as f:
             f.write(key.encode())
     with open(out["card"], "w", encoding="utf-8") as f:
-        json.dump({"files": {"tokenizer": "tokenizer.safetensors", "generator": "generator.safetensors"}}, f)
-    written = embedded.install(str(run), str(weights))
-    assert sorted(os.path.basename(p) for p in written) == sorted(embedded.SHIPPED.values())
-    with open(weights / embedded.SHIPPED["generator"], "rb") as f:
-        assert f.read() == b"generator"
-    with open(weights / embedded.SHIPPED["card"], encoding="utf-8") as f:
-        assert json.load(f)["files"] == {k: embedded.SHIPPED[k] for k in ("tokenizer", "generator", "control")}
+        json.dump({"name": "x", "files": {files[0]: os.path.basename(out[files[0]])}}, f)
+    written = recipe.install(str(run), str(weights))
+    assert sorted(os.path.basename(p) for p in written) == sorted(recipe.SHIPPED.values())
+    with open(weights / recipe.SHIPPED[files[1]], "rb") as f:
+        assert f.read() == files[1].encode()
+    with open(weights / recipe.SHIPPED["card"], encoding="utf-8") as f:
+        assert json.load(f) == {"name": "x", "files": {k: recipe.SHIPPED[k] for k in files}}
 
 
 def _model_file(path, config):

@@ -2,8 +2,6 @@
 each other's outputs, finished steps are skipped, and an output another recipe built stops the run by name."""
 
 import importlib
-import json
-import os
 
 import numpy as np
 import pytest
@@ -57,22 +55,3 @@ def test_only_names_a_step(tmp_path):
     with pytest.raises(SystemExit, match="--only 'nothing'"):
         t2i.run(str(tmp_path), only="nothing")
 
-
-def test_install_copies_under_the_names_the_loaders_read(tmp_path):
-    run, weights = tmp_path / "run", tmp_path / "weights"
-    run.mkdir()
-    weights.mkdir()
-    out = t2i.outputs(str(run))
-    with pytest.raises(SystemExit, match=r"tokenizer\.safetensors is missing; run `python -m training.t2i`"):
-        t2i.install(str(run), str(weights))
-    for key in ("tokenizer", "generator", "text_encoder"):
-        (run / os.path.basename(out[key])).write_bytes(key.encode())
-    card = {"name": "nextscale-embedded-t2i", "files": {k: os.path.basename(out[k]) for k in ("tokenizer", "generator",
-                                                                                             "text_encoder")}}
-    (run / os.path.basename(out["card"])).write_text(json.dumps(card), encoding="utf-8")
-    written = t2i.install(str(run), str(weights))
-    assert sorted(os.path.basename(p) for p in written) == sorted(t2i.SHIPPED.values())
-    assert (weights / t2i.SHIPPED["text_encoder"]).read_bytes() == b"text_encoder"
-    installed = json.loads((weights / t2i.SHIPPED["card"]).read_text(encoding="utf-8"))
-    assert installed["files"] == {k: t2i.SHIPPED[k] for k in ("tokenizer", "generator", "text_encoder")}
-    assert installed["name"] == card["name"]
