@@ -88,8 +88,8 @@ def test_the_network_is_trained_to_the_bits_the_sampler_reads(tokenizer_file, re
     for (side, _), sl in zip(train_sr.SCHEDULE.scales[:mapper.config.num_scales], train_sr.scale_slices(),
                              strict=False):
         map_Bdss = (bits_BLd[:, sl].float() * 20 - 10).reshape(2, side, side, -1).permute(0, 3, 1, 2)
-        tokens = map_Bdss.flatten(2).transpose(1, 2) if reading == "tokens" else map_Bdss.reshape(2, side * side, -1)
-        codes.append(tokens)
+        codes.append(map_Bdss.flatten(2).transpose(1, 2) if reading == "tokens"
+                     else map_Bdss.reshape(2, side * side, -1))
         assert torch.equal(mapper.code_map(codes[-1]), map_Bdss)
     loss, accuracy = train_sr.mapper_loss(mapper, codes, bits_BLd)
     assert float(accuracy) == 1.0 and float(loss) < 1e-3

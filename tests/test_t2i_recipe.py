@@ -54,4 +54,3 @@ def test_done_steps_are_skipped_and_foreign_outputs_refused(tmp_path, capsys):
 def test_only_names_a_step(tmp_path):
     with pytest.raises(SystemExit, match="--only 'nothing'"):
         t2i.run(str(tmp_path), only="nothing")
-

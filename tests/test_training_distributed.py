@@ -32,7 +32,7 @@ TRAINERS = {"tokenizer": train_tokenizer, "generator": train_generator, "control
 
 # Runs in each of the two processes: join the group once, then every planned training in turn.
 DRIVER = """
-import json, sys
+import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 import torch.distributed as dist
@@ -49,7 +49,6 @@ dist.destroy_process_group()
 # ("terminate called without an active exception") after all its work was done, failing the launch.
 sys.stdout.flush()
 sys.stderr.flush()
-import os
 os._exit(0)
 """
 
