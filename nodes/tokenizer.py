@@ -14,9 +14,10 @@ from ..models.core.family import Workload
 from ..models.core.imageops import RESIZE_MODES, image_to_model, model_to_image
 from ..models.core.memory import largest_batch, size
 from ..models.var.editing import composite
+from .generator import check_pair
 from .model_files import model_choices
 from .service import DTYPES, NextScaleModel, load, not_found, ready
-from .sockets import CATEGORY, Tokenizer, Tokens
+from .sockets import CATEGORY, Generator, Tokenizer, Tokens
 from .validation import check_combos, check_file
 
 LOADER = "NextScale Load Tokenizer"
@@ -96,6 +97,12 @@ class NextScaleEncode(io.ComfyNode):
                     "tokenizer: NextScale Sampler (Text)'s resolution and aspect ratio width:height, e.g. '0.06M' "
                     "(the embedded model) or '1M 4:3' (empty: '1M', 1:1); resize modes other than stretch need 1:1.",
                 ),
+                Generator.Input(
+                    "model",
+                    optional=True,
+                    tooltip="The model the tokens will guide (optional). Needed for Infinity-8B, which takes 2 x 2 "
+                    "latent cells a token: its guides are encoded on grids twice as fine as the schedule's.",
+                ),
             ],
             outputs=[Tokens.Output("tokens", display_name="tokens")],
         )
@@ -106,10 +113,14 @@ class NextScaleEncode(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, tokenizer: NextScaleModel, image: torch.Tensor, resize: str, schedule: str = ""
+        cls, tokenizer: NextScaleModel, image: torch.Tensor, resize: str, schedule: str = "",
+        model: NextScaleModel | None = None,
     ) -> io.NodeOutput:
         family = tokenizer.family
         scales = family.parse_schedule(schedule) if schedule.strip() else None
+        if model is not None:
+            check_pair(model, tokenizer)
+            scales = family.guide_schedule(model.module, tokenizer.module, scales)
         workload = Workload(
             schedule=scales, decode_batch=min(ENCODE_CHUNK, len(image)), decode_dtype=tokenizer.compute_dtype
         )

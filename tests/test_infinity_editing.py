@@ -13,10 +13,11 @@ from nextscale.models.core.imageops import model_to_image
 from nextscale.models.core.tokens import NextScaleTokens
 from nextscale.models.infinity.editing import bind_bits
 from nextscale.models.infinity.family import FAMILY
+from nextscale.models.infinity.model import InfinityConfig
 from nextscale.models.infinity.schedule import InfinitySchedule
 from nextscale.models.var.editing import EditSpec, composite, image_to_image, inpaint, keep_masks
-from test_infinity import prompts, tiny_model
-from test_infinity_sampler import run, tiny_tokenizer
+from test_infinity import TINY, prompts, tiny_model
+from test_infinity_sampler import D, run, tiny_tokenizer
 
 SQUARE = InfinitySchedule.custom([(1, 1), (2, 2), (4, 4), (8, 8)])
 K = SQUARE.num_scales
@@ -176,6 +177,32 @@ def test_infinity_schedules_for_nextscale_encode(tok):
     square = FAMILY.encode(tok, image, SQUARE.scales, "pad")
     fit = square.extra["fit"]
     assert (fit.height, fit.width, fit.side, fit.mode) == (20, 30, 8 * tok.downsample, "pad")
+
+
+def test_a_patchifying_models_guide_is_encoded_on_its_latent_grids(model, tok):
+    """Infinity-8B's layout (2 x 2 latent cells a token): a reference encoded for the model (NextScale Encode with
+    its ``model``) lies on grids twice as fine, and the inpainted run keeps its bits there; one encoded on the token
+    grids is refused with that fix."""
+    patched = tiny_model(InfinityConfig(**{**TINY.to_dict(), "token_dim": 4 * D}))
+    assert FAMILY.guide_schedule(model, tok, SQUARE.scales) == SQUARE.scales
+    latent = FAMILY.guide_schedule(patched, tok, SQUARE.scales)
+    assert latent == tuple((2 * h, 2 * w) for h, w in SQUARE.scales)
+    assert FAMILY.guide_schedule(patched, tok)[-1] == tuple(2 * s for s in InfinitySchedule.from_template().scales[-1])
+    side = latent[-1][0] * tok.downsample
+    image = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    ref = FAMILY.encode(tok, image, latent, "center crop")
+    regenerate = hole(side=side)
+    text, mask = prompts(B=2)
+    out = run(patched, tok, text, mask, seed=1, schedule=SQUARE,
+              hooks=SamplerHooks(guide=bind_bits(inpaint(ref, regenerate), tok, latent, 2)))
+    assert out.scales == latent
+    for si, kept in enumerate(keep_masks(1 - regenerate, latent)):
+        assert torch.equal(out.bits[si][:, kept[0]], ref.bits[si][:, kept[0]].expand(2, -1, -1)), si
+    assert not torch.equal(out.bits[-1], ref.bits[-1].expand(2, -1, -1, -1))
+    on_tokens = FAMILY.encode(tok, image, SQUARE.scales, "center crop")
+    with pytest.raises(NextScaleError, match=r"2 x 2 latent cells a token \(Infinity-8B\): connect it to NextScale "
+                       r"Encode's 'model' input"):
+        bind_bits(inpaint(on_tokens, regenerate), tok, latent, 1)
 
 
 def test_refusals(tok):

@@ -113,6 +113,19 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     one = NextScaleInpaintGuide.execute(encoded.select([0]), paint, False, "tokens", 0, 0).result[0]
     raises(lambda: sample(aspect_ratio="1:1", guide=one, batch_size=3), "the mask holds 2 images but the sampler makes 3")
     raises(lambda: sample(aspect_ratio="1:1", guide=spec, image=image[:1], keep_scales=2), "both 'guide' and image")
+
+    # a patchifying model (Infinity-8B's layout, 2 x 2 latent cells a token): Encode with the model, on its latent grids
+    Infinity(InfinityConfig(**{**cfg.to_dict(), "token_dim": 16})).save(os.path.join(models, "infinity_tiny_8b.safetensors"))
+    patched, _ = inf.NextScaleLoadInfinity.execute("infinity_tiny_8b.safetensors", "bsq_tiny.safetensors", "auto").result
+    encoded8 = NextScaleEncode.execute(loaded_tok, picture, "center crop", "0.06M", patched).result[0]
+    assert encoded8.scales == tuple((2 * h, 2 * w) for h, w in encoded.scales) and encoded8.extra["fit"].side == 64
+    assert NextScaleEncode.execute(loaded_tok, picture, "center crop", "0.06M", loaded_model).result[0].scales == encoded.scales
+    spec8 = NextScaleInpaintGuide.execute(encoded8, paint, False, "tokens", 0, 0).result[0]
+    edited8 = sample(model=patched, aspect_ratio="1:1", guide=spec8)
+    for si, kept in enumerate(spec8.keep_masks(encoded8.scales, 64)):
+        for i in range(2):
+            assert torch.equal(edited8.bits[si][i][kept[i]], encoded8.bits[si][i][kept[i]]), (si, i)
+    raises(lambda: sample(model=patched, aspect_ratio="1:1", guide=spec), "connect it to NextScale Encode's 'model' input")
     print("infinity nodes ok")
     """  # noqa: E501 (lines of the script above; wrapping them would change the string)
 )

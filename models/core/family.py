@@ -220,6 +220,12 @@ class Family(abc.ABC):
         """The family's schedule written as text (NextScale Encode's ``schedule`` input)."""
         raise NextScaleError(f"{self.title} schedules cannot be written as text")
 
+    def guide_schedule(self, generator: nn.Module, tokenizer: nn.Module, schedule=None):
+        """The schedule a reference that will guide ``generator`` is encoded on, for ``schedule`` as NextScale
+        Encode reads it (None: the tokenizer's own): the same, unless the generator's tokens span several latent
+        cells (Infinity-8B's)."""
+        return schedule
+
     def sample_collaborative(
         self, drafter: nn.Module, refiner: nn.Module, tokenizer: nn.Module, condition, *, draft_scales: int,
         seed: int, options=None, hooks: SamplerHooks | None = None, drafter_hooks: SamplerHooks | None = None,

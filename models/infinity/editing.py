@@ -70,10 +70,14 @@ def check_reference(spec: EditSpec, scales: Sequence[Sequence[int]], codebook_di
         )
     scales = tuple((int(h), int(w)) for h, w in scales)
     if ref.scales != scales:
+        patched = ref.scales == tuple((h // 2, w // 2) for h, w in scales)
         raise NextScaleError(
             f"the guide's reference was encoded on the latent grids {list(ref.scales)} but this run samples "
-            f"{list(scales)}: set NextScale Encode's schedule to this sampler's resolution and aspect ratio (e.g. "
-            f"'0.06M' or '1M 4:3'); a patchifying tokenizer (Infinity-8B's) cannot be encoded for a guide"
+            f"{list(scales)}: "
+            + ("this model takes 2 x 2 latent cells a token (Infinity-8B): connect it to NextScale Encode's 'model' "
+               "input, which encodes on grids twice as fine" if patched else
+               "set NextScale Encode's schedule to this sampler's resolution and aspect ratio (e.g. '0.06M' or "
+               "'1M 4:3')")
         )
     if ref.codebook_dim != codebook_dim:
         raise NextScaleError(

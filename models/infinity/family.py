@@ -116,6 +116,12 @@ class InfinityFamily(Family):
             h_div_w = int(height) / int(width)
         return InfinitySchedule.from_template(h_div_w, words[0]).scales
 
+    def guide_schedule(self, generator: Infinity, tokenizer: BSQTokenizer, schedule=None):
+        """The latent grids of ``schedule`` (None: 1:1 at 1M) for ``generator``: twice as fine for a patchifying
+        model (Infinity-8B: 2 x 2 cells a token), which samples and is guided on them (:func:`latent_scales`)."""
+        scales = schedule or InfinitySchedule.from_template().scales
+        return tuple(latent_scales(generator, tokenizer, InfinitySchedule.custom(scales)))
+
     def sample(self, generator, tokenizer, condition, *, seed, options=None, hooks=None, device=None):
         return sample_infinity(generator, tokenizer, condition, seed=seed, options=options, hooks=hooks, device=device)
 
