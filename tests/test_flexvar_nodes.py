@@ -1,8 +1,9 @@
 """FlexVAR's nodes inside ComfyUI's python: the chain on tiny models in the model folder (upstream's key layouts, the
 transformer nested as upstream's training checkpoints are): Load FlexVAR (fp8 too), FlexVAR Schedule, FlexVAR Sampler
 (a resolution and a step count, a typed schedule, a KV policy, an edit guide, class list, seeds, sub-batches),
-Decode, Decode Scales and Encode; the messages for a missing file, a file of another kind, a VAR tokenizer, a
-latent-blend guide and a bad resolution; and a partially loaded model on a stand-in device."""
+Decode, Decode Scales and Encode; the messages for a missing file, a file of another kind, a VAR tokenizer, VAR's
+tokens where FlexVAR's belong and back, a latent-blend guide and a bad resolution; and a partially loaded model on
+a stand-in device."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from nextscale.models.var.editing import image_to_image, inpaint
 from nextscale.models.var.tokenizer import MultiScaleVQVAE, TokenizerConfig
 from nextscale.nodes import NODE_MODULES
 from nextscale.nodes import flexvar
-from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleDecodeScales, NextScaleEncode
+from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleDecodeScales, NextScaleEncode, NextScaleLoadTokenizer
 from test_flexvar import generator_keys, random_state_dict, tokenizer_keys
 
 assert any(flexvar.NextScaleFlexVARSampler in m.NODES for m in NODE_MODULES)
@@ -75,6 +76,14 @@ assert varied.extra["fit"] == encoded.extra["fit"]
 raises(lambda: sample(guide=inpaint(encoded, torch.ones(1, 8, 8), mode="latent blend")),
        "FlexVAR keeps no running latent", "'tokens'")
 raises(lambda: sample(resolution=64, steps=5), "5 steps do not fit a 4x4 token grid")
+# VAR's tokens and FlexVAR's index different codebooks (both of 16 codes here): refused both ways, and as a reference
+var_vq = NextScaleLoadTokenizer.execute("var-vqvae.safetensors", "auto").result[0]
+var_tokens = NextScaleEncode.execute(var_vq, images, "center crop", "1,2,4").result[0]
+raises(lambda: NextScaleDecode.execute(vae, var_tokens, 0), "index VAR's multi-scale VQ-VAE's codebook",
+       "this tokenizer is FlexVAE")
+raises(lambda: NextScaleDecode.execute(var_vq, one, 0), "index FlexVAE's codebook",
+       "this tokenizer is VAR's multi-scale VQ-VAE")
+raises(lambda: sample(guide=image_to_image(var_tokens, 2)), "the guide's reference tokens index VAR's")
 raises(lambda: sample(class_list=""), "'tench' is not a class of this generator")
 
 free = mm.get_free_memory

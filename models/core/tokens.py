@@ -9,6 +9,18 @@ import torch
 
 from .errors import NextScaleError
 
+TOKENIZER_KINDS = {"var": "VAR's multi-scale VQ-VAE", "flexvar": "FlexVAE"}  # NextScaleTokens.tokenizer_kind
+
+
+def check_tokenizer_kind(tokens: NextScaleTokens, kind: str, what: str = "these tokens") -> None:
+    """Refuse ``tokens`` made for another kind of tokenizer than ``kind`` (a tokenizer's ``tokenizer_kind``): their
+    indices index another codebook."""
+    if tokens.tokenizer_kind != kind:
+        made, wanted = (TOKENIZER_KINDS.get(k, k) for k in (tokens.tokenizer_kind, kind))
+        raise NextScaleError(
+            f"{what} index {made}'s codebook but this tokenizer is {wanted}: use the tokenizer they were made with"
+        )
+
 
 @dataclass
 class NextScaleTokens:
@@ -22,6 +34,9 @@ class NextScaleTokens:
         labels: optional ``(B,)`` class labels the tokens were generated with (or encoded for).
         source: "sampled" or "encoded".
         extra: free-form metadata (seed, cfg, ...) for reports; never required.
+        tokenizer_kind: the kind of tokenizer whose codebook the indices index (its ``tokenizer_kind``): "var"
+            (VAR's multi-scale VQ-VAE, shared by VAR, HMAR, Switti, CoDe and Distilled Decoding) or "flexvar"
+            (FlexVAE). Decoders and guides refuse tokens of another kind.
     """
 
     indices: list[torch.Tensor]
@@ -30,6 +45,7 @@ class NextScaleTokens:
     labels: torch.Tensor | None = None
     source: str = "sampled"
     extra: dict = field(default_factory=dict)
+    tokenizer_kind: str = "var"
 
     def __post_init__(self):
         self.patch_nums = tuple(int(p) for p in self.patch_nums)

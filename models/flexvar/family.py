@@ -20,7 +20,7 @@ from ..core.family import Family, KVGeometry, Role, Workload
 from ..core.imageops import ImageFit, fit_square
 from ..core.memory import MemoryNeed
 from ..core.schedule import SCHEDULE_256
-from ..core.tokens import NextScaleTokens
+from ..core.tokens import NextScaleTokens, check_tokenizer_kind
 from ..var.classes import default_class_names
 from ..var.family import FAMILY as VAR_FAMILY
 from ..var.family import PREVIEW_LATENT_SIDE
@@ -96,13 +96,15 @@ class FlexVARFamily(Family):
         with torch.inference_mode():
             indices = tokenizer.img_to_indices(img, patch_nums)
         fit = ImageFit(images_B3HW.shape[-2], images_B3HW.shape[-1], side, resize)
-        return NextScaleTokens(indices=indices, patch_nums=patch_nums, source="encoded", extra={"fit": fit})
+        return NextScaleTokens(indices=indices, patch_nums=patch_nums, source="encoded", extra={"fit": fit},
+                               tokenizer_kind=FlexVAE.tokenizer_kind)
 
     def check_tokens(self, tokenizer: FlexVAE, tokens) -> None:
-        if not isinstance(tokens, NextScaleTokens) or tokens.f_hat is not None:
+        if not isinstance(tokens, NextScaleTokens):
             raise NextScaleError(
                 "these tokens were not made by FlexVAR: decode them with the tokenizer they were made with"
             )
+        check_tokenizer_kind(tokens, FlexVAE.tokenizer_kind)
         vocab, top = tokenizer.config.vocab_size, max(int(i.max()) for i in tokens.indices)
         if top >= vocab:
             raise NextScaleError(

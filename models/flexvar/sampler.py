@@ -35,6 +35,7 @@ from ..core.schedule import SCHEDULE_256, token_count
 from ..core.tokens import NextScaleTokens
 from ..var.sampler import check_labels
 from .schedule import check_schedule, drawn
+from .tokenizer import FlexVAE
 
 HOOKS = frozenset({"guide", "kv_policy", "callback"})
 CFG_SCHEDULES = ("linear", "constant")
@@ -129,6 +130,7 @@ def sample_flexvar(
         cache.free()
     return NextScaleTokens(
         indices=indices, patch_nums=patch_nums, labels=labels_B, source="sampled",
+        tokenizer_kind=FlexVAE.tokenizer_kind,
         extra={
             "seed": seed, "cfg": options.cfg, "cfg_schedule": options.cfg_schedule, "top_k": options.top_k,
             "top_p": options.top_p, "max_pn": options.max_pn, "kv_policy": (hooks.kv_policy or KVPolicy()).name,

@@ -100,6 +100,8 @@ class FlexVAE(ComputeDtype, nn.Module):
     """FlexVAE with the kit's module names; build it from a file's state dict with :meth:`from_state_dict`.
     ``operations`` and ``compute_dtype`` as for the other tokenizers (:mod:`..core.ops`)."""
 
+    tokenizer_kind = "flexvar"  # of the tokens it makes and decodes (NextScaleTokens.tokenizer_kind)
+
     def __init__(self, config: FlexVAEConfig | None = None, operations=None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = cfg = config or FlexVAEConfig()

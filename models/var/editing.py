@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..core.errors import NextScaleError
 from ..core.hooks import Guide
 from ..core.imageops import RESIZE_MODES, ImageFit, fit_square
-from ..core.tokens import NextScaleBitTokens, NextScaleTokens
+from ..core.tokens import NextScaleBitTokens, NextScaleTokens, check_tokenizer_kind
 
 EDIT_MODES = ("tokens", "latent blend")
 KEEP_THRESHOLD = 0.5
@@ -235,6 +235,7 @@ class EditSpec:
                 "the guide's reference tokens are bits of an Infinity (BSQ) tokenizer: connect the guide to NextScale "
                 "Sampler (Text), or encode the image with the tokenizer of this generator"
             )
+        check_tokenizer_kind(ref, tokenizer.tokenizer_kind, "the guide's reference tokens")
         if patch_nums != ref.patch_nums:
             raise NextScaleError(
                 f"the reference tokens have the schedule {ref.patch_nums} but the generator samples {patch_nums}: "

@@ -16,7 +16,7 @@ from ..core.hooks import SamplerHooks
 from ..core.imageops import ImageFit, fit_square
 from ..core.memory import MemoryNeed, block_bytes, conv_coder_bytes, draw_bytes, kv_cache_bytes, weight_bytes
 from ..core.schedule import parse_schedule
-from ..core.tokens import NextScaleTokens
+from ..core.tokens import NextScaleTokens, check_tokenizer_kind
 from .classes import default_class_names
 from .collaborative import check_collaborators, sample_collaborative
 from .model import VAR
@@ -170,6 +170,7 @@ class VARFamily(Family):
             raise NextScaleError(
                 "these tokens were not made by a VAR model: decode them with the tokenizer they were made with"
             )
+        check_tokenizer_kind(tokens, tokenizer.tokenizer_kind)
         vocab, top = tokenizer.config.vocab_size, max(int(i.max()) for i in tokens.indices)
         if top >= vocab:
             raise NextScaleError(

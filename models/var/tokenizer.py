@@ -140,6 +140,8 @@ class MultiScaleVQVAE(ComputeDtype, nn.Module):
     from (default: plain torch); ``compute_dtype``: the dtype it computes in (default: its weights' dtype).
     """
 
+    tokenizer_kind = "var"  # of the tokens it makes and decodes (NextScaleTokens.tokenizer_kind)
+
     def __init__(
         self, config: TokenizerConfig | None = None, operations=None, compute_dtype: torch.dtype | None = None
     ):
