@@ -208,8 +208,8 @@ class NextScaleTextSampler(io.ComfyNode):
                 ),
                 KVPolicy.Input(
                     "kv_policy", optional=True,
-                    tooltip="From NextScale KV Policy (uncalibrated policies; calibration profiles are for VAR "
-                    "generators): what the KV cache keeps across scales.",
+                    tooltip="From NextScale KV Policy: what the KV cache keeps across scales (ScaleKV and HACK "
+                    "with a profile from NextScale KV Calibrate (Text) at this resolution and aspect ratio).",
                 ),
                 io.Image.Input(
                     "image", optional=True,

@@ -14,14 +14,17 @@ from comfy_api.latest import io, ui
 
 from ..models.core.errors import NextScaleError
 from ..models.core.family import Workload
+from ..models.infinity.sampler import InfinityOptions, TextCondition
+from ..models.infinity.schedule import InfinitySchedule
 from ..models.kv.policies import POLICIES, KVPolicySpec
-from ..models.kv.profile import KVProfile, calibrate
+from ..models.kv.profile import KVProfile, calibrate, record_profile
 from ..models.kv.report import KVReport, kv_report
 from ..models.var.classes import class_index, parse_class_list
 from ..models.var.sampler import SamplingOptions
 from .generator import check_pair
+from .infinity import ASPECTS, RESOLUTION_CHOICES, check_levels, text_from_conditioning
 from .service import NextScaleModel, ready_batch, sub_batches
-from .sockets import CATEGORY, Generator, KVPolicy, Tokenizer
+from .sockets import CATEGORY, Generator, InfinityModel, KVPolicy, Tokenizer
 from .sockets import KVProfile as KVProfileSocket
 from .validation import check_combos, check_numbers
 
@@ -32,6 +35,25 @@ PROFILE_DIR = "nextscale_kv"
 def profile_path(name: str) -> str:
     """A profile file named relative to ComfyUI's output folder (or absolute)."""
     return name if os.path.isabs(name) else os.path.join(folder_paths.get_output_directory(), name)
+
+
+def save_profile(profile: KVProfile, filename: str) -> str:
+    """``profile`` saved as ``output/nextscale_kv/<filename>.json`` (the name made file-safe); "" for no name."""
+    if not filename.strip():
+        return ""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", filename.strip()).removesuffix(".json")
+    return profile.save(os.path.join(folder_paths.get_output_directory(), PROFILE_DIR, stem + ".json"))
+
+
+def progress(node_id, total: int):
+    """The calibration callback: a progress bar over every scale of every sample, honouring interrupts."""
+    pbar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def on_scale(done: int, total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(done, total)
+
+    return on_scale
 
 
 class NextScaleKVPolicy(io.ComfyNode):
@@ -151,20 +173,77 @@ class NextScaleKVCalibrate(io.ComfyNode):
         ready_batch(generator, tokenizer, batch=1, what="NextScale KV Calibrate", kv_settings=False,
                     need=lambda images, spec=None: family.memory(generator.module, tokenizer.module, workload))
         num_scales = len(family.kv_geometry(generator.module).scales)
-        pbar = comfy.utils.ProgressBar(len(labels) * num_scales, node_id=cls.hidden.unique_id)
-
-        def on_scale(done: int, total: int) -> None:
-            mm.throw_exception_if_processing_interrupted()
-            pbar.update_absolute(done, total)
-
+        on_scale = progress(cls.hidden.unique_id, len(labels) * num_scales)
         profile = calibrate(generator.module, tokenizer.module, labels, seed, SamplingOptions(cfg=cfg),
                             generator.device, callback=on_scale, family=family)
         profile.meta["generator"] = getattr(generator, "name", "")
-        path = ""
-        if filename.strip():
-            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", filename.strip()).removesuffix(".json")
-            path = profile.save(os.path.join(folder_paths.get_output_directory(), PROFILE_DIR, stem + ".json"))
-        return io.NodeOutput(profile, path)
+        return io.NodeOutput(profile, save_profile(profile, filename))
+
+
+class NextScaleKVCalibrateText(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleKVCalibrateText",
+            display_name="NextScale KV Calibrate (Text)",
+            category=KV_CATEGORY,
+            description="NextScale KV Calibrate for Infinity models: samples a few images of a prompt with the full "
+            "cache at one resolution and aspect ratio and records the attention statistics ScaleKV (drafter layers) "
+            "and HACK (head types) need. Saves the profile as JSON under ComfyUI's output folder (nextscale_kv/) "
+            "and returns it for NextScale KV Policy. A profile fits the resolution and aspect ratio it was made at.",
+            inputs=[
+                InfinityModel.Input("model", tooltip="From NextScale Load Infinity."),
+                Tokenizer.Input("tokenizer", tooltip="The BSQ tokenizer from NextScale Load Infinity."),
+                io.Conditioning.Input("positive", tooltip="A prompt, from NextScale Text Encode (T5)."),
+                io.Int.Input("samples", default=4, min=1, max=64, tooltip="Images to sample (seeds seed, seed + 1, "
+                             "...)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the first image."),
+                io.Float.Input("cfg", default=3.0, min=0.0, max=30.0, step=0.1, tooltip="Guidance while sampling."),
+                io.Float.Input("tau", default=0.5, min=0.01, max=5.0, step=0.01,
+                               tooltip="Temperature of the bits while sampling."),
+                io.Combo.Input("aspect_ratio", options=list(ASPECTS), default="1:1",
+                               tooltip="Width:height of the runs the profile is for."),
+                io.Combo.Input("resolution", options=RESOLUTION_CHOICES, default="1M",
+                               tooltip="Resolution of the runs the profile is for (0.06M for the embedded model)."),
+                io.String.Input("filename", default="nextscale_kv_profile_text", optional=True,
+                                tooltip="Name of the JSON file written to output/nextscale_kv/ (empty: do not save)."),
+            ],
+            outputs=[
+                KVProfileSocket.Output("profile", display_name="profile"),
+                io.String.Output("path", display_name="path"),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, aspect_ratio: str, resolution: str, cfg: float | None = None,
+                        tau: float | None = None) -> bool | str:
+        return (
+            check_combos(aspect_ratio=(aspect_ratio, list(ASPECTS)), resolution=(resolution, RESOLUTION_CHOICES))
+            or check_numbers(cls, cfg=cfg, tau=tau)
+            or True
+        )
+
+    @classmethod
+    def execute(cls, model: NextScaleModel, tokenizer: NextScaleModel, positive, samples: int, seed: int, cfg: float,
+                tau: float, aspect_ratio: str, resolution: str,
+                filename: str = "nextscale_kv_profile_text") -> io.NodeOutput:
+        check_pair(model, tokenizer)
+        family = model.family
+        schedule = InfinitySchedule.from_template(ASPECTS[aspect_ratio], resolution)
+        check_levels(model, resolution, schedule.num_scales)
+        text, mask = text_from_conditioning(positive, 1, model.module.config.text_dim, "positive")
+        workload = Workload(batch_size=1, guided=cfg != 1, schedule=schedule, dtype=model.compute_dtype,
+                            decode_dtype=tokenizer.compute_dtype, text_tokens=text.shape[1])
+        ready_batch(model, tokenizer, batch=1, what="NextScale KV Calibrate (Text)", kv_settings=False,
+                    need=lambda images, spec=None: family.memory(model.module, tokenizer.module, workload))
+        profile = record_profile(
+            family, model.module, tokenizer.module, [TextCondition(text, mask)] * samples, seed=seed,
+            options=InfinityOptions(cfg=cfg, tau=tau, schedule=schedule), schedule=schedule, device=model.device,
+            callback=progress(cls.hidden.unique_id, samples * schedule.num_scales),
+            meta={"resolution": resolution, "aspect_ratio": aspect_ratio, "generator": model.name},
+        )
+        return io.NodeOutput(profile, save_profile(profile, filename))
 
 
 class NextScaleKVReport(io.ComfyNode):
@@ -236,4 +315,4 @@ class NextScaleKVReport(io.ComfyNode):
         return io.NodeOutput(text, images, ui=ui.PreviewText(text))
 
 
-NODES = [NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport]
+NODES = [NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport, NextScaleKVCalibrateText]

@@ -1,6 +1,7 @@
 """Infinity's nodes inside ComfyUI's python: load a tiny random Infinity + BSQ tokenizer from models/nextscale and a
-tiny T5 from models/text_encoders, encode a prompt, sample (with a KV policy, image to image, and inpainting with a
-prompt: Encode -> Inpaint Guide -> the sampler's guide -> Decode's composite), decode."""
+tiny T5 from models/text_encoders, encode a prompt, sample (with a KV policy, calibrated by NextScale KV Calibrate
+(Text), image to image, and inpainting with a prompt: Encode -> Inpaint Guide -> the sampler's guide -> Decode's
+composite, also for a patchifying model), decode."""
 
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     from nextscale.models.infinity.bsq import BSQConfig, BSQTokenizer
     from nextscale.models.infinity.model import Infinity, InfinityConfig
     from nextscale.models.kv.policies import KVPolicySpec
+    from nextscale.models.kv.profile import KVProfile
     from nextscale.models.core.imageops import image_to_model
     from nextscale.models.core.tokens import NextScaleBitTokens, NextScaleTokens
     from nextscale.models.infinity.sampler import latent_scales
-    from nextscale.nodes import NODE_MODULES, infinity as inf
+    from nextscale.nodes import NODE_MODULES, infinity as inf, kv
     from nextscale.nodes.tokenizer import NextScaleDecode, NextScaleDecodeScales, NextScaleEncode
     from nextscale.nodes.generator import NextScaleSampler
     from nextscale.nodes.editing import NextScaleImageToImageGuide, NextScaleInpaintGuide
 
     assert any(inf.NextScaleTextSampler in m.NODES for m in NODE_MODULES)
+    assert any(kv.NextScaleKVCalibrateText in m.NODES for m in NODE_MODULES)
     assert any(te.NextScaleTextEncodeT5 in m.NODES for m in NODE_MODULES)
     tmp = tempfile.mkdtemp()
     models, encoders = os.path.join(tmp, "nextscale"), os.path.join(tmp, "text_encoders")
@@ -69,6 +72,18 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     assert not all(torch.equal(a, b) for a, b in zip(tokens.bits, with_neg.bits))
     policy = KVPolicySpec("scalekv", budget=0.3)
     assert len(sample(kv_policy=policy).bits) == 7
+    # calibrated KV policies: a profile of this model at the sampler's resolution and aspect ratio, saved and reused
+    folder_paths.set_output_directory(tmp)
+    kv.NextScaleKVCalibrateText.hidden = io.HiddenHolder.from_dict({})
+    profile, path = kv.NextScaleKVCalibrateText.execute(loaded_model, loaded_tok, positive, 2, 0, 3.0, 0.5,
+                                                       "2:1 landscape", "0.06M", "tiny infinity").result
+    assert path == os.path.join(tmp, "nextscale_kv", "tiny_infinity.json") and KVProfile.load(path) == profile
+    assert profile.patch_nums == inf.InfinitySchedule.from_template(0.5, "0.06M").scales
+    assert profile.meta["resolution"] == "0.06M" and profile.meta["aspect_ratio"] == "2:1 landscape"
+    hack = KVPolicySpec("hack", 0.3, KVProfile.load(path))
+    assert sample(kv_policy=hack).extra["kv_policy"] == "hack"
+    raises(lambda: sample(kv_policy=hack, aspect_ratio="1:1"), "calibrated on a generator", "at this resolution")
+    assert "not one of the choices" in kv.NextScaleKVCalibrateText.validate_inputs("1:1", "3M")
     kept = sample(image=image[:1], keep_scales=3)
     latent = latent_scales(loaded_model.module, loaded_tok.module, inf.InfinitySchedule.from_template(0.5, "0.06M"))
     encoded = loaded_tok.family.encode(loaded_tok.module, image_to_model(image[:1]), latent, "stretch").bits

@@ -11,10 +11,12 @@ from nextscale.models.core.errors import NextScaleError
 from nextscale.models.core.hooks import Guide, SamplerHooks
 from nextscale.models.core.kv_cache import KVCache
 from nextscale.models.infinity.bsq import BSQConfig, BSQTokenizer
+from nextscale.models.infinity.family import FAMILY
 from nextscale.models.infinity.model import InfinityConfig
 from nextscale.models.infinity.sampler import InfinityOptions, KeepScales, TextCondition, sample_infinity
 from nextscale.models.infinity.schedule import InfinitySchedule
 from nextscale.models.kv.policies import KVPolicySpec
+from nextscale.models.kv.profile import KVProfile, record_profile
 from test_infinity import SCHEDULE, TINY, prompts, tiny_model
 
 D = TINY.token_dim  # 4 bits per latent cell
@@ -172,6 +174,31 @@ def test_kv_policies_plug_into_the_text_sampler(model, tok):
         tokens = run(model, tok, text, mask, options=opts, hooks=SamplerHooks(kv_policy=policy))
         assert tokens.extra["kv_policy"] == name and len(tokens.bits) == SCHEDULE.num_scales
         assert policy.stats.peak_bytes > 0  # the cache was compacted at least once
+
+
+def test_kv_profiles_calibrate_an_infinity_run_and_fit_its_schedule_only(model, tok, tmp_path):
+    """ScaleKV / HACK calibration on Infinity: a profile over the run's (h, w) grids, saved and loaded as they are,
+    drives the calibrated policies on that schedule and is refused on another."""
+    text, mask = prompts(B=1)
+    opts = InfinityOptions(cfg=3.0, tau=1.0, top_k=1, top_p=0.0, schedule=SCHEDULE)
+    profile = record_profile(FAMILY, model, tok, [TextCondition(text, mask)] * 2, seed=4, options=opts,
+                             schedule=SCHEDULE)
+    assert profile.patch_nums == SCHEDULE.scales and profile.samples == 2
+    assert len(profile.zscore) == model.depth and len(profile.head_variance[0]) == model.num_heads
+    assert any(v != 0 for row in profile.asi for v in row[1:]) and all(row[0] == 0 for row in profile.asi)
+    back = KVProfile.load(profile.save(str(tmp_path / "infinity.json")))
+    assert back == profile
+    for name in ("scalekv", "hack"):
+        policy = KVPolicySpec(name, 0.3, back).bind_scales(model.depth, model.num_heads, SCHEDULE.scales)
+        tokens = run(model, tok, text, mask, options=opts, hooks=SamplerHooks(kv_policy=policy))
+        assert tokens.extra["kv_policy"] == name and policy.stats.peak_bytes > 0
+    scalekv = KVPolicySpec("scalekv", 0.3, back).bind_scales(model.depth, model.num_heads, SCHEDULE.scales)
+    assert len({row[-1] for row in scalekv.budgets_LK}) > 1  # the drafter layers keep more than the refiners
+    hack = KVPolicySpec("hack", 0.3, back).bind_scales(model.depth, model.num_heads, SCHEDULE.scales)
+    assert sum(map(sum, hack.contextual_LH)) == model.depth * model.num_heads // 2  # half the heads contextual
+    other = InfinitySchedule.from_template(0.5, "0.06M").scales
+    with pytest.raises(NextScaleError, match=r"calibrated on .* scales \[\(1, 1\).* at this resolution"):
+        KVPolicySpec("scalekv", 0.3, back).bind_scales(model.depth, model.num_heads, other)
 
 
 def test_official_schedule_runs_and_the_callback_sees_every_scale(model, tok):

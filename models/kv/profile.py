@@ -11,8 +11,10 @@ after every layer's attention at every scale, looks at up to 32 evenly spaced qu
   query attends alike, a contextual "vertical" head; 1: each query attends its own keys, a structural head);
   averaged over scales 2.. and samples.
 
-The profile is schema-versioned JSON; :meth:`KVProfile.load` validates it with errors that name the problem, and
-:meth:`KVProfile.check_shape` refuses a profile made for another architecture.
+A profile belongs to one transformer shape and one schedule: VAR's square sides, or an Infinity run's ``(h, w)``
+token grids (one resolution and aspect ratio). It is schema-versioned JSON; :meth:`KVProfile.load` validates it with
+errors that name the problem, and :meth:`KVProfile.check_shape` refuses a profile made for another architecture or
+schedule.
 """
 
 from __future__ import annotations
@@ -36,13 +38,27 @@ VERSION = 1
 OBS_QUERIES = 32
 
 
+def scales_of(scales) -> tuple:
+    """A schedule as a profile holds it: square sides as ints, ``(h, w)`` grids as pairs of ints."""
+    out = []
+    for s in scales:
+        if isinstance(s, (list, tuple)):
+            if len(s) != 2:
+                raise ValueError(f"a scale is a side or an (h, w) pair, got {s!r}")
+            out.append((int(s[0]), int(s[1])))
+        else:
+            out.append(int(s))
+    return tuple(out)
+
+
 @dataclass
 class KVProfile:
-    """Per-(layer, scale) ASI and z-scores and per-(layer, head) column variance of one generator architecture."""
+    """Per-(layer, scale) ASI and z-scores and per-(layer, head) column variance of one generator architecture on one
+    schedule (``patch_nums``: square sides, or ``(h, w)`` grids for Infinity)."""
 
     depth: int
     num_heads: int
-    patch_nums: tuple[int, ...]
+    patch_nums: tuple
     asi: list[list[float]]  # [layer][scale]
     zscore: list[list[float]]  # [layer][scale]
     head_variance: list[list[float]]  # [layer][head]
@@ -78,7 +94,7 @@ class KVProfile:
         try:
             model = d["model"]
             depth, heads = int(model["depth"]), int(model["num_heads"])
-            pns = tuple(int(p) for p in model["patch_nums"])
+            pns = scales_of(model["patch_nums"])
             asi, z, var = d["scalekv"]["asi"], d["scalekv"]["zscore"], d["hack"]["head_variance"]
         except (KeyError, TypeError, ValueError) as e:
             fail(f"missing or malformed field ({e})")
@@ -108,13 +124,14 @@ class KVProfile:
 
     def check_shape(self, num_layers: int, num_heads: int, scales) -> None:
         """Raise unless the profile was calibrated on a transformer of this shape and schedule."""
-        mine = (self.depth, self.num_heads, tuple(self.patch_nums))
-        theirs = (num_layers, num_heads, tuple(scales))
+        mine = (self.depth, self.num_heads, scales_of(self.patch_nums))
+        theirs = (num_layers, num_heads, scales_of(scales))
         if mine != theirs:
             raise NextScaleError(
                 f"this KV profile was calibrated on a generator with {mine[0]} layers, {mine[1]} heads and scales "
-                f"{mine[2]}, but the generator has {theirs[0]} layers, {theirs[1]} heads and scales {theirs[2]}: "
-                "calibrate this generator with NextScale KV Calibrate, or use the policy without a profile"
+                f"{list(mine[2])}, but the generator has {theirs[0]} layers, {theirs[1]} heads and scales "
+                f"{list(theirs[2])}: calibrate this generator at this resolution with NextScale KV Calibrate (VAR) or "
+                "NextScale KV Calibrate (Text) (Infinity), or use the policy without a profile"
             )
 
     def drafters(self, per_scale: int) -> list[list[bool]]:
@@ -174,26 +191,38 @@ class ProfileRecorder(KVPolicy):
         )
 
 
+def record_profile(
+    family: Family, generator, tokenizer, conditions: list, *, seed: int = 0, options=None, schedule=None,
+    device=None, callback=None, meta: dict | None = None,
+) -> KVProfile:
+    """Sample one image per condition (what ``family.sample`` takes for one image; seeds seed, seed + 1, ...) with
+    the full cache on ``schedule`` (the family's; None: its default) and return the profile.
+
+    ``callback(done, total)`` is called after every scale of every sample (``total`` = samples x scales); an
+    exception it raises (an interrupt) ends calibration, and every KV cache is freed by the sampler."""
+    if not conditions:
+        raise NextScaleError("KV calibration needs at least one image to sample")
+    geometry = family.kv_geometry(generator, schedule)
+    recorder = ProfileRecorder(geometry.layers, geometry.heads, geometry.scales)
+    K = len(geometry.scales)
+    for i, condition in enumerate(conditions):
+        on_scale = None
+        if callback is not None:
+            on_scale = lambda si, _k, _f, i=i: callback(i * K + si + 1, len(conditions) * K)  # noqa: E731
+        family.sample(
+            generator, tokenizer, condition, seed=seed + i, options=options,
+            hooks=SamplerHooks(kv_policy=recorder, callback=on_scale), device=device,
+        )
+    return recorder.profile(len(conditions), {"seed": seed, **(meta or {})})
+
+
 def calibrate(
     var, tokenizer, labels: list[int], seed: int = 0, options=None, device=None, callback=None,
     family: Family = VAR_FAMILY,
 ) -> KVProfile:
-    """Sample one image per label (seed, seed + 1, ...) with the full cache and return the profile. ``family`` is the
-    generator's (a class-conditional one; default VAR): it samples and gives the cache's shape.
-
-    ``callback(done, total)`` is called after every scale of every sample (``total`` = samples x scales); an
-    exception it raises (an interrupt) ends calibration, and every KV cache is freed by the sampler."""
+    """:func:`record_profile` of a class-conditional generator (``family``, default VAR) on its own schedule, one
+    image per label."""
     if not labels:
         raise NextScaleError("KV calibration needs at least one class to sample")
-    geometry = family.kv_geometry(var)
-    recorder = ProfileRecorder(geometry.layers, geometry.heads, geometry.scales)
-    K = len(geometry.scales)
-    for i, label in enumerate(labels):
-        on_scale = None
-        if callback is not None:
-            on_scale = lambda si, _k, _f, i=i: callback(i * K + si + 1, len(labels) * K)  # noqa: E731
-        family.sample(
-            var, tokenizer, torch.tensor([label]), seed=seed + i, options=options,
-            hooks=SamplerHooks(kv_policy=recorder, callback=on_scale), device=device,
-        )
-    return recorder.profile(len(labels), {"labels": list(labels), "seed": seed})
+    return record_profile(family, var, tokenizer, [torch.tensor([label]) for label in labels], seed=seed,
+                          options=options, device=device, callback=callback, meta={"labels": list(labels)})
