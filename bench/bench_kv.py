@@ -15,7 +15,11 @@ Two parts:
    image against the full-cache image and token agreement (mean over scales / last scale), four classes (seeds
    0..3), cfg 2, profile calibrated on 2 samples (what ``tests/test_kv_policies.py::test_fidelity_ordering``
    computes at 25 % and 50 %).
-4. ``--part greedy``: HACK's greedy tokens (top-k 1) on the embedded model, budgets 10 / 25 / 50 %, four classes
+4. ``--part t2i``: the same on the embedded text-to-image model (an Infinity transformer, ``weights/nextscale_t2i_*``)
+   at 0.06M 1:1: four prompts (seeds 0..3), cfg 3, tau 0.5, ScaleKV and HACK calibrated by
+   :func:`~nextscale.models.kv.profile.record_profile` on another prompt (2 seeds, what NextScale KV Calibrate (Text)
+   runs) and uncalibrated; PSNR against the full-cache image and bit agreement (mean over scales / last scale).
+5. ``--part greedy``: HACK's greedy tokens (top-k 1) on the embedded model, budgets 10 / 25 / 50 %, four classes
    (two images each, cfg 2); ``--save`` writes them, ``--compare`` counts the tokens that differ from a saved run
    (e.g. one made at an earlier commit, with this script copied into that checkout).
 
@@ -23,6 +27,7 @@ Two parts:
     OMP_NUM_THREADS=1 nice -n 15 .testbed/venv/bin/python bench/bench_kv.py --part fidelity
     .testbed/venv/bin/python bench/bench_kv.py --part embedded
     .testbed/venv/bin/python bench/bench_kv.py --part greedy --save /tmp/hack_tokens.pt
+    NEXTSCALE_COMFYUI_DIR=.testbed/comfyui .testbed/venv/bin/python bench/bench_kv.py --part t2i
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from packbootstrap import register_pack  # noqa: E402
 register_pack(ROOT)
 
 from nextscale.models.core.kv_cache import KVCache  # noqa: E402
+from nextscale.models.infinity.bsq import BSQTokenizer  # noqa: E402
 from nextscale.models.kv.policies import POLICIES, KVPolicySpec  # noqa: E402
 from nextscale.models.kv.profile import KVProfile, calibrate  # noqa: E402
 from nextscale.models.kv.report import decode, kv_report, run_with  # noqa: E402
@@ -175,6 +181,64 @@ def part_embedded(budgets=(0.1, 0.25, 0.5), policies=("recent", "strided", "scal
         print(f"| {policy} | " + " | ".join("{:.3f} / {:.3f}".format(*agree[policy, b]) for b in budgets) + " |")
 
 
+def part_t2i(budgets=(0.1, 0.25, 0.5), policies=("recent", "strided", "scalekv", "hack")) -> None:
+    from nextscale.models.core.hooks import SamplerHooks
+    from nextscale.models.infinity.family import FAMILY
+    from nextscale.models.infinity.sampler import InfinityOptions, TextCondition
+    from nextscale.models.infinity.schedule import InfinitySchedule
+    from nextscale.models.kv.profile import record_profile
+
+    sys.path.insert(0, ROOT)
+    from training import t2i_text
+    from training.t2i_evaluate import load_model
+
+    weights = os.path.join(ROOT, "weights")
+    model = load_model(os.path.join(weights, "nextscale_t2i_generator.safetensors"),
+                       os.path.join(weights, "nextscale_t2i_text_encoder.safetensors")).eval()
+    gen = model.generator
+    tok = BSQTokenizer.from_file(os.path.join(weights, "nextscale_t2i_tokenizer.safetensors")).eval()
+    words = t2i_text.PromptTokenizer()
+
+    def condition(prompt: str) -> TextCondition:
+        ids, mask = words.batch([prompt], gen.config.text_maxlen)
+        with torch.no_grad():
+            return TextCondition(model.features(ids, mask), mask)
+
+    schedule = InfinitySchedule.from_template(1.0, "0.06M")
+    options = InfinityOptions(cfg=3.0, tau=0.5, schedule=schedule)
+    geometry = FAMILY.kv_geometry(gen, schedule)
+    profile = record_profile(FAMILY, gen, tok, [condition("green tree")] * 2, seed=100, options=options,
+                             schedule=schedule)
+
+    def run(cond: TextCondition, seed: int, spec: KVPolicySpec):
+        policy = spec.bind_scales(geometry.layers, geometry.heads, geometry.scales)
+        tokens = FAMILY.sample(gen, tok, cond, seed=seed, options=options, hooks=SamplerHooks(kv_policy=policy))
+        return tokens, decode(tok, tokens, FAMILY)
+
+    conds = [condition(p) for p in ("red star", "yellow car", "black cat", "blue fish")]
+    fulls = [run(c, i, KVPolicySpec("full")) for i, c in enumerate(conds)]
+    rows = []
+    for policy in policies:
+        for calibrated in (True, False) if policy in ("scalekv", "hack") else (False,):
+            cells = []
+            for budget in budgets:
+                psnr = agree = last = 0.0
+                for i, c in enumerate(conds):
+                    tokens, image = run(c, i, KVPolicySpec(policy, budget, profile if calibrated else None))
+                    full_tokens, full_image = fulls[i]
+                    mse = float(((image - full_image) ** 2).mean())
+                    psnr += min(60.0, 10 * torch.log10(torch.tensor(1 / max(mse, 1e-12))).item()) / len(conds)
+                    same = [float((a == b).float().mean()) for a, b in zip(tokens.bits, full_tokens.bits)]
+                    agree += sum(same) / len(same) / len(conds)
+                    last += same[-1] / len(conds)
+                cells.append(f"{psnr:.2f} dB, {agree:.3f} / {last:.3f}")
+            name = policy + (" (calibrated)" if calibrated else " (uncalibrated)" if policy in ("scalekv", "hack")
+                             else "")
+            rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"| policy | {' | '.join(f'{b:.0%}' for b in budgets)} |\n|---|" + "---|" * len(budgets))
+    print("\n".join(rows))
+
+
 def part_greedy(save: str | None, compare: str | None) -> None:
     var, vae = embedded_pair()
     profile = calibrate(var, vae, [0, 1], seed=100)
@@ -202,7 +266,7 @@ def embedded_pair() -> tuple[VAR, MultiScaleVQVAE]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("memory", "fidelity", "embedded", "greedy"), required=True)
+    parser.add_argument("--part", choices=("memory", "fidelity", "embedded", "t2i", "greedy"), required=True)
     parser.add_argument("--max-gb", type=float, default=1.5, help="skip memory configs whose full cache is larger")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="memory: batch sizes")
     parser.add_argument("--save", help="greedy: write the tokens to this file")
@@ -210,4 +274,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     torch.set_num_threads(1)
     {"memory": lambda: part_memory(tuple(args.batches), args.max_gb), "fidelity": part_fidelity,
-     "embedded": part_embedded, "greedy": lambda: part_greedy(args.save, args.compare)}[args.part]()
+     "embedded": part_embedded, "t2i": part_t2i, "greedy": lambda: part_greedy(args.save, args.compare)}[args.part]()
