@@ -341,6 +341,27 @@ def t2i_inpaint() -> Example:
     )
 
 
+def t2i_kv() -> Example:
+    g = Graph()
+    model, tok = _t2i_models(g)
+    calib_prompt = g.add("NextScaleTextEncodeT5", text_encoder=EMBEDDED_T2I, text="green tree")
+    calib = g.add("NextScaleKVCalibrateText", model=model, tokenizer=tok, positive=g.out(calib_prompt), samples=2,
+                  seed=0, cfg=3.0, tau=1.0, aspect_ratio="1:1", resolution="0.06M",
+                  filename="nextscale_kv_profile_t2i")
+    policy = g.add("NextScaleKVPolicy", policy="scalekv", budget=0.25, profile=g.out(calib, 0), profile_file="",
+                   drafters=1, decay=0.4, contextual_fraction=0.5, contextual_ratio=0.25)
+    full = _t2i_sample(g, model, tok, "yellow car", seed=3, batch_size=4)
+    compressed = _t2i_sample(g, model, tok, "yellow car", seed=3, batch_size=4, kv_policy=g.out(policy))
+    _two_rows(g, tok, full, compressed, "t2i_kv")
+    return Example(
+        "nextscale_t2i_kv", "NextScale: KV-cache compression for text to image",
+        "Calibrates ScaleKV on the embedded text-to-image model (NextScale KV Calibrate (Text): two drawings of "
+        "another prompt at the sampler's resolution and aspect ratio), then draws 'yellow car' four times with the "
+        "full KV cache (top row) and with a quarter of it (bottom row), same seeds.", g.prompt,
+        fixed_seeds=[calib, full[0], compressed[0]],
+    )
+
+
 def t2i_upscale() -> Example:
     g = Graph()
     model, tok = _t2i_models(g)
@@ -575,7 +596,7 @@ EXAMPLES = {e.name: e for e in (generate(), per_scale(), inpaint(), outpaint(), 
                                  image_inpaint(), control(), kv_policy(), collaborative(), sd_refine(),
                                  infinity_t2i(), lora(), switti_t2i(), upscale(), sd_upscale(),
                                  distilled_decoding(), hmar(), flexvar(), acceleration(), t2i(), t2i_inpaint(),
-                                 t2i_upscale())}
+                                 t2i_upscale(), t2i_kv())}
 
 
 def example_image_bytes() -> bytes:
