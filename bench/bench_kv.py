@@ -182,7 +182,6 @@ def part_embedded(budgets=(0.1, 0.25, 0.5), policies=("recent", "strided", "scal
 
 
 def part_t2i(budgets=(0.1, 0.25, 0.5), policies=("recent", "strided", "scalekv", "hack")) -> None:
-    from nextscale.models.core.hooks import SamplerHooks
     from nextscale.models.infinity.family import FAMILY
     from nextscale.models.infinity.sampler import InfinityOptions, TextCondition
     from nextscale.models.infinity.schedule import InfinitySchedule
@@ -206,31 +205,25 @@ def part_t2i(budgets=(0.1, 0.25, 0.5), policies=("recent", "strided", "scalekv",
 
     schedule = InfinitySchedule.from_template(1.0, "0.06M")
     options = InfinityOptions(cfg=3.0, tau=0.5, schedule=schedule)
-    geometry = FAMILY.kv_geometry(gen, schedule)
     profile = record_profile(FAMILY, gen, tok, [condition("green tree")] * 2, seed=100, options=options,
                              schedule=schedule)
 
-    def run(cond: TextCondition, seed: int, spec: KVPolicySpec):
-        policy = spec.bind_scales(geometry.layers, geometry.heads, geometry.scales)
-        tokens = FAMILY.sample(gen, tok, cond, seed=seed, options=options, hooks=SamplerHooks(kv_policy=policy))
-        return tokens, decode(tok, tokens, FAMILY)
-
     conds = [condition(p) for p in ("red star", "yellow car", "black cat", "blue fish")]
-    fulls = [run(c, i, KVPolicySpec("full")) for i, c in enumerate(conds)]
+    fulls = []
+    for i, c in enumerate(conds):
+        tokens, policy = run_with(gen, tok, c, i, KVPolicySpec("full"), options, family=FAMILY, schedule=schedule)
+        fulls.append((tokens, policy, decode(tok, tokens, FAMILY)))
     rows = []
     for policy in policies:
         for calibrated in (True, False) if policy in ("scalekv", "hack") else (False,):
             cells = []
             for budget in budgets:
-                psnr = agree = last = 0.0
-                for i, c in enumerate(conds):
-                    tokens, image = run(c, i, KVPolicySpec(policy, budget, profile if calibrated else None))
-                    full_tokens, full_image = fulls[i]
-                    mse = float(((image - full_image) ** 2).mean())
-                    psnr += min(60.0, 10 * torch.log10(torch.tensor(1 / max(mse, 1e-12))).item()) / len(conds)
-                    same = [float((a == b).float().mean()) for a, b in zip(tokens.bits, full_tokens.bits)]
-                    agree += sum(same) / len(same) / len(conds)
-                    last += same[-1] / len(conds)
+                spec = KVPolicySpec(policy, budget, profile if calibrated else None)
+                reports = [kv_report(gen, tok, c, i, spec, options, full=fulls[i], family=FAMILY, schedule=schedule)
+                           for i, c in enumerate(conds)]
+                psnr = sum(min(r.psnr, 60.0) for r in reports) / len(reports)
+                agree = sum(sum(r.token_agreement) / len(r.token_agreement) for r in reports) / len(reports)
+                last = sum(r.token_agreement[-1] for r in reports) / len(reports)
                 cells.append(f"{psnr:.2f} dB, {agree:.3f} / {last:.3f}")
             name = policy + (" (calibrated)" if calibrated else " (uncalibrated)" if policy in ("scalekv", "hack")
                              else "")

@@ -289,30 +289,104 @@ class NextScaleKVReport(io.ComfyNode):
         labels = torch.full((batch_size,), label, dtype=torch.long)
         geometry = family.kv_geometry(generator.module)
         workload = Workload(guided=cfg != 0, dtype=generator.compute_dtype, decode_dtype=tokenizer.compute_dtype)
-
-        def need(images: int, spec=kv_policy):
-            """The larger of the two runs, which follow each other (a packed cache exceeds the full one near budget
-            1); both runs' images are decoded at once."""
-            policy = spec.bind_scales(geometry.layers, geometry.heads, geometry.scales)
-            runs = (
-                dataclasses.replace(workload, batch_size=images, kv_policy=run_policy, decode_batch=images)
-                for run_policy in (None, policy)
-            )
-            return max((family.memory(generator.module, tokenizer.module, run) for run in runs),
-                       key=lambda n: n.working)
-
-        size = ready_batch(generator, tokenizer, batch=batch_size, need=need, what="NextScale KV Report",
-                           kv_settings=False)  # the full-cache run it compares with needs its whole cache
+        size = ready_batch(generator, tokenizer, batch=batch_size,
+                           need=report_need(family, generator, tokenizer, workload, geometry, kv_policy),
+                           what="NextScale KV Report", kv_settings=False)
         report = KVReport.merge([
             kv_report(generator.module, tokenizer.module, labels[start:stop], seed + start, kv_policy,
                       SamplingOptions(cfg=cfg), generator.device, family=family)
             for start, stop in sub_batches(batch_size, size)
         ])
-        images = torch.cat((report.full_images, report.images), dim=2)
-        text = report.text()
-        if size < batch_size:
-            text += f"\nsampled in sub-batches of {size} images: the KV bytes are one sub-batch's"
-        return io.NodeOutput(text, images, ui=ui.PreviewText(text))
+        return report_output(report, size, batch_size)
 
 
-NODES = [NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport, NextScaleKVCalibrateText]
+def report_need(family, generator: NextScaleModel, tokenizer: NextScaleModel, workload: Workload, geometry,
+                kv_policy: KVPolicySpec):
+    """A report's working memory for ``images`` a run: the larger of its two runs, which follow each other (a packed
+    cache exceeds the full one near budget 1; the full-cache run needs its whole cache, so no KV setting applies),
+    both runs' images decoded at once."""
+
+    def need(images: int, spec=kv_policy):
+        policy = spec.bind_scales(geometry.layers, geometry.heads, geometry.scales)
+        runs = (
+            dataclasses.replace(workload, batch_size=images, kv_policy=run_policy, decode_batch=images)
+            for run_policy in (None, policy)
+        )
+        return max((family.memory(generator.module, tokenizer.module, run) for run in runs), key=lambda n: n.working)
+
+    return need
+
+
+def report_output(report: KVReport, size: int, batch_size: int) -> io.NodeOutput:
+    """The report's text (shown on the node too) and its full cache | policy images."""
+    images = torch.cat((report.full_images, report.images), dim=2)
+    text = report.text()
+    if size < batch_size:
+        text += f"\nsampled in sub-batches of {size} images: the KV bytes are one sub-batch's"
+    return io.NodeOutput(text, images, ui=ui.PreviewText(text))
+
+
+class NextScaleKVReportText(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NextScaleKVReportText",
+            display_name="NextScale KV Report (Text)",
+            category=KV_CATEGORY,
+            description="NextScale KV Report for Infinity models: samples the same prompt and seed with the full "
+            "cache and with a KV policy, and reports the KV memory measured from the cache (peak and carried "
+            "between scales), the bit agreement per scale and the PSNR of the decoded images. The image output "
+            "shows full cache | policy side by side.",
+            inputs=[
+                InfinityModel.Input("model", tooltip="From NextScale Load Infinity."),
+                Tokenizer.Input("tokenizer", tooltip="The BSQ tokenizer from NextScale Load Infinity."),
+                KVPolicy.Input("kv_policy", tooltip="From NextScale KV Policy."),
+                io.Conditioning.Input("positive", tooltip="The prompt, from NextScale Text Encode (T5)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of both runs."),
+                io.Float.Input("cfg", default=3.0, min=0.0, max=30.0, step=0.1, tooltip="Guidance of both runs."),
+                io.Float.Input("tau", default=0.5, min=0.01, max=5.0, step=0.01,
+                               tooltip="Temperature of the bits of both runs."),
+                io.Combo.Input("aspect_ratio", options=list(ASPECTS), default="1:1", tooltip="Width:height."),
+                io.Combo.Input("resolution", options=RESOLUTION_CHOICES, default="1M",
+                               tooltip="Resolution (0.06M for the embedded model)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="Images per run (seeds seed, seed + 1, ...); memory grows with it."),
+            ],
+            outputs=[
+                io.String.Output("report", display_name="report"),
+                io.Image.Output("images", display_name="images"),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, aspect_ratio: str, resolution: str, cfg: float | None = None,
+                        tau: float | None = None) -> bool | str:
+        return NextScaleKVCalibrateText.validate_inputs(aspect_ratio, resolution, cfg, tau)
+
+    @classmethod
+    def execute(cls, model: NextScaleModel, tokenizer: NextScaleModel, kv_policy: KVPolicySpec, positive, seed: int,
+                cfg: float, tau: float, aspect_ratio: str, resolution: str, batch_size: int = 1) -> io.NodeOutput:
+        if not isinstance(kv_policy, KVPolicySpec):
+            raise NextScaleError("kv_policy must come from NextScale KV Policy")
+        check_pair(model, tokenizer)
+        family = model.family
+        schedule = InfinitySchedule.from_template(ASPECTS[aspect_ratio], resolution)
+        check_levels(model, resolution, schedule.num_scales)
+        text, mask = text_from_conditioning(positive, batch_size, model.module.config.text_dim, "positive")
+        geometry = family.kv_geometry(model.module, schedule)
+        workload = Workload(guided=cfg != 1, schedule=schedule, dtype=model.compute_dtype,
+                            decode_dtype=tokenizer.compute_dtype, text_tokens=text.shape[1])
+        size = ready_batch(model, tokenizer, batch=batch_size, need=report_need(family, model, tokenizer, workload,
+                                                                               geometry, kv_policy),
+                           what="NextScale KV Report (Text)", kv_settings=False)
+        options = InfinityOptions(cfg=cfg, tau=tau, schedule=schedule)
+        report = KVReport.merge([
+            kv_report(model.module, tokenizer.module, TextCondition(text[start:stop], mask[start:stop]),
+                      seed + start, kv_policy, options, model.device, family=family, schedule=schedule)
+            for start, stop in sub_batches(batch_size, size)
+        ])
+        return report_output(report, size, batch_size)
+
+
+NODES = [NextScaleKVPolicy, NextScaleKVCalibrate, NextScaleKVReport, NextScaleKVCalibrateText, NextScaleKVReportText]

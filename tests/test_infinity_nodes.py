@@ -83,6 +83,13 @@ NODE_CHECK = textwrap.dedent(PREAMBLE) + textwrap.dedent(
     hack = KVPolicySpec("hack", 0.3, KVProfile.load(path))
     assert sample(kv_policy=hack).extra["kv_policy"] == "hack"
     raises(lambda: sample(kv_policy=hack, aspect_ratio="1:1"), "calibrated on a generator", "at this resolution")
+    report, shown = kv.NextScaleKVReportText.execute(loaded_model, loaded_tok, hack, positive, 5, 3.0, 0.5,
+                                                     "2:1 landscape", "0.06M", 2).result
+    assert "peak KV bytes" in report and "bit agreement with the full cache per scale" in report, report
+    assert tuple(shown.shape) == (2, 22, 88, 3)
+    full_report = kv.NextScaleKVReportText.execute(loaded_model, loaded_tok, KVPolicySpec("full"), positive, 5, 3.0,
+                                                   0.5, "2:1 landscape", "0.06M", 1).result[0]
+    assert "PSNR identical" in full_report and "1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00" in full_report, full_report
     assert "not one of the choices" in kv.NextScaleKVCalibrateText.validate_inputs("1:1", "3M")
     kept = sample(image=image[:1], keep_scales=3)
     latent = latent_scales(loaded_model.module, loaded_tok.module, inf.InfinitySchedule.from_template(0.5, "0.06M"))

@@ -1,11 +1,12 @@
-"""Memory and fidelity of a KV policy against the full cache, on the same labels and seed.
+"""Memory and fidelity of a KV policy against the full cache, on the same condition (labels, or a prompt for Infinity)
+and seed.
 
 Memory is measured from the cache during the run (:class:`~.policies.KVStats`): the peak of the allocated
 buffers (a compressing policy's working copy included) and the most bytes allocated between two scales, against the
 same for the full cache. Both are the bytes of the cache's tensors; in the packed layout (HACK) they are also the
-bytes of the tokens held. Fidelity: per scale, the fraction of tokens equal to the full-cache run's (once a token
-differs the later scales follow another path, so agreement falls with the scale), and the MSE / PSNR of the decoded
-images in 0..1.
+bytes of the tokens held. Fidelity: per scale, the fraction of tokens (Infinity: bits) equal to the full-cache
+run's (once one differs the later scales follow another path, so agreement falls with the scale), and the MSE / PSNR
+of the decoded images in 0..1.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class KVReport:
     psnr: float  # dB; inf when the images are equal
     full_images: torch.Tensor  # (B, H, W, 3) in 0..1
     images: torch.Tensor
+    unit: str = "token"  # what token_agreement compares: "token" (index maps) or "bit" (Infinity)
 
     @classmethod
     def merge(cls, parts: Sequence[KVReport]) -> KVReport:
@@ -78,7 +80,7 @@ class KVReport:
             f"({self.peak_ratio:.1%})\n"
             f"KV bytes carried between scales: {self.carried_bytes:,} of {self.full_carried_bytes:,} "
             f"({self.carried_ratio:.1%})\n"
-            f"token agreement with the full cache per scale: {agree}\n"
+            f"{self.unit} agreement with the full cache per scale: {agree}\n"
             f"image vs full cache: MSE {self.mse:.5f}, PSNR {psnr}"
         )
 
@@ -99,41 +101,51 @@ def decode(tokenizer, tokens, family: Family = VAR_FAMILY) -> torch.Tensor:
     return model_to_image(family.decode(tokenizer, tokens)).cpu()
 
 
-def run_with(var, tokenizer, labels_B, seed, spec: KVPolicySpec, options=None, device=None,
-             family: Family = VAR_FAMILY):
-    """``(tokens, policy)`` of one sampling run under ``spec`` (the policy holds the measured stats)."""
-    geometry = family.kv_geometry(var)
+def run_with(var, tokenizer, condition, seed, spec: KVPolicySpec, options=None, device=None,
+             family: Family = VAR_FAMILY, schedule=None):
+    """``(tokens, policy)`` of one sampling run under ``spec`` (the policy holds the measured stats). ``condition``
+    is what ``family.sample`` takes (class labels, a list or a tensor; an Infinity ``TextCondition``), ``schedule``
+    the family's schedule of the run (None: its default; Infinity's is also ``options.schedule``)."""
+    geometry = family.kv_geometry(var, schedule)
     policy = spec.bind_scales(geometry.layers, geometry.heads, geometry.scales)
+    if isinstance(condition, (list, tuple)):
+        condition = torch.as_tensor(condition)
     tokens = family.sample(
-        var, tokenizer, torch.as_tensor(labels_B), seed=seed, options=options,
-        hooks=SamplerHooks(kv_policy=policy), device=device,
+        var, tokenizer, condition, seed=seed, options=options, hooks=SamplerHooks(kv_policy=policy), device=device,
     )
     return tokens, policy
+
+
+def scale_maps(tokens) -> tuple[str, list[torch.Tensor]]:
+    """``(unit, per-scale maps)`` of sampled tokens: index maps, or an Infinity run's bits."""
+    return ("token", tokens.indices) if hasattr(tokens, "indices") else ("bit", tokens.bits)
 
 
 def kv_report(
     var,
     tokenizer,
-    labels_B,
+    condition,
     seed: int,
     spec: KVPolicySpec,
     options: SamplingOptions | None = None,
     device=None,
     full=None,
     family: Family = VAR_FAMILY,
+    schedule=None,
 ) -> KVReport:
-    """Sample with the full cache and with ``spec`` (same labels, seed and options) and compare. ``full`` may pass
-    a previous ``(tokens, policy, images)`` full-cache run to reuse; ``family`` is the generator's (a
-    class-conditional one; default VAR)."""
+    """Sample with the full cache and with ``spec`` (same condition, seed and options; :func:`run_with`) and compare.
+    ``full`` may pass a previous ``(tokens, policy, images)`` full-cache run to reuse; ``family`` is the generator's
+    (default VAR)."""
     if full is None:
         full_tokens, full_policy = run_with(
-            var, tokenizer, labels_B, seed, KVPolicySpec("full"), options, device, family
+            var, tokenizer, condition, seed, KVPolicySpec("full"), options, device, family, schedule
         )
         full = (full_tokens, full_policy, decode(tokenizer, full_tokens, family))
     full_tokens, full_policy, full_images = full
-    tokens, policy = run_with(var, tokenizer, labels_B, seed, spec, options, device, family)
+    tokens, policy = run_with(var, tokenizer, condition, seed, spec, options, device, family, schedule)
     images = decode(tokenizer, tokens, family)
-    agreement = [float((a == b).float().mean()) for a, b in zip(full_tokens.indices, tokens.indices)]
+    unit, maps = scale_maps(tokens)
+    agreement = [float((a == b).float().mean()) for a, b in zip(scale_maps(full_tokens)[1], maps)]
     mse, psnr = psnr_mse(full_images, images)
     return KVReport(
         policy=spec.describe(),
@@ -147,4 +159,5 @@ def kv_report(
         psnr=psnr,
         full_images=full_images,
         images=images,
+        unit=unit,
     )

@@ -353,12 +353,17 @@ def t2i_kv() -> Example:
     full = _t2i_sample(g, model, tok, "yellow car", seed=3, batch_size=4)
     compressed = _t2i_sample(g, model, tok, "yellow car", seed=3, batch_size=4, kv_policy=g.out(policy))
     _two_rows(g, tok, full, compressed, "t2i_kv")
+    prompt = g.prompt[full[0]]["inputs"]["positive"]
+    report = g.add("NextScaleKVReportText", model=model, tokenizer=tok, kv_policy=g.out(policy), positive=prompt,
+                   seed=3, cfg=3.0, tau=1.0, aspect_ratio="1:1", resolution="0.06M", batch_size=4)
+    g.add("PreviewImage", images=g.out(report, 1))
     return Example(
         "nextscale_t2i_kv", "NextScale: KV-cache compression for text to image",
         "Calibrates ScaleKV on the embedded text-to-image model (NextScale KV Calibrate (Text): two drawings of "
         "another prompt at the sampler's resolution and aspect ratio), then draws 'yellow car' four times with the "
-        "full KV cache (top row) and with a quarter of it (bottom row), same seeds.", g.prompt,
-        fixed_seeds=[calib, full[0], compressed[0]],
+        "full KV cache (top row) and with a quarter of it (bottom row), same seeds. NextScale KV Report (Text) shows "
+        "the memory kept and the fidelity on its node.", g.prompt,
+        fixed_seeds=[calib, full[0], compressed[0], report],
     )
 
 

@@ -1,5 +1,5 @@
-// NextScale's frontend extension (ComfyUI frontend 1.32.x): a colour per NextScale socket type, the text reports of
-// NextScale KV Report and NextScale Schedule shown on the node, widget labels from the inputs' display names, the VAR
+// NextScale's frontend extension (ComfyUI frontend 1.32.x): a colour per NextScale socket type, the text of
+// NextScale's KV reports and schedules shown on the node, widget labels from the inputs' display names, the VAR
 // samplers' class menu limited to the connected generator's classes, and the pack's example workflows in the
 // template browser under their own titles and descriptions.
 import { api } from "../../../scripts/api.js";
@@ -30,7 +30,7 @@ const SOCKET_COLOURS = {
 };
 
 // Nodes whose ``ui.text`` output (ui.PreviewText) is shown in a read-only text box on the node.
-const TEXT_NODES = new Set(["NextScaleKVReport", "NextScaleSchedule", "NextScaleFlexVARSchedule"]);
+const TEXT_NODES = new Set(["NextScaleKVReport", "NextScaleKVReportText", "NextScaleSchedule", "NextScaleFlexVARSchedule"]);
 const TEXT_WIDGET = "shown_report";
 
 /** A colour table that keeps the pack's colours: the frontend resets every socket type to its palette's colour
