@@ -37,6 +37,17 @@ def profile_path(name: str) -> str:
     return name if os.path.isabs(name) else os.path.join(folder_paths.get_output_directory(), name)
 
 
+def filename_input(default: str) -> io.String.Input:
+    """The calibration nodes' ``filename`` input."""
+    return io.String.Input("filename", default=default, optional=True,
+                           tooltip="Name of the JSON file written to output/nextscale_kv/ (empty: do not save).")
+
+
+def profile_outputs() -> list:
+    """The calibration nodes' outputs: the profile and the path it was saved to."""
+    return [KVProfileSocket.Output("profile", display_name="profile"), io.String.Output("path", display_name="path")]
+
+
 def save_profile(profile: KVProfile, filename: str) -> str:
     """``profile`` saved as ``output/nextscale_kv/<filename>.json`` (the name made file-safe); "" for no name."""
     if not filename.strip():
@@ -145,13 +156,9 @@ class NextScaleKVCalibrate(io.ComfyNode):
                 io.Float.Input("cfg", default=4.0, min=0.0, max=30.0, step=0.1, tooltip="Guidance while sampling."),
                 io.String.Input("class_list", default="", optional=True,
                                 tooltip="Optional comma-separated classes (names or indices), cycled to 'samples'."),
-                io.String.Input("filename", default="nextscale_kv_profile", optional=True,
-                                tooltip="Name of the JSON file written to output/nextscale_kv/ (empty: do not save)."),
+                filename_input("nextscale_kv_profile"),
             ],
-            outputs=[
-                KVProfileSocket.Output("profile", display_name="profile"),
-                io.String.Output("path", display_name="path"),
-            ],
+            outputs=profile_outputs(),
             hidden=[io.Hidden.unique_id],
         )
 
@@ -205,13 +212,9 @@ class NextScaleKVCalibrateText(io.ComfyNode):
                                tooltip="Width:height of the runs the profile is for."),
                 io.Combo.Input("resolution", options=RESOLUTION_CHOICES, default="1M",
                                tooltip="Resolution of the runs the profile is for (0.06M for the embedded model)."),
-                io.String.Input("filename", default="nextscale_kv_profile_text", optional=True,
-                                tooltip="Name of the JSON file written to output/nextscale_kv/ (empty: do not save)."),
+                filename_input("nextscale_kv_profile_text"),
             ],
-            outputs=[
-                KVProfileSocket.Output("profile", display_name="profile"),
-                io.String.Output("path", display_name="path"),
-            ],
+            outputs=profile_outputs(),
             hidden=[io.Hidden.unique_id],
         )
 
@@ -264,13 +267,9 @@ class NextScaleKVReport(io.ComfyNode):
                                 tooltip="Class to sample: a name of the generator's classes or an index."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of both runs."),
                 io.Float.Input("cfg", default=4.0, min=0.0, max=30.0, step=0.1, tooltip="Guidance of both runs."),
-                io.Int.Input("batch_size", default=1, min=1, max=64,
-                             tooltip="Images per run (seeds seed, seed + 1, ...); memory grows with it."),
+                batch_input(),
             ],
-            outputs=[
-                io.String.Output("report", display_name="report"),
-                io.Image.Output("images", display_name="images"),
-            ],
+            outputs=report_outputs(),
             is_output_node=True,
         )
 
@@ -298,6 +297,17 @@ class NextScaleKVReport(io.ComfyNode):
             for start, stop in sub_batches(batch_size, size)
         ])
         return report_output(report, size, batch_size)
+
+
+def batch_input() -> io.Int.Input:
+    """The report nodes' ``batch_size`` input."""
+    return io.Int.Input("batch_size", default=1, min=1, max=64,
+                        tooltip="Images per run (seeds seed, seed + 1, ...); memory grows with it.")
+
+
+def report_outputs() -> list:
+    """The report nodes' outputs: the text and the images (full cache | policy)."""
+    return [io.String.Output("report", display_name="report"), io.Image.Output("images", display_name="images")]
 
 
 def report_need(family, generator: NextScaleModel, tokenizer: NextScaleModel, workload: Workload, geometry,
@@ -349,13 +359,9 @@ class NextScaleKVReportText(io.ComfyNode):
                 io.Combo.Input("aspect_ratio", options=list(ASPECTS), default="1:1", tooltip="Width:height."),
                 io.Combo.Input("resolution", options=RESOLUTION_CHOICES, default="1M",
                                tooltip="Resolution (0.06M for the embedded model)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64,
-                             tooltip="Images per run (seeds seed, seed + 1, ...); memory grows with it."),
+                batch_input(),
             ],
-            outputs=[
-                io.String.Output("report", display_name="report"),
-                io.Image.Output("images", display_name="images"),
-            ],
+            outputs=report_outputs(),
             is_output_node=True,
         )
 
