@@ -138,6 +138,16 @@ def text_from_conditioning(
     return cond.float(), mask
 
 
+def check_run_settings(node, aspect_ratio: str, resolution: str, **numbers) -> bool | str:
+    """``validate_inputs`` of a node that samples Infinity: its aspect ratio and resolution among the choices, then
+    ``numbers`` in ``node``'s input ranges."""
+    return (
+        check_combos(aspect_ratio=(aspect_ratio, list(ASPECTS)), resolution=(resolution, RESOLUTION_CHOICES))
+        or check_numbers(node, **numbers)
+        or True
+    )
+
+
 def check_levels(model: NextScaleModel, resolution: str, num_scales: int) -> None:
     """Refuse a resolution with more scales than the transformer has level embeddings (the embedded text-to-image
     model has 7: resolution 0.06M only)."""
@@ -245,11 +255,7 @@ class NextScaleTextSampler(io.ComfyNode):
         cls, aspect_ratio: str, resolution: str, cfg: float | None = None, tau: float | None = None,
         top_p: float | None = None,
     ) -> bool | str:
-        return (
-            check_combos(aspect_ratio=(aspect_ratio, list(ASPECTS)), resolution=(resolution, RESOLUTION_CHOICES))
-            or check_numbers(cls, cfg=cfg, tau=tau, top_p=top_p)
-            or True
-        )
+        return check_run_settings(cls, aspect_ratio, resolution, cfg=cfg, tau=tau, top_p=top_p)
 
     @classmethod
     def execute(

@@ -22,7 +22,7 @@ from ..models.kv.report import KVReport, kv_report
 from ..models.var.classes import class_index, parse_class_list
 from ..models.var.sampler import SamplingOptions
 from .generator import check_pair
-from .infinity import ASPECTS, RESOLUTION_CHOICES, check_levels, text_from_conditioning
+from .infinity import ASPECTS, RESOLUTION_CHOICES, check_levels, check_run_settings, text_from_conditioning
 from .service import NextScaleModel, ready_batch, sub_batches
 from .sockets import CATEGORY, Generator, InfinityModel, KVPolicy, Tokenizer
 from .sockets import KVProfile as KVProfileSocket
@@ -221,11 +221,7 @@ class NextScaleKVCalibrateText(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, aspect_ratio: str, resolution: str, cfg: float | None = None,
                         tau: float | None = None) -> bool | str:
-        return (
-            check_combos(aspect_ratio=(aspect_ratio, list(ASPECTS)), resolution=(resolution, RESOLUTION_CHOICES))
-            or check_numbers(cls, cfg=cfg, tau=tau)
-            or True
-        )
+        return check_run_settings(cls, aspect_ratio, resolution, cfg=cfg, tau=tau)
 
     @classmethod
     def execute(cls, model: NextScaleModel, tokenizer: NextScaleModel, positive, samples: int, seed: int, cfg: float,
@@ -368,7 +364,7 @@ class NextScaleKVReportText(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, aspect_ratio: str, resolution: str, cfg: float | None = None,
                         tau: float | None = None) -> bool | str:
-        return NextScaleKVCalibrateText.validate_inputs(aspect_ratio, resolution, cfg, tau)
+        return check_run_settings(cls, aspect_ratio, resolution, cfg=cfg, tau=tau)
 
     @classmethod
     def execute(cls, model: NextScaleModel, tokenizer: NextScaleModel, kv_policy: KVPolicySpec, positive, seed: int,
