@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from training import common, data, sr_data, t2i_data  # noqa: E402
 from training.train_bsq import SCHEDULE  # noqa: E402
+from training.train_sr import upscale  # noqa: E402
 from training.train_t2i import scale_slices, teacher_inputs  # noqa: E402
 from training.train_tokenizer import psnr  # noqa: E402
 
@@ -118,9 +119,9 @@ def main() -> None:
         return tok.decode(tokens.summed_codes)
 
     row("original's mapped scales + transformer's (tau 0.5)", db(sample(original[:MAPPED])))
-    upscale = sample(mapped)
-    row("model's upscale (network + transformer, tau 0.5)", db(upscale))
-    row("model's upscale + colour fix (adain + wavelet)", db(color_fix(upscale, lr, "adain + wavelet")))
+    upscaled = upscale(model, tok, lr, seed=args.seed)  # the recipe's evaluation path (NSARM's sampler)
+    row("model's upscale (network + transformer, tau 0.5)", db(upscaled))
+    row("model's upscale + colour fix (adain + wavelet)", db(color_fix(upscaled, lr, "adain + wavelet")))
 
 
 if __name__ == "__main__":
